@@ -1,0 +1,256 @@
+"""Per-head sparsity budgets: the output of calibration, plain versioned JSON data."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .candidates import decode_keep, expected_keep, keep_counts
+from .config import TCAConfig
+
+FORMAT_VERSION = 1
+_FINGERPRINT_RTOL = 2e-2  # survives float32 <-> bf16 casts of the same weights
+
+
+class BudgetError(ValueError):
+    """A budget file that is corrupt, of another version, or for another model."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Enough of a model to refuse budgets calibrated on another one."""
+
+    model_type: str
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    fingerprint: tuple[float, ...]  # a few weights of the first layer's key projection
+
+    @classmethod
+    def of(cls, model) -> "ModelIdentity":
+        from .integration.architectures import attention_modules, text_config
+
+        cfg = text_config(model)
+        attn = attention_modules(model)[0]
+        w = attn.k_proj.weight.detach().flatten()
+        picks = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
+        return cls(
+            model_type=cfg.model_type,
+            name=str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "")),
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            fingerprint=tuple(round(float(x), 6) for x in w[picks].float().cpu()),
+        )
+
+    def mismatch(self, other: "ModelIdentity") -> str | None:
+        """Why `other` is a different model, or None. The name is informative only."""
+        for f in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+            if getattr(self, f) != getattr(other, f):
+                return f"{f}: budgets have {getattr(self, f)!r}, model has {getattr(other, f)!r}"
+        for a, b in zip(self.fingerprint, other.fingerprint):
+            if not math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-4):
+                return "weights differ (fingerprint mismatch): these budgets were calibrated on another model"
+        return None
+
+
+@dataclass(frozen=True)
+class HeadBudget:
+    """Calibration outcome of one KV head: retained score of every candidate, and the choice."""
+
+    column_mean: tuple[float, ...]
+    observation: tuple[float, ...]
+
+    def scores(self, score: str) -> tuple[float, ...]:
+        return self.column_mean if score == "column_mean" else self.observation
+
+    def choose(self, tau: float, score: str) -> int | None:
+        """Index of the cheapest candidate whose retained score reaches tau; None = dense."""
+        for i, a in enumerate(self.scores(score)):
+            if a >= tau:
+                return i
+        return None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Head-specific budgets of a model. layers[i] is None for layers TCA leaves alone
+    (sliding-window layers); otherwise one HeadBudget per KV head."""
+
+    model: ModelIdentity
+    config: TCAConfig
+    candidates: tuple[tuple[float, ...], ...]  # ladder rows p over keep_counts(b), cheapest first
+    layers: tuple[tuple[HeadBudget, ...] | None, ...]
+    calibration: dict[str, Any] = field(default_factory=dict)  # text sha256, tokens, source, seconds
+
+    # -- choices --------------------------------------------------------------------------
+    def choice(self, layer: int, head: int) -> int | None:
+        hb = self._layer(layer)[head]
+        return hb.choose(self.config.tau, self.config.score)
+
+    def _layer(self, layer: int) -> tuple[HeadBudget, ...]:
+        heads = self.layers[layer]
+        if heads is None:
+            raise KeyError(f"layer {layer} is not a TCA layer (sliding-window)")
+        return heads
+
+    def is_tca_layer(self, layer: int) -> bool:
+        return self.layers[layer] is not None
+
+    def layer_p(self, layer: int) -> torch.Tensor:
+        """(KV, |K|) float64 keep-count distribution per KV head; dense heads keep b everywhere."""
+        n_k = len(keep_counts(self.config.block_size))
+        dense = [1.0] + [0.0] * (n_k - 1)
+        rows = []
+        for h in range(len(self._layer(layer))):
+            c = self.choice(layer, h)
+            rows.append(list(self.candidates[c]) if c is not None else dense)
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def layer_decode_keep(self, layer: int) -> torch.Tensor:
+        """(KV,) tokens kept per compressed block in decode."""
+        p = self.layer_p(layer)
+        return torch.tensor([decode_keep(row, self.config.block_size) for row in p], dtype=torch.long)
+
+    def at(self, **changes) -> "Budgets":
+        """Same calibration, other tau/score (re-selection from the stored candidate ladder)."""
+        bad = set(changes) - {"tau", "score"}
+        if bad:
+            raise ValueError(f"only tau and score can change without recalibrating, not {sorted(bad)}")
+        return replace(self, config=self.config.with_(**changes))
+
+    def at_tau(self, tau: float) -> "Budgets":
+        return self.at(tau=tau)
+
+    # -- summaries --------------------------------------------------------------------------
+    def head_fractions(self) -> list[list[float] | None]:
+        """Expected kept fraction of the global region per head (E[k]/b; dense = 1)."""
+        b = self.config.block_size
+        out: list[list[float] | None] = []
+        for i, heads in enumerate(self.layers):
+            if heads is None:
+                out.append(None)
+                continue
+            out.append([float(expected_keep(row, b)) / b for row in self.layer_p(i)])
+        return out
+
+    @property
+    def mean_kept_fraction(self) -> float:
+        vals = [f for layer in self.head_fractions() if layer is not None for f in layer]
+        return sum(vals) / len(vals)
+
+    @property
+    def dense_heads(self) -> int:
+        return sum(
+            self.choice(i, h) is None
+            for i, heads in enumerate(self.layers)
+            if heads is not None
+            for h in range(len(heads))
+        )
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, fr in enumerate(self.head_fractions()):
+            if fr is None:
+                rows.append({"layer": i, "kind": "sliding (untouched)"})
+                continue
+            dense = sum(self.choice(i, h) is None for h in range(len(fr)))
+            rows.append({"layer": i, "kind": "tca", "mean_kept": sum(fr) / len(fr), "dense_heads": dense})
+        return rows
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "tca-attention/budgets",
+            "version": FORMAT_VERSION,
+            "model": asdict(self.model),
+            "config": asdict(self.config),
+            "calibration": self.calibration,
+            "candidates": [list(r) for r in self.candidates],
+            "keep_counts": keep_counts(self.config.block_size),
+            "layers": [
+                None
+                if heads is None
+                else [
+                    {
+                        "choice": hb.choose(self.config.tau, self.config.score),
+                        "retained": (
+                            hb.scores(self.config.score)[c] if (c := hb.choose(self.config.tau, self.config.score)) is not None else None
+                        ),
+                        "column_mean": list(hb.column_mean),
+                        "observation": list(hb.observation),
+                    }
+                    for hb in heads
+                ]
+                for heads in self.layers
+            ],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Budgets":
+        try:
+            if data.get("format") != "tca-attention/budgets":
+                raise BudgetError("not a tca-attention budget file")
+            if data.get("version") != FORMAT_VERSION:
+                raise BudgetError(f"budget file version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
+            model = ModelIdentity(**{**data["model"], "fingerprint": tuple(data["model"]["fingerprint"])})
+            config = TCAConfig(**data["config"])
+            cands = tuple(tuple(float(x) for x in r) for r in data["candidates"])
+            layers = tuple(
+                None
+                if heads is None
+                else tuple(HeadBudget(tuple(map(float, h["column_mean"])), tuple(map(float, h["observation"]))) for h in heads)
+                for heads in data["layers"]
+            )
+        except BudgetError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise BudgetError(f"corrupt budget file: {e!r}") from e
+        if len(layers) != model.num_layers:
+            raise BudgetError(f"corrupt budget file: {len(layers)} layers for a {model.num_layers}-layer model")
+        n_k = len(keep_counts(config.block_size))
+        if any(len(r) != n_k for r in cands):
+            raise BudgetError("corrupt budget file: candidate rows do not match the block size")
+        for heads in layers:
+            if heads is not None and (
+                len(heads) != model.num_kv_heads
+                or any(len(h.column_mean) != len(cands) or len(h.observation) != len(cands) for h in heads)
+            ):
+                raise BudgetError("corrupt budget file: per-head scores do not match the candidates/heads")
+        return cls(model=model, config=config, candidates=cands, layers=layers, calibration=data.get("calibration", {}))
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "Budgets":
+        """Load a budget file; with `model`, refuse budgets calibrated on another model."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise BudgetError(f"corrupt budget file {path}: {e}") from e
+        budgets = cls.from_json(data)
+        if model is not None:
+            budgets.check_model(model)
+        return budgets
+
+    def check_model(self, model) -> None:
+        why = self.model.mismatch(ModelIdentity.of(model))
+        if why:
+            raise BudgetError(f"budgets for {self.model.name or self.model.model_type} do not fit this model: {why}")

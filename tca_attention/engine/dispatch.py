@@ -1,0 +1,67 @@
+"""Explicit backend dispatch: Triton on CUDA tensors, the PyTorch reference elsewhere.
+
+backend: "auto" (Triton when the tensors are on CUDA and Triton imports), "triton", "reference".
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+from . import reference
+from .plan import TokenPlan
+
+Backend = Literal["auto", "triton", "reference"]
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def resolve(backend: Backend, device: torch.device) -> str:
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' was asked for but triton is not installed")
+    return backend
+
+
+def sparse_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, backend: Backend = "auto"
+) -> torch.Tensor:
+    """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D)."""
+    if resolve(backend, q.device) == "triton":
+        from .triton_prefill import sparse_prefill_triton
+
+        return sparse_prefill_triton(q, k, v, plan, scaling)
+    return reference.sparse_prefill_ref(q, k, v, plan, scaling)
+
+
+def ragged_decode(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    g_keys: torch.Tensor,
+    g_values: torch.Tensor,
+    g_pos: torch.Tensor,
+    g_offsets: torch.Tensor,
+    t_keys: torch.Tensor,
+    t_values: torch.Tensor,
+    t_pos: torch.Tensor,
+    scaling: float,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the ragged cache; see reference.ragged_decode_ref for the layout."""
+    args = (q, q_pos, g_keys, g_values, g_pos, g_offsets, t_keys, t_values, t_pos, scaling)
+    if resolve(backend, q.device) == "triton":
+        from .triton_decode import ragged_decode_triton
+
+        return ragged_decode_triton(*args)
+    return reference.ragged_decode_ref(*args)

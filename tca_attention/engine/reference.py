@@ -1,0 +1,114 @@
+"""Plain-PyTorch executors: the CPU path, the test oracle and the statement of the semantics.
+
+Prefill: query j attends to the kept global keys before its band, plus its band (causal window,
+extended to the local region's start for queries in the local region). Keys are gathered per
+head; no L x L mask is built (memory is O(chunk x (kept + window))).
+Decode: queries attend to every valid cached key at or before their position.
+"""
+from __future__ import annotations
+
+import torch
+
+from .plan import TokenPlan, band_start
+
+
+def _softmax_out(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked (-inf) logits (..., Q, N) fp32, v (..., N, D) -> out (..., Q, D), lse (..., Q).
+
+    Fully masked rows give zeros (and lse = -inf), never NaN.
+    """
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return p @ v.float(), lse
+
+
+def sparse_prefill_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, chunk: int = 512
+) -> torch.Tensor:
+    """q (B, H, L, D), k/v (B, KV, L, D) -> out (B, L, H, D) in q's dtype."""
+    B, H, L, D = q.shape
+    KV = k.shape[1]
+    g = H // KV
+    out = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
+    ar = torch.arange(L, device=q.device)
+    for b in range(B):
+        ks = int(plan.key_start[b])
+        for h in range(KV):
+            kept = plan.kept_idx[b, h, : int(plan.kept_len[b, h])]
+            kept = kept[kept >= ks]
+            qh = q[b, h * g : (h + 1) * g].float()  # (g, L, D)
+            kh, vh = k[b, h].float(), v[b, h].float()  # (L, D)
+            kk, vk = kh[kept], vh[kept]  # (m, D)
+            for s in range(0, L, chunk):
+                e = min(L, s + chunk)
+                j = ar[s:e]
+                lo = band_start(j, plan.window, plan.local_start)  # (C,)
+                band_lo = max(int(lo.min()), ks, 0)
+                kb = ar[band_lo:e]
+                band_mask = (kb[None, :] >= lo[:, None]) & (kb[None, :] <= j[:, None]) & (kb[None, :] >= ks)
+                n_far = int(torch.searchsorted(kept, lo.max()).item()) if kept.numel() else 0
+                far_mask = kept[None, :n_far] < lo[:, None]
+                mask = torch.cat([far_mask, band_mask], dim=1)  # (C, n_far + band)
+                keys = torch.cat([kk[:n_far], kh[band_lo:e]], dim=0)
+                vals = torch.cat([vk[:n_far], vh[band_lo:e]], dim=0)
+                logits = (qh[:, s:e] @ keys.T) * scaling  # (g, C, N)
+                logits = logits.masked_fill(~mask, float("-inf"))
+                out[b, h * g : (h + 1) * g, s:e] = _softmax_out(logits, vals)[0]
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def ragged_decode_ref(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    g_keys: torch.Tensor,
+    g_values: torch.Tensor,
+    g_pos: torch.Tensor,
+    g_offsets: torch.Tensor,
+    t_keys: torch.Tensor,
+    t_values: torch.Tensor,
+    t_pos: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a ragged global part plus a dense tail.
+
+    q (B, H, Q, D), q_pos (B, Q) positions of the queries;
+    global: g_keys/g_values (N, D), g_pos (N,), segment of (b, h) = g_offsets[b*KV+h : b*KV+h+2];
+    tail: t_keys/t_values (B, KV, T, D), t_pos (B, T) (-1 = invalid slot).
+    A key is visible iff 0 <= pos <= q_pos. -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
+    """
+    B, H, Q, D = q.shape
+    KV = t_keys.shape[1]
+    g = H // KV
+    out = torch.empty(B, H, Q, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(KV):
+            s, e = int(g_offsets[b * KV + h]), int(g_offsets[b * KV + h + 1])
+            keys = torch.cat([g_keys[s:e], t_keys[b, h]], dim=0).float()
+            vals = torch.cat([g_values[s:e], t_values[b, h]], dim=0).float()
+            pos = torch.cat([g_pos[s:e], t_pos[b]], dim=0)
+            visible = (pos[None, :] >= 0) & (pos[None, :] <= q_pos[b][:, None])  # (Q, N)
+            logits = (q[b, h * g : (h + 1) * g].float() @ keys.T) * scaling  # (g, Q, N)
+            logits = logits.masked_fill(~visible, float("-inf"))
+            o, l = _softmax_out(logits, vals)
+            out[b, h * g : (h + 1) * g] = o
+            lse[b, h * g : (h + 1) * g] = l
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def dense_causal_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, key_start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense causal GQA attention in fp32 (test oracle). -> (B, L, H, D)."""
+    B, H, L, D = q.shape
+    g = H // k.shape[1]
+    kk = k.float().repeat_interleave(g, dim=1)
+    vv = v.float().repeat_interleave(g, dim=1)
+    logits = (q.float() @ kk.transpose(-1, -2)) * scaling
+    ar = torch.arange(L, device=q.device)
+    mask = ar[None, :] <= ar[:, None]
+    if key_start is not None:
+        mask = mask[None] & (ar[None, None, :] >= key_start[:, None, None])
+        mask = mask[:, None]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return _softmax_out(logits, vv)[0].transpose(1, 2).to(q.dtype)

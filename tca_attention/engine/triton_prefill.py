@@ -1,0 +1,269 @@
+"""Triton TCA prefill: flash attention over each query's kept global keys plus its dense band.
+
+Semantics: exactly `reference.sparse_prefill_ref`. Query j of a KV head attends to
+  (a) the kept global keys k with key_start <= k < band_start(j), and
+  (b) the dense band key_start <= k in [band_start(j), j] (causal window, extended to the local
+      region's start for queries in the local region).
+Plan of the run:
+  1. gather the kept keys/values of each (b, kv head) into a compact buffer (B, KV, M, D), so no
+     work is spent on dropped tokens;
+  2. per (query tile, b * KV) one program processes the g query heads of the KV head together
+     (rows = g_pad x BLOCK_P positions, sharing each K/V load); since kept_idx is ascending and
+     band_start is non-decreasing, part (a) of every row of a tile is a prefix of the compact list:
+     [kstart, nfar(row)). Blocks that every row sees run without masks; only the edges are masked.
+Online softmax in fp32 (exp2 domain); rows that see no key (left-padding queries) give zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import TokenPlan, band_start
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape: block_m query rows (g_pad heads x block_m / g_pad positions) x block_n keys."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# Per head dim defaults (H100, bf16); benchmarks/bench_kernels.py sweeps and reports alternatives.
+DEFAULT_CONFIGS: dict[int, PrefillConfig] = {
+    64: PrefillConfig(128, 64, 4, 3),
+    128: PrefillConfig(128, 64, 8, 3),
+    256: PrefillConfig(64, 32, 4, 2),
+}
+
+
+def default_config(head_dim: int) -> PrefillConfig:
+    if head_dim in DEFAULT_CONFIGS:
+        return DEFAULT_CONFIGS[head_dim]
+    return PrefillConfig(64, 32, 4, 2)
+
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, load_mask, vis, qk_scale, MASKED: tl.constexpr
+):
+    """One online-softmax step over a (BLOCK_N, D) key/value block.
+
+    acc (BM, D) fp32, m_i/l_i (BM,) fp32 (log2 domain), q (BM, D);
+    load_mask (BLOCK_N, 1) or None-equivalent, vis (BM, BLOCK_N) visibility (used when MASKED).
+    """
+    if MASKED:
+        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # (BM, BN) fp32, log2 domain
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows: no NaN
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _band_start(j, window, local_start):
+    lo = j - window + 1
+    return tl.where(j >= local_start, tl.minimum(lo, local_start), lo)
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, OUT,
+    s_qb, s_qh, s_ql,
+    s_kb, s_kh, s_kl,
+    s_cb, s_ch, s_cl,
+    s_ib, s_ih,
+    s_ob, s_ol, s_oh,
+    L, KV, n_tiles, window, local_start, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+):
+    BM: tl.constexpr = GP * BLOCK_P
+    tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles first
+    bh = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    m0 = tile * BLOCK_P
+
+    rows = tl.arange(0, BM)
+    hrow = rows // BLOCK_P  # head inside the group
+    prow = m0 + rows % BLOCK_P  # query position
+    row_ok = (hrow < G) & (prow < L)
+    d = tl.arange(0, HEAD_D)
+    qh = h * G + hrow
+    q_ptrs = Q + b * s_qb + qh[:, None] * s_qh + prow[:, None] * s_ql + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BM, D)
+    lo_row = _band_start(prow, window, local_start)  # (BM,)
+
+    acc = tl.zeros([BM, HEAD_D], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+
+    # (a) kept global keys: compact entries [kstart, nfar_min) are seen by every row.
+    kstart = tl.load(KSTART + bh)
+    nfar_min = tl.load(NFAR + bh * 2 * n_tiles + 2 * tile)
+    nfar_max = tl.load(NFAR + bh * 2 * n_tiles + 2 * tile + 1)
+    kc_base = KC + b * s_cb + h * s_ch
+    vc_base = VC + b * s_cb + h * s_ch
+    full_end = kstart + tl.maximum(nfar_min - kstart, 0) // BLOCK_N * BLOCK_N
+    for c in range(kstart, full_end, BLOCK_N):
+        c_idx = c + cols
+        kp = kc_base + c_idx[:, None] * s_cl + d[None, :]
+        vp = vc_base + c_idx[:, None] * s_cl + d[None, :]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, None, None, qk_scale, MASKED=False)
+    for c in range(full_end, nfar_max, BLOCK_N):
+        c_idx = c + cols
+        in_rng = c_idx < nfar_max
+        kid = tl.load(KIDX + b * s_ib + h * s_ih + c_idx, mask=in_rng, other=2147483647)
+        vis = in_rng[None, :] & (kid[None, :] < lo_row[:, None])
+        kp = kc_base + c_idx[:, None] * s_cl + d[None, :]
+        vp = vc_base + c_idx[:, None] * s_cl + d[None, :]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, in_rng[:, None], vis, qk_scale, MASKED=True)
+
+    # (b) dense band: keys [s0, j_max]; [max(lo_max, s0), j_min] is seen by every row.
+    ks = tl.load(KEY_START + b).to(tl.int32)
+    j_min = m0
+    j_max = tl.minimum(m0 + BLOCK_P - 1, L - 1)
+    lo_min = _band_start(j_min, window, local_start)
+    lo_max = _band_start(j_max, window, local_start)
+    s0 = tl.maximum(tl.maximum(lo_min, ks), 0)
+    a = tl.maximum(lo_max, s0)
+    left_end = tl.minimum(s0 + (a - s0 + BLOCK_N - 1) // BLOCK_N * BLOCK_N, j_max + 1)
+    int_end = left_end + tl.maximum(j_min + 1 - left_end, 0) // BLOCK_N * BLOCK_N
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_kb + h * s_kh
+    for kk in range(s0, left_end, BLOCK_N):
+        k_idx = kk + cols
+        ld = k_idx < L
+        vis = (k_idx[None, :] >= lo_row[:, None]) & (k_idx[None, :] <= prow[:, None]) & (k_idx[None, :] >= ks)
+        kp = k_base + k_idx[:, None] * s_kl + d[None, :]
+        vp = v_base + k_idx[:, None] * s_kl + d[None, :]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, ld[:, None], vis, qk_scale, MASKED=True)
+    for kk in range(left_end, int_end, BLOCK_N):
+        k_idx = kk + cols
+        kp = k_base + k_idx[:, None] * s_kl + d[None, :]
+        vp = v_base + k_idx[:, None] * s_kl + d[None, :]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, None, None, qk_scale, MASKED=False)
+    for kk in range(int_end, j_max + 1, BLOCK_N):
+        k_idx = kk + cols
+        ld = k_idx < L
+        vis = (k_idx[None, :] >= lo_row[:, None]) & (k_idx[None, :] <= prow[:, None]) & (k_idx[None, :] >= ks)
+        kp = k_base + k_idx[:, None] * s_kl + d[None, :]
+        vp = v_base + k_idx[:, None] * s_kl + d[None, :]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, kp, vp, ld[:, None], vis, qk_scale, MASKED=True)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = tl.where((l_i > 0)[:, None], out, 0.0)
+    o_ptrs = OUT + b * s_ob + prow[:, None] * s_ol + qh[:, None] * s_oh + d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def prepare_prefill(
+    k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, block_p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact kept K/V and per-tile prefix bounds.
+
+    -> kc/vc (B, KV, M, D), kidx (B, KV, M) int32 (padding = L), kstart (B*KV,) int32,
+       nfar (B*KV, n_tiles, 2) int32: [count of kept < band_start(tile's first row),
+       count of kept < band_start(tile's last row)], clamped to [kstart, kept_len].
+    """
+    B, KV, L, D = k.shape
+    dev = k.device
+    M = plan.kept_idx.shape[-1]
+    ar_m = torch.arange(M, device=dev)
+    kept_len = plan.kept_len.to(dev).long()
+    # Entries past kept_len are padding: force them past every band start so searches skip them.
+    kidx = torch.where(ar_m < kept_len[..., None], plan.kept_idx.to(dev), torch.full_like(plan.kept_idx, L).to(dev))
+    if M == 0:  # nothing kept anywhere: one dummy entry that no row sees
+        kidx = torch.full((B, KV, 1), L, dtype=torch.long, device=dev)
+    gidx = kidx.clamp(max=L - 1)[..., None].expand(B, KV, kidx.shape[-1], D)  # (B, KV, M, D)
+    kc = torch.gather(k, 2, gidx)
+    vc = torch.gather(v, 2, gidx)
+
+    n_tiles = triton.cdiv(L, block_p)
+    m0 = torch.arange(n_tiles, device=dev) * block_p
+    j_max = torch.clamp(m0 + block_p - 1, max=L - 1)
+    lo = torch.stack([band_start(m0, plan.window, plan.local_start), band_start(j_max, plan.window, plan.local_start)], -1)
+    flat = kidx.reshape(B * KV, -1).contiguous()  # (B*KV, M)
+    lo = lo.reshape(1, -1).expand(B * KV, -1).contiguous()  # (B*KV, n_tiles*2)
+    nfar = torch.searchsorted(flat, lo)  # count of kept < lo
+    ks = plan.key_start.to(dev).long().repeat_interleave(KV)[:, None].contiguous()  # (B*KV, 1)
+    kstart = torch.searchsorted(flat, ks)  # (B*KV, 1)
+    nfar = torch.minimum(torch.maximum(nfar, kstart), kept_len.reshape(-1, 1))
+    kstart = torch.minimum(kstart, kept_len.reshape(-1, 1))
+    return (
+        kc,
+        vc,
+        kidx.to(torch.int32).contiguous(),
+        kstart.reshape(-1).to(torch.int32).contiguous(),
+        nfar.to(torch.int32).contiguous(),
+    )
+
+
+def sparse_prefill_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: TokenPlan,
+    scaling: float,
+    config: PrefillConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q (B, H, L, D), k/v (B, KV, L, D) -> out (B, L, H, D) in q's dtype.
+
+    config: tile shape (default per head dim); out: optional contiguous (B, L, H, D) buffer to fill.
+    """
+    B, H, L, D = q.shape
+    KV = k.shape[1]
+    if H % KV:
+        raise ValueError(f"query heads {H} must be a multiple of KV heads {KV}")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    g = H // KV
+    cfg = config or default_config(D)
+    gp = _next_pow2(g)
+    block_m = max(cfg.block_m, gp)  # (g_pad heads) x (block_p positions)
+    block_p = block_m // gp
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    kc, vc, kidx, kstart, nfar = prepare_prefill(k, v, plan, block_p)
+    if out is None:
+        out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
+    elif out.shape != (B, L, H, D) or not out.is_contiguous() or out.dtype != q.dtype:
+        raise ValueError("out must be a contiguous (B, L, H, D) tensor of q's dtype")
+    n_tiles = triton.cdiv(L, block_p)
+    grid = (n_tiles, B * KV)
+    _prefill_kernel[grid](
+        q, k, v, kc, vc, kidx, kstart, nfar, plan.key_start.to(q.device), out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2),
+        kidx.stride(0), kidx.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        L, KV, n_tiles, plan.window, plan.local_start, scaling * 1.4426950408889634,
+        G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,46 @@
+"""What a method (policy) is: it answers "what does each KV head keep" with a plan."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..engine.plan import TokenPlan
+
+
+class Method(ABC):
+    """A sparse-attention policy. Executors and the cache are shared; a method only plans.
+
+    plan(): for a full-attention layer at prefill, a TokenPlan, or None for dense attention
+    (everything kept). block_size/window set the cache geometry and decode compression period.
+    """
+
+    name: str
+    block_size: int
+    window: int
+
+    @abstractmethod
+    def plan(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float
+    ) -> TokenPlan | None:
+        """q (B, H, L, D), k (B, KV, L, D) after rotary; key_start (B,) first non-padding key."""
+
+    @abstractmethod
+    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        """(KV,) tokens each head keeps when decode compresses one block."""
+
+    def check_model(self, model) -> None:
+        """Raise if this method cannot run on `model` (e.g. budgets of another model)."""
+
+
+def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:
+    """(n_blocks, local_start) of the global/local split, or None when the prompt stays dense."""
+    if seq_len <= window + block_size:
+        return None
+    n = (seq_len - window) // block_size
+    return n, n * block_size
+
+
+def key_validity(seq_len: int, key_start: torch.Tensor) -> torch.Tensor:
+    """(B, L) True for non-padding keys."""
+    return torch.arange(seq_len, device=key_start.device)[None, :] >= key_start[:, None]
