@@ -97,7 +97,8 @@ class TCALayer(DynamicLayer):
         gidx = kept_idx.clamp_max(max(L - 1, 0))
         self.g_keys = torch.gather(k, 2, gidx[..., None].expand(B, KV, M, D)).reshape(-1, D)[flat]
         self.g_values = torch.gather(v, 2, gidx[..., None].expand(B, KV, M, D)).reshape(-1, D)[flat]
-        self.g_pos = kept_idx.reshape(-1)[flat]
+        pos = torch.where(kept_idx >= self.key_start[:, None, None], kept_idx, torch.full_like(kept_idx, -1))
+        self.g_pos = pos.reshape(-1)[flat]  # padding never becomes visible, whatever the plan kept
         self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
         cap = max(L - local_start, self.window + self.block_size)
         self.t_keys = k.new_empty(B, KV, cap, D)
@@ -154,7 +155,7 @@ class TCALayer(DynamicLayer):
         t_max = int(self.decode_keep.max()) if self.decode_keep.numel() else 0
         if t_max > 0:
             top = torch.topk(probs, t_max, dim=-1).indices  # (B, KV, t_max)
-            keep = torch.arange(t_max, device=top.device)[None, None, :] < self.decode_keep[None, :, None]
+            keep = (torch.arange(t_max, device=top.device)[None, None, :] < self.decode_keep[None, :, None]).expand(B, KV, t_max)
             self._append_global(
                 torch.gather(blk_k, 2, top[..., None].expand(B, KV, t_max, D)),
                 torch.gather(blk_v, 2, top[..., None].expand(B, KV, t_max, D)),

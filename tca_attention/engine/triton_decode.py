@@ -5,31 +5,49 @@ segment g_offsets[b*KV+h : b*KV+h+2] of g_keys/g_values (positions g_pos) follow
 t_keys[b, h] (positions t_pos[b], -1 = empty slot); a key is visible to a query iff
 0 <= pos <= q_pos. Every (b, h) is cut into n_split splits (each takes an equal share of its own
 global segment and of the tail); one program per (split, b*KV) handles the g query heads x Q
-queries of that KV head together (rows share each K/V load). A second kernel merges the splits'
-(max, sum, acc) into out and lse.
+queries of that KV head together (rows share each K/V load). A second kernel, one program per
+query row, merges the splits' (max, sum, acc) into out and lse.
 """
 from __future__ import annotations
 
 from functools import lru_cache
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 
+def _upcast(q: torch.Tensor) -> bool:
+    """bf16 dots run in fp32 under the Triton interpreter (TRITON_INTERPRET=1), whose bf16 dot is wrong."""
+    return q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 dots ("ieee"), not tf32; bf16/fp16 dots are unaffected."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
-def _decode_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, ld, vis, qk_scale):
+def _decode_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, ld, vis, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Online softmax over one masked key block. acc (R, D), m_i/l_i (R,), vis (R, BN)."""
     k = tl.load(k_ptrs, mask=ld[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=ld[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # (R, BN) fp32, log2 domain
+    if UPCAST:  # interpreter: its bf16 dot is wrong, so multiply the same bf16 values in fp32
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (R, BN) fp32, log2 domain
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
 
 
@@ -42,6 +60,7 @@ def _decode_split_kernel(
     s_pos_b,
     KV, T, NQ, n_split, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, JOINT: tl.constexpr,
 ):
     sp = tl.program_id(0)
     bh = tl.program_id(1)
@@ -61,38 +80,62 @@ def _decode_split_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
 
-    # Global part: this split's share of the segment [g0, g1).
     g0 = tl.load(GOFF + bh)
     g1 = tl.load(GOFF + bh + 1)
-    share = tl.cdiv(g1 - g0, n_split)
-    lo = g0 + sp * share
-    hi = tl.minimum(lo + share, g1)
-    for n in range(lo, hi, BLOCK_N):
-        idx = n + cols
-        ld = idx < hi
-        pos = tl.load(GPOS + idx, mask=ld, other=-1)
-        vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-        kp = GK + idx[:, None].to(tl.int64) * s_gn + d[None, :]
-        vp = GV + idx[:, None].to(tl.int64) * s_gn + d[None, :]
-        acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale)
+    if JOINT:
+        # One pipelined loop over the virtual sequence [global segment ; tail] of length
+        # ng + T, split evenly: each key row comes from the packed buffer or from the tail.
+        ng = g1 - g0
+        share = tl.cdiv(ng + T, n_split)
+        lo = sp * share
+        hi = tl.minimum(lo + share, ng + T)
+        for n in range(lo, hi, BLOCK_N):
+            idx = n + cols
+            ld = idx < hi
+            in_g = idx < ng
+            g_row = (g0 + idx).to(tl.int64)
+            t_row = idx - ng
+            pos = tl.where(
+                in_g,
+                tl.load(GPOS + g_row, mask=ld & in_g, other=-1),
+                tl.load(TPOS + b * s_pos_b + t_row, mask=ld & (idx >= ng), other=-1),
+            )
+            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+            t_off = b.to(tl.int64) * s_tb + h * s_th + t_row * s_tl
+            kp = tl.where(in_g[:, None], GK + g_row[:, None] * s_gn, TK + t_off[:, None]) + d[None, :]
+            vp = tl.where(in_g[:, None], GV + g_row[:, None] * s_gn, TV + t_off[:, None]) + d[None, :]
+            acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale, UPCAST, PREC)
+    else:
+        # Global part: this split's share of the segment [g0, g1).
+        share = tl.cdiv(g1 - g0, n_split)
+        lo = g0 + sp * share
+        hi = tl.minimum(lo + share, g1)
+        for n in range(lo, hi, BLOCK_N):
+            idx = n + cols
+            ld = idx < hi
+            pos = tl.load(GPOS + idx, mask=ld, other=-1)
+            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+            kp = GK + idx[:, None].to(tl.int64) * s_gn + d[None, :]
+            vp = GV + idx[:, None].to(tl.int64) * s_gn + d[None, :]
+            acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale, UPCAST, PREC)
 
-    # Tail: this split's share of [0, T).
-    t_share = tl.cdiv(T, n_split)
-    t_lo = sp * t_share
-    t_hi = tl.minimum(t_lo + t_share, T)
-    for n in range(t_lo, t_hi, BLOCK_N):
-        idx = n + cols
-        ld = idx < t_hi
-        pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
-        vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-        kp = TK + b * s_tb + h * s_th + idx[:, None] * s_tl + d[None, :]
-        vp = TV + b * s_tb + h * s_th + idx[:, None] * s_tl + d[None, :]
-        acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale)
+        # Tail: this split's share of [0, T).
+        t_share = tl.cdiv(T, n_split)
+        t_lo = sp * t_share
+        t_hi = tl.minimum(t_lo + t_share, T)
+        for n in range(t_lo, t_hi, BLOCK_N):
+            idx = n + cols
+            ld = idx < t_hi
+            pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
+            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+            kp = TK + b * s_tb + h * s_th + idx[:, None] * s_tl + d[None, :]
+            vp = TV + b * s_tb + h * s_th + idx[:, None] * s_tl + d[None, :]
+            acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale, UPCAST, PREC)
 
     base = bh * n_split + sp  # partials: acc (B*KV, n_split, ROWS, D), (m, l) (B*KV, n_split, 2, ROWS)
-    tl.store(PACC + base * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc)
-    tl.store(PML + base * 2 * ROWS + rows, m_i)
-    tl.store(PML + base * 2 * ROWS + ROWS + rows, l_i)
+    tl.store(PACC + base * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(PML + base * 2 * ROWS + rows, m_i, mask=row_ok)
+    tl.store(PML + base * 2 * ROWS + ROWS + rows, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -101,38 +144,33 @@ def _decode_combine_kernel(
     s_ob, s_oq, s_oh,
     s_lb, s_lh,
     KV, NQ, n_split,
-    G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
+    """One program per (b * KV, row): merge the n_split partials of one query row at once."""
     bh = tl.program_id(0)
+    r = tl.program_id(1)
     b = bh // KV
     h = bh % KV
-    rows = tl.arange(0, ROWS)
+    sp = tl.arange(0, SPLIT_P)
+    ok_s = sp < n_split
     d = tl.arange(0, HEAD_D)
-    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, HEAD_D], dtype=tl.float32)
-    for sp in range(0, n_split):
-        base = bh * n_split + sp
-        m_s = tl.load(PML + base * 2 * ROWS + rows)
-        l_s = tl.load(PML + base * 2 * ROWS + ROWS + rows)
-        a_s = tl.load(PACC + base * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :])
-        m_new = tl.maximum(m, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        c_old = tl.exp2(m - m_use)
-        c_new = tl.exp2(m_s - m_use)
-        l = l * c_old + l_s * c_new
-        acc = acc * c_old[:, None] + a_s * c_new[:, None]
-        m = m_new
+    base = bh * n_split + sp  # (SPLIT_P,)
+    m_s = tl.load(PML + base * 2 * ROWS + r, mask=ok_s, other=float("-inf"))
+    l_s = tl.load(PML + base * 2 * ROWS + ROWS + r, mask=ok_s, other=0.0)
+    a_s = tl.load(PACC + (base * ROWS + r)[:, None] * HEAD_D + d[None, :], mask=ok_s[:, None], other=0.0)
+    m = tl.max(m_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    c = tl.exp2(m_s - m_use)  # (SPLIT_P,), 0 for empty splits
+    l = tl.sum(l_s * c, 0)
+    acc = tl.sum(a_s * c[:, None], 0)  # (D,)
     ok = l > 0
-    out = tl.where(ok[:, None], acc / tl.where(ok, l, 1.0)[:, None], 0.0)
+    out = tl.where(ok, acc / tl.where(ok, l, 1.0), 0.0)
     lse = tl.where(ok, (m + tl.log2(tl.where(ok, l, 1.0))) * 0.6931471805599453, float("-inf"))
-    hrow = rows // NQ
-    qi = rows % NQ
-    row_ok = hrow < G
+    hrow = r // NQ
+    qi = r % NQ
     qh = h * G + hrow
-    tl.store(OUT + b * s_ob + qi[:, None] * s_oq + qh[:, None] * s_oh + d[None, :],
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * s_lb + qh * s_lh + qi, lse, mask=row_ok)
+    tl.store(OUT + b * s_ob + qi * s_oq + qh * s_oh + d, out.to(OUT.dtype.element_ty))
+    tl.store(LSE + b * s_lb + qh * s_lh + qi, lse)
 
 
 @lru_cache(maxsize=8)
@@ -160,13 +198,18 @@ def ragged_decode_triton(
     scaling: float,
     n_split: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    joint: bool = True,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D), q_pos (B, Q); global (N, D) + g_pos (N,) + g_offsets (B*KV+1,);
     tail (B, KV, T, D) + t_pos (B, T). -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
 
-    n_split: splits per (b, kv head) (default from the shapes and the SM count); out/lse: optional
+    n_split: splits per (b, kv head) (default from the shapes and the SM count); block_n, num_warps,
+    num_stages: tile and launch settings of the split kernel; joint: one loop over global + tail
+    (else a loop for each, both split); out/lse: optional
     contiguous buffers to fill.
     """
     B, H, NQ, D = q.shape
@@ -209,13 +252,13 @@ def ragged_decode_triton(
         t_keys.stride(0), t_keys.stride(1), t_keys.stride(2),
         t_pos.stride(0) if t_pos.dim() == 2 else 0,
         KV, T, NQ, n_split, scaling * 1.4426950408889634,
-        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, num_warps=4, num_stages=3,
+        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, UPCAST=_upcast(q), PREC=_precision(q), JOINT=joint, num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_combine_kernel[(B * KV,)](
+    _decode_combine_kernel[(B * KV, g * NQ)](
         pacc, pml, out, lse,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         KV, NQ, n_split,
-        G=g, ROWS=rows, HEAD_D=D, num_warps=4,
+        G=g, ROWS=rows, HEAD_D=D, SPLIT_P=triton.next_power_of_2(n_split), num_warps=4,
     )
     return out, lse

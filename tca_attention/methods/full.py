@@ -7,7 +7,7 @@ import torch
 
 from .. import selection as sel
 from ..engine.plan import TokenPlan
-from .base import Method, local_geometry
+from .base import Method, key_validity, local_geometry
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class FullBudget(Method):
         if geo is None:
             return None
         _, local_start = geo
-        mask = torch.ones(B, KV, local_start, dtype=torch.bool, device=k.device)
+        mask = key_validity(local_start, key_start)[:, None, :].expand(B, KV, local_start)
         kept_idx, kept_len = sel.pack_mask(mask)
         return TokenPlan(kept_idx, kept_len, local_start, self.window, self.block_size, key_start,
                          self.decode_keep(layer_idx, KV))

@@ -5,6 +5,7 @@ import bisect
 import hashlib
 import logging
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -130,6 +131,9 @@ def fit_length(build: Callable[[int], Sample], target: int, fmt: PromptFormat, g
     return best[1]
 
 
+_ESSAY_HAYSTACKS: "weakref.WeakKeyDictionary[object, Haystack]" = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A registered task: its generator, scorer and a one-line description."""
@@ -153,7 +157,13 @@ class TaskContext:
     @property
     def haystack(self) -> Haystack:
         if self._haystack is None:
-            self._haystack = Haystack(self.fmt, self._corpus_text)
+            if self._corpus_text is None:  # the default corpus: tokenized once per tokenizer
+                cached = _ESSAY_HAYSTACKS.get(self.fmt.tokenizer)
+                if cached is None:
+                    cached = _ESSAY_HAYSTACKS[self.fmt.tokenizer] = Haystack(self.fmt)
+                self._haystack = cached
+            else:
+                self._haystack = Haystack(self.fmt, self._corpus_text)
         return self._haystack
 
     def rng(self, task: str, length: int, index: int) -> random.Random:

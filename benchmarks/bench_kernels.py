@@ -1,0 +1,578 @@
+"""Kernel benchmark: TCA prefill/decode against dense SDPA backends on Llama-3.1-8B head shapes.
+
+Per layer, batch 1, 32 query heads, 8 KV heads, head dim 128, bf16, contexts 8K..128K (256K
+where memory and time allow):
+  prefill  dense SDPA (cuDNN, flash, memory-efficient, FlexAttention causal) vs TCA at kept
+           fractions 10/25/39/60% (random ragged budgets per head averaging the fraction,
+           window 4096, block 128, plans built by the real selection code from random q/k),
+           selection and attention timed separately and together;
+  decode   one query over the full cache: dense SDPA (flash and the others) vs the TCA ragged
+           decode over the compressed cache, with the KV bytes each reads.
+Effective TFLOP/s count only visible (query, key) pairs: L(L+1)/2 per head for dense causal,
+the plan's exact kept pairs for TCA. Writes JSON (+ PNG plots) under --out.
+
+Run: PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out DIR
+Plots again from a JSON: python3 benchmarks/bench_kernels.py --plot-only DIR/kernels_bench.json --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+try:
+    from benchmarks.timing import bench_ms
+except ImportError:  # run as a script from benchmarks/
+    from timing import bench_ms  # type: ignore[no-redef]
+
+log = logging.getLogger("bench_kernels")
+
+H, KV, D = 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# plans: per-head budgets and the real selection code
+def head_budgets(frac: float, L: int, window: int, block: int, gen: torch.Generator) -> torch.Tensor:
+    """Per KV head keep distributions p (KV, |K|) whose kept fractions average `frac` of L.
+
+    Heads get random global densities (0.5x..1.5x of the mean) realised by mixing neighbouring
+    rows of the candidate ladder (extended by "all keep 1" and "all keep b").
+    """
+    from tca_attention.candidates import candidate_ladder, expected_keep
+
+    n = (L - window) // block
+    ls = n * block
+    fg = (frac * L - (L - ls)) / ls  # global density needed
+    u = torch.rand(KV, generator=gen, dtype=torch.float64)
+    t = fg * (0.5 + u) / (0.5 + u).mean()
+    t = t.clamp(1.0 / block, 1.0)
+    ladder = candidate_ladder(block)
+    nk = ladder.shape[1]
+    ones = torch.zeros(1, nk, dtype=torch.float64)
+    ones[0, -1] = 1.0  # every block keeps 1
+    full = torch.zeros(1, nk, dtype=torch.float64)
+    full[0, 0] = 1.0  # every block keeps b
+    ext = torch.cat([ones, ladder, full])
+    e = expected_keep(ext, block) / block  # ascending
+    i = torch.searchsorted(e, t).clamp(1, len(e) - 1)
+    w = ((t - e[i - 1]) / (e[i] - e[i - 1])).clamp(0, 1)[:, None]
+    return (1 - w) * ext[i - 1] + w * ext[i]
+
+
+def tca_select(q: torch.Tensor, k: torch.Tensor, p: torch.Tensor, window: int, block: int, alpha: float, scaling: float):
+    """Phase 2 selection with selection.py's primitives. q (B, H, L, D), k (B, KV, L, D) -> TokenPlan."""
+    from tca_attention.engine.plan import TokenPlan
+    from tca_attention.selection import (
+        block_redundancy, keep_per_block, keep_per_rank, last_query_importance, pack_mask, topk_within_blocks,
+    )
+
+    B, _, L, _ = q.shape
+    kv = k.shape[1]
+    n = (L - window) // block if L > window + block else 0
+    ls = n * block
+    s = last_query_importance(q[:, :, -1], k, None, scaling)  # (B, KV, L)
+    sb = s[..., :ls].reshape(B, kv, n, block)  # (B, KV, n, b)
+    hj = block_redundancy(sb, alpha)  # (B, KV, n)
+    keep = keep_per_block(hj, keep_per_rank(p.expand(B, kv, -1), n, block))  # (B, KV, n)
+    mask = topk_within_blocks(sb, keep).reshape(B, kv, ls)
+    idx, lens = pack_mask(mask)
+    ks = torch.tensor([block >> i for i in range(p.shape[-1])], dtype=p.dtype, device=p.device)
+    decode_keep = torch.floor((p * ks).sum(-1) + 1e-9).long()
+    return TokenPlan(idx, lens, ls, window, block, torch.zeros(B, dtype=torch.long, device=q.device), decode_keep)
+
+
+def selection_breakdown(q, k, p, window: int, block: int, alpha: float, scaling: float) -> dict[str, float]:
+    """Median ms of each step of tca_select, to see where selection time goes."""
+    from tca_attention.selection import (
+        block_redundancy, keep_per_block, keep_per_rank, last_query_importance, pack_mask, topk_within_blocks,
+    )
+
+    B, _, L, _ = q.shape
+    kv = k.shape[1]
+    n = (L - window) // block
+    ls = n * block
+    s = last_query_importance(q[:, :, -1], k, None, scaling)
+    sb = s[..., :ls].reshape(B, kv, n, block)
+    hj = block_redundancy(sb, alpha)
+    kpr = keep_per_rank(p.expand(B, kv, -1), n, block)
+    keep = keep_per_block(hj, kpr)
+    mask = topk_within_blocks(sb, keep).reshape(B, kv, ls)
+    steps = {
+        "last_query_importance": lambda: last_query_importance(q[:, :, -1], k, None, scaling),
+        "block_redundancy": lambda: block_redundancy(sb, alpha),
+        "keep_per_rank": lambda: keep_per_rank(p.expand(B, kv, -1), n, block),
+        "keep_per_block": lambda: keep_per_block(hj, kpr),
+        "topk_within_blocks": lambda: topk_within_blocks(sb, keep),
+        "pack_mask": lambda: pack_mask(mask),
+    }
+    return {name: bench_ms(fn, target_ms=50)["median_ms"] for name, fn in steps.items()}
+
+
+def kept_pairs(plan, L: int) -> int:
+    """Visible (query, key) pairs summed over (b, kv head) under a plan (key_start 0)."""
+    from tca_attention.engine.plan import band_start
+
+    dev = plan.kept_idx.device
+    B, kv, M = plan.kept_idx.shape
+    j = torch.arange(L, device=dev)
+    lo = band_start(j, plan.window, plan.local_start)  # (L,)
+    ar = torch.arange(M, device=dev)
+    flat = torch.where(ar < plan.kept_len[..., None].long(), plan.kept_idx, torch.full_like(plan.kept_idx, L))
+    flat = flat.reshape(B * kv, M).contiguous()  # (B*KV, M)
+    far = torch.searchsorted(flat, lo.expand(B * kv, L).contiguous()).sum()
+    band = (j - lo.clamp_min(0) + 1).sum() * B * kv
+    return int(far + band)
+
+
+# ---------------------------------------------------------------------------------------------
+# dense baselines
+def sdpa_fn(backend_name: str, q, k, v, causal: bool, scaling: float):
+    """A zero-arg SDPA call on one backend; GQA native where the backend takes it, else expanded."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+          "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend_name]
+    F = torch.nn.functional
+
+    def native():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling, enable_gqa=True)
+
+    try:
+        native()
+        torch.cuda.synchronize()
+        return native, "native"
+    except RuntimeError:
+        g = q.shape[1] // k.shape[1]
+        ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+
+        def expanded():
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q, ke, ve, is_causal=causal, scale=scaling)
+
+        expanded()
+        torch.cuda.synchronize()
+        return expanded, "expanded"
+
+
+_FLEX = None
+
+
+def flex_fn(q, k, v, scaling: float):
+    global _FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    L = q.shape[2]
+    # _compile=True: build the block mask without materialising an L x L mask (OOM at 128K).
+    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, L, L, device=q.device, _compile=True)
+    return lambda: _FLEX(q, k, v, block_mask=bm, scale=scaling, enable_gqa=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode cache from a plan
+def decode_cache(k: torch.Tensor, v: torch.Tensor, plan):
+    """Packed ragged global part + dense tail, as the TCA cache holds it after prefill."""
+    B, kv, L, d = k.shape
+    ls = plan.local_start
+    M = plan.kept_idx.shape[-1]
+    valid = torch.arange(M, device=k.device) < plan.kept_len[..., None].long()  # (B, KV, M)
+    idx = plan.kept_idx.clamp(max=L - 1)
+    gidx = idx[..., None].expand(B, kv, M, d)
+    g_keys = torch.gather(k, 2, gidx)[valid]  # (N, D), (b, h) major
+    g_values = torch.gather(v, 2, gidx)[valid]
+    g_pos = plan.kept_idx[valid]
+    g_offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=k.device), plan.kept_len.flatten().long().cumsum(0)])
+    t_keys, t_values = k[:, :, ls:].contiguous(), v[:, :, ls:].contiguous()  # (B, KV, T, D)
+    t_pos = torch.arange(ls, L, device=k.device).expand(B, L - ls).contiguous()
+    kv_bytes = 2 * (g_keys.numel() + t_keys.numel()) * k.element_size() + 8 * (g_pos.numel() + t_pos.numel())
+    return (g_keys, g_values, g_pos, g_offsets, t_keys, t_values, t_pos), kv_bytes
+
+
+def graph_fn(fn):
+    """Capture fn in a CUDA graph (decode: removes the Python launch gaps); -> replay callable."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+# ---------------------------------------------------------------------------------------------
+def env_info() -> dict:
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "device": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
+        "memory_gib": round(p.total_memory / 2**30, 1), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "shapes": {"batch": 1, "q_heads": H, "kv_heads": KV, "head_dim": D, "dtype": "bfloat16"},
+    }
+
+
+def tflops(pairs: float, ms: float) -> float:
+    return 4.0 * D * pairs / (ms * 1e-3) / 1e12
+
+
+def sweep_prefill(q, k, v, plan, scaling, configs, results: dict) -> object:
+    """Time each prefill config on one plan; check it agrees with the first; return the fastest."""
+    from tca_attention.engine.triton_prefill import sparse_prefill_triton
+
+    rows, best, ref = [], None, None
+    for cfg in configs:
+        try:
+            out = sparse_prefill_triton(q, k, v, plan, scaling, config=cfg)
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out.float()
+            diff = float((out.float() - ref).abs().max())
+            t = bench_ms(lambda: sparse_prefill_triton(q, k, v, plan, scaling, config=cfg), target_ms=200)
+            row = {"config": asdict(cfg), "ms": t["median_ms"], "max_diff_vs_first": diff, "ok": diff < 5e-2}
+            if row["ok"] and (best is None or t["median_ms"] < best[1]):
+                best = (cfg, t["median_ms"])
+        except Exception as e:  # a config may not compile on this device
+            row = {"config": asdict(cfg), "error": repr(e)[:300]}
+        log.info("sweep %s", row)
+        rows.append(row)
+    results["prefill_sweep"] = rows
+    return best[0]
+
+
+def sweep_decode(q1, qpos, cache, scaling, settings, results: dict) -> dict:
+    from tca_attention.engine.triton_decode import ragged_decode_triton
+
+    rows, best, ref = [], None, None
+    for kw in settings:
+        try:
+            fn = lambda: ragged_decode_triton(q1, qpos, *cache, scaling, **kw)  # noqa: E731
+            out = fn()[0]
+            torch.cuda.synchronize()
+            ref = out.float() if ref is None else ref
+            diff = float((out.float() - ref).abs().max())
+            t = bench_ms(graph_fn(fn), target_ms=100)
+            row = {"kwargs": kw, "us": 1e3 * t["median_ms"], "max_diff_vs_first": diff}
+            if diff < 5e-2 and (best is None or t["median_ms"] < best[1]):
+                best = (kw, t["median_ms"])
+        except Exception as e:
+            row = {"kwargs": kw, "error": repr(e)[:300]}
+        log.info("decode sweep %s", row)
+        rows.append(row)
+    results["decode_sweep"] = rows
+    return best[0]
+
+
+def run(args) -> dict:
+    from tca_attention.engine.triton_decode import ragged_decode_triton
+    from tca_attention.engine.triton_prefill import PrefillConfig, default_config, prepare_prefill, sparse_prefill_triton
+
+    t_start = time.time()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "kernels_bench.json"
+    res: dict = {"env": env_info(), "window": args.window, "block": args.block, "alpha": 0.5,
+                 "command": "PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py " + " ".join(args.argv),
+                 "prefill": [], "decode": []}
+    log.info("env %s", res["env"])
+    scaling = D**-0.5
+    gen = torch.Generator().manual_seed(0)
+    dev = torch.device("cuda")
+
+    def save():
+        res["elapsed_s"] = time.time() - t_start
+        json_path.write_text(json.dumps(res, indent=1))
+
+    def inputs(L):
+        torch.manual_seed(L)
+        q = torch.randn(1, H, L, D, device=dev, dtype=DTYPE)
+        k = torch.randn(1, KV, L, D, device=dev, dtype=DTYPE)
+        v = torch.randn(1, KV, L, D, device=dev, dtype=DTYPE)
+        return q, k, v
+
+    # 1) prefill tile sweep at one size
+    cfg = default_config(D, dev)
+    if args.sweep:
+        L = args.sweep_len
+        q, k, v = inputs(L)
+        p = head_budgets(0.39, L, args.window, args.block, gen).to(dev)
+        plan = tca_select(q, k, p, args.window, args.block, 0.5, scaling)
+        configs = [cfg] + [c for c in [
+            PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 4),
+            PrefillConfig(128, 128, 8, 2), PrefillConfig(64, 64, 4, 3),
+            PrefillConfig(128, 64, 8, 3, True), PrefillConfig(128, 128, 8, 3, True), PrefillConfig(128, 64, 4, 3, True),
+            PrefillConfig(128, 128, 8, 2, True),
+        ] if c != cfg]
+        cfg = sweep_prefill(q, k, v, plan, scaling, configs, res)
+        res["prefill_config"] = asdict(cfg)
+        log.info("prefill config %s", cfg)
+        del q, k, v, plan
+        # 2) decode settings sweep on a 39% cache of decode_sweep_len tokens
+        L = args.decode_sweep_len
+        q, k, v = inputs(L)
+        p = head_budgets(0.39, L, args.window, args.block, gen).to(dev)
+        cache, _ = decode_cache(k, v, tca_select(q, k, p, args.window, args.block, 0.5, scaling))
+        q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
+        qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
+        decode_kw = sweep_decode(q1, qpos, cache, scaling, [
+            {}, {"joint": False}, {"block_n": 32, "num_stages": 4}, {"block_n": 32, "num_stages": 4, "joint": False},
+            {"block_n": 128}, {"num_stages": 4}, {"block_n": 32, "num_stages": 5}, {"n_split": 128}, {"n_split": 32},
+            {"block_n": 32, "num_stages": 4, "n_split": 128},
+        ], res)
+        res["decode_config"] = decode_kw
+        del q, k, v, cache, q1
+        torch.cuda.empty_cache()
+        save()
+    else:
+        decode_kw = {}
+
+    flex_spent = 0.0
+    for L in args.contexts:
+        if time.time() - t_start > args.time_budget:
+            log.warning("time budget spent; stopping before L=%d", L)
+            res["stopped_before"] = L
+            break
+        try:
+            q, k, v = inputs(L)
+        except torch.OutOfMemoryError:
+            log.warning("L=%d does not fit", L)
+            break
+        dense_pairs = H * L * (L + 1) / 2
+        entry: dict = {"L": L, "dense": {}, "tca": []}
+        # dense
+        for name in ("cudnn", "flash", "efficient", "flex"):
+            if name == "efficient" and L > args.efficient_max:
+                continue
+            if name == "flex" and (L > args.flex_max or flex_spent > args.flex_budget):
+                continue
+            t0 = time.time()
+            try:
+                if name == "flex":
+                    fn, gqa = flex_fn(q, k, v, scaling), "native"
+                else:
+                    fn, gqa = sdpa_fn(name, q, k, v, True, scaling)
+                t = bench_ms(fn, target_ms=args.target_ms)
+                entry["dense"][name] = {"ms": t["median_ms"], "tflops": tflops(dense_pairs, t["median_ms"]), "gqa": gqa}
+            except Exception as e:
+                entry["dense"][name] = {"error": repr(e)[:300]}
+            if name == "flex":
+                flex_spent += time.time() - t0
+            log.info("L=%d dense %s %s", L, name, entry["dense"][name])
+            torch.cuda.empty_cache()
+        ok = {n: r for n, r in entry["dense"].items() if "ms" in r}
+        best_name = min(ok, key=lambda n: ok[n]["ms"]) if ok else None
+        entry["best_dense"] = best_name
+        # TCA prefill
+        plans = {}
+        for frac in args.fractions:
+            p = head_budgets(frac, L, args.window, args.block, gen).to(dev)
+            sel = lambda: tca_select(q, k, p, args.window, args.block, 0.5, scaling)  # noqa: E731
+            plan = sel()
+            plans[frac] = plan
+            pairs = kept_pairs(plan, L) * (H // KV)
+            attn = lambda: sparse_prefill_triton(q, k, v, plan, scaling, config=cfg)  # noqa: E731
+            both = lambda: sparse_prefill_triton(q, k, v, sel(), scaling, config=cfg)  # noqa: E731
+            t_sel = bench_ms(sel, target_ms=args.target_ms / 2)
+            t_att = bench_ms(attn, target_ms=args.target_ms)
+            t_all = bench_ms(both, target_ms=args.target_ms)
+            t_prep = bench_ms(lambda: prepare_prefill(k, v, plan, cfg.block_m // (H // KV)), target_ms=50)
+            kf = float(plan.kept_fraction(L).mean())
+            row = {
+                "target_fraction": frac, "kept_fraction": kf,
+                "kept_fraction_per_head": [round(x, 4) for x in plan.kept_fraction(L).flatten().tolist()],
+                "pair_fraction": pairs / dense_pairs,
+                "select_ms": t_sel["median_ms"], "attn_ms": t_att["median_ms"], "total_ms": t_all["median_ms"],
+                "gather_and_bounds_ms": t_prep["median_ms"],
+                "select_share": t_sel["median_ms"] / t_all["median_ms"],
+                "attn_tflops": tflops(pairs, t_att["median_ms"]),
+            }
+            if best_name:
+                row["speedup_vs_best_dense"] = ok[best_name]["ms"] / t_all["median_ms"]
+                row["efficiency_vs_best_dense"] = row["attn_tflops"] / ok[best_name]["tflops"]
+            if "flash" in ok:
+                row["speedup_vs_flash"] = ok["flash"]["ms"] / t_all["median_ms"]
+            if L == 131072 and abs(frac - 0.39) < 1e-9:
+                res["selection_breakdown_128k_ms"] = selection_breakdown(q, k, p, args.window, args.block, 0.5, scaling)
+                log.info("selection breakdown %s", res["selection_breakdown_128k_ms"])
+            entry["tca"].append(row)
+            log.info("L=%d TCA %s", L, {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items() if k_ != "kept_fraction_per_head"})
+        res["prefill"].append(entry)
+        save()
+
+        # decode: one query over the cache
+        q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
+        qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
+        dentry: dict = {"L": L, "dense": {}, "tca": [],
+                        "dense_kv_bytes": 2 * k.numel() * k.element_size()}
+        for name in ("flash", "cudnn", "efficient"):
+            try:
+                fn, gqa = sdpa_fn(name, q1, k, v, False, scaling)
+                gfn = graph_fn(fn)
+                t = bench_ms(gfn, target_ms=100)
+                t_r = bench_ms(gfn, target_ms=100, flush="read")
+                dentry["dense"][name] = {"us": 1e3 * t["median_ms"], "us_read_flush": 1e3 * t_r["median_ms"], "gqa": gqa,
+                                         "gbps": dentry["dense_kv_bytes"] / (t["median_ms"] * 1e-3) / 1e9}
+            except Exception as e:
+                dentry["dense"][name] = {"error": repr(e)[:300]}
+            log.info("L=%d decode dense %s %s", L, name, dentry["dense"][name])
+        dok = {n: r for n, r in dentry["dense"].items() if "us" in r and r["gqa"] == "native"}
+        for frac in args.fractions:
+            cache, kv_bytes = decode_cache(k, v, plans[frac])
+            fn = lambda: ragged_decode_triton(q1, qpos, *cache, scaling, **decode_kw)  # noqa: E731
+            t_eager = bench_ms(fn, target_ms=100)
+            gfn = graph_fn(fn)
+            t = bench_ms(gfn, target_ms=100)
+            t_r = bench_ms(gfn, target_ms=100, flush="read")
+            row = {"target_fraction": frac, "kept_fraction": float(plans[frac].kept_fraction(L).mean()),
+                   "us": 1e3 * t["median_ms"], "us_read_flush": 1e3 * t_r["median_ms"],
+                   "us_eager": 1e3 * t_eager["median_ms"], "kv_bytes": kv_bytes,
+                   "gbps": kv_bytes / (t["median_ms"] * 1e-3) / 1e9}
+            if "flash" in dok:
+                row["speedup_vs_flash"] = dok["flash"]["us"] / row["us"]
+                row["speedup_vs_flash_read_flush"] = dok["flash"]["us_read_flush"] / row["us_read_flush"]
+            if dok:
+                row["speedup_vs_best_dense"] = min(r["us"] for r in dok.values()) / row["us"]
+            dentry["tca"].append(row)
+            log.info("L=%d decode TCA %s", L, row)
+        res["decode"].append(dentry)
+        save()
+        del q, k, v, plans, q1
+        torch.cuda.empty_cache()
+    save()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+def plot(res: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dev = res["env"]["device"]
+    pre = res["prefill"]
+    if pre:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+        Ls = [e["L"] for e in pre]
+        for name in ("cudnn", "flash", "efficient", "flex"):
+            pts = [(e["L"], e["dense"][name]["ms"]) for e in pre if "ms" in e["dense"].get(name, {})]
+            if pts:
+                a1.plot(*zip(*pts), "--o", label=f"dense {name}")
+        fracs = [r["target_fraction"] for r in pre[-1]["tca"]]
+        for i, f in enumerate(fracs):
+            pts = [(e["L"], e["tca"][i]["total_ms"]) for e in pre if len(e["tca"]) > i]
+            a1.plot(*zip(*pts), "-s", label=f"TCA {int(round(f * 100))}% (select+attn)")
+            sp = [(e["L"], e["tca"][i].get("speedup_vs_best_dense", math.nan)) for e in pre if len(e["tca"]) > i]
+            a2.plot(*zip(*sp), "-s", label=f"TCA {int(round(f * 100))}% vs best dense")
+        i39 = min(range(len(fracs)), key=lambda i: abs(fracs[i] - 0.39)) if fracs else None
+        if i39 is not None:
+            sp = [(e["L"], e["tca"][i39].get("speedup_vs_flash", math.nan)) for e in pre if len(e["tca"]) > i39]
+            a2.plot(*zip(*sp), ":^", color="k", label=f"TCA {int(round(fracs[i39] * 100))}% vs flash")
+        a1.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer", title=f"Prefill, one layer ({dev})")
+        a2.axhline(1.0, color="grey", lw=0.8)
+        a2.set(xscale="log", xlabel="context (tokens)", ylabel="speedup", title="TCA speedup (selection included)")
+        for a in (a1, a2):
+            a.set_xticks(Ls, [f"{L // 1024}K" for L in Ls])
+            a.legend(fontsize=8)
+            a.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "kernels_prefill.png", dpi=110)
+        plt.close(fig)
+    dec = res["decode"]
+    if dec:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+        Ls = [e["L"] for e in dec]
+        for name in ("flash", "cudnn", "efficient"):
+            pts = [(e["L"], e["dense"][name]["us"]) for e in dec if "us" in e["dense"].get(name, {})]
+            if pts:
+                a1.plot(*zip(*pts), "--o", label=f"dense {name}")
+        fracs = [r["target_fraction"] for r in dec[-1]["tca"]]
+        for i, f in enumerate(fracs):
+            pts = [(e["L"], e["tca"][i]["us"]) for e in dec if len(e["tca"]) > i]
+            a1.plot(*zip(*pts), "-s", label=f"TCA {int(round(f * 100))}%")
+            sp = [(e["L"], e["tca"][i].get("speedup_vs_flash", math.nan)) for e in dec if len(e["tca"]) > i]
+            a2.plot(*zip(*sp), "-s", label=f"TCA {int(round(f * 100))}% vs dense flash")
+        a1.set(xscale="log", yscale="log", xlabel="cache length (tokens)", ylabel="us per layer (CUDA graph)", title=f"Decode, one query, one layer ({dev})")
+        a2.axhline(1.0, color="grey", lw=0.8)
+        a2.set(xscale="log", xlabel="cache length (tokens)", ylabel="speedup", title="TCA decode speedup")
+        for a in (a1, a2):
+            a.set_xticks(Ls, [f"{L // 1024}K" for L in Ls])
+            a.legend(fontsize=8)
+            a.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "kernels_decode.png", dpi=110)
+        plt.close(fig)
+
+
+def summary(res: dict) -> str:
+    lines = [f"device {res['env']['device']}  torch {res['env']['torch']}  triton {res['env']['triton']}"]
+    if "prefill_config" in res:
+        lines.append(f"prefill config {res['prefill_config']}  decode config {res.get('decode_config')}")
+    for e in res["prefill"]:
+        dense = "  ".join(f"{n} {r['ms']:.2f}" for n, r in e["dense"].items() if "ms" in r)
+        lines.append(f"prefill L={e['L']}: dense ms {dense}")
+        for r in e["tca"]:
+            lines.append(
+                f"   TCA {r['kept_fraction']:.3f} kept: select {r['select_ms']:.2f} attn {r['attn_ms']:.2f} total {r['total_ms']:.2f} ms"
+                f"  {r['attn_tflops']:.0f} TFLOP/s  x{r.get('speedup_vs_best_dense', math.nan):.2f} best"
+                f"  x{r.get('speedup_vs_flash', math.nan):.2f} flash  eff {r.get('efficiency_vs_best_dense', math.nan):.2f}"
+                f"  sel {100 * r['select_share']:.1f}%")
+    for e in res["decode"]:
+        dense = "  ".join(f"{n} {r['us']:.1f} ({r.get('us_read_flush', math.nan):.1f})" for n, r in e["dense"].items() if "us" in r)
+        lines.append(f"decode L={e['L']}: dense us (read-flush) {dense}")
+        for r in e["tca"]:
+            lines.append(f"   TCA {r['kept_fraction']:.3f}: {r['us']:.1f} us (read-flush {r.get('us_read_flush', math.nan):.1f},"
+                         f" eager {r['us_eager']:.1f})  {r['gbps']:.0f} GB/s  x{r.get('speedup_vs_flash', math.nan):.2f} flash"
+                         f" (read-flush x{r.get('speedup_vs_flash_read_flush', math.nan):.2f})  KV {r['kv_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "docs/results"))
+    ap.add_argument("--contexts", default="8192,16384,32768,65536,131072,262144")
+    ap.add_argument("--fractions", default="0.10,0.25,0.39,0.60")
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+    ap.add_argument("--sweep-len", type=int, default=32768)
+    ap.add_argument("--decode-sweep-len", type=int, default=131072)
+    ap.add_argument("--target-ms", type=float, default=300.0)
+    ap.add_argument("--efficient-max", type=int, default=131072)
+    ap.add_argument("--flex-max", type=int, default=131072)
+    ap.add_argument("--flex-budget", type=float, default=150.0, help="seconds of FlexAttention compile+timing")
+    ap.add_argument("--time-budget", type=float, default=420.0, help="no new context starts after this many seconds")
+    ap.add_argument("--plot-only", default=None, help="a kernels_bench.json to plot again")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out_dir = Path(args.out)
+    if args.plot_only:
+        res = json.loads(Path(args.plot_only).read_text())
+    else:
+        args.contexts = [int(x) for x in args.contexts.split(",")]
+        args.fractions = [float(x) for x in args.fractions.split(",")]
+        res = run(args)
+    plot(res, out_dir)
+    print(summary(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One device call: Triton kernel tests on real CUDA (all of tests/test_triton_kernels.py, the
+# gpu-marked ones included), then the kernel benchmark. Logs and JSON/PNG go to $OUT.
+# Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh [bench_kernels.py args]
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/tca_gpu_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 240 python3 -m pytest -q -m "gpu or not gpu" tests/test_triton_kernels.py -p no:cacheprovider --durations=5 2>&1 | tee -a "$OUT/gpu_tests.log"
+python3 benchmarks/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Full report configuration of the long-context accuracy suite (issue 4), on a CUDA GPU.
+#
+#   scripts/gpu_eval.sh RESULTS_DIR
+#
+# Two real packaged models x 4K and 8K tokens x all 9 tasks x 20 samples, methods: full
+# attention, TCA at tau 0.9 and 0.7 (plus 0.5 for the accuracy-vs-KV sweep), StreamingLLM at
+# the KV budget of TCA 0.9 and of TCA 0.7. Resumable: rerun the same command after a crash.
+# Writes RESULTS_DIR/<run>/results.jsonl, summary.json, report.md and PNGs per model and a
+# combined report in RESULTS_DIR/report/eval_* (ready to copy to docs/results/). Overridable through the environment:
+#   MODELS="smollm2 qwen2.5-coder-0.5b"  LENGTHS=4096,8192  SAMPLES=20  DEVICE=cuda  DTYPE=
+#   METHODS=full,tca,tca@0.7,tca@0.5,streaming=tca,streaming=tca@0.7  EXTRA="--tca-score observation"
+set -euo pipefail
+OUT=${1:?usage: scripts/gpu_eval.sh RESULTS_DIR}
+MODELS=${MODELS:-"smollm2 qwen2.5-coder-0.5b"}
+LENGTHS=${LENGTHS:-4096,8192}
+SAMPLES=${SAMPLES:-20}
+DEVICE=${DEVICE:-cuda}
+METHODS=${METHODS:-full,tca,tca@0.7,tca@0.5,streaming=tca,streaming=tca@0.7}
+DTYPE_ARG=()
+if [[ -n "${DTYPE:-}" ]]; then DTYPE_ARG=(--dtype "$DTYPE"); fi
+MODEL_ARGS=()
+for m in $MODELS; do MODEL_ARGS+=(--model "$m"); done
+
+mkdir -p "$OUT"
+start=$(date +%s)
+python -m tca_attention.eval "${MODEL_ARGS[@]}" --methods "$METHODS" --tasks all \
+    --lengths "$LENGTHS" --samples "$SAMPLES" --device "$DEVICE" "${DTYPE_ARG[@]}" \
+    --results-dir "$OUT" --report-dir "$OUT/report" --report-prefix eval_ ${EXTRA:-} 2>&1 | tee -a "$OUT/eval.log"
+echo "total wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/eval.log"

@@ -1,0 +1,102 @@
+"""`tca eval`: run the long-context suite for one or more models and write the report.
+
+Wired into the `tca` command by the CLI module: add_eval_parser(subparsers) and run_eval(args).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .tasks import TASKS
+
+log = logging.getLogger(__name__)
+DEFAULT_METHODS = "full,tca,tca@0.7,streaming=tca,streaming=tca@0.7"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="long-context accuracy suite (needles, aggregation, QA, perplexity)",
+        description="Run the long-context task suite for each model and method; resumable. "
+        "Writes per-sample JSONL, summary.json, report.md and PNG plots.",
+    )
+    p.add_argument("--model", action="append", help="packaged model key or local path (repeatable; default smollm2)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma list of full, tca, tca@TAU, streaming:WINDOW, streaming=tca@TAU "
+                   f"(default {DEFAULT_METHODS})")
+    p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS.names())})")
+    p.add_argument("--lengths", default="4096", help="comma list of target prompt lengths in tokens")
+    p.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the loader's choice)")
+    p.add_argument("--tca-preset", default="small-context", help="TCA config preset (paper, small-context)")
+    p.add_argument("--tca-score", default=None, choices=["observation", "column_mean"])
+    p.add_argument("--tau", type=float, default=0.9, help="calibrated tau of method 'tca'")
+    p.add_argument("--budgets", type=Path, default=None,
+                   help="existing budget file of the model (skips calibration; copied into the run folder)")
+    p.add_argument("--calibration-length", type=int, default=None)
+    p.add_argument("--backend", default="auto", help="attention executor backend of the core")
+    p.add_argument("--no-chat-template", action="store_true", help="raw prompts even when the model has a template")
+    p.add_argument("--results-dir", type=Path, default=Path("results/eval"), help="root of run folders")
+    p.add_argument("--report-dir", type=Path, default=None, help="combined report folder (default: results-dir)")
+    p.add_argument("--report-prefix", default="", help="prefix of the combined report's file names (e.g. eval_)")
+    p.add_argument("--report-only", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                   help="only rebuild the report from existing run folders")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .methods import ModelBackend
+    from .report import load_results, write_report
+    from .runner import EvalConfig, evaluate
+
+    if args.report_only:
+        out = args.report_dir or args.report_only[0]
+        files = write_report(load_results(args.report_only), out, prefix=args.report_prefix)
+        print(f"report: {files['report']}")
+        return 0
+    tasks = TASKS.names() if args.tasks == "all" else _csv(args.tasks)
+    if args.budgets is not None and len(args.model or []) > 1:
+        raise SystemExit("--budgets belongs to one model; run the models one at a time")
+    run_dirs: list[Path] = []
+    for model in args.model or ["smollm2"]:
+        config = EvalConfig(
+            model=model, methods=tuple(_csv(args.methods)), tasks=tuple(tasks),
+            lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
+            chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
+            tca_tau=args.tau, dtype=args.dtype,
+        )
+        run_dir = args.results_dir / config.run_name()
+        backend = ModelBackend(model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,
+                               tca_score=args.tca_score, tca_tau=args.tau,
+                               calibration_length=args.calibration_length, backend=args.backend,
+                               budgets_path=args.budgets)
+        t0 = time.perf_counter()
+        results = evaluate(config, backend, run_dir, progress=not args.no_progress)
+        files = write_report(results, run_dir, title=f"Long-context accuracy: {model}")
+        print(f"{model}: {len(results)} results in {time.perf_counter() - t0:.0f} s -> {files['report']}")
+        run_dirs.append(run_dir)
+    if len(run_dirs) > 1 or args.report_dir is not None:
+        out = args.report_dir or args.results_dir
+        files = write_report(load_results(run_dirs), out, prefix=args.report_prefix)
+        print(f"combined report: {files['report']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: `python -m tca_attention.eval [options]` (same as `tca eval`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m tca_attention.eval")
+    sub = parser.add_subparsers(dest="command")
+    add_eval_parser(sub)
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return run_eval(args)

