@@ -329,9 +329,10 @@ def run(args) -> dict:
         q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
         qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
         decode_kw = sweep_decode(q1, qpos, cache, scaling, [
-            {}, {"joint": False}, {"block_n": 32, "num_stages": 4}, {"block_n": 32, "num_stages": 4, "joint": False},
-            {"block_n": 128}, {"num_stages": 4}, {"block_n": 32, "num_stages": 5}, {"n_split": 128}, {"n_split": 32},
-            {"block_n": 32, "num_stages": 4, "n_split": 128},
+            {}, {"block_n": 64, "num_stages": 3}, {"block_n": 32, "num_stages": 5},
+            {"use_tma": True}, {"block_n": 64, "num_stages": 3, "use_tma": True}, {"block_n": 64, "num_stages": 4, "use_tma": True},
+            {"block_n": 128, "num_stages": 3, "use_tma": True}, {"block_n": 32, "num_stages": 6, "use_tma": True},
+            {"n_split": 128, "use_tma": True}, {"n_split": 32, "use_tma": True},
         ], res)
         res["decode_config"] = decode_kw
         del q, k, v, cache, q1

@@ -265,17 +265,17 @@ def test_decode_matches_reference(case):
     assert (out[-1, -1] == 0).all()  # the query that sees nothing
 
 
-def test_decode_separate_loops_variant():
-    """joint=False (a loop for the global part, one for the tail) computes the same thing."""
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_decode_tma_variant(use_tma):
+    """The TMA-descriptor load path (unmasked tiles, neighbours hidden by vis) agrees too."""
     gen = torch.Generator().manual_seed(77)
     args = random_cache(gen, 2, 8, 2, 2, 32, 30, 90, torch.float16)
-    out, lse = run_decode(args, 0.2, n_split=3, block_n=16, joint=False)
-    out2, lse2 = run_decode(args, 0.2, n_split=3, block_n=16, joint=True)
+    out, lse = run_decode(args, 0.2, n_split=3, block_n=16, use_tma=use_tma)
     args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
-    ref, _ = R.ragged_decode_ref(*args32, 0.2)
+    ref, ref_lse = R.ragged_decode_ref(*args32, 0.2)
     check_close(out, ref, decode_lowp(args, 0.2))
-    torch.testing.assert_close(out, out2, atol=2e-3, rtol=0)
-    torch.testing.assert_close(lse, lse2, atol=1e-4, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=2e-2, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,10 +314,11 @@ def test_gpu_prefill_full_budget_dense_long():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("NQ", [1, 4])
-def test_gpu_decode_realistic(NQ):
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_gpu_decode_realistic(NQ, use_tma):
     gen = torch.Generator().manual_seed(NQ)
     args = random_cache(gen, 2, 32, 8, NQ, 128, 600, 3000, torch.bfloat16)
-    out, lse = run_decode(args, 128**-0.5)
+    out, lse = run_decode(args, 128**-0.5, use_tma=use_tma)
     args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
     ref, ref_lse = R.ragged_decode_ref(*args32, 128**-0.5)
     check_close(out, ref, decode_lowp(args, 128**-0.5))

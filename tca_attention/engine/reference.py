@@ -22,6 +22,13 @@ def _softmax_out(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
     return p @ v.float(), lse
 
 
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """softmax(q k^T * scaling, masked) v for q (g, C, D), k/v (N, D), mask (C, N); empty rows -> 0."""
+    logits = torch.matmul(q, k.T).mul_(scaling).masked_fill_(~mask, float("-inf"))  # (g, C, N)
+    o = torch.matmul(torch.softmax(logits, dim=-1), v)
+    return o.masked_fill_(~mask.any(-1)[None, :, None], 0.0)
+
+
 def sparse_prefill_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, chunk: int = 512
 ) -> torch.Tensor:
@@ -51,9 +58,7 @@ def sparse_prefill_ref(
                 mask = torch.cat([far_mask, band_mask], dim=1)  # (C, n_far + band)
                 keys = torch.cat([kk[:n_far], kh[band_lo:e]], dim=0)
                 vals = torch.cat([vk[:n_far], vh[band_lo:e]], dim=0)
-                logits = (qh[:, s:e] @ keys.T) * scaling  # (g, C, N)
-                logits = logits.masked_fill(~mask, float("-inf"))
-                out[b, h * g : (h + 1) * g, s:e] = _softmax_out(logits, vals)[0]
+                out[b, h * g : (h + 1) * g, s:e] = _masked_attention(qh[:, s:e], keys, vals, mask, scaling)
     return out.transpose(1, 2).to(q.dtype)
 
 

@@ -10,9 +10,8 @@ query row, merges the splits' (max, sum, acc) into out and lse.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import os
+from functools import lru_cache
 
 import torch
 import triton
@@ -30,10 +29,8 @@ def _precision(q: torch.Tensor) -> str:
 
 
 @triton.jit
-def _decode_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, ld, vis, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over one masked key block. acc (R, D), m_i/l_i (R,), vis (R, BN)."""
-    k = tl.load(k_ptrs, mask=ld[:, None], other=0.0)
-    v = tl.load(v_ptrs, mask=ld[:, None], other=0.0)
+def _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over one key block. acc (R, D), m_i/l_i (R,), k/v (BN, D), vis (R, BN)."""
     if UPCAST:  # interpreter: its bf16 dot is wrong, so multiply the same bf16 values in fp32
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
     else:
@@ -52,16 +49,27 @@ def _decode_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, ld, vis, qk_scale, UPCAST: tl
 
 
 @triton.jit
+def _load_block(src, row0, idx, d, ld, USE_TMA: tl.constexpr):
+    """Rows row0 + [0, BLOCK_N) of a (rows, D) matrix (TMA descriptor or base pointer).
+
+    TMA: no mask (rows past the range belong to a neighbour or read as zeros; vis hides them).
+    """
+    if USE_TMA:
+        return src.load([row0, 0])
+    else:
+        return tl.load(src + (row0 + idx).to(tl.int64)[:, None] * d.shape[0] + d[None, :], mask=ld[:, None], other=0.0)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PACC, PML,
     s_qb, s_qh, s_qq,
-    s_gn,
-    s_tb, s_th, s_tl,
     s_pos_b,
     KV, T, NQ, n_split, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, JOINT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """GK/GV (N, D) and TK/TV (B*KV*T, D) row-major, as pointers or TMA descriptors."""
     sp = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // KV
@@ -80,57 +88,34 @@ def _decode_split_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
 
-    g0 = tl.load(GOFF + bh)
-    g1 = tl.load(GOFF + bh + 1)
-    if JOINT:
-        # One pipelined loop over the virtual sequence [global segment ; tail] of length
-        # ng + T, split evenly: each key row comes from the packed buffer or from the tail.
-        ng = g1 - g0
-        share = tl.cdiv(ng + T, n_split)
-        lo = sp * share
-        hi = tl.minimum(lo + share, ng + T)
-        for n in range(lo, hi, BLOCK_N):
-            idx = n + cols
-            ld = idx < hi
-            in_g = idx < ng
-            g_row = (g0 + idx).to(tl.int64)
-            t_row = idx - ng
-            pos = tl.where(
-                in_g,
-                tl.load(GPOS + g_row, mask=ld & in_g, other=-1),
-                tl.load(TPOS + b * s_pos_b + t_row, mask=ld & (idx >= ng), other=-1),
-            )
-            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-            t_off = b.to(tl.int64) * s_tb + h * s_th + t_row * s_tl
-            kp = tl.where(in_g[:, None], GK + g_row[:, None] * s_gn, TK + t_off[:, None]) + d[None, :]
-            vp = tl.where(in_g[:, None], GV + g_row[:, None] * s_gn, TV + t_off[:, None]) + d[None, :]
-            acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale, UPCAST, PREC)
-    else:
-        # Global part: this split's share of the segment [g0, g1).
-        share = tl.cdiv(g1 - g0, n_split)
-        lo = g0 + sp * share
-        hi = tl.minimum(lo + share, g1)
-        for n in range(lo, hi, BLOCK_N):
-            idx = n + cols
-            ld = idx < hi
-            pos = tl.load(GPOS + idx, mask=ld, other=-1)
-            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-            kp = GK + idx[:, None].to(tl.int64) * s_gn + d[None, :]
-            vp = GV + idx[:, None].to(tl.int64) * s_gn + d[None, :]
-            acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale, UPCAST, PREC)
+    # Global part: this split's share of the segment [g0, g1).
+    g0 = tl.load(GOFF + bh).to(tl.int32)
+    g1 = tl.load(GOFF + bh + 1).to(tl.int32)
+    share = tl.cdiv(g1 - g0, n_split)
+    lo = g0 + sp * share
+    hi = tl.minimum(lo + share, g1)
+    for n in range(lo, hi, BLOCK_N):
+        idx = n + cols
+        ld = idx < hi
+        pos = tl.load(GPOS + idx, mask=ld, other=-1)  # rows past the share: invisible
+        vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+        k = _load_block(GK, n, cols, d, ld, USE_TMA)
+        v = _load_block(GV, n, cols, d, ld, USE_TMA)
+        acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST, PREC)
 
-        # Tail: this split's share of [0, T).
-        t_share = tl.cdiv(T, n_split)
-        t_lo = sp * t_share
-        t_hi = tl.minimum(t_lo + t_share, T)
-        for n in range(t_lo, t_hi, BLOCK_N):
-            idx = n + cols
-            ld = idx < t_hi
-            pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
-            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-            kp = TK + b * s_tb + h * s_th + idx[:, None] * s_tl + d[None, :]
-            vp = TV + b * s_tb + h * s_th + idx[:, None] * s_tl + d[None, :]
-            acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, kp, vp, ld, vis, qk_scale, UPCAST, PREC)
+    # Tail: this split's share of [0, T).
+    t_share = tl.cdiv(T, n_split)
+    t_lo = sp * t_share
+    t_hi = tl.minimum(t_lo + t_share, T)
+    t_row = bh * T  # first row of this head's tail in the (B*KV*T, D) view
+    for n in range(t_lo, t_hi, BLOCK_N):
+        idx = n + cols
+        ld = idx < t_hi
+        pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
+        vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+        k = _load_block(TK, t_row + n, cols, d, ld, USE_TMA)
+        v = _load_block(TV, t_row + n, cols, d, ld, USE_TMA)
+        acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST, PREC)
 
     base = bh * n_split + sp  # partials: acc (B*KV, n_split, ROWS, D), (m, l) (B*KV, n_split, 2, ROWS)
     tl.store(PACC + base * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
@@ -197,10 +182,10 @@ def ragged_decode_triton(
     t_pos: torch.Tensor,
     scaling: float,
     n_split: int | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     num_warps: int = 4,
-    num_stages: int = 3,
-    joint: bool = True,
+    num_stages: int = 4,
+    use_tma: bool = False,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,9 +193,8 @@ def ragged_decode_triton(
     tail (B, KV, T, D) + t_pos (B, T). -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
 
     n_split: splits per (b, kv head) (default from the shapes and the SM count); block_n, num_warps,
-    num_stages: tile and launch settings of the split kernel; joint: one loop over global + tail
-    (else a loop for each, both split); out/lse: optional
-    contiguous buffers to fill.
+    num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
+    descriptors (Hopper+, compiled only); out/lse: optional contiguous buffers to fill.
     """
     B, H, NQ, D = q.shape
     KV, T = t_keys.shape[1], t_keys.shape[2]
@@ -233,7 +217,7 @@ def ragged_decode_triton(
         t_values = torch.zeros(B, KV, 1, D, dtype=q.dtype, device=dev)
     q_pos = q_pos.to(device=dev, dtype=torch.int64).contiguous()
     g_pos = g_pos.to(device=dev, dtype=torch.int64).contiguous()
-    t_pos = t_pos.to(device=dev, dtype=torch.int64).contiguous()
+    t_pos = t_pos.to(device=dev, dtype=torch.int64).reshape(B, -1).contiguous()  # (B, T)
     g_offsets = g_offsets.to(device=dev, dtype=torch.int64).contiguous()
     if n_split is None:
         n_split = _pick_split(g_keys.shape[0] // max(B * KV, 1) + T, B * KV, dev)
@@ -245,14 +229,19 @@ def ragged_decode_triton(
         lse = torch.empty(B, H, NQ, dtype=torch.float32, device=dev)
     if out.shape != (B, NQ, H, D) or not out.is_contiguous() or lse.shape != (B, H, NQ) or not lse.is_contiguous():
         raise ValueError("out must be contiguous (B, Q, H, D) and lse contiguous (B, H, Q)")
+    kv_srcs = [g_keys, g_values, t_keys.view(-1, D), t_values.view(-1, D)]  # (rows, D) each
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kv_srcs = [TensorDescriptor.from_tensor(t, [block_n, D]) for t in kv_srcs]
+    gk, gv, tk, tv = kv_srcs
     _decode_split_kernel[(n_split, B * KV)](
-        q, q_pos, g_keys, g_values, g_pos, g_offsets, t_keys, t_values, t_pos, pacc, pml,
+        q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pacc, pml,
         q.stride(0), q.stride(1), q.stride(2),
-        g_keys.stride(0),
-        t_keys.stride(0), t_keys.stride(1), t_keys.stride(2),
-        t_pos.stride(0) if t_pos.dim() == 2 else 0,
+        t_pos.stride(0),
         KV, T, NQ, n_split, scaling * 1.4426950408889634,
-        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, UPCAST=_upcast(q), PREC=_precision(q), JOINT=joint, num_warps=num_warps, num_stages=num_stages,
+        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, UPCAST=_upcast(q), PREC=_precision(q), USE_TMA=use_tma,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(B * KV, g * NQ)](
         pacc, pml, out, lse,

@@ -134,6 +134,9 @@ class Session:
             if self.observer is not None and self.kinds[idx] == "full":
                 self.observer(idx, q, k, v, scaling)
             return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+        if self.max_positions and q.shape[2] > self.max_positions and idx == self.kinds.index("full"):
+            warnings.warn(f"prompt of {q.shape[2]} tokens is beyond the model's trained length "
+                          f"({self.max_positions})", stacklevel=2)
         cache = self._caches.get(module)
         layer = cache.layers[idx] if cache is not None else None
         if cache is not None and not isinstance(layer, TCALayer):
@@ -150,9 +153,6 @@ class Session:
         B, _, L, _ = q.shape
         if L == 0:
             raise ValueError("empty prompt")
-        if idx == 0 and self.max_positions and L > self.max_positions:
-            warnings.warn(f"prompt of {L} tokens is beyond the model's trained length ({self.max_positions})",
-                          stacklevel=2)
         key_start = key_start_from_mask(mask, B, L, q.device)
         plan = self.method.plan(idx, q, k, key_start, scaling)
         if plan is None:

@@ -1,0 +1,90 @@
+"""Run one prompt with a method and measure it: answer, prefill time, decode speed, KV bytes."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .integration import enable
+from .methods.base import Method
+
+
+@dataclass(frozen=True)
+class RunResult:
+    method: str
+    answer: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_tokens_per_s: float | None
+    kv_bytes: int
+    dense_kv_bytes: int
+    kept_fraction: float
+    retained_last_query: float | None  # mean over TCA layers/heads of the last query's kept mass
+    retained_last_query_min: float | None
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_bytes / self.dense_kv_bytes if self.dense_kv_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kv_ratio": self.kv_ratio}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_bytes(cache) -> tuple[int, int, float]:
+    if hasattr(cache, "kv_bytes"):
+        return cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
+    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+    return held, held, 1.0
+
+
+@torch.no_grad()
+def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tokens: int = 16,
+               backend: str = "auto", stop_at_eos: bool = True) -> RunResult:
+    """Greedy generation with a manual loop so prefill and decode are timed separately."""
+    if not prompt or not prompt.strip():
+        raise ValueError("empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    eos = tokenizer.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    with enable(model, method, backend=backend) as session:
+        cache = session.new_cache()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        report = session.prefill_report()
+        tokens = [int(nxt)]
+        while len(tokens) < max_new_tokens and not (stop_at_eos and tokens[-1] in eos):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(nxt))
+        _sync(device)
+        t2 = time.perf_counter()
+        held, dense, kept = _cache_bytes(cache)
+    steps = len(tokens) - 1
+    return RunResult(
+        method=getattr(method, "name", "full"),
+        answer=tokenizer.decode(tokens, skip_special_tokens=True),
+        prompt_tokens=int(ids.shape[1]),
+        new_tokens=len(tokens),
+        prefill_s=t1 - t0,
+        decode_tokens_per_s=steps / (t2 - t1) if steps else None,
+        kv_bytes=held,
+        dense_kv_bytes=dense,
+        kept_fraction=kept,
+        retained_last_query=report["retained"] if method is not None else 1.0,
+        retained_last_query_min=report["retained_min"] if method is not None else 1.0,
+    )

@@ -1,0 +1,160 @@
+"""The ragged cache holds what it reports, shrinks for real, and bad input fails clearly."""
+import pytest
+import torch
+
+from tca_attention.budgets import BudgetError, Budgets, HeadBudget, ModelIdentity
+from tca_attention.cache import TCALayer
+from tca_attention.candidates import candidate_ladder
+from tca_attention.config import TCAConfig
+from tca_attention.generation import run_prompt
+from tca_attention.integration import enable
+from tca_attention.integration.architectures import UnsupportedModelError
+from tca_attention.methods.streaming import StreamingLLM
+from tca_attention.methods.tca import TCA
+from tiny_models import tiny
+
+
+def fake_budgets(model, config: TCAConfig, observation_score: float = 0.95) -> Budgets:
+    """Budgets where every head's cheapest candidate already passes tau (maximal compression)."""
+    ladder = candidate_ladder(config.block_size)
+    M = ladder.shape[0]
+    hb = HeadBudget(tuple([0.5] * M), tuple([observation_score] * M))
+    cfgm = model.config
+    return Budgets(
+        model=ModelIdentity.of(model),
+        config=config,
+        candidates=tuple(tuple(r) for r in ladder.tolist()),
+        layers=tuple(tuple([hb] * cfgm.num_key_value_heads) for _ in range(cfgm.num_hidden_layers)),
+    )
+
+
+class FakeTokenizer:
+    eos_token_id = -1
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = [ord(c) % 97 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def tensor_attrs(obj) -> list[torch.Tensor]:
+    return [v for v in vars(obj).values() if isinstance(v, torch.Tensor)]
+
+
+def test_reported_bytes_are_the_tensors_held_and_smaller_than_dense():
+    model = tiny("llama")
+    config = TCAConfig(block_size=16, window=32)
+    prompt = "abcdefghij" * 60  # 600 tokens
+    with torch.no_grad(), enable(model, TCA(fake_budgets(model, config))) as s:
+        cache = s.new_cache()
+        ids = FakeTokenizer()(prompt, return_tensors="pt")["input_ids"]
+        model(input_ids=ids, past_key_values=cache)
+        for t in range(40):
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache)
+    layers = cache.tca_layers()
+    assert len(layers) == 2
+    for layer in layers:
+        held = tensor_attrs(layer)
+        assert sum(t.untyped_storage().nbytes() for t in held) == layer.kv_bytes(), "hidden storage or missing tensor"
+        assert layer.seen == 640 and layer.get_seq_length() == 640
+        assert layer.t_fill < config.window + config.block_size
+    assert cache.kv_bytes() < 0.35 * cache.dense_kv_bytes()
+    assert 0 < cache.kept_fraction() < 0.3
+
+
+def test_streaming_keeps_sinks_and_window_only():
+    model = tiny("qwen2")
+    with torch.no_grad(), enable(model, StreamingLLM(sinks=4, window=32, block_size=16)) as s:
+        cache = s.new_cache()
+        model(input_ids=torch.randint(0, 97, (1, 300)), past_key_values=cache)
+        for _ in range(20):
+            model(input_ids=torch.randint(0, 97, (1, 1)), past_key_values=cache)
+    for layer in cache.tca_layers():
+        assert layer.g_pos.tolist() == [0, 1, 2, 3] * 2  # two KV heads, sinks only
+        assert 32 <= layer.t_fill < 48
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="supported: Llama"):
+        enable(model, StreamingLLM())
+    assert model.config._attn_implementation != "tca"
+
+
+def test_budgets_for_another_model_or_corrupt_are_refused(tmp_path):
+    a, b = tiny("llama"), tiny("llama")
+    with torch.no_grad():
+        b.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+    budgets = fake_budgets(a, TCAConfig(block_size=16, window=32))
+    path = budgets.save(tmp_path / "b.json")
+    Budgets.load(path, model=a)  # same model: fine
+    with pytest.raises(BudgetError, match="another model"):
+        Budgets.load(path, model=b)
+    with pytest.raises(BudgetError, match="num_kv_heads|num_layers|model_type|hidden"):
+        Budgets.load(path, model=tiny("gemma3"))
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(BudgetError, match="corrupt"):
+        Budgets.load(path)
+    with pytest.raises(BudgetError, match="another model"):
+        with enable(b, TCA(budgets)):
+            pass
+    assert b.config._attn_implementation == "sdpa", "a refused session must change nothing"
+
+
+def test_budget_file_round_trip_and_reselection(tmp_path):
+    model = tiny("llama")
+    budgets = fake_budgets(model, TCAConfig(block_size=16, window=32))
+    loaded = Budgets.load(budgets.save(tmp_path / "b.json"), model=model)
+    assert loaded == budgets
+    assert loaded.choice(0, 0) == 0
+    assert loaded.at_tau(0.99).dense_heads == 4  # no candidate reaches 0.99 -> dense, reported
+    with pytest.raises(ValueError):
+        loaded.at(window=8)
+
+
+def test_empty_prompt_and_bad_args():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="empty prompt"):
+        run_prompt(model, FakeTokenizer(), "   ", None)
+    with pytest.raises(ValueError):
+        enable(model, StreamingLLM(), backend="cuda-magic")
+    with pytest.raises(ValueError):
+        StreamingLLM(window=0)
+
+
+def test_prompt_beyond_trained_length_warns():
+    model = tiny("llama")
+    model.config.max_position_embeddings = 128
+    with torch.no_grad(), enable(model, StreamingLLM(window=32, block_size=16)):
+        with pytest.warns(UserWarning, match="beyond the model's trained length"):
+            model(input_ids=torch.randint(0, 97, (1, 200)), use_cache=False)
+
+
+def test_dense_cache_passed_to_tca_is_refused():
+    from transformers.cache_utils import DynamicCache
+
+    model = tiny("llama")
+    with torch.no_grad(), enable(model, StreamingLLM(window=32, block_size=16)):
+        with pytest.raises(TypeError, match="new_cache"):
+            model(input_ids=torch.randint(0, 97, (1, 100)), past_key_values=DynamicCache())
+
+
+def test_right_padding_is_refused():
+    model = tiny("llama")
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[1, -5:] = 0
+    with torch.no_grad(), enable(model, StreamingLLM(window=32, block_size=16)) as s:
+        with pytest.raises(ValueError, match="left padding"):
+            model(input_ids=torch.randint(0, 97, (2, 100)), attention_mask=mask, past_key_values=s.new_cache())
+
+
+def test_layer_cannot_be_cropped_or_reordered():
+    layer = TCALayer(16, 32)
+    with pytest.raises(NotImplementedError):
+        layer.crop(-1)
+    with pytest.raises(NotImplementedError):
+        layer.reorder_cache(torch.tensor([0]))
