@@ -306,7 +306,7 @@ def run(args) -> dict:
 
     # 1) prefill tile sweep at one size
     cfg = default_config(D, dev)
-    if args.sweep:
+    if args.sweep and not args.decode_only:
         L = args.sweep_len
         q, k, v = inputs(L)
         p = head_budgets(0.39, L, args.window, args.block, gen).to(dev)
@@ -321,6 +321,7 @@ def run(args) -> dict:
         res["prefill_config"] = asdict(cfg)
         log.info("prefill config %s", cfg)
         del q, k, v, plan
+    if args.sweep:
         # 2) decode settings sweep on a 39% cache of decode_sweep_len tokens
         L = args.decode_sweep_len
         q, k, v = inputs(L)
@@ -329,10 +330,9 @@ def run(args) -> dict:
         q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
         qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
         decode_kw = sweep_decode(q1, qpos, cache, scaling, [
-            {}, {"block_n": 64, "num_stages": 3}, {"block_n": 32, "num_stages": 5},
-            {"use_tma": True}, {"block_n": 64, "num_stages": 3, "use_tma": True}, {"block_n": 64, "num_stages": 4, "use_tma": True},
-            {"block_n": 128, "num_stages": 3, "use_tma": True}, {"block_n": 32, "num_stages": 6, "use_tma": True},
-            {"n_split": 128, "use_tma": True}, {"n_split": 32, "use_tma": True},
+            {}, {"block_n": 64, "num_stages": 3}, {"use_tma": True}, {"block_n": 64, "num_stages": 3, "use_tma": True},
+            {"chunk": 256}, {"chunk": 512}, {"chunk": 1024}, {"chunk": 2048},
+            {"chunk": 512, "use_tma": True}, {"block_n": 64, "num_stages": 4, "chunk": 1024},
         ], res)
         res["decode_config"] = decode_kw
         del q, k, v, cache, q1
@@ -355,7 +355,7 @@ def run(args) -> dict:
         dense_pairs = H * L * (L + 1) / 2
         entry: dict = {"L": L, "dense": {}, "tca": []}
         # dense
-        for name in ("cudnn", "flash", "efficient", "flex"):
+        for name in ("cudnn", "flash", "efficient", "flex") if not args.decode_only else ():
             if name == "efficient" and L > args.efficient_max:
                 continue
             if name == "flex" and (L > args.flex_max or flex_spent > args.flex_budget):
@@ -384,6 +384,8 @@ def run(args) -> dict:
             sel = lambda: tca_select(q, k, p, args.window, args.block, 0.5, scaling)  # noqa: E731
             plan = sel()
             plans[frac] = plan
+            if args.decode_only:
+                continue
             pairs = kept_pairs(plan, L) * (H // KV)
             attn = lambda: sparse_prefill_triton(q, k, v, plan, scaling, config=cfg)  # noqa: E731
             both = lambda: sparse_prefill_triton(q, k, v, sel(), scaling, config=cfg)  # noqa: E731
@@ -411,7 +413,8 @@ def run(args) -> dict:
                 log.info("selection breakdown %s", res["selection_breakdown_128k_ms"])
             entry["tca"].append(row)
             log.info("L=%d TCA %s", L, {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items() if k_ != "kept_fraction_per_head"})
-        res["prefill"].append(entry)
+        if not args.decode_only:
+            res["prefill"].append(entry)
         save()
 
         # decode: one query over the cache
@@ -553,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+    ap.add_argument("--decode-only", action="store_true", help="skip the prefill timings (plans are still built)")
     ap.add_argument("--sweep-len", type=int, default=32768)
     ap.add_argument("--decode-sweep-len", type=int, default=131072)
     ap.add_argument("--target-ms", type=float, default=300.0)

@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, default=131072)
     ap.add_argument("--frac", type=float, default=0.39)
-    ap.add_argument("--kwargs", default='{"block_n": 32, "num_stages": 4}')
+    ap.add_argument("--kwargs", default="{}", help="extra ragged_decode_triton kwargs, JSON")
     args = ap.parse_args()
     kw = json.loads(args.kwargs)
     dev = torch.device("cuda")

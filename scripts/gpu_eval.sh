@@ -4,19 +4,21 @@
 #   scripts/gpu_eval.sh RESULTS_DIR
 #
 # Two real packaged models x 4K and 8K tokens x all 9 tasks x 20 samples, methods: full
-# attention, TCA at tau 0.9 and 0.7 (plus 0.5 for the accuracy-vs-KV sweep), StreamingLLM at
-# the KV budget of TCA 0.9 and of TCA 0.7. Resumable: rerun the same command after a crash.
+# attention; TCA with the default (observation) score at tau 0.9, 0.95 and 0.7 (the
+# accuracy-vs-KV sweep); TCA with the column-mean score at tau 0.9 and 0.7 (the two scores the
+# method doc asks the suite to decide between); StreamingLLM at the KV budget of TCA 0.9 under
+# either score. Resumable: rerun the same command after a crash.
 # Writes RESULTS_DIR/<run>/results.jsonl, summary.json, report.md and PNGs per model and a
 # combined report in RESULTS_DIR/report/eval_* (ready to copy to docs/results/). Overridable through the environment:
 #   MODELS="smollm2 qwen2.5-coder-0.5b"  LENGTHS=4096,8192  SAMPLES=20  DEVICE=cuda  DTYPE=
-#   METHODS=full,tca,tca@0.7,tca@0.5,streaming=tca,streaming=tca@0.7  EXTRA="--tca-score observation"
+#   METHODS=...  (see the default below)  EXTRA="--budgets FILE" (one model only) etc.
 set -euo pipefail
 OUT=${1:?usage: scripts/gpu_eval.sh RESULTS_DIR}
 MODELS=${MODELS:-"smollm2 qwen2.5-coder-0.5b"}
 LENGTHS=${LENGTHS:-4096,8192}
 SAMPLES=${SAMPLES:-20}
 DEVICE=${DEVICE:-cuda}
-METHODS=${METHODS:-full,tca,tca@0.7,tca@0.5,streaming=tca,streaming=tca@0.7}
+METHODS=${METHODS:-full,tca,tca@0.95,tca@0.7,tca/column_mean,tca@0.7/column_mean,streaming=tca,streaming=tca/column_mean}
 DTYPE_ARG=()
 if [[ -n "${DTYPE:-}" ]]; then DTYPE_ARG=(--dtype "$DTYPE"); fi
 MODEL_ARGS=()

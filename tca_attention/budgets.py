@@ -169,6 +169,26 @@ class Budgets:
             rows.append({"layer": i, "kind": "tca", "mean_kept": sum(fr) / len(fr), "dense_heads": dense})
         return rows
 
+    def mapped_onto(self, model) -> "Budgets":
+        """These budgets spread over another model's layers and KV heads (for timing studies).
+
+        Target layer i takes source layer round(i * (S - 1) / (T - 1)) among TCA layers; KV head
+        h takes source head h mod KV_source. The result carries the target's identity.
+        """
+        from .integration.architectures import layer_kinds
+
+        src = [heads for heads in self.layers if heads is not None]
+        kinds = layer_kinds(model)
+        full = [i for i, k in enumerate(kinds) if k == "full"]
+        ident = ModelIdentity.of(model)
+        layers: list[tuple[HeadBudget, ...] | None] = [None] * len(kinds)
+        for j, i in enumerate(full):
+            s_idx = round(j * (len(src) - 1) / max(1, len(full) - 1))
+            heads = src[s_idx]
+            layers[i] = tuple(heads[h % len(heads)] for h in range(ident.num_kv_heads))
+        calib = {**self.calibration, "mapped_from": self.model.name or self.model.model_type}
+        return replace(self, model=ident, layers=tuple(layers), calibration=calib)
+
     # -- persistence --------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {

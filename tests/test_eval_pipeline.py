@@ -29,21 +29,25 @@ def smol_tokenizer(request):
     return tok
 
 
-def tiny_llama(vocab_size: int):
+def tiny_llama(vocab_size: int, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
-def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokenizer) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokenizer, device: str) -> None:
     from tca_attention.config import TCAConfig
 
-    model = tiny_llama(len(smol_tokenizer))
-    backend = ModelBackend("tiny-llama", model=model, tokenizer=smol_tokenizer,
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.fail("the gpu-marked test needs CUDA")
+    model = tiny_llama(len(smol_tokenizer), device)
+    backend = ModelBackend("tiny-llama", device=device, model=model, tokenizer=smol_tokenizer,
                            tca_config=TCAConfig(block_size=16, window=64, tau=0.9), calibration_length=512)
     cfg = EvalConfig(model="tiny-llama", methods=("full", "tca@0.5", "streaming=tca@0.5"),
                      tasks=("niah_single", "perplexity"), lengths=(768,), samples=1)

@@ -131,6 +131,11 @@ def test_config_validation_and_run_name() -> None:
         _config(tasks=("nope",))
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("h2o")
+    with pytest.raises(ValueError, match="unknown TCA score"):
+        parse_method("tca@0.9/mean")
+    spec = parse_method("tca@0.950/column_mean")
+    assert (spec.label, spec.tau, spec.score) == ("tca@0.95/column_mean", 0.95, "column_mean")
+    assert parse_method("streaming=tca/column_mean").match == "tca/column_mean"
     a, b = _config(), _config(samples=20, lengths=(8192,), methods=("full",))
     assert a.run_name() == b.run_name()  # more samples / lengths / methods extend one folder
     assert _config(seed=1).run_name() != a.run_name()

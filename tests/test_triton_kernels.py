@@ -240,21 +240,21 @@ def run_decode(args, scaling, **kw):
 
 
 DECODE_CASES = [
-    # B, H, KV, Q, D, T, max_g, dtype, n_split
-    (2, 8, 2, 1, 64, 20, 100, torch.float32, 3),
-    (3, 6, 2, 3, 128, 37, 70, torch.bfloat16, 2),
+    # B, H, KV, Q, D, T, max_g, dtype, chunk (keys per work item)
+    (2, 8, 2, 1, 64, 20, 100, torch.float32, 16),
+    (3, 6, 2, 3, 128, 37, 70, torch.bfloat16, 32),
     (2, 4, 4, 2, 64, 5, 150, torch.float16, None),
-    (2, 32, 8, 1, 128, 24, 40, torch.bfloat16, 1),
+    (2, 32, 8, 1, 128, 24, 40, torch.bfloat16, 48),
 ]
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}Q{c[3]}D{c[4]}{str(c[7])[6:]}")
 def test_decode_matches_reference(case):
-    B, H, KV, NQ, D, T, max_g, dtype, n_split = case
+    B, H, KV, NQ, D, T, max_g, dtype, chunk = case
     gen = torch.Generator().manual_seed(B * 100 + D + NQ)
     args = random_cache(gen, B, H, KV, NQ, D, T, max_g, dtype)
     scaling = D**-0.5
-    out, lse = run_decode(args, scaling, n_split=n_split, block_n=16 if not CUDA else 64)
+    out, lse = run_decode(args, scaling, chunk=chunk, block_n=16 if not CUDA else 64)
     args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
     ref, ref_lse = R.ragged_decode_ref(*args32, scaling)
     check_close(out, ref, decode_lowp(args, scaling) if dtype != torch.float32 else None)
@@ -265,12 +265,24 @@ def test_decode_matches_reference(case):
     assert (out[-1, -1] == 0).all()  # the query that sees nothing
 
 
+def test_decode_many_items_per_head():
+    """More work items per head than one merge pass folds (several passes of the merge loop)."""
+    gen = torch.Generator().manual_seed(5)
+    args = random_cache(gen, 2, 4, 2, 1, 16, 40, 300, torch.float32)
+    assert int((args[5][1:] - args[5][:-1]).max()) > 16 * 16
+    out, lse = run_decode(args, 0.3, chunk=16, block_n=16, merge_block=16)
+    ref, ref_lse = R.ragged_decode_ref(*args, 0.3)
+    check_close(out, ref, None)
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_decode_tma_variant(use_tma):
     """The TMA-descriptor load path (unmasked tiles, neighbours hidden by vis) agrees too."""
     gen = torch.Generator().manual_seed(77)
     args = random_cache(gen, 2, 8, 2, 2, 32, 30, 90, torch.float16)
-    out, lse = run_decode(args, 0.2, n_split=3, block_n=16, use_tma=use_tma)
+    out, lse = run_decode(args, 0.2, chunk=32, block_n=16, use_tma=use_tma)
     args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
     ref, ref_lse = R.ragged_decode_ref(*args32, 0.2)
     check_close(out, ref, decode_lowp(args, 0.2))

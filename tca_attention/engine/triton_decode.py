@@ -3,10 +3,12 @@
 Semantics: exactly `reference.ragged_decode_ref`. For (b, kv head h) the keys are the packed
 segment g_offsets[b*KV+h : b*KV+h+2] of g_keys/g_values (positions g_pos) followed by the tail
 t_keys[b, h] (positions t_pos[b], -1 = empty slot); a key is visible to a query iff
-0 <= pos <= q_pos. Every (b, h) is cut into n_split splits (each takes an equal share of its own
-global segment and of the tail); one program per (split, b*KV) handles the g query heads x Q
-queries of that KV head together (rows share each K/V load). A second kernel, one program per
-query row, merges the splits' (max, sum, acc) into out and lse.
+0 <= pos <= q_pos. The work is cut into items of `chunk` keys, so every program reads about the
+same bytes whatever the heads' budgets (a head with twice the kept tokens gets twice the items;
+heads are found from g_offsets on the device, no host sync): items [0, n_gw) cover the global
+segments, then n_tw items per head cover its tail. One program per item handles the g query
+heads x Q queries of its KV head together (rows share each K/V load). A second kernel, one
+program per query row, merges the items' (max, sum, acc) into out and lse.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def _load_block(src, row0, idx, d, ld, USE_TMA: tl.constexpr):
     """Rows row0 + [0, BLOCK_N) of a (rows, D) matrix (TMA descriptor or base pointer).
 
     TMA: no mask (rows past the range belong to a neighbour or read as zeros; vis hides them).
+    Pointer loads skip masked rows, so V of empty slots (pos -1) reads as 0 even if the cache
+    holds garbage there (p = 0 times NaN would still be NaN).
     """
     if USE_TMA:
         return src.load([row0, 0])
@@ -61,19 +65,56 @@ def _load_block(src, row0, idx, d, ld, USE_TMA: tl.constexpr):
 
 
 @triton.jit
+def _head_of_chunk(GOFF, pid, BKV, chunk, BKV_P: tl.constexpr):
+    """Map a global work item to its head: head bh owns cdiv(len_bh, chunk) consecutive items.
+
+    -> bh (BKV when pid is past every head's items), lo, hi (rows of the packed buffer),
+       first (this head's first item), n_items (this head's item count).
+    """
+    hv = tl.arange(0, BKV_P)
+    o0 = tl.load(GOFF + hv, mask=hv < BKV, other=0).to(tl.int32)
+    o1 = tl.load(GOFF + hv + 1, mask=hv < BKV, other=0).to(tl.int32)
+    cnt = tl.cdiv(o1 - o0, chunk)  # items per head
+    cum = tl.cumsum(cnt, 0)  # inclusive prefix
+    bh = tl.sum((cum <= pid).to(tl.int32), 0)
+    sel = hv == bh
+    first = tl.sum(tl.where(sel, cum - cnt, 0), 0)
+    n_items = tl.sum(tl.where(sel, cnt, 0), 0)
+    g0 = tl.sum(tl.where(sel, o0, 0), 0)
+    g1 = tl.sum(tl.where(sel, o1, 0), 0)
+    lo = g0 + (pid - first) * chunk
+    hi = tl.minimum(lo + chunk, g1)
+    return bh, lo, hi, first, n_items
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PACC, PML,
     s_qb, s_qh, s_qq,
     s_pos_b,
-    KV, T, NQ, n_split, qk_scale,
+    BKV, KV, T, NQ, qk_scale, chunk, n_gw, n_tw,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    BKV_P: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """GK/GV (N, D) and TK/TV (B*KV*T, D) row-major, as pointers or TMA descriptors."""
-    sp = tl.program_id(0)
-    bh = tl.program_id(1)
+    """One work item per program: `chunk` keys of one head's global segment (items [0, n_gw),
+    balanced across heads whatever their lengths) or of its tail (item n_gw + bh * n_tw + c).
+    GK/GV (N, D) and TK/TV (B*KV*T, D) row-major, as pointers or TMA descriptors.
+    """
+    pid = tl.program_id(0)
+    is_g = pid < n_gw
+    g_bh, g_lo, g_hi, _f, _n = _head_of_chunk(GOFF, pid, BKV, chunk, BKV_P)
+    t_item = tl.maximum(pid - n_gw, 0)
+    t_bh = t_item // tl.maximum(n_tw, 1)
+    t_c = t_item % tl.maximum(n_tw, 1)
+    bh = tl.where(is_g, g_bh, t_bh)
+    lo = tl.where(is_g & (g_bh < BKV), g_lo, 0)  # global rows [lo, hi)
+    hi = tl.where(is_g & (g_bh < BKV), g_hi, 0)
+    t_lo = tl.where(is_g, 0, t_c * chunk)  # tail slots [t_lo, t_hi)
+    t_hi = tl.where(is_g, 0, tl.minimum(t_lo + chunk, T))
+    bh = tl.minimum(bh, BKV - 1)  # idle items (past every head) read a valid q, write a partial nobody merges
     b = bh // KV
     h = bh % KV
+
     rows = tl.arange(0, ROWS)
     hrow = rows // NQ  # head inside the group
     qi = rows % NQ  # query index
@@ -88,66 +129,71 @@ def _decode_split_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
 
-    # Global part: this split's share of the segment [g0, g1).
-    g0 = tl.load(GOFF + bh).to(tl.int32)
-    g1 = tl.load(GOFF + bh + 1).to(tl.int32)
-    share = tl.cdiv(g1 - g0, n_split)
-    lo = g0 + sp * share
-    hi = tl.minimum(lo + share, g1)
-    for n in range(lo, hi, BLOCK_N):
+    for n in range(lo, hi, BLOCK_N):  # global part
         idx = n + cols
         ld = idx < hi
-        pos = tl.load(GPOS + idx, mask=ld, other=-1)  # rows past the share: invisible
+        pos = tl.load(GPOS + idx, mask=ld, other=-1)  # rows past the item: invisible
         vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
         k = _load_block(GK, n, cols, d, ld, USE_TMA)
-        v = _load_block(GV, n, cols, d, ld, USE_TMA)
+        v = _load_block(GV, n, cols, d, ld & (pos >= 0), USE_TMA)
         acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST, PREC)
 
-    # Tail: this split's share of [0, T).
-    t_share = tl.cdiv(T, n_split)
-    t_lo = sp * t_share
-    t_hi = tl.minimum(t_lo + t_share, T)
     t_row = bh * T  # first row of this head's tail in the (B*KV*T, D) view
-    for n in range(t_lo, t_hi, BLOCK_N):
+    for n in range(t_lo, t_hi, BLOCK_N):  # tail
         idx = n + cols
         ld = idx < t_hi
         pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
         vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
         k = _load_block(TK, t_row + n, cols, d, ld, USE_TMA)
-        v = _load_block(TV, t_row + n, cols, d, ld, USE_TMA)
+        v = _load_block(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA)  # empty slots read as 0
         acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST, PREC)
 
-    base = bh * n_split + sp  # partials: acc (B*KV, n_split, ROWS, D), (m, l) (B*KV, n_split, 2, ROWS)
-    tl.store(PACC + base * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
-    tl.store(PML + base * 2 * ROWS + rows, m_i, mask=row_ok)
-    tl.store(PML + base * 2 * ROWS + ROWS + rows, l_i, mask=row_ok)
+    # partials: acc (n_items, ROWS, D), (m, l) (n_items, 2, ROWS)
+    tl.store(PACC + pid * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(PML + pid * 2 * ROWS + rows, m_i, mask=row_ok)
+    tl.store(PML + pid * 2 * ROWS + ROWS + rows, l_i, mask=row_ok)
 
 
 @triton.jit
 def _decode_combine_kernel(
-    PACC, PML, OUT, LSE,
+    PACC, PML, GOFF, OUT, LSE,
     s_ob, s_oq, s_oh,
     s_lb, s_lh,
-    KV, NQ, n_split,
-    G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr, SPLIT_P: tl.constexpr,
+    BKV, KV, NQ, chunk, n_gw, n_tw,
+    G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr, SPLIT_B: tl.constexpr, BKV_P: tl.constexpr,
 ):
-    """One program per (b * KV, row): merge the n_split partials of one query row at once."""
+    """One program per (b * KV, row): merge the head's global items and tail items."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
     b = bh // KV
     h = bh % KV
-    sp = tl.arange(0, SPLIT_P)
-    ok_s = sp < n_split
     d = tl.arange(0, HEAD_D)
-    base = bh * n_split + sp  # (SPLIT_P,)
-    m_s = tl.load(PML + base * 2 * ROWS + r, mask=ok_s, other=float("-inf"))
-    l_s = tl.load(PML + base * 2 * ROWS + ROWS + r, mask=ok_s, other=0.0)
-    a_s = tl.load(PACC + (base * ROWS + r)[:, None] * HEAD_D + d[None, :], mask=ok_s[:, None], other=0.0)
-    m = tl.max(m_s, 0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    c = tl.exp2(m_s - m_use)  # (SPLIT_P,), 0 for empty splits
-    l = tl.sum(l_s * c, 0)
-    acc = tl.sum(a_s * c[:, None], 0)  # (D,)
+    # This head's global items: [first, first + n_items) (same mapping as the split kernel).
+    hv = tl.arange(0, BKV_P)
+    o0 = tl.load(GOFF + hv, mask=hv < BKV, other=0).to(tl.int32)
+    o1 = tl.load(GOFF + hv + 1, mask=hv < BKV, other=0).to(tl.int32)
+    cnt = tl.cdiv(o1 - o0, chunk)
+    cum = tl.cumsum(cnt, 0)
+    first = tl.sum(tl.where(hv == bh, cum - cnt, 0), 0)
+    n_items = tl.sum(tl.where(hv == bh, cnt, 0), 0)
+    t0 = n_gw + bh * n_tw  # this head's tail items: [t0, t0 + n_tw)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    l = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([HEAD_D], dtype=tl.float32)
+    for j0 in range(0, n_items + n_tw, SPLIT_B):  # usually one pass: global and tail items together
+        j = j0 + tl.arange(0, SPLIT_B)
+        ok = j < n_items + n_tw
+        sp = tl.where(j < n_items, first + j, t0 + j - n_items)  # (SPLIT_B,) item ids
+        m_s = tl.load(PML + sp * 2 * ROWS + r, mask=ok, other=float("-inf"))
+        l_s = tl.load(PML + sp * 2 * ROWS + ROWS + r, mask=ok, other=0.0)
+        a_s = tl.load(PACC + (sp * ROWS + r)[:, None] * HEAD_D + d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        c = tl.exp2(m_s - m_use)  # (SPLIT_B,), 0 for empty items
+        c_old = tl.exp2(m - m_use)
+        l = l * c_old + tl.sum(l_s * c, 0)
+        acc = acc * c_old + tl.sum(a_s * c[:, None], 0)
+        m = m_new
     ok = l > 0
     out = tl.where(ok, acc / tl.where(ok, l, 1.0), 0.0)
     lse = tl.where(ok, (m + tl.log2(tl.where(ok, l, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -163,11 +209,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _pick_split(keys_per_head: int, n_heads: int, device: torch.device) -> int:
-    """Splits per (b, kv head): about 4 programs per SM, each with >= 256 keys, from shapes only."""
+def _pick_chunk(total_keys: int, block_n: int, device: torch.device) -> int:
+    """Keys per work item: about 4 items per SM (one wave), at least 4 blocks, a multiple of block_n."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    want = triton.cdiv(4 * sms, max(n_heads, 1))
-    return int(max(1, min(want, triton.cdiv(max(keys_per_head, 1), 256))))
+    c = max(triton.cdiv(max(total_keys, 1), 4 * sms), 4 * block_n)
+    return triton.cdiv(c, block_n) * block_n
 
 
 def ragged_decode_triton(
@@ -181,20 +227,22 @@ def ragged_decode_triton(
     t_values: torch.Tensor,
     t_pos: torch.Tensor,
     scaling: float,
-    n_split: int | None = None,
+    chunk: int | None = None,
     block_n: int = 32,
     num_warps: int = 4,
     num_stages: int = 4,
     use_tma: bool = False,
+    merge_block: int = 128,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D), q_pos (B, Q); global (N, D) + g_pos (N,) + g_offsets (B*KV+1,);
     tail (B, KV, T, D) + t_pos (B, T). -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
 
-    n_split: splits per (b, kv head) (default from the shapes and the SM count); block_n, num_warps,
+    chunk: keys per work item (default: about 4 items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
-    descriptors (Hopper+, compiled only); out/lse: optional contiguous buffers to fill.
+    descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass;
+    out/lse: optional contiguous buffers to fill.
     """
     B, H, NQ, D = q.shape
     KV, T = t_keys.shape[1], t_keys.shape[2]
@@ -219,10 +267,14 @@ def ragged_decode_triton(
     g_pos = g_pos.to(device=dev, dtype=torch.int64).contiguous()
     t_pos = t_pos.to(device=dev, dtype=torch.int64).reshape(B, -1).contiguous()  # (B, T)
     g_offsets = g_offsets.to(device=dev, dtype=torch.int64).contiguous()
-    if n_split is None:
-        n_split = _pick_split(g_keys.shape[0] // max(B * KV, 1) + T, B * KV, dev)
-    pacc = torch.empty(B * KV, n_split, rows, D, dtype=torch.float32, device=dev)
-    pml = torch.empty(B * KV, n_split, 2, rows, dtype=torch.float32, device=dev)
+    BKV = B * KV
+    if chunk is None:
+        chunk = _pick_chunk(g_keys.shape[0] + BKV * T, block_n, dev)
+    n_gw = triton.cdiv(g_keys.shape[0], chunk) + BKV  # >= sum over heads of cdiv(len, chunk)
+    n_tw = triton.cdiv(T, chunk)
+    n_items = n_gw + BKV * n_tw
+    pacc = torch.empty(n_items, rows, D, dtype=torch.float32, device=dev)
+    pml = torch.empty(n_items, 2, rows, dtype=torch.float32, device=dev)
     if out is None:
         out = torch.empty(B, NQ, H, D, dtype=q.dtype, device=dev)
     if lse is None:
@@ -230,24 +282,26 @@ def ragged_decode_triton(
     if out.shape != (B, NQ, H, D) or not out.is_contiguous() or lse.shape != (B, H, NQ) or not lse.is_contiguous():
         raise ValueError("out must be contiguous (B, Q, H, D) and lse contiguous (B, H, Q)")
     kv_srcs = [g_keys, g_values, t_keys.view(-1, D), t_values.view(-1, D)]  # (rows, D) each
+    use_tma = use_tma and all(t.data_ptr() % 16 == 0 for t in kv_srcs)  # TMA needs aligned bases
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         kv_srcs = [TensorDescriptor.from_tensor(t, [block_n, D]) for t in kv_srcs]
     gk, gv, tk, tv = kv_srcs
-    _decode_split_kernel[(n_split, B * KV)](
+    bkv_p = triton.next_power_of_2(BKV)
+    _decode_split_kernel[(n_items,)](
         q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pacc, pml,
         q.stride(0), q.stride(1), q.stride(2),
         t_pos.stride(0),
-        KV, T, NQ, n_split, scaling * 1.4426950408889634,
-        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, UPCAST=_upcast(q), PREC=_precision(q), USE_TMA=use_tma,
-        num_warps=num_warps, num_stages=num_stages,
+        BKV, KV, T, NQ, scaling * 1.4426950408889634, chunk, n_gw, n_tw,
+        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=_upcast(q), PREC=_precision(q),
+        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_combine_kernel[(B * KV, g * NQ)](
-        pacc, pml, out, lse,
+    _decode_combine_kernel[(BKV, g * NQ)](
+        pacc, pml, g_offsets, out, lse,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        KV, NQ, n_split,
-        G=g, ROWS=rows, HEAD_D=D, SPLIT_P=triton.next_power_of_2(n_split), num_warps=4,
+        BKV, KV, NQ, chunk, n_gw, n_tw,
+        G=g, ROWS=rows, HEAD_D=D, SPLIT_B=merge_block, BKV_P=bkv_p, num_warps=4,
     )
     return out, lse

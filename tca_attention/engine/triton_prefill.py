@@ -15,9 +15,8 @@ Online softmax in fp32 (exp2 domain); rows that see no key (left-padding queries
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,7 +38,7 @@ class PrefillConfig:
 
 # Per head dim defaults; benchmarks/bench_kernels.py sweeps and reports alternatives. On an H100
 # (head dim 128, bf16, 32K tokens, 39% kept) the TMA variant with 128-key blocks was fastest:
-# 8.07 ms vs 8.74 ms for the pointer loads (docs/kernels.md).
+# 8.09 ms vs 8.74 ms for the pointer loads (docs/kernels.md).
 DEFAULT_CONFIGS: dict[int, PrefillConfig] = {
     64: PrefillConfig(128, 64, 4, 3),
     128: PrefillConfig(128, 64, 8, 3),
@@ -298,7 +297,9 @@ def sparse_prefill_triton(
         raise ValueError("out must be a contiguous (B, L, H, D) tensor of q's dtype")
     n_tiles = triton.cdiv(L, block_p)
     M = kc.shape[2]
-    if cfg.use_tma:
+    # TMA needs 16-byte aligned bases (a K/V view into a fused buffer may not be): else pointers.
+    use_tma = cfg.use_tma and all(t.data_ptr() % 16 == 0 for t in (k, v, kc, vc))
+    if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         blk = [cfg.block_n, D]
@@ -311,7 +312,7 @@ def sparse_prefill_triton(
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         L, M, KV, n_tiles, plan.window, plan.local_start, scaling * 1.4426950408889634,
-        G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), USE_TMA=cfg.use_tma, PREC=_precision(q),
+        G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), USE_TMA=use_tma, PREC=_precision(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
-DEFAULT_METHODS = "full,tca,tca@0.7,streaming=tca,streaming=tca@0.7"
+DEFAULT_METHODS = "full,tca,streaming=tca"
 
 
 def _csv(text: str) -> list[str]:
@@ -28,7 +28,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", action="append", help="packaged model key or local path (repeatable; default smollm2)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of full, tca, tca@TAU, streaming:WINDOW, streaming=tca@TAU "
+                   help="comma list of full, tca, tca@TAU, tca@TAU/SCORE, streaming:WINDOW, streaming=tca@TAU "
                    f"(default {DEFAULT_METHODS})")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS.names())})")
     p.add_argument("--lengths", default="4096", help="comma list of target prompt lengths in tokens")

@@ -3,6 +3,8 @@
 Method specs (strings on the command line):
   full                 plain attention (a no-op session, kept fraction 1.0)
   tca                  TCA at the calibrated tau;  tca@0.7  TCA re-selected at tau 0.7
+  tca/column_mean      TCA with the other calibration score (also tca@0.95/column_mean);
+                       the default score is the calibrated one
   streaming:1024       StreamingLLM, 4 sinks + a window of 1024 tokens
   streaming=tca@0.9    StreamingLLM whose kept tokens equal the mean kept tokens of the
                        method `tca@0.9` at the same target length (same KV budget)
@@ -20,6 +22,7 @@ from .schema import Sample
 
 log = logging.getLogger(__name__)
 STREAMING_SINKS = 4
+SCORES = ("observation", "column_mean")
 # StreamingLLM's recent window ends on a block boundary of the core's geometry, so kept counts
 # move in steps of its block size: a small block lets the window match a budget to 16 tokens.
 STREAMING_BLOCK = 16
@@ -30,6 +33,7 @@ class MethodSpec:
     label: str
     kind: str  # "full" | "tca" | "streaming"
     tau: float | None = None  # tca: None means the calibrated tau
+    score: str | None = None  # tca: None means the calibrated score
     window: int | None = None  # streaming with a fixed window
     match: str | None = None  # streaming matched to the kept fraction of this label
 
@@ -38,13 +42,17 @@ def parse_method(text: str) -> MethodSpec:
     text = text.strip()
     if text == "full":
         return MethodSpec("full", "full")
-    if text == "tca":
-        return MethodSpec("tca", "tca")
-    if text.startswith("tca@"):
-        tau = float(text[4:])
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1]: {text!r}")
-        return MethodSpec(f"tca@{tau:g}", "tca", tau=tau)
+    if text == "tca" or text.startswith(("tca@", "tca/")):
+        head, _, score = text.partition("/")
+        if score and score not in SCORES:
+            raise ValueError(f"unknown TCA score {score!r} in {text!r}; known: {', '.join(SCORES)}")
+        tau = None
+        if head != "tca":
+            tau = float(head[4:])
+            if not 0.0 < tau <= 1.0:
+                raise ValueError(f"tau must be in (0, 1]: {text!r}")
+        label = "tca" + (f"@{tau:g}" if tau is not None else "") + (f"/{score}" if score else "")
+        return MethodSpec(label, "tca", tau=tau, score=score or None)
     if text.startswith("streaming="):
         ref = parse_method(text[len("streaming="):])
         if ref.kind != "tca":
@@ -56,7 +64,7 @@ def parse_method(text: str) -> MethodSpec:
             raise ValueError(f"streaming window must be >= 1: {text!r}")
         return MethodSpec(f"streaming:{window}", "streaming", window=window)
     raise ValueError(
-        f"unknown method {text!r}; use full, tca, tca@TAU, streaming:WINDOW or streaming=tca@TAU"
+        f"unknown method {text!r}; use full, tca, tca@TAU, tca@TAU/SCORE, streaming:WINDOW or streaming=tca@TAU"
     )
 
 
@@ -178,7 +186,8 @@ class ModelBackend:
         if spec.kind == "full":
             return registry.create("full")
         if spec.kind == "tca":
-            budgets = self.budgets if spec.tau is None else self.budgets.at_tau(spec.tau)
+            changes = {k: v for k, v in (("tau", spec.tau), ("score", spec.score)) if v is not None}
+            budgets = self.budgets.at(**changes) if changes else self.budgets
             return registry.create("tca", budgets=budgets)
         block = STREAMING_BLOCK
         if spec.match is not None:

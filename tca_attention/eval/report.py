@@ -202,7 +202,7 @@ def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
     lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
     markers = {"full": "s", "tca": "o", "streaming": "^"}
     for L in lengths:
-        tca_pts = []
+        sweeps: dict[str, list[tuple[float, float]]] = defaultdict(list)  # TCA score -> points
         for method, m in methods.items():
             c = m["lengths"].get(str(L))
             if c is None or c["accuracy"] is None:
@@ -211,10 +211,11 @@ def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
             x, y = 100 * c["kept_fraction"], 100 * c["accuracy"]
             ax.scatter([x], [y], marker=markers[family], s=30, label=f"{method} {L}")
             if family == "tca":
-                tca_pts.append((x, y))
-        if len(tca_pts) > 1:
-            tca_pts.sort()
-            ax.plot([p[0] for p in tca_pts], [p[1] for p in tca_pts], alpha=0.5, label=f"TCA tau sweep {L}")
+                sweeps[method.partition("/")[2] or "calibrated score"].append((x, y))
+        for score, pts in sweeps.items():
+            if len(pts) > 1:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], alpha=0.5, label=f"TCA tau sweep ({score}) {L}")
     ax.set_xlabel("mean KV kept (%)")
     ax.set_ylabel("mean accuracy (%)")
     ax.set_xlim(0, 105)

@@ -41,10 +41,10 @@ def build(ctx: TaskContext, length: int, index: int) -> Sample:
     depths = [round(rng.uniform(0.05, 0.95), 3) for _ in facts]
     attribute = ATTRIBUTES[index % len(ATTRIBUTES)]
     org = orgs[0]
-    question, answer = {
-        "founder": (f"Who founded the {org}?", people[0]),
-        "year": (f"In which year was the {org} founded?", years[0]),
-        "town": (f"In which town was the {org} founded?", towns[0]),
+    question, prefix, answer = {
+        "founder": (f"Who founded the {org}?", f"The {org} was founded by", people[0]),
+        "year": (f"In which year was the {org} founded?", f"The {org} was founded in the year", years[0]),
+        "town": (f"In which town was the {org} founded?", f"The {org} was founded in the town of", towns[0]),
     }[attribute]
     start = hay.start_token(rng)
 
@@ -53,7 +53,7 @@ def build(ctx: TaskContext, length: int, index: int) -> Sample:
         return Sample(
             id=sample_id(task, length, index), task=task, length=length, context=context,
             question=f"Answer the question from the text above. {question}",
-            answer_prefix="Answer:", answers=(answer,), max_new_tokens=24,
+            answer_prefix=prefix, answers=(answer,), max_new_tokens=24,
             metadata={"attribute": attribute, "fact": facts[0], "position": positions[0],
                       "depth": depths[0], "answer_start": positions[0] + facts[0].index(answer)},
         )

@@ -1,0 +1,122 @@
+"""End-to-end timing on a GPU: time to first token, decode tokens/s and peak memory, dense vs TCA.
+
+A model of Llama-3.1-8B shape with random weights (TCA's cost is set by its budgets, not by the
+weights), budgets from a real calibration of a packaged model mapped onto its 32 x 8 heads.
+Usage: python benchmarks/bench_e2e.py --budgets docs/results/budgets/smollm2-paper.json --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from tca_attention.budgets import Budgets
+from tca_attention.integration import enable
+from tca_attention.methods.tca import TCA
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144,
+                rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def build_model(layers: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(cfg)
+        torch.set_default_dtype(prev)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@torch.no_grad()
+def time_one(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with enable(model, method) as session:
+        cache = session.new_cache() if method is not None else DynamicCache(config=model.config)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in range(decode_steps):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if method is None:
+            kv = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+            dense_kv, kept = kv, 1.0
+        else:
+            kv, dense_kv, kept = cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
+        report = session.prefill_report() if method is not None else {}
+    del cache, out
+    return {
+        "ttft_s": t1 - t0,
+        "decode_tokens_per_s": decode_steps / (t2 - t1),
+        "peak_mem_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+        "kv_gib": kv / 2**30,
+        "dense_kv_gib": dense_kv / 2**30,
+        "kept_fraction": kept,
+        "retained_last_query": report.get("retained"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", required=True)
+    ap.add_argument("--lengths", default="4096,8192,32768,65536,131072")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--score", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    model = build_model(args.layers)
+    src = Budgets.load(args.budgets)
+    changes = {k: v for k, v in (("tau", args.tau), ("score", args.score)) if v is not None}
+    budgets = src.at(**changes).mapped_onto(model) if changes else src.mapped_onto(model)
+    method = TCA(budgets)
+    rows = []
+    # warm-up (compilation of kernels, cuBLAS handles)
+    warm = torch.randint(0, 1000, (1, 8192), device="cuda")
+    time_one(model, warm, None, 2)
+    time_one(model, warm, method, 2)
+    for L in (int(x) for x in args.lengths.split(",")):
+        ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
+        row = {"tokens": L}
+        for name, m in (("dense", None), ("tca", method)):
+            try:
+                row[name] = time_one(model, ids, m, args.decode_steps)
+            except torch.OutOfMemoryError as e:
+                row[name] = {"error": f"OOM: {e}".splitlines()[0]}
+                torch.cuda.empty_cache()
+        if "ttft_s" in row["dense"] and "ttft_s" in row["tca"]:
+            row["ttft_speedup"] = row["dense"]["ttft_s"] / row["tca"]["ttft_s"]
+            row["decode_speedup"] = row["tca"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+        "model": {"shape": "Llama-3.1-8B", **LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16"},
+        "budgets": {"file": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction,
+                    "dense_heads": budgets.dense_heads, **{k: v for k, v in budgets.config.__dict__.items()}},
+        "dense_attention": "transformers sdpa (torch's default backend choice)",
+        "decode_steps": args.decode_steps,
+    }
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
