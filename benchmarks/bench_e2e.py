@@ -80,13 +80,14 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--tau", type=float, default=None)
     ap.add_argument("--score", default=None)
+    ap.add_argument("--dense-below", type=int, default=0, help="TCA keeps prompts shorter than this dense")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = build_model(args.layers)
     src = Budgets.load(args.budgets)
     changes = {k: v for k, v in (("tau", args.tau), ("score", args.score)) if v is not None}
     budgets = src.at(**changes).mapped_onto(model) if changes else src.mapped_onto(model)
-    method = TCA(budgets)
+    method = TCA(budgets, dense_below=args.dense_below)
     rows = []
     # warm-up (compilation of kernels, cuBLAS handles)
     warm = torch.randint(0, 1000, (1, 8192), device="cuda")
@@ -97,6 +98,7 @@ def main() -> None:
         row = {"tokens": L}
         for name, m in (("dense", None), ("tca", method)):
             try:
+                time_one(model, ids, m, 2)  # warm-up at this shape (kernel compilation, allocator)
                 row[name] = time_one(model, ids, m, args.decode_steps)
             except torch.OutOfMemoryError as e:
                 row[name] = {"error": f"OOM: {e}".splitlines()[0]}
@@ -113,6 +115,8 @@ def main() -> None:
                     "dense_heads": budgets.dense_heads, **{k: v for k, v in budgets.config.__dict__.items()}},
         "dense_attention": "transformers sdpa (torch's default backend choice)",
         "decode_steps": args.decode_steps,
+        "dense_below": args.dense_below,
+        "command": "python benchmarks/bench_e2e.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

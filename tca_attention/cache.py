@@ -86,20 +86,20 @@ class TCALayer(DynamicLayer):
         self.key_start = key_start.to(k.device)
         self.decode_keep = decode_keep.to(k.device)
         local_start = 0 if plan is None else plan.local_start
-        if plan is None:
-            kept_idx = torch.zeros(B, KV, 0, dtype=torch.long, device=k.device)
-            kept_len = torch.zeros(B, KV, dtype=torch.int32, device=k.device)
+        if plan is None:  # dense: everything goes to the tail; no host sync on this path
+            self.g_keys, self.g_values = k.new_empty(0, D), v.new_empty(0, D)
+            self.g_pos = torch.empty(0, dtype=torch.long, device=k.device)
+            self.g_offsets = torch.zeros(B * KV + 1, dtype=torch.long, device=k.device)
         else:
             kept_idx, kept_len = plan.kept_idx, plan.kept_len
-        M = kept_idx.shape[-1]
-        valid = torch.arange(M, device=k.device)[None, None, :] < kept_len[..., None]  # (B, KV, M)
-        flat = valid.flatten()
-        gidx = kept_idx.clamp_max(max(L - 1, 0))
-        self.g_keys = torch.gather(k, 2, gidx[..., None].expand(B, KV, M, D)).reshape(-1, D)[flat]
-        self.g_values = torch.gather(v, 2, gidx[..., None].expand(B, KV, M, D)).reshape(-1, D)[flat]
-        pos = torch.where(kept_idx >= self.key_start[:, None, None], kept_idx, torch.full_like(kept_idx, -1))
-        self.g_pos = pos.reshape(-1)[flat]  # padding never becomes visible, whatever the plan kept
-        self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
+            M = kept_idx.shape[-1]
+            flat = (torch.arange(M, device=k.device)[None, None, :] < kept_len[..., None]).flatten()
+            gidx = kept_idx.clamp_max(max(L - 1, 0))[..., None].expand(B, KV, M, D)
+            self.g_keys = torch.gather(k, 2, gidx).reshape(-1, D)[flat]
+            self.g_values = torch.gather(v, 2, gidx).reshape(-1, D)[flat]
+            pos = torch.where(kept_idx >= self.key_start[:, None, None], kept_idx, torch.full_like(kept_idx, -1))
+            self.g_pos = pos.reshape(-1)[flat]  # padding never becomes visible, whatever the plan kept
+            self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
         cap = max(L - local_start, self.window + self.block_size)
         self.t_keys = k.new_empty(B, KV, cap, D)
         self.t_values = v.new_empty(B, KV, cap, D)

@@ -85,7 +85,7 @@ def retained_scores(
         vb = vals[:, :local_start].reshape(KV, n, b)
         scores = torch.empty(KV, M, dtype=torch.float64, device=q.device)
         for c in range(M):
-            mask, _ = select_tokens(s[None], ladder[c].expand(KV, -1), n, b, config.alpha)
+            mask, _ = select_tokens(s[None], ladder[c].expand(KV, -1), n, b, config.alpha, config.mass_norm)
             kept = (vb.reshape(KV, -1) * mask[0]).sum(-1)
             scores[:, c] = (kept + local) / total.clamp_min(1e-30)
         out.append(scores)

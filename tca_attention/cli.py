@@ -16,17 +16,19 @@ log = logging.getLogger("tca")
 
 def _config_from(args) -> TCAConfig:
     base = PRESETS[args.preset]
-    changes = {k: getattr(args, k) for k in ("block_size", "window", "tau", "alpha", "score") if getattr(args, k, None) is not None}
+    keys = ("block_size", "window", "tau", "alpha", "score", "mass_norm")
+    changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return base.with_(**changes)
 
 
-def _add_config_args(p: argparse.ArgumentParser, preset: str = "paper") -> None:
+def _add_config_args(p: argparse.ArgumentParser, preset: str = "default") -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="named config (default %(default)s)")
     p.add_argument("--block-size", type=int, dest="block_size")
     p.add_argument("--window", type=int)
     p.add_argument("--tau", type=float)
     p.add_argument("--alpha", type=float)
     p.add_argument("--score", choices=["observation", "column_mean"])
+    p.add_argument("--mass-norm", dest="mass_norm", choices=["sum", "max"])
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -149,7 +151,7 @@ def cmd_demo(args) -> int:
     """The main job: calibrate the embedded model once, then full vs TCA on a 4K passkey prompt."""
     args.passkey = args.passkey or 4096
     print(f"Demo: {args.model}, TCA preset '{args.preset}' (w={_config_from(args).window}, suited to an "
-          f"8K-context model; the paper's w=4096 is the 'paper' preset), passkey at {args.passkey} tokens")
+          f"8K-context model; the paper's w=4096 is the 'default' preset), passkey at {args.passkey} tokens")
     return cmd_generate(args)
 
 
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     for name, func, preset, help_ in (
-        ("generate", cmd_generate, "paper", "run a long prompt with full attention and/or TCA"),
+        ("generate", cmd_generate, "default", "run a long prompt with full attention and/or TCA"),
         ("demo", cmd_demo, "small-context", "the main job on the embedded model: calibrate + passkey, full vs TCA"),
     ):
         p = sub.add_parser(name, help=help_)

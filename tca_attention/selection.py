@@ -24,15 +24,17 @@ def last_query_importance(
     return torch.softmax(logits, dim=-1).mean(dim=2)
 
 
-def block_redundancy(s_blocks: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Eq. 6: h_j = (1 - alpha) * sum s + alpha * (1 - sum s^2 / (sum s)^2).
+def block_redundancy(s_blocks: torch.Tensor, alpha: float, mass_norm: str = "sum") -> torch.Tensor:
+    """Eq. 6: h_j = (1 - alpha) * m_j + alpha * (1 - sum s^2 / (sum s)^2).
 
+    m_j = sum s over the block ("sum"), or that over the largest block mass ("max").
     s_blocks (..., n, b) -> h (..., n). A block with no mass gets concentration 0.
     """
     mass = s_blocks.sum(-1)
     sq = (s_blocks * s_blocks).sum(-1)
     conc = torch.where(mass > 0, 1.0 - sq / mass.clamp_min(1e-30) ** 2, torch.zeros_like(mass))
-    return (1.0 - alpha) * mass + alpha * conc
+    m = mass / mass.amax(-1, keepdim=True).clamp_min(1e-30) if mass_norm == "max" else mass
+    return (1.0 - alpha) * m + alpha * conc
 
 
 def bucket_sizes(p: torch.Tensor, n_blocks: int) -> torch.Tensor:

@@ -41,8 +41,11 @@ def tiny_llama(vocab_size: int, device: str = "cpu"):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokenizer, device: str) -> None:
+def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokenizer, device: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from tca_attention.config import TCAConfig
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))  # the core's budget cache
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.fail("the gpu-marked test needs CUDA")
@@ -54,7 +57,7 @@ def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokeni
     results = evaluate(cfg, backend, tmp_path, progress=False)
     assert len(results) == 6
     by = {(r.method, r.task): r for r in results}
-    assert (tmp_path / "budgets.json").exists()
+    assert (tmp_path / "budgets.json").exists() and list((tmp_path / "cache" / "budgets").glob("*.json"))
     assert all(by[("full", t)].kept_fraction == 1.0 for t in cfg.tasks)
     tca = [by[("tca@0.5", t)].kept_fraction for t in cfg.tasks]
     assert all(0.0 < f < 0.95 for f in tca)
@@ -67,3 +70,22 @@ def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokeni
     assert all(r.prediction for r in results if r.task == "niah_single")  # something was generated
     files = write_report(results, tmp_path / "report")
     assert "streaming=tca" in files["report"].read_text()
+
+
+@pytest.mark.slow
+def test_real_smollm2_at_4k_and_8k(tmp_path: Path) -> None:
+    """The real default model through every method at 4K and 8K (CPU: about 15-30 minutes,
+    plus one calibration of about 8 minutes unless the core's budget cache has it)."""
+    backend = ModelBackend("smollm2")
+    cfg = EvalConfig(model="smollm2", methods=("full", "tca", "streaming=tca"), tasks=("niah_single",),
+                     lengths=(4096, 8192), samples=2)
+    results = evaluate(cfg, backend, tmp_path, progress=False)
+    by = {(r.method, r.sample_id): r for r in results}
+    assert len(by) == 12
+    # measured 2026-11-22: full attention finds this needle (depth 30%) at 4K
+    assert by[("full", "niah_single-4096-0001")].score == 1.0
+    for L in (4096, 8192):
+        tca = [by[("tca", f"niah_single-{L}-{i:04d}")].kept_fraction for i in range(2)]
+        stream = [by[("streaming=tca", f"niah_single-{L}-{i:04d}")].kept_fraction for i in range(2)]
+        assert 0.0 < sum(tca) / 2 < 1.0
+        assert abs(sum(stream) / 2 - sum(tca) / 2) < 0.02

@@ -21,17 +21,19 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0, 
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(seed)
     key = f"{rng.randint(10000, 99999)}"
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    intro = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+             "Find it and memorize it. I will quiz you about it.\n\n")
+    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
     question = "What is the pass key? The pass key is"
     ids = tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
-    overhead = len(tokenizer(needle + "\n\n" + question, add_special_tokens=False)["input_ids"]) + 8
+    overhead = len(tokenizer(intro + needle + "\n\n" + question, add_special_tokens=False)["input_ids"]) + 8
     budget = n_tokens - overhead
     if budget < 16:
         raise ValueError(f"n_tokens={n_tokens} is too short for a passkey prompt")
     start = rng.randint(0, max(0, len(ids) - budget - 1))
     hay = ids[start : start + budget]
     cut = int(len(hay) * depth)
-    context = tokenizer.decode(hay[:cut]) + needle + tokenizer.decode(hay[cut:])
+    context = intro + tokenizer.decode(hay[:cut]) + needle + tokenizer.decode(hay[cut:])
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": context + "\n\nWhat is the pass key?"}],

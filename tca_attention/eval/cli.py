@@ -95,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: `python -m tca_attention.eval [options]` (same as `tca eval`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m tca_attention.eval")
+    parser = argparse.ArgumentParser(prog="tca")  # usage reads "tca eval ...", the same options
     sub = parser.add_subparsers(dest="command")
     add_eval_parser(sub)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])

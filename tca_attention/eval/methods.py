@@ -157,10 +157,11 @@ class ModelBackend:
         return cfg.with_(score=self.tca_score) if self.tca_score else cfg
 
     def prepare(self, run_dir: Path) -> None:
-        """Load the model and the TCA budgets (calibrated once, saved in the run folder)."""
+        """Load the model and the TCA budgets: the run folder's copy, a given file, or the core's
+        per-model cache (calibrating once); a copy is saved in the run folder."""
         self.load()
         from ..budgets import Budgets
-        from ..calibration import calibrate
+        from ..cli import load_or_calibrate
 
         path = run_dir / "budgets.json"
         if path.exists():
@@ -173,9 +174,11 @@ class ModelBackend:
             log.info("using budgets %s (copied to %s)", self.budgets_path, path)
             return
         t0 = time.perf_counter()
-        self.budgets = calibrate(self.model, self.tokenizer, self.tca_config(), length=self.calibration_length)
+        # the core's per-model budget cache: a model is calibrated once for every run folder
+        self.budgets = load_or_calibrate(self.model, self.tokenizer, self.model_name, self.tca_config(),
+                                         length=self.calibration_length)
         self.budgets.save(path)
-        log.info("calibrated %s in %.1f s (mean kept fraction %.3f, %d dense heads) -> %s",
+        log.info("budgets of %s ready in %.1f s (mean kept fraction %.3f, %d dense heads) -> %s",
                  self.model_name, time.perf_counter() - t0, self.budgets.mean_kept_fraction,
                  self.budgets.dense_heads, path)
 

@@ -75,8 +75,21 @@ def summarize(results: list[Result]) -> dict:
                     "tasks": tasks,
                 }
             msum["methods"][method] = {"lengths": lens}
+        _common_accuracy(msum)
         summary["models"][model] = msum
     return summary
+
+
+def _common_accuracy(msum: dict) -> None:
+    """Headline accuracy per length over the accuracy tasks that every method ran there,
+    so methods are compared on the same tasks."""
+    lengths = {L for m in msum["methods"].values() for L in m["lengths"]}
+    for L in lengths:
+        cells = [m["lengths"][L] for m in msum["methods"].values() if L in m["lengths"]]
+        common = set.intersection(*({t for t, c in cell["tasks"].items() if "score" in c} for cell in cells))
+        for cell in cells:
+            cell["accuracy_tasks"] = sorted(common)
+            cell["accuracy"] = mean(cell["tasks"][t]["score"] for t in common) if common else None
 
 
 def _fmt(x: float | None, pct: bool = True) -> str:
@@ -100,8 +113,8 @@ def markdown(summary: dict) -> str:
             row = [method] + [_fmt(c.get("accuracy")) for c in cells] + [_fmt(c.get("kept_fraction")) for c in cells]
             row += [_fmt(c.get("ppl"), pct=False) for c in cells]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "acc: mean score (%) over the accuracy tasks; kept: mean KV kept fraction (%); "
-                  "ppl: perplexity of the last tokens of long essays.", ""]
+        lines += ["", "acc: mean score (%) over the accuracy tasks every method ran at that length; "
+                  "kept: mean KV kept fraction (%); ppl: perplexity of the last tokens of long essays.", ""]
         for L in lengths:
             tasks = _ordered(t for m in methods.values() for t in m["lengths"].get(str(L), {}).get("tasks", {}))
             n = max((c["n"] for m in methods.values() for c in m["lengths"].get(str(L), {}).get("tasks", {}).values()), default=0)

@@ -12,7 +12,7 @@ from .base import Method, key_validity, local_geometry
 
 
 def select_tokens(
-    s: torch.Tensor, p: torch.Tensor, n_blocks: int, block_size: int, alpha: float
+    s: torch.Tensor, p: torch.Tensor, n_blocks: int, block_size: int, alpha: float, mass_norm: str = "sum"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 2 steps 4-6 on importance s (B, KV, L) with per-head ladders p (KV, |K|).
 
@@ -20,7 +20,7 @@ def select_tokens(
     """
     B, KV, _ = s.shape
     sb = s[..., : n_blocks * block_size].reshape(B, KV, n_blocks, block_size)
-    h = sel.block_redundancy(sb, alpha)  # (B, KV, n)
+    h = sel.block_redundancy(sb, alpha, mass_norm)  # (B, KV, n)
     keep_rank = sel.keep_per_rank(p.to(s.device), n_blocks, block_size)  # (KV, n)
     keep = sel.keep_per_block(h, keep_rank.expand(B, KV, n_blocks))
     return sel.topk_within_blocks(sb, keep).reshape(B, KV, -1), keep
@@ -28,7 +28,11 @@ def select_tokens(
 
 @dataclass(frozen=True)
 class TCA(Method):
+    """TCA with calibrated budgets. dense_below: prompts shorter than this stay dense (all
+    kept), for devices where selection does not pay off on short prompts (0 = never)."""
+
     budgets: Budgets
+    dense_below: int = 0
     name: str = "tca"
 
     @property
@@ -49,12 +53,12 @@ class TCA(Method):
         cfg = self.budgets.config
         B, KV, L, _ = k.shape
         geo = local_geometry(L, cfg.block_size, cfg.window)
-        if geo is None:
+        if geo is None or L < self.dense_below:
             return None
         n, local_start = geo
         valid = key_validity(L, key_start)
         s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
-        mask, _ = select_tokens(s, self.budgets.layer_p(layer_idx), n, cfg.block_size, cfg.alpha)
+        mask, _ = select_tokens(s, self.budgets.layer_p(layer_idx), n, cfg.block_size, cfg.alpha, cfg.mass_norm)
         mask &= valid[:, None, :local_start]
         if cfg.sink_tokens:
             sinks = (key_validity(local_start, key_start) & ~key_validity(local_start, key_start + cfg.sink_tokens))

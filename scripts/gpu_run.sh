@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Steps of one GPU session (device tool), each a separate call while the machine stays warm.
+#   stage FILE...         copy carried model parts to $STAGE (outside the repository copy)
+#   join NAME SHA         join $STAGE/NAME.part* into $STAGE/NAME.gguf and check its sha256
+#   env                   install the carried gguf wheel into $STAGE/site (python path)
+# Everything else runs with PYTHONPATH set, e.g.  scripts/gpu_run.sh py benchmarks/bench_e2e.py ...
+set -euo pipefail
+STAGE=${STAGE:-/tmp/tca_stage}
+mkdir -p "$STAGE"
+cmd=$1; shift
+case "$cmd" in
+  stage) for f in "$@"; do cp "$f" "$STAGE/"; done; ls -la "$STAGE" ;;
+  join)
+    name=$1; sha=$2
+    cat $(ls "$STAGE"/"$name".part* | sort) > "$STAGE/$name.gguf"
+    echo "$sha  $STAGE/$name.gguf" | sha256sum -c - ;;
+  env)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STAGE/site" .whl/*.whl ;;
+  py)
+    export PYTHONPATH="$PWD:$STAGE/site" TCA_CACHE_DIR="$STAGE/cache" PYTHONUNBUFFERED=1
+    python3 "$@" ;;
+  *) echo "unknown step $cmd" >&2; exit 2 ;;
+esac
