@@ -120,6 +120,36 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
+
+
+def plot(rows: list[dict], meta: dict, path: str) -> None:
+    """TTFT, decode tokens/s and peak memory vs prompt length, dense vs TCA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "ttft_s" in r["dense"] and "ttft_s" in r["tca"]]
+    x = [r["tokens"] // 1024 for r in ok]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, label in zip(axes, ("ttft_s", "decode_tokens_per_s", "peak_mem_gib"),
+                              ("time to first token (s)", "decode tokens/s", "peak GPU memory over weights (GiB)")):
+        for name in ("dense", "tca"):
+            ax.plot(x, [r[name][key] for r in ok], marker="o", label="dense SDPA" if name == "dense" else "TCA")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{v}K" for v in x])
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for r, xv in zip(ok, x):
+        axes[0].annotate(f"{r['ttft_speedup']:.2f}x", (xv, r["tca"]["ttft_s"]), textcoords="offset points",
+                         xytext=(0, -14), ha="center", fontsize=8)
+    fig.suptitle(f"End to end, {meta['device']}, {meta['model']['shape']} shape ({meta['model']['weights']}), "
+                 f"budgets: {meta['budgets']['file'].rsplit('/', 1)[-1]} tau={meta['budgets']['tau']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

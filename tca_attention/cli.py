@@ -92,7 +92,7 @@ def cmd_calibrate(args) -> int:
 
 
 def _read_prompt(args) -> str:
-    if args.prompt_file == "-" or (args.prompt_file is None and not sys.stdin.isatty() and not args.passkey):
+    if args.prompt_file == "-":
         context = sys.stdin.read()
     elif args.prompt_file:
         context = Path(args.prompt_file).read_text()
