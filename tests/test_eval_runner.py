@@ -208,3 +208,22 @@ def test_cli_rebuilds_a_prefixed_report_from_run_folders(tmp_path: Path) -> None
     md = (tmp_path / "docs" / "eval_report.md").read_text()
     assert "| full | 100.0 | 100.0 | - |" in md and "| tca | 0.0 | 25.0 | - |" in md
     assert (tmp_path / "docs" / "eval_needle_m.png").exists()
+
+
+def test_budgets_calibrated_with_other_settings_are_refused(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tca_attention.config import TCAConfig
+    from tca_attention.eval.methods import ModelBackend
+
+    want = TCAConfig(window=512, tau=0.9)
+    backend = ModelBackend("m", tca_config=want)
+    calls: list[dict] = []
+    same = SimpleNamespace(config=want.with_(tau=0.5, score="observation"),
+                           at=lambda **kw: calls.append(kw) or "reselected")
+    assert backend._checked(same, tmp_path) == "reselected" and calls == [{"tau": 0.9, "score": want.score}]
+    other = SimpleNamespace(config=want.with_(window=4096), at=lambda **kw: None)
+    with pytest.raises(ValueError, match="window"):
+        backend._checked(other, tmp_path)
+    # the run folder is named from the resolved TCA settings, not only the preset's name
+    assert _config(tca_score="observation").run_name() != _config().run_name()

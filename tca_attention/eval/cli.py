@@ -36,7 +36,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the loader's choice)")
-    p.add_argument("--tca-preset", default="small-context", help="TCA config preset (paper, small-context)")
+    p.add_argument("--tca-preset", default="small-context", help="TCA config preset, a name of tca_attention.config.PRESETS (default small-context: window 512)")
     p.add_argument("--tca-score", default=None, choices=["observation", "column_mean"])
     p.add_argument("--tau", type=float, default=0.9, help="calibrated tau of method 'tca'")
     p.add_argument("--budgets", type=Path, default=None,

@@ -94,6 +94,18 @@ class Backend(Protocol):
     def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome: ...
 
 
+def resolve_tca_config(preset: str, score: str | None, tau: float) -> dict[str, Any]:
+    """The TCA configuration a run uses, as plain data (for the run's identity)."""
+    from dataclasses import asdict
+
+    from ..config import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown TCA preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset].with_(tau=tau)
+    return asdict(cfg.with_(score=score) if score else cfg)
+
+
 def streaming_window(target_tokens: float, prompt_tokens: int, block_size: int, sinks: int = STREAMING_SINKS) -> int:
     """The window whose StreamingLLM cache holds about `target_tokens` after prefill.
 
@@ -151,10 +163,19 @@ class ModelBackend:
     def tca_config(self) -> Any:
         if self._tca_config is not None:
             return self._tca_config
-        from ..config import PRESETS
+        from ..config import TCAConfig
 
-        cfg = PRESETS[self.tca_preset].with_(tau=self.tca_tau)
-        return cfg.with_(score=self.tca_score) if self.tca_score else cfg
+        return TCAConfig(**resolve_tca_config(self.tca_preset, self.tca_score, self.tca_tau))
+
+    def _checked(self, budgets: Any, source: Path) -> Any:
+        """Budgets re-selected at this run's tau/score; an error if calibrated otherwise."""
+        want = self.tca_config()
+        fixed = ("block_size", "window", "alpha", "sigma", "sink_tokens")
+        diff = {f: (getattr(budgets.config, f), getattr(want, f)) for f in fixed
+                if getattr(budgets.config, f) != getattr(want, f)}
+        if diff:
+            raise ValueError(f"budgets {source} were calibrated with other settings (have, want): {diff}")
+        return budgets.at(tau=want.tau, score=want.score)
 
     def prepare(self, run_dir: Path) -> None:
         """Load the model and the TCA budgets: the run folder's copy, a given file, or the core's
@@ -165,11 +186,11 @@ class ModelBackend:
 
         path = run_dir / "budgets.json"
         if path.exists():
-            self.budgets = Budgets.load(path, model=self.model)
+            self.budgets = self._checked(Budgets.load(path, model=self.model), path)
             log.info("reusing budgets %s", path)
             return
         if self.budgets_path is not None:
-            self.budgets = Budgets.load(self.budgets_path, model=self.model)
+            self.budgets = self._checked(Budgets.load(self.budgets_path, model=self.model), self.budgets_path)
             self.budgets.save(path)
             log.info("using budgets %s (copied to %s)", self.budgets_path, path)
             return

@@ -17,7 +17,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from .methods import Backend, MethodSpec, parse_method
+from .methods import Backend, MethodSpec, parse_method, resolve_tca_config
 from .prompt import PromptFormat
 from .schema import Result, Sample
 from .scorers import score
@@ -62,9 +62,10 @@ class EvalConfig:
         return [s for s in specs if s.match is None] + [s for s in specs if s.match is not None]
 
     def identity(self) -> dict:
-        """The settings that change a (method, sample) result; they name the run folder."""
+        """The settings that change a (method, sample) result; they name the run folder.
+        The TCA preset is resolved, so a preset whose values change names a new folder."""
         return {"model": self.model, "seed": self.seed, "chat_template": self.chat_template,
-                "tca_preset": self.tca_preset, "tca_score": self.tca_score, "tca_tau": self.tca_tau,
+                "tca_preset": self.tca_preset, "tca": resolve_tca_config(self.tca_preset, self.tca_score, self.tca_tau),
                 "dtype": self.dtype}
 
     def run_name(self) -> str:
@@ -189,9 +190,10 @@ def _write_config(run_dir: Path, config: EvalConfig) -> None:
     """config.json: the identity plus every invocation's methods/tasks/lengths/samples."""
     path = run_dir / "config.json"
     data = json.loads(path.read_text()) if path.exists() else {"identity": config.identity(), "invocations": []}
-    if data["identity"] != config.identity():
+    if data["identity"] != json.loads(json.dumps(config.identity())):
         raise ValueError(f"{run_dir} holds a run with different settings: {data['identity']}")
-    inv = {k: v for k, v in asdict(config).items() if k not in config.identity()}
+    ident = config.identity()
+    inv = {k: v for k, v in asdict(config).items() if k not in ident and not k.startswith("tca_")}
     inv = json.loads(json.dumps(inv))
     if not data["invocations"] or data["invocations"][-1] != inv:
         data["invocations"].append(inv)
