@@ -14,11 +14,11 @@ from tca_attention.methods.tca import TCA
 from tiny_models import tiny
 
 
-def fake_budgets(model, config: TCAConfig, observation_score: float = 0.95) -> Budgets:
+def fake_budgets(model, config: TCAConfig, score: float = 0.95) -> Budgets:
     """Budgets where every head's cheapest candidate already passes tau (maximal compression)."""
     ladder = candidate_ladder(config.block_size)
     M = ladder.shape[0]
-    hb = HeadBudget(tuple([0.5] * M), tuple([observation_score] * M))
+    hb = HeadBudget(tuple([score] * M), tuple([score] * M))
     cfgm = model.config
     return Budgets(
         model=ModelIdentity.of(model),

@@ -44,3 +44,8 @@ def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int
 def key_validity(seq_len: int, key_start: torch.Tensor) -> torch.Tensor:
     """(B, L) True for non-padding keys."""
     return torch.arange(seq_len, device=key_start.device)[None, :] >= key_start[:, None]
+
+
+def sink_mask(seq_len: int, key_start: torch.Tensor, n_sinks: int) -> torch.Tensor:
+    """(B, seq_len) True on the first n_sinks non-padding keys of each row."""
+    return key_validity(seq_len, key_start) & ~key_validity(seq_len, key_start + n_sinks)

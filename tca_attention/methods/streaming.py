@@ -11,7 +11,7 @@ import torch
 
 from .. import selection as sel
 from ..engine.plan import TokenPlan
-from .base import Method, key_validity, local_geometry
+from .base import Method, local_geometry, sink_mask
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class StreamingLLM(Method):
         if geo is None:
             return None
         _, local_start = geo
-        sinks = key_validity(local_start, key_start) & ~key_validity(local_start, key_start + self.sinks)
+        sinks = sink_mask(local_start, key_start, self.sinks)
         kept_idx, kept_len = sel.pack_mask(sinks[:, None, :].expand(B, KV, local_start))
         return TokenPlan(kept_idx, kept_len, local_start, self.window, self.block_size, key_start,
                          self.decode_keep(layer_idx, KV))

@@ -8,7 +8,7 @@ import torch
 from .. import selection as sel
 from ..budgets import Budgets
 from ..engine.plan import TokenPlan
-from .base import Method, key_validity, local_geometry
+from .base import Method, key_validity, local_geometry, sink_mask
 
 
 def select_tokens(
@@ -61,8 +61,7 @@ class TCA(Method):
         mask, _ = select_tokens(s, self.budgets.layer_p(layer_idx), n, cfg.block_size, cfg.alpha, cfg.mass_norm)
         mask &= valid[:, None, :local_start]
         if cfg.sink_tokens:
-            sinks = (key_validity(local_start, key_start) & ~key_validity(local_start, key_start + cfg.sink_tokens))
-            mask |= sinks[:, None, :]
+            mask |= sink_mask(local_start, key_start, cfg.sink_tokens)[:, None, :]
         kept_idx, kept_len = sel.pack_mask(mask)
         retained = (s[..., :local_start] * mask).sum(-1) + s[..., local_start:].sum(-1)
         return TokenPlan(kept_idx, kept_len, local_start, cfg.window, cfg.block_size, key_start,
