@@ -15,7 +15,7 @@ def last_query_importance(
     q_last (B, H, D), k (B, KV, L, D), key_valid (B, L) bool or None -> s (B, KV, L), float32.
     """
     B, H, D = q_last.shape
-    KV, L = k.shape[1], k.shape[2]
+    KV = k.shape[1]
     g = H // KV
     q = q_last.view(B, KV, g, D).float()
     logits = torch.einsum("bkgd,bkld->bkgl", q, k.float()) * scaling  # (B, KV, g, L)

