@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .calibration_cache import budgets_path_for, load_or_calibrate
 from .config import PRESETS, TCAConfig
 
 log = logging.getLogger("tca")
@@ -35,34 +35,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="packaged model key, .gguf file or HF directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
-
-
-def budgets_path_for(model_key: str, config: TCAConfig, length: int | None) -> Path:
-    from .models import cache_root
-
-    calib = {k: v for k, v in asdict(config).items() if k not in ("tau", "score")}  # re-selectable
-    digest = hashlib.sha256(json.dumps([model_key, calib, length], sort_keys=True).encode()).hexdigest()[:12]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_key).name)
-    return cache_root() / "budgets" / f"{safe}-{digest}.json"
-
-
-def load_or_calibrate(model, tok, model_key: str, config: TCAConfig, budgets: str | None = None,
-                      length: int | None = None):
-    """Budgets from a file, or from the per-model cache, calibrating once if needed."""
-    from .budgets import Budgets
-    from .calibration import calibrate
-
-    if budgets:
-        b = Budgets.load(budgets, model=model)
-        return b.at(tau=config.tau, score=config.score)
-    path = budgets_path_for(model_key, config, length)
-    if path.exists():
-        log.info("using cached budgets %s", path)
-        return Budgets.load(path, model=model).at(tau=config.tau, score=config.score)
-    b = calibrate(model, tok, config, length=length)
-    b.save(path)
-    log.info("budgets saved to %s", path)
-    return b
 
 
 def _print_budget_summary(b) -> None:

@@ -182,7 +182,7 @@ class ModelBackend:
         per-model cache (calibrating once); a copy is saved in the run folder."""
         self.load()
         from ..budgets import Budgets
-        from ..cli import load_or_calibrate
+        from ..calibration_cache import load_or_calibrate
 
         path = run_dir / "budgets.json"
         if path.exists():
