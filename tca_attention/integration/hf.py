@@ -7,7 +7,6 @@ Everything is undone by `Session.disable()` (or leaving the `with` block).
 """
 from __future__ import annotations
 
-import logging
 import warnings
 import weakref
 from typing import Any, Callable
@@ -24,7 +23,6 @@ from ..engine import dispatch
 from ..methods.base import Method
 from .architectures import attention_modules, check_supported, layer_kinds, text_config
 
-log = logging.getLogger(__name__)
 ATTN_NAME = "tca"
 _SESSIONS: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
 # observer(layer_idx, q, k, v, scaling) is called on full layers during an observed dense forward
