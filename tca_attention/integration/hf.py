@@ -155,29 +155,29 @@ class Session:
         plan = self.method.plan(idx, q, k, key_start, scaling)
         if plan is None:
             out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
-            self.last_prefill[idx] = {"kept_fraction": 1.0, "retained": 1.0}
+            self.last_prefill[idx] = {"kept_fraction": None, "retained": None}
         else:
             out = dispatch.sparse_prefill(q, k, v, plan, scaling, backend=self.backend)
-            self.last_prefill[idx] = {
-                "kept_fraction": float(plan.kept_fraction(L).mean()),
-                "retained": float(plan.retained.mean()) if plan.retained is not None else None,
-                "retained_min": float(plan.retained.min()) if plan.retained is not None else None,
-            }
+            # tensors, read on demand by prefill_report(): no host sync on the prefill path
+            self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": plan.retained}
         if layer is not None:
             layer.commit_prefill(plan, key_start, self.method.decode_keep(idx, k.shape[1]))
         return out, None
 
     def prefill_report(self) -> dict[str, float | None]:
-        """Mean over layers of the last prefill's kept fraction and last-query retained mass."""
+        """Mean over layers and heads of the last prefill's kept fraction and of the last query's
+        retained attention mass (dense layers count as 1), and the smallest retained mass."""
         rows = list(self.last_prefill.values())
         if not rows:
             return {"kept_fraction": None, "retained": None, "retained_min": None}
-        ret = [r["retained"] for r in rows if r.get("retained") is not None]
-        mins = [r["retained_min"] for r in rows if r.get("retained_min") is not None]
+        kept = [1.0 if r["kept_fraction"] is None else float(r["kept_fraction"].mean()) for r in rows]
+        # dense layers retain everything; sparse plans of methods that do not score (None) are left out
+        ret = [torch.ones(1) if r["kept_fraction"] is None else r["retained"] for r in rows]
+        ret = [t for t in ret if t is not None]
         return {
-            "kept_fraction": sum(r["kept_fraction"] for r in rows) / len(rows),
-            "retained": sum(ret) / len(ret) if ret else None,
-            "retained_min": min(mins) if mins else None,
+            "kept_fraction": sum(kept) / len(kept),
+            "retained": sum(float(t.mean()) for t in ret) / len(ret) if ret else None,
+            "retained_min": min(float(t.min()) for t in ret) if ret else None,
         }
 
 
