@@ -161,7 +161,8 @@ class Session:
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": plan.retained}
         if layer is not None:
-            layer.commit_prefill(plan, key_start, self.method.decode_keep(idx, k.shape[1]))
+            keep = plan.decode_keep if plan is not None else self.method.decode_keep(idx, k.shape[1])
+            layer.commit_prefill(plan, key_start, keep)
         return out, None
 
     def prefill_report(self) -> dict[str, float | None]:

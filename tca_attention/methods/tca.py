@@ -1,7 +1,7 @@
 """TCA-Attention (arXiv 2512.09238): calibrated head budgets + last-query adaptive selection."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,15 @@ class TCA(Method):
     budgets: Budgets
     dense_below: int = 0
     name: str = "tca"
+    # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
+    _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _layer(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (layer_idx, str(device))
+        if key not in self._per_layer:
+            self._per_layer[key] = (self.budgets.layer_p(layer_idx).to(device),
+                                    self.budgets.layer_decode_keep(layer_idx).to(device))
+        return self._per_layer[key]
 
     @property
     def block_size(self) -> int:
@@ -47,7 +56,7 @@ class TCA(Method):
         self.budgets.check_model(model)
 
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        return self.budgets.layer_decode_keep(layer_idx)
+        return self._layer(layer_idx, torch.device("cpu"))[1]
 
     def plan(self, layer_idx, q, k, key_start, scaling) -> TokenPlan | None:
         cfg = self.budgets.config
@@ -58,11 +67,11 @@ class TCA(Method):
         n, local_start = geo
         valid = key_validity(L, key_start)
         s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
-        mask, _ = select_tokens(s, self.budgets.layer_p(layer_idx), n, cfg.block_size, cfg.alpha, cfg.mass_norm)
+        mask, _ = select_tokens(s, self._layer(layer_idx, s.device)[0], n, cfg.block_size, cfg.alpha, cfg.mass_norm)
         mask &= valid[:, None, :local_start]
         if cfg.sink_tokens:
             mask |= sink_mask(local_start, key_start, cfg.sink_tokens)[:, None, :]
         kept_idx, kept_len = sel.pack_mask(mask)
         retained = (s[..., :local_start] * mask).sum(-1) + s[..., local_start:].sum(-1)
         return TokenPlan(kept_idx, kept_len, local_start, cfg.window, cfg.block_size, key_start,
-                         self.decode_keep(layer_idx, KV), retained)
+                         self._layer(layer_idx, k.device)[1], retained)
