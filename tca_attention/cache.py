@@ -221,6 +221,25 @@ class TCALayer(DynamicLayer):
             return 0
         return 2 * self.dense_tokens() * self.t_keys.shape[-1] * self.t_keys.element_size()
 
+    def slot_bytes(self) -> int:
+        """Bytes of one key/value slot (key + value) of this layer."""
+        return 2 * self.t_keys.shape[-1] * self.t_keys.element_size() if self.t_keys is not None else 0
+
+    def kept_tokens_per_row(self) -> torch.Tensor:
+        """(B,) key/value slots of non-padding tokens in use per batch row, summed over KV heads."""
+        B, KV = self.t_keys.shape[:2]
+        seg_len = self.g_offsets[1:] - self.g_offsets[:-1]  # (B * KV,)
+        seg = torch.repeat_interleave(torch.arange(B * KV, device=seg_len.device), seg_len)
+        glob = torch.zeros(B * KV, dtype=torch.long, device=seg_len.device)
+        glob.index_add_(0, seg, (self.g_pos >= 0).long())
+        tail = (self.tail_positions() >= 0).sum(-1) * KV
+        return glob.view(B, KV).sum(-1) + tail
+
+    def dense_tokens_per_row(self) -> torch.Tensor:
+        """(B,) slots a plain cache would hold for each row's non-padding tokens."""
+        KV = self.t_keys.shape[1]
+        return (self.seen - self.key_start) * KV
+
 
 class TCACache(Cache):
     """A transformers Cache whose full-attention layers are ragged TCA layers."""
@@ -259,6 +278,22 @@ class TCACache(Cache):
             elif layer.is_initialized and layer.keys is not None:
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
+
+    def per_row(self) -> list[dict[str, float]]:
+        """Per batch row, over non-padding tokens: kept_fraction (TCA layers), kv_bytes and
+        dense_kv_bytes (what this row's slots take; sliding layers shared equally by the rows)."""
+        tca = [l for l in self.tca_layers() if l.t_keys is not None]
+        others = [l for l in self.layers if not isinstance(l, TCALayer) and l.is_initialized and l.keys is not None]
+        if not tca:
+            return []
+        B = tca[0].t_keys.shape[0]
+        kept = sum(l.kept_tokens_per_row().double() for l in tca)
+        dense = sum(l.dense_tokens_per_row().double() for l in tca)
+        kept_b = sum(l.kept_tokens_per_row().double() * l.slot_bytes() for l in tca)
+        dense_b = sum(l.dense_tokens_per_row().double() * l.slot_bytes() for l in tca)
+        shared = sum(l.keys.nbytes + l.values.nbytes for l in others) / B
+        return [{"kept_fraction": float(kept[r] / dense[r]) if dense[r] else 1.0,
+                 "kv_bytes": int(kept_b[r] + shared), "dense_kv_bytes": int(dense_b[r] + shared)} for r in range(B)]
 
     def kept_fraction(self) -> float:
         """Kept key/value slots over the slots full attention would hold, TCA layers only."""

@@ -34,6 +34,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="4096", help="comma list of target prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=20, help="samples per task and length")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="samples of one task run together, left-padded (GPU throughput; default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the loader's choice)")
     p.add_argument("--tca-preset", default="small-context", help="TCA config preset, a name of tca_attention.config.PRESETS (default small-context: window 512)")
@@ -73,7 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
             model=model, methods=tuple(_csv(args.methods)), tasks=tuple(tasks),
             lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
             chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
-            tca_tau=args.tau, dtype=args.dtype,
+            tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size,
         )
         run_dir = args.results_dir / config.run_name()
         backend = ModelBackend(model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,

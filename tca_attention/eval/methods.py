@@ -93,6 +93,9 @@ class Backend(Protocol):
 
     def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome: ...
 
+    # optional: run_batch(spec, samples, ids_list, matched_fraction) -> list[Outcome], used when
+    # the run's batch size is above 1 (samples of one task and length, left-padded together)
+
 
 def resolve_tca_config(preset: str, score: str | None, tau: float) -> dict[str, Any]:
     """The TCA configuration a run uses, as plain data (for the run's identity)."""
@@ -264,3 +267,86 @@ class ModelBackend:
             extra["prefill_kept_fraction"] = report.get("kept_fraction")
             extra["retained"] = report.get("retained")
         return Outcome(prediction, nll, float(kept), int(kv), int(dense), seconds, extra)
+
+    def run_batch(self, spec: MethodSpec, samples: list[Sample], ids_list: list[list[int]],
+                  matched_fraction: float | None) -> list[Outcome]:
+        """Several samples of one task at once, left-padded into one batch.
+
+        Per-row results match single runs for full attention (up to kernel rounding); for TCA
+        the block grid starts at the batch's first position, so a row with p padding tokens
+        sees its blocks shifted by p (< 1% of the prompt for same-length samples). StreamingLLM
+        matched to a budget uses the batch's mean prompt length. Seconds are the batch's / rows.
+        """
+        import torch
+
+        from ..integration import enable
+
+        if len(samples) == 1:
+            return [self.run(spec, samples[0], ids_list[0], matched_fraction)]
+        kinds = {s.kind for s in samples}
+        if len(kinds) != 1:
+            raise ValueError(f"a batch mixes sample kinds {kinds}")
+        lens = [len(ids) for ids in ids_list]
+        L, B = max(lens), len(samples)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        input_ids = torch.full((B, L), int(pad), dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for r, ids in enumerate(ids_list):
+            input_ids[r, L - len(ids):] = torch.tensor(ids)
+            attn[r, L - len(ids):] = 1
+        input_ids, attn = input_ids.to(self.model.device), attn.to(self.model.device)
+        method = self.core_method(spec, round(sum(lens) / B), matched_fraction)
+        extra: dict[str, Any] = {"batch": B}
+        if spec.kind == "streaming":
+            extra["window"] = method.window
+        t0 = time.perf_counter()
+        with enable(self.model, method, backend=self.backend) as session, torch.no_grad():
+            cache = session.new_cache()
+            nlls: list[float | None] = [None] * B
+            preds = [""] * B
+            if samples[0].kind == "nll":
+                ns = [int(s.metadata["nll_tokens"]) for s in samples]
+                K = max(ns) + 1
+                out = self.model(input_ids, attention_mask=attn, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=K)
+                for r, n in enumerate(ns):
+                    logits = out.logits[r, K - 1 - n: K - 1].float()
+                    nlls[r] = float(torch.nn.functional.cross_entropy(logits, input_ids[r, -n:]))
+            else:
+                limits = [s.max_new_tokens for s in samples]
+                gen = self.model.generate(
+                    input_ids, attention_mask=attn, past_key_values=cache, max_new_tokens=max(limits),
+                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=int(pad),
+                )
+                # greedy decoding is causal: a row's first n tokens do not depend on later ones
+                preds = [self.tokenizer.decode(gen[r, L:L + limits[r]], skip_special_tokens=True) for r in range(B)]
+            if input_ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / B
+            report = session.prefill_report() if method is not None else {}
+        if method is None:
+            rows = _dense_rows(cache, lens, L)
+        else:
+            rows = cache.per_row()
+            extra["prefill_kept_fraction"] = report.get("kept_fraction")  # batch mean
+        return [Outcome(preds[r], nlls[r], float(rows[r]["kept_fraction"]), int(rows[r]["kv_bytes"]),
+                        int(rows[r]["dense_kv_bytes"]), seconds, dict(extra)) for r in range(B)]
+
+
+def _dense_rows(cache: Any, lens: list[int], padded: int) -> list[dict[str, float]]:
+    """Per-row KV of a plain cache: full layers by the row's own tokens (the cache length less
+    the row's padding), sliding layers shared equally."""
+    rows = []
+    B = len(lens)
+    for n in lens:
+        total = 0.0
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is None:
+                continue
+            nbytes = (layer.keys.nbytes + layer.values.nbytes) / B
+            held = layer.keys.shape[-2]
+            total += nbytes if getattr(layer, "is_sliding", False) else nbytes * (held - (padded - n)) / held
+        rows.append({"kept_fraction": 1.0, "kv_bytes": int(total), "dense_kv_bytes": int(total)})
+    return rows

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
@@ -42,6 +42,7 @@ class EvalConfig:
     tca_score: str | None = None
     tca_tau: float = 0.9
     dtype: str | None = None
+    batch_size: int = 1  # samples of one (task, length, method) run together, left-padded
 
     def __post_init__(self) -> None:
         for t in self.tasks:
@@ -55,6 +56,8 @@ class EvalConfig:
                 raise ValueError(f"{s.label} matches {s.match}, which is not among the methods {labels}")
         if self.samples < 1 or not self.lengths or min(self.lengths) < 64:
             raise ValueError("need samples >= 1 and lengths >= 64 tokens")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def specs(self) -> list[MethodSpec]:
         """Methods in run order: those matched to another method's budget last."""
@@ -63,16 +66,21 @@ class EvalConfig:
 
     def identity(self) -> dict:
         """The settings that change a (method, sample) result; they name the run folder.
-        The TCA preset is resolved, so a preset whose values change names a new folder."""
-        return {"model": self.model, "seed": self.seed, "chat_template": self.chat_template,
-                "tca_preset": self.tca_preset, "tca": resolve_tca_config(self.tca_preset, self.tca_score, self.tca_tau),
-                "dtype": self.dtype}
+        The TCA preset is resolved, so a preset whose values change names a new folder. A batch
+        size above 1 is part of it: padding shifts TCA's block grid, so results may differ."""
+        ident = {"model": self.model, "seed": self.seed, "chat_template": self.chat_template,
+                 "tca_preset": self.tca_preset, "tca": resolve_tca_config(self.tca_preset, self.tca_score, self.tca_tau),
+                 "dtype": self.dtype}
+        if self.batch_size > 1:
+            ident["batch_size"] = self.batch_size
+        return ident
 
     def run_name(self) -> str:
         """Readable and unique per identity; more methods, tasks, lengths or samples reuse it."""
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         model = re.sub(r"[^A-Za-z0-9.]+", "-", Path(self.model).name if "/" in self.model else self.model)
-        return f"{model}_{self.tca_preset}_tau{self.tca_tau:g}_seed{self.seed}_{digest}"
+        batch = f"_batch{self.batch_size}" if self.batch_size > 1 else ""
+        return f"{model}_{self.tca_preset}_tau{self.tca_tau:g}_seed{self.seed}{batch}_{digest}"
 
 
 class ResultLog:
@@ -147,31 +155,46 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
     try:
         for length in config.lengths:
             samples: dict[str, tuple[Sample, list[int]]] = {}
+
+            def sample_of(task: str, i: int) -> tuple[Sample, list[int]]:
+                sid = f"{task}-{length}-{i:04d}"
+                if sid not in samples:
+                    s = generate(ctx, task, length, i)
+                    samples[sid] = (s, fmt.encode(s))
+                return samples[sid]
+
             for spec in specs:
                 matched = mean_kept_fraction(results, spec.match, length) if spec.match else None
                 for task in config.tasks:
-                    for i in range(config.samples):
-                        sid = f"{task}-{length}-{i:04d}"
-                        if (spec.label, sid) in done:
+                    # fixed chunks of sample indices, so a resumed run batches the same samples
+                    for lo in range(0, config.samples, config.batch_size):
+                        chunk = list(range(lo, min(lo + config.batch_size, config.samples)))
+                        missing = [i for i in chunk if (spec.label, f"{task}-{length}-{i:04d}") not in done]
+                        if not missing:
                             continue
-                        if sid not in samples:
-                            s = generate(ctx, task, length, i)
-                            samples[sid] = (s, fmt.encode(s))
-                        sample, ids = samples[sid]
                         bar.set_postfix_str(f"{spec.label} {task} {length}", refresh=False)
-                        result = _run_one(config, backend, spec, sample, ids, matched)
-                        results_log.append(result)
-                        results.append(result)
-                        done.add(result.key)
-                        bar.update(1)
+                        pairs = [sample_of(task, i) for i in chunk]
+                        for result in _run_chunk(config, backend, spec, pairs, matched):
+                            if result.key in done:
+                                continue
+                            results_log.append(result)
+                            results.append(result)
+                            done.add(result.key)
+                            bar.update(1)
     finally:
         bar.close()
     return results
 
 
-def _run_one(config: EvalConfig, backend: Backend, spec: MethodSpec, sample: Sample, ids: list[int],
-             matched: float | None) -> Result:
-    out = backend.run(spec, sample, ids, matched)
+def _run_chunk(config: EvalConfig, backend: Backend, spec: MethodSpec, pairs: list[tuple[Sample, list[int]]],
+               matched: float | None) -> list[Result]:
+    if len(pairs) == 1 or not hasattr(backend, "run_batch"):
+        return [_result(config, spec, s, ids, backend.run(spec, s, ids, matched)) for s, ids in pairs]
+    outs = backend.run_batch(spec, [s for s, _ in pairs], [ids for _, ids in pairs], matched)
+    return [_result(config, spec, s, ids, out) for (s, ids), out in zip(pairs, outs, strict=True)]
+
+
+def _result(config: EvalConfig, spec: MethodSpec, sample: Sample, ids: list[int], out: Any) -> Result:
     if sample.kind == "nll":
         value, scorer = float(out.nll if out.nll is not None else float("nan")), "nll"
     else:
