@@ -72,6 +72,65 @@ def time_one(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
     }
 
 
+KERNEL_GROUPS = (  # (group, lower-case substrings of CUDA kernel names), first match wins
+    ("tca attention (triton)", ("_prefill_kernel",)),
+    ("tca selection (triton)", ("_select", "_score", "_stats", "_pack")),
+    ("dense attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul (projections, MLP)", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("sort / scan / top-k", ("sort", "radix", "scan", "cumsum", "topk", "bitonic")),
+    ("gather / scatter / index", ("gather", "scatter", "index", "masked")),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "elementwise / other"
+
+
+@torch.no_grad()
+def profile_prefill(model, ids: torch.Tensor, method) -> dict:
+    """One prefill under torch.profiler: CUDA kernel time per group, wall time, GPU busy share,
+    and memory: peak over the weights, KV held after prefill, transient = peak - held."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with enable(model, method) as session:
+        cache = session.new_cache() if method is not None else DynamicCache(config=model.config)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        held = torch.cuda.memory_allocated() - base - out.logits.nbytes
+        peak = torch.cuda.max_memory_allocated() - base
+    groups: dict[str, float] = {}
+    top: list[tuple[str, float]] = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if us <= 0 or ev.key.startswith(("ProfilerStep", "aten::")):
+            continue
+        g = kernel_group(ev.key)
+        groups[g] = groups.get(g, 0.0) + us / 1e3
+        top.append((ev.key[:90], us / 1e3))
+    del cache, out
+    busy = sum(groups.values())
+    return {
+        "wall_ms_profiled": wall * 1e3,
+        "kernel_ms_by_group": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "kernel_ms_total": busy,
+        "gpu_idle_ms": wall * 1e3 - busy,
+        "top_kernels_ms": sorted(top, key=lambda kv: -kv[1])[:12],
+        "peak_mem_gib": peak / 2**30, "held_after_prefill_gib": held / 2**30,
+        "transient_gib": (peak - held) / 2**30,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", required=True)
@@ -81,6 +140,9 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=None)
     ap.add_argument("--score", default=None)
     ap.add_argument("--dense-below", type=int, default=0, help="TCA keeps prompts shorter than this dense")
+    ap.add_argument("--also-dense-below", type=int, default=0,
+                    help="also time TCA(dense_below=N) at lengths below N (a short-prompt policy), same run")
+    ap.add_argument("--profile", default="", help="comma list of lengths to profile one prefill of (both methods)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model = build_model(args.layers)
@@ -103,11 +165,25 @@ def main() -> None:
             except torch.OutOfMemoryError as e:
                 row[name] = {"error": f"OOM: {e}".splitlines()[0]}
                 torch.cuda.empty_cache()
+        if args.also_dense_below and L < args.also_dense_below:
+            policy = TCA(budgets, dense_below=args.also_dense_below)
+            time_one(model, ids, policy, 2)
+            row["tca_dense_below"] = time_one(model, ids, policy, args.decode_steps)
+            row["tca_dense_below"]["dense_below"] = args.also_dense_below
         if "ttft_s" in row["dense"] and "ttft_s" in row["tca"]:
             row["ttft_speedup"] = row["dense"]["ttft_s"] / row["tca"]["ttft_s"]
             row["decode_speedup"] = row["tca"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
+            row["peak_mem_drop_gib"] = row["dense"]["peak_mem_gib"] - row["tca"]["peak_mem_gib"]
+            row["kv_saving_gib"] = row["dense"]["kv_gib"] - row["tca"]["kv_gib"]
+        if "tca_dense_below" in row and "ttft_s" in row["dense"]:
+            row["ttft_speedup_dense_below"] = row["dense"]["ttft_s"] / row["tca_dense_below"]["ttft_s"]
         print(json.dumps(row), flush=True)
         rows.append(row)
+    profiles = {}
+    for L in (int(x) for x in args.profile.split(",") if x):
+        ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
+        profiles[L] = {name: profile_prefill(model, ids, m) for name, m in (("dense", None), ("tca", method))}
+        print(json.dumps({"profile": L, **profiles[L]}), flush=True)
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "model": {"shape": "Llama-3.1-8B", **LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16"},
@@ -119,7 +195,7 @@ def main() -> None:
         "command": "python benchmarks/bench_e2e.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
     plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
 
 

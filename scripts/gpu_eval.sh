@@ -11,7 +11,7 @@
 # compressed. Resumable: rerun the same command after a crash.
 # Writes RESULTS_DIR/<run>/results.jsonl, summary.json, report.md and PNGs per model and a
 # combined report in RESULTS_DIR/report/eval_* (ready to copy to docs/results/). Overridable through the environment:
-#   MODELS="smollm2 qwen2.5-coder-0.5b"  LENGTHS=4096,8192  SAMPLES=20  DEVICE=cuda  DTYPE=
+#   MODELS="smollm2 qwen2.5-coder-0.5b"  LENGTHS=4096,8192  SAMPLES=20  DEVICE=cuda  DTYPE=  BATCH=1
 #   METHODS=...  (see the default below)  EXTRA="--budgets FILE" (one model only) etc.
 set -euo pipefail
 OUT=${1:?usage: scripts/gpu_eval.sh RESULTS_DIR}
@@ -29,5 +29,5 @@ mkdir -p "$OUT"
 start=$(date +%s)
 python -m tca_attention.eval "${MODEL_ARGS[@]}" --methods "$METHODS" --tasks all \
     --lengths "$LENGTHS" --samples "$SAMPLES" --device "$DEVICE" "${DTYPE_ARG[@]}" \
-    --results-dir "$OUT" --report-dir "$OUT/report" --report-prefix eval_ ${EXTRA:-} 2>&1 | tee -a "$OUT/eval.log"
+    --batch-size "${BATCH:-1}" --results-dir "$OUT" --report-dir "$OUT/report" --report-prefix eval_ ${EXTRA:-} 2>&1 | tee -a "$OUT/eval.log"
 echo "total wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/eval.log"

@@ -168,7 +168,7 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
         assert files[key].exists() and files[key].stat().st_size > 0
     assert files["needle_m"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["report"].read_text()
-    assert "| tca | 50.0 | 50.0 | 33.3 | 33.3 |" in md
+    assert "| tca | 50.0 | 50.0 | -50.0 | -50.0 | 33.3 | 33.3 |" in md  # acc, gap to full (points), kept
     assert json.loads(files["summary"].read_text())["models"]["m"]["methods"]["full"]["lengths"]["4096"]["n"] == 8
 
 
@@ -189,7 +189,7 @@ def test_cli_rebuilds_a_prefixed_report_from_run_folders(tmp_path: Path) -> None
                               "--report-prefix", "eval_"])
     assert args.func(args) == 0
     md = (tmp_path / "docs" / "eval_report.md").read_text()
-    assert "| full | 100.0 | 100.0 | - |" in md and "| tca | 0.0 | 25.0 | - |" in md
+    assert "| full | 100.0 | +0.0 | 100.0 | - |" in md and "| tca | 0.0 | -100.0 | 25.0 | - |" in md
     assert (tmp_path / "docs" / "eval_needle_m.png").exists()
 
 

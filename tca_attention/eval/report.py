@@ -105,20 +105,29 @@ def markdown(summary: dict) -> str:
     for model, msum in summary["models"].items():
         methods = msum["methods"]
         lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
-        lines += [f"## {model}", ""]
-        head = ["method"] + [f"acc {L}" for L in lengths] + [f"kept {L}" for L in lengths] + [f"ppl {L}" for L in lengths]
+        lines += [f"## {display_name(model)}", ""]
+        full = methods.get("full", {}).get("lengths", {})
+        head = (["method"] + [f"acc {L}" for L in lengths] + [f"gap {L}" for L in lengths]
+                + [f"kept {L}" for L in lengths] + [f"ppl {L}" for L in lengths])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, m in methods.items():
             cells = [m["lengths"].get(str(L), {}) for L in lengths]
-            row = [method] + [_fmt(c.get("accuracy")) for c in cells] + [_fmt(c.get("kept_fraction")) for c in cells]
+            gaps = []
+            for L, c in zip(lengths, cells):
+                ref = full.get(str(L), {}).get("accuracy")
+                acc = c.get("accuracy")
+                gaps.append("-" if ref is None or acc is None else f"{100 * (acc - ref):+.1f}")
+            row = ([method] + [_fmt(c.get("accuracy")) for c in cells] + gaps
+                   + [_fmt(c.get("kept_fraction")) for c in cells])
             row += [_fmt(c.get("ppl"), pct=False) for c in cells]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "acc: mean score (%) over the accuracy tasks every method ran at that length; "
+                  "gap: acc minus full attention's acc, in points; "
                   "kept: mean KV kept fraction (%); ppl: perplexity of the last tokens of long essays.", ""]
         for L in lengths:
             tasks = _ordered(t for m in methods.values() for t in m["lengths"].get(str(L), {}).get("tasks", {}))
             n = max((c["n"] for m in methods.values() for c in m["lengths"].get(str(L), {}).get("tasks", {}).values()), default=0)
-            lines += [f"### {model}, {L} tokens (n = {n} per task)", ""]
+            lines += [f"### {display_name(model)}, {L} tokens (n = {n} per task)", ""]
             lines += ["| method | " + " | ".join(tasks) + " | kept |", "|---|" + "---|" * (len(tasks) + 1)]
             for method, m in methods.items():
                 cell = m["lengths"].get(str(L))
@@ -133,8 +142,13 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def display_name(model: str) -> str:
+    """A model as the report names it: a file path by its stem (/tmp/x/gemma3.gguf -> gemma3)."""
+    return Path(model).stem if ("/" in model or model.endswith(".gguf")) else model
+
+
 def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in text)
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in display_name(text))
 
 
 def plot_needle_heatmap(results: list[Result], model: str, path: Path) -> Path | None:
@@ -169,7 +183,7 @@ def plot_needle_heatmap(results: list[Result], model: str, path: Path) -> Path |
     axes[0][0].set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"Needle in a haystack: {model}", fontsize=10)
+    fig.suptitle(f"Needle in a haystack: {display_name(model)}", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -193,7 +207,7 @@ def plot_accuracy_vs_length(summary: dict, model: str, path: Path) -> Path | Non
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("mean accuracy (%)")
     ax.set_ylim(-3, 103)
-    ax.set_title(f"Accuracy vs context length: {model}", fontsize=10)
+    ax.set_title(f"Accuracy vs context length: {display_name(model)}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -233,7 +247,7 @@ def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
     ax.set_ylabel("mean accuracy (%)")
     ax.set_xlim(0, 105)
     ax.set_ylim(-3, 103)
-    ax.set_title(f"Accuracy vs KV kept: {model}", fontsize=10)
+    ax.set_title(f"Accuracy vs KV kept: {display_name(model)}", fontsize=10)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -260,7 +274,7 @@ def write_report(results: list[Result], out_dir: Path, title: str = "Long-contex
             p = fn(out_dir / f"{prefix}{kind}_{slug}.png")
             if p is not None:
                 files[f"{kind}_{slug}"] = p
-                md.append(f"![{kind} {model}]({p.name})")
+                md.append(f"![{kind} {display_name(model)}]({p.name})")
         md.append("")
     files["report"] = out_dir / f"{prefix}report.md"
     files["report"].write_text("\n".join(md) + "\n")
