@@ -1,0 +1,240 @@
+"""Triton TCA Phase-2 selection: last-query importance, block ranking, top-k and packing, fused.
+
+Semantics: exactly `reference.select_and_pack_ref` (TCA.plan with no sink tokens). Per layer:
+  A  `_logits_kernel`   grid (B*KV, L-splits): the last query's logits of the g query heads of a
+                        KV head over a chunk of keys (fp32, invalid keys -inf) are written out,
+                        with each chunk's running softmax max and sum of exp;
+  B  `_importance_kernel` grid (B*KV, cdiv(L, b)): combines the chunk stats, turns a block of
+                        logits into s = mean over the group of the softmax (fp32), writes s, the
+                        block mass and, for global blocks, h of Eq. 6 ("max": only alpha * conc,
+                        the mass term is added by one torch op after the kernel);
+  torch               stable descending argsort of h, scatter of the cached keep-per-rank -> keep;
+  C  `_select_kernel`   grid (B*KV, n): the stable rank of every token inside its block by a b x b
+                        comparison tile (#{s_j > s_i} + #{j < i, s_j == s_i}, exactly the rank of
+                        a stable descending argsort), selected = rank < keep & valid; writes the
+                        selection, the per-block count and kept mass;
+  torch               inclusive cumsum of the counts -> per-block offsets and kept_len;
+  D  `_pack_kernel`     grid (B*KV, n): writes the ascending global indices of the selected tokens
+                        at offset + prefix in kept_idx (pre-filled with local_start).
+No host synchronisation: the output width M (max_kept) is given by the caller, who knows it from
+the layer's budgets (exact without padding, an upper bound with it).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_kernel(
+    Q, K, KEY_START, LOGITS, PMAX, PSUM,
+    s_qb, s_qh, s_kb, s_kh, s_kl,
+    L, KV, n_splits, chunk, scaling,
+    G: tl.constexpr, GROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    """LOGITS (B*KV, G, L) fp32; PMAX/PSUM (B*KV, G, n_splits) fp32 per-chunk softmax stats."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    rows = tl.arange(0, GROWS)
+    row_ok = rows < G
+    d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + (h * G + rows)[:, None] * s_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)  # (GROWS, D)
+    ks = tl.load(KEY_START + b)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    out_base = LOGITS + bh.to(tl.int64) * G * L
+    cols = tl.arange(0, BLOCK_N)
+    m_i = tl.full([GROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROWS], dtype=tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    for k0 in range(start, end, BLOCK_N):
+        kid = k0 + cols
+        in_l = kid < end
+        k = tl.load(k_base + kid[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
+        x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling  # (GROWS, BLOCK_N)
+        x = tl.where((in_l & (kid >= ks))[None, :], x, float("-inf"))
+        tl.store(out_base + rows[:, None] * L + kid[None, :], x, mask=row_ok[:, None] & in_l[None, :])
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys invalid so far: no NaN
+        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(x - m_use[:, None]), 1)
+        m_i = m_new
+    st = bh * G * n_splits + rows * n_splits + split
+    tl.store(PMAX + st, m_i, mask=row_ok)
+    tl.store(PSUM + st, l_i, mask=row_ok)
+
+
+@triton.jit
+def _importance_kernel(
+    LOGITS, PMAX, PSUM, S, MASS, H,
+    L, n_blocks, n_splits, w_mass, w_conc,
+    G: tl.constexpr, GP: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """S (B*KV, L) fp32; MASS (B*KV, cdiv(L, b)) block masses; H (B*KV, n) Eq. 6 (w_mass may be 0)."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    rows = tl.arange(0, GP)
+    row_ok = rows < G
+    sp = tl.arange(0, SPLITS_P)
+    st = bh * G * n_splits + rows[:, None] * n_splits + sp[None, :]
+    st_ok = row_ok[:, None] & (sp < n_splits)[None, :]
+    pm = tl.load(PMAX + st, mask=st_ok, other=float("-inf"))
+    ps = tl.load(PSUM + st, mask=st_ok, other=0.0)
+    m = tl.max(pm, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(ps * tl.exp(pm - m[:, None]), 1)
+    l = tl.where(l > 0, l, 1.0)
+    cols = j * BLOCK + tl.arange(0, BLOCK)
+    in_l = cols < L
+    x = tl.load(LOGITS + bh.to(tl.int64) * G * L + rows[:, None] * L + cols[None, :],
+                mask=row_ok[:, None] & in_l[None, :], other=float("-inf"))
+    p = tl.exp(x - m[:, None]) / l[:, None]
+    s = tl.sum(p, 0) / G  # (BLOCK,)
+    tl.store(S + bh.to(tl.int64) * L + cols, s, mask=in_l)
+    mass = tl.sum(s, 0)
+    tl.store(MASS + bh * tl.num_programs(1) + j, mass)
+    if j < n_blocks:
+        sq = tl.sum(s * s, 0)
+        mc = tl.maximum(mass, 1e-30)
+        den = tl.where(mass > 0, mc * mc, 1.0)  # as the reference where mass > 0; no 0/0 elsewhere
+        conc = tl.where(mass > 0, 1.0 - sq / den, 0.0)
+        tl.store(H + bh * n_blocks + j, w_mass * mass + w_conc * conc)
+
+
+@triton.jit
+def _select_kernel(
+    S, KEEP, KEY_START, SEL, COUNT, MASS,
+    L, KV, n_blocks, n_mass,
+    BLOCK: tl.constexpr,
+):
+    """SEL (B*KV, n*b) int8; COUNT (B*KV, n) int32; MASS[:, j] <- kept mass of global block j."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = bh // KV
+    ar = tl.arange(0, BLOCK)
+    idx = j * BLOCK + ar
+    s_i = tl.load(S + bh.to(tl.int64) * L + idx)
+    # stable descending rank of token i (rows): tokens j (columns) strictly larger, or equal and earlier
+    before = (s_i[None, :] > s_i[:, None]) | ((s_i[None, :] == s_i[:, None]) & (ar[None, :] < ar[:, None]))
+    rank = tl.sum(before.to(tl.int32), 1)
+    keep = tl.load(KEEP + bh * n_blocks + j)
+    ks = tl.load(KEY_START + b)
+    sel = (rank < keep) & (idx >= ks)
+    tl.store(SEL + bh.to(tl.int64) * n_blocks * BLOCK + idx, sel.to(tl.int8))
+    tl.store(COUNT + bh * n_blocks + j, tl.sum(sel.to(tl.int32), 0))
+    tl.store(MASS + bh * n_mass + j, tl.sum(tl.where(sel, s_i, 0.0), 0))
+
+
+@triton.jit
+def _pack_kernel(SEL, CSUM, COUNT, KEPT_IDX, n_blocks, M, BLOCK: tl.constexpr):
+    """KEPT_IDX (B*KV, M) int64: selected indices of block j at [csum[j] - count[j], csum[j])."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    ar = tl.arange(0, BLOCK)
+    idx = j * BLOCK + ar
+    sel = tl.load(SEL + bh.to(tl.int64) * n_blocks * BLOCK + idx).to(tl.int32)
+    off = tl.load(CSUM + bh * n_blocks + j) - tl.load(COUNT + bh * n_blocks + j)
+    pos = off + tl.cumsum(sel, 0) - sel
+    tl.store(KEPT_IDX + bh.to(tl.int64) * M + pos, idx.to(tl.int64), mask=(sel > 0) & (pos < M))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _splits(L: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(chunk, n_splits): chunks of whole key tiles, about 1024 programs in all, at most 64 chunks."""
+    target = max(1, min(64, 1024 // max(programs, 1)))
+    tiles = triton.cdiv(L, block_n)
+    chunk = triton.cdiv(tiles, target) * block_n
+    return chunk, triton.cdiv(L, chunk)
+
+
+def select_and_pack_triton(
+    q_last: torch.Tensor,
+    k: torch.Tensor,
+    key_start: torch.Tensor,
+    keep_rank: torch.Tensor,
+    n_blocks: int,
+    block_size: int,
+    alpha: float,
+    mass_norm: str,
+    scaling: float,
+    max_kept: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q_last (B, H, D), k (B, KV, L, D), key_start (B,), keep_rank (KV, n) keep count per rank.
+
+    -> kept_idx (B, KV, max_kept) int64 ascending, padded with n*b; kept_len (B, KV) int32;
+       retained (B, KV) fp32 last-query mass on what is kept (global kept + local region);
+       s (B, KV, L) fp32 GQA-averaged last-query attention.
+    max_kept must be >= every head's kept count (selected tokens past it are dropped).
+    """
+    B, H, D = q_last.shape
+    _, KV, L, _ = k.shape
+    if H % KV:
+        raise ValueError(f"query heads {H} must be a multiple of KV heads {KV}")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if block_size & (block_size - 1) or not 0 < n_blocks * block_size <= L:
+        raise ValueError(f"bad geometry: n_blocks={n_blocks}, block_size={block_size}, L={L}")
+    if mass_norm not in ("sum", "max"):
+        raise ValueError(f"mass_norm must be 'sum' or 'max', got {mass_norm!r}")
+    g, n, bs = H // KV, n_blocks, block_size
+    dev = k.device
+    if q_last.stride(-1) != 1:
+        q_last = q_last.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    key_start = key_start.to(device=dev, dtype=torch.int64).contiguous()
+    f32 = torch.float32
+
+    # A: logits and per-chunk softmax stats
+    block_n = 64 if D <= 128 else 32
+    chunk, n_splits = _splits(L, block_n, B * KV)
+    logits = torch.empty(B * KV, g, L, dtype=f32, device=dev)
+    pmax = torch.empty(B * KV, g, n_splits, dtype=f32, device=dev)
+    psum = torch.empty_like(pmax)
+    _logits_kernel[(B * KV, n_splits)](
+        q_last, k, key_start, logits, pmax, psum,
+        q_last.stride(0), q_last.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        L, KV, n_splits, chunk, scaling,
+        G=g, GROWS=max(16, _next_pow2(g)), BLOCK_N=block_n, HEAD_D=D, num_warps=4,
+    )
+
+    # B: s, block masses, h
+    nb_all = triton.cdiv(L, bs)
+    s = torch.empty(B * KV, L, dtype=f32, device=dev)
+    mass = torch.empty(B * KV, nb_all, dtype=f32, device=dev)
+    h = torch.empty(B * KV, n, dtype=f32, device=dev)
+    w_mass = 0.0 if mass_norm == "max" else 1.0 - alpha
+    _importance_kernel[(B * KV, nb_all)](
+        logits, pmax, psum, s, mass, h, L, n, n_splits, w_mass, alpha,
+        G=g, GP=max(2, _next_pow2(g)), SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
+    )
+    if mass_norm == "max":
+        gm = mass[:, :n]
+        h = h + (1.0 - alpha) * (gm / gm.amax(-1, keepdim=True).clamp_min(1e-30))
+
+    # block ranks -> keep count per block (the cached keep-per-rank, scattered by rank)
+    order = torch.argsort(h.view(B, KV, n), dim=-1, descending=True, stable=True)
+    keep = torch.empty(B, KV, n, dtype=torch.int32, device=dev)
+    keep.scatter_(-1, order, keep_rank.to(device=dev, dtype=torch.int32).expand(B, KV, n))
+
+    # C: within-block stable top-k, counts and kept mass (overwrites the global block masses)
+    sel = torch.empty(B * KV, n * bs, dtype=torch.int8, device=dev)
+    count = torch.empty(B * KV, n, dtype=torch.int32, device=dev)
+    _select_kernel[(B * KV, n)](
+        s, keep, key_start, sel, count, mass, L, KV, n, nb_all, BLOCK=bs, num_warps=4 if bs <= 64 else 8,
+    )
+    csum = torch.cumsum(count, dim=-1, dtype=torch.int32)  # (B*KV, n) inclusive
+
+    # D: pack ascending indices
+    kept_idx = torch.full((B * KV, max_kept), n * bs, dtype=torch.int64, device=dev)
+    if max_kept > 0:
+        _pack_kernel[(B * KV, n)](sel, csum, count, kept_idx, n, max_kept, BLOCK=bs, num_warps=4)
+    kept_len = csum[:, -1].reshape(B, KV)
+    retained = mass.sum(-1).reshape(B, KV)  # kept global mass + local region mass
+    return kept_idx.view(B, KV, max_kept), kept_len, retained, s.view(B, KV, L)
