@@ -2,8 +2,9 @@
 
 Semantics: exactly `reference.select_and_pack_ref` (TCA.plan with no sink tokens). Per layer:
   A  `_logits_kernel`   grid (B*KV, L-splits): the last query's logits of the g query heads of a
-                        KV head over a chunk of keys (fp32, invalid keys -inf) are written out,
-                        with each chunk's running softmax max and sum of exp;
+                        KV head over a chunk of keys (fp32 products reduced over D per key,
+                        invalid keys -inf) are written out, with each chunk's running softmax
+                        max and sum of exp;
   B  `_importance_kernel` grid (B*KV, cdiv(L, b)): combines the chunk stats, turns a block of
                         logits into s = mean over the group of the softmax (fp32), writes s, the
                         block mass and, for global blocks, h of Eq. 6 ("max": only alpha * conc,
@@ -55,7 +56,9 @@ def _logits_kernel(
         kid = k0 + cols
         in_l = kid < end
         k = tl.load(k_base + kid[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
-        x = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling  # (GROWS, BLOCK_N)
+        # one reduction over D per (head, key), the same for every key: equal keys give equal logits
+        # (a dot tile may round by column position), so exact ties in s stay ties
+        x = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # (GROWS, BLOCK_N)
         x = tl.where((in_l & (kid >= ks))[None, :], x, float("-inf"))
         tl.store(out_base + rows[:, None] * L + kid[None, :], x, mask=row_ok[:, None] & in_l[None, :])
         m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -192,7 +195,8 @@ def select_and_pack_triton(
     f32 = torch.float32
 
     # A: logits and per-chunk softmax stats
-    block_n = 64 if D <= 128 else 32
+    gp = max(2, _next_pow2(g))
+    block_n = min(128, max(8, 8192 // (gp * D)))  # the (heads, keys, D) product tile: ~8K elements
     chunk, n_splits = _splits(L, block_n, B * KV)
     logits = torch.empty(B * KV, g, L, dtype=f32, device=dev)
     pmax = torch.empty(B * KV, g, n_splits, dtype=f32, device=dev)
@@ -201,7 +205,7 @@ def select_and_pack_triton(
         q_last, k, key_start, logits, pmax, psum,
         q_last.stride(0), q_last.stride(1), k.stride(0), k.stride(1), k.stride(2),
         L, KV, n_splits, chunk, scaling,
-        G=g, GROWS=max(16, _next_pow2(g)), BLOCK_N=block_n, HEAD_D=D, num_warps=4,
+        G=g, GROWS=gp, BLOCK_N=block_n, HEAD_D=D, num_warps=4,
     )
 
     # B: s, block masses, h
@@ -212,7 +216,7 @@ def select_and_pack_triton(
     w_mass = 0.0 if mass_norm == "max" else 1.0 - alpha
     _importance_kernel[(B * KV, nb_all)](
         logits, pmax, psum, s, mass, h, L, n, n_splits, w_mass, alpha,
-        G=g, GP=max(2, _next_pow2(g)), SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
+        G=g, GP=gp, SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
     )
     if mass_norm == "max":
         gm = mass[:, :n]
