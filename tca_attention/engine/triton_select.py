@@ -22,6 +22,8 @@ the layer's budgets (exact without padding, an upper bound with it).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -144,13 +146,19 @@ def _pack_kernel(SEL, CSUM, COUNT, KEPT_IDX, n_blocks, M, BLOCK: tl.constexpr):
     tl.store(KEPT_IDX + bh.to(tl.int64) * M + pos, idx.to(tl.int64), mask=(sel > 0) & (pos < M))
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
 def _splits(L: int, block_n: int, programs: int) -> tuple[int, int]:
-    """(chunk, n_splits): chunks of whole key tiles, about 1024 programs in all, at most 64 chunks."""
-    target = max(1, min(64, 1024 // max(programs, 1)))
+    """(chunk, n_splits): chunks of whole key tiles, about 1024 programs in all, at most 64 chunks
+    (at most 4 under the interpreter, where every program costs host time)."""
+    most = 4 if _interpreted() else 64
+    target = max(1, min(most, 1024 // max(programs, 1)))
     tiles = triton.cdiv(L, block_n)
     chunk = triton.cdiv(tiles, target) * block_n
     return chunk, triton.cdiv(L, chunk)
@@ -197,6 +205,8 @@ def select_and_pack_triton(
     # A: logits and per-chunk softmax stats
     gp = max(2, _next_pow2(g))
     block_n = min(128, max(8, 8192 // (gp * D)))  # the (heads, keys, D) product tile: ~8K elements
+    if _interpreted():
+        block_n = 128  # no registers to spare there; fewer loop steps
     chunk, n_splits = _splits(L, block_n, B * KV)
     logits = torch.empty(B * KV, g, L, dtype=f32, device=dev)
     pmax = torch.empty(B * KV, g, n_splits, dtype=f32, device=dev)
