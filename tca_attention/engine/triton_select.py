@@ -164,6 +164,81 @@ def _splits(L: int, block_n: int, programs: int) -> tuple[int, int]:
     return chunk, triton.cdiv(L, chunk)
 
 
+def step_logits(q_last: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float):
+    """Kernel A. -> logits (B*KV, g, L), per-chunk max and sum of exp (B*KV, g, n_splits), fp32."""
+    B, H, D = q_last.shape
+    _, KV, L, _ = k.shape
+    g = H // KV
+    gp = max(2, _next_pow2(g))
+    block_n = min(128, max(8, 8192 // (gp * D)))  # the (heads, keys, D) product tile: ~8K elements
+    if _interpreted():
+        block_n = 128  # no registers to spare there; fewer loop steps
+    chunk, n_splits = _splits(L, block_n, B * KV)
+    dev = k.device
+    logits = torch.empty(B * KV, g, L, dtype=torch.float32, device=dev)
+    pmax = torch.empty(B * KV, g, n_splits, dtype=torch.float32, device=dev)
+    psum = torch.empty_like(pmax)
+    _logits_kernel[(B * KV, n_splits)](
+        q_last, k, key_start, logits, pmax, psum,
+        q_last.stride(0), q_last.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        L, KV, n_splits, chunk, scaling,
+        G=g, GROWS=gp, BLOCK_N=block_n, HEAD_D=D, num_warps=4,
+    )
+    return logits, pmax, psum
+
+
+def step_importance(logits, pmax, psum, n_blocks: int, block_size: int, alpha: float, mass_norm: str):
+    """Kernel B (+ the "max" mass term). -> s (B*KV, L), block masses (B*KV, cdiv(L, b)), h (B*KV, n)."""
+    BKV, g, L = logits.shape
+    n, bs, dev = n_blocks, block_size, logits.device
+    nb_all = triton.cdiv(L, bs)
+    s = torch.empty(BKV, L, dtype=torch.float32, device=dev)
+    mass = torch.empty(BKV, nb_all, dtype=torch.float32, device=dev)
+    h = torch.empty(BKV, n, dtype=torch.float32, device=dev)
+    w_mass = 0.0 if mass_norm == "max" else 1.0 - alpha
+    n_splits = pmax.shape[-1]
+    _importance_kernel[(BKV, nb_all)](
+        logits, pmax, psum, s, mass, h, L, n, n_splits, w_mass, alpha,
+        G=g, GP=max(2, _next_pow2(g)), SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
+    )
+    if mass_norm == "max":
+        gm = mass[:, :n]
+        h = h + (1.0 - alpha) * (gm / gm.amax(-1, keepdim=True).clamp_min(1e-30))
+    return s, mass, h
+
+
+def step_keep(h: torch.Tensor, keep_rank: torch.Tensor) -> torch.Tensor:
+    """Block ranks -> keep count per block: keep_rank (KV, n) scattered by the stable descending order of h."""
+    KV, n = keep_rank.shape
+    hv = h.view(-1, KV, n)
+    order = torch.argsort(hv, dim=-1, descending=True, stable=True)
+    keep = torch.empty(hv.shape, dtype=torch.int32, device=h.device)
+    return keep.scatter_(-1, order, keep_rank.to(device=h.device, dtype=torch.int32).expand(hv.shape))
+
+
+def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_heads: int):
+    """Kernel C (+ cumsum). Overwrites mass[:, :n] with the kept mass of each global block.
+
+    -> selection (B*KV, n*b) int8, counts and inclusive cumsum (B*KV, n) int32."""
+    BKV, L = s.shape
+    n, bs = n_blocks, block_size
+    sel = torch.empty(BKV, n * bs, dtype=torch.int8, device=s.device)
+    count = torch.empty(BKV, n, dtype=torch.int32, device=s.device)
+    _select_kernel[(BKV, n)](
+        s, keep, key_start, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs, num_warps=4 if bs <= 64 else 8,
+    )
+    return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32)
+
+
+def step_pack(sel, count, csum, n_blocks: int, block_size: int, max_kept: int) -> torch.Tensor:
+    """Kernel D. -> kept_idx (B*KV, max_kept) int64, padded with n*b."""
+    BKV = sel.shape[0]
+    kept_idx = torch.full((BKV, max_kept), n_blocks * block_size, dtype=torch.int64, device=sel.device)
+    if max_kept > 0:
+        _pack_kernel[(BKV, n_blocks)](sel, csum, count, kept_idx, n_blocks, max_kept, BLOCK=block_size, num_warps=4)
+    return kept_idx
+
+
 def select_and_pack_triton(
     q_last: torch.Tensor,
     k: torch.Tensor,
@@ -182,6 +257,7 @@ def select_and_pack_triton(
        retained (B, KV) fp32 last-query mass on what is kept (global kept + local region);
        s (B, KV, L) fp32 GQA-averaged last-query attention.
     max_kept must be >= every head's kept count (selected tokens past it are dropped).
+    Launches: 4 kernels, an argsort + scatter, a cumsum, a fill and two small reductions.
     """
     B, H, D = q_last.shape
     _, KV, L, _ = k.shape
@@ -193,62 +269,16 @@ def select_and_pack_triton(
         raise ValueError(f"bad geometry: n_blocks={n_blocks}, block_size={block_size}, L={L}")
     if mass_norm not in ("sum", "max"):
         raise ValueError(f"mass_norm must be 'sum' or 'max', got {mass_norm!r}")
-    g, n, bs = H // KV, n_blocks, block_size
-    dev = k.device
     if q_last.stride(-1) != 1:
         q_last = q_last.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    key_start = key_start.to(device=dev, dtype=torch.int64).contiguous()
-    f32 = torch.float32
-
-    # A: logits and per-chunk softmax stats
-    gp = max(2, _next_pow2(g))
-    block_n = min(128, max(8, 8192 // (gp * D)))  # the (heads, keys, D) product tile: ~8K elements
-    if _interpreted():
-        block_n = 128  # no registers to spare there; fewer loop steps
-    chunk, n_splits = _splits(L, block_n, B * KV)
-    logits = torch.empty(B * KV, g, L, dtype=f32, device=dev)
-    pmax = torch.empty(B * KV, g, n_splits, dtype=f32, device=dev)
-    psum = torch.empty_like(pmax)
-    _logits_kernel[(B * KV, n_splits)](
-        q_last, k, key_start, logits, pmax, psum,
-        q_last.stride(0), q_last.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        L, KV, n_splits, chunk, scaling,
-        G=g, GROWS=gp, BLOCK_N=block_n, HEAD_D=D, num_warps=4,
-    )
-
-    # B: s, block masses, h
-    nb_all = triton.cdiv(L, bs)
-    s = torch.empty(B * KV, L, dtype=f32, device=dev)
-    mass = torch.empty(B * KV, nb_all, dtype=f32, device=dev)
-    h = torch.empty(B * KV, n, dtype=f32, device=dev)
-    w_mass = 0.0 if mass_norm == "max" else 1.0 - alpha
-    _importance_kernel[(B * KV, nb_all)](
-        logits, pmax, psum, s, mass, h, L, n, n_splits, w_mass, alpha,
-        G=g, GP=gp, SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
-    )
-    if mass_norm == "max":
-        gm = mass[:, :n]
-        h = h + (1.0 - alpha) * (gm / gm.amax(-1, keepdim=True).clamp_min(1e-30))
-
-    # block ranks -> keep count per block (the cached keep-per-rank, scattered by rank)
-    order = torch.argsort(h.view(B, KV, n), dim=-1, descending=True, stable=True)
-    keep = torch.empty(B, KV, n, dtype=torch.int32, device=dev)
-    keep.scatter_(-1, order, keep_rank.to(device=dev, dtype=torch.int32).expand(B, KV, n))
-
-    # C: within-block stable top-k, counts and kept mass (overwrites the global block masses)
-    sel = torch.empty(B * KV, n * bs, dtype=torch.int8, device=dev)
-    count = torch.empty(B * KV, n, dtype=torch.int32, device=dev)
-    _select_kernel[(B * KV, n)](
-        s, keep, key_start, sel, count, mass, L, KV, n, nb_all, BLOCK=bs, num_warps=4 if bs <= 64 else 8,
-    )
-    csum = torch.cumsum(count, dim=-1, dtype=torch.int32)  # (B*KV, n) inclusive
-
-    # D: pack ascending indices
-    kept_idx = torch.full((B * KV, max_kept), n * bs, dtype=torch.int64, device=dev)
-    if max_kept > 0:
-        _pack_kernel[(B * KV, n)](sel, csum, count, kept_idx, n, max_kept, BLOCK=bs, num_warps=4)
+    key_start = key_start.to(device=k.device, dtype=torch.int64).contiguous()
+    logits, pmax, psum = step_logits(q_last, k, key_start, scaling)
+    s, mass, h = step_importance(logits, pmax, psum, n_blocks, block_size, alpha, mass_norm)
+    keep = step_keep(h, keep_rank)
+    sel, count, csum = step_select(s, keep, key_start, mass, n_blocks, block_size, KV)
+    kept_idx = step_pack(sel, count, csum, n_blocks, block_size, max_kept)
     kept_len = csum[:, -1].reshape(B, KV)
     retained = mass.sum(-1).reshape(B, KV)  # kept global mass + local region mass
     return kept_idx.view(B, KV, max_kept), kept_len, retained, s.view(B, KV, L)
