@@ -257,7 +257,7 @@ def select_and_pack_triton(
        retained (B, KV) fp32 last-query mass on what is kept (global kept + local region);
        s (B, KV, L) fp32 GQA-averaged last-query attention.
     max_kept must be >= every head's kept count (selected tokens past it are dropped).
-    Launches: 4 kernels, an argsort + scatter, a cumsum, a fill and two small reductions.
+    Launches: 4 kernels, a fill, an argsort + scatter, a cumsum and a sum (+5 elementwise for "max").
     """
     B, H, D = q_last.shape
     _, KV, L, _ = k.shape
