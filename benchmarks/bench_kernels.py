@@ -68,53 +68,82 @@ def head_budgets(frac: float, L: int, window: int, block: int, gen: torch.Genera
     return (1 - w) * ext[i - 1] + w * ext[i]
 
 
-def tca_select(q: torch.Tensor, k: torch.Tensor, p: torch.Tensor, window: int, block: int, alpha: float, scaling: float):
-    """Phase 2 selection with selection.py's primitives. q (B, H, L, D), k (B, KV, L, D) -> TokenPlan."""
-    from tca_attention.engine.plan import TokenPlan
-    from tca_attention.selection import (
-        block_redundancy, keep_per_block, keep_per_rank, last_query_importance, pack_mask, topk_within_blocks,
-    )
+class Selector:
+    """TCA.plan's selection for one layer: dispatch.select_and_pack with the keep count per rank
+    and the output width built once on the host (as TCA caches them), so timing a call measures
+    exactly what TCA runs per prefill. backend: "triton" (fused, no sync) or "reference"."""
 
-    B, _, L, _ = q.shape
-    kv = k.shape[1]
-    n = (L - window) // block if L > window + block else 0
-    ls = n * block
-    s = last_query_importance(q[:, :, -1], k, None, scaling)  # (B, KV, L)
-    sb = s[..., :ls].reshape(B, kv, n, block)  # (B, KV, n, b)
-    hj = block_redundancy(sb, alpha)  # (B, KV, n)
-    keep = keep_per_block(hj, keep_per_rank(p.expand(B, kv, -1), n, block))  # (B, KV, n)
-    mask = topk_within_blocks(sb, keep).reshape(B, kv, ls)
-    idx, lens = pack_mask(mask)
-    ks = torch.tensor([block >> i for i in range(p.shape[-1])], dtype=p.dtype, device=p.device)
-    decode_keep = torch.floor((p * ks).sum(-1) + 1e-9).long()
-    return TokenPlan(idx, lens, ls, window, block, torch.zeros(B, dtype=torch.long, device=q.device), decode_keep)
+    def __init__(self, p: torch.Tensor, L: int, window: int, block: int, alpha: float, backend: str = "triton"):
+        from tca_attention.selection import keep_per_rank
+
+        self.n = (L - window) // block
+        self.block, self.window, self.alpha, self.backend = block, window, alpha, backend
+        kr = keep_per_rank(p.cpu(), self.n, block)  # (KV, n)
+        self.max_kept = int(kr.sum(-1).max())
+        self.keep_rank = kr.to(device=p.device, dtype=torch.int32)
+        ks = torch.tensor([block >> i for i in range(p.shape[-1])], dtype=p.dtype, device=p.device)
+        self.decode_keep = torch.floor((p * ks).sum(-1) + 1e-9).long()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, scaling: float):
+        """q (B, H, L, D), k (B, KV, L, D) -> TokenPlan (no padding: key_start 0)."""
+        from tca_attention.engine import dispatch
+        from tca_attention.engine.plan import TokenPlan
+
+        B = q.shape[0]
+        key_start = torch.zeros(B, dtype=torch.long, device=q.device)
+        idx, lens, retained, _ = dispatch.select_and_pack(
+            q[:, :, -1], k, key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", scaling,
+            self.max_kept, backend=self.backend)
+        return TokenPlan(idx, lens, self.n * self.block, self.window, self.block, key_start, self.decode_keep,
+                         retained, kept_total=B * int(self.keep_rank.sum()))
+
+
+def tca_select(q: torch.Tensor, k: torch.Tensor, p: torch.Tensor, window: int, block: int, alpha: float, scaling: float,
+               backend: str = "triton"):
+    """One-off plan with the library's selection (builds a Selector: do not time this, time the Selector)."""
+    return Selector(p, q.shape[2], window, block, alpha, backend)(q, k, scaling)
 
 
 def selection_breakdown(q, k, p, window: int, block: int, alpha: float, scaling: float) -> dict[str, float]:
-    """Median ms of each step of tca_select, to see where selection time goes."""
-    from tca_attention.selection import (
-        block_redundancy, keep_per_block, keep_per_rank, last_query_importance, pack_mask, topk_within_blocks,
-    )
+    """Median ms of each launch group of the fused selection (triton_select's steps) and of each
+    step of the PyTorch reference, plus both whole calls, to see where selection time goes."""
+    from tca_attention import selection as S
+    from tca_attention.engine import triton_select as T
 
-    B, _, L, _ = q.shape
-    kv = k.shape[1]
-    n = (L - window) // block
-    ls = n * block
-    s = last_query_importance(q[:, :, -1], k, None, scaling)
-    sb = s[..., :ls].reshape(B, kv, n, block)
-    hj = block_redundancy(sb, alpha)
-    kpr = keep_per_rank(p.expand(B, kv, -1), n, block)
-    keep = keep_per_block(hj, kpr)
-    mask = topk_within_blocks(sb, keep).reshape(B, kv, ls)
-    steps = {
-        "last_query_importance": lambda: last_query_importance(q[:, :, -1], k, None, scaling),
-        "block_redundancy": lambda: block_redundancy(sb, alpha),
-        "keep_per_rank": lambda: keep_per_rank(p.expand(B, kv, -1), n, block),
-        "keep_per_block": lambda: keep_per_block(hj, kpr),
-        "topk_within_blocks": lambda: topk_within_blocks(sb, keep),
-        "pack_mask": lambda: pack_mask(mask),
+    sel_t = Selector(p, q.shape[2], window, block, alpha, "triton")
+    sel_r = Selector(p, q.shape[2], window, block, alpha, "reference")
+    n, ls, B, kv = sel_t.n, sel_t.n * block, q.shape[0], k.shape[1]
+    q_last = q[:, :, -1]
+    ks = torch.zeros(B, dtype=torch.long, device=q.device)
+    lg = T.step_logits(q_last, k, ks, scaling)
+    s, mass, h = T.step_importance(*lg, n, block, alpha, "sum")
+    keep = T.step_keep(h, sel_t.keep_rank)
+    chosen, count, csum = T.step_select(s, keep, ks, mass.clone(), n, block, kv)
+    triton_steps = {
+        "A_logits": lambda: T.step_logits(q_last, k, ks, scaling),
+        "B_importance": lambda: T.step_importance(*lg, n, block, alpha, "sum"),
+        "argsort_scatter": lambda: T.step_keep(h, sel_t.keep_rank),
+        "C_select_cumsum": lambda: T.step_select(s, keep, ks, mass.clone(), n, block, kv),
+        "D_pack": lambda: T.step_pack(chosen, count, csum, n, block, sel_t.max_kept),
+        "total": lambda: sel_t(q, k, scaling),
     }
-    return {name: bench_ms(fn, target_ms=50)["median_ms"] for name, fn in steps.items()}
+    sr = s.view(B, kv, -1)
+    sb = sr[..., :ls].reshape(B, kv, n, block)
+    hj = S.block_redundancy(sb, alpha)
+    kr = sel_r.keep_rank.long()
+    kpb = S.keep_per_block(hj, kr.expand(B, kv, n))
+    mask = S.topk_within_blocks(sb, kpb).reshape(B, kv, ls)
+    ref_steps = {
+        "last_query_importance": lambda: S.last_query_importance(q_last, k, None, scaling),
+        "block_redundancy": lambda: S.block_redundancy(sb, alpha),
+        "keep_per_block": lambda: S.keep_per_block(hj, kr.expand(B, kv, n)),
+        "topk_within_blocks": lambda: S.topk_within_blocks(sb, kpb),
+        "pack_mask": lambda: S.pack_mask(mask),
+        "total": lambda: sel_r(q, k, scaling),
+    }
+    out = {f"triton/{name}": bench_ms(fn, target_ms=50)["median_ms"] for name, fn in triton_steps.items()}
+    out.update({f"reference/{name}": bench_ms(fn, target_ms=50)["median_ms"] for name, fn in ref_steps.items()})
+    return out
 
 
 def kept_pairs(plan, L: int) -> int:
@@ -381,7 +410,8 @@ def run(args) -> dict:
         plans = {}
         for frac in args.fractions:
             p = head_budgets(frac, L, args.window, args.block, gen).to(dev)
-            sel = lambda: tca_select(q, k, p, args.window, args.block, 0.5, scaling)  # noqa: E731
+            selector = Selector(p, L, args.window, args.block, 0.5, "triton")
+            sel = lambda: selector(q, k, scaling)  # noqa: E731
             plan = sel()
             plans[frac] = plan
             if args.decode_only:
@@ -390,6 +420,8 @@ def run(args) -> dict:
             attn = lambda: sparse_prefill_triton(q, k, v, plan, scaling, config=cfg)  # noqa: E731
             both = lambda: sparse_prefill_triton(q, k, v, sel(), scaling, config=cfg)  # noqa: E731
             t_sel = bench_ms(sel, target_ms=args.target_ms / 2)
+            sel_ref = Selector(p, L, args.window, args.block, 0.5, "reference")
+            t_sel_ref = bench_ms(lambda: sel_ref(q, k, scaling), target_ms=args.target_ms / 4)
             t_att = bench_ms(attn, target_ms=args.target_ms)
             t_all = bench_ms(both, target_ms=args.target_ms)
             t_prep = bench_ms(lambda: prepare_prefill(k, v, plan, cfg.block_m // (H // KV)), target_ms=50)
@@ -398,7 +430,8 @@ def run(args) -> dict:
                 "target_fraction": frac, "kept_fraction": kf,
                 "kept_fraction_per_head": [round(x, 4) for x in plan.kept_fraction(L).flatten().tolist()],
                 "pair_fraction": pairs / dense_pairs,
-                "select_ms": t_sel["median_ms"], "attn_ms": t_att["median_ms"], "total_ms": t_all["median_ms"],
+                "select_ms": t_sel["median_ms"], "select_reference_ms": t_sel_ref["median_ms"],
+                "attn_ms": t_att["median_ms"], "total_ms": t_all["median_ms"],
                 "gather_and_bounds_ms": t_prep["median_ms"],
                 "select_share": t_sel["median_ms"] / t_all["median_ms"],
                 "attn_tflops": tflops(pairs, t_att["median_ms"]),
@@ -408,9 +441,10 @@ def run(args) -> dict:
                 row["efficiency_vs_best_dense"] = row["attn_tflops"] / ok[best_name]["tflops"]
             if "flash" in ok:
                 row["speedup_vs_flash"] = ok["flash"]["ms"] / t_all["median_ms"]
-            if L == 131072 and abs(frac - 0.39) < 1e-9:
-                res["selection_breakdown_128k_ms"] = selection_breakdown(q, k, p, args.window, args.block, 0.5, scaling)
-                log.info("selection breakdown %s", res["selection_breakdown_128k_ms"])
+            if L in (8192, 131072) and abs(frac - 0.39) < 1e-9:
+                key = f"selection_breakdown_{L // 1024}k_ms"
+                res[key] = selection_breakdown(q, k, p, args.window, args.block, 0.5, scaling)
+                log.info("selection breakdown %s %s", key, res[key])
             entry["tca"].append(row)
             log.info("L=%d TCA %s", L, {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items() if k_ != "kept_fraction_per_head"})
         if not args.decode_only:

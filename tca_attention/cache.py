@@ -90,6 +90,17 @@ class TCALayer(DynamicLayer):
             self.g_keys, self.g_values = k.new_empty(0, D), v.new_empty(0, D)
             self.g_pos = torch.empty(0, dtype=torch.long, device=k.device)
             self.g_offsets = torch.zeros(B * KV + 1, dtype=torch.long, device=k.device)
+        elif plan.kept_total is not None:  # packed size known on the host: gather the CSR directly, no sync
+            kept_idx, kept_len = plan.kept_idx, plan.kept_len
+            M = kept_idx.shape[-1]
+            self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
+            slot = torch.arange(plan.kept_total, device=k.device)
+            seg = torch.searchsorted(self.g_offsets[1:], slot, right=True)  # (b * KV + h) of each slot
+            idx = kept_idx.reshape(-1)[seg * M + slot - self.g_offsets[seg]]
+            bb, hh = seg // KV, seg % KV
+            self.g_keys = k[bb, hh, idx]
+            self.g_values = v[bb, hh, idx]
+            self.g_pos = torch.where(idx >= self.key_start[bb], idx, torch.full_like(idx, -1))
         else:
             kept_idx, kept_len = plan.kept_idx, plan.kept_len
             M = kept_idx.shape[-1]

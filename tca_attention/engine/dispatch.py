@@ -65,3 +65,25 @@ def ragged_decode(
 
         return ragged_decode_triton(*args)
     return reference.ragged_decode_ref(*args)
+
+
+def select_and_pack(
+    q_last: torch.Tensor,
+    k: torch.Tensor,
+    key_start: torch.Tensor,
+    keep_rank: torch.Tensor,
+    n_blocks: int,
+    block_size: int,
+    alpha: float,
+    mass_norm: str,
+    scaling: float,
+    max_kept: int,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TCA Phase 2 selection; see reference.select_and_pack_ref. The Triton path never syncs."""
+    args = (q_last, k, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm, scaling, max_kept)
+    if resolve(backend, k.device) == "triton":
+        from .triton_select import select_and_pack_triton
+
+        return select_and_pack_triton(*args)
+    return reference.select_and_pack_ref(*args)

@@ -25,6 +25,7 @@ class TokenPlan:
     key_start: torch.Tensor  # (B,) int64
     decode_keep: torch.Tensor  # (KV,) int64
     retained: torch.Tensor | None = None  # (B, KV) last query's attention mass on what is kept
+    kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
 
     def kept_fraction(self, seq_len: int) -> torch.Tensor:
         """Fraction of the (valid) prompt each (B, KV) head keeps after prefill. -> (B, KV)."""

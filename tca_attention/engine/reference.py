@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import selection as sel
 from .plan import TokenPlan, band_start
 
 
@@ -117,3 +118,57 @@ def dense_causal_ref(
         mask = mask[:, None]
     logits = logits.masked_fill(~mask, float("-inf"))
     return _softmax_out(logits, vv)[0].transpose(1, 2).to(q.dtype)
+
+
+def select_from_importance_ref(
+    s: torch.Tensor,
+    key_start: torch.Tensor,
+    keep_rank: torch.Tensor,
+    n_blocks: int,
+    block_size: int,
+    alpha: float,
+    mass_norm: str,
+    max_kept: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32; keep_rank (KV, n) keep count per rank.
+
+    -> kept_idx (B, KV, M) ascending, padded with n*b (M = max_kept, or the largest kept count);
+       kept_len (B, KV) int32; retained (B, KV) last-query mass on the kept global + local keys.
+    """
+    B, KV, L = s.shape
+    ls = n_blocks * block_size
+    sb = s[..., :ls].reshape(B, KV, n_blocks, block_size)
+    h = sel.block_redundancy(sb, alpha, mass_norm)
+    keep = sel.keep_per_block(h, keep_rank.to(s.device).expand(B, KV, n_blocks))
+    valid = torch.arange(ls, device=s.device)[None, :] >= key_start.to(s.device)[:, None]  # (B, ls)
+    mask = sel.topk_within_blocks(sb, keep).reshape(B, KV, ls) & valid[:, None, :]
+    kept_idx, kept_len = sel.pack_mask(mask)
+    if max_kept is not None:
+        M = kept_idx.shape[-1]
+        if M > max_kept:
+            raise ValueError(f"a head keeps {M} tokens, more than max_kept={max_kept}")
+        kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=ls)
+    retained = (s[..., :ls] * mask).sum(-1) + s[..., ls:].sum(-1)
+    return kept_idx, kept_len, retained
+
+
+def select_and_pack_ref(
+    q_last: torch.Tensor,
+    k: torch.Tensor,
+    key_start: torch.Tensor,
+    keep_rank: torch.Tensor,
+    n_blocks: int,
+    block_size: int,
+    alpha: float,
+    mass_norm: str,
+    scaling: float,
+    max_kept: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TCA Phase 2 selection (no sink tokens). q_last (B, H, D), k (B, KV, L, D), key_start (B,).
+
+    -> kept_idx (B, KV, M), kept_len (B, KV) int32, retained (B, KV), s (B, KV, L) fp32.
+    """
+    L = k.shape[2]
+    valid = torch.arange(L, device=k.device)[None, :] >= key_start.to(k.device)[:, None]
+    s = sel.last_query_importance(q_last, k, valid, scaling)
+    return (*select_from_importance_ref(s, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm, max_kept), s)

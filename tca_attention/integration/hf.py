@@ -152,7 +152,7 @@ class Session:
         if L == 0:
             raise ValueError("empty prompt")
         key_start = key_start_from_mask(mask, B, L, q.device)
-        plan = self.method.plan(idx, q, k, key_start, scaling)
+        plan = self.method.plan(idx, q, k, key_start, scaling, backend=self.backend, padded=mask is not None)
         if plan is None:
             out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None}

@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..engine.dispatch import Backend
 from ..engine.plan import TokenPlan
 
 
@@ -21,9 +22,14 @@ class Method(ABC):
 
     @abstractmethod
     def plan(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float,
+        *, backend: Backend = "auto", padded: bool = True,
     ) -> TokenPlan | None:
-        """q (B, H, L, D), k (B, KV, L, D) after rotary; key_start (B,) first non-padding key."""
+        """q (B, H, L, D), k (B, KV, L, D) after rotary; key_start (B,) first non-padding key.
+
+        backend: kernels to use where the method has them; padded=False promises key_start == 0
+        (the caller knows it without reading the tensor), which lets a plan size things on the host.
+        """
 
     @abstractmethod
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:

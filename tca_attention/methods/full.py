@@ -21,7 +21,7 @@ class FullBudget(Method):
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)
 
-    def plan(self, layer_idx, q, k, key_start, scaling) -> TokenPlan | None:
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
         B, KV, L, _ = k.shape
         geo = local_geometry(L, self.block_size, self.window)
         if geo is None:

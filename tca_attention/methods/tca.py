@@ -7,6 +7,7 @@ import torch
 
 from .. import selection as sel
 from ..budgets import Budgets
+from ..engine import dispatch
 from ..engine.plan import TokenPlan
 from .base import Method, key_validity, local_geometry, sink_mask
 
@@ -36,6 +37,8 @@ class TCA(Method):
     name: str = "tca"
     # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
     _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # per-(layer, n_blocks, device) keep count per rank and host-side kept sizes
+    _rank_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _layer(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer_idx, str(device))
@@ -58,20 +61,42 @@ class TCA(Method):
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         return self._layer(layer_idx, torch.device("cpu"))[1]
 
-    def plan(self, layer_idx, q, k, key_start, scaling) -> TokenPlan | None:
+    def _ranks(self, layer_idx: int, n_blocks: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        """Keep count per block rank (KV, n) int32 on `device`, the largest per-head kept count and
+        the sum over heads (host ints, exact without padding). Built on the CPU once per (layer, n, device)."""
+        key = (layer_idx, n_blocks, str(device))
+        hit = self._rank_cache.get(key)
+        if hit is None:
+            if len(self._rank_cache) >= 1024:  # many prompt lengths: start again rather than grow
+                self._rank_cache.clear()
+            kr = sel.keep_per_rank(self.budgets.layer_p(layer_idx), n_blocks, self.block_size)  # CPU
+            per_head = kr.sum(-1)
+            hit = (kr.to(device=device, dtype=torch.int32), int(per_head.max()), int(per_head.sum()))
+            self._rank_cache[key] = hit
+        return hit
+
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
         cfg = self.budgets.config
         B, KV, L, _ = k.shape
         geo = local_geometry(L, cfg.block_size, cfg.window)
         if geo is None or L < self.dense_below:
             return None
         n, local_start = geo
+        decode_keep = self._layer(layer_idx, k.device)[1]
+        if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
+            keep_rank, max_kept, total = self._ranks(layer_idx, n, k.device)
+            kept_idx, kept_len, retained, _ = dispatch.select_and_pack(
+                q[:, :, -1], k, key_start, keep_rank, n, cfg.block_size, cfg.alpha, cfg.mass_norm, scaling,
+                max_kept, backend=backend)
+            # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
+            return TokenPlan(kept_idx, kept_len, local_start, cfg.window, cfg.block_size, key_start,
+                             decode_keep, retained, kept_total=None if padded else B * total)
         valid = key_validity(L, key_start)
         s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
         mask, _ = select_tokens(s, self._layer(layer_idx, s.device)[0], n, cfg.block_size, cfg.alpha, cfg.mass_norm)
         mask &= valid[:, None, :local_start]
-        if cfg.sink_tokens:
-            mask |= sink_mask(local_start, key_start, cfg.sink_tokens)[:, None, :]
+        mask |= sink_mask(local_start, key_start, cfg.sink_tokens)[:, None, :]
         kept_idx, kept_len = sel.pack_mask(mask)
         retained = (s[..., :local_start] * mask).sum(-1) + s[..., local_start:].sum(-1)
         return TokenPlan(kept_idx, kept_len, local_start, cfg.window, cfg.block_size, key_start,
-                         self._layer(layer_idx, k.device)[1], retained)
+                         decode_keep, retained)

@@ -1,0 +1,284 @@
+"""Triton TCA Phase-2 selection: last-query importance, block ranking, top-k and packing, fused.
+
+Semantics: exactly `reference.select_and_pack_ref` (TCA.plan with no sink tokens). Per layer:
+  A  `_logits_kernel`   grid (B*KV, L-splits): the last query's logits of the g query heads of a
+                        KV head over a chunk of keys (fp32 products reduced over D per key,
+                        invalid keys -inf) are written out, with each chunk's running softmax
+                        max and sum of exp;
+  B  `_importance_kernel` grid (B*KV, cdiv(L, b)): combines the chunk stats, turns a block of
+                        logits into s = mean over the group of the softmax (fp32), writes s, the
+                        block mass and, for global blocks, h of Eq. 6 ("max": only alpha * conc,
+                        the mass term is added by one torch op after the kernel);
+  torch               stable descending argsort of h, scatter of the cached keep-per-rank -> keep;
+  C  `_select_kernel`   grid (B*KV, n): the stable rank of every token inside its block by a b x b
+                        comparison tile (#{s_j > s_i} + #{j < i, s_j == s_i}, exactly the rank of
+                        a stable descending argsort), selected = rank < keep & valid; writes the
+                        selection, the per-block count and kept mass;
+  torch               inclusive cumsum of the counts -> per-block offsets and kept_len;
+  D  `_pack_kernel`     grid (B*KV, n): writes the ascending global indices of the selected tokens
+                        at offset + prefix in kept_idx (pre-filled with local_start).
+No host synchronisation: the output width M (max_kept) is given by the caller, who knows it from
+the layer's budgets (exact without padding, an upper bound with it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_kernel(
+    Q, K, KEY_START, LOGITS, PMAX, PSUM,
+    s_qb, s_qh, s_kb, s_kh, s_kl,
+    L, KV, n_splits, chunk, scaling,
+    G: tl.constexpr, GROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    """LOGITS (B*KV, G, L) fp32; PMAX/PSUM (B*KV, G, n_splits) fp32 per-chunk softmax stats."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    rows = tl.arange(0, GROWS)
+    row_ok = rows < G
+    d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + (h * G + rows)[:, None] * s_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)  # (GROWS, D)
+    ks = tl.load(KEY_START + b)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    out_base = LOGITS + bh.to(tl.int64) * G * L
+    cols = tl.arange(0, BLOCK_N)
+    m_i = tl.full([GROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROWS], dtype=tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    for k0 in range(start, end, BLOCK_N):
+        kid = k0 + cols
+        in_l = kid < end
+        k = tl.load(k_base + kid[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
+        # one reduction over D per (head, key), the same for every key: equal keys give equal logits
+        # (a dot tile may round by column position), so exact ties in s stay ties
+        x = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # (GROWS, BLOCK_N)
+        x = tl.where((in_l & (kid >= ks))[None, :], x, float("-inf"))
+        tl.store(out_base + rows[:, None] * L + kid[None, :], x, mask=row_ok[:, None] & in_l[None, :])
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all keys invalid so far: no NaN
+        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(x - m_use[:, None]), 1)
+        m_i = m_new
+    st = bh * G * n_splits + rows * n_splits + split
+    tl.store(PMAX + st, m_i, mask=row_ok)
+    tl.store(PSUM + st, l_i, mask=row_ok)
+
+
+@triton.jit
+def _importance_kernel(
+    LOGITS, PMAX, PSUM, S, MASS, H,
+    L, n_blocks, n_splits, w_mass, w_conc,
+    G: tl.constexpr, GP: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """S (B*KV, L) fp32; MASS (B*KV, cdiv(L, b)) block masses; H (B*KV, n) Eq. 6 (w_mass may be 0)."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    rows = tl.arange(0, GP)
+    row_ok = rows < G
+    sp = tl.arange(0, SPLITS_P)
+    st = bh * G * n_splits + rows[:, None] * n_splits + sp[None, :]
+    st_ok = row_ok[:, None] & (sp < n_splits)[None, :]
+    pm = tl.load(PMAX + st, mask=st_ok, other=float("-inf"))
+    ps = tl.load(PSUM + st, mask=st_ok, other=0.0)
+    m = tl.max(pm, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(ps * tl.exp(pm - m[:, None]), 1)
+    l = tl.where(l > 0, l, 1.0)
+    cols = j * BLOCK + tl.arange(0, BLOCK)
+    in_l = cols < L
+    x = tl.load(LOGITS + bh.to(tl.int64) * G * L + rows[:, None] * L + cols[None, :],
+                mask=row_ok[:, None] & in_l[None, :], other=float("-inf"))
+    p = tl.exp(x - m[:, None]) / l[:, None]
+    s = tl.sum(p, 0) / G  # (BLOCK,)
+    tl.store(S + bh.to(tl.int64) * L + cols, s, mask=in_l)
+    mass = tl.sum(s, 0)
+    tl.store(MASS + bh * tl.num_programs(1) + j, mass)
+    if j < n_blocks:
+        sq = tl.sum(s * s, 0)
+        mc = tl.maximum(mass, 1e-30)
+        den = tl.where(mass > 0, mc * mc, 1.0)  # as the reference where mass > 0; no 0/0 elsewhere
+        conc = tl.where(mass > 0, 1.0 - sq / den, 0.0)
+        tl.store(H + bh * n_blocks + j, w_mass * mass + w_conc * conc)
+
+
+@triton.jit
+def _select_kernel(
+    S, KEEP, KEY_START, SEL, COUNT, MASS,
+    L, KV, n_blocks, n_mass,
+    BLOCK: tl.constexpr,
+):
+    """SEL (B*KV, n*b) int8; COUNT (B*KV, n) int32; MASS[:, j] <- kept mass of global block j."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = bh // KV
+    ar = tl.arange(0, BLOCK)
+    idx = j * BLOCK + ar
+    s_i = tl.load(S + bh.to(tl.int64) * L + idx)
+    # stable descending rank of token i (rows): tokens j (columns) strictly larger, or equal and earlier
+    before = (s_i[None, :] > s_i[:, None]) | ((s_i[None, :] == s_i[:, None]) & (ar[None, :] < ar[:, None]))
+    rank = tl.sum(before.to(tl.int32), 1)
+    keep = tl.load(KEEP + bh * n_blocks + j)
+    ks = tl.load(KEY_START + b)
+    sel = (rank < keep) & (idx >= ks)
+    tl.store(SEL + bh.to(tl.int64) * n_blocks * BLOCK + idx, sel.to(tl.int8))
+    tl.store(COUNT + bh * n_blocks + j, tl.sum(sel.to(tl.int32), 0))
+    tl.store(MASS + bh * n_mass + j, tl.sum(tl.where(sel, s_i, 0.0), 0))
+
+
+@triton.jit
+def _pack_kernel(SEL, CSUM, COUNT, KEPT_IDX, n_blocks, M, BLOCK: tl.constexpr):
+    """KEPT_IDX (B*KV, M) int64: selected indices of block j at [csum[j] - count[j], csum[j])."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    ar = tl.arange(0, BLOCK)
+    idx = j * BLOCK + ar
+    sel = tl.load(SEL + bh.to(tl.int64) * n_blocks * BLOCK + idx).to(tl.int32)
+    off = tl.load(CSUM + bh * n_blocks + j) - tl.load(COUNT + bh * n_blocks + j)
+    pos = off + tl.cumsum(sel, 0) - sel
+    tl.store(KEPT_IDX + bh.to(tl.int64) * M + pos, idx.to(tl.int64), mask=(sel > 0) & (pos < M))
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _splits(L: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(chunk, n_splits): chunks of whole key tiles, about 1024 programs in all, at most 64 chunks
+    (at most 4 under the interpreter, where every program costs host time)."""
+    most = 4 if _interpreted() else 64
+    target = max(1, min(most, 1024 // max(programs, 1)))
+    tiles = triton.cdiv(L, block_n)
+    chunk = triton.cdiv(tiles, target) * block_n
+    return chunk, triton.cdiv(L, chunk)
+
+
+def step_logits(q_last: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float):
+    """Kernel A. -> logits (B*KV, g, L), per-chunk max and sum of exp (B*KV, g, n_splits), fp32."""
+    B, H, D = q_last.shape
+    _, KV, L, _ = k.shape
+    g = H // KV
+    gp = max(2, _next_pow2(g))
+    block_n = min(128, max(8, 8192 // (gp * D)))  # the (heads, keys, D) product tile: ~8K elements
+    if _interpreted():
+        block_n = 128  # no registers to spare there; fewer loop steps
+    chunk, n_splits = _splits(L, block_n, B * KV)
+    dev = k.device
+    logits = torch.empty(B * KV, g, L, dtype=torch.float32, device=dev)
+    pmax = torch.empty(B * KV, g, n_splits, dtype=torch.float32, device=dev)
+    psum = torch.empty_like(pmax)
+    _logits_kernel[(B * KV, n_splits)](
+        q_last, k, key_start, logits, pmax, psum,
+        q_last.stride(0), q_last.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        L, KV, n_splits, chunk, scaling,
+        G=g, GROWS=gp, BLOCK_N=block_n, HEAD_D=D, num_warps=4,
+    )
+    return logits, pmax, psum
+
+
+def step_importance(logits, pmax, psum, n_blocks: int, block_size: int, alpha: float, mass_norm: str):
+    """Kernel B (+ the "max" mass term). -> s (B*KV, L), block masses (B*KV, cdiv(L, b)), h (B*KV, n)."""
+    BKV, g, L = logits.shape
+    n, bs, dev = n_blocks, block_size, logits.device
+    nb_all = triton.cdiv(L, bs)
+    s = torch.empty(BKV, L, dtype=torch.float32, device=dev)
+    mass = torch.empty(BKV, nb_all, dtype=torch.float32, device=dev)
+    h = torch.empty(BKV, n, dtype=torch.float32, device=dev)
+    w_mass = 0.0 if mass_norm == "max" else 1.0 - alpha
+    n_splits = pmax.shape[-1]
+    _importance_kernel[(BKV, nb_all)](
+        logits, pmax, psum, s, mass, h, L, n, n_splits, w_mass, alpha,
+        G=g, GP=max(2, _next_pow2(g)), SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
+    )
+    if mass_norm == "max":
+        gm = mass[:, :n]
+        h = h + (1.0 - alpha) * (gm / gm.amax(-1, keepdim=True).clamp_min(1e-30))
+    return s, mass, h
+
+
+def step_keep(h: torch.Tensor, keep_rank: torch.Tensor) -> torch.Tensor:
+    """Block ranks -> keep count per block: keep_rank (KV, n) scattered by the stable descending order of h."""
+    KV, n = keep_rank.shape
+    hv = h.view(-1, KV, n)
+    order = torch.argsort(hv, dim=-1, descending=True, stable=True)
+    keep = torch.empty(hv.shape, dtype=torch.int32, device=h.device)
+    return keep.scatter_(-1, order, keep_rank.to(device=h.device, dtype=torch.int32).expand(hv.shape))
+
+
+def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_heads: int):
+    """Kernel C (+ cumsum). Overwrites mass[:, :n] with the kept mass of each global block.
+
+    -> selection (B*KV, n*b) int8, counts and inclusive cumsum (B*KV, n) int32."""
+    BKV, L = s.shape
+    n, bs = n_blocks, block_size
+    sel = torch.empty(BKV, n * bs, dtype=torch.int8, device=s.device)
+    count = torch.empty(BKV, n, dtype=torch.int32, device=s.device)
+    _select_kernel[(BKV, n)](
+        s, keep, key_start, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs, num_warps=4 if bs <= 64 else 8,
+    )
+    return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32)
+
+
+def step_pack(sel, count, csum, n_blocks: int, block_size: int, max_kept: int) -> torch.Tensor:
+    """Kernel D. -> kept_idx (B*KV, max_kept) int64, padded with n*b."""
+    BKV = sel.shape[0]
+    kept_idx = torch.full((BKV, max_kept), n_blocks * block_size, dtype=torch.int64, device=sel.device)
+    if max_kept > 0:
+        _pack_kernel[(BKV, n_blocks)](sel, csum, count, kept_idx, n_blocks, max_kept, BLOCK=block_size, num_warps=4)
+    return kept_idx
+
+
+def select_and_pack_triton(
+    q_last: torch.Tensor,
+    k: torch.Tensor,
+    key_start: torch.Tensor,
+    keep_rank: torch.Tensor,
+    n_blocks: int,
+    block_size: int,
+    alpha: float,
+    mass_norm: str,
+    scaling: float,
+    max_kept: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q_last (B, H, D), k (B, KV, L, D), key_start (B,), keep_rank (KV, n) keep count per rank.
+
+    -> kept_idx (B, KV, max_kept) int64 ascending, padded with n*b; kept_len (B, KV) int32;
+       retained (B, KV) fp32 last-query mass on what is kept (global kept + local region);
+       s (B, KV, L) fp32 GQA-averaged last-query attention.
+    max_kept must be >= every head's kept count (selected tokens past it are dropped).
+    Launches: 4 kernels, a fill, an argsort + scatter, a cumsum and a sum (+5 elementwise for "max").
+    """
+    B, H, D = q_last.shape
+    _, KV, L, _ = k.shape
+    if H % KV:
+        raise ValueError(f"query heads {H} must be a multiple of KV heads {KV}")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if block_size & (block_size - 1) or not 0 < n_blocks * block_size <= L:
+        raise ValueError(f"bad geometry: n_blocks={n_blocks}, block_size={block_size}, L={L}")
+    if mass_norm not in ("sum", "max"):
+        raise ValueError(f"mass_norm must be 'sum' or 'max', got {mass_norm!r}")
+    if q_last.stride(-1) != 1:
+        q_last = q_last.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    key_start = key_start.to(device=k.device, dtype=torch.int64).contiguous()
+    logits, pmax, psum = step_logits(q_last, k, key_start, scaling)
+    s, mass, h = step_importance(logits, pmax, psum, n_blocks, block_size, alpha, mass_norm)
+    keep = step_keep(h, keep_rank)
+    sel, count, csum = step_select(s, keep, key_start, mass, n_blocks, block_size, KV)
+    kept_idx = step_pack(sel, count, csum, n_blocks, block_size, max_kept)
+    kept_len = csum[:, -1].reshape(B, KV)
+    retained = mass.sum(-1).reshape(B, KV)  # kept global mass + local region mass
+    return kept_idx.view(B, KV, max_kept), kept_len, retained, s.view(B, KV, L)

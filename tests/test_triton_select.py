@@ -1,0 +1,256 @@
+"""The fused Triton TCA selection against its PyTorch reference (and TCA.plan / the cache on top).
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1). Inputs of every
+dtype are upcast exactly to fp32 by both paths, so s may differ only by fp32 summation order; the
+selection itself is compared exactly (a) when the reference is fed the kernel's own s, so float
+rounding cannot flip near-ties, and (b) end to end on inputs built without near-ties in s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "tca_attention.engine.triton_select" in sys.modules:  # imported earlier without the interpreter
+        importlib.reload(sys.modules["tca_attention.engine.triton_select"])
+
+import pytest  # noqa: E402
+
+from tca_attention import selection as sel  # noqa: E402
+from tca_attention.budgets import Budgets, HeadBudget, ModelIdentity  # noqa: E402
+from tca_attention.cache import TCALayer  # noqa: E402
+from tca_attention.candidates import candidate_ladder  # noqa: E402
+from tca_attention.config import TCAConfig  # noqa: E402
+from tca_attention.engine import dispatch  # noqa: E402
+from tca_attention.engine import reference as R  # noqa: E402
+from tca_attention.engine.triton_select import select_and_pack_triton  # noqa: E402
+from tca_attention.methods.tca import TCA  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+def ladder_p(KV: int, b: int, gen: torch.Generator) -> torch.Tensor:
+    """(KV, |K|) keep distributions: random candidate-ladder rows, one head dense where KV > 2."""
+    lad = candidate_ladder(b)
+    rows = lad[torch.randint(0, lad.shape[0], (KV,), generator=gen)]
+    if KV > 2:
+        rows[0] = 0.0
+        rows[0, 0] = 1.0  # dense head: every block keeps b
+    return rows
+
+
+def separated_inputs(B, H, KV, L, D, dtype, gen, scaling=None):
+    """q/k (exact in every dtype) whose last-query logits are c_h * delta * perm[t]: each key its own
+    rank, neighbours ~8/L apart in logit, so s has no near-ties (checked by the tests).
+
+    perm[t] = 32 * k[t, 0] + k[t, 1] with small integers; q has weight on those two features only.
+    """
+    scaling = D**-0.5 if scaling is None else scaling
+    delta = 2.0 ** round(torch.log2(torch.tensor(8.0 / (L * scaling))).item())
+    c = torch.tensor([1.0, 1.25, 1.5, 1.75])[torch.randint(0, 4, (B, H), generator=gen)]
+    q = torch.zeros(B, H, D)
+    q[..., 0], q[..., 1] = 32 * delta * c, delta * c
+    perm = torch.argsort(torch.rand(B, KV, L, generator=gen), dim=-1)
+    k = torch.randn(B, KV, L, D, generator=gen)  # features >= 2 are ignored by q
+    k[..., 0], k[..., 1] = (perm // 32).float(), (perm % 32).float()
+    return q.to(dtype), k.to(dtype)
+
+
+def run_both(q_last, k, key_start, keep_rank, n, b, alpha, norm, scaling):
+    M = int(keep_rank.sum(-1).max())
+    tri = select_and_pack_triton(q_last.to(DEV), k.to(DEV), key_start.to(DEV), keep_rank.to(DEV), n, b, alpha,
+                                 norm, scaling, M)
+    tri = [t.cpu() for t in tri]
+    ref = R.select_and_pack_ref(q_last, k, key_start, keep_rank, n, b, alpha, norm, scaling, M)
+    return tri, ref, M
+
+
+# (B, H, KV, L, D, b, window, key_start, alpha, mass_norm, dtype)
+CASES = [
+    (1, 1, 1, 700, 64, 64, 128, [0], 0.0, "sum", torch.float32),  # g = 1, L % b != 0
+    (2, 6, 2, 1000, 128, 128, 256, [0, 300], 0.5, "max", torch.bfloat16),  # g = 3, padding > 2 blocks
+    (3, 12, 3, 700, 64, 64, 128, [0, 70, 200], 0.5, "sum", torch.float16),  # g = 4, KV = 3
+    (2, 4, 1, 1000, 64, 64, 128, [130, 0], 0.0, "max", torch.float32),  # g = 4, KV = 1
+    (1, 4, 2, 520, 256, 64, 128, [0], 0.5, "sum", torch.bfloat16),  # head dim 256
+]
+
+
+@pytest.mark.parametrize("B,H,KV,L,D,b,w,ks,alpha,norm,dtype", CASES)
+def test_select_matches_reference(B, H, KV, L, D, b, w, ks, alpha, norm, dtype):
+    gen = torch.Generator().manual_seed(L + H + D)
+    n = (L - w) // b
+    key_start = torch.tensor(ks)
+    keep_rank = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
+    scaling = D**-0.5
+    # random inputs: s close to the reference; selection exact given the kernel's s
+    q = (torch.randn(B, H, D, generator=gen) * 2).to(dtype)
+    k = torch.randn(B, KV, L, D, generator=gen).to(dtype)
+    (idx, ln, ret, s), (_, _, ret_ref, s_ref), M = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, scaling)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-7)  # fp32 math on both sides
+    assert bool((s[:, :, : min(ks)] == 0).all()) if min(ks) else True
+    idx_r, ln_r, ret_r = R.select_from_importance_ref(s, key_start, keep_rank, n, b, alpha, norm, M)
+    assert idx.shape == (B, KV, M) and ln.dtype == torch.int32
+    assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
+    torch.testing.assert_close(ret, ret_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ret, ret_ref, rtol=1e-4, atol=1e-6)
+    # padding never kept; without padding every head keeps exactly its ladder's count
+    for bi, st in enumerate(ks):
+        for h in range(KV):
+            kept = idx[bi, h, : ln[bi, h]]
+            assert bool((kept >= st).all()) and bool((kept[1:] > kept[:-1]).all())
+            assert bool((idx[bi, h, ln[bi, h]:] == n * b).all())
+            if st == 0:
+                assert int(ln[bi, h]) == int(keep_rank[h].sum())
+    # inputs without near-ties: exact end to end
+    q, k = separated_inputs(B, H, KV, L, D, dtype, gen)
+    (idx, ln, ret, s), (idx_ref, ln_ref, ret_ref, s_ref), _ = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, scaling)
+    srt = s_ref[..., : n * b].reshape(B, KV, n, b).sort(-1).values
+    pos = srt[..., 1:] > 0
+    gap = (srt[..., 1:] - srt[..., :-1])[pos] / srt[..., 1:][pos]
+    assert float(gap.min()) > 1e-3, "test inputs should have no near-ties"
+    assert torch.equal(ln, ln_ref) and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(ret, ret_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,norm", [(0.0, "sum"), (0.5, "max")])
+def test_ties_break_like_stable_argsort(alpha, norm):
+    B, H, KV, L, D, b, w = 2, 4, 2, 600, 64, 64, 128
+    gen = torch.Generator().manual_seed(3)
+    n = (L - w) // b
+    keep_rank = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
+    key_start = torch.tensor([0, 90])
+    q = torch.randn(B, H, D, generator=gen)
+    # constant keys: s flat, every full block has the same h -> all ties, exact on both sides
+    k = torch.ones(B, KV, L, D)
+    (idx, ln, ret, s), (idx_ref, ln_ref, ret_ref, _), M = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, 0.125)
+    assert torch.equal(ln, ln_ref) and torch.equal(idx, idx_ref)
+    # flat s: every block keeps its first keep[j] valid tokens (a prefix of the block)
+    for bi in range(B):
+        for h in range(KV):
+            kept = idx[bi, h, : ln[bi, h]]
+            blk = kept // b
+            first = torch.maximum(blk * b, key_start[bi].expand_as(blk))
+            rank = kept - first  # position among the block's valid tokens
+            start = torch.searchsorted(blk, blk)  # first entry of each block in the kept list
+            assert torch.equal(rank, torch.arange(len(kept)) - start), (bi, h)
+    # pairwise duplicated keys: ties inside blocks, broken toward the lower index
+    k = torch.randn(B, KV, L // 2, D, generator=gen).repeat_interleave(2, dim=2)
+    (idx, ln, _, s), _, M = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, 0.125)
+    assert torch.equal(s[..., 0::2], s[..., 1::2]), "duplicated keys must give equal s"
+    idx_r, ln_r, _ = R.select_from_importance_ref(s, key_start, keep_rank, n, b, alpha, norm, M)
+    assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
+    # of a tied pair the earlier token wins: an odd index is kept only together with its even twin
+    B_, KV_, _ = idx.shape
+    for bi in range(B_):
+        for h in range(KV_):
+            kept = set(idx[bi, h, : ln[bi, h]].tolist())
+            assert all(t - 1 in kept for t in kept if t % 2 and t - 1 >= int(key_start[bi])), (bi, h)
+    # and the first keep[j] valid tokens of each block win under constant keys (checked above)
+
+
+def fake_budgets(config: TCAConfig, KV: int, layers: int, gen: torch.Generator) -> Budgets:
+    """Budgets without a model: each head picks a random ladder candidate (head 0 of layer 0 dense)."""
+    ladder = candidate_ladder(config.block_size)
+    C = ladder.shape[0]
+    heads_per_layer = []
+    for li in range(layers):
+        heads = []
+        for h in range(KV):
+            c = C if (li == 0 and h == 0) else int(torch.randint(0, C, (1,), generator=gen))
+            sc = tuple(0.0 if i < c else 1.0 for i in range(C))  # first passing candidate: c (None if c == C)
+            heads.append(HeadBudget(sc, sc))
+        heads_per_layer.append(tuple(heads))
+    ident = ModelIdentity("llama", "fake", layers, 4 * KV, KV, 64, 256, 100, (0.0,) * 8)
+    return Budgets(ident, config, tuple(tuple(r) for r in ladder.tolist()), tuple(heads_per_layer))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_tca_plan_triton_equals_reference_and_commit(padded):
+    B, KV, g, L, D = 2, 2, 2, 800, 64
+    cfg = TCAConfig(block_size=64, window=128, alpha=0.5)
+    gen = torch.Generator().manual_seed(7)
+    budgets = fake_budgets(cfg, KV, 2, gen)
+    q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.float32, gen)
+    q = torch.randn(B, KV * g, L, D, generator=gen)
+    q[:, :, -1] = q_last
+    v = torch.randn(B, KV, L, D, generator=gen)
+    key_start = torch.tensor([0, 150]) if padded else torch.zeros(B, dtype=torch.long)
+    for layer in range(2):
+        m = TCA(budgets)
+        tri = m.plan(layer, q.to(DEV), k.to(DEV), key_start.to(DEV), 0.125, backend="triton", padded=padded)
+        ref = m.plan(layer, q, k, key_start, 0.125, backend="reference", padded=padded)
+        assert torch.equal(tri.kept_idx.cpu(), ref.kept_idx) and torch.equal(tri.kept_len.cpu(), ref.kept_len)
+        torch.testing.assert_close(tri.retained.cpu(), ref.retained, rtol=1e-4, atol=1e-6)
+        assert (tri.local_start, tri.window, tri.block_size, tri.kept_total) == (
+            ref.local_start, ref.window, ref.block_size, ref.kept_total)
+        assert torch.equal(tri.decode_keep.cpu(), ref.decode_keep)
+        if padded:
+            assert ref.kept_total is None
+        else:
+            assert ref.kept_total == int(ref.kept_len.sum())
+        # the cache holds the same tensors with and without the host-known total
+        total = int(ref.kept_len.sum())
+        plans = [dataclasses.replace(ref, kept_total=None), dataclasses.replace(ref, kept_total=total)]
+        layers = []
+        for p in plans:
+            lay = TCALayer(cfg.block_size, cfg.window, backend="reference")
+            kk = k.transpose(2, 3).contiguous().transpose(2, 3)  # strided k: the direct gather must cope
+            lay.update(kk, v)
+            lay.commit_prefill(p, key_start, ref.decode_keep)
+            layers.append(lay)
+        a, c = layers
+        assert a.g_keys.shape[0] == total
+        for name in ("g_keys", "g_values", "g_pos", "g_offsets", "t_keys", "t_values"):
+            x, y = getattr(a, name), getattr(c, name)
+            assert x.dtype == y.dtype and torch.equal(x[..., : a.t_fill, :] if name[0] == "t" else x,
+                                                      y[..., : c.t_fill, :] if name[0] == "t" else y), name
+        if padded:
+            assert bool((a.g_pos >= 0).all())  # the plan never keeps padding
+
+
+def test_dispatch_backends_agree_and_validate():
+    gen = torch.Generator().manual_seed(1)
+    B, H, KV, L, D, b = 1, 2, 1, 400, 64, 32
+    n = (L - 64) // b
+    q, k = separated_inputs(B, H, KV, L, D, torch.float32, gen)
+    kr = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
+    M = int(kr.sum(-1).max())
+    args = (q, k, torch.zeros(B, dtype=torch.long), kr, n, b, 0.0, "sum", 0.125, M)
+    a = dispatch.select_and_pack(*args, backend="triton")
+    r = dispatch.select_and_pack(*args, backend="reference")
+    assert torch.equal(a[0], r[0]) and torch.equal(a[1], r[1])
+    with pytest.raises(ValueError):
+        dispatch.select_and_pack(*args[:7], "median", *args[8:], backend="triton")
+    with pytest.raises(ValueError):  # max_kept too small for the reference
+        dispatch.select_and_pack(*args[:9], M - 1, backend="reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_select_has_no_host_sync():
+    B, H, KV, L, D, b, w = 1, 32, 8, 8192, 128, 128, 4096
+    n = (L - w) // b
+    gen = torch.Generator().manual_seed(0)
+    kr = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
+    M = int(kr.sum(-1).max())
+    q = torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(B, KV, L, D, device=DEV, dtype=torch.bfloat16)
+    ks = torch.zeros(B, dtype=torch.long, device=DEV)
+    kr_d = kr.to(DEV, torch.int32)
+    select_and_pack_triton(q, k, ks, kr_d, n, b, 0.5, "max", D**-0.5, M)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = select_and_pack_triton(q, k, ks, kr_d, n, b, 0.5, "max", D**-0.5, M)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = R.select_and_pack_ref(q, k, ks, kr_d, n, b, 0.5, "max", D**-0.5, M)
+    idx_r, ln_r, _ = R.select_from_importance_ref(out[3], ks, kr_d, n, b, 0.5, "max", M)
+    assert torch.equal(out[0], idx_r) and torch.equal(out[1], ln_r)
+    torch.testing.assert_close(out[3], ref[3], rtol=1e-3, atol=1e-6)
