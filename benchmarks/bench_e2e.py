@@ -72,6 +72,13 @@ def time_one(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
     }
 
 
+def timed(model, ids: torch.Tensor, method, decode_steps: int, repeats: int) -> dict:
+    """time_one `repeats` times; the run with the median TTFT, with every TTFT listed."""
+    runs = sorted((time_one(model, ids, method, decode_steps) for _ in range(max(1, repeats))),
+                  key=lambda r: r["ttft_s"])
+    return {**runs[len(runs) // 2], "ttft_s_all": [r["ttft_s"] for r in runs]}
+
+
 KERNEL_GROUPS = (  # (group, lower-case substrings of CUDA kernel names), first match wins
     ("tca attention (triton)", ("_prefill_kernel",)),
     ("tca selection (triton)", ("_select", "_score", "_stats", "_pack")),
@@ -99,6 +106,7 @@ def profile_prefill(model, ids: torch.Tensor, method) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    before = {id(t) for t in _cuda_tensors()}
     with enable(model, method) as session:
         cache = session.new_cache() if method is not None else DynamicCache(config=model.config)
         torch.cuda.synchronize()
@@ -109,6 +117,12 @@ def profile_prefill(model, ids: torch.Tensor, method) -> dict:
             wall = time.perf_counter() - t0
         held = torch.cuda.memory_allocated() - base - out.logits.nbytes
         peak = torch.cuda.max_memory_allocated() - base
+        # live tensors created by the prefill that are neither the cache nor the logits
+        in_cache = {t.untyped_storage().data_ptr() for t in _cache_tensors(cache)}
+        extra = sorted(((tuple(t.shape), str(t.dtype), t.untyped_storage().nbytes()) for t in _cuda_tensors()
+                        if id(t) not in before and t.untyped_storage().data_ptr() not in in_cache
+                        and t.untyped_storage().data_ptr() != out.logits.untyped_storage().data_ptr()),
+                       key=lambda x: -x[2])
     groups: dict[str, float] = {}
     top: list[tuple[str, float]] = []
     for ev in prof.key_averages():
@@ -128,7 +142,32 @@ def profile_prefill(model, ids: torch.Tensor, method) -> dict:
         "top_kernels_ms": sorted(top, key=lambda kv: -kv[1])[:12],
         "peak_mem_gib": peak / 2**30, "held_after_prefill_gib": held / 2**30,
         "transient_gib": (peak - held) / 2**30,
+        "other_live_tensors": {"count": len(extra), "mib": sum(e[2] for e in extra) / 2**20, "largest": extra[:8]},
     }
+
+
+def _cuda_tensors() -> list[torch.Tensor]:
+    import gc
+
+    out = []
+    for o in gc.get_objects():
+        try:
+            if torch.is_tensor(o) and o.is_cuda:
+                out.append(o)
+        except Exception:  # noqa: BLE001 - objects that fail isinstance checks
+            pass
+    return out
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    out = []
+    for layer in cache.layers:
+        for name in ("keys", "values", "g_keys", "g_values", "g_pos", "g_offsets", "t_keys", "t_values",
+                     "key_start", "decode_keep"):
+            t = getattr(layer, name, None)
+            if torch.is_tensor(t):
+                out.append(t)
+    return out
 
 
 def main() -> None:
@@ -142,6 +181,8 @@ def main() -> None:
     ap.add_argument("--dense-below", type=int, default=0, help="TCA keeps prompts shorter than this dense")
     ap.add_argument("--also-dense-below", type=int, default=0,
                     help="also time TCA(dense_below=N) at lengths below N (a short-prompt policy), same run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="prefills per method below 32K tokens; the row keeps the run with the median TTFT")
     ap.add_argument("--profile", default="", help="comma list of lengths to profile one prefill of (both methods)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -161,14 +202,14 @@ def main() -> None:
         for name, m in (("dense", None), ("tca", method)):
             try:
                 time_one(model, ids, m, 2)  # warm-up at this shape (kernel compilation, allocator)
-                row[name] = time_one(model, ids, m, args.decode_steps)
+                row[name] = timed(model, ids, m, args.decode_steps, args.repeats if L < 32768 else 1)
             except torch.OutOfMemoryError as e:
                 row[name] = {"error": f"OOM: {e}".splitlines()[0]}
                 torch.cuda.empty_cache()
         if args.also_dense_below and L < args.also_dense_below:
             policy = TCA(budgets, dense_below=args.also_dense_below)
             time_one(model, ids, policy, 2)
-            row["tca_dense_below"] = time_one(model, ids, policy, args.decode_steps)
+            row["tca_dense_below"] = timed(model, ids, policy, args.decode_steps, args.repeats)
             row["tca_dense_below"]["dense_below"] = args.also_dense_below
         if "ttft_s" in row["dense"] and "ttft_s" in row["tca"]:
             row["ttft_speedup"] = row["dense"]["ttft_s"] / row["tca"]["ttft_s"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accuracy report run on a GPU (after the models were staged with scripts/gpu_run.sh
 # stage/join). Resumable: a call cut by its time limit is continued by the same call again.
-#   scripts/gpu_eval_session.sh MODEL_KEY GGUF TASKS LENGTHS SAMPLES BUDGETS BATCH [SECONDS]
+#   [RESUME=eval_KEY.tgz] scripts/gpu_eval_session.sh MODEL_KEY GGUF TASKS LENGTHS SAMPLES BUDGETS BATCH [SECONDS]
 # Writes $OUT/eval_MODEL_KEY.tgz (run folders + report) whatever happened.
 set -uo pipefail
 STAGE=${STAGE:-/tmp/tca_stage}
@@ -9,6 +9,10 @@ key=$1 gguf=$2 tasks=$3 lengths=$4 samples=$5 budgets=$6 batch=$7 seconds=${8:-5
 export PYTHONPATH="$PWD:$STAGE/site" TCA_CACHE_DIR="$STAGE/cache" PYTHONUNBUFFERED=1
 res="$STAGE/eval"
 mkdir -p "$res"
+# on a fresh machine: RESUME=eval_KEY.tgz of an earlier call (carried) restores its finished samples
+if [[ -n "${RESUME:-}" && -f "$RESUME" && ! -f "$res/.resumed_$key" ]]; then
+  tar -C "$res" -xzf "$RESUME" runs && touch "$res/.resumed_$key" && echo "resumed from $RESUME"
+fi
 start=$(date +%s)
 timeout "$seconds" python3 -m tca_attention.eval --model "$gguf" --device cuda --dtype float32 \
   --tca-preset small-context --budgets "$budgets" --methods full,tca,tca@0.7,streaming=tca \

@@ -221,7 +221,8 @@ def test_dispatch_backends_agree_and_validate():
     q, k = separated_inputs(B, H, KV, L, D, torch.float32, gen)
     kr = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
     M = int(kr.sum(-1).max())
-    args = (q, k, torch.zeros(B, dtype=torch.long), kr, n, b, 0.0, "sum", 0.125, M)
+    q, k, kr = q.to(DEV), k.to(DEV), kr.to(DEV)  # compiled Triton (on a GPU machine) needs CUDA tensors
+    args = (q, k, torch.zeros(B, dtype=torch.long, device=DEV), kr, n, b, 0.0, "sum", 0.125, M)
     a = dispatch.select_and_pack(*args, backend="triton")
     r = dispatch.select_and_pack(*args, backend="reference")
     assert torch.equal(a[0], r[0]) and torch.equal(a[1], r[1])

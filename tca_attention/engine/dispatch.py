@@ -4,6 +4,7 @@ backend: "auto" (Triton when the tensors are on CUDA and Triton imports), "trito
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal
 
@@ -31,7 +32,15 @@ def resolve(backend: Backend, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' was asked for but triton is not installed")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device.type}); "
+                         "use backend='reference' or set TRITON_INTERPRET=1 to run the kernels on the CPU")
     return backend
+
+
+def check_name(backend: str) -> None:
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
 
 
 def sparse_prefill(

@@ -66,7 +66,7 @@ class Session:
     def __init__(self, model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto",
                  observer: Observer | None = None) -> None:
         self.arch = check_supported(model)
-        dispatch.resolve(backend, torch.device("cpu"))  # validates the name
+        dispatch.check_name(backend)
         if method is not None:
             method.check_model(model)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
