@@ -227,46 +227,8 @@ class ModelBackend:
         return registry.create("streaming", sinks=STREAMING_SINKS, window=window, block_size=block)
 
     def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
-        import torch
-
-        from ..integration import enable
-
-        method = self.core_method(spec, len(ids), matched_fraction)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        extra: dict[str, Any] = {}
-        if spec.kind == "streaming":
-            extra["window"] = method.window
-        t0 = time.perf_counter()
-        with enable(self.model, method, backend=self.backend) as session, torch.no_grad():
-            cache = session.new_cache()
-            if sample.kind == "nll":
-                n = int(sample.metadata["nll_tokens"])
-                out = self.model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=n + 1)
-                logits = out.logits[0, :n].float()
-                target = input_ids[0, -n:]
-                nll = float(torch.nn.functional.cross_entropy(logits, target))
-                prediction = ""
-            else:
-                nll = None
-                eos = self.tokenizer.eos_token_id
-                gen = self.model.generate(
-                    input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                    max_new_tokens=sample.max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                    top_k=None, pad_token_id=eos,
-                )
-                prediction = self.tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
-            if input_ids.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            report = session.prefill_report()
-        if method is None:  # plain attention: a DynamicCache holding everything
-            kv = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
-            kept, dense = 1.0, kv
-        else:
-            kv, dense, kept = cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
-            extra["prefill_kept_fraction"] = report.get("kept_fraction")
-            extra["retained"] = report.get("retained")
-        return Outcome(prediction, nll, float(kept), int(kv), int(dense), seconds, extra)
+        """One sample: a batch of one (no padding, so exactly the method's own semantics)."""
+        return self.run_batch(spec, [sample], [ids], matched_fraction)[0]
 
     def run_batch(self, spec: MethodSpec, samples: list[Sample], ids_list: list[list[int]],
                   matched_fraction: float | None) -> list[Outcome]:
@@ -281,8 +243,6 @@ class ModelBackend:
 
         from ..integration import enable
 
-        if len(samples) == 1:
-            return [self.run(spec, samples[0], ids_list[0], matched_fraction)]
         kinds = {s.kind for s in samples}
         if len(kinds) != 1:
             raise ValueError(f"a batch mixes sample kinds {kinds}")
@@ -330,7 +290,8 @@ class ModelBackend:
             rows = _dense_rows(cache, lens, L)
         else:
             rows = cache.per_row()
-            extra["prefill_kept_fraction"] = report.get("kept_fraction")  # batch mean
+            extra["prefill_kept_fraction"] = report.get("kept_fraction")  # batch means
+            extra["retained"] = report.get("retained")
         return [Outcome(preds[r], nlls[r], float(rows[r]["kept_fraction"]), int(rows[r]["kv_bytes"]),
                         int(rows[r]["dense_kv_bytes"]), seconds, dict(extra)) for r in range(B)]
 
