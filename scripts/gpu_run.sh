@@ -2,7 +2,9 @@
 # Steps of one GPU session (device tool), each a separate call while the machine stays warm.
 #   stage FILE...         copy carried model parts to $STAGE (outside the repository copy)
 #   join NAME SHA         join $STAGE/NAME.part* into $STAGE/NAME.gguf and check its sha256
-#   env                   install the carried gguf wheel into $STAGE/site (python path)
+#   env                   install the carried wheels (.whl/*.whl) into $STAGE/site (python path) and
+#                         unpack carried package trees (.whl/*.tar.xz) into $STAGE/pkgs; a run
+#                         uses the latter only with PKGS=1 (e.g. a newer transformers than the image's)
 # Everything else runs with PYTHONPATH set, e.g.  scripts/gpu_run.sh py benchmarks/bench_e2e.py ...
 set -euo pipefail
 STAGE=${STAGE:-/tmp/tca_stage}
@@ -15,9 +17,10 @@ case "$cmd" in
     cat $(ls "$STAGE"/"$name".part* | sort) > "$STAGE/$name.gguf"
     echo "$sha  $STAGE/$name.gguf" | sha256sum -c - ;;
   env)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STAGE/site" .whl/*.whl ;;
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STAGE/site" .whl/*.whl
+    mkdir -p "$STAGE/pkgs"; for t in .whl/*.tar.xz; do [[ -f "$t" ]] && tar -C "$STAGE/pkgs" -xJf "$t"; done; ls "$STAGE/pkgs" ;;
   py)
-    export PYTHONPATH="$PWD:$STAGE/site" TCA_CACHE_DIR="$STAGE/cache" PYTHONUNBUFFERED=1
+    export PYTHONPATH="$PWD:${PKGS:+$STAGE/pkgs:}$STAGE/site" TCA_CACHE_DIR="$STAGE/cache" PYTHONUNBUFFERED=1
     python3 "$@" ;;
   *) echo "unknown step $cmd" >&2; exit 2 ;;
 esac

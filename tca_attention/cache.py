@@ -90,30 +90,22 @@ class TCALayer(DynamicLayer):
             self.g_keys, self.g_values = k.new_empty(0, D), v.new_empty(0, D)
             self.g_pos = torch.empty(0, dtype=torch.long, device=k.device)
             self.g_offsets = torch.zeros(B * KV + 1, dtype=torch.long, device=k.device)
-        elif plan.kept_total is not None:  # packed size known on the host: gather the CSR directly, no sync
+        else:  # gather the kept tokens straight into the packed CSR
             kept_idx, kept_len = plan.kept_idx, plan.kept_len
             M = kept_idx.shape[-1]
+            total = plan.kept_total if plan.kept_total is not None else int(kept_len.sum())  # host sync
             self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
-            slot = torch.arange(plan.kept_total, device=k.device)
+            slot = torch.arange(total, device=k.device)
             seg = torch.searchsorted(self.g_offsets[1:], slot, right=True)  # (b * KV + h) of each slot
             idx = kept_idx.reshape(-1)[seg * M + slot - self.g_offsets[seg]]
             bb, hh = seg // KV, seg % KV
-            self.g_keys = k[bb, hh, idx]
-            self.g_values = v[bb, hh, idx]
-            self.g_pos = torch.where(idx >= self.key_start[bb], idx, torch.full_like(idx, -1))
-        else:
-            kept_idx, kept_len = plan.kept_idx, plan.kept_len
-            M = kept_idx.shape[-1]
-            flat = (torch.arange(M, device=k.device)[None, None, :] < kept_len[..., None]).flatten()
-            gidx = kept_idx.clamp_max(max(L - 1, 0))[..., None].expand(B, KV, M, D)
-            self.g_keys = torch.gather(k, 2, gidx).reshape(-1, D)[flat]
-            self.g_values = torch.gather(v, 2, gidx).reshape(-1, D)[flat]
-            pos = torch.where(kept_idx >= self.key_start[:, None, None], kept_idx, torch.full_like(kept_idx, -1))
-            self.g_pos = pos.reshape(-1)[flat]  # padding never becomes visible, whatever the plan kept
-            self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
+            self.g_keys, self.g_values, self.g_pos = _global_store(total, D, k)
+            torch.ops.aten.index.Tensor_out(k, [bb, hh, idx], out=self.g_keys)
+            torch.ops.aten.index.Tensor_out(v, [bb, hh, idx], out=self.g_values)
+            # padding never becomes visible, whatever the plan kept
+            torch.where(idx >= self.key_start[bb], idx, torch.full_like(idx, -1), out=self.g_pos)
         cap = max(L - local_start, self.window + self.block_size)
-        self.t_keys = k.new_empty(B, KV, cap, D)
-        self.t_values = v.new_empty(B, KV, cap, D)
+        self.t_keys, self.t_values = k.new_empty(2, B, KV, cap, D).unbind(0)  # one allocation
         self.t_fill = L - local_start
         self.t_keys[:, :, : self.t_fill] = k[:, :, local_start:]
         self.t_values[:, :, : self.t_fill] = v[:, :, local_start:]
@@ -125,11 +117,11 @@ class TCALayer(DynamicLayer):
         need = self.t_fill + Q
         if need > self.t_keys.shape[2]:
             grow = max(need, self.t_keys.shape[2] + self.block_size)
-            for name in ("t_keys", "t_values"):
-                old = getattr(self, name)
-                new = old.new_empty(*old.shape[:2], grow, old.shape[3])
-                new[:, :, : self.t_fill] = old[:, :, : self.t_fill]
-                setattr(self, name, new)
+            B, KV, _, D = self.t_keys.shape
+            new_k, new_v = self.t_keys.new_empty(2, B, KV, grow, D).unbind(0)
+            new_k[:, :, : self.t_fill] = self.t_keys[:, :, : self.t_fill]
+            new_v[:, :, : self.t_fill] = self.t_values[:, :, : self.t_fill]
+            self.t_keys, self.t_values = new_k, new_v
         self.t_keys[:, :, self.t_fill : need] = k
         self.t_values[:, :, self.t_fill : need] = v
         self.t_fill = need
@@ -194,16 +186,11 @@ class TCALayer(DynamicLayer):
         rank = (torch.cumsum(keep.reshape(S, -1).long(), -1) - 1).reshape(-1)[flat_keep]
         new_dst = new_off[seg_new] + old_len[seg_new] + rank
         D = k.shape[-1]
-        for name, fresh in (("g_keys", k.reshape(-1, D)[flat_keep]), ("g_values", v.reshape(-1, D)[flat_keep])):
-            old = getattr(self, name)
-            buf = old.new_empty(N_new, D)
+        keys, values, gp = _global_store(N_new, D, self.g_keys)
+        for buf, old, fresh in ((keys, self.g_keys, k), (values, self.g_values, v), (gp, self.g_pos, pos)):
             buf[old_dst] = old
-            buf[new_dst] = fresh
-            setattr(self, name, buf)
-        gp = self.g_pos.new_empty(N_new)
-        gp[old_dst] = self.g_pos
-        gp[new_dst] = pos.reshape(-1)[flat_keep].to(gp.dtype)
-        self.g_pos, self.g_offsets = gp, new_off
+            buf[new_dst] = fresh.reshape(-1, *buf.shape[1:])[flat_keep].to(buf.dtype)
+        self.g_keys, self.g_values, self.g_pos, self.g_offsets = keys, values, gp, new_off
 
     # -- accounting -------------------------------------------------------------------------
     def _tensors(self) -> list[torch.Tensor]:
@@ -211,8 +198,9 @@ class TCALayer(DynamicLayer):
         return [t for t in (getattr(self, n) for n in names) if t is not None]
 
     def kv_bytes(self) -> int:
-        """Bytes of every tensor this layer holds (tail capacity included)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes of every allocation this layer holds (tail capacity and alignment included)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._tensors()}
+        return sum(storages.values())
 
     def kept_tokens(self) -> int:
         """Key/value slots in use, summed over (batch, KV head)."""
@@ -250,6 +238,20 @@ class TCALayer(DynamicLayer):
         """(B,) slots a plain cache would hold for each row's non-padding tokens."""
         KV = self.t_keys.shape[1]
         return (self.seen - self.key_start) * KV
+
+
+def _global_store(n: int, d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values (n, d) like `like` and int64 positions (n,), as views of ONE allocation.
+
+    The caching allocator leaves up to 1 MiB of unsplit slack per odd-sized block; one block
+    per layer instead of three keeps that out of the memory the cache really costs.
+    """
+    kv = n * d * like.element_size()
+    kv_aligned = -(-kv // 256) * 256
+    buf = torch.empty(2 * kv_aligned + 8 * n, dtype=torch.uint8, device=like.device)
+    keys = buf[:kv].view(like.dtype).view(n, d)
+    values = buf[kv_aligned : kv_aligned + kv].view(like.dtype).view(n, d)
+    return keys, values, buf[2 * kv_aligned :].view(torch.long)
 
 
 class TCACache(Cache):

@@ -98,10 +98,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _dequantised_dir(gguf: Path, dtype: torch.dtype) -> Path:
-    """A float safetensors copy of `gguf`, made once and reused."""
+    """A float safetensors copy of `gguf`, made once per transformers version and reused.
+
+    The version is part of the key: GGUF conversion is transformers' code, and a loader fix
+    (or bug) must not be hidden by a copy another version made.
+    """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_root() / "models" / sha256_file(gguf)[:16]
+    target = cache_root() / "models" / f"{sha256_file(gguf)[:16]}-tf{transformers.__version__}"
     if (target / "config.json").exists():
         return target
     log.info("dequantising %s once into %s", gguf.name, target)
