@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accuracy report run on a GPU (after the models were staged with scripts/gpu_run.sh
 # stage/join). Resumable: a call cut by its time limit is continued by the same call again.
-#   [RESUME=eval_KEY.tgz] [PKGS=1] [METHODS=...] scripts/gpu_eval_session.sh MODEL_KEY GGUF TASKS LENGTHS SAMPLES BUDGETS BATCH [SECONDS]
+#   [RESUME=eval_KEY.tgz] [PKGS=1] [METHODS=...] [SDPA=math] scripts/gpu_eval_session.sh MODEL_KEY GGUF TASKS LENGTHS SAMPLES BUDGETS BATCH [SECONDS]
 # Writes $OUT/eval_MODEL_KEY.tgz (run folders + report) whatever happened.
 set -uo pipefail
 STAGE=${STAGE:-/tmp/tca_stage}
@@ -16,7 +16,7 @@ fi
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
 start=$(date +%s)
 timeout "$seconds" python3 -m tca_attention.eval --model "$gguf" --device cuda --dtype float32 \
-  --tca-preset small-context --budgets "$budgets" --methods "${METHODS:-full,tca,tca@0.7,streaming=tca}" \
+  --tca-preset small-context --budgets "$budgets" ${SDPA:+--sdpa-backend "$SDPA"} --methods "${METHODS:-full,tca,tca@0.7,streaming=tca}" \
   --tasks "$tasks" --lengths "$lengths" --samples "$samples" --batch-size "$batch" \
   --results-dir "$res/runs" --report-dir "$res/report" --report-prefix "eval_${key}_" \
   --no-progress 2>&1 | grep -vE "it/s|Loading|clean_up" | tail -25

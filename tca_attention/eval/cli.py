@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from .methods import SDPA_BACKENDS
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1,
                    help="samples of one task run together, left-padded (GPU throughput; default 1)")
+    p.add_argument("--sdpa-backend", default="auto", choices=SDPA_BACKENDS,
+                   help="torch SDPA kernel for the attention transformers runs itself (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the loader's choice)")
     p.add_argument("--tca-preset", default="small-context", help="TCA config preset, a name of tca_attention.config.PRESETS (default small-context: window 512)")
@@ -75,13 +78,13 @@ def run_eval(args: argparse.Namespace) -> int:
             model=model, methods=tuple(_csv(args.methods)), tasks=tuple(tasks),
             lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
             chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
-            tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size,
+            tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,
         )
         run_dir = args.results_dir / config.run_name()
         backend = ModelBackend(model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,
                                tca_score=args.tca_score, tca_tau=args.tau,
                                calibration_length=args.calibration_length, backend=args.backend,
-                               budgets_path=args.budgets)
+                               budgets_path=args.budgets, sdpa_backend=args.sdpa_backend)
         t0 = time.perf_counter()
         results = evaluate(config, backend, run_dir, progress=not args.no_progress)
         files = write_report(results, run_dir, title=f"Long-context accuracy: {model}")

@@ -124,6 +124,20 @@ def streaming_window(target_tokens: float, prompt_tokens: int, block_size: int, 
     return best_w
 
 
+SDPA_BACKENDS = ("auto", "math", "efficient_attention", "flash_attention", "cudnn_attention")
+
+
+def sdpa_kernels(name: str) -> Any:
+    """A context that restricts torch's SDPA to one kernel (nullcontext for 'auto')."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name.upper())])
+
+
 class ModelBackend:
     """A real model run through `tca_attention.integration.enable` for every method."""
 
@@ -131,10 +145,11 @@ class ModelBackend:
                  tca_preset: str = "small-context", tca_score: str | None = None,
                  tca_tau: float = 0.9, calibration_length: int | None = None, backend: str = "auto",
                  model: Any = None, tokenizer: Any = None, tca_config: Any = None,
-                 budgets_path: Path | None = None) -> None:
+                 budgets_path: Path | None = None, sdpa_backend: str = "auto") -> None:
         """model/tokenizer: an already loaded pair (skips load_model); tca_config: a TCAConfig
         used instead of preset/score/tau; budgets_path: an existing budget file of this model
-        (copied into the run folder) instead of calibrating."""
+        (copied into the run folder) instead of calibrating; sdpa_backend: the torch SDPA kernel
+        for the layers transformers runs itself (see SDPA_BACKENDS)."""
         self.model_name = model_name
         self.device = device
         self.dtype = dtype
@@ -147,6 +162,7 @@ class ModelBackend:
         self.tokenizer: Any = tokenizer
         self._tca_config = tca_config
         self.budgets_path = budgets_path
+        self.sdpa_backend = sdpa_backend
         self.budgets: Any = None
 
     # -- loading ------------------------------------------------------------------------------
@@ -262,7 +278,7 @@ class ModelBackend:
         if spec.kind == "streaming":
             extra["window"] = method.window
         t0 = time.perf_counter()
-        with enable(self.model, method, backend=self.backend) as session, torch.no_grad():
+        with enable(self.model, method, backend=self.backend) as session, torch.no_grad(), sdpa_kernels(self.sdpa_backend):
             cache = session.new_cache()
             nlls: list[float | None] = [None] * B
             preds = [""] * B

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from .methods import Backend, MethodSpec, parse_method, resolve_tca_config
+from .methods import SDPA_BACKENDS, Backend, MethodSpec, parse_method, resolve_tca_config
 from .prompt import PromptFormat
 from .schema import Result, Sample
 from .scorers import score
@@ -43,6 +43,7 @@ class EvalConfig:
     tca_tau: float = 0.9
     dtype: str | None = None
     batch_size: int = 1  # samples of one (task, length, method) run together, left-padded
+    sdpa_backend: str = "auto"  # torch SDPA kernel for the layers transformers runs (auto = torch's choice)
 
     def __post_init__(self) -> None:
         for t in self.tasks:
@@ -58,6 +59,8 @@ class EvalConfig:
             raise ValueError("need samples >= 1 and lengths >= 64 tokens")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {self.sdpa_backend!r}")
 
     def specs(self) -> list[MethodSpec]:
         """Methods in run order: those matched to another method's budget last."""
@@ -73,6 +76,8 @@ class EvalConfig:
                  "dtype": self.dtype}
         if self.batch_size > 1:
             ident["batch_size"] = self.batch_size
+        if self.sdpa_backend != "auto":
+            ident["sdpa_backend"] = self.sdpa_backend
         return ident
 
     def run_name(self) -> str:
@@ -80,7 +85,8 @@ class EvalConfig:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         model = re.sub(r"[^A-Za-z0-9.]+", "-", Path(self.model).name if "/" in self.model else self.model)
         batch = f"_batch{self.batch_size}" if self.batch_size > 1 else ""
-        return f"{model}_{self.tca_preset}_tau{self.tca_tau:g}_seed{self.seed}{batch}_{digest}"
+        sdpa = f"_sdpa-{self.sdpa_backend}" if self.sdpa_backend != "auto" else ""
+        return f"{model}_{self.tca_preset}_tau{self.tca_tau:g}_seed{self.seed}{batch}{sdpa}_{digest}"
 
 
 class ResultLog:
