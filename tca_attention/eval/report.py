@@ -11,6 +11,7 @@ from typing import Iterable
 
 from .runner import RESULTS_FILE, ResultLog
 from .schema import Result
+from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 NEEDLE_TASK = "niah_single"
@@ -126,6 +127,7 @@ def markdown(summary: dict) -> str:
                   "kept: mean KV kept fraction (%); ppl: perplexity of the last tokens of long essays.", ""]
         for L in lengths:
             tasks = _ordered(t for m in methods.values() for t in m["lengths"].get(str(L), {}).get("tasks", {}))
+            tasks.sort(key=lambda t: TASKS.names().index(t) if t in TASKS.names() else len(TASKS.names()))
             n = max((c["n"] for m in methods.values() for c in m["lengths"].get(str(L), {}).get("tasks", {}).values()), default=0)
             lines += [f"### {display_name(model)}, {L} tokens (n = {n} per task)", ""]
             lines += ["| method | " + " | ".join(tasks) + " | kept |", "|---|" + "---|" * (len(tasks) + 1)]
