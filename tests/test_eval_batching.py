@@ -128,3 +128,22 @@ def test_runner_batches_fixed_chunks_and_resumes(tmp_path: Path, smol_tokenizer)
 def test_bad_batch_size_is_an_error() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         EvalConfig(model="fake", batch_size=0)
+
+
+def test_sdpa_backend_names_the_run_and_restricts_torch() -> None:
+    import torch
+
+    from tca_attention.eval.methods import sdpa_kernels
+
+    cfg = EvalConfig(model="fake", batch_size=20, sdpa_backend="math")
+    assert cfg.run_name().startswith("fake_small-context_tau0.9_seed0_batch20_sdpa-math_")
+    assert cfg.identity()["sdpa_backend"] == "math"
+    assert "sdpa_backend" not in EvalConfig(model="fake").identity()  # auto names the same folders as before
+    with pytest.raises(ValueError, match="sdpa_backend"):
+        EvalConfig(model="fake", sdpa_backend="fastest")
+    q = torch.randn(1, 2, 8, 16)
+    with sdpa_kernels("math"):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert torch.allclose(ref, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-5)
+    with sdpa_kernels("efficient_attention"), pytest.raises(RuntimeError):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)  # no such kernel on the CPU
