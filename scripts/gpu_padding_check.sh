@@ -1,3 +1,5 @@
+# The Gemma3 padding check of session 3 (one device call, after gemma3.part0-2 were staged):
+# join the model, compare SDPA kernels on batched needles, rerun niah_single with math if it is the fix.
 set -u
 bash scripts/gpu_run.sh stage .stage/gemma3.part3 >/dev/null && bash scripts/gpu_run.sh join gemma3 a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 || exit 1
 PKGS=1 bash scripts/gpu_run.sh py scripts/diag_padding.py /tmp/tca_stage/gemma3.gguf --task niah_single --length 4096 --samples 20 --single 6 2>&1 | tail -1 | tee $OUT/diag_niah_single_4096.json
