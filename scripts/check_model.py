@@ -17,7 +17,7 @@ import transformers
 from tca_attention.eval.methods import ModelBackend, parse_method
 from tca_attention.eval.prompt import PromptFormat
 from tca_attention.eval.scorers import score
-from tca_attention.eval.tasks import TaskContext, generate
+from tca_attention.eval.tasks import TASKS, TaskContext, generate
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         s = generate(ctx, "niah_single", args.length, i)
         r = backend.run(full, s, fmt.encode(s), None)
         out["needle"].append({"answer": s.answers[0], "prediction": r.prediction[:60],
-                              "score": score("contains", r.prediction, s.answers)})
+                              "score": score(TASKS.get("niah_single").scorer, r.prediction, s.answers)})
     print(json.dumps(out))
 
 

@@ -47,7 +47,8 @@ def main() -> None:
         except RuntimeError as e:  # a kernel that cannot run these inputs
             out[kernel] = {"error": str(e)[:200]}
             continue
-        torch.cuda.empty_cache() if args.device == "cuda" else None
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         out[kernel] = {
             "score": sum(score(scorer, p, s.answers) for p, s in zip(preds, samples)) / len(preds),
             "same_as_single": sum(a == b for a, b in zip(preds, single)) / len(single),
