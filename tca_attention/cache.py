@@ -5,7 +5,12 @@ Per TCA layer and per (batch, KV head) the cache holds
   tail:        the uncompressed most recent tokens, (B, KV, T, D), the same T for every head.
 Decode appends to the tail; whenever it holds window + block_size tokens, its oldest block is
 compressed to decode_keep[h] tokens per head (ranked by the current query's attention) and
-moved to the global part. Memory is what the tensors hold: no masked-out padding.
+moved to the global part. Memory is what the tensors hold: no masked-out padding, and never more
+than a plain cache would hold for the same tokens (the tail's spare capacity is bounded by what
+the global part saves; a prompt that stays dense holds exactly a dense cache's bytes).
+
+Each layer counts its update(), commit_prefill() and attend() calls, so that the session can
+check after every forward that attention really used this cache (integration/hf.py).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ class TCALayer(DynamicLayer):
         self.t_pos0 = 0  # position of tail slot 0
         self.key_start: torch.Tensor | None = None  # (B,) first non-padding position
         self.decode_keep: torch.Tensor | None = None  # (KV,)
+        self.calls = CallCounts()
+        self.compresses: bool | None = None  # False once known that decode keeps whole blocks
 
     # -- transformers Cache protocol ------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -43,6 +50,7 @@ class TCALayer(DynamicLayer):
         """Prefill: hold k/v until the attention function commits a plan. Later: append to the tail."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.calls.updates += 1
         if self.t_keys is None:
             self.pending = (key_states, value_states)
         else:
@@ -82,6 +90,7 @@ class TCALayer(DynamicLayer):
             raise RuntimeError("commit_prefill without a pending prefill")
         k, v = self.pending
         self.pending = None
+        self.calls.commits += 1
         B, KV, L, D = k.shape
         self.key_start = key_start.to(k.device)
         self.decode_keep = decode_keep.to(k.device)
@@ -104,24 +113,39 @@ class TCALayer(DynamicLayer):
             torch.ops.aten.index.Tensor_out(v, [bb, hh, idx], out=self.g_values)
             # padding never becomes visible, whatever the plan kept
             torch.where(idx >= self.key_start[bb], idx, torch.full_like(idx, -1), out=self.g_pos)
-        cap = max(L - local_start, self.window + self.block_size)
-        self.t_keys, self.t_values = k.new_empty(2, B, KV, cap, D).unbind(0)  # one allocation
         self.t_fill = L - local_start
+        self.t_keys, self.t_values = k.new_empty(2, B, KV, self._tail_capacity(self.t_fill, self.seen, k), D).unbind(0)
         self.t_keys[:, :, : self.t_fill] = k[:, :, local_start:]
         self.t_values[:, :, : self.t_fill] = v[:, :, local_start:]
         self.t_pos0 = local_start
+
+    # -- tail capacity ----------------------------------------------------------------------
+    def _tail_capacity(self, need: int, seen: int, like: torch.Tensor) -> int:
+        """Tail slots to allocate for `need` tokens once `seen` tokens have been given.
+
+        Room for a whole window + block (no reallocation until the next compression), but never
+        so much that this layer would hold more bytes than a dense cache of `seen` tokens: the
+        spare slots are paid for by what the global part dropped. A prompt that stays dense gets
+        exactly `need` slots and then grows a token at a time, as a plain cache does.
+        """
+        B, KV, slot = like.shape[0], like.shape[1], 2 * like.shape[-1] * like.element_size()
+        global_bytes = self._storage_bytes(("g_keys", "g_values", "g_pos"))  # alignment included
+        bound = (B * KV * seen * slot - global_bytes) // (B * KV * slot)
+        return max(need, min(self.window + self.block_size, bound))
+
+    def _reallocate_tail(self, cap: int) -> None:
+        B, KV, _, D = self.t_keys.shape
+        new_k, new_v = self.t_keys.new_empty(2, B, KV, cap, D).unbind(0)  # one allocation
+        new_k[:, :, : self.t_fill] = self.t_keys[:, :, : self.t_fill]
+        new_v[:, :, : self.t_fill] = self.t_values[:, :, : self.t_fill]
+        self.t_keys, self.t_values = new_k, new_v
 
     # -- decode -----------------------------------------------------------------------------
     def _append_tail(self, k: torch.Tensor, v: torch.Tensor) -> None:
         Q = k.shape[-2]
         need = self.t_fill + Q
         if need > self.t_keys.shape[2]:
-            grow = max(need, self.t_keys.shape[2] + self.block_size)
-            B, KV, _, D = self.t_keys.shape
-            new_k, new_v = self.t_keys.new_empty(2, B, KV, grow, D).unbind(0)
-            new_k[:, :, : self.t_fill] = self.t_keys[:, :, : self.t_fill]
-            new_v[:, :, : self.t_fill] = self.t_values[:, :, : self.t_fill]
-            self.t_keys, self.t_values = new_k, new_v
+            self._reallocate_tail(self._tail_capacity(need, self.seen + Q, k))
         self.t_keys[:, :, self.t_fill : need] = k
         self.t_values[:, :, self.t_fill : need] = v
         self.t_fill = need
@@ -134,6 +158,7 @@ class TCALayer(DynamicLayer):
 
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Decode/continuation attention of new queries over the cache, then compression."""
+        self.calls.decodes += 1
         Q = q.shape[2]
         q_pos = torch.arange(self.seen - Q, self.seen, device=q.device)[None, :].expand(q.shape[0], Q)
         out, lse = dispatch.ragged_decode(
@@ -141,7 +166,10 @@ class TCALayer(DynamicLayer):
             self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
             scaling, backend=self.backend,
         )
-        while self.t_fill >= self.window + self.block_size:
+        if self.compresses is None and self.t_fill >= self.window + self.block_size:
+            # every head keeping whole blocks gains nothing and would add positions: stay dense
+            self.compresses = bool((self.decode_keep < self.block_size).any())  # once per request
+        while self.compresses and self.t_fill >= self.window + self.block_size:
             self._compress_oldest_block(q[:, :, -1], lse[:, :, -1], scaling)
         return out
 
@@ -165,10 +193,17 @@ class TCALayer(DynamicLayer):
                 torch.gather(pos[:, None, :].expand(B, KV, b), 2, top),
                 keep,
             )
-        # shift the tail left by one block
+        # drop the block from the tail: shift left in place, or into a smaller tail when the
+        # global part grew so much that the spare slots would hold more than a dense cache
         rest = self.t_fill - b
-        self.t_keys[:, :, :rest] = self.t_keys[:, :, b : self.t_fill].clone()
-        self.t_values[:, :, :rest] = self.t_values[:, :, b : self.t_fill].clone()
+        cap = min(self.t_keys.shape[2], self._tail_capacity(rest, self.seen, self.t_keys))
+        old_k, old_v = self.t_keys[:, :, b : self.t_fill], self.t_values[:, :, b : self.t_fill]
+        if cap < self.t_keys.shape[2]:
+            self.t_keys, self.t_values = self.t_keys.new_empty(2, B, KV, cap, D).unbind(0)
+        else:
+            old_k, old_v = old_k.clone(), old_v.clone()
+        self.t_keys[:, :, :rest] = old_k
+        self.t_values[:, :, :rest] = old_v
         self.t_fill, self.t_pos0 = rest, self.t_pos0 + b
 
     def _append_global(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> None:
@@ -193,14 +228,22 @@ class TCALayer(DynamicLayer):
         self.g_keys, self.g_values, self.g_pos, self.g_offsets = keys, values, gp, new_off
 
     # -- accounting -------------------------------------------------------------------------
-    def _tensors(self) -> list[torch.Tensor]:
-        names = ("g_keys", "g_values", "g_pos", "g_offsets", "t_keys", "t_values", "key_start", "decode_keep")
-        return [t for t in (getattr(self, n) for n in names) if t is not None]
+    _KV_TENSORS = ("g_keys", "g_values", "g_pos", "t_keys", "t_values")
+    _INDEX_TENSORS = ("g_offsets", "key_start", "decode_keep")
+
+    def _storage_bytes(self, names: tuple[str, ...]) -> int:
+        tensors = [t for t in (getattr(self, n) for n in names) if t is not None]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def kv_bytes(self) -> int:
-        """Bytes of every allocation this layer holds (tail capacity and alignment included)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._tensors()}
-        return sum(storages.values())
+        """Bytes of every allocation holding keys, values and kept positions (tail capacity and
+        alignment included): what grows with the tokens."""
+        return self._storage_bytes(self._KV_TENSORS)
+
+    def index_bytes(self) -> int:
+        """Bytes of the per-(row, head) index arrays: CSR offsets, padding starts, decode keep
+        counts (O(batch x KV heads) integers, reported apart from the KV)."""
+        return self._storage_bytes(self._INDEX_TENSORS)
 
     def kept_tokens(self) -> int:
         """Key/value slots in use, summed over (batch, KV head)."""
@@ -238,6 +281,18 @@ class TCALayer(DynamicLayer):
         """(B,) slots a plain cache would hold for each row's non-padding tokens."""
         KV = self.t_keys.shape[1]
         return (self.seen - self.key_start) * KV
+
+
+class CallCounts:
+    """How often transformers and the attention function touched a layer (for the session's check)."""
+
+    __slots__ = ("updates", "commits", "decodes")
+
+    def __init__(self) -> None:
+        self.updates = self.commits = self.decodes = 0
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.updates, self.commits, self.decodes
 
 
 def _global_store(n: int, d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,6 +336,10 @@ class TCACache(Cache):
             elif layer.is_initialized and layer.keys is not None:
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
+
+    def index_bytes(self) -> int:
+        """Bytes of the ragged layers' index arrays (reported apart from the KV)."""
+        return sum(layer.index_bytes() for layer in self.tca_layers())
 
     def dense_kv_bytes(self) -> int:
         """Bytes a plain DynamicCache would hold for the same tokens (sliding layers as they are)."""

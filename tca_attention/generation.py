@@ -61,14 +61,14 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         cache = session.new_cache()
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **session.cache_kwargs(cache))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         t1 = time.perf_counter()
         report = session.prefill_report()
         tokens = [int(nxt)]
         while len(tokens) < max_new_tokens and not (stop_at_eos and tokens[-1] in eos):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **session.cache_kwargs(cache))
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(nxt))
         _sync(device)
@@ -87,46 +87,4 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         kept_fraction=kept,
         retained_last_query=report["retained"] if method is not None else 1.0,
         retained_last_query_min=report["retained_min"] if method is not None else 1.0,
-    )
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    answers: list[str]
-    prompt_tokens: list[int]
-    seconds: float
-    kv_bytes: int
-    dense_kv_bytes: int
-    kept_fraction: float
-
-
-@torch.no_grad()
-def run_batch(model, tokenizer, prompts: list[str], method: Method | None, max_new_tokens: int = 16,
-              backend: str = "auto") -> BatchResult:
-    """Greedy generation for several prompts at once (left padding), through generate()."""
-    if not prompts or any(not p or not p.strip() for p in prompts):
-        raise ValueError("empty prompt in batch")
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
-    with enable(model, method, backend=backend) as session:
-        cache = session.new_cache()
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        held, dense, kept = _cache_bytes(cache)
-    new = out[:, enc["input_ids"].shape[1]:]
-    return BatchResult(
-        answers=[tokenizer.decode(row, skip_special_tokens=True) for row in new],
-        prompt_tokens=enc["attention_mask"].sum(-1).tolist(),
-        seconds=seconds, kv_bytes=held, dense_kv_bytes=dense, kept_fraction=kept,
     )

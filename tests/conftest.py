@@ -30,3 +30,8 @@ def smol_tokenizer(request):
                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     tok.save_pretrained(saved)
     return tok
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "compat: fast integration subset, also run against the oldest and newest transformers")

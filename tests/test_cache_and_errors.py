@@ -11,6 +11,7 @@ from tca_attention.integration import enable
 from tca_attention.integration.architectures import UnsupportedModelError
 from tca_attention.methods.streaming import StreamingLLM
 from tca_attention.methods.tca import TCA
+from tca_attention.integration.adapter import cache_kwargs
 from tiny_models import tiny
 
 
@@ -43,6 +44,7 @@ def tensor_attrs(obj) -> list[torch.Tensor]:
     return [v for v in vars(obj).values() if isinstance(v, torch.Tensor)]
 
 
+@pytest.mark.compat
 def test_reported_bytes_are_the_tensors_held_and_smaller_than_dense():
     model = tiny("llama")
     config = TCAConfig(block_size=16, window=32)
@@ -50,14 +52,15 @@ def test_reported_bytes_are_the_tensors_held_and_smaller_than_dense():
     with torch.no_grad(), enable(model, TCA(fake_budgets(model, config))) as s:
         cache = s.new_cache()
         ids = FakeTokenizer()(prompt, return_tensors="pt")["input_ids"]
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
         for t in range(40):
-            model(input_ids=ids[:, t : t + 1], past_key_values=cache)
+            model(input_ids=ids[:, t : t + 1], **cache_kwargs(cache))
     layers = cache.tca_layers()
     assert len(layers) == 2
     for layer in layers:
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensor_attrs(layer)}
-        assert sum(held.values()) == layer.kv_bytes(), "hidden storage or missing tensor"
+        assert sum(held.values()) == layer.kv_bytes() + layer.index_bytes(), "hidden storage or missing tensor"
+        assert layer.index_bytes() == 8 * (2 * 1 + 1 + 1 + 2), "offsets, key_start, decode_keep of 1 row x 2 heads"
         # one allocation for the global part, one for the tail (allocator slack, see cache.py)
         ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
         assert ptr(layer.g_keys) == ptr(layer.g_values) == ptr(layer.g_pos) != ptr(layer.t_keys) == ptr(layer.t_values)
@@ -67,13 +70,14 @@ def test_reported_bytes_are_the_tensors_held_and_smaller_than_dense():
     assert 0 < cache.kept_fraction() < 0.3
 
 
+@pytest.mark.compat
 def test_streaming_keeps_sinks_and_window_only():
     model = tiny("qwen2")
     with torch.no_grad(), enable(model, StreamingLLM(sinks=4, window=32, block_size=16)) as s:
         cache = s.new_cache()
-        model(input_ids=torch.randint(0, 97, (1, 300)), past_key_values=cache)
+        model(input_ids=torch.randint(0, 97, (1, 300)), **cache_kwargs(cache))
         for _ in range(20):
-            model(input_ids=torch.randint(0, 97, (1, 1)), past_key_values=cache)
+            model(input_ids=torch.randint(0, 97, (1, 1)), **cache_kwargs(cache))
     for layer in cache.tca_layers():
         assert layer.g_pos.tolist() == [0, 1, 2, 3] * 2  # two KV heads, sinks only
         assert 32 <= layer.t_fill < 48
@@ -143,7 +147,7 @@ def test_dense_cache_passed_to_tca_is_refused():
     model = tiny("llama")
     with torch.no_grad(), enable(model, StreamingLLM(window=32, block_size=16)):
         with pytest.raises(TypeError, match="new_cache"):
-            model(input_ids=torch.randint(0, 97, (1, 100)), past_key_values=DynamicCache())
+            model(input_ids=torch.randint(0, 97, (1, 100)), **cache_kwargs(DynamicCache()))
 
 
 def test_right_padding_is_refused():
@@ -152,7 +156,7 @@ def test_right_padding_is_refused():
     mask[1, -5:] = 0
     with torch.no_grad(), enable(model, StreamingLLM(window=32, block_size=16)) as s:
         with pytest.raises(ValueError, match="left padding"):
-            model(input_ids=torch.randint(0, 97, (2, 100)), attention_mask=mask, past_key_values=s.new_cache())
+            model(input_ids=torch.randint(0, 97, (2, 100)), attention_mask=mask, **cache_kwargs(s.new_cache()))
 
 
 def test_layer_cannot_be_cropped_or_reordered():

@@ -9,6 +9,7 @@ from transformers.cache_utils import DynamicCache
 
 from tca_attention.integration import enable
 from tca_attention.methods.full import FullBudget
+from tca_attention.integration.adapter import cache_kwargs
 from tiny_models import ARCHS, tiny
 
 STEPS = 50
@@ -18,13 +19,13 @@ def run(model, ids, mask, steps, session=None):
     """Prefill + teacher-forced decode. -> (prefill logits (B, L, V), decode logits (B, steps, V))."""
     cache = session.new_cache() if session is not None else DynamicCache(config=model.config)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
     prefill = out.logits
     dec = []
     for t in range(steps.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=steps[:, t : t + 1], attention_mask=mask, position_ids=pos, past_key_values=cache)
+        out = model(input_ids=steps[:, t : t + 1], attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
         dec.append(out.logits[:, -1])
     return prefill, torch.stack(dec, 1), cache
 
@@ -37,6 +38,7 @@ def batch(B, L, pads, vocab=97):
     return ids, mask, torch.randint(0, vocab, (B, STEPS))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("B,pads", [(1, [0]), (3, [0, 7, 30])])
 def test_full_budget_matches_sdpa(arch, B, pads):

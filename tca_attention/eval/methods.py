@@ -285,15 +285,15 @@ class ModelBackend:
             if samples[0].kind == "nll":
                 ns = [int(s.metadata["nll_tokens"]) for s in samples]
                 K = max(ns) + 1
-                out = self.model(input_ids, attention_mask=attn, past_key_values=cache, use_cache=True,
-                                 logits_to_keep=K)
+                out = self.model(input_ids, attention_mask=attn, use_cache=True, logits_to_keep=K,
+                                 **session.cache_kwargs(cache))
                 for r, n in enumerate(ns):
                     logits = out.logits[r, K - 1 - n: K - 1].float()
                     nlls[r] = float(torch.nn.functional.cross_entropy(logits, input_ids[r, -n:]))
             else:
                 limits = [s.max_new_tokens for s in samples]
                 gen = self.model.generate(
-                    input_ids, attention_mask=attn, past_key_values=cache, max_new_tokens=max(limits),
+                    input_ids, attention_mask=attn, max_new_tokens=max(limits), **session.cache_kwargs(cache),
                     do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=int(pad),
                 )
                 # greedy decoding is causal: a row's first n tokens do not depend on later ones

@@ -1,9 +1,12 @@
-"""Plug a method into a transformers model: attention + mask registration, the cache, hooks.
+"""Plug a method into a transformers model: attention registration, the cache, hooks, checks.
 
-Only public extension points are used: `AttentionInterface.register` (with the SDPA mask
-function under the same name), `model.set_attn_implementation`, the `Cache` classes, and
-removable forward pre-hooks that tell the attention function which cache the call uses.
-Everything is undone by `Session.disable()` (or leaving the `with` block).
+Only public extension points are used, through `adapter` (the one module that knows how a
+transformers release calls attention): the attention and mask interfaces,
+`model.set_attn_implementation`, the `Cache` classes, and removable forward hooks. The
+pre-hooks on attention modules tell the attention function which cache the call uses; the hooks
+on the model check after every forward that each ragged layer given new keys by transformers
+also planned (prefill) or attended over its cache (decode), and raise otherwise: a missed cache
+must never turn into a silently wrong answer. Everything is undone by `Session.disable()`.
 """
 from __future__ import annotations
 
@@ -13,25 +16,22 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..cache import TCACache, TCALayer
 from ..engine import dispatch
 from ..methods.base import Method
+from . import adapter
 from .architectures import attention_modules, check_supported, layer_kinds, text_config
 
 ATTN_NAME = "tca"
 _SESSIONS: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
 # observer(layer_idx, q, k, v, scaling) is called on full layers during an observed dense forward
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+_NOT_SEEN = object()
 
 
-def _register() -> None:
-    AttentionInterface.register(ATTN_NAME, tca_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+class CacheNotUsedError(RuntimeError):
+    """transformers stored keys in a ragged cache, but attention did not run over it."""
 
 
 def tca_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -42,7 +42,8 @@ def tca_attention_forward(module, query, key, value, attention_mask, dropout=0.0
             f"attn_implementation={ATTN_NAME!r} is set but no tca_attention session owns this model; "
             "use `with tca_attention.enable(model, method):`"
         )
-    return session.attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    call = adapter.parse_attention_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    return session.attend(call)
 
 
 def key_start_from_mask(mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
@@ -69,11 +70,15 @@ class Session:
         dispatch.check_name(backend)
         if method is not None:
             method.check_model(model)
+            _check_dtype(model)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
         self.last_prefill: dict[int, dict[str, Any]] = {}  # layer -> retained / kept fraction
-        self._caches: "weakref.WeakKeyDictionary[nn.Module, Cache | None]" = weakref.WeakKeyDictionary()
+        self.cache: TCACache | Any = None  # the cache of the last generate()
+        self._caches: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+        self._tracked: "weakref.WeakSet[TCACache]" = weakref.WeakSet()  # ragged caches to check
+        self._before: dict[int, list[tuple[int, int, int]]] = {}
         self._hooks: list = []
         self._prev_impl: str | None = None
         self._active = False
@@ -82,16 +87,18 @@ class Session:
     def enable(self) -> "Session":
         if self._active:
             return self
-        _register()
+        adapter.check_version()
+        adapter.register(ATTN_NAME, tca_attention_forward)
         modules = attention_modules(self.model)
         for m in modules:
             if m in _SESSIONS:
                 raise RuntimeError("this model already has an active tca_attention session")
-        self._prev_impl = self.model.config._attn_implementation
-        self.model.set_attn_implementation(ATTN_NAME)
+        self._prev_impl = adapter.set_attention(self.model, ATTN_NAME)
         for m in modules:
             _SESSIONS[m] = self
             self._hooks.append(m.register_forward_pre_hook(self._remember_cache, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_pre_hook(self._before_forward))
+        self._hooks.append(self.model.register_forward_hook(self._after_forward))
         self._active = True
         return self
 
@@ -103,7 +110,7 @@ class Session:
         self._hooks.clear()
         for m in attention_modules(self.model):
             _SESSIONS.pop(m, None)
-        self.model.set_attn_implementation(self._prev_impl or "sdpa")
+        adapter.set_attention(self.model, self._prev_impl or "sdpa")
         self._active = False
 
     def __enter__(self) -> "Session":
@@ -113,51 +120,100 @@ class Session:
         self.disable()
 
     def _remember_cache(self, module, args, kwargs):
-        self._caches[module] = kwargs.get("past_key_values")
+        cache = adapter.cache_of_module_call(kwargs)
+        self._caches[module] = cache
+        if isinstance(cache, TCACache):
+            self._tracked.add(cache)
+
+    # -- the per-forward check ------------------------------------------------------------
+    def _before_forward(self, model, args):
+        self._before = {id(c): [l.calls.snapshot() for l in c.tca_layers()] for c in list(self._tracked)}
+
+    def _after_forward(self, model, args, output):
+        for cache in list(self._tracked):
+            before = self._before.get(id(cache))
+            for layer, (u0, c0, d0) in zip(cache.tca_layers(), before or ()):
+                self._check_layer(cache, layer, layer.calls.updates - u0, layer.calls.commits - c0,
+                                  layer.calls.decodes - d0)
+
+    def _check_layer(self, cache: TCACache, layer: TCALayer, updates: int, commits: int, decodes: int) -> None:
+        if updates == 0:
+            return  # this cache was not part of the forward
+        idx = cache.layers.index(layer)
+        if commits + decodes != updates:
+            raise CacheNotUsedError(
+                f"transformers {adapter.transformers.__version__}: layer {idx} stored new keys in the ragged cache "
+                f"{updates} time(s) but attention planned a prefill {commits} time(s) and attended over the cache "
+                f"{decodes} time(s): the attention function did not receive the cache (see docs/compatibility.md)"
+            )
+        if layer.kv_bytes() == 0:
+            raise CacheNotUsedError(
+                f"transformers {adapter.transformers.__version__}: layer {idx} holds 0 bytes after a forward that "
+                "gave it keys"
+            )
 
     # -- caches -------------------------------------------------------------------------------
-    def new_cache(self) -> Cache:
-        """The cache to pass to generate()/forward as past_key_values."""
+    def new_cache(self) -> Any:
+        """A cache for this session's method (a ragged cache; a DynamicCache for plain attention).
+        Hand it to model()/generate() with `**session.cache_kwargs(cache)`, or use generate()."""
         cfg = text_config(self.model)
         if self.method is None:
+            from transformers.cache_utils import DynamicCache
+
             return DynamicCache(config=self.model.config)
-        return TCACache(self.kinds, self.method.block_size, self.method.window,
-                        getattr(cfg, "sliding_window", None), self.backend)
+        cache = TCACache(self.kinds, self.method.block_size, self.method.window,
+                         getattr(cfg, "sliding_window", None), self.backend)
+        self._tracked.add(cache)
+        return cache
+
+    @staticmethod
+    def cache_kwargs(cache: Any) -> dict[str, Any]:
+        """{keyword: cache} under the name the installed transformers expects."""
+        return adapter.cache_kwargs(cache)
+
+    def generate(self, *args, **kwargs):
+        """model.generate() with a new cache of this session (kept as `session.cache`)."""
+        self.cache = self.new_cache()
+        return self.model.generate(*args, **kwargs, **self.cache_kwargs(self.cache))
 
     # -- the attention call -----------------------------------------------------------------
-    def attend(self, module, q, k, v, mask, dropout, scaling, kwargs):
-        idx = module.layer_idx
-        scaling = module.scaling if scaling is None else scaling
+    def attend(self, call: adapter.AttentionCall):
+        idx, q = call.layer_idx, call.query
         if self.kinds[idx] == "sliding" or self.method is None or self.observer is not None:
             if self.observer is not None and self.kinds[idx] == "full":
-                self.observer(idx, q, k, v, scaling)
-            return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+                self.observer(idx, q, call.key, call.value, call.scaling)
+            return adapter.sdpa(call)
         if self.max_positions and q.shape[2] > self.max_positions and idx == self.kinds.index("full"):
             warnings.warn(f"prompt of {q.shape[2]} tokens is beyond the model's trained length "
                           f"({self.max_positions})", stacklevel=2)
-        cache = self._caches.get(module)
+        cache = self._caches.get(call.module, _NOT_SEEN)
+        if cache is _NOT_SEEN:
+            raise adapter.AdapterError(
+                f"attention for layer {idx} was called without its module's forward (no cache could be found)")
         layer = cache.layers[idx] if cache is not None else None
         if cache is not None and not isinstance(layer, TCALayer):
             raise TypeError(
-                f"TCA needs its own cache: pass past_key_values=session.new_cache() (got {type(cache).__name__})"
+                f"{getattr(self.method, 'name', 'this method')} needs its own cache: use session.generate(), or pass "
+                f"session.new_cache() to the model (got {type(cache).__name__})"
             )
         if layer is not None and layer.pending is None:
             if layer.device != q.device:
                 raise RuntimeError(f"cache on {layer.device} but queries on {q.device}")
-            return layer.attend(q, scaling), None
-        return self._prefill(idx, module, q, k, v, mask, dropout, scaling, kwargs, layer)
+            return layer.attend(q, call.scaling), None
+        return self._prefill(call, layer)
 
-    def _prefill(self, idx, module, q, k, v, mask, dropout, scaling, kwargs, layer: TCALayer | None):
+    def _prefill(self, call: adapter.AttentionCall, layer: TCALayer | None):
+        idx, q, k, v = call.layer_idx, call.query, call.key, call.value
         B, _, L, _ = q.shape
         if L == 0:
             raise ValueError("empty prompt")
-        key_start = key_start_from_mask(mask, B, L, q.device)
-        plan = self.method.plan(idx, q, k, key_start, scaling, backend=self.backend, padded=mask is not None)
+        key_start = key_start_from_mask(call.mask, B, L, q.device)
+        plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None)
         if plan is None:
-            out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+            out, _ = adapter.sdpa(call)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None}
         else:
-            out = dispatch.sparse_prefill(q, k, v, plan, scaling, backend=self.backend)
+            out = dispatch.sparse_prefill(q, k, v, plan, call.scaling, backend=self.backend)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": plan.retained}
         if layer is not None:
@@ -188,3 +244,11 @@ def enable(model: nn.Module, method: Method | None, backend: dispatch.Backend = 
     method=None is plain attention (a session whose new_cache() is a DynamicCache).
     """
     return Session(model, method, backend).enable()
+
+
+def _check_dtype(model: nn.Module) -> None:
+    """Half precision on the CPU gives garbage through SDPA's CPU kernels: refuse clearly."""
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type == "cpu" and p.dtype == torch.float16:
+        raise ValueError("float16 models are not supported on the CPU (answers come out empty); "
+                         "use model.float() or load it with dtype=torch.float32")

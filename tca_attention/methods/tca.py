@@ -47,6 +47,14 @@ class TCA(Method):
                                     self.budgets.layer_decode_keep(layer_idx).to(device))
         return self._per_layer[key]
 
+    def _all_dense(self, layer_idx: int) -> bool:
+        """Every KV head of the layer is dense in the budgets: plan nothing, keep a dense cache."""
+        key = (layer_idx, "all_dense")
+        if key not in self._per_layer:
+            heads = self.budgets.layers[layer_idx] or ()
+            self._per_layer[key] = all(self.budgets.choice(layer_idx, h) is None for h in range(len(heads)))
+        return self._per_layer[key]
+
     @property
     def block_size(self) -> int:
         return self.budgets.config.block_size
@@ -79,7 +87,7 @@ class TCA(Method):
         cfg = self.budgets.config
         B, KV, L, _ = k.shape
         geo = local_geometry(L, cfg.block_size, cfg.window)
-        if geo is None or L < self.dense_below:
+        if geo is None or L < self.dense_below or self._all_dense(layer_idx):
             return None
         n, local_start = geo
         decode_keep = self._layer(layer_idx, k.device)[1]

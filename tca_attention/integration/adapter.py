@@ -1,0 +1,159 @@
+"""The one place that knows how a transformers release calls attention.
+
+transformers changes the details every few releases: up to 5.23 decoder layers hand the cache to
+attention modules (and models and generate() take it) as `past_key_values=`; from 5.24 the name
+is `cache=` (the old one is deprecated, removal announced for 5.40). The attention function
+receives `attention_mask` (None for an unpadded causal prefill), `sliding_window` on
+sliding-window layers, and other keywords that only SDPA needs. Everything else in the library
+asks this module; a call it does not recognise raises `AdapterError` naming the installed
+release, instead of running with a wrong guess (a missed cache once gave silent junk).
+
+To support a new release: add a `Convention` row if it changed how attention is called, widen
+`TESTED`, run the compatibility stage (docs/compatibility.md).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+# The releases the compatibility stage runs (inclusive); pyproject's range ends at the next minor.
+TESTED = (Version("5.23.0"), Version("5.25.99"))
+
+
+class AdapterError(RuntimeError):
+    """transformers called attention in a way this adapter does not know."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"transformers {transformers.__version__}: {what}. tca-attention supports transformers "
+            f"{TESTED[0].base_version} to {TESTED[1].major}.{TESTED[1].minor}.x; see docs/compatibility.md"
+        )
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one range of transformers releases passes the cache around."""
+
+    since: Version
+    cache_kwarg: str  # decoder layer -> attention module, model.forward(), generate()
+
+
+CONVENTIONS = (
+    Convention(Version("5.0.0"), "past_key_values"),
+    Convention(Version("5.24.0.dev0"), "cache"),
+)
+# Names a decoder layer may pass the cache under, newest first (a family not yet migrated may
+# still use the deprecated one; the module's own deprecation shim accepts both).
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+@lru_cache(maxsize=None)
+def convention(version: str | None = None) -> Convention:
+    """The convention of `version` (default: the installed transformers)."""
+    v = Version(version or transformers.__version__)
+    return [c for c in CONVENTIONS if v >= c.since][-1]
+
+
+def check_version(version: str | None = None) -> None:
+    """Warn once when the installed transformers is outside the tested range."""
+    v = Version(version or transformers.__version__)
+    if not TESTED[0] <= v <= TESTED[1]:
+        warnings.warn(
+            f"transformers {v} is outside the range tca-attention was tested with "
+            f"({TESTED[0].base_version} to {TESTED[1].major}.{TESTED[1].minor}.x); every forward is checked, "
+            "and a call this adapter does not know raises AdapterError",
+            stacklevel=3,
+        )
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
+    """Keyword arguments that hand `cache` to model.forward() or generate() on this release."""
+    return {convention().cache_kwarg: cache}
+
+
+def cache_of_module_call(kwargs: dict[str, Any]) -> Cache | None:
+    """The cache a decoder layer passed to an attention module (from a forward pre-hook's kwargs).
+
+    None means the layer really passed no cache (use_cache=False). A call with no cache keyword at
+    all is a calling convention this adapter does not know: raise rather than run cacheless.
+    """
+    for name in _CACHE_NAMES:
+        if name in kwargs:
+            return kwargs[name]
+    raise AdapterError(
+        "an attention module was called without a cache keyword "
+        f"(expected one of {', '.join(_CACHE_NAMES)}; got {', '.join(sorted(kwargs)) or 'none'})"
+    )
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of the registered attention function, checked and normalised."""
+
+    module: torch.nn.Module
+    layer_idx: int
+    query: torch.Tensor  # (B, H, L, D)
+    key: torch.Tensor  # (B, KV, Lk, D)
+    value: torch.Tensor  # (B, KV, Lk, Dv)
+    mask: torch.Tensor | None  # None: causal, no padding
+    dropout: float
+    scaling: float
+    sliding_window: int | None
+    extra: dict[str, Any]  # everything else, passed through to SDPA untouched
+
+
+def parse_attention_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
+    """Check the call against the 5.x attention-function signature; raise AdapterError otherwise."""
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise AdapterError(f"the attention module {type(module).__name__} has no integer layer_idx")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise AdapterError(f"attention {name} should be a (batch, heads, length, dim) tensor, got {shape}")
+    B, H, _, D = query.shape
+    if key.shape[0] != B or value.shape[0] != B or key.shape[-1] != D or H % key.shape[1] or key.shape[:3] != value.shape[:3]:
+        raise AdapterError(
+            f"attention shapes do not fit (query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}); "
+            "expected query (B, H, L, D), key/value (B, KV, L, D) with KV dividing H"
+        )
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise AdapterError(f"attention_mask of type {type(attention_mask).__name__} (expected a tensor or None)")
+    scale = getattr(module, "scaling", None) if scaling is None else scaling
+    if scale is None:
+        scale = D ** -0.5
+    extra = dict(kwargs)
+    sliding_window = extra.get("sliding_window")
+    return AttentionCall(module, layer_idx, query, key, value, attention_mask, float(dropout or 0.0),
+                         float(scale), sliding_window, extra)
+
+
+def sdpa(call: AttentionCall) -> tuple[torch.Tensor, None]:
+    """Plain attention for a call (transformers' own SDPA path, masks and windows included)."""
+    out, _ = sdpa_attention_forward(call.module, call.query, call.key, call.value, call.mask,
+                                    dropout=call.dropout, scaling=call.scaling, **call.extra)
+    return out, None
+
+
+def register(name: str, fn: Callable) -> None:
+    """Register an attention function (and SDPA's mask builder: without a mask function the
+    attention function would get no mask at all, silently dropping padding and windows)."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def set_attention(model: torch.nn.Module, name: str) -> str:
+    """Switch `model` to attention implementation `name`; return the previous one."""
+    prev = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    return prev
