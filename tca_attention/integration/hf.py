@@ -70,7 +70,6 @@ class Session:
         dispatch.check_name(backend)
         if method is not None:
             method.check_model(model)
-            _check_dtype(model)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
@@ -245,10 +244,3 @@ def enable(model: nn.Module, method: Method | None, backend: dispatch.Backend = 
     """
     return Session(model, method, backend).enable()
 
-
-def _check_dtype(model: nn.Module) -> None:
-    """Half precision on the CPU gives garbage through SDPA's CPU kernels: refuse clearly."""
-    p = next(model.parameters(), None)
-    if p is not None and p.device.type == "cpu" and p.dtype == torch.float16:
-        raise ValueError("float16 models are not supported on the CPU (answers come out empty); "
-                         "use model.float() or load it with dtype=torch.float32")
