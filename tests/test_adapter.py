@@ -150,3 +150,19 @@ def test_all_dense_layers_keep_a_dense_cache():
         for _ in range(40):
             model(input_ids=torch.randint(0, 97, (1, 1)), **cache_kwargs(cache))
             assert cache.kv_bytes() == cache.dense_kv_bytes()
+
+
+def test_softcapping_and_unknown_keywords_are_refused():
+    from tca_attention.integration.architectures import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="softcapping"):
+        enable(tiny("gemma2", attn_logit_softcapping=50.0), FullBudget())
+    model = tiny("llama")
+    attn = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 6, 10, 16), torch.randn(1, 2, 10, 16)
+    with torch.no_grad(), enable(model, FullBudget(window=32, block_size=16)) as s:
+        s._caches[attn] = None  # as if the module's pre-hook had seen use_cache=False
+        with pytest.raises(AdapterError, match="cu_seq_lens_q"):
+            tca_attention_forward(attn, q, k, k, None, cu_seq_lens_q=torch.tensor([0, 10]))
+        with pytest.raises(AdapterError, match="sliding_window=8"):
+            tca_attention_forward(attn, q, k, k, None, sliding_window=8)

@@ -87,7 +87,7 @@ def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match="supported: Llama"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*Tested families: Llama"):
         enable(model, StreamingLLM())
     assert model.config._attn_implementation != "tca"
 

@@ -52,6 +52,9 @@ CONVENTIONS = (
     Convention(Version("5.0.0"), "past_key_values"),
     Convention(Version("5.24.0.dev0"), "cache"),
 )
+# Keywords of attention calls whose meaning the sparse path knows (others make it refuse the call).
+_KNOWN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "output_attentions", "sliding_window",
+                           "softcap", "is_causal"})
 # Names a decoder layer may pass the cache under, newest first (a family not yet migrated may
 # still use the deprecated one; the module's own deprecation shim accepts both).
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -109,7 +112,19 @@ class AttentionCall:
     dropout: float
     scaling: float
     sliding_window: int | None
+    softcap: float | None
     extra: dict[str, Any]  # everything else, passed through to SDPA untouched
+
+    def check_sparse(self) -> None:
+        """Raise unless the sparse executors compute what this call asks for."""
+        unknown = sorted(set(self.extra) - _KNOWN_KWARGS)
+        if unknown:
+            raise AdapterError(f"attention was called with keyword(s) {unknown} that the sparse path does not know")
+        if self.softcap is not None:
+            raise AdapterError("attention logit softcapping is not implemented by the sparse executors")
+        if self.sliding_window is not None:
+            raise AdapterError(f"layer {self.layer_idx} was planned as a full-attention layer but transformers "
+                               f"called it with sliding_window={self.sliding_window}")
 
 
 def parse_attention_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
@@ -133,9 +148,8 @@ def parse_attention_call(module, query, key, value, attention_mask, dropout, sca
     if scale is None:
         scale = D ** -0.5
     extra = dict(kwargs)
-    sliding_window = extra.get("sliding_window")
     return AttentionCall(module, layer_idx, query, key, value, attention_mask, float(dropout or 0.0),
-                         float(scale), sliding_window, extra)
+                         float(scale), extra.get("sliding_window"), extra.get("softcap"), extra)
 
 
 def sdpa(call: AttentionCall) -> tuple[torch.Tensor, None]:
@@ -152,8 +166,20 @@ def register(name: str, fn: Callable) -> None:
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def set_attention(model: torch.nn.Module, name: str) -> str:
-    """Switch `model` to attention implementation `name`; return the previous one."""
-    prev = model.config._attn_implementation
+def set_attention(model: torch.nn.Module, name: str) -> Callable[[], None]:
+    """Switch `model` to attention implementation `name`; return a function that puts back
+    exactly what every (sub)config had, without re-validating it (a model may run an
+    implementation its class would not accept by name, e.g. a test's SDPA reference)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    for c in list(configs.values()):
+        if hasattr(c, "get_text_config"):
+            t = c.get_text_config(decoder=True)
+            configs.setdefault(id(t), t)
+    before = {k: c._attn_implementation for k, c in configs.items()}
     model.set_attn_implementation(name)
-    return prev
+
+    def restore() -> None:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+
+    return restore

@@ -1,9 +1,18 @@
-"""The one table of supported architectures, and how to find their attention layers."""
+"""Which models can run a method, how to find their attention layers, and what kind each layer is.
+
+Any decoder whose self-attention goes through transformers' attention interface (the standard
+`fn(module, query, key, value, attention_mask, ...)` signature) is supported. `TESTED` lists the
+families the test suite runs on tiny random configs (full budget equals dense, prefill and decode,
+padded batches); anything that cannot work is refused with the reason.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -13,15 +22,22 @@ class Architecture:
     note: str = ""
 
 
-SUPPORTED: dict[str, Architecture] = {
+TESTED: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture("llama", "Llama", "Llama 2/3/3.1, SmolLM2"),
         Architecture("qwen2", "Qwen2", "Qwen2, Qwen2.5, Qwen2.5-Coder"),
-        Architecture("mistral", "Mistral", "TCA on every layer when sliding_window is None (v0.2+); else untouched"),
-        Architecture("gemma3_text", "Gemma3", "sliding-window layers untouched; TCA on global layers"),
+        Architecture("qwen3", "Qwen3", "q/k norms; sliding layers (if any) untouched"),
+        Architecture("mistral", "Mistral", "every layer when sliding_window is None (v0.2+); else untouched"),
+        Architecture("gemma2", "Gemma2", "global layers only; models with attention logit softcapping are refused"),
+        Architecture("gemma3_text", "Gemma3", "sliding-window layers untouched; the global layers"),
+        Architecture("phi3", "Phi-3", "fused qkv projection; every layer when sliding_window is None"),
+        Architecture("olmo2", "OLMo2", "q/k norms over all heads"),
     )
 }
+SUPPORTED = TESTED  # kept name: the table the README shows
+
+_LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
 class UnsupportedModelError(ValueError):
@@ -33,32 +49,69 @@ def text_config(model: nn.Module):
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
-def check_supported(model: nn.Module) -> Architecture:
-    mt = getattr(text_config(model), "model_type", None)
-    if mt not in SUPPORTED:
-        names = ", ".join(f"{a.family} ({a.model_type})" for a in SUPPORTED.values())
-        raise UnsupportedModelError(f"architecture {mt!r} is not supported by tca-attention; supported: {names}")
-    return SUPPORTED[mt]
-
-
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules ordered by layer_idx (those with q/k/v projections and a layer_idx)."""
-    mods = [
-        m
-        for m in model.modules()
-        if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "q_proj") and hasattr(m, "v_proj")
-    ]
+    """Self-attention modules ordered by layer_idx (decoder layers' `self_attn` with a layer_idx)."""
+    mods = [m for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "self_attn" and isinstance(getattr(m, "layer_idx", None), int)]
     mods.sort(key=lambda m: m.layer_idx)
     if not mods:
-        raise UnsupportedModelError("no attention modules with q_proj/k_proj/v_proj and layer_idx were found")
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no decoder self-attention modules (`self_attn` with a layer_idx) were found")
     return mods
 
 
-def layer_kinds(model: nn.Module) -> list[str]:
-    """'full' (TCA applies) or 'sliding' (left to SDPA and a sliding-window cache) per layer."""
+def key_projection_weight(module: nn.Module):
+    """The weight that produces the keys (k_proj, or the fused qkv_proj)."""
+    for name in ("k_proj", "qkv_proj", "query_key_value"):
+        if hasattr(module, name):
+            return getattr(module, name).weight
+    return next(module.parameters())
+
+
+def check_supported(model: nn.Module) -> Architecture:
+    """The model's entry in TESTED, or a generic entry; UnsupportedModelError naming why not."""
     cfg = text_config(model)
-    n = cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
-    if cfg.model_type == "mistral":
-        return ["sliding" if getattr(cfg, "sliding_window", None) else "full"] * n
-    return ["sliding" if t == "sliding_attention" else "full" for t in types]
+    mt = getattr(cfg, "model_type", None)
+    tested = ", ".join(f"{a.family} ({a.model_type})" for a in TESTED.values())
+    why = _why_unsupported(model, cfg)
+    if why:
+        raise UnsupportedModelError(f"{type(model).__name__} ({mt!r}) cannot run tca-attention: {why}. "
+                                    f"Tested families: {tested}")
+    if mt not in TESTED:
+        log.warning("%s is not in tca-attention's tested table (%s); every forward is still checked", mt, tested)
+        return Architecture(str(mt), str(mt), "untested")
+    return TESTED[mt]
+
+
+def _why_unsupported(model: nn.Module, cfg) -> str | None:
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported (decoder-only causal LMs are)"
+    if not getattr(model, "_supports_attention_backend", False):
+        return "its attention does not go through transformers' attention interface"
+    try:
+        mods = attention_modules(model)
+    except UnsupportedModelError as e:
+        return str(e)
+    if not all(getattr(m, "is_causal", True) for m in mods):
+        return "bidirectional attention is not supported (causal attention is)"
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return ("attention logit softcapping is not implemented by the sparse executors "
+                "(a Gemma2 config with attn_logit_softcapping=None runs)")
+    types = getattr(cfg, "layer_types", None) or []
+    other = sorted({t for t in types if t not in _LAYER_KINDS})
+    if other:
+        return f"layer types {other} are not supported (only {sorted(_LAYER_KINDS)})"
+    return None
+
+
+def layer_kinds(model: nn.Module) -> list[str]:
+    """'full' (the method applies) or 'sliding' (left to SDPA and a sliding-window cache) per layer.
+
+    From `layer_types` where the config has them; otherwise every layer is sliding when the config
+    sets a `sliding_window` (Mistral v0.1, windowed Phi-3), else full.
+    """
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [_LAYER_KINDS[t] for t in types]
+    return ["sliding" if getattr(cfg, "sliding_window", None) else "full"] * cfg.num_hidden_layers

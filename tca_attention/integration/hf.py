@@ -79,7 +79,7 @@ class Session:
         self._tracked: "weakref.WeakSet[TCACache]" = weakref.WeakSet()  # ragged caches to check
         self._before: dict[int, list[tuple[int, int, int]]] = {}
         self._hooks: list = []
-        self._prev_impl: str | None = None
+        self._restore_impl: Callable[[], None] | None = None
         self._active = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Session:
         for m in modules:
             if m in _SESSIONS:
                 raise RuntimeError("this model already has an active tca_attention session")
-        self._prev_impl = adapter.set_attention(self.model, ATTN_NAME)
+        self._restore_impl = adapter.set_attention(self.model, ATTN_NAME)
         for m in modules:
             _SESSIONS[m] = self
             self._hooks.append(m.register_forward_pre_hook(self._remember_cache, with_kwargs=True))
@@ -109,7 +109,7 @@ class Session:
         self._hooks.clear()
         for m in attention_modules(self.model):
             _SESSIONS.pop(m, None)
-        adapter.set_attention(self.model, self._prev_impl or "sdpa")
+        self._restore_impl()
         self._active = False
 
     def __enter__(self) -> "Session":
@@ -182,6 +182,7 @@ class Session:
             if self.observer is not None and self.kinds[idx] == "full":
                 self.observer(idx, q, call.key, call.value, call.scaling)
             return adapter.sdpa(call)
+        call.check_sparse()
         if self.max_positions and q.shape[2] > self.max_positions and idx == self.kinds.index("full"):
             warnings.warn(f"prompt of {q.shape[2]} tokens is beyond the model's trained length "
                           f"({self.max_positions})", stacklevel=2)
