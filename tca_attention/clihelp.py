@@ -8,13 +8,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends "(default: X)" to an option's help unless the help already says it.
 
     Left out: flags (store_true and the like: off unless given), options whose default is None
-    (their help says what happens without them) and the help already naming %(default)s.
+    (their help says what happens without them) and help that already states its default
+    ("%(default)s" or "default:").
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_ = action.help or ""
         if (
             "%(default)" in help_
+            or "default:" in help_.lower()
             or action.default is None
             or action.default is argparse.SUPPRESS
             or action.nargs == 0

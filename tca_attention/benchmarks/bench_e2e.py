@@ -196,7 +196,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=1,
                     help="prefills per method below 32K tokens; the row keeps the run with the median TTFT")
     ap.add_argument("--profile", default="",
-                    help="comma list of lengths to profile one prefill of (both methods); empty: none")
+                    help="comma list of lengths to profile one prefill of, both methods (default: none)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
     return ap
 
