@@ -154,3 +154,24 @@ def test_module_entry_point_help(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tca_attention.cli", "demo", "--help"], capture_output=True,
                        text=True, timeout=60, cwd=tmp_path, env=env)
     assert r.returncode == 0 and "--passkey TOKENS" in r.stdout and "--prompt-file" not in r.stdout
+
+
+def test_bench_passkey_runs_from_the_package_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch, capsys):
+    """The one benchmark that also runs on the CPU, end to end through `tca bench passkey`."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    smol_tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "sweep.json"
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "passkey", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--window", "64",
+                     "--lengths", "400", "--depths", "0.5", "--seeds", "0", "--calib-length", "300",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"].startswith("tca bench passkey") and len(data["rows"]) == 7
