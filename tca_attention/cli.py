@@ -197,7 +197,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TCA config (a preset, then single values over it)")
     g.add_argument("--preset", choices=[AUTO, *sorted(PRESETS)], default=AUTO,
                    help="named config: auto picks 'default' (the paper's w=4096) for models trained on >= 64K "
-                   "tokens, else 'small-context' (w=512); with --window (or --budgets) auto means 'default'")
+                   "tokens, else 'small-context' (w=512), said on stderr; with --window or --budgets given it "
+                   "stands for 'default'")
     g.add_argument("--block-size", type=int, dest="block_size",
                    help=f"block size b in tokens, a power of two (default: the preset's, {TCAConfig.block_size})")
     g.add_argument("--window", type=int,
