@@ -5,7 +5,7 @@
 #   env                   install the carried wheels (.whl/*.whl) into $STAGE/site (python path) and
 #                         unpack carried package trees (.whl/*.tar.xz) into $STAGE/pkgs; a run
 #                         uses the latter only with PKGS=1 (e.g. a newer transformers than the image's)
-# Everything else runs with PYTHONPATH set, e.g.  scripts/gpu_run.sh py benchmarks/bench_e2e.py ...
+# Everything else runs with PYTHONPATH set, e.g.  scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_e2e ...
 set -euo pipefail
 STAGE=${STAGE:-/tmp/tca_stage}
 mkdir -p "$STAGE"

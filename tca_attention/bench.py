@@ -1,38 +1,37 @@
-"""`tca bench`: the GPU benchmark scripts of a source checkout (benchmarks/), run by name.
+"""`tca bench NAME [ARGS]`: the GPU benchmarks of tca_attention.benchmarks, run by name.
 
 Benchmarks are scripts, not timed tests; results go to JSON (+ PNG) with device, versions,
-shapes and the command recorded. See docs/kernels.md and docs/results/.
+shapes and the command recorded. See docs/kernels.md and docs/results/. Building this parser
+imports nothing heavy; a benchmark module (torch, transformers) is imported only to run it.
+`tca bench NAME --help` shows that benchmark's own options.
 """
 from __future__ import annotations
 
 import argparse
-import runpy
-import sys
-from pathlib import Path
+import importlib
+
+from .clihelp import HelpFormatter
 
 SCRIPTS = {
-    "kernels": ("bench_kernels.py", "per-layer prefill/decode attention: dense SDPA backends vs TCA kernels"),
-    "e2e": ("bench_e2e.py", "time to first token, decode tokens/s, peak memory on a Llama-3.1-8B-shaped model"),
-    "passkey": ("passkey_sweep.py", "passkey retrieval on a real model: full vs TCA variants"),
+    "kernels": ("bench_kernels", "per-layer prefill/decode attention: dense SDPA backends vs TCA kernels (CUDA)"),
+    "e2e": ("bench_e2e", "time to first token, decode tokens/s, peak memory on a Llama-3.1-8B-shaped model (CUDA)"),
+    "passkey": ("passkey_sweep", "passkey retrieval on a real model: full vs TCA variants (CUDA by default)"),
 }
 
 
-def _scripts_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not here.is_dir():
-        raise FileNotFoundError("tca bench needs a source checkout (the benchmarks/ folder next to tca_attention/)")
-    return here
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = _scripts_dir() / SCRIPTS[args.which][0]
-    sys.argv = [str(script), *args.script_args]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    module = importlib.import_module(f".benchmarks.{SCRIPTS[args.which][0]}", __package__)
+    return module.main(list(args.script_args), prog=f"tca bench {args.which}")
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="GPU benchmarks (kernels, e2e, passkey); args after the name go to the script")
-    p.add_argument("which", choices=sorted(SCRIPTS), help="; ".join(f"{k}: {v[1]}" for k, v in SCRIPTS.items()))
-    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "bench", help="GPU benchmarks (kernels, e2e, passkey); arguments after the name go to the benchmark",
+        description="Run a benchmark by name; `tca bench NAME --help` lists its options.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("which", choices=sorted(SCRIPTS), metavar="NAME",
+                   help="; ".join(f"{k}: {v[1]}" for k, v in SCRIPTS.items()))
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="options of the benchmark (see tca bench NAME --help)")
     p.set_defaults(func=cmd_bench)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,46 +226,97 @@ class Budgets:
         return path
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Budgets":
+    def from_json(cls, data: Any, source: str = "") -> "Budgets":
+        """Budgets from the parsed JSON of a budget file; BudgetError naming what is wrong.
+
+        Every field read is type-checked: `data` must be an object of this format and version,
+        with a model identity, a config, candidate rows and per-layer head scores.
+        """
+        where = f" {source}" if source else ""
+
+        def bad(why: str) -> BudgetError:
+            return BudgetError(f"corrupt budget file{where}: {why}")
+
+        if not isinstance(data, dict):
+            raise bad(f"expected a JSON object, got {_json_type(data)}")
+        if data.get("format") != "tca-attention/budgets":
+            raise BudgetError(f"not a tca-attention budget file{where} (format is {data.get('format')!r}, "
+                              "expected 'tca-attention/budgets')")
+        version = data.get("version")
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise BudgetError(f"budget file{where} version {version!r} is not supported (expected {FORMAT_VERSION})")
+        missing = [k for k in ("model", "config", "candidates", "layers") if k not in data]
+        if missing:
+            raise bad(f"missing key(s) {', '.join(missing)}")
+
+        m = _object(data["model"], "model", bad)
+        _keys(m, {f.name for f in fields(ModelIdentity)}, "model", bad, required=True)
+        for f in ("model_type", "name"):
+            if not isinstance(m[f], str):
+                raise bad(f"model.{f} must be a string, got {_json_type(m[f])}")
+        for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+            if not _is_int(m[f]) or m[f] < 1:
+                raise bad(f"model.{f} must be a positive integer, got {m[f]!r}")
+        model = ModelIdentity(**{**m, "fingerprint": _numbers(m["fingerprint"], "model.fingerprint", bad)})
+
+        c = _object(data["config"], "config", bad)
+        _keys(c, set(_CONFIG_TYPES), "config", bad, required=True)
+        for k, v in c.items():
+            if not _CONFIG_TYPES[k](v):
+                raise bad(f"config.{k} has the wrong type: {v!r}")
         try:
-            if data.get("format") != "tca-attention/budgets":
-                raise BudgetError("not a tca-attention budget file")
-            if data.get("version") != FORMAT_VERSION:
-                raise BudgetError(f"budget file version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
-            model = ModelIdentity(**{**data["model"], "fingerprint": tuple(data["model"]["fingerprint"])})
-            config = TCAConfig(**data["config"])
-            cands = tuple(tuple(float(x) for x in r) for r in data["candidates"])
-            layers = tuple(
-                None
-                if heads is None
-                else tuple(HeadBudget(tuple(map(float, h["column_mean"])), tuple(map(float, h["observation"]))) for h in heads)
-                for heads in data["layers"]
-            )
-        except BudgetError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise BudgetError(f"corrupt budget file: {e!r}") from e
+            config = TCAConfig(**c)
+        except ValueError as e:
+            raise bad(f"config: {e}") from e
+
+        if not isinstance(data["candidates"], list) or not data["candidates"]:
+            raise bad("candidates must be a non-empty list of rows")
+        cands = tuple(_numbers(r, f"candidates[{i}]", bad) for i, r in enumerate(data["candidates"]))
+        if not isinstance(data["layers"], list):
+            raise bad(f"layers must be a list, got {_json_type(data['layers'])}")
+        layers = []
+        for i, heads in enumerate(data["layers"]):
+            if heads is None:
+                layers.append(None)
+                continue
+            if not isinstance(heads, list):
+                raise bad(f"layers[{i}] must be a list of heads or null, got {_json_type(heads)}")
+            row = []
+            for h, head in enumerate(heads):
+                head = _object(head, f"layers[{i}][{h}]", bad)
+                for k in ("column_mean", "observation"):
+                    if k not in head:
+                        raise bad(f"layers[{i}][{h}] has no {k!r}")
+                row.append(HeadBudget(_numbers(head["column_mean"], f"layers[{i}][{h}].column_mean", bad),
+                                      _numbers(head["observation"], f"layers[{i}][{h}].observation", bad)))
+            layers.append(tuple(row))
+        calibration = data.get("calibration", {})
+        if not isinstance(calibration, dict):
+            raise bad(f"calibration must be an object, got {_json_type(calibration)}")
+
         if len(layers) != model.num_layers:
-            raise BudgetError(f"corrupt budget file: {len(layers)} layers for a {model.num_layers}-layer model")
+            raise bad(f"{len(layers)} layers for a {model.num_layers}-layer model")
         n_k = len(keep_counts(config.block_size))
         if any(len(r) != n_k for r in cands):
-            raise BudgetError("corrupt budget file: candidate rows do not match the block size")
+            raise bad("candidate rows do not match the block size")
         for heads in layers:
             if heads is not None and (
                 len(heads) != model.num_kv_heads
                 or any(len(h.column_mean) != len(cands) or len(h.observation) != len(cands) for h in heads)
             ):
-                raise BudgetError("corrupt budget file: per-head scores do not match the candidates/heads")
-        return cls(model=model, config=config, candidates=cands, layers=layers, calibration=data.get("calibration", {}))
+                raise bad("per-head scores do not match the candidates/heads")
+        return cls(model=model, config=config, candidates=cands, layers=tuple(layers), calibration=calibration)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "Budgets":
         """Load a budget file; with `model`, refuse budgets calibrated on another model."""
         try:
             data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise BudgetError(f"corrupt budget file {path}: {e}") from e
-        budgets = cls.from_json(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BudgetError(f"corrupt budget file {path}: not JSON ({e})") from e
+        except IsADirectoryError as e:
+            raise BudgetError(f"budget file {path} is a directory") from e
+        budgets = cls.from_json(data, source=str(path))
         if model is not None:
             budgets.check_model(model)
         return budgets
@@ -274,3 +325,45 @@ class Budgets:
         why = self.model.mismatch(ModelIdentity.of(model))
         if why:
             raise BudgetError(f"budgets for {self.model.name or self.model.model_type} do not fit this model: {why}")
+
+
+# -- validation helpers of Budgets.from_json -------------------------------------------------
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _object(v: Any, what: str, bad) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise bad(f"{what} must be an object, got {_json_type(v)}")
+    return v
+
+
+def _keys(d: dict[str, Any], known: set[str], what: str, bad, required: bool) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise bad(f"{what} has unknown key(s) {', '.join(unknown)}")
+    missing = sorted(known - set(d)) if required else []
+    if missing:
+        raise bad(f"{what} is missing key(s) {', '.join(missing)}")
+
+
+def _numbers(v: Any, what: str, bad) -> tuple[float, ...]:
+    if not isinstance(v, list) or not all(_is_number(x) for x in v):
+        raise bad(f"{what} must be a list of numbers")
+    return tuple(float(x) for x in v)
+
+
+_CONFIG_TYPES = {
+    "block_size": _is_int, "window": _is_int, "sink_tokens": _is_int,
+    "tau": _is_number, "alpha": _is_number, "sigma": _is_number,
+    "score": lambda v: isinstance(v, str), "mass_norm": lambda v: isinstance(v, str),
+}

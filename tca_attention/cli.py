@@ -1,40 +1,77 @@
-"""The `tca` command line: a thin layer over the library's configs and functions."""
+"""The `tca` command line: a thin layer over the library's configs and functions.
+
+Building the parser imports neither torch nor transformers (`tca --help` answers at once); each
+command imports what it needs when it runs. Results go to stdout, everything else (banners,
+progress, what was chosen and why) to stderr, so `--json` output can be piped as it is.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .calibration_cache import budgets_path_for, load_or_calibrate
-from .config import PRESETS, TCAConfig
+from .clihelp import HelpFormatter
+from .config import AUTO, PRESETS, TCAConfig, auto_preset
 
 log = logging.getLogger("tca")
+CONFIG_KEYS = ("block_size", "window", "tau", "alpha", "score", "mass_norm")
+# fixed by calibration: a budget file's values win, and a differing option is refused
+CALIBRATED_KEYS = ("block_size", "window", "alpha", "mass_norm")
+DEMO_PASSKEY_TOKENS = 4096
+EXIT_MISSED = 1  # a passkey run whose answer lacks the key
+EXIT_ERROR = 2
 
 
-def _config_from(args) -> TCAConfig:
-    base = PRESETS[args.preset]
-    keys = ("block_size", "window", "tau", "alpha", "score", "mass_norm")
-    changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return base.with_(**changes)
+def note(line: str) -> None:
+    """A line for the person at the terminal: stderr, so stdout holds only results."""
+    print(line, file=sys.stderr, flush=True)
 
 
-def _add_config_args(p: argparse.ArgumentParser, preset: str = "default") -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="named config (default %(default)s)")
-    p.add_argument("--block-size", type=int, dest="block_size")
-    p.add_argument("--window", type=int)
-    p.add_argument("--tau", type=float)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--score", choices=["observation", "column_mean"])
-    p.add_argument("--mass-norm", dest="mass_norm", choices=["sum", "max"])
+def _trained_length(model) -> int | None:
+    from .integration.architectures import text_config
+
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="packaged model key, .gguf file or HF directory")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
+def _config_from(args, model=None) -> TCAConfig:
+    """The TCA config of the options; preset `auto` looks at the model's trained length."""
+    preset = args.preset
+    if preset == AUTO:
+        if getattr(args, "window", None) is not None or getattr(args, "budgets", None):
+            preset = "default"  # the window is given (or comes from the budget file)
+        else:
+            preset, why = auto_preset(_trained_length(model) if model is not None else None)
+            note(why)
+    changes = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k, None) is not None}
+    return PRESETS[preset].with_(**changes)
+
+
+def _check_against_file(args, budgets) -> None:
+    """Options fixed by calibration must agree with a given budget file."""
+    given = {k: getattr(args, k) for k in CALIBRATED_KEYS if getattr(args, k, None) is not None}
+    diff = {k: (v, getattr(budgets.config, k)) for k, v in given.items() if getattr(budgets.config, k) != v}
+    if diff:
+        opts = ", ".join(f"--{k.replace('_', '-')} {v} (file: {f})" for k, (v, f) in diff.items())
+        raise ValueError(f"{opts}: these are fixed by calibration; the budget file {args.budgets} was calibrated "
+                         "otherwise (only --tau and --score re-select from a file)")
+
+
+def _load(args):
+    """The model of the options, after checking the device and dtype."""
+    import torch
+
+    from .models import check_model_dtype, load_model
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
+    dtype = None if args.dtype == "auto" else args.dtype
+    model, tok = load_model(args.model, device=args.device, dtype=dtype)
+    check_model_dtype(model)
+    return model, tok
 
 
 def _print_budget_summary(b) -> None:
@@ -50,13 +87,14 @@ def _print_budget_summary(b) -> None:
 
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
-    from .models import load_model
+    from .calibration_cache import budgets_path_for, calibration_notice
 
-    config = _config_from(args)
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = _load(args)
+    config = _config_from(args, model)
     text = Path(args.text_file).read_text() if args.text_file else None
-    b = calibrate(model, tok, config, text=text, length=args.length)
     out = Path(args.out) if args.out else budgets_path_for(args.model, config, args.length)
+    note(calibration_notice(model, config, args.length, out))
+    b = calibrate(model, tok, config, text=text, length=args.length)
     b.save(out)
     _print_budget_summary(b)
     print(f"\nwrote {out}")
@@ -88,100 +126,186 @@ def _print_results(results, prompt_tokens: int) -> None:
               f"{_fmt_bytes(r.dense_kv_bytes):>11} {r.kv_ratio:>6.2f} {ret:>8}  {r.answer.strip()!r}")
 
 
-def cmd_generate(args) -> int:
-    from .data.passkey import passkey_prompt
+def _run(args, prompt: str, expected: str | None) -> int:
+    """Calibrate or load budgets, run the prompt with the chosen methods, report, exit code."""
+    from .budgets import Budgets
+    from .calibration_cache import load_or_calibrate
     from .generation import run_prompt
     from .methods.tca import TCA
-    from .models import load_model
 
-    config = _config_from(args)
-    model, tok = load_model(args.model, device=args.device)
-    if args.passkey:
-        pk = passkey_prompt(tok, args.passkey, depth=args.depth, seed=args.seed)
-        prompt, expected = pk.text, pk.answer
-    else:
-        prompt, expected = _read_prompt(args), None
-    if not prompt.strip():
-        raise SystemExit("error: empty prompt (give --prompt-file, stdin, --question or --passkey N)")
-    budgets = load_or_calibrate(model, tok, args.model, config, args.budgets, args.calibration_length)
+    model, tok = args._model
+    if args.budgets and args.mode != "full":
+        _check_against_file(args, Budgets.load(args.budgets, model=model))
+    config = _config_from(args, model)
+    budgets = None
+    if args.mode in ("both", "tca"):
+        budgets = load_or_calibrate(model, tok, args.model, config, args.budgets, args.calibration_length)
     runs = []
     if args.mode in ("both", "full"):
         runs.append(run_prompt(model, tok, prompt, None, args.max_new_tokens, args.backend))
-    if args.mode in ("both", "tca"):
+    if budgets is not None:
         runs.append(run_prompt(model, tok, prompt, TCA(budgets), args.max_new_tokens, args.backend))
+    found = {r.method: expected in r.answer for r in runs} if expected else {}
+    missed = [m for m, ok in found.items() if not ok]
     if args.json:
-        print(json.dumps({"expected": expected, "config": asdict(config), "runs": [r.to_dict() for r in runs]}, indent=1))
+        used = budgets.config if budgets is not None else config
+        doc = {"expected": expected, "config": asdict(used), "runs": [r.to_dict() for r in runs]}
+        if expected:
+            doc["found"] = found
+        print(json.dumps(doc, indent=1), file=args._stdout, flush=True)
     else:
         _print_results(runs, runs[0].prompt_tokens)
-        if expected:
-            for r in runs:
-                print(f"{r.method}: passkey {expected} {'found' if expected in r.answer else 'MISSED'}")
+        for m, ok in found.items():
+            print(f"{m}: passkey {expected} {'found' if ok else 'MISSED'}")
+    if missed:
+        note(f"passkey {expected} MISSED by {', '.join(missed)} (exit status {EXIT_MISSED})")
+        return EXIT_MISSED
     return 0
 
 
+def cmd_generate(args) -> int:
+    if args.passkey is not None and (args.prompt_file or args.question):
+        raise ValueError("give either --passkey N or --prompt-file/--question, not both")
+    if args.passkey is None and not args.prompt_file and not args.question:
+        raise ValueError("nothing to run: give --prompt-file F (or - for stdin), --question Q or --passkey N")
+    if args.passkey is None:
+        prompt, expected = _read_prompt(args), None
+        if not prompt.strip():
+            raise SystemExit("error: empty prompt (give --prompt-file, stdin, --question or --passkey N)")
+    args._model = _load(args)
+    if args.passkey is not None:
+        from .data.passkey import passkey_prompt
+
+        pk = passkey_prompt(args._model[1], args.passkey, depth=args.depth, seed=args.seed)
+        prompt, expected = pk.text, pk.answer
+    return _run(args, prompt, expected)
+
+
 def cmd_demo(args) -> int:
-    """The main job: calibrate the embedded model once, then full vs TCA on a 4K passkey prompt."""
-    args.passkey = args.passkey or 4096
-    print(f"Demo: {args.model}, TCA preset '{args.preset}' (w={_config_from(args).window}, suited to an "
-          f"8K-context model; the paper's w=4096 is the 'default' preset), passkey at {args.passkey} tokens")
-    return cmd_generate(args)
+    """The main job: calibrate the model once, then full vs TCA on a passkey prompt."""
+    from .data.passkey import passkey_prompt
+
+    note(f"Demo: {args.model}, a {args.passkey}-token passkey prompt (key at depth {args.depth}), "
+         f"methods: {'full and TCA' if args.mode == 'both' else args.mode}")
+    args._model = _load(args)
+    pk = passkey_prompt(args._model[1], args.passkey, depth=args.depth, seed=args.seed)
+    return _run(args, pk.text, pk.answer)
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TCA config (a preset, then single values over it)")
+    g.add_argument("--preset", choices=[AUTO, *sorted(PRESETS)], default=AUTO,
+                   help="named config: auto picks 'default' (the paper's w=4096) for models trained on >= 64K "
+                   "tokens, else 'small-context' (w=512), said on stderr; with --window or --budgets given it "
+                   "stands for 'default'")
+    g.add_argument("--block-size", type=int, dest="block_size",
+                   help=f"block size b in tokens, a power of two (default: the preset's, {TCAConfig.block_size})")
+    g.add_argument("--window", type=int,
+                   help="local window w in tokens, always kept (default: the preset's: 4096, or 512 for small-context)")
+    g.add_argument("--tau", type=float,
+                   help=f"retained-attention threshold in (0, 1] choosing each head's budget (default: the preset's, "
+                   f"{TCAConfig.tau})")
+    g.add_argument("--alpha", type=float,
+                   help=f"weight of the concentration term, in [0, 1] (default: the preset's, {TCAConfig.alpha}; "
+                   "paper-alpha: 0.5)")
+    g.add_argument("--score", choices=["observation", "column_mean"],
+                   help=f"calibration score choosing the budgets (default: the preset's, {TCAConfig.score})")
+    g.add_argument("--mass-norm", dest="mass_norm", choices=["sum", "max"],
+                   help=f"scale of the block-mass term (default: the preset's, {TCAConfig.mass_norm})")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2", help="packaged model key (smollm2, gemma3-270m, "
+                   "qwen2.5-coder-0.5b), .gguf file or HF directory")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto: float32 on the CPU, bfloat16 on CUDA; float16 on the CPU runs as float32")
+    g.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                   help="TCA executor: auto picks the Triton kernels on CUDA and the PyTorch reference on the CPU")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budgets", help="budget file from `tca calibrate` (default: the per-model cache, calibrating "
+                   "once if it is empty)")
+    p.add_argument("--calibration-length", type=int,
+                   help="calibration tokens when calibrating (default: min(8192, the model's trained length))")
+    p.add_argument("--depth", type=float, default=0.5, help="where the passkey sits in the prompt, 0 = start, 1 = end")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkey and of the essay excerpt")
+    p.add_argument("--mode", choices=["both", "tca", "full"], default="both",
+                   help="full attention, TCA, or both on the same prompt")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated (greedy) after the prompt")
+    p.add_argument("--json", action="store_true",
+                   help="print only a JSON document on stdout (messages and progress stay on stderr)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tca", description="TCA-Attention: context-adaptive sparse attention")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="tca", description="TCA-Attention: context-adaptive sparse attention",
+                                 formatter_class=HelpFormatter,
+                                 epilog="`tca COMMAND --help` lists the options of a command.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log details, and show tracebacks of errors")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
 
-    p = sub.add_parser("calibrate", help="calibrate a model once and write its budget file")
+    p = sub.add_parser("demo", formatter_class=HelpFormatter,
+                       help="the main job: calibrate once, then a passkey prompt with full attention and TCA",
+                       description="Calibrate the model once (cached), build a passkey prompt of real essays, "
+                       "answer it with full attention and with TCA side by side. Exit status 1 when a method "
+                       "misses the passkey.")
     _add_model_args(p)
     _add_config_args(p)
-    p.add_argument("--text-file", help="calibration text (default: the packaged essays)")
-    p.add_argument("--length", type=int, help="calibration tokens (default min(8192, trained length))")
-    p.add_argument("--out", help="budget file path (default: the per-model cache)")
+    p.add_argument("--passkey", type=int, default=DEMO_PASSKEY_TOKENS, metavar="TOKENS",
+                   help="length of the passkey prompt in tokens")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", formatter_class=HelpFormatter,
+                       help="run a long prompt (file, stdin or passkey) with full attention and/or TCA, timed",
+                       description="Run one long prompt with full attention and/or TCA: answer, prefill time, "
+                       "decode speed, KV bytes. With --passkey the exit status is 1 when a method misses the key.")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--prompt-file", help="long prompt file, or - for stdin (default: none; then --question or "
+                   "--passkey)")
+    p.add_argument("--question", help="text appended after the prompt file (or the whole prompt without one)")
+    p.add_argument("--passkey", type=int, metavar="TOKENS",
+                   help="instead of a prompt: a passkey prompt of this many tokens (exit status 1 if missed)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", formatter_class=HelpFormatter,
+                       help="calibrate a model once and write its budget file",
+                       description="One dense forward over real text; per layer and KV head, the cheapest "
+                       "budget keeping tau of the attention. Shows a per-layer summary.")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--text-file", help="calibration text (default: the packaged Paul Graham essays)")
+    p.add_argument("--length", type=int, help="calibration tokens (default: min(8192, the model's trained length))")
+    p.add_argument("--out", help="budget file path (default: the per-model cache that demo and generate read)")
     p.set_defaults(func=cmd_calibrate)
 
-    for name, func, preset, help_ in (
-        ("generate", cmd_generate, "default", "run a long prompt with full attention and/or TCA"),
-        ("demo", cmd_demo, "small-context", "the main job on the embedded model: calibrate + passkey, full vs TCA"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        _add_model_args(p)
-        _add_config_args(p, preset)
-        p.add_argument("--budgets", help="budget file (default: cached calibration, made once)")
-        p.add_argument("--calibration-length", type=int)
-        p.add_argument("--prompt-file", help="long prompt file, or - for stdin")
-        p.add_argument("--question", help="appended after the prompt")
-        p.add_argument("--passkey", type=int, help="build a passkey prompt of this many tokens instead")
-        p.add_argument("--depth", type=float, default=0.5)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--mode", choices=["both", "tca", "full"], default="both")
-        p.add_argument("--max-new-tokens", type=int, default=16)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.set_defaults(func=func)
+    from .bench import add_bench_parser
+    from .eval.cli import add_eval_parser
 
-    try:
-        from .eval.cli import add_eval_parser
-
-        add_eval_parser(sub)
-    except ImportError:  # pragma: no cover - eval extras missing
-        pass
-    try:
-        from .bench import add_bench_parser
-
-        add_bench_parser(sub)
-    except ImportError:  # pragma: no cover
-        pass
+    add_eval_parser(sub)
+    add_bench_parser(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args._stdout = sys.stdout
+    json_only = getattr(args, "json", False)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        # with --json, anything a library prints goes to stderr; the document goes to the real stdout
+        with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
+            return args.func(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError) as e:
+        if args.verbose:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

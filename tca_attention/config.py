@@ -65,3 +65,19 @@ DEFAULT = TCAConfig()
 PAPER_ALPHA = TCAConfig(alpha=0.5)
 SMALL_CONTEXT = TCAConfig(window=512)
 PRESETS: dict[str, TCAConfig] = {"default": DEFAULT, "paper-alpha": PAPER_ALPHA, "small-context": SMALL_CONTEXT}
+
+# `auto` (the command line's default) picks a preset from the model's trained length: the paper's
+# w = 4096 for long-context models (trained on >= 64K tokens), else w = 512.
+AUTO = "auto"
+AUTO_LONG_CONTEXT = 65536
+
+
+def auto_preset(trained_length: int | None) -> tuple[str, str]:
+    """(preset name, one-line reason) for a model trained on `trained_length` tokens (None: unknown)."""
+    if trained_length is not None and trained_length >= AUTO_LONG_CONTEXT:
+        return "default", (f"TCA preset 'default' (w={DEFAULT.window}, the paper's): the model was trained on "
+                           f"{trained_length} tokens. Override with --preset/--window.")
+    seen = (f"the model was trained on {trained_length} tokens" if trained_length is not None
+            else "the model's config gives no trained length (max_position_embeddings)")
+    return "small-context", (f"TCA preset 'small-context' (w={SMALL_CONTEXT.window}): {seen}; the paper's "
+                             f"w={DEFAULT.window} suits 128K models. Override with --preset/--window.")

@@ -11,6 +11,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -110,6 +112,8 @@ def _dequantised_dir(gguf: Path, dtype: torch.dtype) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("dequantising %s once into %s", gguf.name, target)
+    print(f"Converting {gguf.name} to a float model ONCE (about 30 s for a 135M model on a CPU); "
+          f"cached in {target}", file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     model.hf_quantizer = None  # the GGUF loader marks the model as quantised; the weights are float now
@@ -141,15 +145,50 @@ def resolve_path(name_or_path: str) -> Path:
     )
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """-> (model, tokenizer). float32 on CPU, bfloat16 on CUDA unless dtype is given."""
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return value
+
+
+def cpu_safe_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """float32 in place of float16 on the CPU (with a warning); any other choice unchanged.
+
+    float16 on the CPU was seen answering empty strings; bfloat16 answers like float32 on the CPU
+    (SmolLM2 4K passkey, full and TCA, transformers 5.23) and is kept.
+    """
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on the CPU is not supported (it was seen answering empty strings); loading in "
+                      "float32 instead. bfloat16 works on the CPU if half the memory is wanted.",
+                      UserWarning, stacklevel=3)
+        return torch.float32
+    return dtype
+
+
+def check_model_dtype(model) -> None:
+    """Refuse a float16 model on the CPU (the CLI's guard for models loaded elsewhere)."""
+    p = next(model.parameters())
+    if p.device.type == "cpu" and p.dtype == torch.float16:
+        raise ValueError("this model is float16 on the CPU, which is not supported (it was seen answering empty "
+                         "strings): load it in float32 or bfloat16 (load_model upcasts float16 on the CPU)")
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str = "cpu"):
+    """-> (model, tokenizer). float32 on CPU, bfloat16 on CUDA unless dtype is given.
+
+    float16 on the CPU is upcast to float32 with a warning (cpu_safe_dtype).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_path(name_or_path)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    path = resolve_path(name_or_path)
+    dtype = _as_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = cpu_safe_dtype(dtype, dev)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
     model.name_or_path = name_or_path

@@ -1,29 +1,50 @@
-"""The `tca` command line end to end on a tiny random model with a real tokenizer."""
+"""The `tca` command line end to end on tiny random models with a real tokenizer."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tca_attention import cli
 from tca_attention.cli import main
-from tca_attention.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--window", "64", "--block-size", "16"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    _, tok = load_model("smollm2")  # only its tokenizer is used
+def _tiny(tok, path: Path, max_positions: int) -> Path:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol_tokenizer):
+    """An 8K-style model: trained length 2048 (< 64K), SmolLM2's tokenizer."""
+    return _tiny(smol_tokenizer, tmp_path_factory.mktemp("tiny"), 2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_long_dir(tmp_path_factory, smol_tokenizer):
+    """A 128K-style model (trained length 131072)."""
+    return _tiny(smol_tokenizer, tmp_path_factory.mktemp("tiny_long"), 131072)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def test_calibrate_then_generate_json(tiny_dir, tmp_path, capsys):
     budgets = tmp_path / "b.json"
-    args = ["--model", str(tiny_dir), "--window", "64", "--block-size", "16"]
+    args = ["--model", str(tiny_dir), *TINY]
     assert main(["calibrate", *args, "--length", "300", "--out", str(budgets)]) == 0
     out = capsys.readouterr().out
     assert "mean kept fraction" in out and budgets.exists()
@@ -31,12 +52,15 @@ def test_calibrate_then_generate_json(tiny_dir, tmp_path, capsys):
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     assert main(["generate", *args, "--budgets", str(budgets), "--prompt-file", str(prompt),
                  "--question", "What jumps?", "--max-new-tokens", "4", "--tau", "0.3", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     full, tca = data["runs"]
     assert full["method"] == "full" and tca["method"] == "tca"
     assert full["prompt_tokens"] == tca["prompt_tokens"] > 500
     assert tca["kv_bytes"] < tca["dense_kv_bytes"] and 0 < tca["kv_ratio"] < 1
     assert 0 < tca["retained_last_query"] <= 1.0 and full["kv_ratio"] == 1.0
+    assert data["config"]["window"] == 64 and data["config"]["tau"] == 0.3
+    assert f"Using budgets {budgets}" in captured.err
 
 
 def test_generate_refuses_empty_prompt_and_foreign_budgets(tiny_dir, tmp_path, capsys):
@@ -48,5 +72,114 @@ def test_generate_refuses_empty_prompt_and_foreign_budgets(tiny_dir, tmp_path, c
     bad.write_text("{not json")
     assert main(["generate", "--model", str(tiny_dir), "--budgets", str(bad), "--question", "hi"]) == 2
     assert "corrupt budget file" in capsys.readouterr().err
+    bad.write_text("[1, 2]")  # valid JSON, not an object
+    assert main(["generate", "--model", str(tiny_dir), "--budgets", str(bad), "--question", "hi"]) == 2
+    assert "expected a JSON object, got a list" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(tmp_path / "missing")]) == 2
     assert main(["calibrate", "--model", str(tiny_dir), "--tau", "1.5"]) == 2
+    assert main(["generate", "--model", str(tiny_dir), "--passkey", "300", "--question", "hi"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_dir)]) == 2
+    assert "nothing to run" in capsys.readouterr().err
+
+
+def test_generate_passkey_missed_exits_1_with_json_only_on_stdout(tiny_dir, capsys):
+    """A random model misses the key: exit status 1; stdout is one JSON document."""
+    rc = main(["generate", "--model", str(tiny_dir), *TINY, "--passkey", "300", "--max-new-tokens", "2", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    data = json.loads(captured.out)
+    assert data["found"] == {"full": False, "tca": False} and data["expected"]
+    assert "MISSED by full, tca" in captured.err
+
+
+def test_demo_exit_status_follows_the_passkey(tiny_dir, capsys, monkeypatch):
+    from tca_attention import generation
+
+    real = generation.run_prompt
+    answers = {}
+
+    def found_by_full_only(model, tok, prompt, method, *a, **k):
+        r = real(model, tok, prompt, method, *a, **k)
+        key = prompt.split("The pass key is ")[1][:5]
+        answers[r.method] = key if r.method == "full" else "nope"
+        return type(r)(**{**r.__dict__, "answer": answers[r.method]})
+
+    monkeypatch.setattr(generation, "run_prompt", found_by_full_only)
+    args = ["demo", "--model", str(tiny_dir), *TINY, "--passkey", "300", "--max-new-tokens", "1"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "full: passkey" in out and "found" in out and "tca: passkey" in out and "MISSED" in out
+    assert main([*args, "--mode", "full", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["found"] == {"full": True}
+
+
+def test_demo_offers_the_passkey_job_only(capsys):
+    parser = cli.build_parser()
+    for opt in ("--prompt-file", "--question"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["demo", opt, "x"])
+    assert parser.parse_args(["demo"]).passkey == cli.DEMO_PASSKEY_TOKENS
+    assert parser.parse_args(["demo", "--passkey", "2000"]).passkey == 2000
+
+
+def test_demo_json_subprocess_prints_only_json(tiny_dir, tmp_path):
+    """The installed command, as a user pipes it: `tca demo --json | jq` must parse."""
+    env = {**os.environ, "TCA_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "tca_attention.cli", "demo", "--model", str(tiny_dir), *TINY,
+                        "--passkey", "300", "--max-new-tokens", "2", "--json"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1, r.stderr  # a random model misses the key
+    data = json.loads(r.stdout)
+    assert [x["method"] for x in data["runs"]] == ["full", "tca"]
+    assert "Demo:" in r.stderr and "Calibrating ONCE" in r.stderr
+
+
+def test_auto_preset_follows_the_trained_length(tiny_dir, tiny_long_dir, capsys):
+    common = ["generate", "--question", "hello there", "--mode", "full", "--max-new-tokens", "1", "--json"]
+    assert main([*common, "--model", str(tiny_dir)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["config"]["window"] == 512
+    assert ("TCA preset 'small-context' (w=512): the model was trained on 2048 tokens; the paper's w=4096 "
+            "suits 128K models. Override with --preset/--window.") in captured.err
+    assert main([*common, "--model", str(tiny_long_dir)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["config"]["window"] == 4096
+    assert "TCA preset 'default' (w=4096, the paper's): the model was trained on 131072 tokens" in captured.err
+    for given in (["--preset", "small-context"], ["--window", "1024"]):  # the user's choice wins, silently
+        assert main([*common, "--model", str(tiny_long_dir), *given]) == 0
+        captured = capsys.readouterr()
+        assert "TCA preset" not in captured.err
+        assert json.loads(captured.out)["config"]["window"] == (512 if "--preset" in given else 1024)
+
+
+def test_calibration_is_announced_then_the_cached_file_named(tiny_dir, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_dir), *TINY, "--question", "hi " * 100, "--mode", "tca",
+            "--max-new-tokens", "1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "Calibrating ONCE for this model and config" in err and "on this CPU" in err
+    cached = list((tmp_path / "cache" / "budgets").glob("*.json"))
+    assert len(cached) == 1 and f"cached in {cached[0]}" in err
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"Using cached budgets {cached[0]}" in err and "Calibrating" not in err
+
+
+def test_budget_file_options_fixed_by_calibration_must_agree(tiny_dir, tmp_path, capsys):
+    budgets = tmp_path / "b.json"
+    assert main(["calibrate", "--model", str(tiny_dir), *TINY, "--length", "300", "--out", str(budgets)]) == 0
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(tiny_dir), "--budgets", str(budgets), "--window", "128",
+               "--question", "hi", "--mode", "tca"])
+    assert rc == 2 and "--window 128 (file: 64)" in capsys.readouterr().err
+
+
+def test_cpu_float16_runs_as_float32_and_cuda_is_checked(tiny_dir, capsys):
+    with pytest.warns(UserWarning, match="float16 on the CPU"):
+        assert main(["generate", "--model", str(tiny_dir), "--dtype", "float16", "--question", "hi",
+                     "--mode", "full", "--max-new-tokens", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["answer"] is not None
+    if not torch.cuda.is_available():
+        assert main(["generate", "--model", str(tiny_dir), "--device", "cuda", "--question", "hi"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

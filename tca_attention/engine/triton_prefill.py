@@ -36,7 +36,7 @@ class PrefillConfig:
     use_tma: bool = False  # K/V tiles through TMA tensor descriptors (Hopper+, compiled only)
 
 
-# Per head dim defaults; benchmarks/bench_kernels.py sweeps and reports alternatives. On an H100
+# Per head dim defaults; tca_attention/benchmarks/bench_kernels.py sweeps and reports alternatives. On an H100
 # (head dim 128, bf16, 32K tokens, 39% kept) the TMA variant with 128-key blocks was fastest:
 # 8.09 ms vs 8.74 ms for the pointer loads (docs/kernels.md).
 DEFAULT_CONFIGS: dict[int, PrefillConfig] = {

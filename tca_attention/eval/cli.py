@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..clihelp import HelpFormatter
+from ..config import PRESETS
 from .methods import SDPA_BACKENDS
 from .tasks import TASKS
 
@@ -26,35 +28,43 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="long-context accuracy suite (needles, aggregation, QA, perplexity)",
         description="Run the long-context task suite for each model and method; resumable. "
         "Writes per-sample JSONL, summary.json, report.md and PNG plots.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", action="append", help="packaged model key or local path (repeatable; default smollm2)")
+    p.add_argument("--model", action="append",
+                   help="packaged model key or local path (repeatable; default: smollm2)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of full, tca, tca@TAU, tca@TAU/SCORE, streaming:WINDOW, streaming=tca@TAU "
-                   f"(default {DEFAULT_METHODS})")
+                   help="comma list of full, tca, tca@TAU, tca@TAU/SCORE, streaming:WINDOW, streaming=tca@TAU")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS.names())})")
     p.add_argument("--lengths", default="4096", help="comma list of target prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=20, help="samples per task and length")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="samples of one task run together, left-padded (GPU throughput; default 1)")
+                   help="samples of one task run together, left-padded (GPU throughput)")
     p.add_argument("--sdpa-backend", default="auto", choices=SDPA_BACKENDS,
-                   help="torch SDPA kernel for the attention transformers runs itself (default: torch's choice)")
+                   help="torch SDPA kernel for the attention transformers runs itself (auto: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the loader's choice)")
-    p.add_argument("--tca-preset", default="small-context", help="TCA config preset, a name of tca_attention.config.PRESETS (default small-context: window 512)")
-    p.add_argument("--tca-score", default=None, choices=["observation", "column_mean"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: the loader's choice, float32 on the CPU and bfloat16 on CUDA; "
+                   "float16 on the CPU runs as float32)")
+    p.add_argument("--tca-preset", default="small-context", choices=sorted(PRESETS),
+                   help="TCA config preset (small-context: window 512)")
+    p.add_argument("--tca-score", default=None, choices=["observation", "column_mean"],
+                   help="calibration score choosing TCA's budgets (default: the preset's)")
     p.add_argument("--tau", type=float, default=0.9, help="calibrated tau of method 'tca'")
     p.add_argument("--budgets", type=Path, default=None,
-                   help="existing budget file of the model (skips calibration; copied into the run folder)")
-    p.add_argument("--calibration-length", type=int, default=None)
-    p.add_argument("--backend", default="auto", help="attention executor backend of the core")
+                   help="existing budget file of the model (skips calibration; copied into the run folder; "
+                   "default: the per-model cache, calibrating once)")
+    p.add_argument("--calibration-length", type=int, default=None,
+                   help="calibration tokens (default: min(8192, the model's trained length))")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                   help="TCA executor: auto picks the Triton kernels on CUDA and the PyTorch reference on the CPU")
     p.add_argument("--no-chat-template", action="store_true", help="raw prompts even when the model has a template")
     p.add_argument("--results-dir", type=Path, default=Path("results/eval"), help="root of run folders")
-    p.add_argument("--report-dir", type=Path, default=None, help="combined report folder (default: results-dir)")
-    p.add_argument("--report-prefix", default="", help="prefix of the combined report's file names (e.g. eval_)")
+    p.add_argument("--report-dir", type=Path, default=None, help="combined report folder (default: --results-dir)")
+    p.add_argument("--report-prefix", default="", help="prefix of the combined report's file names, e.g. eval_ (default: none)")
     p.add_argument("--report-only", type=Path, nargs="+", default=None, metavar="RUN_DIR",
-                   help="only rebuild the report from existing run folders")
-    p.add_argument("--no-progress", action="store_true")
+                   help="only rebuild the report from existing run folders (default: run the suite)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
     return p
 
@@ -70,6 +80,11 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"report: {files['report']}")
         return 0
     tasks = TASKS.names() if args.tasks == "all" else _csv(args.tasks)
+    if args.dtype == "float16" and args.device == "cpu":
+        # the loader would upcast anyway; the run's records must name the dtype that ran
+        print("note: float16 on the CPU is not supported (it was seen answering empty strings); "
+              "running in float32", file=sys.stderr)
+        args.dtype = "float32"
     if args.budgets is not None and len(args.model or []) > 1:
         raise SystemExit("--budgets belongs to one model; run the models one at a time")
     run_dirs: list[Path] = []
@@ -100,7 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: `python -m tca_attention.eval [options]` (same as `tca eval`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="tca")  # usage reads "tca eval ...", the same options
+    parser = argparse.ArgumentParser(prog="tca", formatter_class=HelpFormatter)  # usage reads "tca eval ..."
     sub = parser.add_subparsers(dest="command")
     add_eval_parser(sub)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])

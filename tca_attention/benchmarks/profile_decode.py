@@ -1,29 +1,36 @@
 """Profile target for the TCA decode kernels (run under Nsight Compute on the GPU machine).
 
 ncu --kernel-name regex:_decode --launch-skip 4 --launch-count 4 --section SpeedOfLight \
-    --section Occupancy --section LaunchStats python3 benchmarks/profile_decode.py
+    --section Occupancy --section LaunchStats python3 -m tca_attention.benchmarks.profile_decode
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
-try:
-    from benchmarks.bench_kernels import D, DTYPE, H, KV, decode_cache, head_budgets, tca_select
-except ImportError:  # run as a script from benchmarks/
-    from bench_kernels import D, DTYPE, H, KV, decode_cache, head_budgets, tca_select  # type: ignore[no-redef]
+from ..clihelp import HelpFormatter
+from . import require_cuda
+from .bench_kernels import D, DTYPE, H, KV, decode_cache, head_budgets, tca_select
 
 
-def main() -> None:
-    from tca_attention.engine.triton_decode import ragged_decode_triton
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--L", type=int, default=131072)
-    ap.add_argument("--frac", type=float, default=0.39)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--L", type=int, default=131072, help="context length in tokens")
+    ap.add_argument("--frac", type=float, default=0.39, help="TCA kept fraction")
     ap.add_argument("--kwargs", default="{}", help="extra ragged_decode_triton kwargs, JSON")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from ..engine.triton_decode import ragged_decode_triton
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    if (rc := require_cuda("profile_decode")) is not None:
+        return rc
     kw = json.loads(args.kwargs)
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -39,7 +46,8 @@ def main() -> None:
     for _ in range(6):
         ragged_decode_triton(q1, qpos, *cache, D**-0.5, **kw)
     torch.cuda.synchronize()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

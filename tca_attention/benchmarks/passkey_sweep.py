@@ -2,37 +2,48 @@
 
 Calibrates once per (alpha, mass_norm) (both scores are stored), then answers passkey prompts
 from real essays at several lengths, depths and seeds. Used to choose the library's defaults.
-Usage: python benchmarks/passkey_sweep.py --model PATH --device cuda --out sweep.json
+Usage: tca bench passkey --model PATH --device cuda --out sweep.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
-from tca_attention.calibration import calibrate
-from tca_attention.config import TCAConfig
-from tca_attention.data.passkey import passkey_prompt
-from tca_attention.generation import run_prompt
-from tca_attention.methods.tca import TCA
-from tca_attention.models import load_model
+from ..calibration import calibrate
+from ..clihelp import HelpFormatter
+from ..config import TCAConfig
+from ..data.passkey import passkey_prompt
+from ..generation import run_prompt
+from ..methods.tca import TCA
+from ..models import load_model
+from . import require_cuda
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--lengths", default="4096,8000")
-    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--taus", default="0.9")
-    ap.add_argument("--calib-length", type=int, default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="packaged model key, .gguf file or HF directory")
+    ap.add_argument("--device", default="cuda", help="cuda or cpu (cpu works, slowly)")
+    ap.add_argument("--window", type=int, default=512, help="TCA local window w in tokens")
+    ap.add_argument("--lengths", default="4096,8000", help="comma list of passkey prompt lengths in tokens")
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="comma list of passkey depths in [0, 1]")
+    ap.add_argument("--seeds", default="0,1", help="comma list of prompt seeds")
+    ap.add_argument("--taus", default="0.9", help="comma list of TCA tau values")
+    ap.add_argument("--calib-length", type=int, default=None,
+                    help="calibration tokens (default: min(8192, the model's trained length))")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    ap.add_argument("--out", required=True, help="result JSON path; required")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    if args.device.startswith("cuda") and (rc := require_cuda("tca bench passkey --device cuda")) is not None:
+        return rc
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     variants = [(0.5, "sum"), (0.5, "max"), (0.0, "sum")]
     budgets = {}
@@ -62,11 +73,12 @@ def main() -> None:
               f"(budget global-region kept {budget_kept})", flush=True)
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "window": args.window, "lengths": args.lengths, "depths": args.depths, "seeds": args.seeds,
-            "seconds": time.time() - t0, "command": "python benchmarks/passkey_sweep.py " + " ".join(
+            "seconds": time.time() - t0, "command": "tca bench passkey " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,22 +2,26 @@
 
 A model of Llama-3.1-8B shape with random weights (TCA's cost is set by its budgets, not by the
 weights), budgets from a real calibration of a packaged model mapped onto its 32 x 8 heads.
-Usage: python benchmarks/bench_e2e.py --budgets docs/results/budgets/smollm2-paper.json --out r.json
+Usage: tca bench e2e --budgets BUDGETS.json --out r.json   (a budget file from `tca calibrate`, e.g.
+docs/results/budgets/smollm2-paper.json of a source checkout)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from tca_attention.budgets import Budgets
-from tca_attention.integration import enable
-from tca_attention.methods.tca import TCA
+from ..budgets import Budgets
+from ..clihelp import HelpFormatter
+from ..integration import enable
+from ..methods.tca import TCA
+from . import require_cuda
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144,
@@ -176,22 +180,32 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--budgets", required=True)
-    ap.add_argument("--lengths", default="4096,8192,32768,65536,131072")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--tau", type=float, default=None)
-    ap.add_argument("--score", default=None)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--budgets", required=True,
+                    help="budget file to map onto the Llama-3.1-8B shape (from `tca calibrate --out FILE`); required")
+    ap.add_argument("--lengths", default="4096,8192,32768,65536,131072", help="comma list of prompt lengths in tokens")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
+    ap.add_argument("--decode-steps", type=int, default=32, help="decode steps timed after each prefill")
+    ap.add_argument("--tau", type=float, default=None, help="re-select the budgets at this tau (default: as calibrated)")
+    ap.add_argument("--score", default=None, choices=["observation", "column_mean"],
+                    help="re-select the budgets with this score (default: as calibrated)")
     ap.add_argument("--dense-below", type=int, default=0, help="TCA keeps prompts shorter than this dense")
     ap.add_argument("--also-dense-below", type=int, default=0,
-                    help="also time TCA(dense_below=N) at lengths below N (a short-prompt policy), same run")
+                    help="also time TCA(dense_below=N) at lengths below N (a short-prompt policy), same run; 0: off")
     ap.add_argument("--repeats", type=int, default=1,
                     help="prefills per method below 32K tokens; the row keeps the run with the median TTFT")
-    ap.add_argument("--profile", default="", help="comma list of lengths to profile one prefill of (both methods)")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    ap.add_argument("--profile", default="",
+                    help="comma list of lengths to profile one prefill of, both methods (default: none)")
+    ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    if (rc := require_cuda("tca bench e2e")) is not None:
+        return rc
     model = build_model(args.layers)
     src = Budgets.load(args.budgets)
     changes = {k: v for k, v in (("tau", args.tau), ("score", args.score)) if v is not None}
@@ -241,11 +255,12 @@ def main() -> None:
         "dense_attention": "transformers sdpa (torch's default backend choice)",
         "decode_steps": args.decode_steps,
         "dense_below": args.dense_below,
-        "command": "python benchmarks/bench_e2e.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "command": "tca bench e2e " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
     plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
+    return 0
 
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
@@ -278,4 +293,4 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,8 +11,8 @@ where memory and time allow):
 Effective TFLOP/s count only visible (query, key) pairs: L(L+1)/2 per head for dense causal,
 the plan's exact kept pairs for TCA. Writes JSON (+ PNG plots) under --out.
 
-Run: PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py --out DIR
-Plots again from a JSON: python3 benchmarks/bench_kernels.py --plot-only DIR/kernels_bench.json --out DIR
+Run: tca bench kernels --out DIR   (or python -m tca_attention.benchmarks.bench_kernels --out DIR)
+Plots again from a JSON (no GPU needed): tca bench kernels --plot-only DIR/kernels_bench.json --out DIR
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-try:
-    from benchmarks.timing import bench_ms
-except ImportError:  # run as a script from benchmarks/
-    from timing import bench_ms  # type: ignore[no-redef]
+from ..clihelp import HelpFormatter
+from . import require_cuda
+from .timing import bench_ms
 
 log = logging.getLogger("bench_kernels")
 
@@ -315,7 +314,7 @@ def run(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "kernels_bench.json"
     res: dict = {"env": env_info(), "window": args.window, "block": args.block, "alpha": 0.5,
-                 "command": "PYTHONPATH=$PWD python3 benchmarks/bench_kernels.py " + " ".join(args.argv),
+                 "command": "tca bench kernels " + " ".join(args.argv),
                  "prefill": [], "decode": []}
     log.info("env %s", res["env"])
     scaling = D**-0.5
@@ -579,30 +578,43 @@ def summary(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "docs/results"))
-    ap.add_argument("--contexts", default="8192,16384,32768,65536,131072,262144")
-    ap.add_argument("--fractions", default="0.10,0.25,0.39,0.60")
-    ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--no-sweep", dest="sweep", action="store_false")
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "results/kernels"),
+                    help="folder of kernels_bench.json and the PNG plots (the OUT environment variable sets the default)")
+    ap.add_argument("--contexts", default="8192,16384,32768,65536,131072,262144",
+                    help="comma list of context lengths in tokens")
+    ap.add_argument("--fractions", default="0.10,0.25,0.39,0.60", help="comma list of TCA kept fractions")
+    ap.add_argument("--window", type=int, default=4096, help="TCA local window w in tokens")
+    ap.add_argument("--block", type=int, default=128, help="TCA block size b in tokens")
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false",
+                    help="skip the kernel launch-config sweeps (use the default configs)")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill timings (plans are still built)")
-    ap.add_argument("--sweep-len", type=int, default=32768)
-    ap.add_argument("--decode-sweep-len", type=int, default=131072)
-    ap.add_argument("--target-ms", type=float, default=300.0)
-    ap.add_argument("--efficient-max", type=int, default=131072)
-    ap.add_argument("--flex-max", type=int, default=131072)
+    ap.add_argument("--sweep-len", type=int, default=32768, help="context length of the prefill config sweep")
+    ap.add_argument("--decode-sweep-len", type=int, default=131072, help="context length of the decode config sweep")
+    ap.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")
+    ap.add_argument("--efficient-max", type=int, default=131072,
+                    help="longest context timed with the memory-efficient SDPA backend")
+    ap.add_argument("--flex-max", type=int, default=131072, help="longest context timed with FlexAttention")
     ap.add_argument("--flex-budget", type=float, default=150.0, help="seconds of FlexAttention compile+timing")
     ap.add_argument("--time-budget", type=float, default=420.0, help="no new context starts after this many seconds")
-    ap.add_argument("--plot-only", default=None, help="a kernels_bench.json to plot again")
-    args = ap.parse_args(argv)
+    ap.add_argument("--plot-only", default=None,
+                    help="a kernels_bench.json to plot again (no GPU needed); default: run the benchmark")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
     args.argv = argv
+    if not args.plot_only and (rc := require_cuda("tca bench kernels")) is not None:
+        return rc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         res = json.loads(Path(args.plot_only).read_text())
     else:
@@ -611,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
         res = run(args)
     plot(res, out_dir)
     print(summary(res))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

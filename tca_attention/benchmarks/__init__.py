@@ -1,0 +1,21 @@
+"""GPU benchmarks, shipped with the package so `tca bench NAME` runs from any install.
+
+Each module has `build_parser()` and `main(argv) -> int` and also runs as
+`python -m tca_attention.benchmarks.NAME`. Importing this package imports nothing heavy; the
+modules themselves import torch. Results go to JSON (+ PNG) with device, versions, shapes and
+the command recorded (docs/kernels.md, docs/results/).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def require_cuda(what: str) -> int | None:
+    """None when CUDA is usable; else print a one-line error naming `what` and return exit code 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    print(f"error: {what} needs a CUDA GPU, and torch.cuda.is_available() is False here "
+          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})", file=sys.stderr)
+    return 2

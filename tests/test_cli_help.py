@@ -1,0 +1,177 @@
+"""The command line's surface: help on every option, a light parser, benchmarks that run installed,
+and the README's command table in step with the parser."""
+import argparse
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tca_attention import bench, cli
+from tca_attention.clihelp import HelpFormatter, parser_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_parsers():
+    for name, (module, _) in bench.SCRIPTS.items():
+        mod = importlib.import_module(f"tca_attention.benchmarks.{module}")
+        yield f"tca bench {name}", mod.build_parser(prog=f"tca bench {name}")
+    mod = importlib.import_module("tca_attention.benchmarks.profile_decode")
+    yield "profile_decode", mod.build_parser()
+
+
+def _all_parsers():
+    yield from parser_tree(cli.build_parser())
+    yield from _bench_parsers()
+
+
+def test_every_option_has_help_with_its_default():
+    problems = []
+    n = 0
+    for path, parser in _all_parsers():
+        formatter = HelpFormatter(prog=parser.prog)
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = f"{path} {'/'.join(action.option_strings) or action.dest}"
+            n += 1
+            if isinstance(action, argparse._SubParsersAction):
+                missing = [c.dest for c in action._choices_actions if not (c.help or "").strip()]
+                if missing:
+                    problems.append(f"{name}: subcommands without help: {missing}")
+                continue
+            if not (action.help or "").strip():
+                problems.append(f"{name}: no help")
+                continue
+            shown = formatter._expand_help(action) if action.help else ""
+            has_default = action.default is not None and action.default is not argparse.SUPPRESS and action.nargs != 0
+            if has_default and "default" not in shown.lower():
+                problems.append(f"{name}: default {action.default!r} not shown in {shown!r}")
+    assert n > 60, n  # the walk saw the whole tree (tca, its commands, eval, bench and the benchmarks)
+    assert not problems, "\n".join(problems)
+
+
+def test_parser_builds_without_torch_or_transformers():
+    code = ("import sys; import tca_attention.cli as c; c.build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'numpy', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _tca_command() -> list[str]:
+    script = Path(sys.executable).parent / "tca"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("tca")
+    return [found] if found else [sys.executable, "-m", "tca_attention.cli"]
+
+
+def test_tca_help_is_fast(tmp_path):
+    cmd = [*_tca_command(), "--help"]
+    subprocess.run(cmd, capture_output=True, timeout=60)  # warm the file cache
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
+    assert seconds < 3.0, f"tca --help took {seconds:.2f} s"
+
+
+@pytest.mark.parametrize("name,option", [("kernels", "--contexts"), ("e2e", "--budgets"), ("passkey", "--depths")])
+def test_bench_help_runs_outside_a_checkout(tmp_path, name, option):
+    r = subprocess.run([*_tca_command(), "bench", name, "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"usage: tca bench {name}" in r.stdout and option in r.stdout
+
+
+def test_benchmark_modules_live_in_the_package():
+    assert not (ROOT / "benchmarks").exists() or not any((ROOT / "benchmarks").glob("*.py"))
+    src = (ROOT / "tca_attention" / "bench.py").read_text()
+    assert "Path(__file__)" not in src and "runpy" not in src
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_bench_without_cuda_is_one_clear_line(capsys, tmp_path):
+    for argv in (["bench", "kernels", "--out", str(tmp_path)],
+                 ["bench", "e2e", "--budgets", "b.json", "--out", "r.json"],
+                 ["bench", "passkey", "--out", "r.json"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_kernels_plot_only_needs_no_gpu(tmp_path, capsys):
+    src = ROOT / "docs" / "results" / "kernels_bench.json"
+    if not src.exists():
+        pytest.skip("no recorded kernel benchmark in this checkout")
+    assert cli.main(["bench", "kernels", "--plot-only", str(src), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "kernels_prefill.png").exists()
+
+
+def _readme_rows() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| command")]
+    return [tuple(c.strip() for c in row.strip("|").split(" | ", 1)) for row in rows]
+
+
+def test_readme_command_table_matches_the_parser():
+    parser = cli.build_parser()
+    subs = {path.split()[1]: p for path, p in parser_tree(parser) if len(path.split()) == 2}
+    options = {name: {o for a in p._actions for o in a.option_strings} for name, p in subs.items()}
+    rows = _readme_rows()
+    seen = set()
+    for command, what in rows:
+        m = re.match(r"`tca (\w+)", command)
+        names = [m.group(1)] if m else re.findall(r"`(\w+)`", command)
+        assert names, command
+        for name in names:
+            assert name in subs, f"README names `tca {name}`, which the parser does not have"
+            seen.add(name)
+            for opt in re.findall(r"(?<![\w-])--[a-z][a-z-]*", command + " " + what):
+                if name == "bench" or opt == "--help":
+                    continue
+                if opt == "--json" and name == "calibrate":
+                    continue  # the row says which commands have it
+                assert opt in options[name], f"README: `tca {name}` has no option {opt}"
+    assert seen == set(subs), f"README table lacks {set(subs) - seen}"
+    demo = dict(rows)[next(c for c, _ in rows if c.startswith("`tca demo"))]
+    assert f"({cli.DEMO_PASSKEY_TOKENS} tokens)" in demo
+    bench_row = next(c for c, _ in rows if c.startswith("`tca bench"))
+    assert "/".join(bench.SCRIPTS) in bench_row
+
+
+def test_module_entry_point_help(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-m", "tca_attention.cli", "demo", "--help"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "--passkey TOKENS" in r.stdout and "--prompt-file" not in r.stdout
+
+
+def test_bench_passkey_runs_from_the_package_on_a_tiny_model(tmp_path, smol_tokenizer, monkeypatch, capsys):
+    """The one benchmark that also runs on the CPU, end to end through `tca bench passkey`."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    smol_tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "sweep.json"
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "passkey", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--window", "64",
+                     "--lengths", "400", "--depths", "0.5", "--seeds", "0", "--calib-length", "300",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"].startswith("tca bench passkey") and len(data["rows"]) == 7
