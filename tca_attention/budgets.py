@@ -32,15 +32,14 @@ class ModelIdentity:
     head_dim: int
     hidden_size: int
     vocab_size: int
-    fingerprint: tuple[float, ...]  # a few weights of the first layer's key projection
+    fingerprint: tuple[float, ...]  # a few weights of the first layer's key (or fused qkv) projection
 
     @classmethod
     def of(cls, model) -> "ModelIdentity":
-        from .integration.architectures import attention_modules, text_config
+        from .integration.architectures import attention_modules, key_projection_weight, text_config
 
         cfg = text_config(model)
-        attn = attention_modules(model)[0]
-        w = attn.k_proj.weight.detach().flatten()
+        w = key_projection_weight(attention_modules(model)[0]).detach().flatten()
         picks = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
         return cls(
             model_type=cfg.model_type,

@@ -166,3 +166,19 @@ def test_softcapping_and_unknown_keywords_are_refused():
             tca_attention_forward(attn, q, k, k, None, cu_seq_lens_q=torch.tensor([0, 10]))
         with pytest.raises(AdapterError, match="sliding_window=8"):
             tca_attention_forward(attn, q, k, k, None, sliding_window=8)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_runs_tca_and_really_holds_only_the_kept_tokens(arch):
+    model = tiny(arch)
+    config = TCAConfig(block_size=16, window=32)
+    with torch.no_grad(), enable(model, TCA(fake_budgets(model, config))) as s:
+        ids = torch.randint(3, 97, (1, 300))  # no pad/bos/eos ids inside the prompt
+        out = s.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                         do_sample=False)
+    assert out.shape[1] == 320
+    for layer in s.cache.tca_layers():
+        assert layer.calls.snapshot() == (20, 1, 19)  # one prefill committed, 19 decode steps over the cache
+        kept = layer.g_pos.numel() + layer.t_fill * layer.t_keys.shape[1]
+        assert kept == layer.kept_tokens() < 0.3 * layer.dense_tokens()
+    assert s.cache.kv_bytes() < 0.4 * s.cache.dense_kv_bytes()

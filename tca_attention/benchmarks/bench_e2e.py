@@ -49,14 +49,14 @@ def time_one(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
         cache = session.new_cache() if method is not None else DynamicCache(config=model.config)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, **session.cache_kwargs(cache), logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         kv_prefill = _kv_bytes(cache, method)  # the cache the prefill peak held (decode may grow it)
         t1_decode = time.perf_counter()  # decode timing starts after the host-side count
         for _ in range(decode_steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **session.cache_kwargs(cache))
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -122,7 +122,7 @@ def profile_prefill(model, ids: torch.Tensor, method) -> dict:
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, use_cache=True, **session.cache_kwargs(cache), logits_to_keep=1)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         held = torch.cuda.memory_allocated() - base - out.logits.nbytes
