@@ -15,10 +15,15 @@ pytestmark = pytest.mark.compat
 
 
 def test_transformers_is_the_release_named():
+    """In the compat stage: the release it names. Otherwise: inside the declared range."""
+    from packaging.version import Version
+
+    from tca_attention.integration.adapter import TESTED
+
     expected = os.environ.get("TCA_EXPECT_TRANSFORMERS")
-    if not expected:
-        pytest.skip("TCA_EXPECT_TRANSFORMERS is not set (the compat stage sets it)")
-    assert transformers.__version__ == expected
+    if expected:
+        assert transformers.__version__ == expected
+    assert TESTED[0] <= Version(transformers.__version__) <= TESTED[1]
 
 
 def test_tiny_llama_forward_and_generate():
