@@ -1,4 +1,4 @@
-"""Compatibility smoke test: plain transformers, no tca_attention code.
+"""Compatibility smoke test: plain transformers (and the adapter's tested range).
 
 Marked `compat`: it runs in the default suite and in the compatibility stage (scripts/compat.sh),
 which installs each transformers release of requirements/compat-versions.txt into its own venv
