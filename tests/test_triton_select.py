@@ -294,3 +294,39 @@ def test_gpu_select_has_no_host_sync():
     idx_r, ln_r, _ = R.select_from_importance_ref(out[3], ks, kr_d, n, b, 0.5, "max", M)
     assert torch.equal(out[0], idx_r) and torch.equal(out[1], ln_r)
     torch.testing.assert_close(out[3], ref[3], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_padded_tca_plan_has_no_host_sync_and_rows_select_as_alone():
+    """TCA.plan on a left-padded batch (per-row geometry, keep-per-rank built on the device) runs
+    the fused selection without a host sync, equals the reference, and each row keeps what it
+    keeps alone (shifted by its padding)."""
+    B, KV, g, L, D, b, w = 3, 8, 4, 4096 + 333, 128, 128, 1024
+    gen = torch.Generator().manual_seed(2)
+    cfg = TCAConfig(block_size=b, window=w)
+    budgets = fake_budgets(cfg, KV, 1, gen)
+    q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.bfloat16, gen)
+    q, k = q_last[:, :, None].to(DEV), k.to(DEV)  # TCA.plan reads only the last query
+    key_start = torch.tensor([0, 700, 3500], device=DEV)  # the last row is dense alone (829 <= w + b)
+    m = TCA(budgets)
+    m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)  # compile, cache the ladder
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tri = m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = m.plan(0, q, k, key_start, D**-0.5, backend="reference", padded=True)
+    assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
+    assert torch.equal(tri.row_local_start, ref.row_local_start)
+    for r, s in enumerate(key_start.tolist()):
+        alone = m.plan(0, q[r : r + 1], k[r : r + 1, :, s:], torch.zeros(1, dtype=torch.long, device=DEV), D**-0.5,
+                       backend="triton", padded=False)
+        if alone is None:
+            assert int(tri.row_local_start[r]) == s and int(tri.kept_len[r].max()) == 0
+            continue
+        assert int(tri.row_local_start[r]) - s == alone.local_start
+        for h in range(KV):
+            got = tri.kept_idx[r, h, : int(tri.kept_len[r, h])] - s
+            assert torch.equal(got, alone.kept_idx[0, h, : int(alone.kept_len[0, h])]), (r, h)
