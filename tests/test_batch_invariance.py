@@ -235,3 +235,31 @@ def test_tiny_model_alone_equals_batched(arch, lengths):
             for lb, la in zip(bcache.tca_layers(), acache.tca_layers()):
                 assert row_global_positions(lb, r, L - len(p)) == row_global_positions(la, 0, 0), r
     assert all(l.g_pos.numel() > 0 for l in bcache.tca_layers())
+
+
+def test_tiny_model_alone_equals_batched_on_the_triton_kernels():
+    """The same through the Triton kernels (fused selection, prefill, decode; the interpreter
+    without CUDA): rows of different block phases compress at different decode steps (5, 8, 12)."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steps, lengths = 13, (200, 155, 36)
+    model = tiny("llama", num_hidden_layers=1).to(dev)  # one layer: the interpreter is slow
+    budgets = mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).to(dev) for n in lengths]
+    L = max(lengths)
+    ids = torch.zeros(3, L, dtype=torch.long, device=dev)
+    mask = torch.zeros(3, L, dtype=torch.long, device=dev)
+    for r, p in enumerate(prompts):
+        ids[r, L - len(p):], mask[r, L - len(p):] = p, 1
+    with torch.no_grad(), enable(model, TCA(budgets), backend="triton") as session:
+        bp, bl, bt, bcache = greedy(model, ids, mask, steps, session)
+        for r, p in enumerate(prompts):
+            ap, al, at, acache = greedy(model, p[None], torch.ones(1, len(p), dtype=torch.long, device=dev), steps, session)
+            assert torch.equal(bt[r], at[0]), f"row {r}: greedy tokens differ"
+            tol = 64 * torch.finfo(torch.float32).eps * float(ap.abs().max())
+            assert float((bp[r, L - len(p):] - ap[0]).abs().max()) <= tol
+            assert float((bl[r] - al[0]).abs().max()) <= tol
+            for lb, la in zip(bcache.tca_layers(), acache.tca_layers()):
+                assert row_global_positions(lb, r, L - len(p)) == row_global_positions(la, 0, 0), r
+            prefill_local_start = (len(p) - W_) // B_ * B_ if len(p) > W_ + B_ else 0
+            assert all(la.t_pos0 == prefill_local_start + B_ for la in acache.tca_layers()), "one decode compression"
