@@ -2,10 +2,16 @@
 
 Per TCA layer and per (batch, KV head) the cache holds
   global part: the selected tokens, packed across heads into one (N, D) buffer (CSR offsets);
-  tail:        the uncompressed most recent tokens, (B, KV, T, D), the same T for every head.
-Decode appends to the tail; whenever it holds window + block_size tokens, its oldest block is
-compressed to decode_keep[h] tokens per head (ranked by the current query's attention) and
-moved to the global part. Memory is what the tensors hold: no masked-out padding, and never more
+  tail:        the uncompressed most recent tokens, (B, KV, T, D), the same T for every head;
+               slot i holds position t_pos0 + i in every row, and row r's tail is the slots from
+               its own first tail position t_first[r] on (earlier slots are invisible to it: -1 in
+               tail_positions(); they are padding, or tokens of the row's global region, which
+               are visible only where selected into the global part).
+Decode appends to the tail; whenever a row's tail holds window + block_size tokens, its oldest
+block is compressed to decode_keep[h] tokens per head (ranked by the current query's attention)
+and moved to the global part. Rows compress independently, at the same logical step as they would
+alone (a left-padded row's tail starts at its own local start), and the shared buffer drops the
+slots no row still uses. Memory is what the tensors hold: no masked-out padding, and never more
 than a plain cache would hold for the same tokens (the tail's spare capacity is bounded by what
 the global part saves; a prompt that stays dense holds exactly a dense cache's bytes).
 
@@ -34,8 +40,10 @@ class TCALayer(DynamicLayer):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prefill k/v awaiting a plan
         self.g_keys = self.g_values = self.g_pos = self.g_offsets = None
         self.t_keys = self.t_values = None
-        self.t_fill = 0  # valid slots of the tail
+        self.t_fill = 0  # slots of the tail in use
         self.t_pos0 = 0  # position of tail slot 0
+        self.t_first: torch.Tensor | None = None  # (B,) each row's first tail position (>= key_start)
+        self._first_host: list[int] | None = None  # t_first on the host, read once when first needed
         self.key_start: torch.Tensor | None = None  # (B,) first non-padding position
         self.decode_keep: torch.Tensor | None = None  # (KV,)
         self.calls = CallCounts()
@@ -94,15 +102,22 @@ class TCALayer(DynamicLayer):
         B, KV, L, D = k.shape
         self.key_start = key_start.to(k.device)
         self.decode_keep = decode_keep.to(k.device)
-        local_start = 0 if plan is None else plan.local_start
+        self._first_host = None
         if plan is None:  # dense: everything goes to the tail; no host sync on this path
+            local_start = 0
+            self.t_first = self.key_start.long().clone()
             self.g_keys, self.g_values = k.new_empty(0, D), v.new_empty(0, D)
             self.g_pos = torch.empty(0, dtype=torch.long, device=k.device)
             self.g_offsets = torch.zeros(B * KV + 1, dtype=torch.long, device=k.device)
         else:  # gather the kept tokens straight into the packed CSR
             kept_idx, kept_len = plan.kept_idx, plan.kept_len
             M = kept_idx.shape[-1]
-            total = plan.kept_total if plan.kept_total is not None else int(kept_len.sum())  # host sync
+            # each row's tail starts at its own local start; the shared tail at the smallest
+            self.t_first = torch.maximum(self.key_start.long(), plan.local_starts().to(k.device).long())
+            if plan.kept_total is not None and plan.row_local_start is None:  # no padding: host-known
+                total, local_start = plan.kept_total, plan.local_start
+            else:  # one host sync for both
+                total, local_start = torch.stack([kept_len.sum().long(), self.t_first.min()]).tolist()
             self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
             slot = torch.arange(total, device=k.device)
             seg = torch.searchsorted(self.g_offsets[1:], slot, right=True)  # (b * KV + h) of each slot
@@ -151,10 +166,17 @@ class TCALayer(DynamicLayer):
         self.t_fill = need
 
     def tail_positions(self) -> torch.Tensor:
-        """(B, T) original positions of the tail slots, -1 for padding."""
+        """(B, T) original positions of the tail slots, -1 where a slot is not in the row's tail
+        (padding, or a token of the row's global region: a left-padded row's tail starts later)."""
         pos = torch.arange(self.t_pos0, self.t_pos0 + self.t_fill, device=self.t_keys.device)
-        pos = pos[None, :].expand(self.key_start.shape[0], -1)
-        return torch.where(pos >= self.key_start[:, None], pos, torch.full_like(pos, -1))
+        pos = pos[None, :].expand(self.t_first.shape[0], -1)
+        return torch.where(pos >= self.t_first[:, None], pos, torch.full_like(pos, -1))
+
+    def _tail_firsts(self) -> list[int]:
+        """Each row's first tail position on the host (one sync per request, then kept up to date)."""
+        if self._first_host is None:
+            self._first_host = [int(x) for x in self.t_first.tolist()]
+        return self._first_host
 
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Decode/continuation attention of new queries over the cache, then compression."""
@@ -166,45 +188,68 @@ class TCALayer(DynamicLayer):
             self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
             scaling, backend=self.backend,
         )
-        if self.compresses is None and self.t_fill >= self.window + self.block_size:
+        full = self.window + self.block_size
+        if self.compresses is None and self.t_fill >= full:  # t_fill: the longest row tail
             # every head keeping whole blocks gains nothing and would add positions: stay dense
             self.compresses = bool((self.decode_keep < self.block_size).any())  # once per request
-        while self.compresses and self.t_fill >= self.window + self.block_size:
-            self._compress_oldest_block(q[:, :, -1], lse[:, :, -1], scaling)
+        if self.compresses and self.t_fill >= full:
+            firsts = self._tail_firsts()
+            while rows := [r for r, f in enumerate(firsts) if self.seen - f >= full]:
+                self._compress_oldest_block(rows, q[:, :, -1], lse[:, :, -1], scaling)
+            self._drop_unused_slots()
         return out
 
-    def _compress_oldest_block(self, q_last: torch.Tensor, lse_last: torch.Tensor, scaling: float) -> None:
-        """Move the oldest tail block to the global part, keeping decode_keep[h] tokens per head."""
+    def _compress_oldest_block(self, rows: list[int], q_last: torch.Tensor, lse_last: torch.Tensor, scaling: float) -> None:
+        """Move the oldest block of the tail of each row in `rows` to the global part, keeping
+        decode_keep[h] tokens per head; the other rows keep nothing and their tails stay."""
         b = self.block_size
         B, KV, _, D = self.t_keys.shape
         g = q_last.shape[1] // KV
-        blk_k, blk_v = self.t_keys[:, :, :b], self.t_values[:, :, :b]  # (B, KV, b, D)
+        firsts = self._tail_firsts()
+        dev = self.t_keys.device
+        chosen = [r in rows for r in range(B)]
+        first_slot = torch.tensor([firsts[r] - self.t_pos0 if chosen[r] else 0 for r in range(B)], device=dev)
+        comp = torch.tensor(chosen, device=dev)  # (B,) rows compressing now
+        slots = first_slot[:, None] + torch.arange(b, device=dev)  # (B, b) the row's oldest block
+        gidx = slots[:, None, :, None].expand(B, KV, b, D)
+        blk_k, blk_v = torch.gather(self.t_keys, 2, gidx), torch.gather(self.t_values, 2, gidx)  # (B, KV, b, D)
         logits = torch.einsum("bkgd,bknd->bkgn", q_last.view(B, KV, g, D).float(), blk_k.float()) * scaling
         probs = torch.exp(logits - lse_last.view(B, KV, g, 1)).mean(2)  # (B, KV, b) GQA-averaged
-        pos = self.tail_positions()[:, :b]  # (B, b)
-        probs = torch.where(pos[:, None, :] >= 0, probs, torch.full_like(probs, -1.0))
+        pos = self.t_pos0 + slots  # (B, b): all in the row's tail for the compressing rows
         t_max = int(self.decode_keep.max()) if self.decode_keep.numel() else 0
         if t_max > 0:
             top = torch.topk(probs, t_max, dim=-1).indices  # (B, KV, t_max)
-            keep = (torch.arange(t_max, device=top.device)[None, None, :] < self.decode_keep[None, :, None]).expand(B, KV, t_max)
+            keep = torch.arange(t_max, device=dev)[None, None, :] < self.decode_keep[None, :, None]
+            keep = keep & comp[:, None, None]  # (B, KV, t_max)
             self._append_global(
                 torch.gather(blk_k, 2, top[..., None].expand(B, KV, t_max, D)),
                 torch.gather(blk_v, 2, top[..., None].expand(B, KV, t_max, D)),
                 torch.gather(pos[:, None, :].expand(B, KV, b), 2, top),
                 keep,
             )
-        # drop the block from the tail: shift left in place, or into a smaller tail when the
-        # global part grew so much that the spare slots would hold more than a dense cache
-        rest = self.t_fill - b
+        # the block leaves the row's tail
+        for r in rows:
+            firsts[r] += b
+        self.t_first = self.t_first + comp.long() * b
+
+    def _drop_unused_slots(self) -> None:
+        """Drop the leading tail slots that no row's tail uses any more: shift left in place, or
+        into a smaller tail when the global part grew so much that the spare slots would hold more
+        than a dense cache."""
+        m = min(self._tail_firsts()) - self.t_pos0
+        if m <= 0:
+            return
+        B, KV, _, D = self.t_keys.shape
+        rest = self.t_fill - m
         cap = min(self.t_keys.shape[2], self._tail_capacity(rest, self.seen, self.t_keys))
-        old_k, old_v = self.t_keys[:, :, b : self.t_fill], self.t_values[:, :, b : self.t_fill]
+        old_k, old_v = self.t_keys[:, :, m : self.t_fill], self.t_values[:, :, m : self.t_fill]
         if cap < self.t_keys.shape[2]:
             self.t_keys, self.t_values = self.t_keys.new_empty(2, B, KV, cap, D).unbind(0)
         else:
             old_k, old_v = old_k.clone(), old_v.clone()
         self.t_keys[:, :, :rest] = old_k
         self.t_values[:, :, :rest] = old_v
-        self.t_fill, self.t_pos0 = rest, self.t_pos0 + b
+        self.t_fill, self.t_pos0 = rest, self.t_pos0 + m
 
     def _append_global(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor) -> None:
         """Append k/v (B, KV, t, D) where keep (B, KV, t) to each head's packed segment."""
@@ -229,7 +274,7 @@ class TCALayer(DynamicLayer):
 
     # -- accounting -------------------------------------------------------------------------
     _KV_TENSORS = ("g_keys", "g_values", "g_pos", "t_keys", "t_values")
-    _INDEX_TENSORS = ("g_offsets", "key_start", "decode_keep")
+    _INDEX_TENSORS = ("g_offsets", "key_start", "t_first", "decode_keep")
 
     def _storage_bytes(self, names: tuple[str, ...]) -> int:
         tensors = [t for t in (getattr(self, n) for n in names) if t is not None]
@@ -241,8 +286,8 @@ class TCALayer(DynamicLayer):
         return self._storage_bytes(self._KV_TENSORS)
 
     def index_bytes(self) -> int:
-        """Bytes of the per-(row, head) index arrays: CSR offsets, padding starts, decode keep
-        counts (O(batch x KV heads) integers, reported apart from the KV)."""
+        """Bytes of the per-(row, head) index arrays: CSR offsets, padding starts, tail starts,
+        decode keep counts (O(batch x KV heads) integers, reported apart from the KV)."""
         return self._storage_bytes(self._INDEX_TENSORS)
 
     def kept_tokens(self) -> int:

@@ -37,26 +37,63 @@ def block_redundancy(s_blocks: torch.Tensor, alpha: float, mass_norm: str = "sum
     return (1.0 - alpha) * m + alpha * conc
 
 
+def ladder_cumsum(p: torch.Tensor) -> torch.Tensor:
+    """Cumulative keep distribution in float64, (..., |K|) -> (..., |K|). Computed once (on the CPU)
+    and reused, so that the bucket bounds of every block count are the same on every device."""
+    return torch.cumsum(p.double(), dim=-1)
+
+
+def bucket_ends(cum_p: torch.Tensor, n_blocks: int | torch.Tensor) -> torch.Tensor:
+    """Eq. 7 bucket bounds for n blocks: rank r is in bucket i iff ends[i-1] <= r < ends[i].
+
+    cum_p (..., |K|) float64 from ladder_cumsum; n_blocks an int or an integer tensor broadcastable
+    to cum_p's leading dims with a trailing 1 (e.g. (B, 1, 1) against (KV, |K|)). Only elementwise
+    IEEE operations on cum_p (a product and a rounding), so the bounds are bit-identical on the CPU
+    and the GPU and for an int n or a tensor holding n. -> ends (..., |K|) int64, ends[..., -1] == n.
+    """
+    n = n_blocks if isinstance(n_blocks, int) else n_blocks.to(device=cum_p.device, dtype=torch.long)
+    cum = torch.round(cum_p * n).long()
+    last = torch.as_tensor(n, device=cum_p.device).expand(cum.shape[:-1] + (1,))
+    cum = torch.cat([cum[..., :-1], last], dim=-1)
+    cum = torch.minimum(cum.clamp_min(0), torch.as_tensor(n, device=cum_p.device))
+    return torch.cummax(cum, dim=-1).values
+
+
 def bucket_sizes(p: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Eq. 7 counts: blocks per keep count (largest first), cumulative rounding, sum == n.
 
     p (..., |K|) -> counts (..., |K|) int64.
     """
-    cum = torch.round(torch.cumsum(p.double(), dim=-1) * n_blocks).long()
-    cum[..., -1] = n_blocks
-    cum = torch.cummax(cum.clamp(0, n_blocks), dim=-1).values
+    cum = bucket_ends(ladder_cumsum(p), n_blocks)
     prev = torch.nn.functional.pad(cum[..., :-1], (1, 0))
     return cum - prev
 
 
+def _keep_of_bucket(ends: torch.Tensor, ranks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Keep count of each rank given bucket bounds. ends (..., |K|), ranks (n,) -> (..., n)."""
+    nk = ends.shape[-1]
+    bucket = (ends[..., None, :] <= ranks[:, None]).sum(-1).clamp_max(nk - 1)  # buckets ended at or before r
+    return torch.bitwise_right_shift(torch.full_like(bucket, block_size), bucket)  # b >> i (no host copy)
+
+
 def keep_per_rank(p: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
     """Keep count of the block at each rank (rank 0 = highest h). p (..., |K|) -> (..., n)."""
-    ks = torch.tensor([block_size >> i for i in range(p.shape[-1])], device=p.device)
-    sizes = bucket_sizes(p, n_blocks)  # (..., |K|)
-    ends = torch.cumsum(sizes, dim=-1)  # rank r is in bucket i iff ends[i-1] <= r < ends[i]
-    ranks = torch.arange(n_blocks, device=p.device)
-    bucket = torch.searchsorted(ends.contiguous(), ranks.expand(*ends.shape[:-1], n_blocks).contiguous(), right=True)
-    return ks[bucket.clamp_max(len(ks) - 1)]
+    ends = bucket_ends(ladder_cumsum(p), n_blocks)
+    return _keep_of_bucket(ends, torch.arange(n_blocks, device=p.device), block_size)
+
+
+def keep_per_rank_rows(cum_p: torch.Tensor, n_rows: torch.Tensor, n_max: int, block_size: int) -> torch.Tensor:
+    """keep_per_rank for each row's own block count, on the device, without a host sync.
+
+    cum_p (KV, |K|) float64 (ladder_cumsum), n_rows (B,) blocks of each row (<= n_max)
+    -> (B, KV, n_max) int64: row b's entries equal keep_per_rank(p, n_rows[b], b) (bit for bit,
+    see bucket_ends), then 0 for ranks >= n_rows[b].
+    """
+    n = n_rows.to(device=cum_p.device, dtype=torch.long)
+    ends = bucket_ends(cum_p[None], n[:, None, None])  # (B, KV, |K|)
+    ranks = torch.arange(n_max, device=cum_p.device)
+    keep = _keep_of_bucket(ends, ranks, block_size)  # (B, KV, n_max)
+    return torch.where(ranks < n[:, None, None], keep, torch.zeros_like(keep))
 
 
 def keep_per_block(h: torch.Tensor, keep_by_rank: torch.Tensor) -> torch.Tensor:

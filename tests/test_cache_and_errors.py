@@ -60,7 +60,8 @@ def test_reported_bytes_are_the_tensors_held_and_smaller_than_dense():
     for layer in layers:
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensor_attrs(layer)}
         assert sum(held.values()) == layer.kv_bytes() + layer.index_bytes(), "hidden storage or missing tensor"
-        assert layer.index_bytes() == 8 * (2 * 1 + 1 + 1 + 2), "offsets, key_start, decode_keep of 1 row x 2 heads"
+        assert layer.index_bytes() == 8 * (2 * 1 + 1 + 1 + 1 + 2), \
+            "offsets, key_start, tail start, decode_keep of 1 row x 2 heads"
         # one allocation for the global part, one for the tail (allocator slack, see cache.py)
         ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
         assert ptr(layer.g_keys) == ptr(layer.g_values) == ptr(layer.g_pos) != ptr(layer.t_keys) == ptr(layer.t_values)

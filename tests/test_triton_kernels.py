@@ -32,6 +32,7 @@ from tca_attention.engine import reference as R  # noqa: E402
 from tca_attention.engine.plan import TokenPlan, band_start  # noqa: E402
 from tca_attention.engine.triton_decode import ragged_decode_triton  # noqa: E402
 from tca_attention.engine.triton_prefill import PrefillConfig, default_config, sparse_prefill_triton  # noqa: E402
+from tca_attention.methods.base import row_geometry  # noqa: E402
 from tca_attention.selection import pack_mask  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -43,20 +44,32 @@ SMALL = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1) if not 
 # helpers
 def random_plan(
     gen: torch.Generator, B: int, KV: int, L: int, window: int, block: int, frac: float,
-    key_start: list[int], pad_with_local_start: bool = False,
+    key_start: list[int], pad_with_local_start: bool = False, per_row: bool = False,
 ) -> TokenPlan:
-    """A plan with a random ragged kept set per (b, kv head), each head its own density."""
+    """A plan with a random ragged kept set per (b, kv head), each head its own density.
+
+    per_row: the geometry of a left-padded batch (methods.base.row_geometry): each row's blocks
+    start at its key_start, so rows have their own local starts (row_local_start)."""
     n_blocks = (L - window) // block if L > window + block else 0
     local_start = n_blocks * block
+    ks = torch.tensor(key_start, dtype=torch.long)
+    row_ls = row_geometry(L, ks, block, window)[1] if per_row else None
+    ls = row_ls if per_row else torch.full_like(ks, local_start)
     dens = (torch.rand(B, KV, 1, generator=gen) * 2 * frac).clamp(max=1.0)  # ragged budgets
-    mask = torch.rand(B, KV, local_start, generator=gen) < dens
-    idx, lens = pack_mask(mask)  # padding = local_start
-    if not pad_with_local_start:  # the other padding convention (one past the prompt)
+    glob = torch.arange(L)[None, :] < ls[:, None]
+    if per_row:
+        glob &= torch.arange(L)[None, :] >= ks[:, None]
+    width = L if per_row else local_start
+    mask = (torch.rand(B, KV, width, generator=gen) < dens) & glob[:, None, :width]
+    idx, lens = pack_mask(mask)  # padding = width
+    if pad_with_local_start:  # the other padding convention
+        idx = torch.where(idx >= width, torch.full_like(idx, local_start), idx)
+    elif not per_row:  # one past the prompt
         idx = torch.where(idx >= local_start, torch.full_like(idx, L), idx)
     return TokenPlan(
         kept_idx=idx.to(DEV), kept_len=lens.to(DEV), local_start=local_start, window=window,
-        block_size=block, key_start=torch.tensor(key_start, dtype=torch.long, device=DEV),
-        decode_keep=torch.ones(KV, dtype=torch.long, device=DEV),
+        block_size=block, key_start=ks.to(DEV), decode_keep=torch.ones(KV, dtype=torch.long, device=DEV),
+        row_local_start=row_ls.to(DEV) if per_row else None,
     )
 
 
@@ -70,12 +83,13 @@ def plan_mask(plan: TokenPlan, L: int) -> torch.Tensor:
     idx = torch.where(valid, plan.kept_idx.clamp(max=L), torch.full_like(plan.kept_idx, L))
     kept.scatter_(-1, idx, True)
     kept = kept[..., :L]
-    lo = band_start(j, plan.window, plan.local_start)  # (L,)
+    ls = plan.row_local_start if plan.row_local_start is not None else torch.full_like(plan.key_start, plan.local_start)
+    lo = torch.where(j[None, :] >= ls[:, None], torch.minimum(j - plan.window + 1, ls[:, None]), j - plan.window + 1)  # (B, L)
     causal = j[None, :] <= j[:, None]
-    band = causal & (j[None, :] >= lo[:, None])
-    far = kept[:, :, None, :] & (j[None, None, None, :] < lo[None, None, :, None])
+    band = causal[None] & (j[None, None, :] >= lo[:, :, None])  # (B, L, L)
+    far = kept[:, :, None, :] & (j[None, None, None, :] < lo[:, None, :, None])
     pad = j[None, :] >= plan.key_start[:, None]  # (B, L)
-    return (band[None, None] | far) & pad[:, None, None, :]
+    return (band[:, None] | far) & pad[:, None, None, :]
 
 
 def masked_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -117,22 +131,29 @@ def run_prefill(q, k, v, plan, scaling, config=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # prefill, interpreter on CPU (real kernels on CUDA)
 PREFILL_CASES = [
-    # B, H, KV, L, D, window, block, key_start, frac, dtype
-    (2, 8, 2, 97, 64, 24, 16, [0, 7], 0.4, torch.float32),
-    (1, 6, 2, 200, 128, 24, 32, [5], 0.3, torch.bfloat16),
-    (2, 2, 2, 333, 64, 40, 16, [0, 50], 0.5, torch.float16),
-    (1, 4, 1, 200, 32, 24, 16, [0], 0.25, torch.bfloat16),
-    (2, 8, 2, 333, 64, 24, 32, [0, 41], 0.39, torch.bfloat16),
+    # B, H, KV, L, D, window, block, key_start, frac, dtype, per-row geometry (padded batch)
+    (2, 8, 2, 97, 64, 24, 16, [0, 7], 0.4, torch.float32, False),
+    (1, 6, 2, 200, 128, 24, 32, [5], 0.3, torch.bfloat16, False),
+    (2, 2, 2, 333, 64, 40, 16, [0, 50], 0.5, torch.float16, False),
+    (1, 4, 1, 200, 32, 24, 16, [0], 0.25, torch.bfloat16, False),
+    (2, 8, 2, 333, 64, 24, 32, [0, 41], 0.39, torch.bfloat16, False),
+    # per-row local starts: rows of different block phases, one row dense (local start = key_start)
+    (3, 8, 2, 201, 64, 24, 16, [0, 37, 170], 0.4, torch.float32, True),
+    (3, 6, 2, 333, 64, 40, 16, [0, 9, 100], 0.39, torch.bfloat16, True),
+    (2, 4, 1, 150, 32, 24, 32, [3, 70], 0.5, torch.float16, True),
 ]
 
 
-@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}L{c[3]}D{c[4]}{str(c[9])[6:]}")
+@pytest.mark.parametrize("case", PREFILL_CASES,
+                         ids=lambda c: f"B{c[0]}H{c[1]}KV{c[2]}L{c[3]}D{c[4]}{str(c[9])[6:]}{'-rows' if c[10] else ''}")
 def test_prefill_matches_reference(case):
-    B, H, KV, L, D, w, bs, ks, frac, dtype = case
+    B, H, KV, L, D, w, bs, ks, frac, dtype, per_row = case
     gen = torch.Generator().manual_seed(L * 31 + D)
     q, k, v = make_qkv(gen, B, H, KV, L, D, dtype)
-    plan = random_plan(gen, B, KV, L, w, bs, frac, ks, pad_with_local_start=(L % 2 == 0))
+    plan = random_plan(gen, B, KV, L, w, bs, frac, ks, pad_with_local_start=(L % 2 == 0), per_row=per_row)
     assert plan.local_start > 0 and int(plan.kept_len.min()) < plan.local_start  # really sparse
+    if per_row:  # really per row: local starts differ, and differ from the unpadded row's
+        assert len(set(plan.row_local_start.tolist())) == B
     scaling = D**-0.5
     out = run_prefill(q, k, v, plan, scaling, SMALL)
     ref = R.sparse_prefill_ref(q.float(), k.float(), v.float(), plan, scaling)
@@ -155,12 +176,13 @@ def test_prefill_tma_descriptor_path():
     check_close(out, ref, masked_attention_lowp(q, k, v, plan_mask(plan, L), D**-0.5))
 
 
-def test_plan_mask_agrees_with_reference():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_plan_mask_agrees_with_reference(per_row):
     """The explicit mask used for the low-precision baseline states the same semantics."""
     gen = torch.Generator().manual_seed(3)
     B, H, KV, L, D = 2, 4, 2, 90, 16
     q, k, v = make_qkv(gen, B, H, KV, L, D, torch.float32)
-    plan = random_plan(gen, B, KV, L, 20, 16, 0.4, [0, 9])
+    plan = random_plan(gen, B, KV, L, 20, 16, 0.4, [0, 9], per_row=per_row)
     ref = R.sparse_prefill_ref(q, k, v, plan, 0.3)
     alt = masked_attention_lowp(q, k, v, plan_mask(plan, L), 0.3)
     torch.testing.assert_close(alt, ref, atol=1e-5, rtol=1e-5)
@@ -296,11 +318,12 @@ def test_decode_tma_variant(use_tma):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("D,dtype,g", [(128, torch.bfloat16, 4), (64, torch.float16, 3), (256, torch.bfloat16, 2)])
 @pytest.mark.parametrize("tma", [False, True])
-def test_gpu_prefill_realistic(D, dtype, g, tma):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gpu_prefill_realistic(D, dtype, g, tma, per_row):
     gen = torch.Generator().manual_seed(D)
-    B, KV, L, w, bs = 2, 2, 2048 + 333, 512, 128
+    B, KV, L, w, bs = 3, 2, 2048 + 333, 512, 128
     q, k, v = make_qkv(gen, B, g * KV, KV, L, D, dtype)
-    plan = random_plan(gen, B, KV, L, w, bs, 0.39, [0, 100])
+    plan = random_plan(gen, B, KV, L, w, bs, 0.39, [0, 100, 1800], per_row=per_row)  # row 2 dense per row
     cfg = default_config(D)
     out = run_prefill(q, k, v, plan, D**-0.5, dataclasses.replace(cfg, use_tma=tma))
     ref = R.sparse_prefill_ref(q.float(), k.float(), v.float(), plan, D**-0.5)

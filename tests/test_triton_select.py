@@ -30,6 +30,7 @@ from tca_attention.config import TCAConfig  # noqa: E402
 from tca_attention.engine import dispatch  # noqa: E402
 from tca_attention.engine import reference as R  # noqa: E402
 from tca_attention.engine.triton_select import select_and_pack_triton  # noqa: E402
+from tca_attention.methods.base import row_geometry  # noqa: E402
 from tca_attention.methods.tca import TCA  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -63,12 +64,20 @@ def separated_inputs(B, H, KV, L, D, dtype, gen, scaling=None):
 
 
 def run_both(q_last, k, key_start, keep_rank, n, b, alpha, norm, scaling):
+    """Triton and reference selection; n: int (every row) or (B,) per-row block counts."""
     M = int(keep_rank.sum(-1).max())
-    tri = select_and_pack_triton(q_last.to(DEV), k.to(DEV), key_start.to(DEV), keep_rank.to(DEV), n, b, alpha,
+    n_dev = n if isinstance(n, int) else n.to(DEV)
+    tri = select_and_pack_triton(q_last.to(DEV), k.to(DEV), key_start.to(DEV), keep_rank.to(DEV), n_dev, b, alpha,
                                  norm, scaling, M)
     tri = [t.cpu() for t in tri]
     ref = R.select_and_pack_ref(q_last, k, key_start, keep_rank, n, b, alpha, norm, scaling, M)
     return tri, ref, M
+
+
+def row_ranks(p: torch.Tensor, L: int, key_start: torch.Tensor, b: int, w: int):
+    """Per-row geometry as TCA.plan builds it: (n_rows (B,), keep_rank (B, KV, n_max))."""
+    n_rows, _ = row_geometry(L, key_start, b, w)
+    return n_rows, sel.keep_per_rank_rows(sel.ladder_cumsum(p), n_rows, (L - w) // b, b)
 
 
 # (B, H, KV, L, D, b, window, key_start, alpha, mass_norm, dtype)
@@ -78,39 +87,45 @@ CASES = [
     (3, 12, 3, 700, 64, 64, 128, [0, 70, 200], 0.5, "sum", torch.float16),  # g = 4, KV = 3
     (2, 4, 1, 1000, 64, 64, 128, [130, 0], 0.0, "max", torch.float32),  # g = 4, KV = 1
     (1, 4, 2, 520, 256, 64, 128, [0], 0.5, "sum", torch.bfloat16),  # head dim 256
+    (3, 4, 2, 600, 64, 64, 128, [0, 411, 37], 0.5, "max", torch.float32),  # a row dense alone (189 <= w + b)
 ]
 
 
 @pytest.mark.parametrize("B,H,KV,L,D,b,w,ks,alpha,norm,dtype", CASES)
 def test_select_matches_reference(B, H, KV, L, D, b, w, ks, alpha, norm, dtype):
     gen = torch.Generator().manual_seed(L + H + D)
-    n = (L - w) // b
     key_start = torch.tensor(ks)
-    keep_rank = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
+    p = ladder_p(KV, b, gen)
+    n, keep_rank = row_ranks(p, L, key_start, b, w)
+    if max(ks) == 0:  # no padding: one shared block count and keep-per-rank, as TCA.plan passes them
+        n, keep_rank = (L - w) // b, sel.keep_per_rank(p, (L - w) // b, b)
     scaling = D**-0.5
     # random inputs: s close to the reference; selection exact given the kernel's s
     q = (torch.randn(B, H, D, generator=gen) * 2).to(dtype)
     k = torch.randn(B, KV, L, D, generator=gen).to(dtype)
     (idx, ln, ret, s), (_, _, ret_ref, s_ref), M = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, scaling)
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-7)  # fp32 math on both sides
-    assert bool((s[:, :, : min(ks)] == 0).all()) if min(ks) else True
+    for bi, st in enumerate(ks):
+        assert bool((s[bi, :, :st] == 0).all())
     idx_r, ln_r, ret_r = R.select_from_importance_ref(s, key_start, keep_rank, n, b, alpha, norm, M)
     assert idx.shape == (B, KV, M) and ln.dtype == torch.int32
     assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
     torch.testing.assert_close(ret, ret_r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ret, ret_ref, rtol=1e-4, atol=1e-6)
-    # padding never kept; without padding every head keeps exactly its ladder's count
+    # blocks start at each row's first real token: padding never kept, every head keeps exactly
+    # its ladder's count for the row's own block count, inside the row's global region
+    n_rows = n if isinstance(n, torch.Tensor) else torch.full((B,), n)
     for bi, st in enumerate(ks):
         for h in range(KV):
             kept = idx[bi, h, : ln[bi, h]]
-            assert bool((kept >= st).all()) and bool((kept[1:] > kept[:-1]).all())
-            assert bool((idx[bi, h, ln[bi, h]:] == n * b).all())
-            if st == 0:
-                assert int(ln[bi, h]) == int(keep_rank[h].sum())
+            assert bool((kept >= st).all()) and bool((kept < st + int(n_rows[bi]) * b).all())
+            assert bool((kept[1:] > kept[:-1]).all())
+            assert bool((idx[bi, h, ln[bi, h]:] == L).all())
+            assert int(ln[bi, h]) == int(keep_rank[..., h, :].expand(B, -1)[bi].sum())
     # inputs without near-ties: exact end to end
     q, k = separated_inputs(B, H, KV, L, D, dtype, gen)
     (idx, ln, ret, s), (idx_ref, ln_ref, ret_ref, s_ref), _ = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, scaling)
-    srt = s_ref[..., : n * b].reshape(B, KV, n, b).sort(-1).values
+    srt = s_ref.sort(-1).values
     pos = srt[..., 1:] > 0
     gap = (srt[..., 1:] - srt[..., :-1])[pos] / srt[..., 1:][pos]
     assert float(gap.min()) > 1e-3, "test inputs should have no near-ties"
@@ -119,24 +134,48 @@ def test_select_matches_reference(B, H, KV, L, D, b, w, ks, alpha, norm, dtype):
 
 
 @pytest.mark.parametrize("alpha,norm", [(0.0, "sum"), (0.5, "max")])
+def test_padded_row_selects_what_it_selects_alone(alpha, norm):
+    """Batch invariance of the fused selection: each row of a left-padded batch keeps exactly the
+    tokens it keeps alone (shifted by its padding), on both backends."""
+    B, H, KV, L, D, b, w = 3, 4, 2, 300, 32, 16, 32
+    gen = torch.Generator().manual_seed(5)
+    key_start = torch.tensor([0, 49, 100])  # real lengths 300 / 251 / 200, different block phases
+    p = ladder_p(KV, b, gen)
+    n_rows, keep_rank = row_ranks(p, L, key_start, b, w)
+    q, k = separated_inputs(B, H, KV, L, D, torch.float32, gen)
+    (idx, ln, ret, _), (idx_r, ln_r, _, _), _ = run_both(q, k, key_start, keep_rank, n_rows, b, alpha, norm, 0.125)
+    assert torch.equal(idx, idx_r) and torch.equal(ln, ln_r)
+    for r, st in enumerate(key_start.tolist()):
+        Lr = L - st
+        n = (Lr - w) // b
+        kr = sel.keep_per_rank(p, n, b)
+        alone, _, _ = run_both(q[r : r + 1], k[r : r + 1, :, st:], torch.zeros(1, dtype=torch.long), kr, n, b,
+                               alpha, norm, 0.125)
+        a_idx, a_len, a_ret, _ = alone
+        assert torch.equal(ln[r], a_len[0]), r
+        for h in range(KV):
+            assert torch.equal(idx[r, h, : ln[r, h]] - st, a_idx[0, h, : a_len[0, h]]), (r, h)
+        torch.testing.assert_close(ret[r], a_ret[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,norm", [(0.0, "sum"), (0.5, "max")])
 def test_ties_break_like_stable_argsort(alpha, norm):
     B, H, KV, L, D, b, w = 2, 4, 2, 600, 64, 64, 128
     gen = torch.Generator().manual_seed(3)
-    n = (L - w) // b
-    keep_rank = sel.keep_per_rank(ladder_p(KV, b, gen), n, b)
     key_start = torch.tensor([0, 90])
+    n, keep_rank = row_ranks(ladder_p(KV, b, gen), L, key_start, b, w)
     q = torch.randn(B, H, D, generator=gen)
     # constant keys: s flat, every full block has the same h -> all ties, exact on both sides
     k = torch.ones(B, KV, L, D)
     (idx, ln, ret, s), (idx_ref, ln_ref, ret_ref, _), M = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, 0.125)
     assert torch.equal(ln, ln_ref) and torch.equal(idx, idx_ref)
-    # flat s: every block keeps its first keep[j] valid tokens (a prefix of the block)
+    # flat s: every block (counted from the row's first real token) keeps its first keep[j] tokens
     for bi in range(B):
+        st = int(key_start[bi])
         for h in range(KV):
             kept = idx[bi, h, : ln[bi, h]]
-            blk = kept // b
-            first = torch.maximum(blk * b, key_start[bi].expand_as(blk))
-            rank = kept - first  # position among the block's valid tokens
+            blk = (kept - st) // b
+            rank = kept - (st + blk * b)  # position inside the row's block
             start = torch.searchsorted(blk, blk)  # first entry of each block in the kept list
             assert torch.equal(rank, torch.arange(len(kept)) - start), (bi, h)
     # pairwise duplicated keys: ties inside blocks, broken toward the lower index
@@ -145,7 +184,7 @@ def test_ties_break_like_stable_argsort(alpha, norm):
     assert torch.equal(s[..., 0::2], s[..., 1::2]), "duplicated keys must give equal s"
     idx_r, ln_r, _ = R.select_from_importance_ref(s, key_start, keep_rank, n, b, alpha, norm, M)
     assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
-    # of a tied pair the earlier token wins: an odd index is kept only together with its even twin
+    # of a tied pair the earlier token wins (key_start is even: pairs never straddle a block)
     B_, KV_, _ = idx.shape
     for bi in range(B_):
         for h in range(KV_):
@@ -255,3 +294,39 @@ def test_gpu_select_has_no_host_sync():
     idx_r, ln_r, _ = R.select_from_importance_ref(out[3], ks, kr_d, n, b, 0.5, "max", M)
     assert torch.equal(out[0], idx_r) and torch.equal(out[1], ln_r)
     torch.testing.assert_close(out[3], ref[3], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_padded_tca_plan_has_no_host_sync_and_rows_select_as_alone():
+    """TCA.plan on a left-padded batch (per-row geometry, keep-per-rank built on the device) runs
+    the fused selection without a host sync, equals the reference, and each row keeps what it
+    keeps alone (shifted by its padding)."""
+    B, KV, g, L, D, b, w = 3, 8, 4, 4096 + 333, 128, 128, 1024
+    gen = torch.Generator().manual_seed(2)
+    cfg = TCAConfig(block_size=b, window=w)
+    budgets = fake_budgets(cfg, KV, 1, gen)
+    q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.bfloat16, gen)
+    q, k = q_last[:, :, None].to(DEV), k.to(DEV)  # TCA.plan reads only the last query
+    key_start = torch.tensor([0, 700, 3500], device=DEV)  # the last row is dense alone (829 <= w + b)
+    m = TCA(budgets)
+    m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)  # compile, cache the ladder
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tri = m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = m.plan(0, q, k, key_start, D**-0.5, backend="reference", padded=True)
+    assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
+    assert torch.equal(tri.row_local_start, ref.row_local_start)
+    for r, s in enumerate(key_start.tolist()):
+        alone = m.plan(0, q[r : r + 1], k[r : r + 1, :, s:], torch.zeros(1, dtype=torch.long, device=DEV), D**-0.5,
+                       backend="triton", padded=False)
+        if alone is None:
+            assert int(tri.row_local_start[r]) == s and int(tri.kept_len[r].max()) == 0
+            continue
+        assert int(tri.row_local_start[r]) - s == alone.local_start
+        for h in range(KV):
+            got = tri.kept_idx[r, h, : int(tri.kept_len[r, h])] - s
+            assert torch.equal(got, alone.kept_idx[0, h, : int(alone.kept_len[0, h])]), (r, h)

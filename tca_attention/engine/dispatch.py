@@ -81,7 +81,7 @@ def select_and_pack(
     k: torch.Tensor,
     key_start: torch.Tensor,
     keep_rank: torch.Tensor,
-    n_blocks: int,
+    n_blocks: int | torch.Tensor,
     block_size: int,
     alpha: float,
     mass_norm: str,
@@ -89,7 +89,10 @@ def select_and_pack(
     max_kept: int,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 selection; see reference.select_and_pack_ref. The Triton path never syncs."""
+    """TCA Phase 2 selection; see reference.select_and_pack_ref. The Triton path never syncs.
+
+    Blocks of row r start at key_start[r]; n_blocks: an int (every row) or a (B,) tensor of
+    per-row block counts; keep_rank (KV, n_max) or (B, KV, n_max) per row."""
     args = (q_last, k, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm, scaling, max_kept)
     if resolve(backend, k.device) == "triton":
         from .triton_select import select_and_pack_triton

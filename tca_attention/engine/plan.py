@@ -10,14 +10,19 @@ import torch
 class TokenPlan:
     """What each KV head keeps after prefill, and what each query attends to.
 
-    Geometry: keys [0, local_start) are the global region, of which each (batch, KV head) keeps
-    kept_idx[b, h, :kept_len[b, h]] (ascending); keys [local_start, L) are the local region,
-    always kept. Query j attends to every key k <= j that is kept or lies in its causal window
-    (j - window, j]. Keys before key_start[b] are padding and never attended.
+    Geometry, per batch row r (blocks are counted from the row's first real token, so a prompt's
+    plan does not depend on its left padding): keys before key_start[r] are padding and never
+    attended; keys [key_start[r], ls_r) are the row's global region, of which each KV head keeps
+    kept_idx[r, h, :kept_len[r, h]] (absolute positions, ascending); keys [ls_r, L) are its local
+    region, always kept. ls_r = row_local_start[r], or local_start for every row when
+    row_local_start is None (a batch without padding). Query j attends to every key k <= j that is
+    kept or lies in its causal window (j - window, j] (see band_start).
+    local_start: the host-known local start of a row without padding (n_max * block_size, or 0
+    when such a row stays dense); exact for every row when row_local_start is None.
     decode_keep[h]: tokens a KV head keeps when decode compresses one block of block_size.
     """
 
-    kept_idx: torch.Tensor  # (B, KV, M) int64, padded with local_start
+    kept_idx: torch.Tensor  # (B, KV, M) int64, entries past kept_len are padding (>= every kept index)
     kept_len: torch.Tensor  # (B, KV) int32
     local_start: int
     window: int
@@ -26,15 +31,26 @@ class TokenPlan:
     decode_keep: torch.Tensor  # (KV,) int64
     retained: torch.Tensor | None = None  # (B, KV) last query's attention mass on what is kept
     kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
+    row_local_start: torch.Tensor | None = None  # (B,) int64 per-row local starts (padded batches)
+
+    def local_starts(self) -> torch.Tensor:
+        """(B,) int64 local start of each row, on the plan's device."""
+        if self.row_local_start is not None:
+            return self.row_local_start
+        return torch.full_like(self.key_start, self.local_start)
 
     def kept_fraction(self, seq_len: int) -> torch.Tensor:
         """Fraction of the (valid) prompt each (B, KV) head keeps after prefill. -> (B, KV)."""
         valid = (seq_len - self.key_start).clamp_min(1).to(torch.float64)[:, None]
-        local = (seq_len - torch.clamp(self.key_start, min=self.local_start)).to(torch.float64)[:, None]
+        local = (seq_len - torch.maximum(self.key_start, self.local_starts())).to(torch.float64)[:, None]
         return (self.kept_len.to(torch.float64) + local) / valid
 
 
-def band_start(j: torch.Tensor, window: int, local_start: int) -> torch.Tensor:
-    """First key of query j's dense band: its window, extended to the local region's start."""
+def band_start(j: torch.Tensor, window: int, local_start: int | torch.Tensor) -> torch.Tensor:
+    """First key of query j's dense band: its window, extended to the local region's start.
+
+    local_start: an int, or a tensor broadcastable against j (e.g. (B, 1) per-row starts with j
+    (1, L) or (L,)), giving per-row bands."""
     lo = j - window + 1
-    return torch.where(j >= local_start, torch.minimum(lo, torch.full_like(lo, local_start)), lo)
+    ls = torch.as_tensor(local_start, device=j.device)
+    return torch.where(j >= ls, torch.minimum(lo, ls), lo)

@@ -1,7 +1,7 @@
 """Plain-PyTorch executors: the CPU path, the test oracle and the statement of the semantics.
 
-Prefill: query j attends to the kept global keys before its band, plus its band (causal window,
-extended to the local region's start for queries in the local region). Keys are gathered per
+Prefill: query j of row r attends to the kept global keys before its band, plus its band (causal
+window, extended to the row's local start for queries in the row's local region). Keys are gathered per
 head; no L x L mask is built (memory is O(chunk x (kept + window))).
 Decode: queries attend to every valid cached key at or before their position.
 """
@@ -39,8 +39,10 @@ def sparse_prefill_ref(
     g = H // KV
     out = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
     ar = torch.arange(L, device=q.device)
+    local_starts = plan.local_starts().tolist()
     for b in range(B):
         ks = int(plan.key_start[b])
+        ls = local_starts[b]
         for h in range(KV):
             kept = plan.kept_idx[b, h, : int(plan.kept_len[b, h])]
             kept = kept[kept >= ks]
@@ -50,7 +52,7 @@ def sparse_prefill_ref(
             for s in range(0, L, chunk):
                 e = min(L, s + chunk)
                 j = ar[s:e]
-                lo = band_start(j, plan.window, plan.local_start)  # (C,)
+                lo = band_start(j, plan.window, ls)  # (C,)
                 band_lo = max(int(lo.min()), ks, 0)
                 kb = ar[band_lo:e]
                 band_mask = (kb[None, :] >= lo[:, None]) & (kb[None, :] <= j[:, None]) & (kb[None, :] >= ks)
@@ -120,35 +122,76 @@ def dense_causal_ref(
     return _softmax_out(logits, vv)[0].transpose(1, 2).to(q.dtype)
 
 
+def _rows_blocks(n_blocks: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 block count of each row from an int (every row) or a (B,) tensor."""
+    if isinstance(n_blocks, int):
+        return torch.full((batch,), n_blocks, dtype=torch.long, device=device)
+    return n_blocks.to(device=device, dtype=torch.long)
+
+
+def select_mask_ref(
+    s: torch.Tensor,
+    key_start: torch.Tensor,
+    keep_rank: torch.Tensor,
+    n_blocks: int | torch.Tensor,
+    block_size: int,
+    alpha: float,
+    mass_norm: str,
+) -> torch.Tensor:
+    """TCA Phase 2 steps 4-6 on importance s (B, KV, L) fp32 -> selection mask (B, KV, L) bool.
+
+    Row r's global blocks are [key_start[r] + j b, key_start[r] + (j + 1) b) for j < n_r (n_blocks:
+    an int for every row or a (B,) tensor); keep_rank (KV, n_max) or (B, KV, n_max) is the keep
+    count per rank of each row's own block count (selection.keep_per_rank(p, n_r, b), or
+    keep_per_rank_rows; ranks >= n_r are ignored). Blocks are ranked among the row's own blocks
+    only, so a row selects exactly what it selects alone (shifted by its padding).
+    """
+    B, KV, L = s.shape
+    n_max = keep_rank.shape[-1]
+    dev = s.device
+    nr = _rows_blocks(n_blocks, B, dev)
+    ar = torch.arange(n_max * block_size, device=dev)
+    pos = key_start.to(dev).long()[:, None] + ar  # (B, n_max * b) absolute position of each block slot
+    in_glob = ar[None, :] < (nr * block_size)[:, None]  # (B, n_max * b)
+    sb = torch.gather(s, 2, pos.clamp(max=L - 1)[:, None, :].expand(B, KV, -1))
+    sb = torch.where(in_glob[:, None, :], sb, torch.zeros_like(sb)).view(B, KV, n_max, block_size)
+    h = sel.block_redundancy(sb, alpha, mass_norm)  # blocks past n_r: no mass, no effect on "max"
+    blk_ok = torch.arange(n_max, device=dev)[None, :] < nr[:, None]  # (B, n_max)
+    h = h.masked_fill(~blk_ok[:, None, :], float("-inf"))  # ranked after the row's own blocks
+    keep = sel.keep_per_block(h, keep_rank.to(dev).expand(B, KV, n_max))
+    chosen = sel.topk_within_blocks(sb, keep).view(B, KV, -1) & in_glob[:, None, :]
+    mask = torch.zeros(B, KV, L + n_max * block_size, dtype=torch.bool, device=dev)
+    mask.scatter_(2, pos[:, None, :].expand(B, KV, -1), chosen)  # positions are distinct per row
+    return mask[..., :L]
+
+
 def select_from_importance_ref(
     s: torch.Tensor,
     key_start: torch.Tensor,
     keep_rank: torch.Tensor,
-    n_blocks: int,
+    n_blocks: int | torch.Tensor,
     block_size: int,
     alpha: float,
     mass_norm: str,
     max_kept: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32; keep_rank (KV, n) keep count per rank.
+    """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32 (geometry: select_mask_ref).
 
-    -> kept_idx (B, KV, M) ascending, padded with n*b (M = max_kept, or the largest kept count);
-       kept_len (B, KV) int32; retained (B, KV) last-query mass on the kept global + local keys.
+    -> kept_idx (B, KV, M) absolute positions ascending, padded with L (M = max_kept, or the
+       largest kept count); kept_len (B, KV) int32; retained (B, KV) last-query mass on the kept
+       global + local keys.
     """
     B, KV, L = s.shape
-    ls = n_blocks * block_size
-    sb = s[..., :ls].reshape(B, KV, n_blocks, block_size)
-    h = sel.block_redundancy(sb, alpha, mass_norm)
-    keep = sel.keep_per_block(h, keep_rank.to(s.device).expand(B, KV, n_blocks))
-    valid = torch.arange(ls, device=s.device)[None, :] >= key_start.to(s.device)[:, None]  # (B, ls)
-    mask = sel.topk_within_blocks(sb, keep).reshape(B, KV, ls) & valid[:, None, :]
-    kept_idx, kept_len = sel.pack_mask(mask)
+    mask = select_mask_ref(s, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm)
+    kept_idx, kept_len = sel.pack_mask(mask)  # padded with L
     if max_kept is not None:
         M = kept_idx.shape[-1]
         if M > max_kept:
             raise ValueError(f"a head keeps {M} tokens, more than max_kept={max_kept}")
-        kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=ls)
-    retained = (s[..., :ls] * mask).sum(-1) + s[..., ls:].sum(-1)
+        kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=L)
+    local_start = key_start.to(s.device).long() + _rows_blocks(n_blocks, B, s.device) * block_size
+    local = torch.arange(L, device=s.device)[None, :] >= local_start[:, None]  # (B, L)
+    retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
     return kept_idx, kept_len, retained
 
 
@@ -157,14 +200,16 @@ def select_and_pack_ref(
     k: torch.Tensor,
     key_start: torch.Tensor,
     keep_rank: torch.Tensor,
-    n_blocks: int,
+    n_blocks: int | torch.Tensor,
     block_size: int,
     alpha: float,
     mass_norm: str,
     scaling: float,
     max_kept: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 selection (no sink tokens). q_last (B, H, D), k (B, KV, L, D), key_start (B,).
+    """TCA Phase 2 selection (no sink tokens). q_last (B, H, D), k (B, KV, L, D), key_start (B,);
+    n_blocks: int or (B,) per-row block counts, keep_rank (KV, n_max) or (B, KV, n_max) (see
+    select_mask_ref).
 
     -> kept_idx (B, KV, M), kept_len (B, KV) int32, retained (B, KV), s (B, KV, L) fp32.
     """

@@ -2,8 +2,8 @@
 
 Semantics: exactly `reference.sparse_prefill_ref`. Query j of a KV head attends to
   (a) the kept global keys k with key_start <= k < band_start(j), and
-  (b) the dense band key_start <= k in [band_start(j), j] (causal window, extended to the local
-      region's start for queries in the local region).
+  (b) the dense band key_start <= k in [band_start(j), j] (causal window, extended to the row's
+      local start for queries in the row's local region; local starts are per row, (B,)).
 Plan of the run:
   1. gather the kept keys/values of each (b, kv head) into a compact buffer (B, KV, M, D), so no
      work is spent on dropped tokens;
@@ -119,14 +119,15 @@ def _band_start(j, window, local_start):
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, OUT,
+    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, LOCAL_START, OUT,
     s_qb, s_qh, s_ql,
     s_ob, s_ol, s_oh,
-    L, M, KV, n_tiles, window, local_start, qk_scale,
+    L, M, KV, n_tiles, window, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
 ):
-    """K/V (B*KV*L, D) and KC/VC (B*KV*M, D) row-major (pointers or TMA descriptors); KIDX (B*KV, M)."""
+    """K/V (B*KV*L, D) and KC/VC (B*KV*M, D) row-major (pointers or TMA descriptors); KIDX (B*KV, M);
+    KEY_START, LOCAL_START (B,) each row's first real key and local start."""
     BM: tl.constexpr = GP * BLOCK_P
     tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles first
     bh = tl.program_id(1)
@@ -142,6 +143,7 @@ def _prefill_kernel(
     qh = h * G + hrow
     q_ptrs = Q + b.to(tl.int64) * s_qb + qh[:, None] * s_qh + prow[:, None] * s_ql + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BM, D)
+    local_start = tl.load(LOCAL_START + b).to(tl.int32)
     lo_row = _band_start(prow, window, local_start)  # (BM,)
 
     acc = tl.zeros([BM, HEAD_D], dtype=tl.float32)
@@ -248,9 +250,10 @@ def prepare_prefill(
     n_tiles = triton.cdiv(L, block_p)
     m0 = torch.arange(n_tiles, device=dev) * block_p
     j_max = torch.clamp(m0 + block_p - 1, max=L - 1)
-    lo = torch.stack([band_start(m0, plan.window, plan.local_start), band_start(j_max, plan.window, plan.local_start)], -1)
+    ls = plan.local_starts().to(dev).long()[:, None]  # (B, 1) per-row local starts
+    lo = torch.stack([band_start(m0[None], plan.window, ls), band_start(j_max[None], plan.window, ls)], -1)
     flat = kidx.reshape(B * KV, -1).contiguous()  # (B*KV, M)
-    lo = lo.reshape(1, -1).expand(B * KV, -1).contiguous()  # (B*KV, n_tiles*2)
+    lo = lo.reshape(B, 1, -1).expand(B, KV, -1).reshape(B * KV, -1).contiguous()  # (B*KV, n_tiles*2)
     nfar = torch.searchsorted(flat, lo)  # count of kept < lo
     ks = plan.key_start.to(dev).long().repeat_interleave(KV)[:, None].contiguous()  # (B*KV, 1)
     kstart = torch.searchsorted(flat, ks)  # (B*KV, 1)
@@ -291,6 +294,7 @@ def sparse_prefill_triton(
     block_p = block_m // gp
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kc, vc, kidx, kstart, nfar = prepare_prefill(k, v, plan, block_p)
+    local_starts = plan.local_starts().to(device=q.device, dtype=torch.int64).contiguous()
     if out is None:
         out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
     elif out.shape != (B, L, H, D) or not out.is_contiguous() or out.dtype != q.dtype:
@@ -308,10 +312,10 @@ def sparse_prefill_triton(
         srcs = [k, v, kc, vc]
     grid = (n_tiles, B * KV)
     _prefill_kernel[grid](
-        q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), out,
+        q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), local_starts, out,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        L, M, KV, n_tiles, plan.window, plan.local_start, scaling * 1.4426950408889634,
+        L, M, KV, n_tiles, plan.window, scaling * 1.4426950408889634,
         G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), USE_TMA=use_tma, PREC=_precision(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -47,6 +47,31 @@ def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int
     return n, n * block_size
 
 
+def row_geometry(
+    seq_len: int, key_start: torch.Tensor, block_size: int, window: int, dense_below: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (n_blocks, local_start) of a left-padded batch, on key_start's device, no host sync.
+
+    Row r's real prompt is [s_r, L) with s_r = key_start[r] and L_r = L - s_r tokens: its blocks are
+    counted from s_r, so they are the blocks it has alone, shifted by its padding. A row that stays
+    dense alone (L_r <= window + block_size, or L_r < dense_below) gets n_r = 0 and local start s_r
+    (everything local); else n_r = (L_r - window) // block_size and local start s_r + n_r * block_size.
+    -> n_rows (B,) int64, local_starts (B,) int64.
+    """
+    ks = key_start.long()
+    real = seq_len - ks
+    sparse = real > window + block_size
+    if dense_below:
+        sparse &= real >= dense_below
+    n = torch.where(sparse, torch.div(real - window, block_size, rounding_mode="floor"), torch.zeros_like(real))
+    return n, ks + n * block_size
+
+
+def global_region(seq_len: int, key_start: torch.Tensor, local_starts: torch.Tensor) -> torch.Tensor:
+    """(B, seq_len) True on each row's global region [key_start, local_start)."""
+    return key_validity(seq_len, key_start) & ~key_validity(seq_len, local_starts)
+
+
 def key_validity(seq_len: int, key_start: torch.Tensor) -> torch.Tensor:
     """(B, L) True for non-padding keys."""
     return torch.arange(seq_len, device=key_start.device)[None, :] >= key_start[:, None]

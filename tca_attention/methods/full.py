@@ -7,7 +7,7 @@ import torch
 
 from .. import selection as sel
 from ..engine.plan import TokenPlan
-from .base import Method, key_validity, local_geometry
+from .base import Method, global_region, local_geometry, row_geometry
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,12 @@ class FullBudget(Method):
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
         B, KV, L, _ = k.shape
         geo = local_geometry(L, self.block_size, self.window)
-        if geo is None:
+        if geo is None:  # even a row without padding stays dense
             return None
         _, local_start = geo
-        mask = key_validity(local_start, key_start)[:, None, :].expand(B, KV, local_start)
+        _, row_ls = row_geometry(L, key_start, self.block_size, self.window) if padded else (None, None)
+        ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
+        mask = global_region(L, key_start, ls)[:, None, :].expand(B, KV, L)  # each row's [key_start, ls)
         kept_idx, kept_len = sel.pack_mask(mask)
         return TokenPlan(kept_idx, kept_len, local_start, self.window, self.block_size, key_start,
-                         self.decode_keep(layer_idx, KV))
+                         self.decode_keep(layer_idx, KV), row_local_start=row_ls)

@@ -1,7 +1,8 @@
 """StreamingLLM (attention sinks): the first `sinks` tokens plus a recent window.
 
 Runs on the shared engine: the recent window is the local region, so it holds between
-`window` and `window + block_size` tokens (evicted a block at a time in decode).
+`window` and `window + block_size` tokens (evicted a block at a time in decode). In a left-padded
+batch each row's sinks and window are its own (counted from its first real token).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from .. import selection as sel
 from ..engine.plan import TokenPlan
-from .base import Method, local_geometry, sink_mask
+from .base import Method, global_region, local_geometry, row_geometry, sink_mask
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,12 @@ class StreamingLLM(Method):
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
         B, KV, L, _ = k.shape
         geo = local_geometry(L, self.block_size, self.window)
-        if geo is None:
+        if geo is None:  # even a row without padding stays dense
             return None
         _, local_start = geo
-        sinks = sink_mask(local_start, key_start, self.sinks)
-        kept_idx, kept_len = sel.pack_mask(sinks[:, None, :].expand(B, KV, local_start))
+        _, row_ls = row_geometry(L, key_start, self.block_size, self.window) if padded else (None, None)
+        ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
+        sinks = sink_mask(L, key_start, self.sinks) & global_region(L, key_start, ls)
+        kept_idx, kept_len = sel.pack_mask(sinks[:, None, :].expand(B, KV, L))
         return TokenPlan(kept_idx, kept_len, local_start, self.window, self.block_size, key_start,
-                         self.decode_keep(layer_idx, KV))
+                         self.decode_keep(layer_idx, KV), row_local_start=row_ls)

@@ -7,15 +7,16 @@ import torch
 
 from .. import selection as sel
 from ..budgets import Budgets
-from ..engine import dispatch
+from ..engine import dispatch, reference
 from ..engine.plan import TokenPlan
-from .base import Method, key_validity, local_geometry, sink_mask
+from .base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
 
 
 def select_tokens(
     s: torch.Tensor, p: torch.Tensor, n_blocks: int, block_size: int, alpha: float, mass_norm: str = "sum"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 2 steps 4-6 on importance s (B, KV, L) with per-head ladders p (KV, |K|).
+    """Phase 2 steps 4-6 on importance s (B, KV, L) with per-head ladders p (KV, |K|), every row
+    with the same n blocks from position 0 (no padding; calibration's simulation).
 
     -> (keep mask over the global region (B, KV, n*b) bool, keep count per block (B, KV, n)).
     """
@@ -83,28 +84,46 @@ class TCA(Method):
             self._rank_cache[key] = hit
         return hit
 
+    def _row_ranks(self, layer_idx: int, n_rows: torch.Tensor, n_max: int) -> torch.Tensor:
+        """Keep count per rank of each row's own block count, (B, KV, n_max) int32 on n_rows' device,
+        without a host sync: the same bits as _ranks(layer, n_r) (selection.bucket_ends)."""
+        key = (layer_idx, "cum", str(n_rows.device))
+        if key not in self._per_layer:  # cumulative ladder built on the CPU once, then moved
+            self._per_layer[key] = sel.ladder_cumsum(self.budgets.layer_p(layer_idx)).to(n_rows.device)
+        return sel.keep_per_rank_rows(self._per_layer[key], n_rows, n_max, self.block_size).to(torch.int32)
+
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
         cfg = self.budgets.config
         B, KV, L, _ = k.shape
-        geo = local_geometry(L, cfg.block_size, cfg.window)
+        b, w = cfg.block_size, cfg.window
+        geo = local_geometry(L, b, w)
+        # every row is at most L long: if even an unpadded row stays dense, the whole batch does
         if geo is None or L < self.dense_below or self._all_dense(layer_idx):
             return None
-        n, local_start = geo
+        n_max, local_start = geo
         decode_keep = self._layer(layer_idx, k.device)[1]
+        _, max_kept, total = self._ranks(layer_idx, n_max, k.device)  # kept counts grow with n: a bound
+        if padded:  # per-row geometry: each row's blocks start at its first real token
+            n_rows, row_ls = row_geometry(L, key_start, b, w, self.dense_below)
+            keep_rank = self._row_ranks(layer_idx, n_rows, n_max)  # (B, KV, n_max)
+        else:
+            n_rows, row_ls = n_max, None
+            keep_rank = self._ranks(layer_idx, n_max, k.device)[0]  # (KV, n)
         if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
-            keep_rank, max_kept, total = self._ranks(layer_idx, n, k.device)
             kept_idx, kept_len, retained, _ = dispatch.select_and_pack(
-                q[:, :, -1], k, key_start, keep_rank, n, cfg.block_size, cfg.alpha, cfg.mass_norm, scaling,
+                q[:, :, -1], k, key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, scaling,
                 max_kept, backend=backend)
             # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
-            return TokenPlan(kept_idx, kept_len, local_start, cfg.window, cfg.block_size, key_start,
-                             decode_keep, retained, kept_total=None if padded else B * total)
+            return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
+                             kept_total=None if padded else B * total, row_local_start=row_ls)
         valid = key_validity(L, key_start)
         s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
-        mask, _ = select_tokens(s, self._layer(layer_idx, s.device)[0], n, cfg.block_size, cfg.alpha, cfg.mass_norm)
-        mask &= valid[:, None, :local_start]
-        mask |= sink_mask(local_start, key_start, cfg.sink_tokens)[:, None, :]
+        mask = reference.select_mask_ref(s, key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm)
+        ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
+        glob = global_region(L, key_start, ls)  # (B, L)
+        mask |= (sink_mask(L, key_start, cfg.sink_tokens) & glob)[:, None, :]
         kept_idx, kept_len = sel.pack_mask(mask)
-        retained = (s[..., :local_start] * mask).sum(-1) + s[..., local_start:].sum(-1)
-        return TokenPlan(kept_idx, kept_len, local_start, cfg.window, cfg.block_size, key_start,
-                         decode_keep, retained)
+        local = key_validity(L, ls)
+        retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
+        return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
+                         row_local_start=row_ls)
