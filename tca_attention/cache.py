@@ -13,7 +13,10 @@ and moved to the global part. Rows compress independently, at the same logical s
 alone (a left-padded row's tail starts at its own local start), and the shared buffer drops the
 slots no row still uses. Memory is what the tensors hold: no masked-out padding, and never more
 than a plain cache would hold for the same tokens (the tail's spare capacity is bounded by what
-the global part saves; a prompt that stays dense holds exactly a dense cache's bytes).
+the global part saves; a prompt that stays dense holds exactly a dense cache's bytes). One
+exception: in a left-padded batch whose rows are at different phases of their blocks, the shared
+tail can hold, per row, up to block_size - 1 unused slots more than the row's padding covers,
+which a layer keeping nearly every token may not recover (docs/method.md).
 
 Each layer counts its update(), commit_prefill() and attend() calls, so that the session can
 check after every forward that attention really used this cache (integration/hf.py).

@@ -102,13 +102,12 @@ class TCA(Method):
             return None
         n_max, local_start = geo
         decode_keep = self._layer(layer_idx, k.device)[1]
-        _, max_kept, total = self._ranks(layer_idx, n_max, k.device)  # kept counts grow with n: a bound
+        # kept counts grow with n, so the unpadded row's largest count bounds every row's
+        keep_rank, max_kept, total = self._ranks(layer_idx, n_max, k.device)  # (KV, n_max)
+        n_rows, row_ls = n_max, None
         if padded:  # per-row geometry: each row's blocks start at its first real token
             n_rows, row_ls = row_geometry(L, key_start, b, w, self.dense_below)
             keep_rank = self._row_ranks(layer_idx, n_rows, n_max)  # (B, KV, n_max)
-        else:
-            n_rows, row_ls = n_max, None
-            keep_rank = self._ranks(layer_idx, n_max, k.device)[0]  # (KV, n)
         if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
             kept_idx, kept_len, retained, _ = dispatch.select_and_pack(
                 q[:, :, -1], k, key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, scaling,
