@@ -96,8 +96,8 @@ def test_a_cache_given_under_the_wrong_name_is_refused():
             warnings.simplefilter("ignore", FutureWarning)
             try:
                 model(input_ids=torch.randint(0, 97, (1, 60)), **{wrong: cache})
-            except (TypeError, ValueError):
-                return  # refused outright: fine
+            except (TypeError, ValueError, AdapterError):
+                return  # refused outright (5.23 forwards an unknown `cache=` down to attention): fine
         # accepted through a deprecation shim: then the cache must really have been used
         assert all(l.calls.commits == 1 for l in cache.tca_layers()) and cache.kv_bytes() > 0
 
