@@ -85,6 +85,13 @@ def _print_budget_summary(b) -> None:
     print(f"mean kept fraction {b.mean_kept_fraction:.3f}, dense heads {b.dense_heads}")
 
 
+def cmd_methods(args) -> int:
+    from .methods.registry import describe
+
+    print(describe())
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
     from .calibration_cache import budgets_path_for, calibration_notice
@@ -283,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="calibration tokens (default: min(8192, the model's trained length))")
     p.add_argument("--out", help="budget file path (default: the per-model cache that demo and generate read)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",
+                       description="Every method the library, `tca eval` and the API know, one line each. A spec is "
+                       "NAME or NAME:key=value,key=value (e.g. tca:tau=0.7, streaming:window=1024).")
+    p.set_defaults(func=cmd_methods)
 
     from .bench import add_bench_parser
     from .eval.cli import add_eval_parser

@@ -1,43 +1,139 @@
-"""Method registry: a new method is one file plus one entry here."""
+"""The one method registry: names, one spec syntax, and construction.
+
+A spec is a name with optional parameters: `tca`, `tca:tau=0.7`, `streaming:window=1024,sinks=4`.
+Parameter values are typed by the method's own fields (int, float, str, bool). A new method is one
+file plus one `Entry` below. `create(spec, model=..., tokenizer=...)` builds it, calibrating (or
+loading cached calibration) where the method needs it; `tca methods` prints `describe()`.
+"""
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from .base import Method
+FULL = "full"  # plain attention, no session hooks (the reference every method is compared to)
 
 
-def _tca(**kw: Any) -> Method:
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    summary: str
+    params: dict[str, type]  # parameters a spec may set, with their types
+    build: Callable[..., Any]  # (params, model, tokenizer, extra) -> Method | None
+
+
+def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     from .tca import TCA
 
-    return TCA(**kw)
+    if "budgets" in extra:  # a Budgets object handed in by the caller
+        budgets = extra.pop("budgets")
+        if "tau" in params or "score" in params:
+            budgets = budgets.at(**{k: params[k] for k in ("tau", "score") if k in params})
+    else:
+        if model is None or tokenizer is None:
+            raise ValueError("tca needs budgets: pass model= and tokenizer= (calibrates once, then cached), "
+                             "or budgets=")
+        from ..calibration_cache import load_or_calibrate
+        from ..config import PRESETS, auto_preset
+        from ..integration.architectures import text_config
+
+        preset = params.get("preset") or auto_preset(getattr(text_config(model), "max_position_embeddings", None))[0]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown TCA preset {preset!r}; known: {', '.join(PRESETS)}")
+        cfg = PRESETS[preset].with_(**{k: params[k] for k in ("window", "tau", "score", "alpha") if k in params})
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        budgets = load_or_calibrate(model, tokenizer, str(key), cfg, params.get("budgets"))
+    return TCA(budgets, **{k: params[k] for k in ("dense_below",) if k in params}, **extra)
 
 
-def _streaming(**kw: Any) -> Method:
-    from .streaming import StreamingLLM
+def _dataclass_build(cls_path: str) -> Callable[..., Any]:
+    def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+        module, _, name = cls_path.rpartition(".")
+        cls = getattr(__import__(f"{__package__}.{module}", fromlist=[name]), name)
+        return cls(**params, **extra)
 
-    return StreamingLLM(**kw)
-
-
-def _full_budget(**kw: Any) -> Method:
-    from .full import FullBudget
-
-    return FullBudget(**kw)
+    return build
 
 
-# "full" is plain attention with no TCA hooks at all (the reference every method is compared to).
-FACTORIES: dict[str, Callable[..., Method | None]] = {
-    "full": lambda **kw: None,
-    "tca": _tca,
-    "streaming": _streaming,
-    "full-budget": _full_budget,
+ENTRIES: dict[str, Entry] = {
+    e.name: e
+    for e in (
+        Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, lambda *a: None),
+        Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
+              {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
+               "dense_below": int},
+              _tca),
+        Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
+              {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM")),
+        Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
+              {"window": int, "block_size": int}, _dataclass_build("full.FullBudget")),
+    )
 }
 
 
 def names() -> list[str]:
-    return sorted(FACTORIES)
+    return sorted(ENTRIES)
 
 
-def create(name: str, **kwargs: Any) -> Method | None:
-    if name not in FACTORIES:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(names())}")
-    return FACTORIES[name](**kwargs)
+def _convert(name: str, key: str, text: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name}: {key}={text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'name:key=value,key=value' -> (name, typed params); clear errors for anything unknown."""
+    name, _, rest = spec.strip().partition(":")
+    if name not in ENTRIES:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(names())} (see `tca methods`)")
+    entry, params = ENTRIES[name], {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not value.strip():
+            raise ValueError(f"{name}: parameter {item!r} should be key=value")
+        if key not in entry.params:
+            known = ", ".join(entry.params) or "none"
+            raise ValueError(f"{name}: unknown parameter {key!r} (known: {known})")
+        if key in params:
+            raise ValueError(f"{name}: parameter {key!r} given twice")
+        params[key] = _convert(name, key, value.strip(), entry.params[key])
+    return name, params
+
+
+def create(spec: str, *, model=None, tokenizer=None, **extra: Any):
+    """Build the method a spec names. Keyword arguments beyond model/tokenizer go to the method
+    as they are (objects a spec cannot spell, e.g. budgets=); None means full attention."""
+    name, params = parse_spec(spec)
+    entry = ENTRIES[name]
+    overlap = set(params) & set(extra)
+    if overlap:
+        raise ValueError(f"{name}: {sorted(overlap)} given both in the spec and as arguments")
+    return entry.build(params, model, tokenizer, dict(extra))
+
+
+def describe() -> str:
+    """One line per method with its parameters (what `tca methods` prints)."""
+    width = max(map(len, ENTRIES))
+    lines = []
+    for e in ENTRIES.values():
+        params = ", ".join(f"{k}:{t.__name__}" for k, t in e.params.items())
+        lines.append(f"{e.name:<{width}}  {e.summary}" + (f"  [{params}]" if params else ""))
+    return "\n".join(lines)
+
+
+def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
+    from .full import FullBudget
+    from .streaming import StreamingLLM
+
+    for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget)):
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"}
+        assert set(ENTRIES[name].params) == fields, (name, fields)
+        assert all(hints[k] is t for k, t in ENTRIES[name].params.items()), name

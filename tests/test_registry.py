@@ -1,0 +1,83 @@
+"""The method registry: one spec syntax, typed parameters, clear errors, `tca methods`."""
+import pytest
+import torch
+
+from tca_attention.cli import main
+from tca_attention.config import TCAConfig
+from tca_attention.methods import registry
+from tca_attention.methods.streaming import StreamingLLM
+from tca_attention.methods.tca import TCA
+from test_cache_and_errors import fake_budgets
+from tiny_models import tiny
+
+
+def test_spec_parsing_types_and_errors():
+    assert registry.parse_spec("tca") == ("tca", {})
+    assert registry.parse_spec(" tca:tau=0.7, score=observation ") == ("tca", {"tau": 0.7, "score": "observation"})
+    assert registry.parse_spec("streaming:window=1024,sinks=8") == ("streaming", {"window": 1024, "sinks": 8})
+    with pytest.raises(KeyError, match="unknown method 'xattn'.*tca methods"):
+        registry.parse_spec("xattn")
+    with pytest.raises(ValueError, match="unknown parameter 'windw'.*known: sinks, window, block_size"):
+        registry.parse_spec("streaming:windw=3")
+    with pytest.raises(ValueError, match="window='big' is not a valid int"):
+        registry.parse_spec("streaming:window=big")
+    with pytest.raises(ValueError, match="should be key=value"):
+        registry.parse_spec("tca:0.7")
+    with pytest.raises(ValueError, match="given twice"):
+        registry.parse_spec("tca:tau=0.7,tau=0.8")
+
+
+def test_specs_match_the_methods_fields():
+    registry._check_params_match_fields()
+
+
+def test_create_builds_each_method():
+    assert registry.create("full") is None
+    m = registry.create("streaming:window=64,block_size=16")
+    assert isinstance(m, StreamingLLM) and (m.window, m.block_size, m.sinks) == (64, 16, 4)
+    model = tiny("llama")
+    budgets = fake_budgets(model, TCAConfig(block_size=16, window=32))
+    t = registry.create("tca:tau=0.99", budgets=budgets)
+    assert isinstance(t, TCA) and t.budgets.config.tau == 0.99
+    with pytest.raises(ValueError, match="model= and tokenizer="):
+        registry.create("tca")
+    with pytest.raises(ValueError, match="both in the spec and as arguments"):
+        registry.create("streaming:window=64", window=32)
+
+
+def test_create_tca_calibrates_once_then_loads(tmp_path, monkeypatch):
+    """tca with a model and tokenizer: calibration through the cache (tiny model, short text)."""
+    from tca_attention import calibration_cache
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path))
+    model = tiny("llama")
+    calls = []
+    real = calibration_cache.load_or_calibrate
+
+    def spy(*a, **k):
+        calls.append(a[3])
+        return real(*a, **k, length=300)
+
+    monkeypatch.setattr(calibration_cache, "load_or_calibrate", spy)
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
+            return {"input_ids": torch.tensor([[ord(c) % 97 for c in text]])}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    m = registry.create("tca:window=64,tau=0.8,preset=small-context", model=model, tokenizer=Tok())
+    assert isinstance(m, TCA) and calls[0].window == 64 and calls[0].tau == 0.8
+    saved = list((tmp_path / "budgets").glob("*.json"))
+    assert len(saved) == 1
+    again = registry.create("tca:window=64,tau=0.8,preset=small-context", model=model, tokenizer=Tok())
+    assert again.budgets == m.budgets and list((tmp_path / "budgets").glob("*.json")) == saved
+
+
+def test_tca_methods_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in registry.names():
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    assert "tau:float" in out
