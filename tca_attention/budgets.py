@@ -104,9 +104,6 @@ class Budgets:
             raise KeyError(f"layer {layer} is not a TCA layer (sliding-window)")
         return heads
 
-    def is_tca_layer(self, layer: int) -> bool:
-        return self.layers[layer] is not None
-
     def layer_p(self, layer: int) -> torch.Tensor:
         """(KV, |K|) float64 keep-count distribution per KV head; dense heads keep b everywhere."""
         n_k = len(keep_counts(self.config.block_size))

@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .engine import dispatch
-from .engine.plan import TokenPlan
+from .engine.plan import RaggedCacheView, TokenPlan
 
 
 class TCALayer(DynamicLayer):
@@ -181,16 +181,19 @@ class TCALayer(DynamicLayer):
             self._first_host = [int(x) for x in self.t_first.tolist()]
         return self._first_host
 
+    def view(self, q_pos: torch.Tensor) -> RaggedCacheView:
+        """The cache as queries at positions q_pos (B, Q) see it (references to the buffers, no copy)."""
+        return RaggedCacheView(
+            q_pos, self.g_keys, self.g_values, self.g_pos, self.g_offsets,
+            self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
+        )
+
     def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Decode/continuation attention of new queries over the cache, then compression."""
         self.calls.decodes += 1
         Q = q.shape[2]
         q_pos = torch.arange(self.seen - Q, self.seen, device=q.device)[None, :].expand(q.shape[0], Q)
-        out, lse = dispatch.ragged_decode(
-            q, q_pos, self.g_keys, self.g_values, self.g_pos, self.g_offsets,
-            self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
-            scaling, backend=self.backend,
-        )
+        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend)
         full = self.window + self.block_size
         if self.compresses is None and self.t_fill >= full:  # t_fill: the longest row tail
             # every head keeping whole blocks gains nothing and would add positions: stay dense

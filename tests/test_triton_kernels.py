@@ -22,14 +22,15 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
     # A kernel module imported earlier without the interpreter must be rebuilt under it.
-    for _name in ("tca_attention.engine.triton_prefill", "tca_attention.engine.triton_decode"):
+    for _name in ("tca_attention.engine.triton_common", "tca_attention.engine.triton_prefill",
+                  "tca_attention.engine.triton_decode"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
 import pytest  # noqa: E402
 
 from tca_attention.engine import reference as R  # noqa: E402
-from tca_attention.engine.plan import TokenPlan, band_start  # noqa: E402
+from tca_attention.engine.plan import RaggedCacheView, TokenPlan, band_start  # noqa: E402
 from tca_attention.engine.triton_decode import ragged_decode_triton  # noqa: E402
 from tca_attention.engine.triton_prefill import PrefillConfig, default_config, sparse_prefill_triton  # noqa: E402
 from tca_attention.methods.base import row_geometry  # noqa: E402
@@ -232,12 +233,21 @@ def random_cache(gen, B, H, KV, NQ, D, T, max_g, dtype):
     q_pos[-1, -1] = -2  # sees nothing: zeros, lse -inf
     f = lambda *s: torch.randn(*s, generator=gen).to(DEV, dtype)  # noqa: E731
     q = f(B, H, NQ, D)
-    return (q, q_pos.to(DEV), f(N, D), f(N, D), g_pos.to(DEV), offsets.to(DEV), f(B, KV, T, D), f(B, KV, T, D), t_pos.to(DEV))
+    cache = RaggedCacheView(q_pos.to(DEV), f(N, D), f(N, D), g_pos.to(DEV), offsets.to(DEV), f(B, KV, T, D),
+                            f(B, KV, T, D), t_pos.to(DEV))
+    return q, cache
 
 
-def decode_lowp(args, scaling):
+def fp32(q, cache):
+    """The same inputs in fp32 (for the fp32 reference)."""
+    return q.float(), dataclasses.replace(cache, g_keys=cache.g_keys.float(), g_values=cache.g_values.float(),
+                                          t_keys=cache.t_keys.float(), t_values=cache.t_values.float())
+
+
+def decode_lowp(q, cache, scaling):
     """ragged_decode_ref's math kept in the inputs' precision."""
-    q, q_pos, gk, gv, gp, off, tk, tv, tp = args
+    c = cache
+    q_pos, gk, gv, gp, off, tk, tv, tp = c.q_pos, c.g_keys, c.g_values, c.g_pos, c.g_offsets, c.t_keys, c.t_values, c.t_pos
     B, H, NQ, D = q.shape
     KV = tk.shape[1]
     g = H // KV
@@ -253,12 +263,11 @@ def decode_lowp(args, scaling):
     return out
 
 
-def run_decode(args, scaling, **kw):
-    q = args[0]
+def run_decode(q, cache, scaling, **kw):
     B, H, NQ, D = q.shape
     out = torch.full((B, NQ, H, D), float("nan"), dtype=q.dtype, device=DEV)  # poison
     lse = torch.full((B, H, NQ), float("nan"), device=DEV)
-    return ragged_decode_triton(*args, scaling, out=out, lse=lse, **kw)
+    return ragged_decode_triton(q, cache, scaling, out=out, lse=lse, **kw)
 
 
 DECODE_CASES = [
@@ -274,12 +283,11 @@ DECODE_CASES = [
 def test_decode_matches_reference(case):
     B, H, KV, NQ, D, T, max_g, dtype, chunk = case
     gen = torch.Generator().manual_seed(B * 100 + D + NQ)
-    args = random_cache(gen, B, H, KV, NQ, D, T, max_g, dtype)
+    q, cache = random_cache(gen, B, H, KV, NQ, D, T, max_g, dtype)
     scaling = D**-0.5
-    out, lse = run_decode(args, scaling, chunk=chunk, block_n=16 if not CUDA else 64)
-    args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
-    ref, ref_lse = R.ragged_decode_ref(*args32, scaling)
-    check_close(out, ref, decode_lowp(args, scaling) if dtype != torch.float32 else None)
+    out, lse = run_decode(q, cache, scaling, chunk=chunk, block_n=16 if not CUDA else 64)
+    ref, ref_lse = R.ragged_decode_ref(*fp32(q, cache), scaling)
+    check_close(out, ref, decode_lowp(q, cache, scaling) if dtype != torch.float32 else None)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert torch.isfinite(lse[fin]).all()
@@ -290,10 +298,10 @@ def test_decode_matches_reference(case):
 def test_decode_many_items_per_head():
     """More work items per head than one merge pass folds (several passes of the merge loop)."""
     gen = torch.Generator().manual_seed(5)
-    args = random_cache(gen, 2, 4, 2, 1, 16, 40, 300, torch.float32)
-    assert int((args[5][1:] - args[5][:-1]).max()) > 16 * 16
-    out, lse = run_decode(args, 0.3, chunk=16, block_n=16, merge_block=16)
-    ref, ref_lse = R.ragged_decode_ref(*args, 0.3)
+    q, cache = random_cache(gen, 2, 4, 2, 1, 16, 40, 300, torch.float32)
+    assert int((cache.g_offsets[1:] - cache.g_offsets[:-1]).max()) > 16 * 16
+    out, lse = run_decode(q, cache, 0.3, chunk=16, block_n=16, merge_block=16)
+    ref, ref_lse = R.ragged_decode_ref(q, cache, 0.3)
     check_close(out, ref, None)
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[fin], ref_lse[fin], atol=1e-5, rtol=1e-5)
@@ -303,11 +311,10 @@ def test_decode_many_items_per_head():
 def test_decode_tma_variant(use_tma):
     """The TMA-descriptor load path (unmasked tiles, neighbours hidden by vis) agrees too."""
     gen = torch.Generator().manual_seed(77)
-    args = random_cache(gen, 2, 8, 2, 2, 32, 30, 90, torch.float16)
-    out, lse = run_decode(args, 0.2, chunk=32, block_n=16, use_tma=use_tma)
-    args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
-    ref, ref_lse = R.ragged_decode_ref(*args32, 0.2)
-    check_close(out, ref, decode_lowp(args, 0.2))
+    q, cache = random_cache(gen, 2, 8, 2, 2, 32, 30, 90, torch.float16)
+    out, lse = run_decode(q, cache, 0.2, chunk=32, block_n=16, use_tma=use_tma)
+    ref, ref_lse = R.ragged_decode_ref(*fp32(q, cache), 0.2)
+    check_close(out, ref, decode_lowp(q, cache, 0.2))
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[fin], ref_lse[fin], atol=2e-2, rtol=1e-3)
 
@@ -352,10 +359,9 @@ def test_gpu_prefill_full_budget_dense_long():
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_gpu_decode_realistic(NQ, use_tma):
     gen = torch.Generator().manual_seed(NQ)
-    args = random_cache(gen, 2, 32, 8, NQ, 128, 600, 3000, torch.bfloat16)
-    out, lse = run_decode(args, 128**-0.5, use_tma=use_tma)
-    args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
-    ref, ref_lse = R.ragged_decode_ref(*args32, 128**-0.5)
-    check_close(out, ref, decode_lowp(args, 128**-0.5))
+    q, cache = random_cache(gen, 2, 32, 8, NQ, 128, 600, 3000, torch.bfloat16)
+    out, lse = run_decode(q, cache, 128**-0.5, use_tma=use_tma)
+    ref, ref_lse = R.ragged_decode_ref(*fp32(q, cache), 128**-0.5)
+    check_close(out, ref, decode_lowp(q, cache, 128**-0.5))
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[fin], ref_lse[fin], atol=2e-2, rtol=1e-3)

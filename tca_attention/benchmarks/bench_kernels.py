@@ -86,13 +86,12 @@ class Selector:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scaling: float):
         """q (B, H, L, D), k (B, KV, L, D) -> TokenPlan (no padding: key_start 0)."""
         from tca_attention.engine import dispatch
-        from tca_attention.engine.plan import TokenPlan
+        from tca_attention.engine.plan import SelectionSpec, TokenPlan
 
         B = q.shape[0]
         key_start = torch.zeros(B, dtype=torch.long, device=q.device)
-        idx, lens, retained, _ = dispatch.select_and_pack(
-            q[:, :, -1], k, key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", scaling,
-            self.max_kept, backend=self.backend)
+        spec = SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", self.max_kept)
+        idx, lens, retained, _ = dispatch.select_and_pack(q[:, :, -1], k, spec, scaling, backend=self.backend)
         return TokenPlan(idx, lens, self.n * self.block, self.window, self.block, key_start, self.decode_keep,
                          retained, kept_total=B * int(self.keep_rank.sum()))
 
@@ -209,8 +208,11 @@ def flex_fn(q, k, v, scaling: float):
 
 # ---------------------------------------------------------------------------------------------
 # decode cache from a plan
-def decode_cache(k: torch.Tensor, v: torch.Tensor, plan):
-    """Packed ragged global part + dense tail, as the TCA cache holds it after prefill."""
+def decode_cache(k: torch.Tensor, v: torch.Tensor, plan, q_pos: torch.Tensor):
+    """Packed ragged global part + dense tail, as the TCA cache holds it after prefill, seen by
+    queries at q_pos (B, Q). -> (RaggedCacheView, bytes of K/V and positions it reads)."""
+    from tca_attention.engine.plan import RaggedCacheView
+
     B, kv, L, d = k.shape
     ls = plan.local_start
     M = plan.kept_idx.shape[-1]
@@ -224,7 +226,7 @@ def decode_cache(k: torch.Tensor, v: torch.Tensor, plan):
     t_keys, t_values = k[:, :, ls:].contiguous(), v[:, :, ls:].contiguous()  # (B, KV, T, D)
     t_pos = torch.arange(ls, L, device=k.device).expand(B, L - ls).contiguous()
     kv_bytes = 2 * (g_keys.numel() + t_keys.numel()) * k.element_size() + 8 * (g_pos.numel() + t_pos.numel())
-    return (g_keys, g_values, g_pos, g_offsets, t_keys, t_values, t_pos), kv_bytes
+    return RaggedCacheView(q_pos, g_keys, g_values, g_pos, g_offsets, t_keys, t_values, t_pos), kv_bytes
 
 
 def graph_fn(fn):
@@ -282,13 +284,13 @@ def sweep_prefill(q, k, v, plan, scaling, configs, results: dict) -> object:
     return best[0]
 
 
-def sweep_decode(q1, qpos, cache, scaling, settings, results: dict) -> dict:
+def sweep_decode(q1, cache, scaling, settings, results: dict) -> dict:
     from tca_attention.engine.triton_decode import ragged_decode_triton
 
     rows, best, ref = [], None, None
     for kw in settings:
         try:
-            fn = lambda: ragged_decode_triton(q1, qpos, *cache, scaling, **kw)  # noqa: E731
+            fn = lambda: ragged_decode_triton(q1, cache, scaling, **kw)  # noqa: E731
             out = fn()[0]
             torch.cuda.synchronize()
             ref = out.float() if ref is None else ref
@@ -354,10 +356,10 @@ def run(args) -> dict:
         L = args.decode_sweep_len
         q, k, v = inputs(L)
         p = head_budgets(0.39, L, args.window, args.block, gen).to(dev)
-        cache, _ = decode_cache(k, v, tca_select(q, k, p, args.window, args.block, 0.5, scaling))
-        q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
         qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
-        decode_kw = sweep_decode(q1, qpos, cache, scaling, [
+        cache, _ = decode_cache(k, v, tca_select(q, k, p, args.window, args.block, 0.5, scaling), qpos)
+        q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
+        decode_kw = sweep_decode(q1, cache, scaling, [
             {}, {"block_n": 64, "num_stages": 3}, {"use_tma": True}, {"block_n": 64, "num_stages": 3, "use_tma": True},
             {"chunk": 256}, {"chunk": 512}, {"chunk": 1024}, {"chunk": 2048},
             {"chunk": 512, "use_tma": True}, {"block_n": 64, "num_stages": 4, "chunk": 1024},
@@ -468,8 +470,8 @@ def run(args) -> dict:
             log.info("L=%d decode dense %s %s", L, name, dentry["dense"][name])
         dok = {n: r for n, r in dentry["dense"].items() if "us" in r and r["gqa"] == "native"}
         for frac in args.fractions:
-            cache, kv_bytes = decode_cache(k, v, plans[frac])
-            fn = lambda: ragged_decode_triton(q1, qpos, *cache, scaling, **decode_kw)  # noqa: E731
+            cache, kv_bytes = decode_cache(k, v, plans[frac], qpos)
+            fn = lambda: ragged_decode_triton(q1, cache, scaling, **decode_kw)  # noqa: E731
             t_eager = bench_ms(fn, target_ms=100)
             gfn = graph_fn(fn)
             t = bench_ms(gfn, target_ms=100)

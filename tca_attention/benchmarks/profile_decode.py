@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     k = torch.randn(1, KV, L, D, device=dev, dtype=DTYPE)
     v = torch.randn(1, KV, L, D, device=dev, dtype=DTYPE)
     p = head_budgets(args.frac, L, 4096, 128, torch.Generator().manual_seed(0)).to(dev)
-    cache, kv_bytes = decode_cache(k, v, tca_select(q, k, p, 4096, 128, 0.5, D**-0.5))
-    q1 = q[:, :, -1:].contiguous()
     qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
-    print("kv bytes", kv_bytes, "segments", (cache[3][1:] - cache[3][:-1]).tolist())
+    cache, kv_bytes = decode_cache(k, v, tca_select(q, k, p, 4096, 128, 0.5, D**-0.5), qpos)
+    q1 = q[:, :, -1:].contiguous()
+    print("kv bytes", kv_bytes, "segments", (cache.g_offsets[1:] - cache.g_offsets[:-1]).tolist())
     for _ in range(6):
-        ragged_decode_triton(q1, qpos, *cache, D**-0.5, **kw)
+        ragged_decode_triton(q1, cache, D**-0.5, **kw)
     torch.cuda.synchronize()
     return 0
 

@@ -33,11 +33,3 @@ def essay_text() -> str:
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def take_tokens(tokenizer, text: str, n_tokens: int, offset_tokens: int = 0) -> str:
-    """The substring of `text` covering about n_tokens tokens, starting offset_tokens in."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if offset_tokens + n_tokens > len(ids):
-        raise ValueError(f"Asked for {n_tokens} tokens at offset {offset_tokens}; the text has {len(ids)}")
-    return tokenizer.decode(ids[offset_tokens : offset_tokens + n_tokens])

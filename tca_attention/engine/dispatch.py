@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from . import reference
-from .plan import TokenPlan
+from .plan import RaggedCacheView, SelectionSpec, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -25,9 +25,13 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(backend: Backend, device: torch.device) -> str:
+def check_name(backend: str) -> None:
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+
+
+def resolve(backend: Backend, device: torch.device) -> str:
+    check_name(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton" and not triton_available():
@@ -36,11 +40,6 @@ def resolve(backend: Backend, device: torch.device) -> str:
         raise ValueError(f"backend='triton' needs CUDA tensors (got {device.type}); "
                          "use backend='reference' or set TRITON_INTERPRET=1 to run the kernels on the CPU")
     return backend
-
-
-def check_name(backend: str) -> None:
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
 
 
 def sparse_prefill(
@@ -55,47 +54,24 @@ def sparse_prefill(
 
 
 def ragged_decode(
-    q: torch.Tensor,
-    q_pos: torch.Tensor,
-    g_keys: torch.Tensor,
-    g_values: torch.Tensor,
-    g_pos: torch.Tensor,
-    g_offsets: torch.Tensor,
-    t_keys: torch.Tensor,
-    t_values: torch.Tensor,
-    t_pos: torch.Tensor,
-    scaling: float,
-    backend: Backend = "auto",
+    q: torch.Tensor, cache: RaggedCacheView, scaling: float, backend: Backend = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the ragged cache; see reference.ragged_decode_ref for the layout."""
-    args = (q, q_pos, g_keys, g_values, g_pos, g_offsets, t_keys, t_values, t_pos, scaling)
+    """Attention of q (B, H, Q, D) over the ragged cache -> out (B, Q, H, D), lse (B, H, Q) fp32;
+    see reference.ragged_decode_ref."""
     if resolve(backend, q.device) == "triton":
         from .triton_decode import ragged_decode_triton
 
-        return ragged_decode_triton(*args)
-    return reference.ragged_decode_ref(*args)
+        return ragged_decode_triton(q, cache, scaling)
+    return reference.ragged_decode_ref(q, cache, scaling)
 
 
 def select_and_pack(
-    q_last: torch.Tensor,
-    k: torch.Tensor,
-    key_start: torch.Tensor,
-    keep_rank: torch.Tensor,
-    n_blocks: int | torch.Tensor,
-    block_size: int,
-    alpha: float,
-    mass_norm: str,
-    scaling: float,
-    max_kept: int,
-    backend: Backend = "auto",
+    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, backend: Backend = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 selection; see reference.select_and_pack_ref. The Triton path never syncs.
-
-    Blocks of row r start at key_start[r]; n_blocks: an int (every row) or a (B,) tensor of
-    per-row block counts; keep_rank (KV, n_max) or (B, KV, n_max) per row."""
-    args = (q_last, k, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm, scaling, max_kept)
+    """TCA Phase 2 selection of q_last (B, H, D) over k (B, KV, L, D); see reference.select_and_pack_ref.
+    The Triton path never syncs (it needs spec.max_kept)."""
     if resolve(backend, k.device) == "triton":
         from .triton_select import select_and_pack_triton
 
-        return select_and_pack_triton(*args)
-    return reference.select_and_pack_ref(*args)
+        return select_and_pack_triton(q_last, k, spec, scaling)
+    return reference.select_and_pack_ref(q_last, k, spec, scaling)

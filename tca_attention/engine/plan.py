@@ -1,4 +1,10 @@
-"""Plan kinds produced by method policies and consumed by the executors and the cache."""
+"""What the executors take besides q/k/v and the scaling, one definition per operation.
+
+TokenPlan: what each head keeps after prefill (produced by method policies; sparse_prefill, the cache).
+SelectionSpec: TCA Phase 2's block geometry and keep counts for one layer (select_and_pack).
+RaggedCacheView: the ragged cache as decode queries see it (built by the cache; ragged_decode).
+Frozen dataclasses of tensor references: building one copies and synchronises nothing.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,3 +60,61 @@ def band_start(j: torch.Tensor, window: int, local_start: int | torch.Tensor) ->
     lo = j - window + 1
     ls = torch.as_tensor(local_start, device=j.device)
     return torch.where(j >= ls, torch.minimum(lo, ls), lo)
+
+
+def rows_blocks(n_blocks: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 block count of each row from an int (every row) or a (B,) tensor."""
+    if isinstance(n_blocks, int):
+        return torch.full((batch,), n_blocks, dtype=torch.long, device=device)
+    return n_blocks.to(device=device, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """TCA Phase 2 for one layer: which blocks each row ranks and how many tokens each rank keeps.
+
+    Row r's global blocks are [key_start[r] + j b, key_start[r] + (j + 1) b) for j < n_r, b =
+    block_size (blocks count from the row's first real token, so a left-padded row selects exactly
+    what it selects alone); n_blocks: n_r as an int (every row) or a (B,) tensor (<= n_max);
+    keep_rank (KV, n_max) or (B, KV, n_max): the keep count of the block at each rank of the row's
+    own block count (selection.keep_per_rank(p, n_r, b), or keep_per_rank_rows; ranks >= n_r are
+    ignored); alpha, mass_norm ("sum" or "max"): Eq. 6's block score; max_kept: the width of
+    kept_idx, >= every head's kept count (the Triton path needs it: no host sync; the reference
+    uses the largest kept count when it is None).
+    """
+
+    key_start: torch.Tensor  # (B,) int64
+    keep_rank: torch.Tensor
+    n_blocks: int | torch.Tensor
+    block_size: int
+    alpha: float
+    mass_norm: str
+    max_kept: int | None = None
+
+    @property
+    def n_max(self) -> int:
+        return self.keep_rank.shape[-1]
+
+    def rows_blocks(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) int64 global block count of each row."""
+        return rows_blocks(self.n_blocks, batch, device)
+
+
+@dataclass(frozen=True)
+class RaggedCacheView:
+    """The ragged cache as a step's queries see it: a global part packed over heads plus a dense tail.
+
+    Keys of (row b, KV head h): the segment g_offsets[b*KV+h : b*KV+h+2] of g_keys/g_values (N, D)
+    with positions g_pos (N,), then the tail t_keys/t_values[b, h] ((B, KV, T, D)) with positions
+    t_pos[b] ((B, T), -1 = invalid slot). q_pos (B, Q): the queries' positions. A key is visible
+    to a query iff 0 <= pos <= q_pos.
+    """
+
+    q_pos: torch.Tensor
+    g_keys: torch.Tensor
+    g_values: torch.Tensor
+    g_pos: torch.Tensor
+    g_offsets: torch.Tensor  # (B*KV + 1,)
+    t_keys: torch.Tensor
+    t_values: torch.Tensor
+    t_pos: torch.Tensor

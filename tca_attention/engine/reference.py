@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import selection as sel
-from .plan import TokenPlan, band_start
+from .plan import RaggedCacheView, SelectionSpec, TokenPlan, band_start
 
 
 def _softmax_out(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,37 +65,23 @@ def sparse_prefill_ref(
     return out.transpose(1, 2).to(q.dtype)
 
 
-def ragged_decode_ref(
-    q: torch.Tensor,
-    q_pos: torch.Tensor,
-    g_keys: torch.Tensor,
-    g_values: torch.Tensor,
-    g_pos: torch.Tensor,
-    g_offsets: torch.Tensor,
-    t_keys: torch.Tensor,
-    t_values: torch.Tensor,
-    t_pos: torch.Tensor,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over a ragged global part plus a dense tail.
-
-    q (B, H, Q, D), q_pos (B, Q) positions of the queries;
-    global: g_keys/g_values (N, D), g_pos (N,), segment of (b, h) = g_offsets[b*KV+h : b*KV+h+2];
-    tail: t_keys/t_values (B, KV, T, D), t_pos (B, T) (-1 = invalid slot).
-    A key is visible iff 0 <= pos <= q_pos. -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
+def ragged_decode_ref(q: torch.Tensor, cache: RaggedCacheView, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, H, Q, D) over a ragged global part plus a dense tail (layout and
+    visibility: RaggedCacheView). -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
     """
+    c = cache
     B, H, Q, D = q.shape
-    KV = t_keys.shape[1]
+    KV = c.t_keys.shape[1]
     g = H // KV
     out = torch.empty(B, H, Q, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
     for b in range(B):
         for h in range(KV):
-            s, e = int(g_offsets[b * KV + h]), int(g_offsets[b * KV + h + 1])
-            keys = torch.cat([g_keys[s:e], t_keys[b, h]], dim=0).float()
-            vals = torch.cat([g_values[s:e], t_values[b, h]], dim=0).float()
-            pos = torch.cat([g_pos[s:e], t_pos[b]], dim=0)
-            visible = (pos[None, :] >= 0) & (pos[None, :] <= q_pos[b][:, None])  # (Q, N)
+            s, e = int(c.g_offsets[b * KV + h]), int(c.g_offsets[b * KV + h + 1])
+            keys = torch.cat([c.g_keys[s:e], c.t_keys[b, h]], dim=0).float()
+            vals = torch.cat([c.g_values[s:e], c.t_values[b, h]], dim=0).float()
+            pos = torch.cat([c.g_pos[s:e], c.t_pos[b]], dim=0)
+            visible = (pos[None, :] >= 0) & (pos[None, :] <= c.q_pos[b][:, None])  # (Q, N)
             logits = (q[b, h * g : (h + 1) * g].float() @ keys.T) * scaling  # (g, Q, N)
             logits = logits.masked_fill(~visible, float("-inf"))
             o, l = _softmax_out(logits, vals)
@@ -122,43 +108,25 @@ def dense_causal_ref(
     return _softmax_out(logits, vv)[0].transpose(1, 2).to(q.dtype)
 
 
-def _rows_blocks(n_blocks: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """(B,) int64 block count of each row from an int (every row) or a (B,) tensor."""
-    if isinstance(n_blocks, int):
-        return torch.full((batch,), n_blocks, dtype=torch.long, device=device)
-    return n_blocks.to(device=device, dtype=torch.long)
-
-
-def select_mask_ref(
-    s: torch.Tensor,
-    key_start: torch.Tensor,
-    keep_rank: torch.Tensor,
-    n_blocks: int | torch.Tensor,
-    block_size: int,
-    alpha: float,
-    mass_norm: str,
-) -> torch.Tensor:
+def select_mask_ref(s: torch.Tensor, spec: SelectionSpec) -> torch.Tensor:
     """TCA Phase 2 steps 4-6 on importance s (B, KV, L) fp32 -> selection mask (B, KV, L) bool.
 
-    Row r's global blocks are [key_start[r] + j b, key_start[r] + (j + 1) b) for j < n_r (n_blocks:
-    an int for every row or a (B,) tensor); keep_rank (KV, n_max) or (B, KV, n_max) is the keep
-    count per rank of each row's own block count (selection.keep_per_rank(p, n_r, b), or
-    keep_per_rank_rows; ranks >= n_r are ignored). Blocks are ranked among the row's own blocks
-    only, so a row selects exactly what it selects alone (shifted by its padding).
+    Geometry and keep counts: SelectionSpec (max_kept unused). Blocks are ranked among the row's
+    own blocks only, so a row selects exactly what it selects alone (shifted by its padding).
     """
     B, KV, L = s.shape
-    n_max = keep_rank.shape[-1]
+    n_max, block_size = spec.n_max, spec.block_size
     dev = s.device
-    nr = _rows_blocks(n_blocks, B, dev)
+    nr = spec.rows_blocks(B, dev)
     ar = torch.arange(n_max * block_size, device=dev)
-    pos = key_start.to(dev).long()[:, None] + ar  # (B, n_max * b) absolute position of each block slot
+    pos = spec.key_start.to(dev).long()[:, None] + ar  # (B, n_max * b) absolute position of each block slot
     in_glob = ar[None, :] < (nr * block_size)[:, None]  # (B, n_max * b)
     sb = torch.gather(s, 2, pos.clamp(max=L - 1)[:, None, :].expand(B, KV, -1))
     sb = torch.where(in_glob[:, None, :], sb, torch.zeros_like(sb)).view(B, KV, n_max, block_size)
-    h = sel.block_redundancy(sb, alpha, mass_norm)  # blocks past n_r: no mass, no effect on "max"
+    h = sel.block_redundancy(sb, spec.alpha, spec.mass_norm)  # blocks past n_r: no mass, no effect on "max"
     blk_ok = torch.arange(n_max, device=dev)[None, :] < nr[:, None]  # (B, n_max)
     h = h.masked_fill(~blk_ok[:, None, :], float("-inf"))  # ranked after the row's own blocks
-    keep = sel.keep_per_block(h, keep_rank.to(dev).expand(B, KV, n_max))
+    keep = sel.keep_per_block(h, spec.keep_rank.to(dev).expand(B, KV, n_max))
     chosen = sel.topk_within_blocks(sb, keep).view(B, KV, -1) & in_glob[:, None, :]
     mask = torch.zeros(B, KV, L + n_max * block_size, dtype=torch.bool, device=dev)
     mask.scatter_(2, pos[:, None, :].expand(B, KV, -1), chosen)  # positions are distinct per row
@@ -166,54 +134,38 @@ def select_mask_ref(
 
 
 def select_from_importance_ref(
-    s: torch.Tensor,
-    key_start: torch.Tensor,
-    keep_rank: torch.Tensor,
-    n_blocks: int | torch.Tensor,
-    block_size: int,
-    alpha: float,
-    mass_norm: str,
-    max_kept: int | None = None,
+    s: torch.Tensor, spec: SelectionSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32 (geometry: select_mask_ref).
+    """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32 (geometry: SelectionSpec).
 
-    -> kept_idx (B, KV, M) absolute positions ascending, padded with L (M = max_kept, or the
+    -> kept_idx (B, KV, M) absolute positions ascending, padded with L (M = spec.max_kept, or the
        largest kept count); kept_len (B, KV) int32; retained (B, KV) last-query mass on the kept
        global + local keys.
     """
     B, KV, L = s.shape
-    mask = select_mask_ref(s, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm)
+    mask = select_mask_ref(s, spec)
     kept_idx, kept_len = sel.pack_mask(mask)  # padded with L
+    max_kept = spec.max_kept
     if max_kept is not None:
         M = kept_idx.shape[-1]
         if M > max_kept:
             raise ValueError(f"a head keeps {M} tokens, more than max_kept={max_kept}")
         kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=L)
-    local_start = key_start.to(s.device).long() + _rows_blocks(n_blocks, B, s.device) * block_size
+    local_start = spec.key_start.to(s.device).long() + spec.rows_blocks(B, s.device) * spec.block_size
     local = torch.arange(L, device=s.device)[None, :] >= local_start[:, None]  # (B, L)
     retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
     return kept_idx, kept_len, retained
 
 
 def select_and_pack_ref(
-    q_last: torch.Tensor,
-    k: torch.Tensor,
-    key_start: torch.Tensor,
-    keep_rank: torch.Tensor,
-    n_blocks: int | torch.Tensor,
-    block_size: int,
-    alpha: float,
-    mass_norm: str,
-    scaling: float,
-    max_kept: int | None = None,
+    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 selection (no sink tokens). q_last (B, H, D), k (B, KV, L, D), key_start (B,);
-    n_blocks: int or (B,) per-row block counts, keep_rank (KV, n_max) or (B, KV, n_max) (see
-    select_mask_ref).
+    """TCA Phase 2 selection (no sink tokens) of q_last (B, H, D) over k (B, KV, L, D), the blocks
+    and keep counts of spec.
 
     -> kept_idx (B, KV, M), kept_len (B, KV) int32, retained (B, KV), s (B, KV, L) fp32.
     """
     L = k.shape[2]
-    valid = torch.arange(L, device=k.device)[None, :] >= key_start.to(k.device)[:, None]
+    valid = torch.arange(L, device=k.device)[None, :] >= spec.key_start.to(k.device)[:, None]
     s = sel.last_query_importance(q_last, k, valid, scaling)
-    return (*select_from_importance_ref(s, key_start, keep_rank, n_blocks, block_size, alpha, mass_norm, max_kept), s)
+    return (*select_from_importance_ref(s, spec), s)

@@ -1,67 +1,25 @@
 """Triton ragged decode: split-K (flash-decoding) over a ragged packed global part + a dense tail.
 
-Semantics: exactly `reference.ragged_decode_ref`. For (b, kv head h) the keys are the packed
-segment g_offsets[b*KV+h : b*KV+h+2] of g_keys/g_values (positions g_pos) followed by the tail
-t_keys[b, h] (positions t_pos[b], -1 = empty slot); a key is visible to a query iff
-0 <= pos <= q_pos. The work is cut into items of `chunk` keys, so every program reads about the
-same bytes whatever the heads' budgets (a head with twice the kept tokens gets twice the items;
-heads are found from g_offsets on the device, no host sync): items [0, n_gw) cover the global
-segments, then n_tw items per head cover its tail. One program per item handles the g query
+Semantics: exactly `reference.ragged_decode_ref`; the layout is RaggedCacheView's: for (b, kv
+head h) the keys are the packed segment g_offsets[b*KV+h : b*KV+h+2] of g_keys/g_values
+(positions g_pos) followed by the tail t_keys[b, h] (positions t_pos[b], -1 = empty slot); a key
+is visible to a query iff 0 <= pos <= q_pos. The work is cut into items of `chunk` keys, so every
+program reads about the same bytes whatever the heads' budgets (a head with twice the kept tokens
+gets twice the items; heads are found from g_offsets on the device, no host sync): items
+[0, n_gw) cover the global segments, then n_tw items per head cover its tail. One program per item handles the g query
 heads x Q queries of its KV head together (rows share each K/V load). A second kernel, one
 program per query row, merges the items' (max, sum, acc) into out and lse.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _upcast(q: torch.Tensor) -> bool:
-    """bf16 dots run in fp32 under the Triton interpreter (TRITON_INTERPRET=1), whose bf16 dot is wrong."""
-    return q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _precision(q: torch.Tensor) -> str:
-    """fp32 inputs get exact fp32 dots ("ieee"), not tf32; bf16/fp16 dots are unaffected."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-@triton.jit
-def _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over one key block. acc (R, D), m_i/l_i (R,), k/v (BN, D), vis (R, BN)."""
-    if UPCAST:  # interpreter: its bf16 dot is wrong, so multiply the same bf16 values in fp32
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (R, BN) fp32, log2 domain
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _load_block(src, row0, idx, d, ld, USE_TMA: tl.constexpr):
-    """Rows row0 + [0, BLOCK_N) of a (rows, D) matrix (TMA descriptor or base pointer).
-
-    TMA: no mask (rows past the range belong to a neighbour or read as zeros; vis hides them).
-    Pointer loads skip masked rows, so V of empty slots (pos -1) reads as 0 even if the cache
-    holds garbage there (p = 0 times NaN would still be NaN).
-    """
-    if USE_TMA:
-        return src.load([row0, 0])
-    else:
-        return tl.load(src + (row0 + idx).to(tl.int64)[:, None] * d.shape[0] + d[None, :], mask=ld[:, None], other=0.0)
+from .plan import RaggedCacheView
+from .triton_common import LN2, LOG2E, attend_block, check_heads, kv_sources, load_rows, precision, upcast
 
 
 @triton.jit
@@ -134,9 +92,9 @@ def _decode_split_kernel(
         ld = idx < hi
         pos = tl.load(GPOS + idx, mask=ld, other=-1)  # rows past the item: invisible
         vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-        k = _load_block(GK, n, cols, d, ld, USE_TMA)
-        v = _load_block(GV, n, cols, d, ld & (pos >= 0), USE_TMA)
-        acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST, PREC)
+        k = load_rows(GK, n, cols, d, ld, USE_TMA, True, True)
+        v = load_rows(GV, n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
     t_row = bh * T  # first row of this head's tail in the (B*KV*T, D) view
     for n in range(t_lo, t_hi, BLOCK_N):  # tail
@@ -144,9 +102,9 @@ def _decode_split_kernel(
         ld = idx < t_hi
         pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
         vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-        k = _load_block(TK, t_row + n, cols, d, ld, USE_TMA)
-        v = _load_block(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA)  # empty slots read as 0
-        acc, m_i, l_i = _decode_step(acc, m_i, l_i, q, k, v, vis, qk_scale, UPCAST, PREC)
+        k = load_rows(TK, t_row + n, cols, d, ld, USE_TMA, True, True)
+        v = load_rows(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
     # partials: acc (n_items, ROWS, D), (m, l) (n_items, 2, ROWS)
     tl.store(PACC + pid * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
@@ -196,7 +154,7 @@ def _decode_combine_kernel(
         m = m_new
     ok = l > 0
     out = tl.where(ok, acc / tl.where(ok, l, 1.0), 0.0)
-    lse = tl.where(ok, (m + tl.log2(tl.where(ok, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(ok, (m + tl.log2(tl.where(ok, l, 1.0))) * LN2, float("-inf"))
     hrow = r // NQ
     qi = r % NQ
     qh = h * G + hrow
@@ -218,14 +176,7 @@ def _pick_chunk(total_keys: int, block_n: int, device: torch.device) -> int:
 
 def ragged_decode_triton(
     q: torch.Tensor,
-    q_pos: torch.Tensor,
-    g_keys: torch.Tensor,
-    g_values: torch.Tensor,
-    g_pos: torch.Tensor,
-    g_offsets: torch.Tensor,
-    t_keys: torch.Tensor,
-    t_values: torch.Tensor,
-    t_pos: torch.Tensor,
+    cache: RaggedCacheView,
     scaling: float,
     chunk: int | None = None,
     block_n: int = 32,
@@ -236,18 +187,21 @@ def ragged_decode_triton(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, Q, D), q_pos (B, Q); global (N, D) + g_pos (N,) + g_offsets (B*KV+1,);
-    tail (B, KV, T, D) + t_pos (B, T). -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
+    """q (B, H, Q, D) over the cache (RaggedCacheView: q_pos (B, Q); global (N, D) + g_pos (N,) +
+    g_offsets (B*KV+1,); tail (B, KV, T, D) + t_pos (B, T)). -> out (B, Q, H, D) in q's dtype,
+    lse (B, H, Q) fp32.
 
     chunk: keys per work item (default: about 4 items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
     descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass;
     out/lse: optional contiguous buffers to fill.
     """
+    c = cache
+    q_pos, g_keys, g_values, g_pos, g_offsets = c.q_pos, c.g_keys, c.g_values, c.g_pos, c.g_offsets
+    t_keys, t_values, t_pos = c.t_keys, c.t_values, c.t_pos
     B, H, NQ, D = q.shape
     KV, T = t_keys.shape[1], t_keys.shape[2]
-    if H % KV:
-        raise ValueError(f"query heads {H} must be a multiple of KV heads {KV}")
+    check_heads(H, KV)
     g = H // KV
     rows = max(16, triton.next_power_of_2(g * NQ))
     if g * NQ > 128:
@@ -281,20 +235,14 @@ def ragged_decode_triton(
         lse = torch.empty(B, H, NQ, dtype=torch.float32, device=dev)
     if out.shape != (B, NQ, H, D) or not out.is_contiguous() or lse.shape != (B, H, NQ) or not lse.is_contiguous():
         raise ValueError("out must be contiguous (B, Q, H, D) and lse contiguous (B, H, Q)")
-    kv_srcs = [g_keys, g_values, t_keys.view(-1, D), t_values.view(-1, D)]  # (rows, D) each
-    use_tma = use_tma and all(t.data_ptr() % 16 == 0 for t in kv_srcs)  # TMA needs aligned bases
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        kv_srcs = [TensorDescriptor.from_tensor(t, [block_n, D]) for t in kv_srcs]
-    gk, gv, tk, tv = kv_srcs
+    (gk, gv, tk, tv), use_tma = kv_sources([g_keys, g_values, t_keys.view(-1, D), t_values.view(-1, D)], block_n, use_tma)
     bkv_p = triton.next_power_of_2(BKV)
     _decode_split_kernel[(n_items,)](
         q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pacc, pml,
         q.stride(0), q.stride(1), q.stride(2),
         t_pos.stride(0),
-        BKV, KV, T, NQ, scaling * 1.4426950408889634, chunk, n_gw, n_tw,
-        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=_upcast(q), PREC=_precision(q),
+        BKV, KV, T, NQ, scaling * LOG2E, chunk, n_gw, n_tw,
+        G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
         USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(BKV, g * NQ)](

@@ -15,7 +15,6 @@ Online softmax in fp32 (exp2 domain); rows that see no key (left-padding queries
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,9 @@ import triton
 import triton.language as tl
 
 from .plan import TokenPlan, band_start
+from .triton_common import (
+    LOG2E, attend_block, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast,
+)
 
 
 @dataclass(frozen=True)
@@ -57,64 +59,23 @@ def default_config(head_dim: int, device: torch.device | None = None) -> Prefill
     return PrefillConfig(64, 32, 4, 2)
 
 
-def _upcast(q: torch.Tensor) -> bool:
-    """bf16 dots run in fp32 under the Triton interpreter (TRITON_INTERPRET=1), whose bf16 dot is wrong."""
-    return q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _precision(q: torch.Tensor) -> str:
-    """fp32 inputs get exact fp32 dots ("ieee"), not tf32; bf16/fp16 dots are unaffected."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-@triton.jit
-def _load_rows(src, row0, cols, d, ld, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
-    """Rows [row0, row0 + BLOCK_N) of a (rows, D) matrix: a TMA descriptor or a base pointer.
-
-    TMA loads past the matrix end give zeros; rows of a neighbouring head are masked by the caller.
-    """
-    if USE_TMA:
-        return src.load([row0, 0])
-    else:
-        ptrs = src + (row0 + cols)[:, None] * d.shape[0] + d[None, :]
-        if MASKED:
-            return tl.load(ptrs, mask=ld[:, None], other=0.0)
-        else:
-            return tl.load(ptrs)
-
-
-@triton.jit
-def _attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step over a (BLOCK_N, D) key/value block.
-
-    acc (BM, D) fp32, m_i/l_i (BM,) fp32 (log2 domain), q (BM, D), k/v (BLOCK_N, D);
-    vis (BM, BLOCK_N) visibility, used when MASKED.
-    """
-    if UPCAST:  # interpreter: its bf16 dot is wrong, so multiply the same bf16 values in fp32
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN) fp32, log2 domain
-    if MASKED:
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows: no NaN
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return acc, m_new, l_i
-
-
 @triton.jit
 def _band_start(j, window, local_start):
     lo = j - window + 1
     return tl.where(j >= local_start, tl.minimum(lo, local_start), lo)
+
+
+@triton.jit
+def _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row, prow, ks, L, qk_scale,
+                      USE_TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """A band block [kk, kk + BLOCK_N) that some rows see only in part: masked by each row's band
+    [lo_row, prow], the row's first real key ks and the sequence end L."""
+    k_idx = kk + cols
+    ld = k_idx < L
+    vis = (k_idx[None, :] >= lo_row[:, None]) & (k_idx[None, :] <= prow[:, None]) & (k_idx[None, :] >= ks)
+    k = load_rows(k_src, k_row + kk, cols, d, ld, USE_TMA, True, False)
+    v = load_rows(v_src, k_row + kk, cols, d, ld, USE_TMA, True, False)
+    return attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
 
 @triton.jit
@@ -174,17 +135,17 @@ def _prefill_kernel(
     nfar_max = tl.load(NFAR + bh * 2 * n_tiles + 2 * tile + 1)
     full_end = kstart + tl.maximum(nfar_min - kstart, 0) // BLOCK_N * BLOCK_N
     for c in range(kstart, full_end, BLOCK_N):
-        k = _load_rows(kc_src, c_row + c, cols, d, None, USE_TMA, False)
-        v = _load_rows(vc_src, c_row + c, cols, d, None, USE_TMA, False)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
+        k = load_rows(kc_src, c_row + c, cols, d, None, USE_TMA, False, False)
+        v = load_rows(vc_src, c_row + c, cols, d, None, USE_TMA, False, False)
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
     for c in range(full_end, nfar_max, BLOCK_N):
         c_idx = c + cols
         in_rng = c_idx < nfar_max
         kid = tl.load(KIDX + bh.to(tl.int64) * M + c_idx, mask=in_rng, other=2147483647)
         vis = in_rng[None, :] & (kid[None, :] < lo_row[:, None])
-        k = _load_rows(kc_src, c_row + c, cols, d, in_rng, USE_TMA, True)
-        v = _load_rows(vc_src, c_row + c, cols, d, in_rng, USE_TMA, True)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+        k = load_rows(kc_src, c_row + c, cols, d, in_rng, USE_TMA, True, False)
+        v = load_rows(vc_src, c_row + c, cols, d, in_rng, USE_TMA, True, False)
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
     # (b) dense band: keys [s0, j_max]; [max(lo_max, s0), j_min] is seen by every row.
     ks = tl.load(KEY_START + b).to(tl.int32)
@@ -197,32 +158,20 @@ def _prefill_kernel(
     left_end = tl.minimum(s0 + (a - s0 + BLOCK_N - 1) // BLOCK_N * BLOCK_N, j_max + 1)
     int_end = left_end + tl.maximum(j_min + 1 - left_end, 0) // BLOCK_N * BLOCK_N
     for kk in range(s0, left_end, BLOCK_N):
-        k_idx = kk + cols
-        ld = k_idx < L
-        vis = (k_idx[None, :] >= lo_row[:, None]) & (k_idx[None, :] <= prow[:, None]) & (k_idx[None, :] >= ks)
-        k = _load_rows(k_src, k_row + kk, cols, d, ld, USE_TMA, True)
-        v = _load_rows(v_src, k_row + kk, cols, d, ld, USE_TMA, True)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+        acc, m_i, l_i = _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row, prow, ks, L,
+                                          qk_scale, USE_TMA, UPCAST, PREC)
     for kk in range(left_end, int_end, BLOCK_N):
-        k = _load_rows(k_src, k_row + kk, cols, d, None, USE_TMA, False)
-        v = _load_rows(v_src, k_row + kk, cols, d, None, USE_TMA, False)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
+        k = load_rows(k_src, k_row + kk, cols, d, None, USE_TMA, False, False)
+        v = load_rows(v_src, k_row + kk, cols, d, None, USE_TMA, False, False)
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
     for kk in range(int_end, j_max + 1, BLOCK_N):
-        k_idx = kk + cols
-        ld = k_idx < L
-        vis = (k_idx[None, :] >= lo_row[:, None]) & (k_idx[None, :] <= prow[:, None]) & (k_idx[None, :] >= ks)
-        k = _load_rows(k_src, k_row + kk, cols, d, ld, USE_TMA, True)
-        v = _load_rows(v_src, k_row + kk, cols, d, ld, USE_TMA, True)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+        acc, m_i, l_i = _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row, prow, ks, L,
+                                          qk_scale, USE_TMA, UPCAST, PREC)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
     o_ptrs = OUT + b.to(tl.int64) * s_ob + prow[:, None] * s_ol + qh[:, None] * s_oh + d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def prepare_prefill(
@@ -283,13 +232,11 @@ def sparse_prefill_triton(
     """
     B, H, L, D = q.shape
     KV = k.shape[1]
-    if H % KV:
-        raise ValueError(f"query heads {H} must be a multiple of KV heads {KV}")
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    check_heads(H, KV)
+    check_head_dim(D)
     g = H // KV
     cfg = config or default_config(D, q.device)
-    gp = _next_pow2(g)
+    gp = next_pow2(g)
     block_m = max(cfg.block_m, gp)  # (g_pad heads) x (block_p positions)
     block_p = block_m // gp
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -301,22 +248,14 @@ def sparse_prefill_triton(
         raise ValueError("out must be a contiguous (B, L, H, D) tensor of q's dtype")
     n_tiles = triton.cdiv(L, block_p)
     M = kc.shape[2]
-    # TMA needs 16-byte aligned bases (a K/V view into a fused buffer may not be): else pointers.
-    use_tma = cfg.use_tma and all(t.data_ptr() % 16 == 0 for t in (k, v, kc, vc))
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        blk = [cfg.block_n, D]
-        srcs = [TensorDescriptor.from_tensor(t.view(-1, D), blk) for t in (k, v, kc, vc)]  # (rows, D)
-    else:
-        srcs = [k, v, kc, vc]
+    srcs, use_tma = kv_sources([t.view(-1, D) for t in (k, v, kc, vc)], cfg.block_n, cfg.use_tma)  # (rows, D) each
     grid = (n_tiles, B * KV)
     _prefill_kernel[grid](
         q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), local_starts, out,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        L, M, KV, n_tiles, plan.window, scaling * 1.4426950408889634,
-        G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), USE_TMA=use_tma, PREC=_precision(q),
+        L, M, KV, n_tiles, plan.window, scaling * LOG2E,
+        G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=upcast(q), USE_TMA=use_tma, PREC=precision(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -26,11 +26,12 @@ the layer's budgets (exact without padding, an upper bound with it), and n_max i
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .plan import SelectionSpec, rows_blocks
+from .triton_common import check_head_dim, check_heads, interpreted, next_pow2
 
 
 @triton.jit
@@ -163,18 +164,10 @@ def _pack_kernel(SEL, CSUM, COUNT, KEY_START, KEPT_IDX, KV, n_max, M, BLOCK: tl.
     tl.store(KEPT_IDX + bh.to(tl.int64) * M + pos, (ks + rel).to(tl.int64), mask=(sel > 0) & (pos < M))
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def _splits(L: int, block_n: int, programs: int) -> tuple[int, int]:
     """(chunk, n_splits): chunks of whole key tiles, about 1024 programs in all, at most 64 chunks
     (at most 4 under the interpreter, where every program costs host time)."""
-    most = 4 if _interpreted() else 64
+    most = 4 if interpreted() else 64
     target = max(1, min(most, 1024 // max(programs, 1)))
     tiles = triton.cdiv(L, block_n)
     chunk = triton.cdiv(tiles, target) * block_n
@@ -186,9 +179,9 @@ def step_logits(q_last: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, 
     B, H, D = q_last.shape
     _, KV, L, _ = k.shape
     g = H // KV
-    gp = max(2, _next_pow2(g))
+    gp = max(2, next_pow2(g))
     block_n = min(128, max(8, 8192 // (gp * D)))  # the (heads, keys, D) product tile: ~8K elements
-    if _interpreted():
+    if interpreted():
         block_n = 128  # no registers to spare there; fewer loop steps
     chunk, n_splits = _splits(L, block_n, B * KV)
     dev = k.device
@@ -208,12 +201,7 @@ def _rows(n_blocks, key_start: torch.Tensor, B: int, dev) -> tuple[torch.Tensor,
     """(key_start, n per row) as contiguous int64 device tensors; None key_start = no padding."""
     if key_start is None:
         key_start = torch.zeros(B, dtype=torch.int64, device=dev)
-    key_start = key_start.to(device=dev, dtype=torch.int64).contiguous()
-    if isinstance(n_blocks, int):
-        nb = torch.full((B,), n_blocks, dtype=torch.int64, device=dev)
-    else:
-        nb = n_blocks.to(device=dev, dtype=torch.int64).contiguous()
-    return key_start, nb
+    return key_start.to(device=dev, dtype=torch.int64).contiguous(), rows_blocks(n_blocks, B, dev).contiguous()
 
 
 def step_importance(logits, pmax, psum, n_blocks: int, block_size: int, alpha: float, mass_norm: str,
@@ -234,7 +222,7 @@ def step_importance(logits, pmax, psum, n_blocks: int, block_size: int, alpha: f
     n_splits = pmax.shape[-1]
     _importance_kernel[(BKV, nb_all)](
         logits, pmax, psum, key_start, nb, s, mass, h, L, KV, n, n_splits, w_mass, alpha,
-        G=g, GP=max(2, _next_pow2(g)), SPLITS_P=max(2, _next_pow2(n_splits)), BLOCK=bs, num_warps=4,
+        G=g, GP=max(2, next_pow2(g)), SPLITS_P=max(2, next_pow2(n_splits)), BLOCK=bs, num_warps=4,
     )
     if mass_norm == "max":  # mass over the largest mass of the row's own global blocks
         own = torch.arange(n, device=dev)[None, :] < nb.repeat_interleave(KV)[:, None]  # (B*KV, n)
@@ -287,20 +275,12 @@ def step_pack(sel, count, csum, n_blocks: int, block_size: int, max_kept: int,
 
 
 def select_and_pack_triton(
-    q_last: torch.Tensor,
-    k: torch.Tensor,
-    key_start: torch.Tensor,
-    keep_rank: torch.Tensor,
-    n_blocks: int | torch.Tensor,
-    block_size: int,
-    alpha: float,
-    mass_norm: str,
-    scaling: float,
-    max_kept: int,
+    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q_last (B, H, D), k (B, KV, L, D), key_start (B,) first real key of each row (its blocks
-    start there); keep_rank (KV, n_max) or (B, KV, n_max) keep count per rank of each row's own
-    block count; n_blocks: an int (every row) or a (B,) device tensor of per-row counts <= n_max.
+    """q_last (B, H, D), k (B, KV, L, D); spec: the rows' blocks (from key_start (B,), the first
+    real key of each row), keep counts per rank and max_kept (required: the output width, known
+    on the host, so nothing syncs); spec.n_blocks: an int (every row) or a (B,) device tensor of
+    per-row counts <= n_max.
 
     -> kept_idx (B, KV, max_kept) int64 absolute positions ascending, padded with L; kept_len
        (B, KV) int32; retained (B, KV) fp32 last-query mass on what is kept (global kept + the
@@ -309,13 +289,15 @@ def select_and_pack_triton(
     Launches: 4 kernels, a fill, an argsort + scatter, a cumsum and a sum (+ a few elementwise
     ones for "max"). No host synchronisation.
     """
+    key_start, keep_rank, n_blocks, block_size = spec.key_start, spec.keep_rank, spec.n_blocks, spec.block_size
+    alpha, mass_norm, max_kept = spec.alpha, spec.mass_norm, spec.max_kept
     B, H, D = q_last.shape
     _, KV, L, _ = k.shape
     n_max = keep_rank.shape[-1]
-    if H % KV:
-        raise ValueError(f"query heads {H} must be a multiple of KV heads {KV}")
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    check_heads(H, KV)
+    check_head_dim(D)
+    if max_kept is None:
+        raise ValueError("the Triton selection needs spec.max_kept (the output width, without a host sync)")
     if block_size & (block_size - 1) or not 0 < n_max * block_size <= L:
         raise ValueError(f"bad geometry: n_max={n_max}, block_size={block_size}, L={L}")
     if isinstance(n_blocks, int) and n_blocks != n_max:

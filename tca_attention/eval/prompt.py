@@ -48,7 +48,3 @@ class PromptFormat:
 
     def count(self, sample: Sample) -> int:
         return len(self.encode(sample))
-
-    def count_text(self, text: str) -> int:
-        """Tokens of a bare piece of text (no special tokens)."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -8,7 +8,7 @@ import torch
 from .. import selection as sel
 from ..budgets import Budgets
 from ..engine import dispatch, reference
-from ..engine.plan import TokenPlan
+from ..engine.plan import SelectionSpec, TokenPlan
 from .base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
 
 
@@ -108,16 +108,15 @@ class TCA(Method):
         if padded:  # per-row geometry: each row's blocks start at its first real token
             n_rows, row_ls = row_geometry(L, key_start, b, w, self.dense_below)
             keep_rank = self._row_ranks(layer_idx, n_rows, n_max)  # (B, KV, n_max)
+        spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept)
         if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
-            kept_idx, kept_len, retained, _ = dispatch.select_and_pack(
-                q[:, :, -1], k, key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, scaling,
-                max_kept, backend=backend)
+            kept_idx, kept_len, retained, _ = dispatch.select_and_pack(q[:, :, -1], k, spec, scaling, backend=backend)
             # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
             return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                              kept_total=None if padded else B * total, row_local_start=row_ls)
         valid = key_validity(L, key_start)
         s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
-        mask = reference.select_mask_ref(s, key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm)
+        mask = reference.select_mask_ref(s, spec)
         ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
         glob = global_region(L, key_start, ls)  # (B, L)
         mask |= (sink_mask(L, key_start, cfg.sink_tokens) & glob)[:, None, :]

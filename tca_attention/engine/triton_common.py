@@ -1,0 +1,116 @@
+"""What the Triton kernels share: host helpers and the device pieces of the attention kernels.
+
+Host: `upcast`, `precision`, `interpreted`, `next_pow2`, the shape checks and `kv_sources` (K/V
+matrices as pointers or TMA descriptors). Device (`@triton.jit`, inlined into the calling
+kernels): `load_rows` (a tile of rows of a (rows, D) matrix) and `attend_block` (one
+online-softmax step of flash attention), used by the prefill and the decode kernels.
+Only the kernel modules import this one (it imports triton; the reference path must not need it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host: the kernels work in the exp2 domain, qk_scale = scaling * LOG2E
+LN2 = tl.constexpr(0.6931471805599453)  # device (a jit function reads only constexpr globals): lse = log2-lse * LN2
+
+
+def interpreted() -> bool:
+    """True under the Triton interpreter (TRITON_INTERPRET=1: the kernels run on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast(q: torch.Tensor) -> bool:
+    """bf16 dots run in fp32 under the Triton interpreter (TRITON_INTERPRET=1), whose bf16 dot is wrong."""
+    return q.dtype == torch.bfloat16 and interpreted()
+
+
+def precision(q: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 dots ("ieee"), not tf32; bf16/fp16 dots are unaffected."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x, for x >= 1."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def check_heads(heads: int, kv_heads: int) -> None:
+    if heads % kv_heads:
+        raise ValueError(f"query heads {heads} must be a multiple of KV heads {kv_heads}")
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, got {head_dim}")
+
+
+def kv_sources(mats: list[torch.Tensor], block_rows: int, use_tma: bool) -> tuple[list, bool]:
+    """(rows, D) matrices as kernel arguments for `load_rows`: TMA descriptors of (block_rows, D)
+    tiles when use_tma and every base is 16-byte aligned (TMA needs it; a K/V view into a fused
+    buffer may not be), else the tensors themselves. -> (sources, whether TMA is used)."""
+    if not (use_tma and all(t.data_ptr() % 16 == 0 for t in mats)):
+        return list(mats), False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return [TensorDescriptor.from_tensor(t, [block_rows, t.shape[-1]]) for t in mats], True
+
+
+@triton.jit
+def load_rows(src, row0, cols, d, ld, USE_TMA: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr):
+    """Rows row0 + cols (cols = [0, BLOCK_N)) of a (rows, D) matrix: a TMA descriptor or a base pointer.
+
+    TMA: no mask (rows past the matrix end read as zeros; rows of a neighbouring head or past a
+    work item are hidden by the caller's visibility mask). Pointer loads with MASKED skip the rows
+    where ld is False (they read as 0: a V row the cache never wrote may hold NaN, and p = 0 times
+    NaN is still NaN); without MASKED every row is loaded (ld unused). WIDE: 64-bit row offsets,
+    for a matrix of every head's rows (decode's packed buffers); the prefill moves its base
+    pointers to the head first, so 32-bit offsets do.
+    """
+    if USE_TMA:
+        return src.load([row0, 0])
+    else:
+        rows = row0 + cols
+        if WIDE:
+            rows = rows.to(tl.int64)
+        ptrs = src + rows[:, None] * d.shape[0] + d[None, :]
+        if MASKED:
+            return tl.load(ptrs, mask=ld[:, None], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of flash attention over a (BLOCK_N, D) key/value block.
+
+    acc (R, D) fp32, m_i/l_i (R,) fp32 running max and sum (log2 domain: qk_scale includes
+    LOG2E), q (R, D), k/v (BLOCK_N, D) -> updated (acc, m_i, l_i).
+    MASKED: vis (R, BLOCK_N) says which keys each row sees; a row that has seen no key yet keeps
+    m_i = -inf, l_i = 0, acc = 0 (never NaN). Without MASKED every key is visible (vis unused) and
+    the step does no masking work: the blocks every row sees fully.
+    UPCAST: the interpreter's bf16 dot is wrong, so the same bf16 values are multiplied in fp32.
+    PREC: the dots' input precision ("ieee" for fp32 inputs).
+    """
+    if UPCAST:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (R, BLOCK_N) fp32, log2 domain
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows: no NaN
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
