@@ -186,11 +186,13 @@ def test_cache_rows_compress_at_their_own_steps():
 
 # ---------------------------------------------------------------------------------------------
 # (c) end to end on tiny models: prefill logits and greedy decoding, alone vs batched
-def greedy(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, session):
-    """Prefill + greedy decode. -> (prefill logits (B, L, V), step logits (B, steps, V), tokens, cache)."""
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, session, prefill_keep: int = 0):
+    """Prefill + greedy decode. -> (prefill logits (B, L or prefill_keep, V), step logits (B, steps, V),
+    tokens, cache). prefill_keep > 0 keeps only the last prefill logits (real vocabularies are large)."""
     cache = session.new_cache()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=prefill_keep,
+                **cache_kwargs(cache))
     prefill, logits, toks = out.logits, [], []
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(steps):

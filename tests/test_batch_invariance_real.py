@@ -14,9 +14,9 @@ import torch
 from tca_attention.budgets import Budgets
 from tca_attention.data.passkey import passkey_prompt
 from tca_attention.integration import enable
-from tca_attention.integration.adapter import cache_kwargs
 from tca_attention.methods.tca import TCA
 from tca_attention.models import load_model
+from test_batch_invariance import greedy as greedy_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +28,9 @@ SIZES = [(1248, 0.3), (1000, 0.6), (753, 0.5)]  # (passkey_prompt's n_tokens, de
 
 
 def greedy(model, ids, mask, steps, session):
-    cache = session.new_cache()
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-    last, toks = [out.logits[:, -1]], []
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        toks.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-        last.append(out.logits[:, -1])
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return torch.stack(last, 1), torch.cat(toks, 1), cache
+    """-> (logits of the last prompt token and of each step (B, 1 + steps, V), tokens, cache)."""
+    prefill, logits, toks, cache = greedy_tiny(model, ids, mask, steps, session, prefill_keep=1)
+    return torch.cat([prefill, logits], 1), toks, cache
 
 
 def kept_positions(cache, r: int, shift: int) -> list[list[list[int]]]:
