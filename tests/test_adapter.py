@@ -182,3 +182,13 @@ def test_every_family_runs_tca_and_really_holds_only_the_kept_tokens(arch):
         kept = layer.g_pos.numel() + layer.t_fill * layer.t_keys.shape[1]
         assert kept == layer.kept_tokens() < 0.3 * layer.dense_tokens()
     assert s.cache.kv_bytes() < 0.4 * s.cache.dense_kv_bytes()
+
+
+def test_a_cache_holding_nothing_after_a_prefill_is_an_error(monkeypatch):
+    from tca_attention.cache import TCALayer
+
+    monkeypatch.setattr(TCALayer, "kv_bytes", lambda self: 0)
+    model = tiny("llama")
+    with torch.no_grad(), enable(model, FullBudget(window=32, block_size=16)) as s:
+        with pytest.raises(CacheNotUsedError, match=r"layer 0 holds 0 bytes after a prefill"):
+            model(input_ids=torch.randint(0, 97, (1, 60)), **cache_kwargs(s.new_cache()))

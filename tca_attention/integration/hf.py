@@ -138,17 +138,16 @@ class Session:
     def _check_layer(self, cache: TCACache, layer: TCALayer, updates: int, commits: int, decodes: int) -> None:
         if updates == 0:
             return  # this cache was not part of the forward
-        idx = cache.layers.index(layer)
         if commits + decodes != updates:
             raise CacheNotUsedError(
-                f"transformers {adapter.transformers.__version__}: layer {idx} stored new keys in the ragged cache "
+                f"transformers {adapter.transformers.__version__}: layer {cache.layers.index(layer)} stored new keys in the ragged cache "
                 f"{updates} time(s) but attention planned a prefill {commits} time(s) and attended over the cache "
                 f"{decodes} time(s): the attention function did not receive the cache (see docs/compatibility.md)"
             )
-        if layer.kv_bytes() == 0:
+        if commits and layer.kv_bytes() == 0:  # after a prefill (decode only appends: no per-step cost)
             raise CacheNotUsedError(
-                f"transformers {adapter.transformers.__version__}: layer {idx} holds 0 bytes after a forward that "
-                "gave it keys"
+                f"transformers {adapter.transformers.__version__}: layer {cache.layers.index(layer)} holds 0 bytes "
+                "after a prefill"
             )
 
     # -- caches -------------------------------------------------------------------------------
