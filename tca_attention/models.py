@@ -108,6 +108,8 @@ def _dequantised_dir(gguf: Path, dtype: torch.dtype) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .integration.adapter import LOAD_KWARGS
+
     target = cache_root() / "models" / f"{sha256_file(gguf)[:16]}-tf{transformers.__version__}"
     if (target / "config.json").exists():
         return target
@@ -115,7 +117,7 @@ def _dequantised_dir(gguf: Path, dtype: torch.dtype) -> Path:
     print(f"Converting {gguf.name} to a float model ONCE (about 30 s for a 135M model on a CPU); "
           f"cached in {target}", file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **LOAD_KWARGS)
     model.hf_quantizer = None  # the GGUF loader marks the model as quantised; the weights are float now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -183,6 +185,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .integration.adapter import LOAD_KWARGS
+
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
@@ -190,6 +194,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     dtype = _as_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     dtype = cpu_safe_dtype(dtype, dev)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **LOAD_KWARGS).to(dev).eval()
     model.name_or_path = name_or_path
     return model, tok

@@ -60,6 +60,12 @@ _KNOWN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "outpu
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
+# Keywords for `from_pretrained`. transformers 5.25 turned hub kernels on by default: a load would
+# fetch kernels from the hub (no hub access here) and replace layers with code we did not test.
+# Every release from 5.23 accepts `use_kernels`; we always pass it off.
+LOAD_KWARGS: dict[str, Any] = {"use_kernels": False}
+
+
 @lru_cache(maxsize=None)
 def convention(version: str | None = None) -> Convention:
     """The convention of `version` (default: the installed transformers)."""
