@@ -23,20 +23,23 @@ _EXPORTS: dict[str, str] = {
     "Session": "integration.hf",
     "CacheNotUsedError": "integration.hf",
     "AdapterError": "integration.adapter",
-    "UnsupportedModelError": "integration.architectures",
+    "UnsupportedModelError": "introspect",
     "load_model": "models",
-    "calibrate": "calibration",
-    "load_or_calibrate": "calibration_cache",
-    "Budgets": "budgets",
-    "BudgetError": "budgets",
-    "TCAConfig": "config",
-    "PRESETS": "config",
-    "TCA": "methods.tca",
+    "calibrate": "integration.probe",
+    "load_or_calibrate": "integration.probe",
+    "Budgets": "methods.tca.budgets",
+    "BudgetError": "methods.tca.budgets",
+    "StateError": "methods.state",
+    "TCAConfig": "methods.tca.config",
+    "PRESETS": "methods.tca.config",
+    "TCA": "methods.tca.method",
     "StreamingLLM": "methods.streaming",
-    "FullBudget": "methods.full",
+    "FullBudget": "methods.full_budget",
+    "Dense": "methods.dense",
     "Method": "methods.base",
-    "create": "methods.registry",
-    "TCACache": "cache",
+    "create": "registry",
+    "describe": "registry",
+    "RaggedCache": "ragged_cache",
     "run_prompt": "generation",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -56,18 +59,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; nothing is imported at run time
-    from .budgets import BudgetError, Budgets
-    from .cache import TCACache
-    from .calibration import calibrate
-    from .calibration_cache import load_or_calibrate
-    from .config import PRESETS, TCAConfig
     from .generation import run_prompt
     from .integration.adapter import AdapterError
-    from .integration.architectures import UnsupportedModelError
     from .integration.hf import CacheNotUsedError, Session, enable
+    from .integration.probe import calibrate, load_or_calibrate
+    from .introspect import UnsupportedModelError
     from .methods.base import Method
-    from .methods.full import FullBudget
-    from .methods.registry import create
+    from .methods.dense import Dense
+    from .methods.full_budget import FullBudget
+    from .methods.state import StateError
     from .methods.streaming import StreamingLLM
-    from .methods.tca import TCA
+    from .methods.tca.budgets import BudgetError, Budgets
+    from .methods.tca.config import PRESETS, TCAConfig
+    from .methods.tca.method import TCA
     from .models import load_model
+    from .ragged_cache import RaggedCache
+    from .registry import create, describe

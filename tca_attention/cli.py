@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .clihelp import HelpFormatter
-from .config import AUTO, PRESETS, TCAConfig, auto_preset
+from .methods.tca.config import AUTO, PRESETS, TCAConfig, auto_preset
 
 log = logging.getLogger("tca")
 CONFIG_KEYS = ("block_size", "window", "tau", "alpha", "score", "mass_norm")
@@ -32,7 +32,7 @@ def note(line: str) -> None:
 
 
 def _trained_length(model) -> int | None:
-    from .integration.architectures import text_config
+    from .introspect import text_config
 
     return getattr(text_config(model), "max_position_embeddings", None)
 
@@ -86,15 +86,15 @@ def _print_budget_summary(b) -> None:
 
 
 def cmd_methods(args) -> int:
-    from .methods.registry import describe
+    from .registry import describe
 
     print(describe())
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import calibrate
-    from .calibration_cache import budgets_path_for, calibration_notice
+    from .integration.probe import calibrate
+    from .methods.tca.budget_cache import budgets_path_for, calibration_notice
 
     model, tok = _load(args)
     config = _config_from(args, model)
@@ -135,10 +135,10 @@ def _print_results(results, prompt_tokens: int) -> None:
 
 def _run(args, prompt: str, expected: str | None) -> int:
     """Calibrate or load budgets, run the prompt with the chosen methods, report, exit code."""
-    from .budgets import Budgets
-    from .calibration_cache import load_or_calibrate
+    from .methods.tca.budgets import Budgets
+    from .integration.probe import load_or_calibrate
     from .generation import run_prompt
-    from .methods.tca import TCA
+    from .methods.tca.method import TCA
 
     model, tok = args._model
     if args.budgets and args.mode != "full":

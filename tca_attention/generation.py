@@ -9,6 +9,7 @@ import torch
 
 from .integration import enable
 from .methods.base import Method
+from .methods.dense import Dense
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         raise ValueError("empty prompt")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    method = Dense() if method is None else method
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     eos = tokenizer.eos_token_id
@@ -76,7 +78,7 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         held, dense, kept = _cache_bytes(cache)
     steps = len(tokens) - 1
     return RunResult(
-        method=getattr(method, "name", "full"),
+        method=method.name,
         answer=tokenizer.decode(tokens, skip_special_tokens=True),
         prompt_tokens=int(ids.shape[1]),
         new_tokens=len(tokens),
@@ -85,6 +87,6 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         kv_bytes=held,
         dense_kv_bytes=dense,
         kept_fraction=kept,
-        retained_last_query=report["retained"] if method is not None else 1.0,
-        retained_last_query_min=report["retained_min"] if method is not None else 1.0,
+        retained_last_query=report["retained"] if not method.is_dense else 1.0,
+        retained_last_query_min=report["retained_min"] if not method.is_dense else 1.0,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -19,12 +18,10 @@ from typing import Callable
 
 import torch
 
+from .paths import cache_root
+
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TCA_CACHE_DIR", Path.home() / ".cache" / "tca_attention"))
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

@@ -7,12 +7,12 @@ import pytest
 import torch
 import transformers
 
-from tca_attention.config import TCAConfig
+from tca_attention.methods.tca.config import TCAConfig
 from tca_attention.integration import adapter, enable
 from tca_attention.integration.adapter import AdapterError, cache_kwargs
 from tca_attention.integration.hf import CacheNotUsedError, tca_attention_forward
-from tca_attention.methods.full import FullBudget
-from tca_attention.methods.tca import TCA
+from tca_attention.methods.full_budget import FullBudget
+from tca_attention.methods.tca.method import TCA
 from test_cache_and_errors import fake_budgets
 from tiny_models import ARCHS, tiny
 
@@ -153,7 +153,7 @@ def test_all_dense_layers_keep_a_dense_cache():
 
 
 def test_softcapping_and_unknown_keywords_are_refused():
-    from tca_attention.integration.architectures import UnsupportedModelError
+    from tca_attention.introspect import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="softcapping"):
         enable(tiny("gemma2", attn_logit_softcapping=50.0), FullBudget())
@@ -185,9 +185,9 @@ def test_every_family_runs_tca_and_really_holds_only_the_kept_tokens(arch):
 
 
 def test_a_cache_holding_nothing_after_a_prefill_is_an_error(monkeypatch):
-    from tca_attention.cache import TCALayer
+    from tca_attention.ragged_cache import RaggedLayer
 
-    monkeypatch.setattr(TCALayer, "kv_bytes", lambda self: 0)
+    monkeypatch.setattr(RaggedLayer, "kv_bytes", lambda self: 0)
     model = tiny("llama")
     with torch.no_grad(), enable(model, FullBudget(window=32, block_size=16)) as s:
         with pytest.raises(CacheNotUsedError, match=r"layer 0 holds 0 bytes after a prefill"):

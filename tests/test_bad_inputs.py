@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tca_attention.budgets import BudgetError, Budgets
+from tca_attention.methods.tca.budgets import BudgetError, Budgets
 from tca_attention.models import check_model_dtype, load_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,15 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tca_attention.budgets import Budgets, HeadBudget, ModelIdentity
-from tca_attention.cache import TCALayer
-from tca_attention.candidates import candidate_ladder
-from tca_attention.config import TCAConfig
+from tca_attention.methods.tca.budgets import Budgets, HeadBudget
+from tca_attention.methods.state import ModelIdentity
+from tca_attention.ragged_cache import RaggedLayer
+from tca_attention.methods.tca.candidates import candidate_ladder
+from tca_attention.methods.tca.config import TCAConfig
 from tca_attention.integration import enable
 from tca_attention.integration.adapter import cache_kwargs
-from tca_attention.methods.full import FullBudget
+from tca_attention.methods.full_budget import FullBudget
 from tca_attention.methods.streaming import StreamingLLM
-from tca_attention.methods.tca import TCA
+from tca_attention.methods.tca.method import TCA
 from tiny_models import tiny
 
 B_, W_ = 16, 32  # block and window of the small tests
@@ -137,7 +138,7 @@ def test_the_issue_measurement_is_fixed():
 # ---------------------------------------------------------------------------------------------
 # the cache: per-row tails, independent compression
 def test_cache_rows_compress_at_their_own_steps():
-    """A batch of 3 left-padded rows through a TCALayer (prefill plan + 60 decode steps with
+    """A batch of 3 left-padded rows through a RaggedLayer (prefill plan + 60 decode steps with
     random queries) holds, per row and head, the same global positions and the same tail as each
     row's own layer alone, at every step."""
     KV, H, D = 2, 4, 16
@@ -151,12 +152,12 @@ def test_cache_rows_compress_at_their_own_steps():
     k, _ = padded_batch(ks, gen)
     v, _ = padded_batch(vs, gen)
     decode_keep = method.decode_keep(0, KV)
-    batched = TCALayer(B_, W_, backend="reference")
+    batched = RaggedLayer(B_, W_, backend="reference")
     batched.update(k, v)
     batched.commit_prefill(method.plan(0, q, k, key_start, 0.25, backend="reference"), key_start, decode_keep)
     alone = []
     for r in range(3):
-        lay = TCALayer(B_, W_, backend="reference")
+        lay = RaggedLayer(B_, W_, backend="reference")
         lay.update(ks[r][None], vs[r][None])
         lay.commit_prefill(method.plan(0, qs[r][None], ks[r][None], torch.zeros(1, dtype=torch.long), 0.25,
                                        backend="reference", padded=False), torch.zeros(1, dtype=torch.long), decode_keep)
@@ -205,7 +206,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, session, pr
     return prefill, torch.stack(logits, 1), torch.cat(toks, 1), cache
 
 
-def row_global_positions(layer: TCALayer, r: int, shift: int) -> list[list[int]]:
+def row_global_positions(layer: RaggedLayer, r: int, shift: int) -> list[list[int]]:
     KV = layer.t_keys.shape[1]
     segs = [layer.g_pos[layer.g_offsets[r * KV + h] : layer.g_offsets[r * KV + h + 1]] for h in range(KV)]
     return [sorted((s - shift).tolist()) for s in segs]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tca_attention.budgets import Budgets
+from tca_attention.methods.tca.budgets import Budgets
 from tca_attention.data.passkey import passkey_prompt
 from tca_attention.integration import enable
-from tca_attention.methods.tca import TCA
+from tca_attention.methods.tca.method import TCA
 from tca_attention.models import load_model
 from test_batch_invariance import greedy as greedy_tiny
 

@@ -2,15 +2,16 @@
 import pytest
 import torch
 
-from tca_attention.budgets import BudgetError, Budgets, HeadBudget, ModelIdentity
-from tca_attention.cache import TCALayer
-from tca_attention.candidates import candidate_ladder
-from tca_attention.config import TCAConfig
+from tca_attention.methods.tca.budgets import BudgetError, Budgets, HeadBudget
+from tca_attention.methods.state import ModelIdentity
+from tca_attention.ragged_cache import RaggedLayer
+from tca_attention.methods.tca.candidates import candidate_ladder
+from tca_attention.methods.tca.config import TCAConfig
 from tca_attention.generation import run_prompt
 from tca_attention.integration import enable
-from tca_attention.integration.architectures import UnsupportedModelError
+from tca_attention.introspect import UnsupportedModelError
 from tca_attention.methods.streaming import StreamingLLM
-from tca_attention.methods.tca import TCA
+from tca_attention.methods.tca.method import TCA
 from tca_attention.integration.adapter import cache_kwargs
 from tiny_models import tiny
 
@@ -161,7 +162,7 @@ def test_right_padding_is_refused():
 
 
 def test_layer_cannot_be_cropped_or_reordered():
-    layer = TCALayer(16, 32)
+    layer = RaggedLayer(16, 32)
     with pytest.raises(NotImplementedError):
         layer.crop(-1)
     with pytest.raises(NotImplementedError):

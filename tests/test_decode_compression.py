@@ -1,12 +1,12 @@
 """Decode compression timing and ranking on a hand-built ragged cache layer."""
 import torch
 
-from tca_attention.cache import TCALayer
+from tca_attention.ragged_cache import RaggedLayer
 
 
 def test_compresses_when_tail_reaches_window_plus_block_and_keeps_top_attended():
     b, w, D = 4, 8, 8
-    layer = TCALayer(block_size=b, window=w, backend="reference")
+    layer = RaggedLayer(block_size=b, window=w, backend="reference")
     B, KV, H = 1, 2, 4  # GQA: 2 query heads per KV head
     L = 10
     k = torch.zeros(B, KV, L, D)
@@ -53,7 +53,7 @@ def test_decode_attention_sees_exactly_global_plus_tail():
     """One decode query equals dense attention restricted to the kept positions."""
     torch.manual_seed(0)
     b, w, D = 4, 8, 16
-    layer = TCALayer(block_size=b, window=w, backend="reference")
+    layer = RaggedLayer(block_size=b, window=w, backend="reference")
     k, v = torch.randn(1, 1, 12, D), torch.randn(1, 1, 12, D)
     layer.update(k, v)
     layer.commit_prefill(None, torch.zeros(1, dtype=torch.long), torch.tensor([1]))

@@ -17,7 +17,7 @@ from test_eval_pipeline import tiny_llama
 
 @pytest.fixture(scope="module")
 def backend(smol_tokenizer, tmp_path_factory) -> ModelBackend:
-    from tca_attention.config import TCAConfig
+    from tca_attention.methods.tca.config import TCAConfig
 
     root = tmp_path_factory.mktemp("batching")
     b = ModelBackend("tiny-llama", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer,

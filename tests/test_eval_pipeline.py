@@ -26,7 +26,7 @@ def tiny_llama(vocab_size: int, device: str = "cpu"):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokenizer, device: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from tca_attention.config import TCAConfig
+    from tca_attention.methods.tca.config import TCAConfig
 
     monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))  # the core's budget cache
 

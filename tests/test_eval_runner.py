@@ -196,7 +196,7 @@ def test_cli_rebuilds_a_prefixed_report_from_run_folders(tmp_path: Path) -> None
 def test_budgets_calibrated_with_other_settings_are_refused(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from tca_attention.config import TCAConfig
+    from tca_attention.methods.tca.config import TCAConfig
     from tca_attention.eval.methods import ModelBackend
 
     want = TCAConfig(window=512, tau=0.9)

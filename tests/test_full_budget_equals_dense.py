@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from tca_attention.integration import enable
-from tca_attention.methods.full import FullBudget
+from tca_attention.methods.full_budget import FullBudget
 from tca_attention.integration.adapter import cache_kwargs
 from tiny_models import ARCHS, tiny
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from tca_attention.budgets import Budgets
-from tca_attention.calibration import calibrate
-from tca_attention.config import SMALL_CONTEXT
+from tca_attention.methods.tca.budgets import Budgets
+from tca_attention import calibrate
+from tca_attention.methods.tca.config import SMALL_CONTEXT
 from tca_attention.data.passkey import passkey_prompt
 from tca_attention.generation import run_prompt
-from tca_attention.methods.tca import TCA
+from tca_attention.methods.tca.method import TCA
 from tca_attention.models import load_model
 
 

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from tca_attention.cli import main
-from tca_attention.config import TCAConfig
-from tca_attention.methods import registry
+from tca_attention.methods.tca.config import TCAConfig
+from tca_attention import registry
+from tca_attention.methods.dense import Dense
 from tca_attention.methods.streaming import StreamingLLM
-from tca_attention.methods.tca import TCA
+from tca_attention.methods.tca.method import TCA
 from test_cache_and_errors import fake_budgets
 from tiny_models import tiny
 
@@ -32,7 +33,7 @@ def test_specs_match_the_methods_fields():
 
 
 def test_create_builds_each_method():
-    assert registry.create("full") is None
+    assert registry.create("full") == Dense() and Dense().is_dense
     m = registry.create("streaming:window=64,block_size=16")
     assert isinstance(m, StreamingLLM) and (m.window, m.block_size, m.sinks) == (64, 16, 4)
     model = tiny("llama")
@@ -47,7 +48,7 @@ def test_create_builds_each_method():
 
 def test_create_tca_calibrates_once_then_loads(tmp_path, monkeypatch):
     """tca with a model and tokenizer: calibration through the cache (tiny model, short text)."""
-    from tca_attention import calibration_cache
+    from tca_attention.methods.tca import budget_cache as calibration_cache
 
     monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path))
     model = tiny("llama")
@@ -56,7 +57,7 @@ def test_create_tca_calibrates_once_then_loads(tmp_path, monkeypatch):
 
     def spy(*a, **k):
         calls.append(a[3])
-        return real(*a, **k, length=300)
+        return real(*a, **{**k, "length": 300})
 
     monkeypatch.setattr(calibration_cache, "load_or_calibrate", spy)
 

@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from tca_attention import selection as sel
-from tca_attention.candidates import candidate_ladder, decode_keep, expected_keep, keep_counts
-from tca_attention.config import TCAConfig
+from tca_attention.engine.plan import pack_mask
+from tca_attention.methods.tca import selection as sel
+from tca_attention.methods.tca.candidates import candidate_ladder, decode_keep, expected_keep, keep_counts
+from tca_attention.methods.tca.config import TCAConfig
 from tca_attention.methods.base import local_geometry
-from tca_attention.methods.tca import select_tokens
+from tca_attention.methods.tca.method import select_tokens
 
 
 def test_ladder_shape_order_and_normalisation():
@@ -55,9 +56,9 @@ def test_topk_within_blocks_and_pack():
     s = torch.tensor([[[0.1, 0.4, 0.2, 0.3], [0.9, 0.0, 0.05, 0.05]]])  # (1, n=2, b=4)
     mask = sel.topk_within_blocks(s, torch.tensor([[2, 1]]))
     assert mask.tolist() == [[[False, True, False, True], [True, False, False, False]]]
-    idx, ln = sel.pack_mask(mask.reshape(1, 8))
+    idx, ln = pack_mask(mask.reshape(1, 8))
     assert idx.tolist() == [[1, 3, 4]] and ln.tolist() == [3]
-    idx, ln = sel.pack_mask(torch.tensor([[True, False, False], [False, False, False]]))
+    idx, ln = pack_mask(torch.tensor([[True, False, False], [False, False, False]]))
     assert idx.tolist() == [[0], [3]] and ln.tolist() == [1, 0]
 
 

@@ -34,7 +34,7 @@ from tca_attention.engine.plan import RaggedCacheView, TokenPlan, band_start  # 
 from tca_attention.engine.triton_decode import ragged_decode_triton  # noqa: E402
 from tca_attention.engine.triton_prefill import PrefillConfig, default_config, sparse_prefill_triton  # noqa: E402
 from tca_attention.methods.base import row_geometry  # noqa: E402
-from tca_attention.selection import pack_mask  # noqa: E402
+from tca_attention.engine.plan import pack_mask  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 # Small tiles under the interpreter exercise more masked/unmasked segments and stay fast.

@@ -17,22 +17,24 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
-    if "tca_attention.engine.triton_select" in sys.modules:  # imported earlier without the interpreter
-        importlib.reload(sys.modules["tca_attention.engine.triton_select"])
+    if "tca_attention.methods.tca.triton_select" in sys.modules:  # imported earlier without the interpreter
+        importlib.reload(sys.modules["tca_attention.methods.tca.triton_select"])
 
 import pytest  # noqa: E402
 
-from tca_attention import selection as sel  # noqa: E402
-from tca_attention.budgets import Budgets, HeadBudget, ModelIdentity  # noqa: E402
-from tca_attention.cache import TCALayer  # noqa: E402
-from tca_attention.candidates import candidate_ladder  # noqa: E402
-from tca_attention.config import TCAConfig  # noqa: E402
+from tca_attention.methods.tca import selection as sel  # noqa: E402
+from tca_attention.methods.tca.budgets import Budgets, HeadBudget
+from tca_attention.methods.state import ModelIdentity  # noqa: E402
+from tca_attention.ragged_cache import RaggedLayer  # noqa: E402
+from tca_attention.methods.tca.candidates import candidate_ladder  # noqa: E402
+from tca_attention.methods.tca.config import TCAConfig  # noqa: E402
 from tca_attention.engine import dispatch  # noqa: E402
 from tca_attention.engine import reference as R  # noqa: E402
-from tca_attention.engine.plan import SelectionSpec  # noqa: E402
-from tca_attention.engine.triton_select import select_and_pack_triton  # noqa: E402
+from tca_attention.methods.tca import select as TS  # noqa: E402
+from tca_attention.methods.tca.select import SelectionSpec  # noqa: E402
+from tca_attention.methods.tca.triton_select import select_and_pack_triton  # noqa: E402
 from tca_attention.methods.base import row_geometry  # noqa: E402
-from tca_attention.methods.tca import TCA  # noqa: E402
+from tca_attention.methods.tca.method import TCA  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 
@@ -71,7 +73,7 @@ def run_both(q_last, k, key_start, keep_rank, n, b, alpha, norm, scaling):
     spec = SelectionSpec(key_start.to(DEV), keep_rank.to(DEV), n_dev, b, alpha, norm, M)
     tri = select_and_pack_triton(q_last.to(DEV), k.to(DEV), spec, scaling)
     tri = [t.cpu() for t in tri]
-    ref = R.select_and_pack_ref(q_last, k, SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M), scaling)
+    ref = TS.select_and_pack_ref(q_last, k, SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M), scaling)
     return tri, ref, M
 
 
@@ -108,7 +110,7 @@ def test_select_matches_reference(B, H, KV, L, D, b, w, ks, alpha, norm, dtype):
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-7)  # fp32 math on both sides
     for bi, st in enumerate(ks):
         assert bool((s[bi, :, :st] == 0).all())
-    idx_r, ln_r, ret_r = R.select_from_importance_ref(s, SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M))
+    idx_r, ln_r, ret_r = TS.select_from_importance_ref(s, SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M))
     assert idx.shape == (B, KV, M) and ln.dtype == torch.int32
     assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
     torch.testing.assert_close(ret, ret_r, rtol=1e-5, atol=1e-6)
@@ -183,7 +185,7 @@ def test_ties_break_like_stable_argsort(alpha, norm):
     k = torch.randn(B, KV, L // 2, D, generator=gen).repeat_interleave(2, dim=2)
     (idx, ln, _, s), _, M = run_both(q, k, key_start, keep_rank, n, b, alpha, norm, 0.125)
     assert torch.equal(s[..., 0::2], s[..., 1::2]), "duplicated keys must give equal s"
-    idx_r, ln_r, _ = R.select_from_importance_ref(s, SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M))
+    idx_r, ln_r, _ = TS.select_from_importance_ref(s, SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M))
     assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
     # of a tied pair the earlier token wins (key_start is even: pairs never straddle a block)
     B_, KV_, _ = idx.shape
@@ -239,7 +241,7 @@ def test_tca_plan_triton_equals_reference_and_commit(padded):
         plans = [dataclasses.replace(ref, kept_total=None), dataclasses.replace(ref, kept_total=total)]
         layers = []
         for p in plans:
-            lay = TCALayer(cfg.block_size, cfg.window, backend="reference")
+            lay = RaggedLayer(cfg.block_size, cfg.window, backend="reference")
             kk = k.transpose(2, 3).contiguous().transpose(2, 3)  # strided k: the direct gather must cope
             lay.update(kk, v)
             lay.commit_prefill(p, key_start, ref.decode_keep)
@@ -263,15 +265,15 @@ def test_dispatch_backends_agree_and_validate():
     M = int(kr.sum(-1).max())
     q, k, kr = q.to(DEV), k.to(DEV), kr.to(DEV)  # compiled Triton (on a GPU machine) needs CUDA tensors
     spec = SelectionSpec(torch.zeros(B, dtype=torch.long, device=DEV), kr, n, b, 0.0, "sum", M)
-    a = dispatch.select_and_pack(q, k, spec, 0.125, backend="triton")
-    r = dispatch.select_and_pack(q, k, spec, 0.125, backend="reference")
+    a = TS.select_and_pack(q, k, spec, 0.125, backend="triton")
+    r = TS.select_and_pack(q, k, spec, 0.125, backend="reference")
     assert torch.equal(a[0], r[0]) and torch.equal(a[1], r[1])
     with pytest.raises(ValueError):
-        dispatch.select_and_pack(q, k, dataclasses.replace(spec, mass_norm="median"), 0.125, backend="triton")
+        TS.select_and_pack(q, k, dataclasses.replace(spec, mass_norm="median"), 0.125, backend="triton")
     with pytest.raises(ValueError):  # max_kept too small for the reference
-        dispatch.select_and_pack(q, k, dataclasses.replace(spec, max_kept=M - 1), 0.125, backend="reference")
+        TS.select_and_pack(q, k, dataclasses.replace(spec, max_kept=M - 1), 0.125, backend="reference")
     with pytest.raises(ValueError):  # the Triton path needs the output width on the host
-        dispatch.select_and_pack(q, k, dataclasses.replace(spec, max_kept=None), 0.125, backend="triton")
+        TS.select_and_pack(q, k, dataclasses.replace(spec, max_kept=None), 0.125, backend="triton")
 
 
 @pytest.mark.gpu
@@ -294,8 +296,8 @@ def test_gpu_select_has_no_host_sync():
         out = select_and_pack_triton(q, k, spec, D**-0.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    ref = R.select_and_pack_ref(q, k, spec, D**-0.5)
-    idx_r, ln_r, _ = R.select_from_importance_ref(out[3], spec)
+    ref = TS.select_and_pack_ref(q, k, spec, D**-0.5)
+    idx_r, ln_r, _ = TS.select_from_importance_ref(out[3], spec)
     assert torch.equal(out[0], idx_r) and torch.equal(out[1], ln_r)
     torch.testing.assert_close(out[3], ref[3], rtol=1e-3, atol=1e-6)
 

@@ -17,10 +17,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from ..budgets import Budgets
+from ..methods.tca.budgets import Budgets
 from ..clihelp import HelpFormatter
 from ..integration import enable
-from ..methods.tca import TCA
+from ..methods.tca.method import TCA
 from . import require_cuda
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -46,7 +46,7 @@ def head_budgets(frac: float, L: int, window: int, block: int, gen: torch.Genera
     Heads get random global densities (0.5x..1.5x of the mean) realised by mixing neighbouring
     rows of the candidate ladder (extended by "all keep 1" and "all keep b").
     """
-    from tca_attention.candidates import candidate_ladder, expected_keep
+    from tca_attention.methods.tca.candidates import candidate_ladder, expected_keep
 
     n = (L - window) // block
     ls = n * block
@@ -68,12 +68,12 @@ def head_budgets(frac: float, L: int, window: int, block: int, gen: torch.Genera
 
 
 class Selector:
-    """TCA.plan's selection for one layer: dispatch.select_and_pack with the keep count per rank
+    """TCA.plan's selection for one layer: TS.select_and_pack with the keep count per rank
     and the output width built once on the host (as TCA caches them), so timing a call measures
     exactly what TCA runs per prefill. backend: "triton" (fused, no sync) or "reference"."""
 
     def __init__(self, p: torch.Tensor, L: int, window: int, block: int, alpha: float, backend: str = "triton"):
-        from tca_attention.selection import keep_per_rank
+        from tca_attention.methods.tca.selection import keep_per_rank
 
         self.n = (L - window) // block
         self.block, self.window, self.alpha, self.backend = block, window, alpha, backend
@@ -85,13 +85,13 @@ class Selector:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, scaling: float):
         """q (B, H, L, D), k (B, KV, L, D) -> TokenPlan (no padding: key_start 0)."""
-        from tca_attention.engine import dispatch
-        from tca_attention.engine.plan import SelectionSpec, TokenPlan
+        from tca_attention.engine.plan import TokenPlan
+        from tca_attention.methods.tca import select as TS
 
         B = q.shape[0]
         key_start = torch.zeros(B, dtype=torch.long, device=q.device)
-        spec = SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", self.max_kept)
-        idx, lens, retained, _ = dispatch.select_and_pack(q[:, :, -1], k, spec, scaling, backend=self.backend)
+        spec = TS.SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", self.max_kept)
+        idx, lens, retained, _ = TS.select_and_pack(q[:, :, -1], k, spec, scaling, backend=self.backend)
         return TokenPlan(idx, lens, self.n * self.block, self.window, self.block, key_start, self.decode_keep,
                          retained, kept_total=B * int(self.keep_rank.sum()))
 
@@ -105,8 +105,9 @@ def tca_select(q: torch.Tensor, k: torch.Tensor, p: torch.Tensor, window: int, b
 def selection_breakdown(q, k, p, window: int, block: int, alpha: float, scaling: float) -> dict[str, float]:
     """Median ms of each launch group of the fused selection (triton_select's steps) and of each
     step of the PyTorch reference, plus both whole calls, to see where selection time goes."""
-    from tca_attention import selection as S
-    from tca_attention.engine import triton_select as T
+    from tca_attention.engine.plan import pack_mask
+    from tca_attention.methods.tca import selection as S
+    from tca_attention.methods.tca import triton_select as T
 
     sel_t = Selector(p, q.shape[2], window, block, alpha, "triton")
     sel_r = Selector(p, q.shape[2], window, block, alpha, "reference")
@@ -136,7 +137,7 @@ def selection_breakdown(q, k, p, window: int, block: int, alpha: float, scaling:
         "block_redundancy": lambda: S.block_redundancy(sb, alpha),
         "keep_per_block": lambda: S.keep_per_block(hj, kr.expand(B, kv, n)),
         "topk_within_blocks": lambda: S.topk_within_blocks(sb, kpb),
-        "pack_mask": lambda: S.pack_mask(mask),
+        "pack_mask": lambda: pack_mask(mask),
         "total": lambda: sel_r(q, k, scaling),
     }
     out = {f"triton/{name}": bench_ms(fn, target_ms=50)["median_ms"] for name, fn in triton_steps.items()}

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from ..calibration import calibrate
+from ..integration.probe import calibrate
 from ..clihelp import HelpFormatter
-from ..config import TCAConfig
+from ..methods.tca.config import TCAConfig
 from ..data.passkey import passkey_prompt
 from ..generation import run_prompt
-from ..methods.tca import TCA
+from ..methods.tca.method import TCA
 from ..models import load_model
 from . import require_cuda
 

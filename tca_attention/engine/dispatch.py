@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from . import reference
-from .plan import RaggedCacheView, SelectionSpec, TokenPlan
+from .plan import RaggedCacheView, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -63,15 +63,3 @@ def ragged_decode(
 
         return ragged_decode_triton(q, cache, scaling)
     return reference.ragged_decode_ref(q, cache, scaling)
-
-
-def select_and_pack(
-    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, backend: Backend = "auto"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 selection of q_last (B, H, D) over k (B, KV, L, D); see reference.select_and_pack_ref.
-    The Triton path never syncs (it needs spec.max_kept)."""
-    if resolve(backend, k.device) == "triton":
-        from .triton_select import select_and_pack_triton
-
-        return select_and_pack_triton(q_last, k, spec, scaling)
-    return reference.select_and_pack_ref(q_last, k, spec, scaling)

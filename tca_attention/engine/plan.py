@@ -1,7 +1,6 @@
 """What the executors take besides q/k/v and the scaling, one definition per operation.
 
 TokenPlan: what each head keeps after prefill (produced by method policies; sparse_prefill, the cache).
-SelectionSpec: TCA Phase 2's block geometry and keep counts for one layer (select_and_pack).
 RaggedCacheView: the ragged cache as decode queries see it (built by the cache; ragged_decode).
 Frozen dataclasses of tensor references: building one copies and synchronises nothing.
 """
@@ -70,37 +69,6 @@ def rows_blocks(n_blocks: int | torch.Tensor, batch: int, device: torch.device) 
 
 
 @dataclass(frozen=True)
-class SelectionSpec:
-    """TCA Phase 2 for one layer: which blocks each row ranks and how many tokens each rank keeps.
-
-    Row r's global blocks are [key_start[r] + j b, key_start[r] + (j + 1) b) for j < n_r, b =
-    block_size (blocks count from the row's first real token, so a left-padded row selects exactly
-    what it selects alone); n_blocks: n_r as an int (every row) or a (B,) tensor (<= n_max);
-    keep_rank (KV, n_max) or (B, KV, n_max): the keep count of the block at each rank of the row's
-    own block count (selection.keep_per_rank(p, n_r, b), or keep_per_rank_rows; ranks >= n_r are
-    ignored); alpha, mass_norm ("sum" or "max"): Eq. 6's block score; max_kept: the width of
-    kept_idx, >= every head's kept count (the Triton path needs it: no host sync; the reference
-    uses the largest kept count when it is None).
-    """
-
-    key_start: torch.Tensor  # (B,) int64
-    keep_rank: torch.Tensor
-    n_blocks: int | torch.Tensor
-    block_size: int
-    alpha: float
-    mass_norm: str
-    max_kept: int | None = None
-
-    @property
-    def n_max(self) -> int:
-        return self.keep_rank.shape[-1]
-
-    def rows_blocks(self, batch: int, device: torch.device) -> torch.Tensor:
-        """(B,) int64 global block count of each row."""
-        return rows_blocks(self.n_blocks, batch, device)
-
-
-@dataclass(frozen=True)
 class RaggedCacheView:
     """The ragged cache as a step's queries see it: a global part packed over heads plus a dense tail.
 
@@ -118,3 +86,18 @@ class RaggedCacheView:
     t_keys: torch.Tensor
     t_values: torch.Tensor
     t_pos: torch.Tensor
+
+
+def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending indices of True entries, padded: (..., N) bool -> idx (..., M) int64, len (...) int32.
+
+    Padding entries hold N (one past the end) so they sort last and are easy to spot.
+    """
+    N = mask.shape[-1]
+    lengths = mask.sum(-1)
+    M = int(lengths.max()) if mask.numel() else 0
+    ar = torch.arange(N, device=mask.device)
+    key = torch.where(mask, ar, ar + N)
+    idx = torch.sort(key, dim=-1).values[..., :M]
+    idx = torch.where(idx >= N, torch.full_like(idx, N), idx)
+    return idx, lengths.to(torch.int32)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import selection as sel
-from .plan import RaggedCacheView, SelectionSpec, TokenPlan, band_start
+from .plan import RaggedCacheView, TokenPlan, band_start
 
 
 def _softmax_out(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,66 +105,3 @@ def dense_causal_ref(
         mask = mask[:, None]
     logits = logits.masked_fill(~mask, float("-inf"))
     return _softmax_out(logits, vv)[0].transpose(1, 2).to(q.dtype)
-
-
-def select_mask_ref(s: torch.Tensor, spec: SelectionSpec) -> torch.Tensor:
-    """TCA Phase 2 steps 4-6 on importance s (B, KV, L) fp32 -> selection mask (B, KV, L) bool.
-
-    Geometry and keep counts: SelectionSpec (max_kept unused). Blocks are ranked among the row's
-    own blocks only, so a row selects exactly what it selects alone (shifted by its padding).
-    """
-    B, KV, L = s.shape
-    n_max, block_size = spec.n_max, spec.block_size
-    dev = s.device
-    nr = spec.rows_blocks(B, dev)
-    ar = torch.arange(n_max * block_size, device=dev)
-    pos = spec.key_start.to(dev).long()[:, None] + ar  # (B, n_max * b) absolute position of each block slot
-    in_glob = ar[None, :] < (nr * block_size)[:, None]  # (B, n_max * b)
-    sb = torch.gather(s, 2, pos.clamp(max=L - 1)[:, None, :].expand(B, KV, -1))
-    sb = torch.where(in_glob[:, None, :], sb, torch.zeros_like(sb)).view(B, KV, n_max, block_size)
-    h = sel.block_redundancy(sb, spec.alpha, spec.mass_norm)  # blocks past n_r: no mass, no effect on "max"
-    blk_ok = torch.arange(n_max, device=dev)[None, :] < nr[:, None]  # (B, n_max)
-    h = h.masked_fill(~blk_ok[:, None, :], float("-inf"))  # ranked after the row's own blocks
-    keep = sel.keep_per_block(h, spec.keep_rank.to(dev).expand(B, KV, n_max))
-    chosen = sel.topk_within_blocks(sb, keep).view(B, KV, -1) & in_glob[:, None, :]
-    mask = torch.zeros(B, KV, L + n_max * block_size, dtype=torch.bool, device=dev)
-    mask.scatter_(2, pos[:, None, :].expand(B, KV, -1), chosen)  # positions are distinct per row
-    return mask[..., :L]
-
-
-def select_from_importance_ref(
-    s: torch.Tensor, spec: SelectionSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32 (geometry: SelectionSpec).
-
-    -> kept_idx (B, KV, M) absolute positions ascending, padded with L (M = spec.max_kept, or the
-       largest kept count); kept_len (B, KV) int32; retained (B, KV) last-query mass on the kept
-       global + local keys.
-    """
-    B, KV, L = s.shape
-    mask = select_mask_ref(s, spec)
-    kept_idx, kept_len = sel.pack_mask(mask)  # padded with L
-    max_kept = spec.max_kept
-    if max_kept is not None:
-        M = kept_idx.shape[-1]
-        if M > max_kept:
-            raise ValueError(f"a head keeps {M} tokens, more than max_kept={max_kept}")
-        kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=L)
-    local_start = spec.key_start.to(s.device).long() + spec.rows_blocks(B, s.device) * spec.block_size
-    local = torch.arange(L, device=s.device)[None, :] >= local_start[:, None]  # (B, L)
-    retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
-    return kept_idx, kept_len, retained
-
-
-def select_and_pack_ref(
-    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TCA Phase 2 selection (no sink tokens) of q_last (B, H, D) over k (B, KV, L, D), the blocks
-    and keep counts of spec.
-
-    -> kept_idx (B, KV, M), kept_len (B, KV) int32, retained (B, KV), s (B, KV, L) fp32.
-    """
-    L = k.shape[2]
-    valid = torch.arange(L, device=k.device)[None, :] >= spec.key_start.to(k.device)[:, None]
-    s = sel.last_query_importance(q_last, k, valid, scaling)
-    return (*select_from_importance_ref(s, spec), s)

@@ -22,9 +22,7 @@ import triton
 import triton.language as tl
 
 from .plan import TokenPlan, band_start
-from .triton_common import (
-    LOG2E, attend_block, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast,
-)
+from .triton_common import LOG2E, attend_block, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast
 
 
 @dataclass(frozen=True)

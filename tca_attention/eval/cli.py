@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..clihelp import HelpFormatter
-from ..config import PRESETS
+from ..methods.tca.config import PRESETS
 from .methods import SDPA_BACKENDS
 from .tasks import TASKS
 

@@ -101,7 +101,7 @@ def resolve_tca_config(preset: str, score: str | None, tau: float) -> dict[str, 
     """The TCA configuration a run uses, as plain data (for the run's identity)."""
     from dataclasses import asdict
 
-    from ..config import PRESETS
+    from ..methods.tca.config import PRESETS
 
     if preset not in PRESETS:
         raise ValueError(f"unknown TCA preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -182,7 +182,7 @@ class ModelBackend:
     def tca_config(self) -> Any:
         if self._tca_config is not None:
             return self._tca_config
-        from ..config import TCAConfig
+        from ..methods.tca.config import TCAConfig
 
         return TCAConfig(**resolve_tca_config(self.tca_preset, self.tca_score, self.tca_tau))
 
@@ -200,8 +200,8 @@ class ModelBackend:
         """Load the model and the TCA budgets: the run folder's copy, a given file, or the core's
         per-model cache (calibrating once); a copy is saved in the run folder."""
         self.load()
-        from ..budgets import Budgets
-        from ..calibration_cache import load_or_calibrate
+        from ..methods.tca.budgets import Budgets
+        from ..integration.probe import load_or_calibrate
 
         path = run_dir / "budgets.json"
         if path.exists():
@@ -224,7 +224,7 @@ class ModelBackend:
 
     # -- methods ------------------------------------------------------------------------------
     def core_method(self, spec: MethodSpec, prompt_tokens: int, matched_fraction: float | None) -> Any:
-        from ..methods import registry
+        from .. import registry
 
         if spec.kind == "full":
             return registry.create("full")
@@ -301,8 +301,8 @@ class ModelBackend:
             if input_ids.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / B
-            report = session.prefill_report() if method is not None else {}
-        if method is None:
+            report = session.prefill_report() if not method.is_dense else {}
+        if method.is_dense:
             rows = _dense_rows(cache, lens, L)
         else:
             rows = cache.per_row()

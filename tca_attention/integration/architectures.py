@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..introspect import _LAYER_KINDS, UnsupportedModelError, attention_modules, key_projection_weight, layer_kinds, text_config  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 
@@ -36,37 +38,6 @@ TESTED: dict[str, Architecture] = {
     )
 }
 SUPPORTED = TESTED  # kept name: the table the README shows
-
-_LAYER_KINDS = {"full_attention": "full", "sliding_attention": "sliding"}
-
-
-class UnsupportedModelError(ValueError):
-    pass
-
-
-def text_config(model: nn.Module):
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules ordered by layer_idx (decoder layers' `self_attn` with a layer_idx)."""
-    mods = [m for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "self_attn" and isinstance(getattr(m, "layer_idx", None), int)]
-    mods.sort(key=lambda m: m.layer_idx)
-    if not mods:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no decoder self-attention modules (`self_attn` with a layer_idx) were found")
-    return mods
-
-
-def key_projection_weight(module: nn.Module):
-    """The weight that produces the keys (k_proj, or the fused qkv_proj)."""
-    for name in ("k_proj", "qkv_proj", "query_key_value"):
-        if hasattr(module, name):
-            return getattr(module, name).weight
-    return next(module.parameters())
-
 
 def check_supported(model: nn.Module) -> Architecture:
     """The model's entry in TESTED, or a generic entry; UnsupportedModelError naming why not."""
@@ -102,16 +73,3 @@ def _why_unsupported(model: nn.Module, cfg) -> str | None:
     if other:
         return f"layer types {other} are not supported (only {sorted(_LAYER_KINDS)})"
     return None
-
-
-def layer_kinds(model: nn.Module) -> list[str]:
-    """'full' (the method applies) or 'sliding' (left to SDPA and a sliding-window cache) per layer.
-
-    From `layer_types` where the config has them; otherwise every layer is sliding when the config
-    sets a `sliding_window` (Mistral v0.1, windowed Phi-3), else full.
-    """
-    cfg = text_config(model)
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return [_LAYER_KINDS[t] for t in types]
-    return ["sliding" if getattr(cfg, "sliding_window", None) else "full"] * cfg.num_hidden_layers

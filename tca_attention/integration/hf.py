@@ -17,16 +17,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..cache import TCACache, TCALayer
+from ..ragged_cache import RaggedCache, RaggedLayer
 from ..engine import dispatch
-from ..methods.base import Method
+from ..methods.base import Method, Observer
+from ..methods.dense import Dense
 from . import adapter
-from .architectures import attention_modules, check_supported, layer_kinds, text_config
+from ..introspect import attention_modules, layer_kinds, text_config
+from .architectures import check_supported
 
 ATTN_NAME = "tca"
 _SESSIONS: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
-# observer(layer_idx, q, k, v, scaling) is called on full layers during an observed dense forward
-Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 _NOT_SEEN = object()
 
 
@@ -68,15 +68,17 @@ class Session:
                  observer: Observer | None = None) -> None:
         self.arch = check_supported(model)
         dispatch.check_name(backend)
-        if method is not None:
-            method.check_model(model)
+        method = Dense() if method is None else method
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be a tca_attention Method (see tca_attention.create), got {type(method).__name__}")
+        method.check_model(model)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
         self.last_prefill: dict[int, dict[str, Any]] = {}  # layer -> retained / kept fraction
-        self.cache: TCACache | Any = None  # the cache of the last generate()
+        self.cache: RaggedCache | Any = None  # the cache of the last generate()
         self._caches: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
-        self._tracked: "weakref.WeakSet[TCACache]" = weakref.WeakSet()  # ragged caches to check
+        self._tracked: "weakref.WeakSet[RaggedCache]" = weakref.WeakSet()  # ragged caches to check
         self._before: dict[int, list[tuple[int, int, int]]] = {}
         self._hooks: list = []
         self._restore_impl: Callable[[], None] | None = None
@@ -121,7 +123,7 @@ class Session:
     def _remember_cache(self, module, args, kwargs):
         cache = adapter.cache_of_module_call(kwargs)
         self._caches[module] = cache
-        if isinstance(cache, TCACache):
+        if isinstance(cache, RaggedCache):
             self._tracked.add(cache)
 
     # -- the per-forward check ------------------------------------------------------------
@@ -135,7 +137,7 @@ class Session:
                 self._check_layer(cache, layer, layer.calls.updates - u0, layer.calls.commits - c0,
                                   layer.calls.decodes - d0)
 
-    def _check_layer(self, cache: TCACache, layer: TCALayer, updates: int, commits: int, decodes: int) -> None:
+    def _check_layer(self, cache: RaggedCache, layer: RaggedLayer, updates: int, commits: int, decodes: int) -> None:
         if updates == 0:
             return  # this cache was not part of the forward
         if commits + decodes != updates:
@@ -155,11 +157,11 @@ class Session:
         """A cache for this session's method (a ragged cache; a DynamicCache for plain attention).
         Hand it to model()/generate() with `**session.cache_kwargs(cache)`, or use generate()."""
         cfg = text_config(self.model)
-        if self.method is None:
+        if self.method.is_dense:
             from transformers.cache_utils import DynamicCache
 
             return DynamicCache(config=self.model.config)
-        cache = TCACache(self.kinds, self.method.block_size, self.method.window,
+        cache = RaggedCache(self.kinds, self.method.block_size, self.method.window,
                          getattr(cfg, "sliding_window", None), self.backend)
         self._tracked.add(cache)
         return cache
@@ -177,7 +179,7 @@ class Session:
     # -- the attention call -----------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall):
         idx, q = call.layer_idx, call.query
-        if self.kinds[idx] == "sliding" or self.method is None or self.observer is not None:
+        if self.kinds[idx] == "sliding" or self.method.is_dense or self.observer is not None:
             if self.observer is not None and self.kinds[idx] == "full":
                 self.observer(idx, q, call.key, call.value, call.scaling)
             return adapter.sdpa(call)
@@ -190,7 +192,7 @@ class Session:
             raise adapter.AdapterError(
                 f"attention for layer {idx} was called without its module's forward (no cache could be found)")
         layer = cache.layers[idx] if cache is not None else None
-        if cache is not None and not isinstance(layer, TCALayer):
+        if cache is not None and not isinstance(layer, RaggedLayer):
             raise TypeError(
                 f"{getattr(self.method, 'name', 'this method')} needs its own cache: use session.generate(), or pass "
                 f"session.new_cache() to the model (got {type(cache).__name__})"
@@ -201,7 +203,7 @@ class Session:
             return layer.attend(q, call.scaling), None
         return self._prefill(call, layer)
 
-    def _prefill(self, call: adapter.AttentionCall, layer: TCALayer | None):
+    def _prefill(self, call: adapter.AttentionCall, layer: RaggedLayer | None):
         idx, q, k, v = call.layer_idx, call.query, call.key, call.value
         B, _, L, _ = q.shape
         if L == 0:
@@ -240,7 +242,7 @@ class Session:
 def enable(model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto") -> Session:
     """Run `model` with `method` until disable() or the end of the `with` block.
 
-    method=None is plain attention (a session whose new_cache() is a DynamicCache).
+    method=None is Dense(): plain attention (a session whose new_cache() is a DynamicCache).
     """
     return Session(model, method, backend).enable()
 

@@ -1,4 +1,2 @@
-"""Sparse-attention policies on the shared engine."""
-from .base import Method
-
-__all__ = ["Method"]
+"""Sparse-attention policies on the shared engine: one file per method (TCA: the tca/ package);
+the protocol is base.Method."""

@@ -1,30 +1,61 @@
-"""What a method (policy) is: it answers "what does each KV head keep" with a plan."""
+"""What a method (policy) is: it plans what each KV head keeps and attends to; the engine runs it.
+
+A method answers, per full-attention layer:
+  plan()          at prefill: a TokenPlan (kept tokens per KV head + causal window; the ragged
+                  cache keeps just those), a BlockPlan (key blocks per query block; the cache keeps
+                  everything), or None (dense attention, everything kept);
+  decode_keep()   what the ragged cache keeps of each block it compresses in decode (eviction);
+  select_decode() at each decode step, which pages of the cache the new queries read (None: all);
+and optionally calibrates once, through a Probe, into plain JSON state tied to the model
+(methods/state.py). Per-head kinds (dense / streaming / sparse heads) are plans too (head_kinds.py).
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Callable, Protocol, Union
 
 import torch
+from torch import nn
 
 from ..engine.dispatch import Backend
 from ..engine.plan import TokenPlan
+
+if TYPE_CHECKING:
+    from ..ragged_cache import RaggedLayer
+
+# observer(layer_idx, q, k, v, scaling): q (B, H, L, D), k/v (B, KV, L, D) after rotary
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+Plan = Union[TokenPlan, "BlockPlan"]  # noqa: F821 - engine.plan.BlockPlan
+
+
+class Probe(Protocol):
+    """A model as a calibration sees it; lent by the integration (integration.probe.ModelProbe),
+    so that methods never import the integration."""
+
+    model: nn.Module
+
+    def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
+        """One dense forward of input_ids (1, L), calling observer on every full-attention layer."""
 
 
 class Method(ABC):
     """A sparse-attention policy. Executors and the cache are shared; a method only plans.
 
-    plan(): for a full-attention layer at prefill, a TokenPlan, or None for dense attention
-    (everything kept). block_size/window set the cache geometry and decode compression period.
+    block_size/window: the ragged cache's geometry (the causal window every query keeps, and the
+    block decode compresses at a time). is_dense: plain attention everywhere (SDPA and a
+    DynamicCache; no hooks on the hot path): the Dense method, the reference of every comparison.
     """
 
     name: str
     block_size: int
     window: int
+    is_dense: bool = False
 
     @abstractmethod
     def plan(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float,
         *, backend: Backend = "auto", padded: bool = True,
-    ) -> TokenPlan | None:
+    ) -> Plan | None:
         """q (B, H, L, D), k (B, KV, L, D) after rotary; key_start (B,) first non-padding key.
 
         backend: kernels to use where the method has them; padded=False promises key_start == 0
@@ -33,10 +64,15 @@ class Method(ABC):
 
     @abstractmethod
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        """(KV,) tokens each head keeps when decode compresses one block."""
+        """(KV,) tokens each head keeps when decode compresses one block (block_size: keep all)."""
+
+    def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer"):
+        """Pages of `layer`'s cache the decode queries q (B, H, Q, D) read: a DecodeSelection, or
+        None to read everything the cache holds (the default)."""
+        return None
 
     def check_model(self, model) -> None:
-        """Raise if this method cannot run on `model` (e.g. budgets of another model)."""
+        """Raise if this method cannot run on `model` (e.g. state calibrated on another model)."""
 
 
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..base import Probe
 from .config import TCAConfig
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ _REF_CPU_S = (90.0, 250.0)
 
 
 def budgets_path_for(model_key: str, config: TCAConfig, length: int | None) -> Path:
-    from .models import cache_root
+    from ...paths import cache_root
 
     calib = {k: v for k, v in asdict(config).items() if k not in ("tau", "score")}  # re-selectable
     digest = hashlib.sha256(json.dumps([model_key, calib, length], sort_keys=True).encode()).hexdigest()[:12]
@@ -39,7 +40,7 @@ def _minutes(s: float) -> str:
 def calibration_notice(model, config: TCAConfig, length: int | None, path: Path | None) -> str:
     """The line said before calibrating: once, for what, roughly how long, cached where."""
     from .calibration import DEFAULT_LENGTH
-    from .integration.architectures import layer_kinds, text_config
+    from ...introspect import layer_kinds, text_config
 
     cfg = text_config(model)
     trained = getattr(cfg, "max_position_embeddings", None) or DEFAULT_LENGTH
@@ -65,7 +66,7 @@ def _say(announce: bool, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def load_or_calibrate(model, tok, model_key: str, config: TCAConfig, budgets: str | None = None,
+def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budgets: str | None = None,
                       length: int | None = None, announce: bool = True):
     """Budgets from a file, or from the per-model cache, calibrating once if needed.
 
@@ -75,6 +76,7 @@ def load_or_calibrate(model, tok, model_key: str, config: TCAConfig, budgets: st
     from .budgets import Budgets
     from .calibration import calibrate
 
+    model = probe.model
     if budgets:
         b = Budgets.load(budgets, model=model)
         _say(announce, f"Using budgets {budgets} (calibrated with w={b.config.window}, b={b.config.block_size}).")
@@ -85,7 +87,7 @@ def load_or_calibrate(model, tok, model_key: str, config: TCAConfig, budgets: st
                        "delete the file to calibrate again).")
         return Budgets.load(path, model=model).at(tau=config.tau, score=config.score)
     _say(announce, calibration_notice(model, config, length, path))
-    b = calibrate(model, tok, config, length=length)
+    b = calibrate(probe, tok, config, length=length)
     b.save(path)
     _say(announce, f"Budgets saved to {path}.")
     return b

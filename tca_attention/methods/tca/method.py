@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import selection as sel
-from ..budgets import Budgets
-from ..engine import dispatch, reference
-from ..engine.plan import SelectionSpec, TokenPlan
-from .base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
+from ...engine.plan import TokenPlan, pack_mask
+from ..base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
+from . import selection as sel
+from .budgets import Budgets
+from .select import SelectionSpec, select_and_pack, select_mask_ref
 
 
 def select_tokens(
@@ -110,17 +110,17 @@ class TCA(Method):
             keep_rank = self._row_ranks(layer_idx, n_rows, n_max)  # (B, KV, n_max)
         spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept)
         if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
-            kept_idx, kept_len, retained, _ = dispatch.select_and_pack(q[:, :, -1], k, spec, scaling, backend=backend)
+            kept_idx, kept_len, retained, _ = select_and_pack(q[:, :, -1], k, spec, scaling, backend=backend)
             # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
             return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                              kept_total=None if padded else B * total, row_local_start=row_ls)
         valid = key_validity(L, key_start)
         s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
-        mask = reference.select_mask_ref(s, spec)
+        mask = select_mask_ref(s, spec)
         ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
         glob = global_region(L, key_start, ls)  # (B, L)
         mask |= (sink_mask(L, key_start, cfg.sink_tokens) & glob)[:, None, :]
-        kept_idx, kept_len = sel.pack_mask(mask)
+        kept_idx, kept_len = pack_mask(mask)
         local = key_validity(L, ls)
         retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
         return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,

@@ -30,7 +30,7 @@ from .engine import dispatch
 from .engine.plan import RaggedCacheView, TokenPlan
 
 
-class TCALayer(DynamicLayer):
+class RaggedLayer(DynamicLayer):
     """One attention layer's ragged cache."""
 
     is_sliding = False
@@ -360,7 +360,7 @@ def _global_store(n: int, d: int, like: torch.Tensor) -> tuple[torch.Tensor, tor
     return keys, values, buf[2 * kv_aligned :].view(torch.long)
 
 
-class TCACache(Cache):
+class RaggedCache(Cache):
     """A transformers Cache whose full-attention layers are ragged TCA layers."""
 
     def __init__(self, kinds: list[str], block_size: int, window: int, sliding_window: int | None = None,
@@ -368,21 +368,21 @@ class TCACache(Cache):
         layers = []
         for kind in kinds:
             if kind == "full":
-                layers.append(TCALayer(block_size, window, backend))
+                layers.append(RaggedLayer(block_size, window, backend))
             elif kind == "sliding":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=sliding_window))
             else:
                 raise ValueError(f"unknown layer kind {kind!r}")
         super().__init__(layers=layers)
 
-    def tca_layers(self) -> list[TCALayer]:
-        return [l for l in self.layers if isinstance(l, TCALayer)]
+    def tca_layers(self) -> list[RaggedLayer]:
+        return [l for l in self.layers if isinstance(l, RaggedLayer)]
 
     def kv_bytes(self) -> int:
         """Bytes actually held by every layer of this cache."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, TCALayer):
+            if isinstance(layer, RaggedLayer):
                 total += layer.kv_bytes()
             elif layer.is_initialized and layer.keys is not None:
                 total += layer.keys.nbytes + layer.values.nbytes
@@ -396,7 +396,7 @@ class TCACache(Cache):
         """Bytes a plain DynamicCache would hold for the same tokens (sliding layers as they are)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, TCALayer):
+            if isinstance(layer, RaggedLayer):
                 total += layer.dense_bytes()
             elif layer.is_initialized and layer.keys is not None:
                 total += layer.keys.nbytes + layer.values.nbytes
@@ -406,7 +406,7 @@ class TCACache(Cache):
         """Per batch row, over non-padding tokens: kept_fraction (TCA layers), kv_bytes and
         dense_kv_bytes (what this row's slots take; sliding layers shared equally by the rows)."""
         tca = [l for l in self.tca_layers() if l.t_keys is not None]
-        others = [l for l in self.layers if not isinstance(l, TCALayer) and l.is_initialized and l.keys is not None]
+        others = [l for l in self.layers if not isinstance(l, RaggedLayer) and l.is_initialized and l.keys is not None]
         if not tca:
             return []
         B = tca[0].t_keys.shape[0]

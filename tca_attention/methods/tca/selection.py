@@ -113,18 +113,3 @@ def within_block_rank(s_blocks: torch.Tensor) -> torch.Tensor:
 def topk_within_blocks(s_blocks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Eq. 8: keep the top keep[j] tokens of each block by s. (..., n, b), (..., n) -> bool mask."""
     return within_block_rank(s_blocks) < keep[..., None]
-
-
-def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending indices of True entries, padded: (..., N) bool -> idx (..., M) int64, len (...) int32.
-
-    Padding entries hold N (one past the end) so they sort last and are easy to spot.
-    """
-    N = mask.shape[-1]
-    lengths = mask.sum(-1)
-    M = int(lengths.max()) if mask.numel() else 0
-    ar = torch.arange(N, device=mask.device)
-    key = torch.where(mask, ar, ar + N)
-    idx = torch.sort(key, dim=-1).values[..., :M]
-    idx = torch.where(idx >= N, torch.full_like(idx, N), idx)
-    return idx, lengths.to(torch.int32)

@@ -1,6 +1,6 @@
 """Triton TCA Phase-2 selection: last-query importance, block ranking, top-k and packing, fused.
 
-Semantics: exactly `reference.select_and_pack_ref` (TCA.plan with no sink tokens). Blocks of row r
+Semantics: exactly `select.select_and_pack_ref` (TCA.plan with no sink tokens). Blocks of row r
 start at its first real key s_r = key_start[r]: block j covers [s_r + j b, s_r + (j + 1) b), the
 row has n_r global blocks (n_rows[r] <= n_max, a device tensor) and keep_rank gives its keep count
 per rank, so a left-padded row selects what it selects alone. Per layer:
@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import SelectionSpec, rows_blocks
-from .triton_common import check_head_dim, check_heads, interpreted, next_pow2
+from ...engine.plan import rows_blocks
+from ...engine.triton_common import check_head_dim, check_heads, interpreted, next_pow2
+from .select import SelectionSpec
 
 
 @triton.jit

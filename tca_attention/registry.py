@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any, Callable
 
-FULL = "full"  # plain attention, no session hooks (the reference every method is compared to)
+FULL = "full"  # plain attention (Dense): the reference every method is compared to
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Entry:
 
 
 def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-    from .tca import TCA
+    from .methods.tca.method import TCA
 
     if "budgets" in extra:  # a Budgets object handed in by the caller
         budgets = extra.pop("budgets")
@@ -34,9 +35,9 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         if model is None or tokenizer is None:
             raise ValueError("tca needs budgets: pass model= and tokenizer= (calibrates once, then cached), "
                              "or budgets=")
-        from ..calibration_cache import load_or_calibrate
-        from ..config import PRESETS, auto_preset
-        from ..integration.architectures import text_config
+        from .integration.probe import load_or_calibrate
+        from .introspect import text_config
+        from .methods.tca.config import PRESETS, auto_preset
 
         preset = params.get("preset") or auto_preset(getattr(text_config(model), "max_position_embeddings", None))[0]
         if preset not in PRESETS:
@@ -50,7 +51,7 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
 def _dataclass_build(cls_path: str) -> Callable[..., Any]:
     def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         module, _, name = cls_path.rpartition(".")
-        cls = getattr(__import__(f"{__package__}.{module}", fromlist=[name]), name)
+        cls = getattr(import_module(f"{__package__}.methods.{module}"), name)
         return cls(**params, **extra)
 
     return build
@@ -59,7 +60,7 @@ def _dataclass_build(cls_path: str) -> Callable[..., Any]:
 ENTRIES: dict[str, Entry] = {
     e.name: e
     for e in (
-        Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, lambda *a: None),
+        Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
                "dense_below": int},
@@ -67,7 +68,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM")),
         Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
-              {"window": int, "block_size": int}, _dataclass_build("full.FullBudget")),
+              {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
     )
 }
 
@@ -109,7 +110,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def create(spec: str, *, model=None, tokenizer=None, **extra: Any):
     """Build the method a spec names. Keyword arguments beyond model/tokenizer go to the method
-    as they are (objects a spec cannot spell, e.g. budgets=); None means full attention."""
+    as they are (objects a spec cannot spell, e.g. budgets=)."""
     name, params = parse_spec(spec)
     entry = ENTRIES[name]
     overlap = set(params) & set(extra)
@@ -129,8 +130,8 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
-    from .full import FullBudget
-    from .streaming import StreamingLLM
+    from .methods.full_budget import FullBudget
+    from .methods.streaming import StreamingLLM
 
     for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget)):
         hints = typing.get_type_hints(cls)

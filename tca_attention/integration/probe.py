@@ -1,0 +1,43 @@
+"""Lend a model to a method's calibration (methods/base.Probe), and the calibrate entry points.
+
+Methods never import the integration: a calibration receives a ModelProbe, which runs one dense
+forward through an observing session. `calibrate` and `load_or_calibrate` take a model, as users do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..methods.base import Observer
+from ..methods.tca import budget_cache
+from ..methods.tca import calibration as tca_calibration
+from ..methods.tca.budgets import Budgets
+from ..methods.tca.config import TCAConfig
+from .architectures import check_supported
+from .hf import Session
+
+
+class ModelProbe:
+    """A supported model, observed through a dense forward (no cache, last logits only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        check_supported(model)
+        self.model = model
+
+    @torch.no_grad()
+    def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
+        with Session(self.model, None, observer=observer):
+            self.model(input_ids, use_cache=False, logits_to_keep=1)
+
+
+def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | None = None,
+              length: int | None = None, progress: bool = True) -> Budgets:
+    """TCA's calibration of `model` on real text (once; see methods/tca/calibration.py) -> Budgets."""
+    return tca_calibration.calibrate(ModelProbe(model), tokenizer, config, text=text, length=length, progress=progress)
+
+
+def load_or_calibrate(model: nn.Module, tokenizer, model_key: str, config: TCAConfig, budgets: str | None = None,
+                      length: int | None = None, announce: bool = True) -> Budgets:
+    """TCA budgets from a file or the per-model cache, calibrating once if needed (budget_cache.py)."""
+    return budget_cache.load_or_calibrate(ModelProbe(model), tokenizer, model_key, config, budgets=budgets,
+                                          length=length, announce=announce)

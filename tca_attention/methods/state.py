@@ -1,0 +1,61 @@
+"""What every method's calibration state carries: the identity of the model it belongs to.
+
+A method's state (TCA's budgets, a head split, ...) is plain versioned JSON; loading it checks the
+model's identity so that state of another model is refused, never silently applied.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..introspect import attention_modules, key_projection_weight, text_config
+
+_FINGERPRINT_RTOL = 2e-2  # survives float32 <-> bf16 casts of the same weights
+
+
+class StateError(ValueError):
+    """A state file that is corrupt, of another version or method, or for another model."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Enough of a model to refuse state (budgets, head scores) calibrated on another one."""
+
+    model_type: str
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    fingerprint: tuple[float, ...]  # a few weights of the first layer's key (or fused qkv) projection
+
+    @classmethod
+    def of(cls, model) -> "ModelIdentity":
+        cfg = text_config(model)
+        w = key_projection_weight(attention_modules(model)[0]).detach().flatten()
+        picks = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
+        return cls(
+            model_type=cfg.model_type,
+            name=str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "")),
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            fingerprint=tuple(round(float(x), 6) for x in w[picks].float().cpu()),
+        )
+
+    def mismatch(self, other: "ModelIdentity") -> str | None:
+        """Why `other` is a different model, or None. The name is informative only."""
+        for f in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+            if getattr(self, f) != getattr(other, f):
+                return f"{f}: state has {getattr(self, f)!r}, model has {getattr(other, f)!r}"
+        for a, b in zip(self.fingerprint, other.fingerprint):
+            if not math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-4):
+                return "weights differ (fingerprint mismatch): this state was calibrated on another model"
+        return None
