@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call after a kernel change: carried wheels (.whl: the locked transformers and what it
-# needs beyond the GPU image) on PYTHONPATH, the CUDA test suites (kernels, decode page selection, fused selection, batch
-# invariance, full budget equals dense, adapter), then a short kernel benchmark. Logs/JSON in $OUT.
+# needs beyond the GPU image) on PYTHONPATH, the CUDA test suites (kernels, decode page selection,
+# fused selection, batch invariance, full budget equals dense, adapter), then a short kernel
+# benchmark. Logs/JSON in $OUT.
 # Usage (repo root, on the GPU machine): bash scripts/gpu_verify.sh [tca bench kernels args]
 set -o pipefail
 OUT=${OUT:-/tmp/tca_gpu_out}; STAGE=${STAGE:-/tmp/tca_stage}
