@@ -32,7 +32,8 @@ from tca_attention.engine.triton_decode import ragged_decode_triton  # noqa: E40
 DEV = torch.device("cuda" if CUDA else "cpu")
 
 
-def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None) -> None:
+def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None, factor: float = 2.0) -> None:
+    """out within factor x torch's low-precision max error (lowp) + 1e-5 of ref32; fp32: 1e-4."""
     assert out.dtype == (lowp.dtype if lowp is not None else out.dtype)
     assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
     err = (out.float() - ref32.float()).abs().max().item()
@@ -40,7 +41,7 @@ def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | Non
         assert err <= 1e-4, err
         return
     base = (lowp.float() - ref32.float()).abs().max().item()
-    assert err <= 2 * base + 1e-5, f"kernel err {err:.3e} vs torch low-precision err {base:.3e}"
+    assert err <= factor * base + 1e-5, f"kernel err {err:.3e} vs torch low-precision err {base:.3e}"
 
 
 def fp32(q: torch.Tensor, cache: RaggedCacheView) -> tuple[torch.Tensor, RaggedCacheView]:
@@ -79,11 +80,11 @@ def run_decode(q: torch.Tensor, cache: RaggedCacheView, scaling: float, **kw) ->
 
 
 def check_decode(q: torch.Tensor, cache: RaggedCacheView, scaling: float, out: torch.Tensor, lse: torch.Tensor,
-                 selection: DecodeSelection | None = None) -> None:
-    """A decode kernel's out/lse against the fp32 reference (out: the tolerance above; lse: equal
-    -inf pattern, close where finite)."""
+                 selection: DecodeSelection | None = None, factor: float = 2.0) -> None:
+    """A decode kernel's out/lse against the fp32 reference (out: check_close; lse: equal -inf
+    pattern, close where finite)."""
     ref, ref_lse = R.ragged_decode_ref(*fp32(q, cache), scaling, selection)
-    check_close(out, ref, decode_lowp(q, cache, scaling, selection) if q.dtype != torch.float32 else None)
+    check_close(out, ref, decode_lowp(q, cache, scaling, selection) if q.dtype != torch.float32 else None, factor)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert torch.isfinite(lse[fin]).all()

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from kernel_helpers import CUDA, DEV, check_close, check_decode, run_decode  # before the kernels: the interpreter
+from kernel_helpers import CUDA, DEV, check_decode, fp32, run_decode  # before the kernels: the interpreter
 
 from tca_attention.engine import dispatch
 from tca_attention.engine import reference as R
@@ -57,10 +57,10 @@ def random_selection(gen: torch.Generator, B: int, KV: int, T: int, page_size: i
     return DecodeSelection(page_size, torch.where(idx == n, -1, idx).to(DEV, torch.int32))
 
 
-def check_selected(q, cache, sel, scaling, **kw) -> None:
+def check_selected(q, cache, sel, scaling, factor: float = 2.0, **kw) -> None:
     sel.validate(cache)
     out, lse = run_decode(q, cache, scaling, selection=sel, block_n=BLOCK_N, **kw)
-    check_decode(q, cache, scaling, out, lse, sel)
+    check_decode(q, cache, scaling, out, lse, sel, factor)
 
 
 CASES = [
@@ -83,26 +83,36 @@ def test_selected_decode_matches_reference(case):
 
 
 def fuzz_case(rng: random.Random, realistic: bool) -> tuple:
-    g = rng.choice([1, 2, 3, 4, 8])
+    """A random shape. Realistic (CUDA): fewer values of the kernel's constexprs (group size, head
+    dim and dtype), so 200 shapes compile a few dozen kernel variants, not hundreds."""
+    if realistic:
+        g, (D, dtype) = rng.choice([1, 4, 8]), rng.choice([(64, torch.float16), (128, torch.bfloat16), (256, torch.bfloat16)])
+    else:
+        g, D, dtype = rng.choice([1, 2, 3, 4, 8]), rng.choice([16, 32, 64]), rng.choice([torch.float32, torch.bfloat16, torch.float16])
     KV = rng.choice([1, 2, 8] if realistic else [1, 2, 4])
     T = rng.randint(1, 3000 if realistic else 200)
     B = rng.randint(1, 4 if realistic else 3)
     fill = rng.randint(1, T)
     pads = [0] + [rng.choice([0, rng.randint(0, fill)]) for _ in range(B - 1)]
-    D = rng.choice([64, 128, 256] if realistic else [16, 32, 64])
     return (B, g * KV, KV, rng.randint(1, 3), D, T, fill, rng.randint(1, 4000 if realistic else 100), pads,
-            rng.choice([1, 4, 16, 64]), rng.choice([torch.float32, torch.bfloat16, torch.float16]),
-            rng.choice([None, 2 * BLOCK_N, 5 * BLOCK_N]))
+            rng.choice([1, 4, 16, 64]), dtype, rng.choice([None, 2 * BLOCK_N, 5 * BLOCK_N]))
 
 
 def run_fuzz(n: int, realistic: bool) -> None:
+    """Every shape twice: its inputs upcast to fp32 (max error 1e-4: the indirection is exact) and
+    in its dtype, within 4x (not 2x) torch's low-precision max error. The 2x rule is a statistic of
+    large outputs: on 60 small bf16/fp16 shapes of this loop the unchanged no-selection kernel broke
+    it on 4 (worst 2.9x), the selected one on 1 (3.1x), while fp32 inputs stayed within 1e-4."""
     rng = random.Random(1234)
     gen = torch.Generator().manual_seed(1234)
     for i in range(n):
         B, H, KV, NQ, D, T, fill, max_g, pads, ps, dtype, chunk = case = fuzz_case(rng, realistic)
         q, cache = make_cache(gen, B, H, KV, NQ, D, T, fill, max_g, pads, dtype)
+        sel = random_selection(gen, B, KV, T, ps)
         try:
-            check_selected(q, cache, random_selection(gen, B, KV, T, ps), D**-0.5, chunk=chunk)
+            check_selected(*fp32(q, cache), sel, D**-0.5, chunk=chunk)
+            if dtype != torch.float32:
+                check_selected(q, cache, sel, D**-0.5, factor=4.0, chunk=chunk)
         except AssertionError as e:
             raise AssertionError(f"fuzz shape {i}: {case}") from e
 
