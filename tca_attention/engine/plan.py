@@ -138,7 +138,7 @@ class DecodeSelection:
     pages: torch.Tensor  # (B, KV, P) int32
 
     @staticmethod
-    def all_pages(view: RaggedCacheView, page_size: int = 1) -> "DecodeSelection":
+    def all_pages(view: RaggedCacheView, page_size: int = 1) -> DecodeSelection:
         """Every page of the view's tail listed for every (row, KV head): the same as no selection."""
         B, KV, T = view.t_keys.shape[:3]
         n = -(-T // page_size)
