@@ -246,7 +246,7 @@ def test_top_pages(fill, k):
     B, KV, T, ps = 2, 3, 50, 4
     bound = torch.randn(B, KV, -(-T // ps), generator=gen).to(DEV)
     n = -(-fill // ps)
-    always = (1, 1) if k >= 2 else (0, 1)
+    always = (1, 1)
     pages = top_pages(bound, k, fill, ps, always)
     assert pages.shape == (B, KV, k) and pages.dtype == torch.int32
     _, cache = make_cache(gen, B, 2 * KV, KV, 1, 16, T, fill, 5, [0] * B, torch.float32)
