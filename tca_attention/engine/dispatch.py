@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from . import reference
-from .plan import RaggedCacheView, TokenPlan
+from .plan import DecodeSelection, RaggedCacheView, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -54,12 +54,14 @@ def sparse_prefill(
 
 
 def ragged_decode(
-    q: torch.Tensor, cache: RaggedCacheView, scaling: float, backend: Backend = "auto"
+    q: torch.Tensor, cache: RaggedCacheView, scaling: float, backend: Backend = "auto", *,
+    selection: DecodeSelection | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (B, H, Q, D) over the ragged cache -> out (B, Q, H, D), lse (B, H, Q) fp32;
-    see reference.ragged_decode_ref."""
+    """Attention of q (B, H, Q, D) over the ragged cache (only the selected tail pages when a
+    selection is given) -> out (B, Q, H, D), lse (B, H, Q) fp32; see reference.ragged_decode_ref."""
     if resolve(backend, q.device) == "triton":
         from .triton_decode import ragged_decode_triton
 
-        return ragged_decode_triton(q, cache, scaling)
-    return reference.ragged_decode_ref(q, cache, scaling)
+        return ragged_decode_triton(q, cache, scaling, selection=selection)
+    return reference.ragged_decode_ref(q, cache, scaling, selection)
+

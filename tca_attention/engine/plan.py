@@ -2,6 +2,7 @@
 
 TokenPlan: what each head keeps after prefill (produced by method policies; sparse_prefill, the cache).
 RaggedCacheView: the ragged cache as decode queries see it (built by the cache; ragged_decode).
+DecodeSelection: the tail pages each (row, KV head) attends to at one decode step (ragged_decode).
 Frozen dataclasses of tensor references: building one copies and synchronises nothing.
 """
 from __future__ import annotations
@@ -101,3 +102,57 @@ def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.sort(key, dim=-1).values[..., :M]
     idx = torch.where(idx >= N, torch.full_like(idx, N), idx)
     return idx, lengths.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class DecodeSelection:
+    """Which pages of a RaggedCacheView's tail each (row, KV head) attends to at one decode step.
+
+    Page p of the tail is slots [p * page_size, (p + 1) * page_size) (the last page may be partial:
+    slots past T do not exist); page_size is a power of two >= 1 (1 = token-level selection).
+    pages (B, KV, P) int32: for (row b, KV head h) the listed page ids, valid ones (0 <= id <
+    cdiv(T, page_size)) first, strictly ascending (sorted and unique), then -1 entries (unused).
+    With a selection, the queries of (b, h) attend to its whole global part plus only the tail slots
+    of its listed pages, each slot still visible iff 0 <= pos <= q_pos. No selection (None) is
+    the whole tail, as is `all_pages`.
+    """
+
+    page_size: int
+    pages: torch.Tensor  # (B, KV, P) int32
+
+    @staticmethod
+    def all_pages(view: RaggedCacheView, page_size: int = 1) -> DecodeSelection:
+        """Every page of the view's tail listed for every (row, KV head): the same as no selection."""
+        B, KV, T = view.t_keys.shape[:3]
+        n = -(-T // page_size)
+        pages = torch.arange(n, dtype=torch.int32, device=view.t_keys.device).expand(B, KV, n).contiguous()
+        return DecodeSelection(page_size, pages)
+
+    def validate(self, view: RaggedCacheView) -> None:
+        """Raise ValueError unless this selection is well formed for view (syncs: tests, reference)."""
+        ps, p = self.page_size, self.pages
+        if not isinstance(ps, int) or ps < 1 or ps & (ps - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {ps!r}")
+        B, KV, T = view.t_keys.shape[:3]
+        if p.dim() != 3 or tuple(p.shape[:2]) != (B, KV):
+            raise ValueError(f"pages must be (B, KV, P) = ({B}, {KV}, P), got {tuple(p.shape)}")
+        if p.dtype != torch.int32:
+            raise ValueError(f"pages must be int32, got {p.dtype}")
+        if p.device != view.t_keys.device:
+            raise ValueError(f"pages are on {p.device}, the tail on {view.t_keys.device}")
+        n = -(-T // ps)
+        if p.numel() and (int(p.min()) < -1 or int(p.max()) >= n):
+            raise ValueError(f"page ids must lie in [0, {n}) (cdiv(T={T}, page_size={ps})) or be -1")
+        valid = p >= 0
+        if (valid[..., 1:] & ~valid[..., :-1]).any():
+            raise ValueError("-1 (unused) entries must come after every valid page id")
+        if ((p[..., 1:] <= p[..., :-1]) & valid[..., 1:]).any():
+            raise ValueError("valid page ids must be strictly ascending (sorted, unique)")
+
+    def tail_mask(self, T: int) -> torch.Tensor:
+        """(B, KV, T) bool: the tail slots of the listed pages."""
+        B, KV, _ = self.pages.shape
+        slots = self.pages.long()[..., None] * self.page_size + torch.arange(self.page_size, device=self.pages.device)
+        slots = torch.where((self.pages[..., None] >= 0) & (slots < T), slots, T).view(B, KV, -1)  # T: a dump slot
+        mask = torch.zeros(B, KV, T + 1, dtype=torch.bool, device=self.pages.device)
+        return mask.scatter_(2, slots, True)[..., :T]

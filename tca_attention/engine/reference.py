@@ -3,13 +3,14 @@
 Prefill: query j of row r attends to the kept global keys before its band, plus its band (causal
 window, extended to the row's local start for queries in the row's local region). Keys are gathered per
 head; no L x L mask is built (memory is O(chunk x (kept + window))).
-Decode: queries attend to every valid cached key at or before their position.
+Decode: queries attend to every valid cached key at or before their position (of the tail, only
+the selected pages' keys when a DecodeSelection is given).
 """
 from __future__ import annotations
 
 import torch
 
-from .plan import RaggedCacheView, TokenPlan, band_start
+from .plan import DecodeSelection, RaggedCacheView, TokenPlan, band_start
 
 
 def _softmax_out(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,14 +65,20 @@ def sparse_prefill_ref(
     return out.transpose(1, 2).to(q.dtype)
 
 
-def ragged_decode_ref(q: torch.Tensor, cache: RaggedCacheView, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_decode_ref(
+    q: torch.Tensor, cache: RaggedCacheView, scaling: float, selection: DecodeSelection | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, H, Q, D) over a ragged global part plus a dense tail (layout and
-    visibility: RaggedCacheView). -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
+    visibility: RaggedCacheView; selection: only the listed tail pages, see DecodeSelection).
+    -> out (B, Q, H, D) in q's dtype, lse (B, H, Q) fp32.
     """
     c = cache
     B, H, Q, D = q.shape
-    KV = c.t_keys.shape[1]
+    KV, T = c.t_keys.shape[1:3]
     g = H // KV
+    if selection is not None:
+        selection.validate(c)
+        tail_sel = selection.tail_mask(T)  # (B, KV, T)
     out = torch.empty(B, H, Q, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
     for b in range(B):
@@ -81,6 +88,8 @@ def ragged_decode_ref(q: torch.Tensor, cache: RaggedCacheView, scaling: float) -
             vals = torch.cat([c.g_values[s:e], c.t_values[b, h]], dim=0).float()
             pos = torch.cat([c.g_pos[s:e], c.t_pos[b]], dim=0)
             visible = (pos[None, :] >= 0) & (pos[None, :] <= c.q_pos[b][:, None])  # (Q, N)
+            if selection is not None:
+                visible[:, e - s :] &= tail_sel[b, h]
             logits = (q[b, h * g : (h + 1) * g].float() @ keys.T) * scaling  # (g, Q, N)
             logits = logits.masked_fill(~visible, float("-inf"))
             o, l = _softmax_out(logits, vals)

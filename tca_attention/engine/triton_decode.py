@@ -9,6 +9,10 @@ gets twice the items; heads are found from g_offsets on the device, no host sync
 [0, n_gw) cover the global segments, then n_tw items per head cover its tail. One program per item handles the g query
 heads x Q queries of its KV head together (rows share each K/V load). A second kernel, one
 program per query row, merges the items' (max, sum, acc) into out and lse.
+With a DecodeSelection (constexpr SELECTED), the tail items walk the head's listed pages instead
+of the whole tail: index j of the listed slots is slot pages[j // page_size] * page_size +
+j % page_size, so a tile gathers rows of one or several pages (or part of a page), and pages
+not listed are never read.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import RaggedCacheView
+from .plan import DecodeSelection, RaggedCacheView
 from .triton_common import LN2, LOG2E, attend_block, check_heads, kv_sources, load_rows, precision, upcast
 
 
@@ -47,16 +51,19 @@ def _head_of_chunk(GOFF, pid, BKV, chunk, BKV_P: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PACC, PML,
+    Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PAGES, NSEL, PACC, PML,
     s_qb, s_qh, s_qq,
     s_pos_b,
-    BKV, KV, T, NQ, qk_scale, chunk, n_gw, n_tw,
+    BKV, KV, T, P, NQ, qk_scale, chunk, n_gw, n_tw,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     BKV_P: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+    SELECTED: tl.constexpr, PAGE: tl.constexpr,
 ):
     """One work item per program: `chunk` keys of one head's global segment (items [0, n_gw),
     balanced across heads whatever their lengths) or of its tail (item n_gw + bh * n_tw + c).
-    GK/GV (N, D) and TK/TV (B*KV*T, D) row-major, as pointers or TMA descriptors.
+    GK/GV (N, D) and TK/TV (B*KV*T, D) row-major, as pointers or TMA descriptors (TK/TV: pointers
+    when SELECTED). SELECTED: the tail items cover the listed slots of head bh, PAGES (B*KV, P)
+    int32 page ids (PAGE slots each), NSEL (B*KV,) int32 its valid entries; unused otherwise.
     """
     pid = tl.program_id(0)
     is_g = pid < n_gw
@@ -67,9 +74,13 @@ def _decode_split_kernel(
     bh = tl.where(is_g, g_bh, t_bh)
     lo = tl.where(is_g & (g_bh < BKV), g_lo, 0)  # global rows [lo, hi)
     hi = tl.where(is_g & (g_bh < BKV), g_hi, 0)
-    t_lo = tl.where(is_g, 0, t_c * chunk)  # tail slots [t_lo, t_hi)
-    t_hi = tl.where(is_g, 0, tl.minimum(t_lo + chunk, T))
     bh = tl.minimum(bh, BKV - 1)  # idle items (past every head) read a valid q, write a partial nobody merges
+    if SELECTED:
+        t_end = tl.load(NSEL + bh) * PAGE  # listed slots of the head: j in [0, t_end)
+    else:
+        t_end = T
+    t_lo = tl.where(is_g, 0, t_c * chunk)  # tail slots (listed slots when SELECTED) [t_lo, t_hi)
+    t_hi = tl.where(is_g, 0, tl.minimum(t_lo + chunk, t_end))
     b = bh // KV
     h = bh % KV
 
@@ -97,14 +108,26 @@ def _decode_split_kernel(
         acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
     t_row = bh * T  # first row of this head's tail in the (B*KV*T, D) view
-    for n in range(t_lo, t_hi, BLOCK_N):  # tail
-        idx = n + cols
-        ld = idx < t_hi
-        pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
-        vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-        k = load_rows(TK, t_row + n, cols, d, ld, USE_TMA, True, True)
-        v = load_rows(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+    if SELECTED:
+        for n in range(t_lo, t_hi, BLOCK_N):  # tail: the listed pages' slots, gathered
+            j = n + cols
+            pg = tl.load(PAGES + bh * P + j // PAGE, mask=j < t_hi, other=-1)
+            slot = pg * PAGE + j % PAGE
+            ld = (pg >= 0) & (slot < T)  # a partial last page ends at T
+            pos = tl.load(TPOS + b * s_pos_b + slot, mask=ld, other=-1)
+            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+            k = load_rows(TK, t_row, slot, d, ld, False, True, True)
+            v = load_rows(TV, t_row, slot, d, ld & (pos >= 0), False, True, True)
+            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+    else:
+        for n in range(t_lo, t_hi, BLOCK_N):  # tail
+            idx = n + cols
+            ld = idx < t_hi
+            pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
+            vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
+            k = load_rows(TK, t_row + n, cols, d, ld, USE_TMA, True, True)
+            v = load_rows(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
+            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
     # partials: acc (n_items, ROWS, D), (m, l) (n_items, 2, ROWS)
     tl.store(PACC + pid * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
@@ -186,10 +209,12 @@ def ragged_decode_triton(
     merge_block: int = 128,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    selection: DecodeSelection | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D) over the cache (RaggedCacheView: q_pos (B, Q); global (N, D) + g_pos (N,) +
     g_offsets (B*KV+1,); tail (B, KV, T, D) + t_pos (B, T)). -> out (B, Q, H, D) in q's dtype,
-    lse (B, H, Q) fp32.
+    lse (B, H, Q) fp32. selection: attend to only the listed tail pages (DecodeSelection; not
+    validated here, that would sync); its tail is read with pointer loads (no TMA).
 
     chunk: keys per work item (default: about 4 items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
@@ -222,10 +247,23 @@ def ragged_decode_triton(
     t_pos = t_pos.to(device=dev, dtype=torch.int64).reshape(B, -1).contiguous()  # (B, T)
     g_offsets = g_offsets.to(device=dev, dtype=torch.int64).contiguous()
     BKV = B * KV
+    tails = [t_keys.view(-1, D), t_values.view(-1, D)]
+    if selection is None:
+        page, t_span = 1, T  # t_span: the tail slots (listed slots) a head's items cover
+        pages = nsel = t_pos  # unused
+        (gk, gv, tk, tv), use_tma = kv_sources([g_keys, g_values, *tails], block_n, use_tma)
+    else:
+        page = selection.page_size
+        pages = selection.pages.to(device=dev, dtype=torch.int32).reshape(BKV, -1)
+        t_span = pages.shape[1] * page
+        nsel = (pages >= 0).sum(-1, dtype=torch.int32)  # (B*KV,) the valid entries come first
+        pages = pages.contiguous() if t_span else torch.full((BKV, 1), -1, dtype=torch.int32, device=dev)
+        (gk, gv), use_tma = kv_sources([g_keys, g_values], block_n, use_tma)
+        tk, tv = tails  # gathered rows: pointer loads
     if chunk is None:
-        chunk = _pick_chunk(g_keys.shape[0] + BKV * T, block_n, dev)
+        chunk = _pick_chunk(g_keys.shape[0] + BKV * t_span, block_n, dev)
     n_gw = triton.cdiv(g_keys.shape[0], chunk) + BKV  # >= sum over heads of cdiv(len, chunk)
-    n_tw = triton.cdiv(T, chunk)
+    n_tw = triton.cdiv(t_span, chunk)
     n_items = n_gw + BKV * n_tw
     pacc = torch.empty(n_items, rows, D, dtype=torch.float32, device=dev)
     pml = torch.empty(n_items, 2, rows, dtype=torch.float32, device=dev)
@@ -235,15 +273,14 @@ def ragged_decode_triton(
         lse = torch.empty(B, H, NQ, dtype=torch.float32, device=dev)
     if out.shape != (B, NQ, H, D) or not out.is_contiguous() or lse.shape != (B, H, NQ) or not lse.is_contiguous():
         raise ValueError("out must be contiguous (B, Q, H, D) and lse contiguous (B, H, Q)")
-    (gk, gv, tk, tv), use_tma = kv_sources([g_keys, g_values, t_keys.view(-1, D), t_values.view(-1, D)], block_n, use_tma)
     bkv_p = triton.next_power_of_2(BKV)
     _decode_split_kernel[(n_items,)](
-        q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pacc, pml,
+        q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pages, nsel, pacc, pml,
         q.stride(0), q.stride(1), q.stride(2),
         t_pos.stride(0),
-        BKV, KV, T, NQ, scaling * LOG2E, chunk, n_gw, n_tw,
+        BKV, KV, T, pages.shape[-1], NQ, scaling * LOG2E, chunk, n_gw, n_tw,
         G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
-        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(BKV, g * NQ)](
         pacc, pml, g_offsets, out, lse,
