@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .engine import dispatch
-from .engine.plan import RaggedCacheView, TokenPlan
+from .engine.plan import DecodeSelection, RaggedCacheView, TokenPlan
 
 
 class RaggedLayer(DynamicLayer):
@@ -51,6 +51,7 @@ class RaggedLayer(DynamicLayer):
         self.decode_keep: torch.Tensor | None = None  # (KV,)
         self.calls = CallCounts()
         self.compresses: bool | None = None  # False once known that decode keeps whole blocks
+        self.method_state: dict = {}  # a method's per-request state for this layer (e.g. page bounds)
 
     # -- transformers Cache protocol ------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -188,12 +189,13 @@ class RaggedLayer(DynamicLayer):
             self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
         )
 
-    def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Decode/continuation attention of new queries over the cache, then compression."""
+    def attend(self, q: torch.Tensor, scaling: float, selection: DecodeSelection | None = None) -> torch.Tensor:
+        """Decode/continuation attention of new queries over the cache (only the tail pages a
+        method's `selection` lists, if any), then compression."""
         self.calls.decodes += 1
         Q = q.shape[2]
         q_pos = torch.arange(self.seen - Q, self.seen, device=q.device)[None, :].expand(q.shape[0], Q)
-        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend)
+        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend, selection=selection)
         full = self.window + self.block_size
         if self.compresses is None and self.t_fill >= full:  # t_fill: the longest row tail
             # every head keeping whole blocks gains nothing and would add positions: stay dense

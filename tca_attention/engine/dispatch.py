@@ -53,6 +53,13 @@ def sparse_prefill(
     return reference.sparse_prefill_ref(q, k, v, plan, scaling)
 
 
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: float, backend: Backend = "auto") -> torch.Tensor:
+    """Prefill attention over any plan type -> (B, L, H, D)."""
+    if isinstance(plan, TokenPlan):
+        return sparse_prefill(q, k, v, plan, scaling, backend)
+    raise TypeError(f"no executor for a plan of type {type(plan).__name__}")
+
+
 def ragged_decode(
     q: torch.Tensor, cache: RaggedCacheView, scaling: float, backend: Backend = "auto", *,
     selection: DecodeSelection | None = None,

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..ragged_cache import RaggedCache, RaggedLayer
 from ..engine import dispatch
+from ..engine.plan import TokenPlan
 from ..methods.base import Method, Observer
 from ..methods.dense import Dense
 from . import adapter
@@ -200,7 +201,7 @@ class Session:
         if layer is not None and layer.pending is None:
             if layer.device != q.device:
                 raise RuntimeError(f"cache on {layer.device} but queries on {q.device}")
-            return layer.attend(q, call.scaling), None
+            return layer.attend(q, call.scaling, self.method.select_decode(idx, q, layer)), None
         return self._prefill(call, layer)
 
     def _prefill(self, call: adapter.AttentionCall, layer: RaggedLayer | None):
@@ -214,12 +215,13 @@ class Session:
             out, _ = adapter.sdpa(call)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None}
         else:
-            out = dispatch.sparse_prefill(q, k, v, plan, call.scaling, backend=self.backend)
+            out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
-            self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": plan.retained}
+            self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": getattr(plan, "retained", None)}
         if layer is not None:
-            keep = plan.decode_keep if plan is not None else self.method.decode_keep(idx, k.shape[1])
-            layer.commit_prefill(plan, key_start, keep)
+            evicts = isinstance(plan, TokenPlan)  # a token plan is what the cache keeps; other plans keep all
+            keep = plan.decode_keep if evicts else self.method.decode_keep(idx, k.shape[1])
+            layer.commit_prefill(plan if evicts else None, key_start, keep)
         return out, None
 
     def prefill_report(self) -> dict[str, float | None]:
