@@ -4,10 +4,7 @@ Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, s
 kernel modules are imported), so these tests run in CI on the CPU. Tests marked `gpu` use
 realistic sizes and need CUDA.
 
-Tolerance (flash-attention's method): the kernel in low precision is compared with the fp32
-reference, and its max error must be within 2x the error of the same attention computed by
-torch in that low precision (explicit L x L mask, bf16/fp16 matmuls and softmax) plus 1e-5.
-fp32 inputs are held to an explicit 1e-4 max error (interpreter: exact fp32 dots).
+Tolerance: kernel_helpers.check_close (2x torch's own low-precision error, flash-attention style).
 """
 from __future__ import annotations
 
@@ -18,8 +15,7 @@ import sys
 
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
+if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     # A kernel module imported earlier without the interpreter must be rebuilt under it.
     for _name in ("tca_attention.engine.triton_common", "tca_attention.engine.triton_prefill",
@@ -28,6 +24,7 @@ if not CUDA:
             importlib.reload(sys.modules[_name])
 
 import pytest  # noqa: E402
+from kernel_helpers import CUDA, DEV, check_close, make_qkv, masked_attention_lowp  # noqa: E402
 
 from tca_attention.engine import reference as R  # noqa: E402
 from tca_attention.engine.plan import RaggedCacheView, TokenPlan, band_start  # noqa: E402
@@ -36,7 +33,6 @@ from tca_attention.engine.triton_prefill import PrefillConfig, default_config, s
 from tca_attention.methods.base import row_geometry  # noqa: E402
 from tca_attention.selection import pack_mask  # noqa: E402
 
-DEV = torch.device("cuda" if CUDA else "cpu")
 # Small tiles under the interpreter exercise more masked/unmasked segments and stay fast.
 SMALL = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1) if not CUDA else None
 
@@ -91,36 +87,6 @@ def plan_mask(plan: TokenPlan, L: int) -> torch.Tensor:
     far = kept[:, :, None, :] & (j[None, None, None, :] < lo[:, None, :, None])
     pad = j[None, :] >= plan.key_start[:, None]  # (B, L)
     return (band[:, None] | far) & pad[:, None, None, :]
-
-
-def masked_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Same math in q's precision: (B, H, L, D), (B, KV, L, D), mask (B, KV, L, L) -> (B, L, H, D)."""
-    g = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(g, 1)
-    vv = v.repeat_interleave(g, 1)
-    m = mask.repeat_interleave(g, 1)
-    logits = (q @ kk.transpose(-1, -2)) * scaling
-    p = torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-1)
-    p = torch.nan_to_num(p)  # rows with no visible key -> zeros
-    return (p @ vv).transpose(1, 2)
-
-
-def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None) -> None:
-    assert out.dtype == (lowp.dtype if lowp is not None else out.dtype)
-    assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
-    err = (out.float() - ref32.float()).abs().max().item()
-    if out.dtype == torch.float32:
-        assert err <= 1e-4, err
-        return
-    base = (lowp.float() - ref32.float()).abs().max().item()
-    assert err <= 2 * base + 1e-5, f"kernel err {err:.3e} vs torch low-precision err {base:.3e}"
-
-
-def make_qkv(gen, B, H, KV, L, D, dtype):
-    q = torch.randn(B, H, L, D, generator=gen).to(DEV, dtype)
-    k = torch.randn(B, KV, L, D, generator=gen).to(DEV, dtype)
-    v = torch.randn(B, KV, L, D, generator=gen).to(DEV, dtype)
-    return q, k, v
 
 
 def run_prefill(q, k, v, plan, scaling, config=None) -> torch.Tensor:
