@@ -10,8 +10,8 @@ from typing import Literal
 
 import torch
 
-from . import reference
-from .plan import RaggedCacheView, SelectionSpec, TokenPlan
+from . import block_reference, reference
+from .plan import BlockPlan, RaggedCacheView, SelectionSpec, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -75,3 +75,15 @@ def select_and_pack(
 
         return select_and_pack_triton(q_last, k, spec, scaling)
     return reference.select_and_pack_ref(q_last, k, spec, scaling)
+
+
+def block_sparse_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scaling: float, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D);
+    see block_reference.block_sparse_prefill_ref."""
+    if resolve(backend, q.device) == "triton":
+        from .triton_block import block_sparse_prefill_triton
+
+        return block_sparse_prefill_triton(q, k, v, plan, scaling)
+    return block_reference.block_sparse_prefill_ref(q, k, v, plan, scaling)
