@@ -3,7 +3,8 @@
 Tolerance (flash-attention's method): a kernel run in low precision is compared with the fp32
 reference, and its max error must be within 2x the error of the same attention computed by
 torch in that low precision (explicit L x L mask, bf16/fp16 matmuls and softmax) plus 1e-5.
-fp32 inputs are held to an explicit 1e-4 max error (interpreter: exact fp32 dots).
+fp32 inputs are held to an explicit 1e-4 max error (interpreter: exact fp32 dots). Callers may
+allow one unit of the output's last place on top (check_close's ulps).
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def masked_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return (p @ vv).transpose(1, 2)
 
 
-def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None) -> None:
+def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None, ulps: int = 0) -> None:
+    """ulps: low precision only, an extra allowance of that many units of the output dtype at each
+    reference element (eps x |ref|): the final rounding of a value near a rounding boundary may land
+    one unit off, which exceeds 2x torch's error where outputs are large (few keys per query)."""
     assert out.dtype == (lowp.dtype if lowp is not None else out.dtype)
     assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
     err = (out.float() - ref32.float()).abs().max().item()
@@ -40,4 +44,6 @@ def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | Non
         assert err <= 1e-4, err
         return
     base = (lowp.float() - ref32.float()).abs().max().item()
-    assert err <= 2 * base + 1e-5, f"kernel err {err:.3e} vs torch low-precision err {base:.3e}"
+    slack = ulps * torch.finfo(out.dtype).eps * ref32.float().abs()
+    excess = ((out.float() - ref32.float()).abs() - slack).max().item()
+    assert excess <= 2 * base + 1e-5, f"kernel err {err:.3e} ({ulps} ulp allowed) vs torch low-precision err {base:.3e}"

@@ -4,6 +4,9 @@ Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, s
 before anything imports triton) at small sizes; tests marked `gpu` use realistic sizes.
 Tolerance: kernel_helpers.check_close (2x torch's own low-precision error, flash-attention style),
 the low-precision baseline computed from an explicit mask built here, independently of the executors.
+Sparse lists leave queries few keys, so outputs reach |v| ~ 3, where one bf16 unit (0.016) can exceed
+2x torch's max error: a kernel value rounded to the other side of a rounding boundary. The comparisons
+with low-precision kernels therefore allow one unit of the output's last place (ULPS) on top.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from tca_attention.engine.triton_block import BlockConfig, block_sparse_prefill_
 
 # Small tiles under the interpreter: more programs, more masked/unmasked segments, fast enough.
 SMALL = BlockConfig(block_m=32, block_n=16, num_warps=4, num_stages=1) if not CUDA else None
+ULPS = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +60,12 @@ def random_plan(
             listed = table[b, h].nonzero()[:, 1]  # row-major: ascending per query block
             indices[b, h, : listed.numel()] = listed
     extra = None
-    if n_extra:
-        score = torch.rand(B, Hp, NQ, L, generator=gen)
-        score = score.masked_fill((torch.arange(L) < ks[:, None])[:, None, None], 2.0)  # padding keys sort last
-        extra = score.argsort(-1)[..., :n_extra]
-        unused = (torch.take_along_dim(score, extra, -1) > 1) | (torch.rand(extra.shape, generator=gen) < 0.3)
-        extra = torch.where(unused, -1, extra)
+    if n_extra:  # random real positions, unsorted; repeats and a random 30% unused
+        span = (L - ks)[:, None, None, None]
+        extra = (ks[:, None, None, None] + torch.rand(B, Hp, NQ, n_extra, generator=gen) * span).long().sort(-1).values
+        unused = torch.rand(extra.shape, generator=gen) < 0.3
+        unused[..., 1:] |= extra[..., 1:] == extra[..., :-1]
+        extra = torch.where(unused, -1, extra)[..., torch.randperm(n_extra, generator=gen)]
     return BlockPlan(bq, bk, ks.to(DEV), indptr.to(DEV, torch.int32), indices.to(DEV, torch.int32),
                      extra.to(DEV) if extra is not None else None)
 
@@ -100,7 +104,7 @@ def check_case(q, k, v, plan, scaling, config=SMALL) -> None:
     out = run_triton(q, k, v, plan, scaling, config)
     ref = block_sparse_prefill_ref(q.float(), k.float(), v.float(), plan, scaling)
     lowp = masked_attention_lowp(q, k, v, plan_mask(plan, L), scaling) if q.dtype != torch.float32 else None
-    check_close(out, ref, lowp)
+    check_close(out, ref, lowp, ULPS)
     for b, s in enumerate(plan.key_start.tolist()):
         assert (out[b, :s] == 0).all()
 
@@ -147,7 +151,7 @@ def test_triton_matches_reference(case):
 def random_shape(rng: random.Random, gpu: bool) -> dict:
     g = rng.choice([1, 2, 4, 8])
     KV = rng.choice([1, 2, 4] if gpu else [1, 2])
-    L = rng.randint(1, 3000) if gpu else rng.choice([1, 17, 33, 64, 97, 130])
+    L = rng.randint(1, 2048) if gpu else rng.choice([1, 17, 33, 64, 97, 130])
     B = rng.randint(1, 3)
     return dict(
         B=B, H=g * KV, KV=KV, L=L, per_kv=rng.random() < 0.5,
@@ -159,7 +163,9 @@ def random_shape(rng: random.Random, gpu: bool) -> dict:
 
 
 def fuzz(n: int, seed: int, gpu: bool) -> None:
+    """n random shapes; every failing case is reported."""
     rng = random.Random(seed)
+    failed = []
     for it in range(n):
         s = random_shape(rng, gpu)
         gen = torch.Generator().manual_seed(seed * 1000 + it)
@@ -169,7 +175,8 @@ def fuzz(n: int, seed: int, gpu: bool) -> None:
         try:
             check_case(q, k, v, plan, s["D"] ** -0.5, SMALL if not gpu else None)
         except AssertionError as e:
-            raise AssertionError(f"fuzz case {it}: {s}: {e}") from e
+            failed.append(f"case {it}: {s}: {e}")
+    assert not failed, f"{len(failed)}/{n} failed:\n" + "\n".join(failed)
 
 
 def test_fuzz_interpreter_sizes():
@@ -208,7 +215,7 @@ def test_dense_plan_equals_dense_attention(dtype, Hp_is_kv):
     for out in (block_sparse_prefill_ref(q, k, v, plan, D**-0.5), run_triton(q, k, v, plan, D**-0.5)):
         for b, s in enumerate(ks.tolist()):  # SDPA's padding rows are undefined (no visible key)
             assert (out[b, :s] == 0).all()
-            check_close(out[b, s:], sdpa32[b, s:], lowp[b, s:] if lowp is not None else None)
+            check_close(out[b, s:], sdpa32[b, s:], lowp[b, s:] if lowp is not None else None, ULPS)
 
 
 @pytest.mark.parametrize("Hp_is_kv", [False, True])
