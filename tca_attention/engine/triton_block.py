@@ -73,7 +73,7 @@ def _block_prefill_kernel(
 ):
     """K/V (B, KV, L, D) contiguous; INDPTR (B, Hp, NQ + 1), INDICES (B, Hp, NNZ) int32; EXTRA
     (B, Hp, NQ, C) int64 (when HAS_EXTRA); KEY_START (B,) int64. HG query heads per plan head
-    (padded to GP rows groups), PER_KV plan heads per KV head."""
+    (padded to GP), PER_KV plan heads per KV head."""
     BM: tl.constexpr = GP * BLOCK_P
     NCH: tl.constexpr = BLOCK_K // BLOCK_N  # steps per key block
     tile = n_tiles - 1 - tl.program_id(0)  # later query blocks (more keys) first
