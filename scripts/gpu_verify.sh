@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call after a kernel change: carried wheels (.whl: the locked transformers and what it
 # needs beyond the GPU image) on PYTHONPATH, the CUDA test suites (kernels, decode page selection,
-# fused selection, batch invariance, full budget equals dense, adapter), then a short kernel
+# fused selection, block-sparse prefill, batch invariance, full budget equals dense, adapter), then a short kernel
 # benchmark. Logs/JSON in $OUT.
 # Usage (repo root, on the GPU machine): bash scripts/gpu_verify.sh [tca bench kernels args]
 set -o pipefail
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$STAGE/site"
   python3 -c 'import sys, torch, triton, transformers; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())'
 } 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 420 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --durations=8 \
-  tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py tests/test_batch_invariance.py \
+  tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py tests/test_block_sparse.py tests/test_batch_invariance.py \
   tests/test_full_budget_equals_dense.py tests/test_adapter.py 2>&1 | tail -40 | tee -a "$OUT/gpu_tests.log"
 echo "pytest rc=$?" | tee -a "$OUT/gpu_tests.log"
 [ "${BENCH:-1}" = "1" ] && timeout 240 python3 -m tca_attention.benchmarks.bench_kernels --out "$OUT" "$@" 2>&1 | tail -40 | tee "$OUT/bench.log"

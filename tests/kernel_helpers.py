@@ -6,7 +6,9 @@ kernel modules are imported; a kernel module imported earlier without it is rebu
 Tolerance (flash-attention's method): the kernel in low precision is compared with the fp32
 reference, and its max error must be within 2x the error of the same attention computed by
 torch in that low precision (explicit mask, bf16/fp16 matmuls and softmax) plus 1e-5.
-fp32 inputs are held to an explicit 1e-4 max error (interpreter: exact fp32 dots).
+fp32 inputs are held to an explicit 1e-4 max error (interpreter: exact fp32 dots). Callers may
+allow one unit of the output's last place on top (check_close's ulps), or a larger factor where a
+test says why.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in ("tca_attention.engine.triton_common", "tca_attention.engine.triton_prefill",
-                  "tca_attention.engine.triton_decode"):
+                  "tca_attention.engine.triton_decode", "tca_attention.engine.triton_block"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
@@ -32,8 +34,32 @@ from tca_attention.engine.triton_decode import ragged_decode_triton  # noqa: E40
 DEV = torch.device("cuda" if CUDA else "cpu")
 
 
-def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None, factor: float = 2.0) -> None:
-    """out within factor x torch's low-precision max error (lowp) + 1e-5 of ref32; fp32: 1e-4."""
+def make_qkv(gen, B, H, KV, L, D, dtype):
+    q = torch.randn(B, H, L, D, generator=gen).to(DEV, dtype)
+    k = torch.randn(B, KV, L, D, generator=gen).to(DEV, dtype)
+    v = torch.randn(B, KV, L, D, generator=gen).to(DEV, dtype)
+    return q, k, v
+
+
+def masked_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Same math in q's precision: (B, H, L, D), (B, KV, L, D), mask (B, KV or H, L, L) -> (B, L, H, D)."""
+    g = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(g, 1)
+    vv = v.repeat_interleave(g, 1)
+    m = mask if mask.shape[1] == q.shape[1] else mask.repeat_interleave(g, 1)
+    logits = (q @ kk.transpose(-1, -2)) * scaling
+    p = torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-1)
+    p = torch.nan_to_num(p)  # rows with no visible key -> zeros
+    return (p @ vv).transpose(1, 2)
+
+
+def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | None, factor: float = 2.0,
+                ulps: int = 0) -> None:
+    """out within factor x torch's low-precision max error (lowp) + 1e-5 of ref32; fp32: 1e-4.
+
+    ulps: low precision only, an extra allowance of that many units of the output dtype at each
+    reference element (eps x |ref|): the final rounding of a value near a rounding boundary may land
+    one unit off, which exceeds 2x torch's error where outputs are large (few keys per query)."""
     assert out.dtype == (lowp.dtype if lowp is not None else out.dtype)
     assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
     err = (out.float() - ref32.float()).abs().max().item()
@@ -41,7 +67,9 @@ def check_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor | Non
         assert err <= 1e-4, err
         return
     base = (lowp.float() - ref32.float()).abs().max().item()
-    assert err <= factor * base + 1e-5, f"kernel err {err:.3e} vs torch low-precision err {base:.3e}"
+    slack = ulps * torch.finfo(out.dtype).eps * ref32.float().abs()
+    excess = ((out.float() - ref32.float()).abs() - slack).max().item()
+    assert excess <= factor * base + 1e-5, f"kernel err {err:.3e} ({ulps} ulp allowed) vs torch low-precision err {base:.3e}"
 
 
 def fp32(q: torch.Tensor, cache: RaggedCacheView) -> tuple[torch.Tensor, RaggedCacheView]:

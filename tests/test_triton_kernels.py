@@ -11,13 +11,12 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_helpers import CUDA, DEV, check_close, check_decode, run_decode  # before the kernels: the interpreter
+from kernel_helpers import CUDA, DEV, check_close, check_decode, make_qkv, masked_attention_lowp, run_decode  # noqa: I001 - first: the interpreter
 
 from tca_attention.engine import reference as R
-from tca_attention.engine.plan import RaggedCacheView, TokenPlan
+from tca_attention.engine.plan import RaggedCacheView, TokenPlan, pack_mask
 from tca_attention.engine.triton_prefill import PrefillConfig, default_config, sparse_prefill_triton
 from tca_attention.methods.base import row_geometry
-from tca_attention.engine.plan import pack_mask
 # Small tiles under the interpreter exercise more masked/unmasked segments and stay fast.
 SMALL = PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1) if not CUDA else None
 
@@ -72,25 +71,6 @@ def plan_mask(plan: TokenPlan, L: int) -> torch.Tensor:
     far = kept[:, :, None, :] & (j[None, None, None, :] < lo[:, None, :, None])
     pad = j[None, :] >= plan.key_start[:, None]  # (B, L)
     return (band[:, None] | far) & pad[:, None, None, :]
-
-
-def masked_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Same math in q's precision: (B, H, L, D), (B, KV, L, D), mask (B, KV, L, L) -> (B, L, H, D)."""
-    g = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(g, 1)
-    vv = v.repeat_interleave(g, 1)
-    m = mask.repeat_interleave(g, 1)
-    logits = (q @ kk.transpose(-1, -2)) * scaling
-    p = torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-1)
-    p = torch.nan_to_num(p)  # rows with no visible key -> zeros
-    return (p @ vv).transpose(1, 2)
-
-
-def make_qkv(gen, B, H, KV, L, D, dtype):
-    q = torch.randn(B, H, L, D, generator=gen).to(DEV, dtype)
-    k = torch.randn(B, KV, L, D, generator=gen).to(DEV, dtype)
-    v = torch.randn(B, KV, L, D, generator=gen).to(DEV, dtype)
-    return q, k, v
 
 
 def run_prefill(q, k, v, plan, scaling, config=None) -> torch.Tensor:

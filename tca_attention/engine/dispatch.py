@@ -10,8 +10,8 @@ from typing import Literal
 
 import torch
 
-from . import reference
-from .plan import DecodeSelection, RaggedCacheView, TokenPlan
+from . import block_reference, reference
+from .plan import BlockPlan, DecodeSelection, RaggedCacheView, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -57,6 +57,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: fl
     """Prefill attention over any plan type -> (B, L, H, D)."""
     if isinstance(plan, TokenPlan):
         return sparse_prefill(q, k, v, plan, scaling, backend)
+    if isinstance(plan, BlockPlan):
+        return block_sparse_prefill(q, k, v, plan, scaling, backend)
     raise TypeError(f"no executor for a plan of type {type(plan).__name__}")
 
 
@@ -72,3 +74,15 @@ def ragged_decode(
         return ragged_decode_triton(q, cache, scaling, selection=selection)
     return reference.ragged_decode_ref(q, cache, scaling, selection)
 
+
+
+def block_sparse_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scaling: float, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D);
+    see block_reference.block_sparse_prefill_ref."""
+    if resolve(backend, q.device) == "triton":
+        from .triton_block import block_sparse_prefill_triton
+
+        return block_sparse_prefill_triton(q, k, v, plan, scaling)
+    return block_reference.block_sparse_prefill_ref(q, k, v, plan, scaling)

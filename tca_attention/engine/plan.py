@@ -156,3 +156,149 @@ class DecodeSelection:
         slots = torch.where((self.pages[..., None] >= 0) & (slots < T), slots, T).view(B, KV, -1)  # T: a dump slot
         mask = torch.zeros(B, KV, T + 1, dtype=torch.bool, device=self.pages.device)
         return mask.scatter_(2, slots, True)[..., :T]
+
+
+def _cdiv(a: torch.Tensor | int, b: int) -> torch.Tensor | int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Block-sparse prefill: which key blocks (and extra key columns) each query block attends to.
+
+    Geometry, per batch row b (blocks count from the row's first real token, so a prompt's plan
+    does not depend on its left padding): query block i covers positions
+    [key_start[b] + i block_q, + block_q), key block j covers [key_start[b] + j block_k, + block_k),
+    both clipped to L. Positions before key_start[b] are padding: never attended, zero output.
+    For (b, head h, query block i) the listed key blocks are
+    indices[b, h, indptr[b, h, i] : indptr[b, h, i + 1]] (ascending, unique); extra_cols[b, h, i]
+    lists extra absolute key positions (-1 = unused slot). Query t of query block i sees key s iff
+    key_start[b] <= s <= t and s lies in a listed key block of i or is one of i's extra columns (a
+    key in both counts once). The diagonal block is listed explicitly if wanted; a query that sees
+    no key outputs zeros. h ranges over Hp = H (a list per query head) or Hp = KV (a list per KV
+    head, shared by its query heads). NQ = ceil((L - min(key_start)) / block_q).
+    """
+
+    block_q: int
+    block_k: int
+    key_start: torch.Tensor  # (B,) int64
+    indptr: torch.Tensor  # (B, Hp, NQ + 1) int32
+    indices: torch.Tensor  # (B, Hp, NNZ) int32, entries outside [indptr[.., 0], indptr[.., NQ]) unused
+    extra_cols: torch.Tensor | None = None  # (B, Hp, NQ, C) int64 absolute positions, -1 = unused
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_k"):
+            size = getattr(self, name)
+            if not isinstance(size, int) or size < 16 or size & (size - 1):
+                raise ValueError(f"BlockPlan.{name} must be a power of two >= 16, got {size!r}")
+
+    @property
+    def n_qblocks(self) -> int:
+        return self.indptr.shape[-1] - 1
+
+    @staticmethod
+    def dense(B: int, Hp: int, L: int, key_start: torch.Tensor, block_q: int, block_k: int) -> BlockPlan:
+        """The plan listing every causal key block of every query block (= dense causal attention).
+        Syncs (NQ and NNZ are read from key_start)."""
+        dev = key_start.device
+        ks = key_start.to(torch.long)
+        nq = int(_cdiv(L - int(ks.min()), block_q))
+        i = torch.arange(nq, device=dev)
+        last = torch.minimum(((i + 1) * block_q - 1) // block_k, _cdiv(L - ks, block_k)[:, None] - 1)  # (B, NQ)
+        counts = torch.where(i[None, :] < _cdiv(L - ks, block_q)[:, None], last + 1, 0)  # rows' real query blocks
+        indptr = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))  # (B, NQ + 1)
+        e = torch.arange(max(int(indptr[:, -1].max()), 1), device=dev).expand(B, -1).contiguous()  # (B, NNZ)
+        blk = torch.searchsorted(indptr[:, 1:].contiguous(), e, right=True).clamp(max=nq - 1)  # entry's query block
+        indices = torch.where(e < indptr[:, -1:], e - indptr.gather(1, blk), 0)  # (B, NNZ)
+        return BlockPlan(
+            block_q, block_k, ks,
+            indptr.to(torch.int32)[:, None].expand(B, Hp, -1).contiguous(),
+            indices.to(torch.int32)[:, None].expand(B, Hp, -1).contiguous(),
+        )
+
+    def _entry_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Hp, NNZ) query block of each entry of indices, and whether the entry is listed."""
+        e = torch.arange(self.indices.shape[-1], device=self.indices.device).expand_as(self.indices).contiguous()
+        ptr = self.indptr.long()
+        blk = torch.searchsorted(ptr[..., 1:].contiguous(), e, right=True).clamp(max=max(self.n_qblocks - 1, 0))
+        return blk, (e >= ptr[..., :1]) & (e < ptr[..., -1:])
+
+    def kept_fraction(self, seq_len: int) -> torch.Tensor:
+        """Attended (query, key) pairs over causal pairs, real tokens only. -> (B, Hp) float64."""
+        L, bq, bk = seq_len, self.block_q, self.block_k
+        ks = self.key_start.long()[:, None, None]  # (B, 1, 1)
+        blk, listed = self._entry_blocks()  # (B, Hp, NNZ)
+
+        def below(T: torch.Tensor, c: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            """sum over keys s in [c, c + n) of max(0, T - s): pairs s <= t < T."""
+            m = (T - c).clamp(min=0).minimum(n)
+            return m * T - m * c - m * (m - 1) // 2
+
+        a = ks + blk * bq  # first query of each entry's query block
+        nq = (L - a).clamp(0, bq)
+        c = ks + self.indices.long() * bk
+        nk = (L - c).clamp(0, bk)
+        pairs = torch.where(listed, below(a + nq, c, nk) - below(a, c, nk), 0).sum(-1)  # (B, Hp)
+        if self.extra_cols is not None:
+            cols = self.extra_cols.long()  # (B, Hp, NQ, C)
+            NQ, C = cols.shape[-2:]
+            i = torch.arange(NQ, device=cols.device)[:, None]
+            a = ks[..., None] + i * bq  # (B, 1, NQ, 1)
+            nq = (L - a).clamp(0, bq)
+            ok = (cols >= ks[..., None]) & (cols < L)
+            # Dedup: is (query block, key block of the column) listed? Entry keys i * NKB + j ascend.
+            nkb = _cdiv(L, bk) + 1
+            key = torch.where(listed, blk * nkb + self.indices.long(), torch.iinfo(torch.long).max)
+            want = (i * nkb + (cols - ks[..., None]).div(bk, rounding_mode="floor")).flatten(2)  # (B, Hp, NQ*C)
+            pos = torch.searchsorted(key, want.contiguous()).clamp(max=key.shape[-1] - 1)
+            dup = (key.gather(-1, pos) == want).view_as(cols) if key.shape[-1] else torch.zeros_like(ok)
+            seen = (a + nq - torch.maximum(a, cols)).clamp(0, bq)  # queries of the block at or after the column
+            pairs = pairs + torch.where(ok & ~dup, seen, 0).sum((-1, -2))
+        n = (L - self.key_start.long()).clamp(min=1).to(torch.float64)[:, None]
+        return pairs.to(torch.float64) / (n * (n + 1) / 2)
+
+    def validate(self, H: int, KV: int, L: int) -> None:
+        """Raise ValueError on malformed shapes, dtypes or values (syncs; tests and the reference)."""
+        ks, ptr, idx, extra = self.key_start, self.indptr, self.indices, self.extra_cols
+
+        def fail(msg: str) -> None:
+            raise ValueError(f"BlockPlan: {msg}")
+
+        if H % KV:
+            fail(f"query heads {H} must be a multiple of KV heads {KV}")
+        if ks.dim() != 1 or ks.dtype != torch.int64:
+            fail(f"key_start must be a (B,) int64 tensor, got {tuple(ks.shape)} {ks.dtype}")
+        B = ks.shape[0]
+        if ks.numel() and (int(ks.min()) < 0 or int(ks.max()) > L):
+            fail(f"key_start must lie in [0, L={L}], got {ks.tolist()}")
+        for name, t in (("indptr", ptr), ("indices", idx)):
+            if t.dim() != 3 or t.dtype != torch.int32:
+                fail(f"{name} must be a 3-d int32 tensor, got {tuple(t.shape)} {t.dtype}")
+            if t.shape[:2] != ptr.shape[:2]:
+                fail(f"indptr and indices disagree on (B, Hp): {tuple(ptr.shape[:2])} vs {tuple(t.shape[:2])}")
+        if ptr.shape[0] != B or ptr.shape[1] not in (H, KV):
+            fail(f"indptr must be (B={B}, Hp in ({H}, {KV}), NQ + 1), got {tuple(ptr.shape)}")
+        nq = int(_cdiv(L - int(ks.min()), self.block_q)) if B else 0
+        if self.n_qblocks != nq:
+            fail(f"indptr needs NQ + 1 = {nq + 1} entries (NQ = ceil((L - min key_start) / block_q)), "
+                 f"got {ptr.shape[-1]}")
+        if any(t.device != ks.device for t in (ptr, idx) + ((extra,) if extra is not None else ())):
+            fail("all tensors must be on key_start's device")
+        if ptr.numel() and (int(ptr.min()) < 0 or int(ptr.max()) > idx.shape[-1] or bool((ptr.diff(dim=-1) < 0).any())):
+            fail(f"indptr must be non-decreasing within [0, NNZ={idx.shape[-1]}]")
+        blk, listed = self._entry_blocks()
+        nkb = _cdiv(L - ks, self.block_k)[:, None, None]  # (B, 1, 1) the row's key blocks
+        if bool((listed & ((idx < 0) | (idx >= nkb))).any()):
+            fail("indices out of range: key block j of row b needs 0 <= j < ceil((L - key_start[b]) / block_k)")
+        same = listed[..., 1:] & listed[..., :-1] & (blk[..., 1:] == blk[..., :-1])
+        if bool((same & (idx[..., 1:] <= idx[..., :-1])).any()):
+            fail("the key blocks of a query block must be sorted ascending and unique")
+        if extra is not None:
+            if extra.dim() != 4 or extra.dtype != torch.int64 or extra.shape[:3] != ptr.shape[:2] + (nq,):
+                fail(f"extra_cols must be a (B, Hp, NQ={nq}, C) int64 tensor, got {tuple(extra.shape)} {extra.dtype}")
+            used = extra != -1
+            if bool((used & ((extra < ks[:, None, None, None]) | (extra >= L))).any()):
+                fail("extra_cols must be -1 or real key positions key_start[b] <= s < L")
+            srt = extra.sort(-1).values
+            if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != -1)).any()):
+                fail("extra_cols must not repeat a position within a query block")
