@@ -45,7 +45,10 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         cfg = PRESETS[preset].with_(**{k: params[k] for k in ("window", "tau", "score", "alpha") if k in params})
         key = getattr(model, "name_or_path", None) or type(model).__name__
         budgets = load_or_calibrate(model, tokenizer, str(key), cfg, params.get("budgets"))
-    return TCA(budgets, **{k: params[k] for k in ("dense_below",) if k in params}, **extra)
+    if "dense_below" in params:  # "auto" or a length
+        text = params["dense_below"]
+        extra["dense_below"] = text if text == "auto" else _convert("tca", "dense_below", text, int)
+    return TCA(budgets, **extra)
 
 
 def _dataclass_build(cls_path: str) -> Callable[..., Any]:
@@ -63,7 +66,7 @@ ENTRIES: dict[str, Entry] = {
         Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
-               "dense_below": int},
+               "dense_below": str},
               _tca),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM")),

@@ -16,6 +16,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_measured_crossover(monkeypatch):
+    """TCA(dense_below="auto") measures a crossover on a GPU; tests pin it to 0 (never dense) so that
+    they test the sparse path they mean to. tests/test_crossover.py tests the policy itself."""
+    from tca_attention.methods.tca.method import TCA
+
+    resolve = TCA._dense_below
+    monkeypatch.setattr(TCA, "_dense_below", lambda self, q: 0 if self.dense_below == "auto" else resolve(self, q))
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer(request):
     """SmolLM2's tokenizer from its GGUF, saved once into pytest's cache for fast reloads."""

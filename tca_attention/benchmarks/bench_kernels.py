@@ -30,7 +30,7 @@ import torch
 
 from ..clihelp import HelpFormatter
 from . import require_cuda
-from .timing import bench_ms
+from ..engine.timing import bench_ms
 
 log = logging.getLogger("bench_kernels")
 

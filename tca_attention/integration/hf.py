@@ -229,7 +229,7 @@ class Session:
         retained attention mass (dense layers count as 1), and the smallest retained mass."""
         rows = list(self.last_prefill.values())
         if not rows:
-            return {"kept_fraction": None, "retained": None, "retained_min": None}
+            return {"kept_fraction": None, "retained": None, "retained_min": None, **self.method.report()}
         kept = [1.0 if r["kept_fraction"] is None else float(r["kept_fraction"].mean()) for r in rows]
         # dense layers retain everything; sparse plans of methods that do not score (None) are left out
         ret = [torch.ones(1) if r["kept_fraction"] is None else r["retained"] for r in rows]
@@ -238,6 +238,7 @@ class Session:
             "kept_fraction": sum(kept) / len(kept),
             "retained": sum(float(t.mean()) for t in ret) / len(ret) if ret else None,
             "retained_min": min(float(t.min()) for t in ret) if ret else None,
+            **self.method.report(),
         }
 
 

@@ -74,6 +74,10 @@ class Method(ABC):
     def check_model(self, model) -> None:
         """Raise if this method cannot run on `model` (e.g. state calibrated on another model)."""
 
+    def report(self) -> dict:
+        """Decisions the method took that a user should see (merged into the session's report)."""
+        return {}
+
 
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:
     """(n_blocks, local_start) of the global/local split, or None when the prompt stays dense."""

@@ -30,16 +30,41 @@ def select_tokens(
 
 @dataclass(frozen=True)
 class TCA(Method):
-    """TCA with calibrated budgets. dense_below: prompts shorter than this stay dense (all
-    kept), for devices where selection does not pay off on short prompts (0 = never)."""
+    """TCA with calibrated budgets.
+
+    dense_below: prompts (each row's real tokens) shorter than this stay dense, everything kept.
+    "auto": on a GPU, the length from which TCA's prefill is measured to beat dense attention on
+    this device and head shape (crossover.py: measured once, cached; never slower than dense);
+    on the CPU, 0. An int: that length (0 = never dense).
+    """
 
     budgets: Budgets
-    dense_below: int = 0
+    dense_below: int | str = "auto"
     name: str = "tca"
     # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
     _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # per-(layer, n_blocks, device) keep count per rank and host-side kept sizes
     _rank_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dense_below != "auto" and not (isinstance(self.dense_below, int) and self.dense_below >= 0):
+            raise ValueError(f"dense_below must be an int >= 0 or 'auto', got {self.dense_below!r}")
+
+    def _dense_below(self, q: torch.Tensor) -> int:
+        """dense_below resolved for q's device and head shape (cached: one look-up per device)."""
+        if self.dense_below != "auto":
+            return self.dense_below
+        key = ("dense_below", str(q.device), q.shape[1], q.shape[-1], q.dtype)
+        if key not in self._per_layer:
+            from .crossover import crossover
+
+            self._per_layer[key] = crossover(self, q.shape[1], q.shape[-1], q.dtype, q.device)
+        self._per_layer["dense_below_used"] = self._per_layer[key]
+        return self._per_layer[key]
+
+    def report(self) -> dict:
+        """dense_below as configured and as last resolved ("auto": the measured crossover)."""
+        return {"dense_below": self.dense_below, "dense_below_used": self._per_layer.get("dense_below_used")}
 
     def _layer(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer_idx, str(device))
@@ -97,8 +122,9 @@ class TCA(Method):
         B, KV, L, _ = k.shape
         b, w = cfg.block_size, cfg.window
         geo = local_geometry(L, b, w)
+        dense_below = self._dense_below(q)
         # every row is at most L long: if even an unpadded row stays dense, the whole batch does
-        if geo is None or L < self.dense_below or self._all_dense(layer_idx):
+        if geo is None or L < dense_below or self._all_dense(layer_idx):
             return None
         n_max, local_start = geo
         decode_keep = self._layer(layer_idx, k.device)[1]
@@ -106,7 +132,7 @@ class TCA(Method):
         keep_rank, max_kept, total = self._ranks(layer_idx, n_max, k.device)  # (KV, n_max)
         n_rows, row_ls = n_max, None
         if padded:  # per-row geometry: each row's blocks start at its first real token
-            n_rows, row_ls = row_geometry(L, key_start, b, w, self.dense_below)
+            n_rows, row_ls = row_geometry(L, key_start, b, w, dense_below)
             keep_rank = self._row_ranks(layer_idx, n_rows, n_max)  # (B, KV, n_max)
         spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept)
         if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
