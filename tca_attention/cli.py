@@ -158,22 +158,34 @@ def _plain_fields(method) -> dict[str, Any]:
             if f.init and isinstance(getattr(method, f.name), (int, float, str, bool))}
 
 
+def _method_spec(args) -> tuple[str, dict[str, Any]]:
+    """The --method's (name, params), checked before the model loads: a registry spec, and the
+    TCA options only with tca (any other method takes its parameters in its spec)."""
+    from . import registry
+
+    try:
+        name, params = registry.parse_spec(args.method)
+    except KeyError as e:  # an unknown name: a usage error like the others
+        raise ValueError(e.args[0]) from None
+    given = [f"--{k.replace('_', '-')}" for k in TCA_OPTIONS if getattr(args, k, None) not in (None, AUTO)]
+    if name != "tca" and given:
+        raise ValueError(f"{', '.join(given)}: TCA options, but --method is {name} (give its parameters in "
+                         f"the spec, e.g. {name}:key=value; `tca methods` lists them)")
+    return name, params
+
+
 def _method(args, build: bool):
     """(the --method's Method, or None when not built, and its settings for the JSON report).
 
     tca takes the TCA options (config, budget file, calibration) merged with its spec; any other
-    method is built by the registry from its spec alone, and the TCA options are refused."""
+    method is built by the registry from its spec alone."""
     from . import registry
     from .integration.probe import load_or_calibrate
     from .methods.tca.budgets import Budgets
 
     model, tok = args._model
-    name, params = registry.parse_spec(args.method)
+    name, params = _method_spec(args)
     if name != "tca":
-        given = [f"--{k.replace('_', '-')}" for k in TCA_OPTIONS if getattr(args, k, None) not in (None, AUTO)]
-        if given:
-            raise ValueError(f"{', '.join(given)}: TCA options, but --method is {name} (give its parameters in "
-                             f"the spec, e.g. {name}:key=value; `tca methods` lists them)")
         method = registry.create(args.method, model=model, tokenizer=tok)
         return (method if build else None), _plain_fields(method)
     targs = _tca_args(args, params)
@@ -231,6 +243,7 @@ def cmd_generate(args) -> int:
         prompt, expected = _read_prompt(args), None
         if not prompt.strip():
             raise SystemExit("error: empty prompt (give --prompt-file, stdin, --question or --passkey N)")
+    _method_spec(args)
     args._model = _load(args)
     if args.passkey is not None:
         from .data.passkey import passkey_prompt
@@ -246,6 +259,7 @@ def cmd_demo(args) -> int:
 
     methods = {"both": f"full and {args.method}", "full": "full"}.get(args.mode, args.method)
     note(f"Demo: {args.model}, a {args.passkey}-token passkey prompt (key at depth {args.depth}), methods: {methods}")
+    _method_spec(args)
     args._model = _load(args)
     pk = passkey_prompt(args._model[1], args.passkey, depth=args.depth, seed=args.seed)
     return _run(args, pk.text, pk.answer)

@@ -258,3 +258,22 @@ def test_budgets_calibrated_with_other_settings_are_refused(tmp_path: Path) -> N
         backend._checked(other, tmp_path)
     # the run folder is named from the resolved TCA settings, not only the preset's name
     assert _config(tca_score="observation").run_name() != _config().run_name()
+
+
+def test_a_new_registry_entry_runs_in_the_eval_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method the eval was never told about: one registry Entry with a density knob is enough
+    to run it, sweep it and match it."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.methods.full_budget import FullBudget
+
+    entry = registry.Entry("toy", "a test method", {"window": int, "block_size": int},
+                           lambda params, model, tokenizer, extra: FullBudget(**params),
+                           registry.Density("window", lambda fraction, tokens, params: round(fraction * tokens)))
+    monkeypatch.setitem(registry.ENTRIES, "toy", entry)
+    cfg = _config(methods=("tca:tau=0.5", "toy:block_size=8|16@match=tca:tau=0.5"))
+    [_, m8, m16] = cfg.specs()
+    assert (m8.label, m16.spec) == ("toy:block_size=8@match=tca:tau=0.5", "toy:block_size=16")
+    method, record = ModelBackend("m").core_method(m8, 1000, 0.25)
+    assert method == FullBudget(window=250, block_size=8) and record == {"window": 250}
+    method, record = ModelBackend("m").core_method(expand_method("toy:window=64")[0], 1000, None)
+    assert method == FullBudget(window=64) and record == {}
