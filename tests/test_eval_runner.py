@@ -10,7 +10,7 @@ import pytest
 
 from tca_attention import registry
 from tca_attention.eval.methods import EvalMethod, Outcome, expand_method, split_methods
-from tca_attention.eval.report import summarize, write_report
+from tca_attention.eval.report import family, summarize, write_report
 from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate
 from tca_attention.eval.schema import Result, Sample
 
@@ -211,6 +211,8 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     assert tca["kept_fraction"] == pytest.approx((4 * 0.3 + 2 * 0.4) / 6)
     full = summary["models"]["m"]["methods"]["full"]["lengths"]["8192"]
     assert full["ppl"] == pytest.approx(7.389, rel=1e-3) and full["accuracy"] == 1.0
+    assert [family(m) for m in ("tca:tau=0.7", "streaming@match=tca", "full", "tca@0.7", "streaming=tca")] == [
+        "tca", "streaming", "full", "tca", "streaming"]  # labels of earlier runs too
     files = write_report(rs, tmp_path)
     for key in ("summary", "report", "needle_m", "accuracy_vs_length_m", "accuracy_vs_kept_m"):
         assert files[key].exists() and files[key].stat().st_size > 0
