@@ -171,6 +171,8 @@ def _method_spec(args) -> tuple[str, dict[str, Any]]:
     if name != "tca" and given:
         raise ValueError(f"{', '.join(given)}: TCA options, but --method is {name} (give its parameters in "
                          f"the spec, e.g. {name}:key=value; `tca methods` lists them)")
+    if params.get("preset", AUTO) not in (AUTO, *PRESETS):
+        raise ValueError(f"--method {args.method}: unknown TCA preset {params['preset']!r}; known: {', '.join(PRESETS)}")
     return name, params
 
 
@@ -254,7 +256,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: calibrate the model once, then full vs TCA on a passkey prompt."""
+    """The main job: calibrate the model once, then full vs TCA (or --method) on a passkey prompt."""
     from .data.passkey import passkey_prompt
 
     methods = {"both": f"full and {args.method}", "full": "full"}.get(args.mode, args.method)

@@ -208,6 +208,7 @@ def test_generate_method_errors_are_clear(tiny_dir, capsys):
          "--tau, --budgets: TCA options, but --method is streaming"),
         (["--method", "tca:tau=0.5", "--tau", "0.7"], "--tau 0.7 and --method tca:tau=0.5 disagree"),
         (["--method", "full"], "--method full is full attention: use --mode full"),
+        (["--method", "tca:preset=huge"], "unknown TCA preset 'huge'"),
     ):
         assert main([*args, *extra]) == 2, extra
         assert error in capsys.readouterr().err, extra

@@ -47,8 +47,8 @@ def expand_method(text: str) -> list[EvalMethod]:
     """One method of the command line (sweeps expanded), with clear errors."""
     left, sep, ref = text.strip().partition(MATCH)
     try:
-        return [_method(one, match if sep else None)
-                for one in registry.expand(left) for match in (registry.expand(ref) if sep else [""])]
+        refs: list[str | None] = list(registry.expand(ref)) if sep else [None]
+        return [_method(one, r) for one in registry.expand(left) for r in refs]
     except (KeyError, ValueError) as e:
         msg = str(e.args[0]) if e.args else str(e)
         comma_list = "," in text.partition(":")[0] or "should be key=value" in msg
