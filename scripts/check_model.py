@@ -14,7 +14,7 @@ import math
 
 import transformers
 
-from tca_attention.eval.methods import ModelBackend, parse_method
+from tca_attention.eval.methods import ModelBackend, expand_method
 from tca_attention.eval.prompt import PromptFormat
 from tca_attention.eval.scorers import score
 from tca_attention.eval.tasks import TASKS, TaskContext, generate
@@ -31,7 +31,7 @@ def main() -> None:
     backend = ModelBackend(args.model, device=args.device, dtype=args.dtype)
     fmt = PromptFormat(backend.load())
     ctx = TaskContext(fmt)
-    full = parse_method("full")
+    [full] = expand_method("full")
     out: dict = {"transformers": transformers.__version__, "model": args.model, "device": args.device,
                  "length": args.length, "ppl": [], "needle": []}
     for i in range(args.samples):

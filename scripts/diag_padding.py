@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from tca_attention.eval.methods import ModelBackend, parse_method
+from tca_attention.eval.methods import ModelBackend, expand_method
 from tca_attention.eval.prompt import PromptFormat
 from tca_attention.eval.scorers import score
 from tca_attention.eval.tasks import TASKS, TaskContext, generate
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kernels", default="auto,math,efficient_attention")
     args = ap.parse_args()
-    full = parse_method("full")
+    [full] = expand_method("full")
     backend = ModelBackend(args.model, device=args.device, dtype=args.dtype)
     fmt = PromptFormat(backend.load())
     ctx = TaskContext(fmt)

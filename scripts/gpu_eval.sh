@@ -12,14 +12,14 @@
 # Writes RESULTS_DIR/<run>/results.jsonl, summary.json, report.md and PNGs per model and a
 # combined report in RESULTS_DIR/report/eval_* (ready to copy to docs/results/). Overridable through the environment:
 #   MODELS="smollm2 qwen2.5-coder-0.5b"  LENGTHS=4096,8192  SAMPLES=20  DEVICE=cuda  DTYPE=  BATCH=1
-#   METHODS=...  (see the default below)  EXTRA="--budgets FILE" (one model only) etc.
+#   METHODS="full; tca:tau=0.7; ..."  (registry specs separated by ';', see docs/eval.md and the default below)  EXTRA="--budgets FILE" (one model only) etc.
 set -euo pipefail
 OUT=${1:?usage: scripts/gpu_eval.sh RESULTS_DIR}
 MODELS=${MODELS:-"smollm2 qwen2.5-coder-0.5b"}
 LENGTHS=${LENGTHS:-4096,8192}
 SAMPLES=${SAMPLES:-20}
 DEVICE=${DEVICE:-cuda}
-METHODS=${METHODS:-full,tca,tca@0.95,tca@0.7,tca/observation,tca@0.7/observation,streaming=tca,streaming=tca/observation}
+METHODS=${METHODS:-"full; tca; tca:tau=0.95|0.7; tca:score=observation; tca:tau=0.7,score=observation; streaming:block_size=16@match=tca; streaming:block_size=16@match=tca:score=observation"}
 DTYPE_ARG=()
 if [[ -n "${DTYPE:-}" ]]; then DTYPE_ARG=(--dtype "$DTYPE"); fi
 MODEL_ARGS=()

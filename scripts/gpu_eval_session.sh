@@ -16,7 +16,7 @@ fi
 python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
 start=$(date +%s)
 timeout "$seconds" python3 -m tca_attention.eval --model "$gguf" --device cuda --dtype float32 \
-  --tca-preset small-context --budgets "$budgets" ${SDPA:+--sdpa-backend "$SDPA"} --methods "${METHODS:-full,tca,tca@0.7,streaming=tca}" \
+  --tca-preset small-context --budgets "$budgets" ${SDPA:+--sdpa-backend "$SDPA"} --methods "${METHODS:-full; tca; tca:tau=0.7; streaming:block_size=16@match=tca}" \
   --tasks "$tasks" --lengths "$lengths" --samples "$samples" --batch-size "$batch" \
   --results-dir "$res/runs" --report-dir "$res/report" --report-prefix "eval_${key}_" \
   --no-progress 2>&1 | grep -vE "it/s|Loading|clean_up" | tail -25

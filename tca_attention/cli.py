@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .clihelp import HelpFormatter
 from .methods.tca.config import AUTO, PRESETS, TCAConfig, auto_preset
@@ -21,6 +23,9 @@ log = logging.getLogger("tca")
 CONFIG_KEYS = ("block_size", "window", "tau", "alpha", "score", "mass_norm")
 # fixed by calibration: a budget file's values win, and a differing option is refused
 CALIBRATED_KEYS = ("block_size", "window", "alpha", "mass_norm")
+# options that choose TCA's budgets; a --method spec of tca may set the first six too
+TCA_SPEC_KEYS = ("preset", "window", "tau", "score", "alpha", "budgets")
+TCA_OPTIONS = (*TCA_SPEC_KEYS, "block_size", "mass_norm", "calibration_length")
 DEMO_PASSKEY_TOKENS = 4096
 EXIT_MISSED = 1  # a passkey run whose answer lacks the key
 EXIT_ERROR = 2
@@ -133,30 +138,91 @@ def _print_results(results, prompt_tokens: int) -> None:
               f"{_fmt_bytes(r.dense_kv_bytes):>11} {r.kv_ratio:>6.2f} {ret:>8}  {r.answer.strip()!r}")
 
 
-def _run(args, prompt: str, expected: str | None) -> int:
-    """Calibrate or load budgets, run the prompt with the chosen methods, report, exit code."""
-    from .methods.tca.budgets import Budgets
+def _tca_args(args, params: dict[str, Any]) -> argparse.Namespace:
+    """The options with a tca spec's calibration parameters in them (a differing option is an error)."""
+    merged = {}
+    for key in TCA_SPEC_KEYS:
+        if key in params:
+            given = getattr(args, key)
+            if given not in (None, AUTO) and given != params[key]:
+                raise ValueError(f"--{key} {given} and --method {args.method} disagree")
+            merged[key] = params[key]
+    return argparse.Namespace(**{**vars(args), **merged})
+
+
+def _plain_fields(method) -> dict[str, Any]:
+    """A method's settings for the JSON report (dataclass fields of plain values)."""
+    if not dataclasses.is_dataclass(method):
+        return {}
+    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+            if f.init and isinstance(getattr(method, f.name), (int, float, str, bool))}
+
+
+def _method_spec(args) -> tuple[str, dict[str, Any]]:
+    """The --method's (name, params), checked before the model loads: a registry spec, and the
+    TCA options only with tca (any other method takes its parameters in its spec)."""
+    from . import registry
+
+    try:
+        name, params = registry.parse_spec(args.method)
+    except KeyError as e:  # an unknown name: a usage error like the others
+        raise ValueError(e.args[0]) from None
+    given = [f"--{k.replace('_', '-')}" for k in TCA_OPTIONS if getattr(args, k, None) not in (None, AUTO)]
+    if name != "tca" and given:
+        raise ValueError(f"{', '.join(given)}: TCA options, but --method is {name} (give its parameters in "
+                         f"the spec, e.g. {name}:key=value; `tca methods` lists them)")
+    if params.get("preset", AUTO) not in (AUTO, *PRESETS):
+        raise ValueError(f"--method {args.method}: unknown TCA preset {params['preset']!r}; known: {', '.join(PRESETS)}")
+    return name, params
+
+
+def _method(args, build: bool):
+    """(the --method's Method, or None when not built, and its settings for the JSON report).
+
+    tca takes the TCA options (config, budget file, calibration) merged with its spec; any other
+    method is built by the registry from its spec alone."""
+    from . import registry
     from .integration.probe import load_or_calibrate
-    from .generation import run_prompt
-    from .methods.tca.method import TCA
+    from .methods.tca.budgets import Budgets
 
     model, tok = args._model
-    if args.budgets and args.mode != "full":
-        _check_against_file(args, Budgets.load(args.budgets, model=model))
-    config = _config_from(args, model)
-    budgets = None
-    if args.mode in ("both", "tca"):
-        budgets = load_or_calibrate(model, tok, args.model, config, args.budgets, args.calibration_length)
+    name, params = _method_spec(args)
+    if name != "tca":
+        method = registry.create(args.method, model=model, tokenizer=tok)
+        return (method if build else None), _plain_fields(method)
+    targs = _tca_args(args, params)
+    if targs.budgets and build:
+        _check_against_file(targs, Budgets.load(targs.budgets, model=model))
+    config = _config_from(targs, model)
+    if not build:
+        return None, asdict(config)
+    budgets = load_or_calibrate(model, tok, args.model, config, targs.budgets, args.calibration_length)
+    rest = {k: params[k] for k in params if k not in TCA_SPEC_KEYS}  # e.g. dense_below
+    return registry.create(registry.format_spec(name, rest), budgets=budgets), asdict(budgets.config)
+
+
+def _run(args, prompt: str, expected: str | None) -> int:
+    """Build the --method (calibrating or loading TCA's budgets), run the prompt with it and/or
+    full attention, report, exit code."""
+    from .generation import run_prompt
+
+    model, tok = args._model
+    mode = "method" if args.mode == "tca" else args.mode
+    method, config = _method(args, build=mode != "full")
+    if mode == "both" and method.is_dense:
+        raise ValueError(f"--method {args.method} is full attention: use --mode full")
     runs = []
-    if args.mode in ("both", "full"):
+    if mode in ("both", "full"):
         runs.append(run_prompt(model, tok, prompt, None, args.max_new_tokens, args.backend))
-    if budgets is not None:
-        runs.append(run_prompt(model, tok, prompt, TCA(budgets), args.max_new_tokens, args.backend))
+    if method is not None:
+        runs.append(run_prompt(model, tok, prompt, method, args.max_new_tokens, args.backend))
     found = {r.method: expected in r.answer for r in runs} if expected else {}
     missed = [m for m, ok in found.items() if not ok]
     if args.json:
-        used = budgets.config if budgets is not None else config
-        doc = {"expected": expected, "config": asdict(used), "runs": [r.to_dict() for r in runs]}
+        from .registry import normalize
+
+        doc = {"expected": expected, "method": normalize(args.method), "config": config,
+               "runs": [r.to_dict() for r in runs]}
         if expected:
             doc["found"] = found
         print(json.dumps(doc, indent=1), file=args._stdout, flush=True)
@@ -179,6 +245,7 @@ def cmd_generate(args) -> int:
         prompt, expected = _read_prompt(args), None
         if not prompt.strip():
             raise SystemExit("error: empty prompt (give --prompt-file, stdin, --question or --passkey N)")
+    _method_spec(args)
     args._model = _load(args)
     if args.passkey is not None:
         from .data.passkey import passkey_prompt
@@ -189,11 +256,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: calibrate the model once, then full vs TCA on a passkey prompt."""
+    """The main job: calibrate the model once, then full vs TCA (or --method) on a passkey prompt."""
     from .data.passkey import passkey_prompt
 
-    note(f"Demo: {args.model}, a {args.passkey}-token passkey prompt (key at depth {args.depth}), "
-         f"methods: {'full and TCA' if args.mode == 'both' else args.mode}")
+    methods = {"both": f"full and {args.method}", "full": "full"}.get(args.mode, args.method)
+    note(f"Demo: {args.model}, a {args.passkey}-token passkey prompt (key at depth {args.depth}), methods: {methods}")
+    _method_spec(args)
     args._model = _load(args)
     pk = passkey_prompt(args._model[1], args.passkey, depth=args.depth, seed=args.seed)
     return _run(args, pk.text, pk.answer)
@@ -240,8 +308,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="calibration tokens when calibrating (default: min(8192, the model's trained length))")
     p.add_argument("--depth", type=float, default=0.5, help="where the passkey sits in the prompt, 0 = start, 1 = end")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkey and of the essay excerpt")
-    p.add_argument("--mode", choices=["both", "tca", "full"], default="both",
-                   help="full attention, TCA, or both on the same prompt")
+    p.add_argument("--method", default="tca", metavar="SPEC",
+                   help="the method to run: a registry spec, e.g. tca, tca:tau=0.7, streaming:window=1024 "
+                   "(`tca methods` lists them); the TCA options above apply to tca only")
+    p.add_argument("--mode", choices=["both", "method", "full", "tca"], default="both",
+                   help="full attention, the --method, or both on the same prompt (tca: the former name of method)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated (greedy) after the prompt")
     p.add_argument("--json", action="store_true",
                    help="print only a JSON document on stdout (messages and progress stay on stderr)")
@@ -255,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of:")
 
     p = sub.add_parser("demo", formatter_class=HelpFormatter,
-                       help="the main job: calibrate once, then a passkey prompt with full attention and TCA",
+                       help="the main job: calibrate once, then a passkey prompt with full attention and TCA (or --method)",
                        description="Calibrate the model once (cached), build a passkey prompt of real essays, "
                        "answer it with full attention and with TCA side by side. Exit status 1 when a method "
                        "misses the passkey.")
@@ -267,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", formatter_class=HelpFormatter,
-                       help="run a long prompt (file, stdin or passkey) with full attention and/or TCA, timed",
-                       description="Run one long prompt with full attention and/or TCA: answer, prefill time, "
+                       help="run a long prompt (file, stdin or passkey) with full attention and/or a method (TCA by default), timed",
+                       description="Run one long prompt with full attention and/or a method (--method SPEC, default "
+                       "tca): answer, prefill time, "
                        "decode speed, KV bytes. With --passkey the exit status is 1 when a method misses the key.")
     _add_model_args(p)
     _add_config_args(p)
@@ -293,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",
                        description="Every method the library, `tca eval` and the API know, one line each. A spec is "
-                       "NAME or NAME:key=value,key=value (e.g. tca:tau=0.7, streaming:window=1024).")
+                       "NAME or NAME:key=value,key=value (e.g. tca:tau=0.7, streaming:window=1024). A method with a density "
+                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC).")
     p.set_defaults(func=cmd_methods)
 
     from .bench import add_bench_parser

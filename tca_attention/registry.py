@@ -4,16 +4,32 @@ A spec is a name with optional parameters: `tca`, `tca:tau=0.7`, `streaming:wind
 Parameter values are typed by the method's own fields (int, float, str, bool). A new method is one
 file plus one `Entry` below. `create(spec, model=..., tokenizer=...)` builds it, calibrating (or
 loading cached calibration) where the method needs it; `tca methods` prints `describe()`.
+
+`normalize(spec)` is a spec's one written form (parameters in the Entry's order, typed values),
+which names a method in results. An Entry may declare its density knob (`Density`): the parameter
+that sets how much of the KV it keeps, so `at_density` can set it to keep a given fraction of a
+prompt (the eval's matched-KV comparison). `expand` turns value lists `key=a|b|c` into specs.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import typing
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 FULL = "full"  # plain attention (Dense): the reference every method is compared to
+
+
+@dataclass(frozen=True)
+class Density:
+    """A method's density knob: `param` sets how much KV it keeps; `solve(kept_fraction,
+    prompt_tokens, params)` is the knob value keeping about that fraction of a prompt of that
+    many tokens after prefill, given the spec's other parameters."""
+
+    param: str
+    solve: Callable[[float, int, Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -22,12 +38,17 @@ class Entry:
     summary: str
     params: dict[str, type]  # parameters a spec may set, with their types
     build: Callable[..., Any]  # (params, model, tokenizer, extra) -> Method | None
+    density: Density | None = None  # the knob `at_density` sets (None: the method cannot be matched)
 
 
 def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     from .methods.tca.method import TCA
 
     if "budgets" in extra:  # a Budgets object handed in by the caller
+        fixed = sorted(set(params) - {"tau", "score", "dense_below"})
+        if fixed:
+            raise ValueError(f"tca: {', '.join(fixed)} cannot change with budgets handed in (their calibration "
+                             "fixes them; only tau, score and dense_below can)")
         budgets = extra.pop("budgets")
         if "tau" in params or "score" in params:
             budgets = budgets.at(**{k: params[k] for k in ("tau", "score") if k in params})
@@ -51,13 +72,22 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     return TCA(budgets, **extra)
 
 
+def _method_attr(path: str) -> Any:
+    """`module.name` of tca_attention.methods, imported on first use."""
+    module, _, name = path.rpartition(".")
+    return getattr(import_module(f"{__package__}.methods.{module}"), name)
+
+
 def _dataclass_build(cls_path: str) -> Callable[..., Any]:
     def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-        module, _, name = cls_path.rpartition(".")
-        cls = getattr(import_module(f"{__package__}.methods.{module}"), name)
-        return cls(**params, **extra)
+        return _method_attr(cls_path)(**params, **extra)
 
     return build
+
+
+def _lazy(path: str) -> Callable[..., Any]:
+    """A function of tca_attention.methods, imported when first called."""
+    return lambda *args, **kwargs: _method_attr(path)(*args, **kwargs)
 
 
 ENTRIES: dict[str, Entry] = {
@@ -69,7 +99,8 @@ ENTRIES: dict[str, Entry] = {
                "dense_below": str},
               _tca),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
-              {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM")),
+              {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),
+              Density("window", _lazy("streaming.window_for"))),
         Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
               {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
     )
@@ -111,6 +142,53 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
+def _format_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, float) else str(value)
+
+
+def format_spec(name: str, params: Mapping[str, Any]) -> str:
+    """The written form of (name, params): parameters in the Entry's order."""
+    order = [k for k in ENTRIES[name].params if k in params]
+    return name + (":" + ",".join(f"{k}={_format_value(params[k])}" for k in order) if order else "")
+
+
+def normalize(spec: str) -> str:
+    """A spec's one written form: ' tca:score=observation, tau=0.70' -> 'tca:tau=0.7,score=observation'."""
+    return format_spec(*parse_spec(spec))
+
+
+def expand(spec: str) -> list[str]:
+    """Value lists to specs, every combination in order: 'tca:tau=0.5|0.9,score=a|b' ->
+    tca:tau=0.5,score=a; tca:tau=0.5,score=b; tca:tau=0.9,score=a; tca:tau=0.9,score=b."""
+    name, colon, rest = spec.strip().partition(":")
+    items = [item.strip() for item in rest.split(",")] if colon else []
+    choices = []
+    for item in items:
+        key, eq, values = item.partition("=")
+        choices.append([f"{key}{eq}{v.strip()}" for v in values.split("|")] if eq else [item])
+    return [name + (":" + ",".join(combo) if colon else "") for combo in itertools.product(*choices)]
+
+
+def density_param(name: str) -> str:
+    """The parameter `at_density` sets for method `name`; an error if it has none."""
+    entry = ENTRIES[name]
+    if entry.density is None:
+        knobs = ", ".join(e.name for e in ENTRIES.values() if e.density is not None)
+        raise ValueError(f"{name} declares no density knob, so it cannot be matched to a kept fraction "
+                         f"(methods with one: {knobs})")
+    return entry.density.param
+
+
+def at_density(spec: str, kept_fraction: float, prompt_tokens: int) -> str:
+    """`spec` with its density knob set to keep about kept_fraction of a prompt_tokens prompt."""
+    name, params = parse_spec(spec)
+    param = density_param(name)
+    if param in params:
+        raise ValueError(f"{name}: {param} is set by the density match; leave it out of {spec!r}")
+    value = ENTRIES[name].density.solve(kept_fraction, prompt_tokens, params)
+    return format_spec(name, {**params, param: value})
+
+
 def create(spec: str, *, model=None, tokenizer=None, **extra: Any):
     """Build the method a spec names. Keyword arguments beyond model/tokenizer go to the method
     as they are (objects a spec cannot spell, e.g. budgets=)."""
@@ -128,7 +206,8 @@ def describe() -> str:
     lines = []
     for e in ENTRIES.values():
         params = ", ".join(f"{k}:{t.__name__}" for k, t in e.params.items())
-        lines.append(f"{e.name:<{width}}  {e.summary}" + (f"  [{params}]" if params else ""))
+        knob = f"; density knob: {e.density.param}" if e.density else ""
+        lines.append(f"{e.name:<{width}}  {e.summary}" + (f"  [{params}{knob}]" if params else ""))
     return "\n".join(lines)
 
 

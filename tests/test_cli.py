@@ -183,3 +183,47 @@ def test_cpu_float16_runs_as_float32_and_cuda_is_checked(tiny_dir, capsys):
     if not torch.cuda.is_available():
         assert main(["generate", "--model", str(tiny_dir), "--device", "cuda", "--question", "hi"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_generate_runs_any_registry_method(tiny_dir, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--question", "The quick brown fox. " * 40, "--max-new-tokens", "2",
+            "--json"]
+    assert main([*args, "--method", "streaming:window=64, block_size=16"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    full, stream = data["runs"]
+    assert full["method"] == "full" and stream["method"] == "streaming"
+    assert data["method"] == "streaming:window=64,block_size=16"
+    assert data["config"] == {"sinks": 4, "window": 64, "block_size": 16, "name": "streaming"}
+    assert stream["prompt_tokens"] > 200 and stream["kv_bytes"] < stream["dense_kv_bytes"]
+    assert main([*args, "--method", "streaming:window=64,block_size=16", "--mode", "method"]) == 0
+    assert [r["method"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["streaming"]
+
+
+def test_generate_method_errors_are_clear(tiny_dir, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--question", "hi", "--max-new-tokens", "1"]
+    for extra, error in (
+        (["--method", "xattn"], "unknown method 'xattn'; known: full, full-budget, streaming, tca"),
+        (["--method", "streaming:windw=64"], "streaming: unknown parameter 'windw' (known: sinks, window, block_size)"),
+        (["--method", "streaming:window=64", "--tau", "0.5", "--budgets", "b.json"],
+         "--tau, --budgets: TCA options, but --method is streaming"),
+        (["--method", "tca:tau=0.5", "--tau", "0.7"], "--tau 0.7 and --method tca:tau=0.5 disagree"),
+        (["--method", "full"], "--method full is full attention: use --mode full"),
+        (["--method", "tca:preset=huge"], "unknown TCA preset 'huge'"),
+    ):
+        assert main([*args, *extra]) == 2, extra
+        assert error in capsys.readouterr().err, extra
+
+
+def test_generate_tca_spec_sets_the_tca_options(tiny_dir, tmp_path, capsys):
+    """--method tca:... is the TCA options in spec form: tau re-selects a budget file, window is checked."""
+    budgets = tmp_path / "b.json"
+    assert main(["calibrate", "--model", str(tiny_dir), *TINY, "--length", "300", "--out", str(budgets)]) == 0
+    capsys.readouterr()
+    args = ["generate", "--model", str(tiny_dir), "--question", "hi " * 100, "--max-new-tokens", "1", "--json",
+            "--mode", "method"]
+    assert main([*args, "--method", f"tca:tau=0.3,budgets={budgets},dense_below=64"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["tau"] == 0.3 and data["config"]["window"] == 64
+    assert [r["method"] for r in data["runs"]] == ["tca"]
+    assert main([*args, "--method", f"tca:window=128,budgets={budgets}"]) == 2
+    assert "--window 128 (file: 64)" in capsys.readouterr().err

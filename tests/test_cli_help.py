@@ -174,3 +174,28 @@ def test_bench_passkey_runs_from_the_package_on_a_tiny_model(tmp_path, smol_toke
                      "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["meta"]["command"].startswith("tca bench passkey") and len(data["rows"]) == 7
+
+
+def test_benchmarks_take_a_registry_method(capsys):
+    """`--method SPEC` of the GPU benchmarks is checked before any GPU work (parsing only here)."""
+    from tca_attention.benchmarks import bench_e2e, passkey_sweep
+
+    args = bench_e2e.parse_args(["--method", "streaming:window=4096", "--out", "r.json"])
+    assert (args.name, args.budgets, args.tau) == ("streaming", None, None)
+    args = bench_e2e.parse_args(["--method", "tca:tau=0.7,dense_below=4096", "--budgets", "b.json", "--out", "r.json"])
+    assert (args.name, args.tau, args.dense_below) == ("tca", 0.7, 4096)
+    assert bench_e2e.parse_args(["--budgets", "b.json", "--out", "r.json"]).name == "tca"  # the default
+    for argv, error in (
+        (["--out", "r.json"], "--method tca needs --budgets FILE"),
+        (["--method", "xattn", "--out", "r.json"], "unknown method 'xattn'"),
+        (["--method", "streaming", "--tau", "0.5", "--out", "r.json"], "--tau: tca's options, but --method is streaming"),
+        (["--method", "tca:tau=0.7", "--tau", "0.5", "--budgets", "b", "--out", "r"], "both set tau"),
+        (["--method", "tca:window=64", "--budgets", "b", "--out", "r"], "only tau, score and dense_below"),
+        (["--method", "full", "--out", "r.json"], "dense attention every method is timed against"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            bench_e2e.parse_args(argv)
+        assert e.value.code == 2 and error in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        passkey_sweep.main(["--method", "streaming:window=big", "--out", "r.json"])
+    assert "--method streaming:window=big: streaming: window='big' is not a valid int" in capsys.readouterr().err

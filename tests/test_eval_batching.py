@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tca_attention.eval.methods import MethodSpec, ModelBackend, Outcome, parse_method
+from tca_attention.eval.methods import EvalMethod, ModelBackend, Outcome, expand_method
 from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate
 from tca_attention.eval.schema import Sample
 
@@ -44,7 +44,7 @@ def _prompts(tokenizer, lengths: list[int]) -> list[list[int]]:
 def test_full_attention_batch_equals_single_runs(backend: ModelBackend, kind: str) -> None:
     ids = _prompts(backend.tokenizer, [700, 731, 690])
     samples = [_sample(i, kind) for i in range(3)]
-    spec = parse_method("full")
+    [spec] = expand_method("full")
     batched = backend.run_batch(spec, samples, ids, None)
     single = [backend.run(spec, s, x, None) for s, x in zip(samples, ids)]
     for b, s, x in zip(batched, single, ids):
@@ -59,7 +59,7 @@ def test_full_attention_batch_equals_single_runs(backend: ModelBackend, kind: st
 def test_tca_batch_without_padding_equals_single_runs(backend: ModelBackend) -> None:
     ids = _prompts(backend.tokenizer, [700, 700, 700])
     samples = [_sample(i, new_tokens=6) for i in range(3)]
-    spec = parse_method("tca@0.5")
+    [spec] = expand_method("tca:tau=0.5")
     batched = backend.run_batch(spec, samples, ids, None)
     single = [backend.run(spec, s, x, None) for s, x in zip(samples, ids)]
     for b, s in zip(batched, single):
@@ -73,7 +73,7 @@ def test_tca_batch_with_padding_equals_single_runs(backend: ModelBackend) -> Non
     keeps alone and answers the same; each row's accounting is of its own tokens."""
     ids = _prompts(backend.tokenizer, [700, 737, 690])
     samples = [_sample(i, new_tokens=6) for i in range(3)]
-    spec = parse_method("tca@0.5")
+    [spec] = expand_method("tca:tau=0.5")
     batched = backend.run_batch(spec, samples, ids, None)
     single = [backend.run(spec, s, x, None) for s, x in zip(samples, ids)]
     for b, s in zip(batched, single):
@@ -97,14 +97,14 @@ class BatchingFake:
     def prepare(self, run_dir: Path) -> None:
         pass
 
-    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched: float | None) -> Outcome:
+    def run(self, spec: EvalMethod, sample: Sample, ids: list[int], matched: float | None) -> Outcome:
         return self.run_batch(spec, [sample], [ids], matched)[0]
 
     def run_batch(self, spec, samples, ids_list, matched) -> list[Outcome]:
         if self.crash_after is not None and len(self.batches) >= self.crash_after:
             raise RuntimeError("simulated crash")
         self.batches.append([s.id for s in samples])
-        return [Outcome(" ".join(s.answers), 1.0 if s.kind == "nll" else None, 0.5 if spec.kind != "full" else 1.0,
+        return [Outcome(" ".join(s.answers), 1.0 if s.kind == "nll" else None, 0.5 if spec.label != "full" else 1.0,
                         500, 1000, 0.01, {}) for s in samples]
 
 

@@ -35,24 +35,25 @@ def test_every_method_runs_through_the_real_pipeline(tmp_path: Path, smol_tokeni
     model = tiny_llama(len(smol_tokenizer), device)
     backend = ModelBackend("tiny-llama", device=device, model=model, tokenizer=smol_tokenizer,
                            tca_config=TCAConfig(block_size=16, window=64, tau=0.9), calibration_length=512)
-    cfg = EvalConfig(model="tiny-llama", methods=("full", "tca@0.5", "streaming=tca@0.5"),
+    matched = "streaming:block_size=16@match=tca:tau=0.5"
+    cfg = EvalConfig(model="tiny-llama", methods=("full", "tca:tau=0.5", matched),
                      tasks=("niah_single", "perplexity"), lengths=(768,), samples=1)
     results = evaluate(cfg, backend, tmp_path, progress=False)
     assert len(results) == 6
     by = {(r.method, r.task): r for r in results}
     assert (tmp_path / "budgets.json").exists() and list((tmp_path / "cache" / "budgets").glob("*.json"))
     assert all(by[("full", t)].kept_fraction == 1.0 for t in cfg.tasks)
-    tca = [by[("tca@0.5", t)].kept_fraction for t in cfg.tasks]
+    tca = [by[("tca:tau=0.5", t)].kept_fraction for t in cfg.tasks]
     assert all(0.0 < f < 0.95 for f in tca)
-    assert all(by[("tca@0.5", t)].kv_bytes < by[("tca@0.5", t)].dense_kv_bytes for t in cfg.tasks)
-    stream = [by[("streaming=tca@0.5", t)] for t in cfg.tasks]
+    assert all(by[("tca:tau=0.5", t)].kv_bytes < by[("tca:tau=0.5", t)].dense_kv_bytes for t in cfg.tasks)
+    stream = [by[(matched, t)] for t in cfg.tasks]
     assert all(r.metadata["window"] < 768 for r in stream)
     assert abs(sum(r.kept_fraction for r in stream) / 2 - sum(tca) / 2) < 0.05  # same KV budget as TCA
     nll = [r.nll for r in results if r.task == "perplexity"]
     assert len(nll) == 3 and all(x is not None and 0 < x < 20 for x in nll)
     assert all(r.prediction for r in results if r.task == "niah_single")  # something was generated
     files = write_report(results, tmp_path / "report")
-    assert "streaming=tca" in files["report"].read_text()
+    assert matched in files["report"].read_text()
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_real_smollm2_at_4k_and_8k(tmp_path: Path) -> None:
     """The real default model through every method at 4K and 8K (CPU: about 15-30 minutes,
     plus one calibration of about 8 minutes unless the core's budget cache has it)."""
     backend = ModelBackend("smollm2")
-    cfg = EvalConfig(model="smollm2", methods=("full", "tca", "streaming=tca"), tasks=("niah_single",),
+    cfg = EvalConfig(model="smollm2", methods=("full", "tca", "streaming:block_size=16@match=tca"), tasks=("niah_single",),
                      lengths=(4096, 8192), samples=2)
     results = evaluate(cfg, backend, tmp_path, progress=False)
     by = {(r.method, r.sample_id): r for r in results}
@@ -69,6 +70,7 @@ def test_real_smollm2_at_4k_and_8k(tmp_path: Path) -> None:
     assert by[("full", "niah_single-4096-0001")].score == 1.0
     for L in (4096, 8192):
         tca = [by[("tca", f"niah_single-{L}-{i:04d}")].kept_fraction for i in range(2)]
-        stream = [by[("streaming=tca", f"niah_single-{L}-{i:04d}")].kept_fraction for i in range(2)]
+        stream = [by[("streaming:block_size=16@match=tca", f"niah_single-{L}-{i:04d}")].kept_fraction
+                  for i in range(2)]
         assert 0.0 < sum(tca) / 2 < 1.0
         assert abs(sum(stream) / 2 - sum(tca) / 2) < 0.02

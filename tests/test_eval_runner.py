@@ -1,5 +1,5 @@
-"""The runner with a fake method backend: resumable after a crash, torn lines, budget matching,
-and the report files from synthetic results."""
+"""The runner with a fake method backend: resumable after a crash, torn lines, the method
+grammar (registry specs, @match=, sweeps), matched KV, and the report files from synthetic results."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from tca_attention.eval.methods import MethodSpec, Outcome, parse_method, streaming_window
-from tca_attention.eval.report import summarize, write_report
+from tca_attention import registry
+from tca_attention.eval.methods import EvalMethod, Outcome, expand_method, split_methods
+from tca_attention.eval.report import family, summarize, write_report
 from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate
 from tca_attention.eval.schema import Result, Sample
 
 TASKS = ("niah_single", "qa", "perplexity")
-KEPT = {"full": 1.0, "tca": 0.3, "tca@0.5": 0.2}
+KEPT = {"full": 1.0, "tca": 0.3, "tca:tau=0.5": 0.2, "tca:tau=0.7": 0.25}
 
 
 class Crash(RuntimeError):
@@ -38,12 +39,12 @@ class FakeBackend:
     def prepare(self, run_dir: Path) -> None:
         self.prepared += 1
 
-    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched: float | None) -> Outcome:
+    def run(self, spec: EvalMethod, sample: Sample, ids: list[int], matched: float | None) -> Outcome:
         if self.crash_after is not None and len(self.calls) >= self.crash_after:
             raise Crash("simulated crash")
         self.calls.append((spec.label, sample.id, matched))
         # the reference budget differs by length, so matching must be per length
-        kept = matched if spec.kind == "streaming" else KEPT[spec.label] * (1.5 if sample.length == 1024 else 1.0)
+        kept = matched if spec.match else KEPT[spec.label] * (1.5 if sample.length == 1024 else 1.0)
         right = spec.label == "full"
         pred = " ".join(sample.answers) if right else "I do not know."
         nll = 2.0 if sample.kind == "nll" else None
@@ -51,7 +52,7 @@ class FakeBackend:
 
 
 def _config(**kw) -> EvalConfig:
-    base = dict(model="fake", methods=("full", "tca", "streaming=tca"), tasks=TASKS, lengths=(512, 1024), samples=2)
+    base = dict(model="fake", methods=("full", "tca", "streaming@match=tca"), tasks=TASKS, lengths=(512, 1024), samples=2)
     base.update(kw)
     return EvalConfig(**base)
 
@@ -92,45 +93,92 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path: Path, smol_tokenizer) ->
 
 
 def test_scores_and_streaming_gets_the_tca_budget_of_its_length(tmp_path: Path, smol_tokenizer) -> None:
-    cfg = _config(methods=("streaming=tca@0.5", "full", "tca@0.5"))
+    cfg = _config(methods=("streaming@match=tca:tau=0.50", "full", "tca:tau=0.5"))
     backend = FakeBackend(smol_tokenizer)
     results = evaluate(cfg, backend, tmp_path, progress=False)
-    # matched streaming runs after its reference at every length
+    # matched streaming runs after its reference at every length; labels are normalised specs
     order = [m for m, _, _ in backend.calls]
-    assert order.index("streaming=tca@0.5") > max(i for i, m in enumerate(order[:12]) if m == "tca@0.5")
-    matched = {(s.split("-")[1], round(f, 9)) for m, s, f in backend.calls if m.startswith("streaming")}
+    label = "streaming@match=tca:tau=0.5"
+    assert order.index(label) > max(i for i, m in enumerate(order[:12]) if m == "tca:tau=0.5")
+    matched = {(s.split("-")[1], round(f, 9)) for m, s, f in backend.calls if m == label}
     assert matched == {("512", 0.2), ("1024", 0.3)}
     by = {(r.method, r.task): r for r in results}
-    assert by[("full", "qa")].score == 1.0 and by[("tca@0.5", "qa")].score == 0.0
+    assert by[("full", "qa")].score == 1.0 and by[("tca:tau=0.5", "qa")].score == 0.0
     assert by[("full", "perplexity")].scorer == "nll" and by[("full", "perplexity")].score == 2.0
     assert by[("full", "niah_single")].metadata["depth"] in (0.1, 0.3)
     assert all(abs(r.prompt_tokens - r.length) <= 0.01 * r.length for r in results)
 
 
+def test_resume_under_the_normalised_labels(tmp_path: Path, smol_tokenizer) -> None:
+    """The same methods written otherwise (spacing, parameter order, 0.50) are the same labels:
+    a rerun finds them done; a sweep adds only its new members."""
+    cfg = _config(methods=("full", "tca:tau=0.5"), tasks=("qa",), lengths=(512,))
+    evaluate(cfg, FakeBackend(smol_tokenizer), tmp_path, progress=False)
+    same = _config(methods=(" full ", "tca: tau=0.50"), tasks=("qa",), lengths=(512,))
+    assert same.run_name() == cfg.run_name()
+    again = FakeBackend(smol_tokenizer)
+    evaluate(same, again, tmp_path, progress=False)
+    assert again.calls == [] and again.prepared == 0
+    sweep = _config(methods=("full", "tca:tau=0.5|0.7", "streaming@match=tca:tau=0.5|0.7"), tasks=("qa",),
+                    lengths=(512,))
+    more = FakeBackend(smol_tokenizer)
+    results = evaluate(sweep, more, tmp_path, progress=False)
+    assert sorted({m for m, _, _ in more.calls}) == [
+        "streaming@match=tca:tau=0.5", "streaming@match=tca:tau=0.7", "tca:tau=0.7"]
+    kept = {r.method: r.kept_fraction for r in results}
+    assert kept["streaming@match=tca:tau=0.7"] == kept["tca:tau=0.7"] == 0.25
+
+
+def test_method_grammar_parsing_and_errors() -> None:
+    assert split_methods(" full;tca:tau=0.7, score=observation ;; streaming:window=64 ") == [
+        "full", "tca:tau=0.7, score=observation", "streaming:window=64"]
+    assert expand_method("tca:score=observation, tau=0.70") == [
+        EvalMethod("tca:tau=0.7,score=observation", "tca:tau=0.7,score=observation")]
+    assert expand_method("streaming:block_size=16,sinks=8@match=tca:tau=0.9") == [EvalMethod(
+        "streaming:sinks=8,block_size=16@match=tca:tau=0.9", "streaming:sinks=8,block_size=16", "tca:tau=0.9")]
+    assert [m.label for m in expand_method("tca:tau=0.5|0.9,score=observation|column_mean")] == [
+        "tca:tau=0.5,score=observation", "tca:tau=0.5,score=column_mean",
+        "tca:tau=0.9,score=observation", "tca:tau=0.9,score=column_mean"]
+    assert [(m.spec, m.match) for m in expand_method("streaming:sinks=2|4@match=tca:tau=0.5|0.9")] == [
+        ("streaming:sinks=2", "tca:tau=0.5"), ("streaming:sinks=2", "tca:tau=0.9"),
+        ("streaming:sinks=4", "tca:tau=0.5"), ("streaming:sinks=4", "tca:tau=0.9")]
+    for text, error in (
+        ("h2o", "method 'h2o': unknown method 'h2o'; known: .*tca methods"),
+        ("full,tca", "unknown method 'full,tca'.*separate methods with ';'"),
+        ("tca:tau=0.7,streaming", "should be key=value.*separate methods with ';'"),
+        ("tca:tua=0.7", "unknown parameter 'tua'"),
+        ("tca:tau=high", "tau='high' is not a valid float"),
+        ("tca@match=streaming:window=64", "tca declares no density knob.*methods with one: streaming"),
+        ("streaming:window=64@match=tca", "window is set by @match; leave it out"),
+        ("streaming@match=streaming@match=tca", "not itself matched"),
+        ("streaming@match=nope", "unknown method 'nope'"),
+    ):
+        with pytest.raises(ValueError, match=error):
+            expand_method(text)
+
+
 def test_config_validation_and_run_name() -> None:
-    with pytest.raises(ValueError, match="not among the methods"):
-        _config(methods=("full", "streaming=tca@0.5"))
+    with pytest.raises(ValueError, match="not among the"):
+        _config(methods=("full", "streaming@match=tca:tau=0.5"))
+    with pytest.raises(ValueError, match="duplicate methods"):
+        _config(methods=("tca:tau=0.5", "tca:tau=0.50"))
     with pytest.raises(KeyError, match="unknown task"):
         _config(tasks=("nope",))
-    with pytest.raises(ValueError, match="unknown method"):
-        parse_method("h2o")
-    with pytest.raises(ValueError, match="unknown TCA score"):
-        parse_method("tca@0.9/mean")
-    spec = parse_method("tca@0.950/column_mean")
-    assert (spec.label, spec.tau, spec.score) == ("tca@0.95/column_mean", 0.95, "column_mean")
-    assert parse_method("streaming=tca/column_mean").match == "tca/column_mean"
     a, b = _config(), _config(samples=20, lengths=(8192,), methods=("full",))
     assert a.run_name() == b.run_name()  # more samples / lengths / methods extend one folder
     assert _config(seed=1).run_name() != a.run_name()
     assert a.run_name().startswith("fake_small-context_tau0.9_seed0_")
+    assert [m.label for m in EvalConfig(model="fake").specs()] == [
+        "full", "tca", "streaming:block_size=16@match=tca"]
 
 
-def test_streaming_window_matches_kept_tokens() -> None:
+def test_matched_window_keeps_the_target_tokens() -> None:
     for L, target in ((4096, 1200.0), (8192, 2000.0), (4000, 700.0)):
         for block in (16, 128):
-            w = streaming_window(target, L, block)
-            kept = 4 + w + (L - w) % block
-            assert abs(kept - target) <= block / 2
+            spec = registry.at_density(f"streaming:block_size={block}", target / L, L)
+            w = registry.parse_spec(spec)[1]["window"]
+            assert abs(4 + w + (L - w) % block - target) <= block / 2
+            assert abs(registry.create(spec).kept_tokens(L) - target) <= block / 2
 
 
 def _result(method: str, task: str, length: int, i: int, score: float, kept: float, depth: float | None = None) -> Result:
@@ -148,7 +196,7 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
         for i, d in enumerate((0.1, 0.5, 0.9, 0.1)):
             rs.append(_result("full", "niah_single", L, i, 1.0, 1.0, d))
             rs.append(_result("tca", "niah_single", L, i, float(d < 0.5), 0.3, d))
-            rs.append(_result("streaming=tca", "niah_single", L, i, 0.0, 0.3, d))
+            rs.append(_result("streaming@match=tca", "niah_single", L, i, 0.0, 0.3, d))
         for i in range(2):
             rs.append(_result("full", "qa", L, i, 1.0, 1.0))
             rs.append(_result("tca", "qa", L, i, 0.5, 0.4))
@@ -163,6 +211,8 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     assert tca["kept_fraction"] == pytest.approx((4 * 0.3 + 2 * 0.4) / 6)
     full = summary["models"]["m"]["methods"]["full"]["lengths"]["8192"]
     assert full["ppl"] == pytest.approx(7.389, rel=1e-3) and full["accuracy"] == 1.0
+    assert [family(m) for m in ("tca:tau=0.7", "streaming@match=tca", "full", "tca@0.7", "streaming=tca")] == [
+        "tca", "streaming", "full", "tca", "streaming"]  # labels of earlier runs too
     files = write_report(rs, tmp_path)
     for key in ("summary", "report", "needle_m", "accuracy_vs_length_m", "accuracy_vs_kept_m"):
         assert files[key].exists() and files[key].stat().st_size > 0
@@ -210,3 +260,22 @@ def test_budgets_calibrated_with_other_settings_are_refused(tmp_path: Path) -> N
         backend._checked(other, tmp_path)
     # the run folder is named from the resolved TCA settings, not only the preset's name
     assert _config(tca_score="observation").run_name() != _config().run_name()
+
+
+def test_a_new_registry_entry_runs_in_the_eval_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method the eval was never told about: one registry Entry with a density knob is enough
+    to run it, sweep it and match it."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.methods.full_budget import FullBudget
+
+    entry = registry.Entry("toy", "a test method", {"window": int, "block_size": int},
+                           lambda params, model, tokenizer, extra: FullBudget(**params),
+                           registry.Density("window", lambda fraction, tokens, params: round(fraction * tokens)))
+    monkeypatch.setitem(registry.ENTRIES, "toy", entry)
+    cfg = _config(methods=("tca:tau=0.5", "toy:block_size=8|16@match=tca:tau=0.5"))
+    [_, m8, m16] = cfg.specs()
+    assert (m8.label, m16.spec) == ("toy:block_size=8@match=tca:tau=0.5", "toy:block_size=16")
+    method, record = ModelBackend("m").core_method(m8, 1000, 0.25)
+    assert method == FullBudget(window=250, block_size=8) and record == {"window": 250}
+    method, record = ModelBackend("m").core_method(expand_method("toy:window=64")[0], 1000, None)
+    assert method == FullBudget(window=64) and record == {}

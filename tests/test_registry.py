@@ -82,3 +82,28 @@ def test_tca_methods_lists_every_method(capsys):
     for name in registry.names():
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
     assert "tau:float" in out
+
+
+def test_written_form_sweeps_and_density():
+    assert registry.normalize(" streaming:block_size=16, window=64 ,sinks=2") == "streaming:sinks=2,window=64,block_size=16"
+    assert registry.normalize("tca:tau=0.70,dense_below=0") == "tca:tau=0.7,dense_below=0"
+    assert registry.format_spec("full", {}) == "full"
+    assert registry.expand("full") == ["full"] and registry.expand("tca:tau=0.9") == ["tca:tau=0.9"]
+    assert registry.expand("streaming:window=64|128,sinks=4") == ["streaming:window=64,sinks=4",
+                                                                  "streaming:window=128,sinks=4"]
+    assert registry.density_param("streaming") == "window"
+    spec = registry.at_density("streaming:block_size=16", 0.25, 4096)
+    assert abs(registry.create(spec).kept_tokens(4096) - 1024) <= 8
+    assert registry.at_density("streaming", 1.0, 300) == "streaming:window=172"  # the smallest dense window
+    with pytest.raises(ValueError, match="tca declares no density knob"):
+        registry.at_density("tca", 0.5, 4096)
+    with pytest.raises(ValueError, match="window is set by the density match"):
+        registry.at_density("streaming:window=64", 0.5, 4096)
+    assert "density knob: window" in registry.describe()
+
+
+def test_tca_with_budgets_refuses_calibration_params():
+    budgets = fake_budgets(tiny("llama"), TCAConfig(block_size=16, window=32))
+    with pytest.raises(ValueError, match="tca: alpha, window cannot change with budgets handed in"):
+        registry.create("tca:window=64,alpha=0.5,tau=0.8", budgets=budgets)
+    assert registry.create("tca:dense_below=128,score=observation", budgets=budgets).dense_below == 128

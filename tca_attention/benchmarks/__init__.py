@@ -7,7 +7,9 @@ the command recorded (docs/kernels.md, docs/results/).
 """
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Any
 
 
 def require_cuda(what: str) -> int | None:
@@ -19,3 +21,14 @@ def require_cuda(what: str) -> int | None:
     print(f"error: {what} needs a CUDA GPU, and torch.cuda.is_available() is False here "
           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})", file=sys.stderr)
     return 2
+
+
+def parse_method(ap: argparse.ArgumentParser, spec: str) -> tuple[str, dict[str, Any]]:
+    """A --method registry spec as (name, params); a bad one is a usage error (exit status 2),
+    found before any GPU work."""
+    from .. import registry
+
+    try:
+        return registry.parse_spec(spec)
+    except (KeyError, ValueError) as e:
+        ap.error(f"--method {spec}: {e.args[0]}")

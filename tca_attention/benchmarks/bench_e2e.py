@@ -1,9 +1,10 @@
-"""End-to-end timing on a GPU: time to first token, decode tokens/s and peak memory, dense vs TCA.
+"""End-to-end timing on a GPU: time to first token, decode tokens/s and peak memory, dense vs a method.
 
 A model of Llama-3.1-8B shape with random weights (TCA's cost is set by its budgets, not by the
 weights), budgets from a real calibration of a packaged model mapped onto its 32 x 8 heads.
 Usage: tca bench e2e --budgets BUDGETS.json --out r.json   (a budget file from `tca calibrate`, e.g.
-docs/results/budgets/smollm2-paper.json of a source checkout)
+docs/results/budgets/smollm2-paper.json of a source checkout), or any registry method:
+tca bench e2e --method streaming:window=4096 --out r.json
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from .. import registry
 from ..methods.tca.budgets import Budgets
 from ..clihelp import HelpFormatter
 from ..integration import enable
-from ..methods.tca.method import TCA
-from . import require_cuda
+from . import parse_method, require_cuda
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144,
@@ -182,17 +183,21 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    ap.add_argument("--budgets", required=True,
-                    help="budget file to map onto the Llama-3.1-8B shape (from `tca calibrate --out FILE`); required")
+    ap.add_argument("--method", default="tca", metavar="SPEC",
+                    help="the method timed against dense attention: a registry spec (`tca methods`); the options "
+                    "--budgets, --tau, --score, --dense-below, --also-dense-below are tca's")
+    ap.add_argument("--budgets",
+                    help="budget file to map onto the Llama-3.1-8B shape (from `tca calibrate --out FILE`); "
+                    "required for tca")
     ap.add_argument("--lengths", default="4096,8192,32768,65536,131072", help="comma list of prompt lengths in tokens")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
     ap.add_argument("--decode-steps", type=int, default=32, help="decode steps timed after each prefill")
     ap.add_argument("--tau", type=float, default=None, help="re-select the budgets at this tau (default: as calibrated)")
     ap.add_argument("--score", default=None, choices=["observation", "column_mean"],
                     help="re-select the budgets with this score (default: as calibrated)")
-    ap.add_argument("--dense-below", type=int, default=0, help="TCA keeps prompts shorter than this dense")
-    ap.add_argument("--also-dense-below", type=int, default=0,
-                    help="also time TCA(dense_below=N) at lengths below N (a short-prompt policy), same run; 0: off")
+    ap.add_argument("--dense-below", type=int, default=None, help="TCA keeps prompts shorter than this dense (default 0)")
+    ap.add_argument("--also-dense-below", type=int, default=None,
+                    help="also time TCA(dense_below=N) at lengths below N (a short-prompt policy), same run; default: off")
     ap.add_argument("--repeats", type=int, default=1,
                     help="prefills per method below 32K tokens; the row keeps the run with the median TTFT")
     ap.add_argument("--profile", default="",
@@ -201,16 +206,52 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(prog).parse_args(argv)
-    if (rc := require_cuda("tca bench e2e")) is not None:
-        return rc
-    model = build_model(args.layers)
+TCA_OPTIONS = ("budgets", "tau", "score", "dense_below", "also_dense_below")
+
+
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
+    """The options, with --method checked: tca needs --budgets and takes tau/score/dense_below from
+    its spec or the options (not both); another method refuses the tca options."""
+    ap = build_parser(prog)
+    args = ap.parse_args(argv)
+    name, params = parse_method(ap, args.method)
+    if name == registry.FULL:
+        ap.error("--method full is the dense attention every method is timed against")
+    if name == "tca":
+        for key in ("tau", "score", "dense_below"):
+            if key in params and getattr(args, key) is not None:
+                ap.error(f"--{key.replace('_', '-')} and --method {args.method} both set {key}")
+            setattr(args, key, params.get(key, getattr(args, key)))
+        if set(params) - {"tau", "score", "dense_below"}:
+            ap.error(f"--method {args.method}: only tau, score and dense_below apply to a budget file")
+        if not args.budgets:
+            ap.error("--method tca needs --budgets FILE")
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in TCA_OPTIONS if getattr(args, k) is not None]
+        if given:
+            ap.error(f"{', '.join(given)}: tca's options, but --method is {name}")
+    args.name = name
+    return args
+
+
+def build_method(args: argparse.Namespace, model: LlamaForCausalLM):
+    """The --method for `model` (tca: the budget file re-selected and mapped onto it)."""
+    if args.name != "tca":
+        return registry.create(args.method, model=model), None
     src = Budgets.load(args.budgets)
     changes = {k: v for k, v in (("tau", args.tau), ("score", args.score)) if v is not None}
     budgets = src.at(**changes).mapped_onto(model) if changes else src.mapped_onto(model)
-    method = TCA(budgets, dense_below=args.dense_below)
+    return registry.create(f"tca:dense_below={args.dense_below or 0}", budgets=budgets), budgets
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv, prog)
+    if (rc := require_cuda("tca bench e2e")) is not None:
+        return rc
+    model = build_model(args.layers)
+    method, budgets = build_method(args, model)
+    name = args.name
     rows = []
     # warm-up (compilation of kernels, cuBLAS handles)
     warm = torch.randint(0, 1000, (1, 8192), device="cuda")
@@ -219,25 +260,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for L in (int(x) for x in args.lengths.split(",")):
         ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
         row = {"tokens": L}
-        for name, m in (("dense", None), ("tca", method)):
+        for key, m in (("dense", None), (name, method)):
             try:
                 time_one(model, ids, m, 2)  # warm-up at this shape (kernel compilation, allocator)
-                row[name] = timed(model, ids, m, args.decode_steps, args.repeats if L < 32768 else 1)
+                row[key] = timed(model, ids, m, args.decode_steps, args.repeats if L < 32768 else 1)
             except torch.OutOfMemoryError as e:
-                row[name] = {"error": f"OOM: {e}".splitlines()[0]}
+                row[key] = {"error": f"OOM: {e}".splitlines()[0]}
                 torch.cuda.empty_cache()
         if args.also_dense_below and L < args.also_dense_below:
-            policy = TCA(budgets, dense_below=args.also_dense_below)
+            policy = registry.create(f"tca:dense_below={args.also_dense_below}", budgets=budgets)
             time_one(model, ids, policy, 2)
             row["tca_dense_below"] = timed(model, ids, policy, args.decode_steps, args.repeats)
             row["tca_dense_below"]["dense_below"] = args.also_dense_below
-        if "ttft_s" in row["dense"] and "ttft_s" in row["tca"]:
-            row["ttft_speedup"] = row["dense"]["ttft_s"] / row["tca"]["ttft_s"]
-            row["decode_speedup"] = row["tca"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
-            row["peak_mem_drop_gib"] = row["dense"]["peak_mem_gib"] - row["tca"]["peak_mem_gib"]
-            row["kv_saving_gib"] = row["dense"]["kv_gib"] - row["tca"]["kv_gib"]
+        if "ttft_s" in row["dense"] and "ttft_s" in row[name]:
+            row["ttft_speedup"] = row["dense"]["ttft_s"] / row[name]["ttft_s"]
+            row["decode_speedup"] = row[name]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
+            row["peak_mem_drop_gib"] = row["dense"]["peak_mem_gib"] - row[name]["peak_mem_gib"]
+            row["kv_saving_gib"] = row["dense"]["kv_gib"] - row[name]["kv_gib"]
             # the saving the prefill peak can show: both caches as they were when prefill ended
-            row["kv_saving_at_prefill_gib"] = row["dense"]["kv_after_prefill_gib"] - row["tca"]["kv_after_prefill_gib"]
+            row["kv_saving_at_prefill_gib"] = row["dense"]["kv_after_prefill_gib"] - row[name]["kv_after_prefill_gib"]
         if "tca_dense_below" in row and "ttft_s" in row["dense"]:
             row["ttft_speedup_dense_below"] = row["dense"]["ttft_s"] / row["tca_dense_below"]["ttft_s"]
         print(json.dumps(row), flush=True)
@@ -245,17 +286,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     profiles = {}
     for L in (int(x) for x in args.profile.split(",") if x):
         ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
-        profiles[L] = {name: profile_prefill(model, ids, m) for name, m in (("dense", None), ("tca", method))}
+        profiles[L] = {key: profile_prefill(model, ids, m) for key, m in (("dense", None), (name, method))}
         print(json.dumps({"profile": L, **profiles[L]}), flush=True)
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "model": {"shape": "Llama-3.1-8B", **LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16"},
-        "budgets": {"file": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction,
-                    "dense_heads": budgets.dense_heads, **{k: v for k, v in budgets.config.__dict__.items()}},
+        "method": registry.normalize(args.method),
+        "budgets": None if budgets is None else {
+            "file": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction,
+            "dense_heads": budgets.dense_heads, **{k: v for k, v in budgets.config.__dict__.items()}},
         "dense_attention": "transformers sdpa (torch's default backend choice)",
         "decode_steps": args.decode_steps,
         "dense_below": args.dense_below,
-        "command": "tca bench e2e " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "command": "tca bench e2e " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                               if k not in ("out", "name") and v is not None),
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows, "profiles": profiles}, f, indent=1)
@@ -264,19 +308,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
-    """TTFT, decode tokens/s and peak memory vs prompt length, dense vs TCA."""
+    """TTFT, decode tokens/s and peak memory vs prompt length, dense vs the method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "ttft_s" in r["dense"] and "ttft_s" in r["tca"]]
+    name = registry.parse_spec(meta["method"])[0]
+    ok = [r for r in rows if "ttft_s" in r["dense"] and "ttft_s" in r[name]]
     x = [r["tokens"] // 1024 for r in ok]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, label in zip(axes, ("ttft_s", "decode_tokens_per_s", "peak_mem_gib"),
                               ("time to first token (s)", "decode tokens/s", "peak GPU memory over weights (GiB)")):
-        for name in ("dense", "tca"):
-            ax.plot(x, [r[name][key] for r in ok], marker="o", label="dense SDPA" if name == "dense" else "TCA")
+        for series in ("dense", name):
+            ax.plot(x, [r[series][key] for r in ok], marker="o",
+                    label="dense SDPA" if series == "dense" else meta["method"])
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [f"{v}K" for v in x])
         ax.set_xlabel("prompt tokens")
@@ -284,10 +330,12 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     for r, xv in zip(ok, x):
-        axes[0].annotate(f"{r['ttft_speedup']:.2f}x", (xv, r["tca"]["ttft_s"]), textcoords="offset points",
+        axes[0].annotate(f"{r['ttft_speedup']:.2f}x", (xv, r[name]["ttft_s"]), textcoords="offset points",
                          xytext=(0, -14), ha="center", fontsize=8)
+    b = meta["budgets"]
+    what = f"budgets: {b['file'].rsplit('/', 1)[-1]} tau={b['tau']}" if b else f"method: {meta['method']}"
     fig.suptitle(f"End to end, {meta['device']}, {meta['model']['shape']} shape ({meta['model']['weights']}), "
-                 f"budgets: {meta['budgets']['file'].rsplit('/', 1)[-1]} tau={meta['budgets']['tau']}", fontsize=10)
+                 f"{what}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -2,7 +2,8 @@
 
 Calibrates once per (alpha, mass_norm) (both scores are stored), then answers passkey prompts
 from real essays at several lengths, depths and seeds. Used to choose the library's defaults.
-Usage: tca bench passkey --model PATH --device cuda --out sweep.json
+With --method SPEC (repeatable) it runs those registry methods instead of the TCA variants.
+Usage: tca bench passkey --model PATH --device cuda --out sweep.json [--method streaming:window=1024 ...]
 """
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ import time
 
 import torch
 
+from .. import registry
 from ..integration.probe import calibrate
 from ..clihelp import HelpFormatter
 from ..methods.tca.config import TCAConfig
 from ..data.passkey import passkey_prompt
 from ..generation import run_prompt
-from ..methods.tca.method import TCA
 from ..models import load_model
-from . import require_cuda
+from . import parse_method, require_cuda
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -35,29 +36,45 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--calib-length", type=int, default=None,
                     help="calibration tokens (default: min(8192, the model's trained length))")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    ap.add_argument("--method", action="append", default=None, metavar="SPEC",
+                    help="a registry method to run instead of the TCA variants (repeatable; `tca methods`); "
+                    "each is built with the model, tca calibrating through the per-model cache")
     ap.add_argument("--out", required=True, help="result JSON path; required")
     return ap
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(prog).parse_args(argv)
-    if args.device.startswith("cuda") and (rc := require_cuda("tca bench passkey --device cuda")) is not None:
-        return rc
-    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+def tca_variants(model, tok, args) -> list[tuple[str, object, float | None]]:
+    """TCA calibrated once per (alpha, mass_norm), re-selected at each score and tau."""
     variants = [(0.5, "sum"), (0.5, "max"), (0.0, "sum")]
-    budgets = {}
+    methods = []
     for alpha, norm in variants:
         cfg = TCAConfig(window=args.window, alpha=alpha, mass_norm=norm)
-        budgets[(alpha, norm)] = calibrate(model, tok, cfg, length=args.calib_length, progress=False)
-    prompts = [passkey_prompt(tok, int(L), depth=float(d), seed=int(s))
-               for L in args.lengths.split(",") for d in args.depths.split(",") for s in args.seeds.split(",")]
-    methods = [("full", None, None)]
-    for (alpha, norm), b in budgets.items():
+        b = calibrate(model, tok, cfg, length=args.calib_length, progress=False)
         for score in ("observation", "column_mean"):
             for tau in map(float, args.taus.split(",")):
                 bb = b.at(score=score, tau=tau)
-                methods.append((f"tca/{score}/a{alpha}/{norm}@{tau}", TCA(bb), bb.mean_kept_fraction))
+                methods.append((f"tca/{score}/a{alpha}/{norm}@{tau}", registry.create("tca", budgets=bb),
+                                bb.mean_kept_fraction))
+    return methods
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = build_parser(prog)
+    args = ap.parse_args(argv)
+    for spec in args.method or ():
+        parse_method(ap, spec)
+    if args.device.startswith("cuda") and (rc := require_cuda("tca bench passkey --device cuda")) is not None:
+        return rc
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    prompts = [passkey_prompt(tok, int(L), depth=float(d), seed=int(s))
+               for L in args.lengths.split(",") for d in args.depths.split(",") for s in args.seeds.split(",")]
+    methods = [("full", None, None)]
+    if args.method:
+        methods += [(registry.normalize(spec), registry.create(spec, model=model, tokenizer=tok), None)
+                    for spec in args.method]
+    else:
+        methods += tca_variants(model, tok, args)
     rows = []
     t0 = time.time()
     for name, method, budget_kept in methods:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 from ..clihelp import HelpFormatter
 from ..methods.tca.config import PRESETS
-from .methods import SDPA_BACKENDS
+from .methods import DEFAULT_METHODS, SDPA_BACKENDS, SEPARATOR, split_methods
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
-DEFAULT_METHODS = "full,tca,streaming=tca"
 
 
 def _csv(text: str) -> list[str]:
@@ -32,8 +31,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", action="append",
                    help="packaged model key or local path (repeatable; default: smollm2)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of full, tca, tca@TAU, tca@TAU/SCORE, streaming:WINDOW, streaming=tca@TAU")
+    p.add_argument("--methods", default=f"{SEPARATOR} ".join(DEFAULT_METHODS),
+                   help=f"methods separated by '{SEPARATOR}': registry specs (`tca methods`), e.g. "
+                   "'full; tca:tau=0.7; streaming:window=1024'; NAME@match=SPEC sets NAME's density knob to keep "
+                   "what SPEC keeps at each length; key=a|b|c sweeps a parameter (docs/eval.md)")
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS.names())})")
     p.add_argument("--lengths", default="4096", help="comma list of target prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=20, help="samples per task and length")
@@ -90,7 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     run_dirs: list[Path] = []
     for model in args.model or ["smollm2"]:
         config = EvalConfig(
-            model=model, methods=tuple(_csv(args.methods)), tasks=tuple(tasks),
+            model=model, methods=tuple(split_methods(args.methods)), tasks=tuple(tasks),
             lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
             chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
             tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,

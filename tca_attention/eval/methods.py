@@ -1,71 +1,73 @@
 """Method side of the suite: the only module that touches the core library.
 
-Method specs (strings on the command line):
-  full                 plain attention (a no-op session, kept fraction 1.0)
-  tca                  TCA at the calibrated tau;  tca@0.7  TCA re-selected at tau 0.7
-  tca/column_mean      TCA with the other calibration score (also tca@0.95/column_mean);
-                       the default score is the calibrated one
-  streaming:1024       StreamingLLM, 4 sinks + a window of 1024 tokens
-  streaming=tca@0.9    StreamingLLM whose kept tokens equal the mean kept tokens of the
-                       method `tca@0.9` at the same target length (same KV budget)
+Methods are the library's registry specs (`tca methods`; docs/eval.md), with two additions:
+  NAME[:k=v,...]@match=REF   the method with its density knob (registry `Density`) set so that
+                             it keeps the mean kept fraction REF measured at the same length
+                             (the matched-KV comparison), e.g. streaming@match=tca:tau=0.9
+  k=a|b|c                    a sweep: one method per value (every combination of the lists)
+A method's label, naming its results, is its normalised spec (`registry.normalize`). On the
+command line methods are separated by ';' (commas separate a spec's parameters).
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import registry
 from .schema import Sample
 
 log = logging.getLogger(__name__)
-STREAMING_SINKS = 4
-SCORES = ("observation", "column_mean")
-# StreamingLLM's recent window ends on a block boundary of the core's geometry, so kept counts
-# move in steps of its block size: a small block lets the window match a budget to 16 tokens.
-STREAMING_BLOCK = 16
+SEPARATOR = ";"  # between methods on the command line
+MATCH = "@match="
+# full attention, TCA at the calibrated tau, and StreamingLLM at TCA's KV (a small block lets its
+# window match a budget to 8 tokens: its kept tokens move in steps of the block size)
+DEFAULT_METHODS = ("full", "tca", "streaming:block_size=16@match=tca")
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class EvalMethod:
+    """One method of a run. label: the normalised spec naming its results; spec: the registry
+    spec it runs (a matched method's without its knob); match: the label whose measured kept
+    fraction sets the knob (None: the spec runs as it is)."""
+
     label: str
-    kind: str  # "full" | "tca" | "streaming"
-    tau: float | None = None  # tca: None means the calibrated tau
-    score: str | None = None  # tca: None means the calibrated score
-    window: int | None = None  # streaming with a fixed window
-    match: str | None = None  # streaming matched to the kept fraction of this label
+    spec: str
+    match: str | None = None
 
 
-def parse_method(text: str) -> MethodSpec:
-    text = text.strip()
-    if text == "full":
-        return MethodSpec("full", "full")
-    if text == "tca" or text.startswith(("tca@", "tca/")):
-        head, _, score = text.partition("/")
-        if score and score not in SCORES:
-            raise ValueError(f"unknown TCA score {score!r} in {text!r}; known: {', '.join(SCORES)}")
-        tau = None
-        if head != "tca":
-            tau = float(head[4:])
-            if not 0.0 < tau <= 1.0:
-                raise ValueError(f"tau must be in (0, 1]: {text!r}")
-        label = "tca" + (f"@{tau:g}" if tau is not None else "") + (f"/{score}" if score else "")
-        return MethodSpec(label, "tca", tau=tau, score=score or None)
-    if text.startswith("streaming="):
-        ref = parse_method(text[len("streaming="):])
-        if ref.kind != "tca":
-            raise ValueError(f"streaming can only be matched to a tca method: {text!r}")
-        return MethodSpec(f"streaming={ref.label}", "streaming", match=ref.label)
-    if text.startswith("streaming:"):
-        window = int(text[len("streaming:"):])
-        if window < 1:
-            raise ValueError(f"streaming window must be >= 1: {text!r}")
-        return MethodSpec(f"streaming:{window}", "streaming", window=window)
-    raise ValueError(
-        f"unknown method {text!r}; use full, tca, tca@TAU, tca@TAU/SCORE, streaming:WINDOW or streaming=tca@TAU"
-    )
+def split_methods(text: str) -> list[str]:
+    """'full; tca:tau=0.7' -> ['full', 'tca:tau=0.7']."""
+    return [t.strip() for t in text.split(SEPARATOR) if t.strip()]
+
+
+def expand_method(text: str) -> list[EvalMethod]:
+    """One method of the command line (sweeps expanded), with clear errors."""
+    left, sep, ref = text.strip().partition(MATCH)
+    try:
+        refs: list[str | None] = list(registry.expand(ref)) if sep else [None]
+        return [_method(one, r) for one in registry.expand(left) for r in refs]
+    except (KeyError, ValueError) as e:
+        msg = str(e.args[0]) if e.args else str(e)
+        comma_list = "," in text.partition(":")[0] or "should be key=value" in msg
+        hint = f" (separate methods with {SEPARATOR!r})" if comma_list else ""
+        raise ValueError(f"method {text!r}: {msg}{hint}") from None
+
+
+def _method(spec: str, ref: str | None) -> EvalMethod:
+    name, params = registry.parse_spec(spec)
+    spec = registry.format_spec(name, params)
+    if ref is None:
+        return EvalMethod(spec, spec)
+    knob = registry.density_param(name)
+    if knob in params:
+        raise ValueError(f"{name}: {knob} is set by {MATCH[:-1]}; leave it out")
+    if MATCH in ref:
+        raise ValueError(f"the reference of {MATCH[:-1]} is a plain spec, not itself matched: {ref!r}")
+    match = registry.normalize(ref)
+    return EvalMethod(f"{spec}{MATCH}{match}", spec, match)
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,11 @@ class Backend(Protocol):
 
     def prepare(self, run_dir: Path) -> None: ...
 
-    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome: ...
+    def run(self, method: EvalMethod, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
+        """matched_fraction: for a matched method, the mean kept fraction of its reference at
+        this length (None otherwise)."""
 
-    # optional: run_batch(spec, samples, ids_list, matched_fraction) -> list[Outcome], used when
+    # optional: run_batch(method, samples, ids_list, matched_fraction) -> list[Outcome], used when
     # the run's batch size is above 1 (samples of one task and length, left-padded together)
 
 
@@ -107,21 +111,6 @@ def resolve_tca_config(preset: str, score: str | None, tau: float) -> dict[str, 
         raise ValueError(f"unknown TCA preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[preset].with_(tau=tau)
     return asdict(cfg.with_(score=score) if score else cfg)
-
-
-def streaming_window(target_tokens: float, prompt_tokens: int, block_size: int, sinks: int = STREAMING_SINKS) -> int:
-    """The window whose StreamingLLM cache holds about `target_tokens` after prefill.
-
-    The core keeps sinks + the local region, which is the window plus the part of the prompt
-    that does not fill a whole block: sinks + w + (L - w) mod b, so the match is within b / 2.
-    """
-    best_w, best_err = 1, math.inf
-    hi = max(1, int(round(target_tokens)) - sinks)
-    for w in range(max(1, hi - block_size), hi + 1):
-        kept = sinks + w + (prompt_tokens - w) % block_size if prompt_tokens > w + block_size else prompt_tokens
-        if abs(kept - target_tokens) < best_err:
-            best_w, best_err = w, abs(kept - target_tokens)
-    return best_w
 
 
 SDPA_BACKENDS = ("auto", "math", "efficient_attention", "flash_attention", "cudnn_attention")
@@ -223,37 +212,33 @@ class ModelBackend:
                  self.budgets.dense_heads, path)
 
     # -- methods ------------------------------------------------------------------------------
-    def core_method(self, spec: MethodSpec, prompt_tokens: int, matched_fraction: float | None) -> Any:
-        from .. import registry
-
-        if spec.kind == "full":
-            return registry.create("full")
-        if spec.kind == "tca":
-            changes = {k: v for k, v in (("tau", spec.tau), ("score", spec.score)) if v is not None}
-            budgets = self.budgets.at(**changes) if changes else self.budgets
-            return registry.create("tca", budgets=budgets)
-        block = STREAMING_BLOCK
-        if spec.match is not None:
+    def core_method(self, method: EvalMethod, prompt_tokens: int, matched_fraction: float | None) -> tuple[Any, dict[str, Any]]:
+        """The registry's method for `method` (a matched one's knob set for prompt_tokens), and
+        what the results record about it (a matched method's knob value). The run's TCA budgets
+        go to every method that takes them (`tca`, at the spec's tau/score)."""
+        spec, record = method.spec, {}
+        if method.match is not None:
             if matched_fraction is None:
-                raise RuntimeError(f"{spec.label}: no finished {spec.match} results at this length to match")
-            window = streaming_window(matched_fraction * prompt_tokens, prompt_tokens, block)
-        else:
-            assert spec.window is not None
-            window = spec.window
-        return registry.create("streaming", sinks=STREAMING_SINKS, window=window, block_size=block)
+                raise RuntimeError(f"{method.label}: no finished {method.match} results at this length to match")
+            spec = registry.at_density(spec, matched_fraction, prompt_tokens)
+            name, params = registry.parse_spec(spec)
+            knob = registry.density_param(name)
+            record[knob] = params[knob]
+        name = registry.parse_spec(spec)[0]
+        prepared = {"budgets": self.budgets} if name == "tca" else {}
+        return registry.create(spec, model=self.model, tokenizer=self.tokenizer, **prepared), record
 
-    def run(self, spec: MethodSpec, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
+    def run(self, method: EvalMethod, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
         """One sample: a batch of one (no padding, so exactly the method's own semantics)."""
-        return self.run_batch(spec, [sample], [ids], matched_fraction)[0]
+        return self.run_batch(method, [sample], [ids], matched_fraction)[0]
 
-    def run_batch(self, spec: MethodSpec, samples: list[Sample], ids_list: list[list[int]],
+    def run_batch(self, method: EvalMethod, samples: list[Sample], ids_list: list[list[int]],
                   matched_fraction: float | None) -> list[Outcome]:
         """Several samples of one task at once, left-padded into one batch.
 
         Per-row results match single runs for full attention (up to kernel rounding); for TCA
-        the block grid starts at the batch's first position, so a row with p padding tokens
-        sees its blocks shifted by p (< 1% of the prompt for same-length samples). StreamingLLM
-        matched to a budget uses the batch's mean prompt length. Seconds are the batch's / rows.
+        each row's blocks start at its own first token (same selection as alone, up to rounding). A
+        matched method's knob is set for the batch's mean prompt length. Seconds are the batch's / rows.
         """
         import torch
 
@@ -273,12 +258,10 @@ class ModelBackend:
             input_ids[r, L - len(ids):] = torch.tensor(ids)
             attn[r, L - len(ids):] = 1
         input_ids, attn = input_ids.to(self.model.device), attn.to(self.model.device)
-        method = self.core_method(spec, round(sum(lens) / B), matched_fraction)
-        extra: dict[str, Any] = {"batch": B}
-        if spec.kind == "streaming":
-            extra["window"] = method.window
+        core, record = self.core_method(method, round(sum(lens) / B), matched_fraction)
+        extra: dict[str, Any] = {"batch": B, **record}
         t0 = time.perf_counter()
-        with enable(self.model, method, backend=self.backend) as session, torch.no_grad(), sdpa_kernels(self.sdpa_backend):
+        with enable(self.model, core, backend=self.backend) as session, torch.no_grad(), sdpa_kernels(self.sdpa_backend):
             cache = session.new_cache()
             nlls: list[float | None] = [None] * B
             preds = [""] * B
@@ -301,8 +284,8 @@ class ModelBackend:
             if input_ids.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / B
-            report = session.prefill_report() if not method.is_dense else {}
-        if method.is_dense:
+            report = session.prefill_report() if not core.is_dense else {}
+        if core.is_dense:
             rows = _dense_rows(cache, lens, L)
         else:
             rows = cache.per_row()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -17,10 +18,10 @@ log = logging.getLogger(__name__)
 NEEDLE_TASK = "niah_single"
 NLL_SCORER = "nll"
 LEGEND = (
-    "Methods: `full` plain attention; `tca` TCA at the calibrated tau, `tca@T` re-selected at tau T; "
-    "`streaming:W` StreamingLLM (4 sinks + window W); `streaming=X` StreamingLLM whose window gives the "
-    "mean kept KV of method X at that length. Greedy decoding, chat-template prompts; "
-    "see docs/eval.md for the tasks and scorers."
+    "Methods are registry specs (`tca methods`): `full` plain attention; `tca` TCA at the calibrated tau, "
+    "`tca:tau=T` re-selected at tau T; `streaming:window=W` StreamingLLM (sinks + window W); `M@match=X` "
+    "method M with its density knob set to keep the mean KV fraction X kept at that length. Greedy "
+    "decoding, chat-template prompts; see docs/eval.md for the tasks and scorers."
 )
 
 
@@ -91,6 +92,12 @@ def _common_accuracy(msum: dict) -> None:
         for cell in cells:
             cell["accuracy_tasks"] = sorted(common)
             cell["accuracy"] = mean(cell["tasks"][t]["score"] for t in common) if common else None
+
+
+def family(method: str) -> str:
+    """The method family of a result label: its registry name ('tca:tau=0.7' -> 'tca',
+    'streaming@match=tca' -> 'streaming'; labels of earlier runs, 'tca@0.7', too)."""
+    return re.match(r"[^:@=/]*", method).group(0)
 
 
 def _fmt(x: float | None, pct: bool = True) -> str:
@@ -218,40 +225,36 @@ def plot_accuracy_vs_length(summary: dict, model: str, path: Path) -> Path | Non
 
 
 def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
-    """One point per method and length; TCA taus joined by a line per length."""
+    """Accuracy vs mean kept KV fraction, one panel per length, one line per method family
+    (its methods sorted by kept fraction: a density sweep), each point labelled by its method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = summary["models"].get(model, {}).get("methods", {})
-    if not methods:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
     lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
-    markers = {"full": "s", "tca": "o", "streaming": "^"}
-    for L in lengths:
-        sweeps: dict[str, list[tuple[float, float]]] = defaultdict(list)  # TCA score -> points
-        for method, m in methods.items():
-            c = m["lengths"].get(str(L))
-            if c is None or c["accuracy"] is None:
+    if not lengths:
+        return None
+    families = _ordered(family(m) for m in methods)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(0.5 + 4.5 * len(lengths), 3.8), squeeze=False, sharey=True)
+    for ax, L in zip(axes[0], lengths):
+        for i, fam in enumerate(families):
+            pts = sorted((100 * c["kept_fraction"], 100 * c["accuracy"], method) for method, m in methods.items()
+                         if family(method) == fam and (c := m["lengths"].get(str(L))) and c["accuracy"] is not None)
+            if not pts:
                 continue
-            family = "tca" if method.startswith("tca") else "streaming" if method.startswith("streaming") else "full"
-            x, y = 100 * c["kept_fraction"], 100 * c["accuracy"]
-            ax.scatter([x], [y], marker=markers[family], s=30, label=f"{method} {L}")
-            if family == "tca":
-                sweeps[method.partition("/")[2] or "calibrated score"].append((x, y))
-        for score, pts in sweeps.items():
-            if len(pts) > 1:
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], alpha=0.5, label=f"TCA tau sweep ({score}) {L}")
-    ax.set_xlabel("mean KV kept (%)")
-    ax.set_ylabel("mean accuracy (%)")
-    ax.set_xlim(0, 105)
-    ax.set_ylim(-3, 103)
-    ax.set_title(f"Accuracy vs KV kept: {display_name(model)}", fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dvp<>h*"[i % 10], label=fam)
+            for x, y, method in pts:
+                ax.annotate(method, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=5, alpha=0.7)
+        ax.set_title(f"{L} tokens", fontsize=9)
+        ax.set_xlabel("mean KV kept (%)")
+        ax.set_xlim(0, 105)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("mean accuracy (%)")
+    fig.suptitle(f"Accuracy vs KV kept: {display_name(model)}", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

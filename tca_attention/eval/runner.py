@@ -1,7 +1,7 @@
 """Resumable evaluation runs: every finished sample is one fsynced JSONL line.
 
-Order of work: for each length, for each method (streaming methods matched to a TCA method
-run after it), for each task, for each sample. A restart reads the JSONL, skips every
+Order of work: for each length, for each method (methods matched to another method's kept
+fraction run after the others), for each task, for each sample. A restart reads the JSONL, skips every
 (method, sample id) already there and tolerates a torn last line.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from .methods import SDPA_BACKENDS, Backend, MethodSpec, parse_method, resolve_tca_config
+from .methods import DEFAULT_METHODS, SDPA_BACKENDS, Backend, EvalMethod, expand_method, resolve_tca_config
 from .prompt import PromptFormat
 from .schema import Result, Sample
 from .scorers import score
@@ -29,10 +29,11 @@ RESULTS_FILE = "results.jsonl"
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation: a model, methods, tasks, target lengths and samples per (task, length)."""
+    """One evaluation: a model, methods, tasks, target lengths and samples per (task, length).
+    methods: registry specs, with `@match=` and value lists (eval.methods)."""
 
     model: str
-    methods: tuple[str, ...] = ("full", "tca", "streaming=tca")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = tuple(TASKS.names())
     lengths: tuple[int, ...] = (4096,)
     samples: int = 20
@@ -48,7 +49,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for t in self.tasks:
             TASKS.get(t)
-        specs = [parse_method(m) for m in self.methods]
+        specs = [m for text in self.methods for m in expand_method(text)]
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"duplicate methods: {labels}")
@@ -62,9 +63,9 @@ class EvalConfig:
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}, got {self.sdpa_backend!r}")
 
-    def specs(self) -> list[MethodSpec]:
-        """Methods in run order: those matched to another method's budget last."""
-        specs = [parse_method(m) for m in self.methods]
+    def specs(self) -> list[EvalMethod]:
+        """Methods in run order (sweeps expanded): those matched to another method's kept fraction last."""
+        specs = [m for text in self.methods for m in expand_method(text)]
         return [s for s in specs if s.match is None] + [s for s in specs if s.match is not None]
 
     def identity(self) -> dict:
@@ -192,7 +193,7 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
     return results
 
 
-def _run_chunk(config: EvalConfig, backend: Backend, spec: MethodSpec, pairs: list[tuple[Sample, list[int]]],
+def _run_chunk(config: EvalConfig, backend: Backend, spec: EvalMethod, pairs: list[tuple[Sample, list[int]]],
                matched: float | None) -> list[Result]:
     if len(pairs) == 1 or not hasattr(backend, "run_batch"):
         return [_result(config, spec, s, ids, backend.run(spec, s, ids, matched)) for s, ids in pairs]
@@ -200,7 +201,7 @@ def _run_chunk(config: EvalConfig, backend: Backend, spec: MethodSpec, pairs: li
     return [_result(config, spec, s, ids, out) for (s, ids), out in zip(pairs, outs, strict=True)]
 
 
-def _result(config: EvalConfig, spec: MethodSpec, sample: Sample, ids: list[int], out: Any) -> Result:
+def _result(config: EvalConfig, spec: EvalMethod, sample: Sample, ids: list[int], out: Any) -> Result:
     if sample.kind == "nll":
         value, scorer = float(out.nll if out.nll is not None else float("nan")), "nll"
     else:
