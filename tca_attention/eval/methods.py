@@ -215,7 +215,8 @@ class ModelBackend:
     def core_method(self, method: EvalMethod, prompt_tokens: int, matched_fraction: float | None) -> tuple[Any, dict[str, Any]]:
         """The registry's method for `method` (a matched one's knob set for prompt_tokens), and
         what the results record about it (a matched method's knob value). The run's TCA budgets
-        go to every method that takes them (`tca`, at the spec's tau/score)."""
+        go to every method that takes them (`tca`, at the spec's tau/score, never dense by the
+        short-prompt policy unless the spec sets dense_below)."""
         spec, record = method.spec, {}
         if method.match is not None:
             if matched_fraction is None:
@@ -224,8 +225,10 @@ class ModelBackend:
             name, params = registry.parse_spec(spec)
             knob = registry.density_param(name)
             record[knob] = params[knob]
-        name = registry.parse_spec(spec)[0]
-        prepared = {"budgets": self.budgets} if name == "tca" else {}
+        name, params = registry.parse_spec(spec)
+        prepared: dict[str, Any] = {}
+        if name == "tca":  # the run's budgets; accuracy is of the selection, not the short-prompt policy
+            prepared = {"budgets": self.budgets, **({} if "dense_below" in params else {"dense_below": 0})}
         return registry.create(spec, model=self.model, tokenizer=self.tokenizer, **prepared), record
 
     def run(self, method: EvalMethod, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
