@@ -222,6 +222,10 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
             if key in params and getattr(args, key) is not None:
                 ap.error(f"--{key.replace('_', '-')} and --method {args.method} both set {key}")
             setattr(args, key, params.get(key, getattr(args, key)))
+        if isinstance(args.dense_below, str) and args.dense_below != "auto":
+            if not args.dense_below.isdigit():
+                ap.error(f"--method {args.method}: dense_below is 'auto' or a token count")
+            args.dense_below = int(args.dense_below)
         if set(params) - {"tau", "score", "dense_below"}:
             ap.error(f"--method {args.method}: only tau, score and dense_below apply to a budget file")
         if not args.budgets:
