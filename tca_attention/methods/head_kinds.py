@@ -1,0 +1,68 @@
+"""Per-head kinds: head-level methods as plans, not special cases.
+
+A layer's KV heads each get a kind:
+  "dense"      keeps the whole global region at prefill and every token in decode (full attention
+               and the full cache: DuoAttention's retrieval heads);
+  "streaming"  keeps only the row's first `sinks` tokens of the global region and drops every
+               block decode compresses (attention sinks + the recent window).
+The local region (the causal window of `window` to `window + block_size` recent tokens) is the
+engine's and shared by every head of a layer, so a streaming head is exactly StreamingLLM and a
+dense head exactly full attention. `kinds_plan` turns one layer's kinds into a TokenPlan (None
+when every head is dense: SDPA and a cache that keeps everything), `kinds_decode_keep` into the
+per-head decode counts.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from ..engine.plan import TokenPlan, pack_mask
+from .base import global_region, local_geometry, row_geometry, sink_mask
+
+Kind = Literal["dense", "streaming"]
+KINDS: tuple[str, ...] = ("dense", "streaming")
+
+
+def _check(kinds: Sequence[str]) -> None:
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad:
+        raise ValueError(f"unknown head kind(s) {bad}; known: {', '.join(KINDS)}")
+
+
+def kinds_decode_keep(kinds: Sequence[Kind], block_size: int) -> torch.Tensor:
+    """(KV,) int64 tokens each head keeps of a block decode compresses: all (dense) or none."""
+    _check(kinds)
+    return torch.tensor([block_size if k == "dense" else 0 for k in kinds], dtype=torch.long)
+
+
+def kinds_plan(
+    kinds: Sequence[Kind], k: torch.Tensor, key_start: torch.Tensor, *, sinks: int, window: int, block_size: int,
+    padded: bool = True,
+) -> TokenPlan | None:
+    """The TokenPlan of one layer whose KV head h is of kind kinds[h]; k (B, KV, L, D).
+
+    None when every head is dense, or when even a row without padding stays dense (L <= window +
+    block_size). padded=False promises key_start == 0 (row geometry and kept sizes on the host).
+    """
+    _check(kinds)
+    B, KV, L, _ = k.shape
+    if len(kinds) != KV:
+        raise ValueError(f"{len(kinds)} head kinds for {KV} KV heads")
+    geo = local_geometry(L, block_size, window)
+    if geo is None or all(kind == "dense" for kind in kinds):
+        return None
+    _, local_start = geo
+    _, row_ls = row_geometry(L, key_start, block_size, window) if padded else (None, None)
+    ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
+    region = global_region(L, key_start, ls)  # (B, L) each row's [key_start, ls)
+    sink = sink_mask(L, key_start, sinks) & region  # (B, L)
+    dense = torch.tensor([kind == "dense" for kind in kinds], device=k.device)  # (KV,)
+    mask = torch.where(dense[None, :, None], region[:, None, :], sink[:, None, :])  # (B, KV, L)
+    kept_idx, kept_len = pack_mask(mask)
+    total = None
+    if row_ls is None:  # no padding: every row keeps the same, known on the host
+        n_dense = sum(kind == "dense" for kind in kinds)
+        total = B * (n_dense * local_start + (KV - n_dense) * min(sinks, local_start))
+    return TokenPlan(kept_idx, kept_len, local_start, window, block_size, key_start,
+                     kinds_decode_keep(kinds, block_size), kept_total=total, row_local_start=row_ls)
