@@ -72,6 +72,27 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     return TCA(budgets, **extra)
 
 
+def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """Head scores handed in (scores=HeadScores), from a file (scores=path), or calibrated once per
+    model and cached (model= and tokenizer=)."""
+    from .methods import head_split as hs
+
+    knobs = {k: v for k, v in params.items() if k != "scores"}
+    if "scores" in extra:
+        scores = extra.pop("scores")
+    elif "scores" in params:
+        scores = hs.HeadScores.load(params["scores"], model=model)
+    elif model is None or tokenizer is None:
+        raise ValueError("head-split needs head scores: pass model= and tokenizer= (calibrates once, then cached), "
+                         "scores=<file> in the spec, or scores=")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        scores = hs.load_or_calibrate(ModelProbe(model), tokenizer, str(key))
+    return hs.HeadSplit(scores, **knobs, **extra)
+
+
 def _method_attr(path: str) -> Any:
     """`module.name` of tca_attention.methods, imported on first use."""
     module, _, name = path.rpartition(".")
@@ -101,6 +122,10 @@ ENTRIES: dict[str, Entry] = {
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),
               Density("window", _lazy("streaming.window_for"))),
+        Entry("head-split", "DuoAttention-style head split: retrieval heads full, the others sinks + window "
+              "(training-free retrieval scores)",
+              {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "scores": str},
+              _head_split, Density("retrieval_fraction", _lazy("head_split.retrieval_fraction_for"))),
         Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
               {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
     )
@@ -215,8 +240,12 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.full_budget import FullBudget
     from .methods.streaming import StreamingLLM
 
-    for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget)):
+    from .methods.head_split import HeadSplit
+
+    # head-split: its `scores` is a file path in a spec and a HeadScores object in the dataclass
+    for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
+                             ("head-split", HeadSplit, ("scores",))):
         hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"}
-        assert set(ENTRIES[name].params) == fields, (name, fields)
-        assert all(hints[k] is t for k, t in ENTRIES[name].params.items()), name
+        fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
+        assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
+        assert all(hints[k] is t for k, t in ENTRIES[name].params.items() if k not in apart), name

