@@ -85,7 +85,8 @@ class NeedlePrompt:
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return [int(i) for i in torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"]).flatten()]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.as_tensor(ids).flatten().tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
 
 
 def needle_prompt(tokenizer, hay: Sequence[int], length: int, depth: float, rng: random.Random) -> NeedlePrompt:
@@ -204,7 +205,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _numbers(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    return isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
 
 
 # -- calibration --------------------------------------------------------------------------------
