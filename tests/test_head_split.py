@@ -327,10 +327,9 @@ def test_registry_create_and_at_density(tmp_path, monkeypatch):
 
 # -- the real default model (slow) ---------------------------------------------------------------------
 @pytest.mark.slow
-def test_calibrate_smollm2_prints_the_top_heads(tmp_path, monkeypatch):
+def test_calibrate_smollm2_prints_the_top_heads():
     from tca_attention.models import load_model
 
-    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path))
     model, tok = load_model("smollm2")
     scores = hs.calibrate_head_scores(ModelProbe(model), tok, Calibration(length=2048), progress=False)
     top = scores.ranked()[:10]
