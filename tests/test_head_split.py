@@ -209,6 +209,32 @@ def test_no_retrieval_head_equals_streaming_llm():
         assert torch.equal(a.t_keys[:, :, :a.t_fill], b.t_keys[:, :, :b.t_fill])
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mixed_layer_heads_are_dense_or_streaming(backend):
+    """One layer, two kinds, a left-padded batch: each dense head's prefill output is full causal
+    attention, each streaming head's is StreamingLLM's (the engine's executors, both backends)."""
+    from tca_attention.engine import dispatch
+
+    KV, H, D, lengths = 2, 4, 16, (200, 150)
+    gen = torch.Generator().manual_seed(2)
+    q, key_start = padded_batch([torch.randn(H, n, D, generator=gen) for n in lengths], gen)
+    k, _ = padded_batch([torch.randn(KV, n, D, generator=gen) for n in lengths], gen)
+    v, _ = padded_batch([torch.randn(KV, n, D, generator=gen) for n in lengths], gen)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q, k, v, key_start = q.to(dev), k.to(dev), v.to(dev), key_start.to(dev)
+    plan = kinds_plan(("dense", "streaming"), k, key_start, sinks=SINKS, window=W, block_size=B)
+    out = dispatch.prefill(q, k, v, plan, D**-0.5, backend=backend)  # (B, L, H, D)
+    stream_plan = StreamingLLM(sinks=SINKS, window=W, block_size=B).plan(0, q, k, key_start, D**-0.5)
+    stream = dispatch.prefill(q, k, v, stream_plan, D**-0.5, backend=backend)
+    for r, n in enumerate(lengths):
+        s = int(key_start[r])
+        kk, vv = (x[r, :, s:].repeat_interleave(H // KV, 0) for x in (k, v))  # (H, n, D)
+        full = torch.nn.functional.scaled_dot_product_attention(q[r, :, s:], kk, vv, is_causal=True, scale=D**-0.5)
+        torch.testing.assert_close(out[r, s:, :2], full[:2].transpose(0, 1), rtol=1e-4, atol=1e-5)  # KV head 0
+        torch.testing.assert_close(out[r, s:, 2:], stream[r, s:, 2:], rtol=1e-4, atol=1e-5)  # KV head 1
+        assert not torch.allclose(out[r, s:, 2:], full[2:].transpose(0, 1), atol=1e-3)  # it does drop keys
+
+
 # -- kept fraction and the density knob --------------------------------------------------------------
 def kept_per_head(layer) -> torch.Tensor:
     """(B, KV) tokens a ragged layer holds per row and KV head."""
