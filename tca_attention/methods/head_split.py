@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.corpus import essay_text
 from ..introspect import layer_kinds, text_config
@@ -252,20 +253,19 @@ def calibrate_head_scores(probe: Probe, tokenizer, calibration: Calibration = Ca
     prompts = [needle_prompt(tokenizer, hay, length, d, rng) for d in calibration.depths
                for _ in range(calibration.samples)]
     t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+    for p in tqdm(prompts, desc="head-split calibration", disable=not progress):
+        def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                    p: NeedlePrompt = p) -> None:
             hits, mass = retrieval_hits(q[0], k[0], scaling, p.ids, p.needle, p.answer)
             h0, m0 = sums.get(idx, (0, 0))
             sums[idx] = (h0 + hits, m0 + mass)
 
         probe.observe(torch.tensor([p.ids], device=device), observe)
-        if progress:
-            print(f"head-split calibration: prompt {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
     n_kv = text_config(model).num_key_value_heads
 
     def per_kv(j: int) -> tuple[tuple[float, ...] | None, ...]:  # mean over prompts, GQA: max of the group
         return tuple(None if kinds[i] != "full"
-                     else tuple(float(x) for x in (sums[i][j] / len(prompts)).view(n_kv, -1).amax(-1))
+                     else tuple(float(x) for x in (sums[i][j] / len(prompts)).view(n_kv, -1).amax(-1).clamp(0, 1))
                      for i in range(len(kinds)))
 
     return HeadScores(ModelIdentity.of(model), per_kv(0), per_kv(1), {
