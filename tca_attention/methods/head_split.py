@@ -144,7 +144,8 @@ def needle_prompt(tokenizer, hay: Sequence[int], length: int, depth: float, rng:
 @dataclass(frozen=True)
 class HeadScores:
     """Retrieval score of every KV head: layers[i] is None for layers the split leaves alone
-    (sliding-window layers), else one score in [0, 1] per KV head."""
+    (sliding-window layers), else one score in [0, 1] per KV head; far[i] alike, the far mass
+    that orders heads of equal score."""
 
     model: ModelIdentity
     layers: tuple[tuple[float, ...] | None, ...]
@@ -212,6 +213,7 @@ class HeadScores:
         model = ModelIdentity(**{**m, "fingerprint": tuple(float(x) for x in m["fingerprint"])})
         if not isinstance(calib, dict):
             raise bad("calibration must be an object")
+
         def rows(what: str, value: Any) -> tuple[tuple[float, ...] | None, ...]:
             if not isinstance(value, list) or len(value) != model.num_layers:
                 raise bad(f"{what} must be a list of {model.num_layers} entries (one per layer)")
