@@ -213,6 +213,41 @@ def test_chunks_fit_the_budget_and_cover_every_block():
         <= X._SCORE_ELEMENTS
 
 
+def test_plan_runs_on_the_triton_kernel():
+    """The plan through dispatch: the Triton kernel (interpreter on the CPU) equals the reference."""
+    from kernel_helpers import DEV  # sets up the interpreter without CUDA
+    from tca_attention.engine import dispatch
+
+    H, KV, D = 4, 2, 16
+    _, _, q, k, key_start = prompts((75, 52), H, KV, D, seed=9, scale=2.0)
+    v = torch.randn(k.shape, dtype=torch.float64)
+    q, k, v, key_start = (t.to(DEV, torch.float32) if t.is_floating_point() else t.to(DEV) for t in (q, k, v, key_start))
+    plan = XAttention(threshold=0.6, stride=S, block_size=BS).plan(0, q, k, key_start, D**-0.5)
+    assert float(plan.kept_fraction(q.shape[2]).mean()) < 1
+    tri = dispatch.prefill(q, k, v, plan, D**-0.5, backend="triton")
+    ref = dispatch.prefill(q, k, v, plan, D**-0.5, backend="reference")
+    assert float((tri - ref).abs().max()) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_scoring_memory_is_bounded_at_128k():
+    """128K tokens, Llama-3.1-8B's head shape: the plan's extra memory stays within a few GiB."""
+    assert torch.cuda.is_available(), "the gpu-marked test needs CUDA"
+    L, H, KV, D = 131072, 32, 8, 128
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, KV, L, D, device="cuda", dtype=torch.bfloat16)
+    key_start = torch.zeros(1, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    plan = XAttention(threshold=0.9).plan(0, q, k, key_start, D**-0.5, padded=False)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 3 * 2**30, f"scoring took {extra / 2**30:.2f} GiB"
+    plan.validate(H, KV, L)
+    assert plan.n_qblocks == L // 128 and plan.indptr.shape[1] == H
+
+
 # -- the model path ----------------------------------------------------------------------------
 def run(model, ids, mask, steps, session=None):
     """Prefill + teacher-forced decode -> (prefill logits (B, L, V), decode logits (B, steps, V))."""
@@ -274,7 +309,7 @@ def test_sparse_model_run_alone_equals_batched():
         batched = session.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert session.prefill_report()["kept_fraction"] < 1  # it is sparse
         for r, x in enumerate(rows):
-            alone = session.generate(x[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+            alone = session.generate(x[None], attention_mask=torch.ones_like(x[None]), max_new_tokens=6, do_sample=False, pad_token_id=0)
             assert torch.equal(batched[r, L:], alone[0, len(x):]), r
 
 

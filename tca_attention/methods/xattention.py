@@ -24,8 +24,8 @@ import torch
 from ..engine.plan import BlockPlan
 from .base import Method
 
-# Reduced scores (fp32) scored at once, per chunk of query blocks: 512 MiB. A chunk's peak is about
-# 2.5x this (the matmul's output in q's dtype, its fp32 copy, the softmax).
+# Reduced scores computed at once, per chunk of query blocks. A chunk holds them twice: in q's dtype
+# (the matmul) and in fp32 (the softmax): 768 MiB for a bf16 model.
 _SCORE_ELEMENTS = 1 << 27
 
 
@@ -61,15 +61,17 @@ def _chunk_mass(
     g, r, nb = H // KV, block // stride, c1 - c0
     qa = _aligned(q, key_start, c0 * block, nb * block)  # (B, H, nb * block, D)
     qr = qa.view(B, KV, g * nb * r, stride * D)  # (B, KV, g * rows, S * D): query head h = kv * g + j
-    s = torch.matmul(qr, kr[:, :, : c1 * r].transpose(-1, -2)).view(B, H, nb * r, c1 * r)
-    s = s.float().mul_(scaling / stride)
+    s = torch.matmul(qr, kr[:, :, : c1 * r].transpose(-1, -2)).view(B, H, nb * r, c1 * r)  # q's dtype
+    s.mul_(scaling / stride)
     m = c0 * r + torch.arange(nb * r, device=q.device)  # reduced query positions
-    n = torch.arange(c1 * r, device=q.device)  # reduced key positions
-    s.masked_fill_(n[None, :] > m[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    n = torch.arange(c0 * r, c1 * r, device=q.device)  # the only keys that can lie after a query
+    s[..., c0 * r :].masked_fill_(n[None, :] > m[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32)
+    del s
+    p = p.view(B, H, nb * r, c1, r).sum(-1)  # (B, H, reduced rows, key blocks)
     rows = -(-(L - key_start.long()) // stride)  # (B,) reduced rows holding a real token
     p.mul_((m[None, :] < rows[:, None])[:, None, :, None])
-    return p.view(B, H, nb, r, c1, r).sum((3, 5))
+    return p.view(B, H, nb, r, c1).sum(3)
 
 
 def select_blocks(mass: torch.Tensor, first_block: int, threshold: float) -> torch.Tensor:
