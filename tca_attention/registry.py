@@ -105,6 +105,9 @@ ENTRIES: dict[str, Entry] = {
               {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
         Entry("xattention", "XAttention: block-sparse prefill, blocks by antidiagonal scores up to a mass threshold",
               {"threshold": float, "stride": int, "block_size": int}, _dataclass_build("xattention.XAttention")),
+        Entry("quest", "Quest: dense prefill, full cache; each decode step reads the top pages by a q.k upper bound",
+              {"budget": int, "page_size": int, "skip_layers": int}, _dataclass_build("quest.Quest"),
+              Density("budget", _lazy("quest.budget_for"))),
     )
 }
 
@@ -215,10 +218,12 @@ def describe() -> str:
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
     from .methods.full_budget import FullBudget
+    from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
     from .methods.xattention import XAttention
 
-    for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget), ("xattention", XAttention)):
+    for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget), ("xattention", XAttention),
+                      ("quest", Quest)):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"}
         assert set(ENTRIES[name].params) == fields, (name, fields)
