@@ -70,9 +70,13 @@ class Quest(Method):
         return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
 
     # -- decode ---------------------------------------------------------------------------------
+    def _fits(self, fill: int) -> bool:
+        """Every row's cache (fill tail slots, at most fill real tokens) fits the budget: read it all."""
+        return fill <= self.pages * self.page_size
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         fill, ps, k = layer.t_fill, self.page_size, self.pages
-        if layer_idx < self.skip_layers or fill <= k * ps:  # every row's cache fits the budget
+        if layer_idx < self.skip_layers or self._fits(fill):
             self._count_dense()
             return None
         state = layer.method_state.get(_STATE)
