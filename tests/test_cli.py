@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tca_attention import cli
+from tca_attention import cli, registry
 from tca_attention.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def test_generate_runs_any_registry_method(tiny_dir, capsys):
 def test_generate_method_errors_are_clear(tiny_dir, capsys):
     args = ["generate", "--model", str(tiny_dir), "--question", "hi", "--max-new-tokens", "1"]
     for extra, error in (
-        (["--method", "xattn"], "unknown method 'xattn'; known: full, full-budget, streaming, tca"),
+        (["--method", "xattn"], f"unknown method 'xattn'; known: {', '.join(registry.names())}"),
         (["--method", "streaming:windw=64"], "streaming: unknown parameter 'windw' (known: sinks, window, block_size)"),
         (["--method", "streaming:window=64", "--tau", "0.5", "--budgets", "b.json"],
          "--tau, --budgets: TCA options, but --method is streaming"),
