@@ -94,6 +94,11 @@ def brute_force_slots(layer: RaggedLayer, q: torch.Tensor, r: int, h: int, k: in
     return set().union(*(pages[j] for j in rest + [len(pages) - 1]))
 
 
+def same_bounds(a: _PageState, b: _PageState, n: int) -> bool:
+    """The first n stored pages' bounds are bit-identical."""
+    return torch.equal(a.kmin[:, :, :n], b.kmin[:, :, :n]) and torch.equal(a.kmax[:, :, :n], b.kmax[:, :, :n])
+
+
 # ---------------------------------------------------------------------------------------------
 # the selection
 @pytest.mark.parametrize("ps,budget,lengths", [(4, 16, [70, 70]), (4, 12, [70, 63, 41, 5]), (8, 32, [90, 66, 90]),
@@ -148,7 +153,7 @@ def test_skipped_layers_and_short_caches_are_dense():
     assert state.fill == layer.t_fill
     fresh = _PageState.build(layer, 4)
     n = -(-layer.t_fill // 4)
-    assert torch.equal(state.kmin[:, :, :n], fresh.kmin[:, :, :n]) and torch.equal(state.kmax[:, :, :n], fresh.kmax[:, :, :n])
+    assert same_bounds(state, fresh, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ def test_incremental_bounds_equal_recomputed_bounds(seed):
     assert ps > 1 or caps[-1] > caps[0]  # token pages: the bounds outgrew their first allocation
     n = -(-layer.t_fill // ps)
     assert state.kmin.dtype == torch.bfloat16
-    assert torch.equal(state.kmin[:, :, :n], fresh.kmin[:, :, :n]) and torch.equal(state.kmax[:, :, :n], fresh.kmax[:, :, :n])
+    assert same_bounds(state, fresh, n)
     for r in range(4):  # and they are each real page's min and max
         for p, slots in stored_pages(state, r, layer.t_fill):
             assert torch.equal(state.kmin[r, :, p], layer.t_keys[r, :, slots].amin(1))
@@ -331,7 +336,8 @@ def test_a_budget_covering_the_cache_equals_dense_decoding():
         toks_d = greedy(model, ids, mask, 8)[1]
     assert method.log and all(sel is not None and sel.page_size == 1 for _, sel, _ in method.log)
     err_sdpa, err_quest = float((sdpa32 - ref64).abs().max()), float((quest32 - ref64).abs().max())
-    assert err_quest <= 4 * err_sdpa + 64 * torch.finfo(torch.float32).eps * float(ref64.abs().max()), (err_quest, err_sdpa)
+    bound = 4 * err_sdpa + 64 * torch.finfo(torch.float32).eps * float(ref64.abs().max())
+    assert err_quest <= bound, (err_quest, err_sdpa)
     assert torch.equal(toks_q, toks_d)
     assert Recorder(budget=32, page_size=4, skip_layers=0).report() == {"decode_kept_fraction": None}
 
