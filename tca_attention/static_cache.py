@@ -28,7 +28,7 @@ any layer compresses. See docs/decode.md.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import StaticSlidingWindowLayer
+from transformers.cache_utils import StaticLayer
 
 from .engine import dispatch
 from .engine.plan import TokenPlan
@@ -215,9 +215,60 @@ class StaticRaggedLayer(RaggedLayer):
         return int((self.g_pos >= 0).sum()) + KV * int((self.t_pos >= 0).sum())
 
 
+class StaticWindowLayer(StaticLayer):
+    """A sliding-window layer as a ring of `size` slots: position p lives in slot p % size.
+
+    transformers' StaticSlidingWindowLayer rolls its buffer every decode step with an index tensor
+    made on the host (a host-to-device copy a CUDA graph cannot capture) and branches on a host
+    count; a ring writes one slot in place (index_copy_ at a device counter) and needs no branch.
+    Decode masks must come from the static runner (adapter.static_decode_mask), which knows the
+    ring: transformers' own mask for a decode step would assume slot j holds position offset + j.
+    size: the window, or less when the whole request fits (prompt + new tokens < window).
+    """
+
+    is_sliding = True
+    is_croppable = False
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a window layer needs size >= 1, got {size}")
+        super().__init__(max_cache_len=size)
+        self.prefilled = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new, size = key_states.shape[-2], self.max_cache_len
+        if self.prefilled and n_new != 1:
+            raise ValueError(f"a static window layer decodes one token per step, got {n_new}")
+        if not self.prefilled:  # the prompt: attend over it all, keep its last `size` tokens
+            self.prefilled = True
+            n = min(n_new, size)
+            slots = torch.arange(n_new - n, n_new, device=self.device) % size
+            self.keys.index_copy_(2, slots, key_states[:, :, n_new - n :])
+            self.values.index_copy_(2, slots, value_states[:, :, n_new - n :])
+            self.cumulative_length.add_(n_new)
+            return key_states, value_states
+        slot = torch.remainder(self.cumulative_length, size).view(1)
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self.cumulative_length.add_(1)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prefilled:
+            raise RuntimeError("a static window layer's decode masks come from the static runner "
+                               "(integration/static_decode.py), not from transformers")
+        return query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefilled = False
+
+
 class StaticRaggedCache(RaggedCache):
     """A RaggedCache whose layers are static: StaticRaggedLayer for full-attention layers,
-    transformers' StaticSlidingWindowLayer (window-sized, in place) for sliding-window layers."""
+    StaticWindowLayer (a ring of the window's size) for sliding-window layers."""
 
     def __init__(self, kinds: list[str], block_size: int, window: int, sliding_window: int | None = None,
                  backend: dispatch.Backend = "auto", *, max_new_tokens: int) -> None:
@@ -227,10 +278,10 @@ class StaticRaggedCache(RaggedCache):
     def _full_layer(self, block_size: int, window: int, backend: dispatch.Backend) -> StaticRaggedLayer:
         return StaticRaggedLayer(block_size, window, backend, self.max_new_tokens)
 
-    def _sliding_layer(self, sliding_window: int | None):
+    def _sliding_layer(self, sliding_window: int | None) -> StaticWindowLayer:
         if not sliding_window:
             raise ValueError("a sliding-window layer needs the config's sliding_window")
-        return StaticSlidingWindowLayer(max_cache_len=sliding_window, sliding_window=sliding_window)
+        return StaticWindowLayer(sliding_window)
 
     def tca_layers(self) -> list[StaticRaggedLayer]:
         return super().tca_layers()
@@ -249,5 +300,6 @@ class StaticRaggedCache(RaggedCache):
         return out
 
     def sync_host(self) -> None:
+        """Host counters from the device ones (after graph replays, which run no Python)."""
         for layer in self.tca_layers():
             layer.sync_host()

@@ -126,8 +126,8 @@ def test_dense_static_runner_equals_model_generate(lengths):
 @pytest.mark.parametrize("prompt", [150, 30], ids=["window-full", "window-fills-during-decode"])
 def test_sliding_window_layers(prompt):
     """Gemma3 (sliding layers of 40 tokens next to a full layer): static TCA equals dynamic TCA,
-    static dense equals dynamic dense, also when the window fills during decoding (those steps
-    run eagerly before capture)."""
+    static dense equals dynamic dense, also when the window fills during decoding (a ring of
+    window slots: no phase to branch on)."""
     model = tiny("gemma3")
     ids, mask = left_padded((prompt, prompt - 12), seed=4)
     with torch.no_grad():
@@ -135,8 +135,6 @@ def test_sliding_window_layers(prompt):
             _, _, want_dense, _ = greedy(model, ids, mask, 18, session)
         dense = greedy_static(model, ids, mask, max_new_tokens=19)
         assert torch.equal(dense.sequences[:, prompt:-1], want_dense)
-        if prompt == 30:
-            assert dense.eager_steps == 10  # 40 - 30: the steps before the window is full
         with enable(model, method("tca", model), backend="reference") as session:
             _, _, want, _ = greedy(model, ids, mask, 18, session)
             run = greedy_static(model, ids, mask, max_new_tokens=19, session=session)
@@ -304,61 +302,84 @@ def test_refusals():
             model(input_ids=ids[:, :1], **cache_kwargs(cache))
     with pytest.raises(ValueError, match="max_new_tokens"):
         StaticRaggedLayer(B_, W_, max_new_tokens=0)
+    gemma = tiny("gemma3")  # a window ring's decode mask comes from the runner, never from transformers
+    with torch.no_grad(), enable(gemma, method("tca", gemma), backend="reference") as session:
+        cache = session.new_cache(max_new_tokens=4)
+        gemma(input_ids=ids, **cache_kwargs(cache))
+        with pytest.raises(RuntimeError, match="static runner"):
+            gemma(input_ids=ids[:, :1], **cache_kwargs(cache))
 
 
 # ---------------------------------------------------------------------------------------------
+def _cuda_step(model, session, input_ids, attention_mask, n):
+    """A prefilled static cache and its StaticStep, two warm-up steps run on a side stream."""
+    cache, step = _prefill_and_step(model, session, input_ids, attention_mask, n)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    return cache, step
+
+
+def _no_sync_and_no_allocation(step) -> None:
+    """One step under CUDA's sync debug mode ("error": a synchronising call raises), then a captured
+    step replayed 20 times without the caching allocator allocating anything."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    for _ in range(20):
+        g.replay()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    for key in ("allocation.all.allocated", "segment.all.allocated", "allocated_bytes.all.current"):
+        assert after[key] == before[key], key
+
+
 @pytest.mark.gpu
 def test_graph_replay_equals_eager_on_the_default_model():
-    """smollm2 on CUDA with TCA: graph replay gives the eager static step's tokens (and the
-    dynamic path's), a step issues no sync (CUDA sync debug mode) and replays allocate nothing."""
+    """smollm2 (bf16, CUDA) with calibrated TCA budgets, a left-padded batch of 2: graph replay
+    gives the eager static steps' tokens, decode compression runs inside the replays, a step
+    issues no host sync and replays allocate nothing; the same for dense over StaticCache."""
+    from tca_attention import calibrate
+    from tca_attention.data.passkey import passkey_prompt
+    from tca_attention.methods.tca.config import SMALL_CONTEXT
     from tca_attention.models import load_model
-    from tca_attention.methods.tca.config import PRESETS
-    from tca_attention.integration.probe import load_or_calibrate
 
     assert torch.cuda.is_available()
     model, tok = load_model("smollm2", device="cuda")
-    budgets = load_or_calibrate(model, tok, "smollm2", PRESETS["small-context"])
-    text = " ".join(f"line {i}: the value of key {i % 17} is {i * 7 % 101}." for i in range(600))
-    enc = tok([text, text[: len(text) * 2 // 3]], return_tensors="pt", padding=True, padding_side="left").to("cuda")
-    n = 48
+    budgets = calibrate(model, tok, SMALL_CONTEXT, length=2048, progress=False)
+    texts = [passkey_prompt(tok, n, seed=n).text for n in (3000, 2300)]
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left").to("cuda")
+    ids, mask = enc.input_ids, enc.attention_mask
+    assert int(mask[1].sum()) < ids.shape[1]  # really padded
+    n = SMALL_CONTEXT.block_size + 40  # every row's tail reaches window + block once at least
     with torch.no_grad(), enable(model, TCA(budgets, dense_below=0)) as session:
-        eager = greedy_static(model, enc.input_ids, enc.attention_mask, max_new_tokens=n, session=session,
-                              cuda_graph=False)
-        graph = greedy_static(model, enc.input_ids, enc.attention_mask, max_new_tokens=n, session=session)
-        assert graph.graphs >= 1 and graph.steady_steps > 0
+        eager = greedy_static(model, ids, mask, max_new_tokens=n, session=session, cuda_graph=False)
+        graph = greedy_static(model, ids, mask, max_new_tokens=n, session=session)
+        assert graph.graphs == 2 and graph.steady_steps == n - 3  # with and without the compression pass
         assert torch.equal(graph.sequences, eager.sequences)
         assert any(l.compresses for l in graph.cache.tca_layers())
-
-        # one step under sync debug mode, and replays under the allocator's counters
-        L = enc.input_ids.shape[1]
-        cache = session.new_cache(max_new_tokens=n)
-        pos = (enc.attention_mask.cumsum(-1) - 1).clamp_min(0)
-        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=pos,
-                    **cache_kwargs(cache))
-        toks = torch.zeros(2, n, dtype=torch.long, device="cuda")
-        toks[:, 0] = out.logits[:, -1].argmax(-1)
-        step = StaticStep(model, cache, toks[:, 0], (enc.attention_mask.cumsum(-1) == 0).sum(-1),
-                          pos[:, -1:] + 1, L, toks)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_stats()
-        for _ in range(20):
-            g.replay()
-        torch.cuda.synchronize()
-        after = torch.cuda.memory_stats()
-        for key in ("allocation.all.allocated", "segment.all.allocated", "allocated_bytes.all.current"):
-            assert after[key] == before[key], key
+        for a, b in zip(eager.cache.tca_layers(), graph.cache.tca_layers()):
+            assert torch.equal(a.g_fill, b.g_fill) and torch.equal(a.t_first, b.t_first)
+        assert graph.cache.kv_bytes() < graph.cache.dense_kv_bytes()
+        _, step = _cuda_step(model, session, ids, mask, n)
+        _no_sync_and_no_allocation(step)
+    dense_eager = greedy_static(model, ids, mask, max_new_tokens=24, cuda_graph=False)
+    dense_graph = greedy_static(model, ids, mask, max_new_tokens=24)
+    assert dense_graph.graphs == 1 and torch.equal(dense_graph.sequences, dense_eager.sequences)
+    with torch.no_grad():
+        _, step = _cuda_step(model, None, ids, mask, 24)
+        _no_sync_and_no_allocation(step)

@@ -193,18 +193,26 @@ def set_attention(model: torch.nn.Module, name: str) -> Callable[[], None]:
 
 # -- static decode steps (integration/static_decode.py) ------------------------------------------
 # A graph-captured decode step cannot let transformers build its masks: the sizes it reads from a
-# cache are host ints that move every step (a sliding layer's offset). The runner passes 4D boolean
-# masks of static shape instead, which every supported model uses as given (a dict by layer type
-# where a model mixes full and sliding layers). What they must say depends on how transformers'
-# static layers store tokens: StaticLayer at slot = cache index; StaticSlidingWindowLayer at slot =
-# cache index until full, then (rolled each step) the last max_cache_len tokens in order.
+# cache are host ints. The runner passes 4D boolean masks of static shape instead, which every
+# supported model uses as given (a dict by layer type where a model mixes full and sliding
+# layers), built on the device from a position counter: transformers' StaticLayer holds cache
+# index j in slot j; a StaticWindowLayer ring holds position p in slot p % size.
 
 
 def static_dense_cache(model: torch.nn.Module, max_cache_len: int) -> Cache:
-    """transformers' StaticCache for plain attention: the dense baseline of static decoding."""
+    """transformers' StaticCache for plain attention (the dense baseline of static decoding), its
+    sliding-window layers replaced by graph-safe rings (static_cache.StaticWindowLayer)."""
     from transformers.cache_utils import StaticCache
 
-    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    from ..introspect import layer_kinds, text_config
+    from ..static_cache import StaticWindowLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    window = getattr(text_config(model), "sliding_window", None)
+    for i, kind in enumerate(layer_kinds(model)):
+        if kind == "sliding":
+            cache.layers[i] = StaticWindowLayer(min(window, max_cache_len))
+    return cache
 
 
 def _first_layer(cache: Cache, kinds: list[str], kind: str):
@@ -213,16 +221,19 @@ def _first_layer(cache: Cache, kinds: list[str], kind: str):
 
 def _layer_mask(layer, key_start: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(B, 1, 1, S) mask of one static layer's S slots for the token at cache index pos (1,)."""
-    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+    from transformers.cache_utils import StaticLayer
+
+    from ..static_cache import StaticWindowLayer
 
     B = key_start.shape[0]
-    if isinstance(layer, StaticSlidingWindowLayer):
-        n = layer.max_cache_len
-        slot = torch.arange(n, device=pos.device)
-        full = layer.cumulative_length_int >= n  # host: fixed across the steps one graph replays
-        p = pos - n + 1 + slot if full else slot  # (n,) cache index held by each slot
-    elif isinstance(layer, StaticLayer):
+    if isinstance(layer, StaticWindowLayer):  # ring: slot j holds the latest p <= pos with p = j mod S
+        slot = torch.arange(layer.max_cache_len, device=pos.device)
+        p = pos - torch.remainder(pos - slot, layer.max_cache_len)  # (S,), < 0 where never written
+    elif isinstance(layer, StaticLayer) and not layer.is_sliding:
         p = torch.arange(layer.max_cache_len, device=pos.device)
+    elif isinstance(layer, StaticLayer):
+        raise TypeError("transformers' StaticSlidingWindowLayer cannot run graph-captured steps; "
+                        "use adapter.static_dense_cache (window layers as rings)")
     else:  # a ragged layer attends by its own stored positions: the mask is not read
         return torch.ones(B, 1, 1, 1, dtype=torch.bool, device=pos.device)
     vis = (p[None, :] >= key_start[:, None]) & (p[None, :] <= pos)  # (B, S)
@@ -237,26 +248,3 @@ def static_decode_mask(kinds: list[str], cache: Cache, key_start: torch.Tensor, 
              for name, kind in (("full_attention", "full"), ("sliding_attention", "sliding"))
              if (layer := _first_layer(cache, kinds, kind)) is not None}
     return masks if len(masks) > 1 else next(iter(masks.values()))
-
-
-def static_unstable_steps(cache: Cache, prompt_len: int, n_steps: int) -> int:
-    """Leading decode steps (of n_steps) that must run eagerly so that every later one takes the same
-    host branch in transformers' StaticSlidingWindowLayer.update (not full, or full and rolling)."""
-    from transformers.cache_utils import StaticSlidingWindowLayer
-
-    out = 0
-    for layer in cache.layers:
-        if isinstance(layer, StaticSlidingWindowLayer):
-            n = layer.max_cache_len
-            if prompt_len + n_steps - 1 >= n:  # full by the last step: run the steps before eagerly
-                out = max(out, min(n_steps, max(0, n - prompt_len)))
-    return out
-
-
-def static_resync(cache: Cache, tokens_given: int) -> None:
-    """Host counters of transformers' static layers after graph replays (which run no Python)."""
-    from transformers.cache_utils import StaticSlidingWindowLayer
-
-    for layer in cache.layers:
-        if isinstance(layer, StaticSlidingWindowLayer):
-            layer.cumulative_length_int = tokens_given

@@ -10,9 +10,9 @@ tokens (no stop at EOS: the tokens stay on the device until the end; truncate af
 
 Two graphs at most: one step with the ragged layers' masked compression pass and one without,
 replayed by a host schedule computed after prefill (StaticRaggedCache.compress_steps): a step at
-which no row of any layer can compress skips that work. The leading steps whose host branches
-differ from the steady state (the first step's catch-up compression of a long dense prompt tail,
-a sliding-window layer not yet full) run eagerly. Without CUDA (or cuda_graph=False) the very same
+which no row of any layer can compress skips that work. The first step runs eagerly (its
+catch-up compression of a long dense prompt tail may take several passes), and one warm-up step
+on a side stream before a capture. Without CUDA (or cuda_graph=False) the very same
 steps run eagerly, following the same schedule: that is what the CPU tests check.
 """
 from __future__ import annotations
@@ -118,8 +118,8 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     need = cache.compress_steps(steps) if ragged else [False] * steps  # host schedule, one read
     step = StaticStep(model, cache, tokens[:, 0], key_start, pos_ids[:, -1:] + 1, L, tokens)
     capture = cuda_graph and dev.type == "cuda"
-    # eager: the first step (catch-up compression), steps before sliding layers are full, a warm-up
-    eager = min(steps, max(1, adapter.static_unstable_steps(cache, L, steps)) + (1 if capture else 0))
+    # eager: the first step (its catch-up compression), and one warm-up step before a capture
+    eager = min(steps, 2 if capture else 1)
     stream = torch.cuda.Stream(dev) if capture else None
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -138,7 +138,7 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             with torch.cuda.graph(g):
                 step()  # recorded, not run: the host counters it moved are put back below
             graphs[variant] = g
-        _resync(cache, ragged, L + eager)
+        _resync(cache, ragged)
     _sync(dev)
     t2 = time.perf_counter()
     for variant in rest:
@@ -150,7 +150,7 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     _sync(dev)
     t3 = time.perf_counter()
     _set_pass(cache, ragged, True)
-    _resync(cache, ragged, L + steps)
+    _resync(cache, ragged)
     return StaticRun(torch.cat([input_ids, tokens], 1), cache, t1 - t0, t3 - t1, t3 - t2, len(rest), eager,
                      len(graphs))
 
@@ -160,7 +160,6 @@ def _set_pass(cache: Any, ragged: bool, on: bool) -> None:
         cache.set_compress_pass(on)
 
 
-def _resync(cache: Any, ragged: bool, tokens_given: int) -> None:
-    adapter.static_resync(cache, tokens_given)
+def _resync(cache: Any, ragged: bool) -> None:
     if ragged:
         cache.sync_host()
