@@ -156,6 +156,21 @@ def test_session_generate_cuda_graph_runs_the_static_path_on_the_cpu():
     assert out.shape == (2, 210) and torch.equal(out[:, 200:-1], want)
 
 
+def test_model_generate_runs_on_the_static_cache_eagerly():
+    """transformers' own generate() with session.new_cache(max_new_tokens=N): the same tokens as
+    the dynamic cache and as the graph runner (every step runs the masked compression pass)."""
+    model = tiny("llama")
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded((200, 150), seed=9)
+    with torch.no_grad(), enable(model, method("tca", model), backend="reference") as session:
+        want = session.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+        cache = session.new_cache(max_new_tokens=20)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, **cache_kwargs(cache))
+        runner = session.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, cuda_graph=True)
+    assert torch.equal(got, want) and torch.equal(runner, want)
+    assert all(l.compress_pass and l.seen == 219 for l in cache.tca_layers())
+
+
 # ---------------------------------------------------------------------------------------------
 # a decode step: buffers in place, no host sync
 _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
