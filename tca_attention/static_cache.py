@@ -12,7 +12,8 @@ buffer is sized once, at commit_prefill, for the whole request (prompt + max_new
   tail:        a ring of T slots shared by the rows: position p lives in slot (p - t_pos0) mod T,
                with its position per row in t_pos (B, T) (-1: empty, padding, or no longer in the
                row's tail). T covers the longest row tail: window + block_size once compression
-               runs (prompt tails longer than that only until the first decode step), or the
+               runs (a longer prompt tail is compressed at the first decode step, which then moves
+               the ring into one of window + block_size slots), or the
                whole prompt tail + max_new_tokens when no head ever drops a token (full budget).
 
 A decode step (one token) writes k/v at the slot of a device position counter (index_copy_), runs
@@ -150,8 +151,25 @@ class StaticRaggedLayer(RaggedLayer):
         if self.compresses and (self.compress_pass or not self.decoded):
             for _ in range(1 if self.decoded else self.catchup):
                 self._compress_masked(q[:, :, -1], lse[:, :, -1], scaling)
+            if not self.decoded and self.t_keys.shape[2] > self.window + self.block_size:
+                self._shrink_ring()
         self.decoded = True
         return out
+
+    def _shrink_ring(self) -> None:
+        """After the first step's catch-up, every row's tail is shorter than window + block_size:
+        move the ring's last window + block_size positions into a ring of that size (once, in the
+        eager first step; no host read: the slots follow from host ints, the ring has not wrapped)."""
+        B, KV, T, D = self.t_keys.shape
+        T2 = self.window + self.block_size
+        lo = self.seen - T2 - self.t_pos0  # old slots [lo, lo + T2) hold positions seen - T2 .. seen - 1
+        order = torch.remainder(torch.arange(self.seen - T2, self.seen, device=self.t_keys.device) - self.t_pos0, T2)
+        keys, values = self.t_keys.new_zeros(2, B, KV, T2, D).unbind(0)
+        keys[:, :, order] = self.t_keys[:, :, lo : lo + T2]
+        values[:, :, order] = self.t_values[:, :, lo : lo + T2]
+        pos = torch.full((B, T2), -1, dtype=torch.long, device=self.t_pos.device)
+        pos[:, order] = self.t_pos[:, lo : lo + T2]
+        self.t_keys, self.t_values, self.t_pos, self.t_fill = keys, values, pos, T2
 
     def _compress_masked(self, q_last: torch.Tensor, lse_last: torch.Tensor, scaling: float) -> None:
         """One compression pass: every row whose tail holds window + block_size tokens moves its

@@ -96,6 +96,8 @@ def test_dense_below_row_compresses_its_long_tail_at_the_first_step():
     assert torch.equal(run.sequences[:, ids.shape[1]: -1], want)
     layers = run.cache.tca_layers()
     assert max(l.catchup for l in layers) > 1
+    # the long prompt tail is gone after step 1: the ring is back to window + block slots
+    assert all(l.t_keys.shape[2] == W_ + B_ for l in layers if l.compresses)
     for a, b in zip(dyn.tca_layers(), layers):
         for r, n in enumerate((300, 251, 90)):
             assert segments(b, r, 300 - n) == segments(a, r, 300 - n) and tail(b, r) == tail(a, r)
