@@ -11,6 +11,7 @@ import contextlib
 import pytest
 import torch
 
+from tca_attention.engine import dispatch
 from tca_attention.engine.plan import DecodeSelection
 from tca_attention.integration import enable
 from tca_attention.integration.adapter import cache_kwargs
@@ -240,6 +241,14 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
                 step()
         assert _buffers(cache) == before
         assert int(layer.g_fill.sum()) > fill0  # compressions happened inside the guarded steps
+        # the kernel reads the static layout (room slots, wrapped ring) as the reference does
+        q = torch.randn(2, 6, 1, 16)
+        q_pos = (layer.next_pos - 1).view(1, 1).expand(2, 1)
+        got, got_lse = dispatch.ragged_decode(q, layer.view(q_pos), 0.25, backend="triton")
+        want, want_lse = dispatch.ragged_decode(q, layer.view(q_pos), 0.25, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-4, atol=1e-5)
+        assert int((layer.g_pos < 0).sum()) > 0 and layer.seen - layer.t_pos0 > layer.t_keys.shape[2]  # room, wrapped
         # the guard does catch reads: the dynamic cache's decode compression syncs
         dyn = session.new_cache()
         model(input_ids=ids, attention_mask=mask, **cache_kwargs(dyn))

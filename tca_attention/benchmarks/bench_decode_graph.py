@@ -10,8 +10,9 @@ Models: (a) the Llama-3.1-8B shape with random bf16 weights (bench_e2e.build_mod
 file mapped onto its 32 x 8 heads, at --lengths; (b) a packaged real model (--model), TCA budgets
 calibrated once and cached, at --model-lengths. Each cell records time to first token, decode
 tokens/s (per batch row and for the batch), peak memory, KV held, and the device's memory-bandwidth
-limit of that decode step (weights + KV held, read once per step). JSON + PNG with device,
-versions, shapes and command.
+limit of that decode step (weights + KV held, read once per step); eager cells also give the
+median single step (engine/timing.py's CUDA-event timing). JSON + PNG with device, versions,
+shapes and command.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import time
 import torch
 
 from ..clihelp import HelpFormatter
+from ..engine.timing import bench_ms
 from . import require_cuda
 
 CELLS = ("dense-eager", "dense-graph", "tca-eager", "tca-graph")
@@ -99,7 +101,17 @@ def eager_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
         nxt = model(input_ids=nxt, use_cache=True, **cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
     _sync()
     t3 = time.perf_counter()
-    return {"ttft_s": t1 - t0, "decode_tokens_per_s": steps / (t3 - t2), "kv_bytes": _kv_bytes(cache)}
+    kv = _kv_bytes(cache)
+    state = {"nxt": nxt}
+
+    def one_step() -> None:
+        out = model(input_ids=state["nxt"], use_cache=True, **cache_kwargs(cache))
+        state["nxt"] = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    # the median single step (CUDA events, engine/timing.py), next to the loop's mean
+    per_step = bench_ms(one_step, target_ms=200.0, min_reps=3, max_reps=max(3, steps // 2), warmup=0, flush="none")
+    return {"ttft_s": t1 - t0, "decode_tokens_per_s": steps / (t3 - t2), "step_ms_median": per_step["median_ms"],
+            "kv_bytes": kv}
 
 
 @torch.no_grad()
