@@ -53,6 +53,7 @@ class StaticRaggedLayer(RaggedLayer):
         self.n_global = 0  # global slots, room included (= g_offsets[-1]); slot n_global is a dump slot
         self.catchup = 0  # compression passes of the first decode step
         self.t_max = 0  # the largest decode_keep
+        self._keep_host: list[int] = []  # decode_keep on the host
         self.decoded = False  # the first decode step ran
         self.compress_pass = True  # run the (masked) compression pass in decode steps after the first
         self._store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # global buffers + dump slot
@@ -300,9 +301,6 @@ class StaticRaggedCache(RaggedCache):
         if not sliding_window:
             raise ValueError("a sliding-window layer needs the config's sliding_window")
         return StaticWindowLayer(sliding_window)
-
-    def tca_layers(self) -> list[StaticRaggedLayer]:
-        return super().tca_layers()
 
     def set_compress_pass(self, on: bool) -> None:
         """Whether decode steps after the first run the masked compression pass (a host switch)."""
