@@ -103,6 +103,8 @@ ENTRIES: dict[str, Entry] = {
               Density("window", _lazy("streaming.window_for"))),
         Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
               {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
+        Entry("xattention", "XAttention: block-sparse prefill, blocks by antidiagonal scores up to a mass threshold",
+              {"threshold": float, "stride": int, "block_size": int}, _dataclass_build("xattention.XAttention")),
     )
 }
 
@@ -214,8 +216,9 @@ def describe() -> str:
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
     from .methods.full_budget import FullBudget
     from .methods.streaming import StreamingLLM
+    from .methods.xattention import XAttention
 
-    for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget)):
+    for name, cls in (("streaming", StreamingLLM), ("full-budget", FullBudget), ("xattention", XAttention)):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"}
         assert set(ENTRIES[name].params) == fields, (name, fields)
