@@ -18,7 +18,7 @@ TESTS=${TESTS:-$(ls tests/test_triton_kernels.py tests/test_decode_select.py tes
   tests/test_block_sparse.py tests/test_batch_invariance.py tests/test_full_budget_equals_dense.py tests/test_adapter.py \
   tests/test_xattention.py tests/test_quest.py tests/test_head_split.py tests/test_static_decode.py 2>/dev/null)}
 timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --durations=12 \
-  $TESTS 2>&1 | tail -60 | tee -a "$OUT/gpu_tests.log"
+  ${PYTEST_ARGS:-} $TESTS 2>&1 | tail -60 | tee -a "$OUT/gpu_tests.log"
 echo "pytest rc=$?" | tee -a "$OUT/gpu_tests.log"
 [ "${BENCH:-1}" = "1" ] && timeout 240 python3 -m tca_attention.benchmarks.bench_kernels --out "$OUT" "$@" 2>&1 | tail -40 | tee "$OUT/bench.log"
 exit 0
