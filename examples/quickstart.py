@@ -3,13 +3,13 @@ import tca_attention as tca
 from tca_attention.data.passkey import passkey_prompt
 
 model, tok = tca.load_model("smollm2")  # packaged real model; also a .gguf file or a HF directory
-budgets = tca.load_or_calibrate(model, tok, "smollm2", tca.PRESETS["small-context"])  # once, then cached
+method = tca.create("tca", model=model, tokenizer=tok)  # calibrates once, then loads the cached budgets
 inputs = tok(passkey_prompt(tok, 4096).text, return_tensors="pt")  # a needle in 4K tokens of essays
 
-with tca.enable(model, tca.TCA(budgets)) as session:  # reversible: leaving restores the model
+with tca.enable(model, method) as session:  # reversible: leaving restores the model
     out = session.generate(**inputs, max_new_tokens=12, do_sample=False)
 
 print("answer:", tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 cache = session.cache  # the ragged per-head KV cache generate() used
 print(f"KV held {cache.kv_bytes() / 2**20:.1f} MiB of {cache.dense_kv_bytes() / 2**20:.1f} MiB dense")
-print("prefill:", session.prefill_report())
+print("report:", session.prefill_report())

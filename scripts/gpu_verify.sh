@@ -13,9 +13,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$STAGE/site"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import sys, torch, triton, transformers; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())'
 } 2>&1 | tee "$OUT/gpu_tests.log"
-timeout 420 python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --durations=8 \
-  tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py tests/test_block_sparse.py tests/test_batch_invariance.py \
-  tests/test_full_budget_equals_dense.py tests/test_adapter.py 2>&1 | tail -40 | tee -a "$OUT/gpu_tests.log"
+# TESTS: the test files (default: every kernel, plan type, peer and static-decode suite present)
+TESTS=${TESTS:-$(ls tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py \
+  tests/test_block_sparse.py tests/test_batch_invariance.py tests/test_full_budget_equals_dense.py tests/test_adapter.py \
+  tests/test_xattention.py tests/test_quest.py tests/test_head_split.py tests/test_static_decode.py 2>/dev/null)}
+timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --durations=12 \
+  ${PYTEST_ARGS:-} $TESTS 2>&1 | tail -60 | tee -a "$OUT/gpu_tests.log"
 echo "pytest rc=$?" | tee -a "$OUT/gpu_tests.log"
 [ "${BENCH:-1}" = "1" ] && timeout 240 python3 -m tca_attention.benchmarks.bench_kernels --out "$OUT" "$@" 2>&1 | tail -40 | tee "$OUT/bench.log"
 exit 0

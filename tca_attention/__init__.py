@@ -3,8 +3,8 @@ for HuggingFace transformers causal LMs.
 
     import tca_attention as tca
     model, tok = tca.load_model("smollm2")                    # packaged model, .gguf or HF dir
-    budgets = tca.load_or_calibrate(model, tok, "smollm2", tca.PRESETS["small-context"])
-    with tca.enable(model, tca.TCA(budgets)) as session:     # reversible
+    method = tca.create("tca", model=model, tokenizer=tok)    # calibrates once, then cached
+    with tca.enable(model, method) as session:               # reversible
         out = session.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
     print(tok.decode(out[0, -32:]), session.cache.kv_bytes(), session.prefill_report())
 

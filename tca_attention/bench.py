@@ -15,7 +15,9 @@ from .clihelp import HelpFormatter
 SCRIPTS = {
     "kernels": ("bench_kernels", "per-layer prefill/decode attention: dense SDPA backends vs TCA kernels (CUDA)"),
     "e2e": ("bench_e2e", "time to first token, decode tokens/s, peak memory on a Llama-3.1-8B-shaped model (CUDA)"),
+    "methods": ("bench_methods", "every registry method (density sweeps) vs dense: TTFT, decode tokens/s, attended fractions (CUDA)"),
     "passkey": ("passkey_sweep", "passkey retrieval on a real model: full vs TCA variants (CUDA by default)"),
+    "decode-graph": ("bench_decode_graph", "decode tokens/s, dense vs TCA, eager vs CUDA-graph static steps (CUDA)"),
 }
 
 
@@ -26,7 +28,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="GPU benchmarks (kernels, e2e, passkey); arguments after the name go to the benchmark",
+        "bench", help="GPU benchmarks (kernels, e2e, methods, passkey, decode-graph); arguments after the name go to the benchmark",
         description="Run a benchmark by name; `tca bench NAME --help` lists its options.",
         formatter_class=HelpFormatter,
     )

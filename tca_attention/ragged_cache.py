@@ -103,35 +103,51 @@ class RaggedLayer(DynamicLayer):
         k, v = self.pending
         self.pending = None
         self.calls.commits += 1
-        B, KV, L, D = k.shape
         self.key_start = key_start.to(k.device)
         self.decode_keep = decode_keep.to(k.device)
         self._first_host = None
+        self._commit_tail(k, v, self._commit_global(plan, k, v))
+
+    def _kept_slots(self, plan: TokenPlan | None, k: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the kept prompt tokens go in a packed CSR without spare room; sets t_first.
+
+        -> (total kept, shared local start (the smallest row tail start), offsets (B*KV + 1,),
+        segment b * KV + h of each kept slot (total,), prompt index of each kept slot (total,))."""
+        B, KV = k.shape[:2]
         if plan is None:  # dense: everything goes to the tail; no host sync on this path
-            local_start = 0
             self.t_first = self.key_start.long().clone()
-            self.g_keys, self.g_values = k.new_empty(0, D), v.new_empty(0, D)
-            self.g_pos = torch.empty(0, dtype=torch.long, device=k.device)
-            self.g_offsets = torch.zeros(B * KV + 1, dtype=torch.long, device=k.device)
-        else:  # gather the kept tokens straight into the packed CSR
-            kept_idx, kept_len = plan.kept_idx, plan.kept_len
-            M = kept_idx.shape[-1]
-            # each row's tail starts at its own local start; the shared tail at the smallest
-            self.t_first = torch.maximum(self.key_start.long(), plan.local_starts().to(k.device).long())
-            if plan.kept_total is not None and plan.row_local_start is None:  # no padding: host-known
-                total, local_start = plan.kept_total, plan.local_start
-            else:  # one host sync for both
-                total, local_start = torch.stack([kept_len.sum().long(), self.t_first.min()]).tolist()
-            self.g_offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
-            slot = torch.arange(total, device=k.device)
-            seg = torch.searchsorted(self.g_offsets[1:], slot, right=True)  # (b * KV + h) of each slot
-            idx = kept_idx.reshape(-1)[seg * M + slot - self.g_offsets[seg]]
-            bb, hh = seg // KV, seg % KV
-            self.g_keys, self.g_values, self.g_pos = _global_store(total, D, k)
+            empty = torch.empty(0, dtype=torch.long, device=k.device)
+            return 0, 0, torch.zeros(B * KV + 1, dtype=torch.long, device=k.device), empty, empty
+        kept_idx, kept_len = plan.kept_idx, plan.kept_len
+        M = kept_idx.shape[-1]
+        # each row's tail starts at its own local start; the shared tail at the smallest
+        self.t_first = torch.maximum(self.key_start.long(), plan.local_starts().to(k.device).long())
+        if plan.kept_total is not None and plan.row_local_start is None:  # no padding: host-known
+            total, local_start = plan.kept_total, plan.local_start
+        else:  # one host sync for both
+            total, local_start = torch.stack([kept_len.sum().long(), self.t_first.min()]).tolist()
+        offsets = torch.nn.functional.pad(torch.cumsum(kept_len.flatten().long(), 0), (1, 0))
+        slot = torch.arange(total, device=k.device)
+        seg = torch.searchsorted(offsets[1:], slot, right=True)  # (b * KV + h) of each slot
+        idx = kept_idx.reshape(-1)[seg * M + slot - offsets[seg]]
+        return total, local_start, offsets, seg, idx
+
+    def _commit_global(self, plan: TokenPlan | None, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Gather the kept tokens straight into the packed CSR; -> the shared local start."""
+        KV, D = k.shape[1], k.shape[-1]
+        total, local_start, self.g_offsets, seg, idx = self._kept_slots(plan, k)
+        bb, hh = seg // KV, seg % KV
+        self.g_keys, self.g_values, self.g_pos = _global_store(total, D, k)
+        if total:
             torch.ops.aten.index.Tensor_out(k, [bb, hh, idx], out=self.g_keys)
             torch.ops.aten.index.Tensor_out(v, [bb, hh, idx], out=self.g_values)
             # padding never becomes visible, whatever the plan kept
             torch.where(idx >= self.key_start[bb], idx, torch.full_like(idx, -1), out=self.g_pos)
+        return local_start
+
+    def _commit_tail(self, k: torch.Tensor, v: torch.Tensor, local_start: int) -> None:
+        """The prompt's tokens from the shared local start on become the tail."""
+        B, KV, L, D = k.shape
         self.t_fill = L - local_start
         self.t_keys, self.t_values = k.new_empty(2, B, KV, self._tail_capacity(self.t_fill, self.seen, k), D).unbind(0)
         self.t_keys[:, :, : self.t_fill] = k[:, :, local_start:]
@@ -370,12 +386,18 @@ class RaggedCache(Cache):
         layers = []
         for kind in kinds:
             if kind == "full":
-                layers.append(RaggedLayer(block_size, window, backend))
+                layers.append(self._full_layer(block_size, window, backend))
             elif kind == "sliding":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=sliding_window))
+                layers.append(self._sliding_layer(sliding_window))
             else:
                 raise ValueError(f"unknown layer kind {kind!r}")
         super().__init__(layers=layers)
+
+    def _full_layer(self, block_size: int, window: int, backend: dispatch.Backend) -> RaggedLayer:
+        return RaggedLayer(block_size, window, backend)
+
+    def _sliding_layer(self, sliding_window: int | None):
+        return DynamicSlidingWindowLayer(sliding_window=sliding_window)
 
     def tca_layers(self) -> list[RaggedLayer]:
         return [l for l in self.layers if isinstance(l, RaggedLayer)]

@@ -122,12 +122,17 @@ ENTRIES: dict[str, Entry] = {
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),
               Density("window", _lazy("streaming.window_for"))),
+        Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
+              {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
+        Entry("xattention", "XAttention: block-sparse prefill, blocks by antidiagonal scores up to a mass threshold",
+              {"threshold": float, "stride": int, "block_size": int}, _dataclass_build("xattention.XAttention")),
+        Entry("quest", "Quest: dense prefill, full cache; each decode step reads the top pages by a q.k upper bound",
+              {"budget": int, "page_size": int, "skip_layers": int}, _dataclass_build("quest.Quest"),
+              Density("budget", _lazy("quest.budget_for"))),
         Entry("head-split", "DuoAttention-style head split: retrieval heads full, the others sinks + window "
               "(training-free retrieval scores)",
               {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "scores": str},
               _head_split, Density("retrieval_fraction", _lazy("head_split.retrieval_fraction_for"))),
-        Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
-              {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
     )
 }
 
@@ -238,13 +243,15 @@ def describe() -> str:
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
     from .methods.full_budget import FullBudget
+    from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
+    from .methods.xattention import XAttention
 
     from .methods.head_split import HeadSplit
 
     # head-split: its `scores` is a file path in a spec and a HeadScores object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
-                             ("head-split", HeadSplit, ("scores",))):
+                             ("xattention", XAttention, ()), ("quest", Quest, ()), ("head-split", HeadSplit, ("scores",))):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

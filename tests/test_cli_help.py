@@ -199,3 +199,30 @@ def test_benchmarks_take_a_registry_method(capsys):
     with pytest.raises(SystemExit):
         passkey_sweep.main(["--method", "streaming:window=big", "--out", "r.json"])
     assert "--method streaming:window=big: streaming: window='big' is not a valid int" in capsys.readouterr().err
+
+
+def test_bench_methods_expands_and_checks_specs_before_gpu_work(capsys):
+    """`tca bench methods` expands sweeps into normalised specs and refuses bad lists up front."""
+    from tca_attention.benchmarks import bench_methods
+
+    args = bench_methods.parse_args(["--methods", "streaming:window=1024|4096; full-budget", "--lengths", "8192",
+                                     "--out", "r.json"])
+    assert args.specs == ["streaming:window=1024", "streaming:window=4096", "full-budget"]
+    assert args.lengths == [8192]
+    for bad, why in ((["--methods", "full; streaming"], "full is the dense"),
+                     (["--methods", "tca:tau=0.7"], "needs --budgets"),
+                     (["--methods", "nosuch"], "unknown method"),
+                     (["--methods", "streaming:window=big"], "not a valid int"),
+                     (["--methods", "streaming", "--lengths", "8k"], "comma list")):
+        with pytest.raises(SystemExit) as e:
+            bench_methods.parse_args([*bad, "--out", "r.json"])
+        assert e.value.code == 2
+        assert why in capsys.readouterr().err
+
+
+def test_bench_methods_attended_fraction_is_the_sparsified_phase():
+    from tca_attention.benchmarks.bench_methods import attended
+
+    assert attended({"prefill_attended_fraction": 0.3, "decode_attended_fraction": 1.0}) == 0.3
+    assert attended({"prefill_attended_fraction": 1.0, "decode_attended_fraction": 0.2}) == 0.2
+    assert attended({}) == 1.0

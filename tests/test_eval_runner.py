@@ -279,3 +279,22 @@ def test_a_new_registry_entry_runs_in_the_eval_unchanged(monkeypatch: pytest.Mon
     assert method == FullBudget(window=250, block_size=8) and record == {"window": 250}
     method, record = ModelBackend("m").core_method(expand_method("toy:window=64")[0], 1000, None)
     assert method == FullBudget(window=64) and record == {}
+
+
+def test_attended_fraction_is_the_sparsified_phase_share() -> None:
+    """The report's x-axis: KV kept for eviction methods, the prefill share for a prefill-only
+    method (it keeps the whole cache), the decode share for a decode-only one."""
+    from tca_attention.eval.report import attended_fraction
+
+    def res(method: str, kept: float, **meta: Any) -> Result:
+        return Result("s", "niah", 4096, method, "m", 1.0, "exact", "x", ("x",), 4096, kept, 10, 10, 0.1,
+                      metadata=meta)
+
+    assert attended_fraction(res("full", 1.0)) == 1.0
+    assert attended_fraction(res("tca", 0.4, prefill_kept_fraction=0.45, decode_attended_fraction=None)) == 0.4
+    assert attended_fraction(res("xattention", 1.0, prefill_kept_fraction=0.3)) == 0.3
+    assert attended_fraction(res("quest", 1.0, prefill_kept_fraction=1.0, decode_attended_fraction=0.2)) == 0.2
+    cell = summarize([res("quest", 1.0, prefill_kept_fraction=1.0, decode_attended_fraction=0.2),
+                      res("quest", 1.0, prefill_kept_fraction=1.0, decode_attended_fraction=0.4)])
+    got = cell["models"]["m"]["methods"]["quest"]["lengths"]["4096"]
+    assert got["kept_fraction"] == 1.0 and abs(got["attended_fraction"] - 0.3) < 1e-12

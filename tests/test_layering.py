@@ -12,7 +12,7 @@ ROOT = Path(tca_attention.__file__).parent
 RANK = {
     "paths": 0, "introspect": 0, "clihelp": 0, "data": 0,
     "engine": 1,
-    "ragged_cache": 2,
+    "ragged_cache": 2, "static_cache": 2,
     "methods": 3,
     "integration": 4,
     "registry": 5, "generation": 5, "models": 5,

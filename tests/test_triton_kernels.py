@@ -8,6 +8,7 @@ prefill the low-precision baseline uses an explicit L x L mask).
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -224,6 +225,62 @@ def test_decode_tma_variant(use_tma):
     q, cache = random_cache(gen, 2, 8, 2, 2, 32, 30, 90, torch.float16)
     out, lse = run_decode(q, cache, 0.2, chunk=32, block_n=16, use_tma=use_tma)
     check_decode(q, cache, 0.2, out, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# token-plan prefill fuzz: random awkward shapes against the reference
+# CUDA: compile-time values (group size, head dim, dtype) come from a few configurations, so 200
+# shapes compile a handful of kernel variants
+TOKEN_GPU_CONFIGS = ((1, 64, torch.bfloat16), (4, 128, torch.bfloat16), (8, 128, torch.float16),
+                     (2, 256, torch.bfloat16), (4, 64, torch.float16))
+
+
+def random_token_shape(rng: random.Random, gpu: bool) -> dict:
+    if gpu:
+        g, D, dtype = rng.choice(TOKEN_GPU_CONFIGS)
+        L, KV = rng.randint(2, 2048), rng.choice([1, 2, 4])
+        window, block = rng.choice([16, 64, 200, 512]), rng.choice([16, 64, 128])
+    else:
+        g, D = rng.choice([1, 2, 4, 8]), rng.choice([16, 32])
+        dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+        L, KV = rng.choice([2, 40, 97, 150, 201]), rng.choice([1, 2])
+        window, block = rng.choice([8, 24, 40]), rng.choice([8, 16, 32])
+    B = rng.randint(1, 3)
+    return dict(B=B, H=g * KV, KV=KV, L=L, D=D, dtype=dtype, window=window, block=block,
+                ks=[0] + [rng.randrange(L) for _ in range(B - 1)], per_row=rng.random() < 0.5,
+                frac=rng.choice([0.05, 0.2, 0.4, 0.7, 1.0]))
+
+
+def token_fuzz(n: int, seed: int, gpu: bool) -> None:
+    """n random token plans (ragged per-head budgets, padding, per-row geometry or not, prompts
+    that stay dense); every failing case is reported."""
+    rng = random.Random(seed)
+    failed = []
+    for it in range(n):
+        s = random_token_shape(rng, gpu)
+        gen = torch.Generator().manual_seed(seed * 1000 + it)
+        q, k, v = make_qkv(gen, s["B"], s["H"], s["KV"], s["L"], s["D"], s["dtype"])
+        plan = random_plan(gen, s["B"], s["KV"], s["L"], s["window"], s["block"], s["frac"], s["ks"],
+                           pad_with_local_start=(it % 2 == 0), per_row=s["per_row"])
+        scaling = s["D"] ** -0.5
+        try:
+            out = run_prefill(q, k, v, plan, scaling, None if gpu else SMALL)
+            ref = R.sparse_prefill_ref(q.float(), k.float(), v.float(), plan, scaling)
+            lowp = None if s["dtype"] == torch.float32 else masked_attention_lowp(q, k, v, plan_mask(plan, s["L"]), scaling)
+            check_close(out, ref, lowp, ulps=1)
+        except AssertionError as e:
+            failed.append(f"case {it}: {s}: {e}")
+    assert not failed, f"{len(failed)}/{n} failed:\n" + "\n".join(failed)
+
+
+def test_token_plan_fuzz_interpreter_sizes():
+    token_fuzz(12, seed=5, gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_token_plan_fuzz():
+    token_fuzz(200, seed=13, gpu=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ def time_one(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
         "dense_kv_gib": dense_kv / 2**30,
         "kept_fraction": kept,
         "retained_last_query": report.get("retained"),
+        # attended fractions: of the causal prefill pairs, and of the cache per decode step (a
+        # method reading everything it keeps reads its kept fraction)
+        "prefill_attended_fraction": report.get("kept_fraction", 1.0),
+        "decode_attended_fraction": report.get("decode_kept_fraction", kept),
     }
 
 

@@ -294,6 +294,8 @@ class ModelBackend:
             rows = cache.per_row()
             extra["prefill_kept_fraction"] = report.get("kept_fraction")  # batch means
             extra["retained"] = report.get("retained")
+            # a decode-time selection reads less than the cache keeps (None: it reads everything)
+            extra["decode_attended_fraction"] = report.get("decode_kept_fraction")
         return [Outcome(preds[r], nlls[r], float(rows[r]["kept_fraction"]), int(rows[r]["kv_bytes"]),
                         int(rows[r]["dense_kv_bytes"]), seconds, dict(extra)) for r in range(B)]
 

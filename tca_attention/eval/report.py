@@ -71,6 +71,7 @@ def summarize(results: list[Result]) -> dict:
                     "accuracy": mean(acc) if acc else None,
                     "ppl": ppl[0] if ppl else None,
                     "kept_fraction": mean(r.kept_fraction for r in lr),
+                    "attended_fraction": mean(attended_fraction(r) for r in lr),
                     "kv_bytes": mean(r.kv_bytes for r in lr),
                     "dense_kv_bytes": mean(r.dense_kv_bytes for r in lr),
                     "n": len(lr),
@@ -80,6 +81,17 @@ def summarize(results: list[Result]) -> dict:
         _common_accuracy(msum)
         summary["models"][model] = msum
     return summary
+
+
+def attended_fraction(r: Result) -> float:
+    """The share of the work a method sparsifies that it still does: the smaller of its prefill's
+    attended fraction and the fraction of the cache its decode steps read (a method that evicts reads
+    what it keeps; a prefill-only method reads its whole cache in decode, a decode-only one prefills
+    densely). Equals the KV kept fraction for full attention and the eviction methods."""
+    meta = r.metadata or {}
+    prefill = meta.get("prefill_kept_fraction")
+    decode = meta.get("decode_attended_fraction")
+    return min(1.0 if prefill is None else float(prefill), r.kept_fraction if decode is None else float(decode))
 
 
 def _common_accuracy(msum: dict) -> None:
@@ -225,7 +237,7 @@ def plot_accuracy_vs_length(summary: dict, model: str, path: Path) -> Path | Non
 
 
 def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
-    """Accuracy vs mean kept KV fraction, one panel per length, one line per method family
+    """Accuracy vs mean attended fraction (`attended_fraction`), one panel per length, one line per method family
     (its methods sorted by kept fraction: a density sweep), each point labelled by its method."""
     import matplotlib
 
@@ -240,7 +252,7 @@ def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(0.5 + 4.5 * len(lengths), 3.8), squeeze=False, sharey=True)
     for ax, L in zip(axes[0], lengths):
         for i, fam in enumerate(families):
-            pts = sorted((100 * c["kept_fraction"], 100 * c["accuracy"], method) for method, m in methods.items()
+            pts = sorted((100 * c.get("attended_fraction", c["kept_fraction"]), 100 * c["accuracy"], method) for method, m in methods.items()
                          if family(method) == fam and (c := m["lengths"].get(str(L))) and c["accuracy"] is not None)
             if not pts:
                 continue
@@ -248,13 +260,13 @@ def plot_accuracy_vs_kept(summary: dict, model: str, path: Path) -> Path | None:
             for x, y, method in pts:
                 ax.annotate(method, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=5, alpha=0.7)
         ax.set_title(f"{L} tokens", fontsize=9)
-        ax.set_xlabel("mean KV kept (%)")
+        ax.set_xlabel("mean attended fraction (%): KV kept, or the sparse phase's share")
         ax.set_xlim(0, 105)
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("mean accuracy (%)")
-    fig.suptitle(f"Accuracy vs KV kept: {display_name(model)}", fontsize=10)
+    fig.suptitle(f"Accuracy vs attended fraction: {display_name(model)}", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

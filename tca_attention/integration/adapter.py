@@ -189,3 +189,62 @@ def set_attention(model: torch.nn.Module, name: str) -> Callable[[], None]:
             c._attn_implementation = before[k]
 
     return restore
+
+
+# -- static decode steps (integration/static_decode.py) ------------------------------------------
+# A graph-captured decode step cannot let transformers build its masks: the sizes it reads from a
+# cache are host ints. The runner passes 4D boolean masks of static shape instead, which every
+# supported model uses as given (a dict by layer type where a model mixes full and sliding
+# layers), built on the device from a position counter: transformers' StaticLayer holds cache
+# index j in slot j; a StaticWindowLayer ring holds position p in slot p % size.
+
+
+def static_dense_cache(model: torch.nn.Module, max_cache_len: int) -> Cache:
+    """transformers' StaticCache for plain attention (the dense baseline of static decoding), its
+    sliding-window layers replaced by graph-safe rings (static_cache.StaticWindowLayer)."""
+    from transformers.cache_utils import StaticCache
+
+    from ..introspect import layer_kinds, text_config
+    from ..static_cache import StaticWindowLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    window = getattr(text_config(model), "sliding_window", None)
+    for i, kind in enumerate(layer_kinds(model)):
+        if kind == "sliding":
+            cache.layers[i] = StaticWindowLayer(min(window, max_cache_len))
+    return cache
+
+
+def _first_layer(cache: Cache, kinds: list[str], kind: str):
+    return next((cache.layers[i] for i, k in enumerate(kinds) if k == kind), None)
+
+
+def _layer_mask(layer, key_start: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, S) mask of one static layer's S slots for the token at cache index pos (1,)."""
+    from transformers.cache_utils import StaticLayer
+
+    from ..static_cache import StaticWindowLayer
+
+    B = key_start.shape[0]
+    if isinstance(layer, StaticWindowLayer):  # ring: slot j holds the latest p <= pos with p = j mod S
+        slot = torch.arange(layer.max_cache_len, device=pos.device)
+        p = pos - torch.remainder(pos - slot, layer.max_cache_len)  # (S,), < 0 where never written
+    elif isinstance(layer, StaticLayer) and not layer.is_sliding:
+        p = torch.arange(layer.max_cache_len, device=pos.device)
+    elif isinstance(layer, StaticLayer):
+        raise TypeError("transformers' StaticSlidingWindowLayer cannot run graph-captured steps; "
+                        "use adapter.static_dense_cache (window layers as rings)")
+    else:  # a ragged layer attends by its own stored positions: the mask is not read
+        return torch.ones(B, 1, 1, 1, dtype=torch.bool, device=pos.device)
+    vis = (p[None, :] >= key_start[:, None]) & (p[None, :] <= pos)  # (B, S)
+    return vis[:, None, None, :]
+
+
+def static_decode_mask(kinds: list[str], cache: Cache, key_start: torch.Tensor, pos: torch.Tensor):
+    """The attention_mask argument of one decode step over a static cache: a 4D boolean tensor, or
+    {"full_attention": ..., "sliding_attention": ...} when the model has both kinds of layers.
+    key_start (B,): leading padding of each row; pos (1,): the new token's cache index (device)."""
+    masks = {name: _layer_mask(layer, key_start, pos)
+             for name, kind in (("full_attention", "full"), ("sliding_attention", "sliding"))
+             if (layer := _first_layer(cache, kinds, kind)) is not None}
+    return masks if len(masks) > 1 else next(iter(masks.values()))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ragged_cache import RaggedCache, RaggedLayer
+from ..static_cache import StaticRaggedCache
 from ..engine import dispatch
 from ..engine.plan import TokenPlan
 from ..methods.base import Method, Observer
@@ -78,6 +79,7 @@ class Session:
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
         self.last_prefill: dict[int, dict[str, Any]] = {}  # layer -> retained / kept fraction
         self.cache: RaggedCache | Any = None  # the cache of the last generate()
+        self.last_run: Any = None  # the last generate(cuda_graph=True) (static_decode.StaticRun)
         self._caches: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
         self._tracked: "weakref.WeakSet[RaggedCache]" = weakref.WeakSet()  # ragged caches to check
         self._before: dict[int, list[tuple[int, int, int]]] = {}
@@ -154,10 +156,16 @@ class Session:
             )
 
     # -- caches -------------------------------------------------------------------------------
-    def new_cache(self) -> Any:
+    def new_cache(self, max_new_tokens: int | None = None) -> Any:
         """A cache for this session's method (a ragged cache; a DynamicCache for plain attention).
-        Hand it to model()/generate() with `**session.cache_kwargs(cache)`, or use generate()."""
+        Hand it to model()/generate() with `**session.cache_kwargs(cache)`, or use generate().
+
+        max_new_tokens: a static ragged cache (static_cache.StaticRaggedCache) with storage for the
+        prompt plus that many new tokens, whose decode steps (one token each) can be captured in a
+        CUDA graph; generate(cuda_graph=True) runs it."""
         cfg = text_config(self.model)
+        if max_new_tokens is not None:
+            return self._static_cache(max_new_tokens)
         if self.method.is_dense:
             from transformers.cache_utils import DynamicCache
 
@@ -167,15 +175,51 @@ class Session:
         self._tracked.add(cache)
         return cache
 
+    def _static_cache(self, max_new_tokens: int) -> StaticRaggedCache:
+        name = getattr(self.method, "name", type(self.method).__name__)
+        if self.method.is_dense:
+            raise ValueError("plain attention decodes statically over transformers' StaticCache, sized from the "
+                             "prompt: use session.generate(..., cuda_graph=True) or StaticCache(config, max_cache_len)")
+        if not self.method.supports_static_decode():
+            raise ValueError(f"{name}: its per-step decode work (select_decode) is not declared graph-safe "
+                             "(Method.supports_static_decode), so it cannot run static decode steps; "
+                             "use the dynamic cache (new_cache() / generate() without cuda_graph)")
+        cache = StaticRaggedCache(self.kinds, self.method.block_size, self.method.window,
+                                  getattr(text_config(self.model), "sliding_window", None), self.backend,
+                                  max_new_tokens=max_new_tokens)
+        self._tracked.add(cache)
+        return cache
+
     @staticmethod
     def cache_kwargs(cache: Any) -> dict[str, Any]:
         """{keyword: cache} under the name the installed transformers expects."""
         return adapter.cache_kwargs(cache)
 
-    def generate(self, *args, **kwargs):
-        """model.generate() with a new cache of this session (kept as `session.cache`)."""
-        self.cache = self.new_cache()
-        return self.model.generate(*args, **kwargs, **self.cache_kwargs(self.cache))
+    def generate(self, *args, cuda_graph: bool = False, **kwargs):
+        """model.generate() with a new cache of this session (kept as `session.cache`).
+
+        cuda_graph=True: greedy decoding of exactly max_new_tokens tokens (no stop at EOS) with
+        static decode steps captured in CUDA graphs and replayed (integration/static_decode.py; on
+        the CPU the same static steps run eagerly). Takes input_ids, attention_mask (left padding)
+        and max_new_tokens; returns the sequences (prompt + new tokens), the run is kept as
+        `session.last_run` (timings)."""
+        if not cuda_graph:
+            self.cache = self.new_cache()
+            return self.model.generate(*args, **kwargs, **self.cache_kwargs(self.cache))
+        from .static_decode import greedy_static
+
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        max_new_tokens = kwargs.pop("max_new_tokens", None)
+        if kwargs.pop("do_sample", False):
+            _refuse("sampling (cuda_graph decoding is greedy)")
+        if len(args) > 1 or kwargs:
+            _refuse(f"arguments {sorted(kwargs) or 'positional'} (it takes input_ids, attention_mask, max_new_tokens)")
+        if input_ids is None or max_new_tokens is None:
+            _refuse("a call without input_ids and max_new_tokens")
+        run = greedy_static(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, session=self)
+        self.cache, self.last_run = run.cache, run
+        return run.sequences
 
     # -- the attention call -----------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall):
@@ -240,6 +284,10 @@ class Session:
             "retained_min": min(float(t.min()) for t in ret) if ret else None,
             **self.method.report(),
         }
+
+
+def _refuse(what: str) -> None:
+    raise TypeError(f"session.generate(cuda_graph=True) does not take {what}")
 
 
 def enable(model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto") -> Session:

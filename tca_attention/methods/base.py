@@ -6,6 +6,7 @@ A method answers, per full-attention layer:
                   everything), or None (dense attention, everything kept);
   decode_keep()   what the ragged cache keeps of each block it compresses in decode (eviction);
   select_decode() at each decode step, which pages of the cache the new queries read (None: all);
+                  supports_static_decode() says whether that per-step work is graph-safe;
 and optionally calibrates once, through a Probe, into plain JSON state tied to the model
 (methods/state.py). Per-head kinds (dense / streaming / sparse heads) are plans too (head_kinds.py).
 """
@@ -70,6 +71,14 @@ class Method(ABC):
         """Pages of `layer`'s cache the decode queries q (B, H, Q, D) read: a DecodeSelection, or
         None to read everything the cache holds (the default)."""
         return None
+
+    def supports_static_decode(self) -> bool:
+        """Whether this method's per-step decode work can run in a static, graph-captured step
+        (static_cache.StaticRaggedLayer: no allocation of cache storage, no host sync, no host
+        branch on tensor values). A method that overrides select_decode must say so by
+        overriding this too (its selection must then work on the static layer's whole tail ring,
+        positions in layer.t_pos); by default it is refused with a clear error, never run wrongly."""
+        return type(self).select_decode is Method.select_decode
 
     def check_model(self, model) -> None:
         """Raise if this method cannot run on `model` (e.g. state calibrated on another model)."""

@@ -1,0 +1,275 @@
+"""Decode tokens/s where users feel it: dense vs TCA, eager vs CUDA-graph-captured static steps.
+
+Four ways to decode greedily after the same prefill, per model, prompt length and batch size:
+  dense-eager  plain attention, transformers' DynamicCache, one Python forward per token;
+  dense-graph  plain attention, transformers' StaticCache, decode steps replayed from CUDA graphs;
+  tca-eager    TCA on its ragged cache (the dynamic path), one Python forward per token;
+  tca-graph    TCA on its static ragged cache, decode steps replayed from CUDA graphs
+(integration/static_decode.py runs both graph cells: one runner, so the comparison is fair).
+Models: (a) the Llama-3.1-8B shape with random bf16 weights (bench_e2e.build_model) and a budget
+file mapped onto its 32 x 8 heads, at --lengths; (b) a packaged real model (--model), TCA budgets
+calibrated once and cached, at --model-lengths. Each cell records time to first token, decode
+tokens/s (per batch row and for the batch), peak memory, KV held, and the device's memory-bandwidth
+limit of that decode step (weights + KV held, read once per step); eager cells also give the
+median single step (engine/timing.py's CUDA-event timing). JSON + PNG with device, versions,
+shapes and command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from ..clihelp import HelpFormatter
+from ..engine.timing import bench_ms
+from . import require_cuda
+
+CELLS = ("dense-eager", "dense-graph", "tca-eager", "tca-graph")
+# HBM bandwidth (TB/s) by device name substring, first match wins (vendor figures; --bandwidth-tbs overrides)
+BANDWIDTH_TBS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100-SXM4-80GB", 2.04), ("A100", 1.56),
+                 ("L40S", 0.864), ("4090", 1.01))
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--lengths", default="8192,32768",
+                    help="comma list of prompt lengths for the Llama-3.1-8B-shaped model ('' to skip it)")
+    ap.add_argument("--budgets", default=None,
+                    help="budget file mapped onto the 8B shape (from `tca calibrate --out FILE`, e.g. "
+                    "docs/results/budgets/smollm2-default-8k.json); required with --lengths")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
+    ap.add_argument("--model", default="",
+                    help="a packaged model to time too (qwen2.5-coder-0.5b, gemma3-270m, smollm2; '' to skip)")
+    ap.add_argument("--model-lengths", default="8192", help="comma list of prompt lengths for --model")
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes")
+    ap.add_argument("--decode-steps", type=int, default=64, help="decode steps timed per cell (after warm-up)")
+    ap.add_argument("--dense-below", default="0",
+                    help="TCA's dense_below: a token count or 'auto' (0: TCA always sparse, what is timed)")
+    ap.add_argument("--bandwidth-tbs", type=float, default=None,
+                    help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
+    ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
+    return ap
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _kv_bytes(cache) -> int:
+    if hasattr(cache, "kv_bytes"):
+        return cache.kv_bytes()
+    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes a decode step reads from the weights: every parameter once, less the input embedding
+    table when the output head does not share it (a lookup reads B rows)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() != head.data_ptr():
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+@torch.no_grad()
+def eager_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
+    """Prefill, 2 untimed decode steps, then `steps` timed steps, one Python forward each."""
+    from transformers.cache_utils import DynamicCache
+
+    from ..integration.adapter import cache_kwargs
+
+    cache = session.new_cache() if session is not None else DynamicCache(config=model.config)
+    _sync()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync()
+    t1 = time.perf_counter()
+    for _ in range(2):
+        nxt = model(input_ids=nxt, use_cache=True, **cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
+    _sync()
+    t2 = time.perf_counter()
+    for _ in range(steps):
+        nxt = model(input_ids=nxt, use_cache=True, **cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
+    _sync()
+    t3 = time.perf_counter()
+    kv = _kv_bytes(cache)
+    state = {"nxt": nxt}
+
+    def one_step() -> None:
+        out = model(input_ids=state["nxt"], use_cache=True, **cache_kwargs(cache))
+        state["nxt"] = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    # the median single step (CUDA events, engine/timing.py), next to the loop's mean
+    per_step = bench_ms(one_step, target_ms=200.0, min_reps=3, max_reps=max(3, steps // 2), warmup=0, flush="none")
+    return {"ttft_s": t1 - t0, "decode_tokens_per_s": steps / (t3 - t2), "step_ms_median": per_step["median_ms"],
+            "kv_bytes": kv}
+
+
+@torch.no_grad()
+def graph_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
+    """greedy_static with CUDA graphs: 1 eager step, 1 warm-up, capture, then `steps` replays."""
+    from ..integration.static_decode import greedy_static
+
+    run = greedy_static(model, ids, max_new_tokens=steps + 3, session=session)
+    assert run.graphs >= 1 and run.steady_steps >= steps, (run.graphs, run.steady_steps)
+    return {"ttft_s": run.prefill_s, "decode_tokens_per_s": run.decode_tokens_per_s, "kv_bytes": _kv_bytes(run.cache),
+            "graphs": run.graphs}
+
+
+def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: int, bw_tbs: float) -> dict:
+    from ..integration import enable
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn = eager_cell if cell.endswith("eager") else graph_cell
+    try:
+        if cell.startswith("dense"):
+            r = fn(model, ids, steps)
+        else:
+            with enable(model, method) as session:
+                r = fn(model, ids, steps, session)
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return {"error": f"OOM: {e}".splitlines()[0]}
+    B, kv = ids.shape[0], r.pop("kv_bytes")
+    limit = bw_tbs * 1e12 / (weights + kv)  # steps/s if the step only read weights + KV once
+    return {**r, "batch_tokens_per_s": r["decode_tokens_per_s"] * B, "kv_gib": kv / 2**30,
+            "peak_mem_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+            "bandwidth_limit_tokens_per_s": limit, "fraction_of_limit": r["decode_tokens_per_s"] / limit}
+
+
+def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
+               vocab: int) -> list[dict]:
+    weights = _weight_bytes(model)
+    warm = torch.randint(0, vocab, (1, min(lengths)), device="cuda")
+    for cell in CELLS:  # kernel compilation, cuBLAS handles, allocator
+        run_cell(cell, model, warm, 4, method, weights, bw_tbs)
+    rows = []
+    for L in lengths:
+        for B in batches:
+            ids = torch.randint(0, vocab, (B, L), device="cuda")
+            row = {"model": label, "tokens": L, "batch": B}
+            for cell in CELLS:
+                row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs)
+            for a, b in (("tca-graph", "dense-graph"), ("tca-eager", "dense-eager"), ("tca-graph", "tca-eager"),
+                         ("dense-graph", "dense-eager")):
+                if "decode_tokens_per_s" in row[a] and "decode_tokens_per_s" in row[b]:
+                    row[f"{a} / {b}"] = row[a]["decode_tokens_per_s"] / row[b]["decode_tokens_per_s"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = build_parser(prog)
+    args = ap.parse_args(argv)
+    lengths, model_lengths, batches = _ints(args.lengths), _ints(args.model_lengths), _ints(args.batch)
+    if lengths and not args.budgets:
+        ap.error("--lengths times the 8B-shaped model, whose TCA budgets come from --budgets FILE")
+    if not lengths and not args.model:
+        ap.error("nothing to time: give --lengths (8B shape) and/or --model")
+    if not batches:
+        ap.error("--batch needs at least one batch size")
+    dense_below = args.dense_below if args.dense_below == "auto" else int(args.dense_below)
+    if (rc := require_cuda("tca bench decode-graph")) is not None:
+        return rc
+    import transformers
+    import triton
+
+    from ..methods.tca.budgets import Budgets
+    from ..methods.tca.method import TCA
+    from .bench_e2e import LLAMA_8B, build_model
+
+    name = torch.cuda.get_device_name()
+    bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS if k in name), None)
+    if bw is None:
+        ap.error(f"no bandwidth known for {name!r}: pass --bandwidth-tbs")
+    rows, models = [], {}
+    if lengths:
+        model = build_model(args.layers)
+        budgets = Budgets.load(args.budgets).mapped_onto(model)
+        rows += time_model("llama-3.1-8b-shape", model, TCA(budgets, dense_below=dense_below), lengths, batches,
+                           args.decode_steps, bw, LLAMA_8B["vocab_size"])
+        models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
+                                        "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
+        del model
+        torch.cuda.empty_cache()
+    if args.model:
+        from .. import registry
+        from ..models import load_model
+
+        model, tok = load_model(args.model, device="cuda")
+        method = registry.create("tca", model=model, tokenizer=tok)  # calibrates once, then cached
+        method = TCA(method.budgets, dense_below=dense_below)
+        rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
+                           model.config.get_text_config().vocab_size)
+        cfg = model.config.get_text_config()
+        models[args.model] = {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
+                              "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                              "dtype": str(next(model.parameters()).dtype), "weights": "pretrained",
+                              "mean_kept_fraction": method.budgets.mean_kept_fraction,
+                              "tca_config": dict(method.budgets.config.__dict__)}
+    meta = {
+        "device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+        "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
+        "bandwidth_tbs": bw, "models": models, "decode_steps": args.decode_steps, "dense_below": dense_below,
+        "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
+                  "dense-graph": "SDPA + StaticCache, CUDA-graph replay (integration/static_decode.py)",
+                  "tca-eager": "TCA + RaggedCache (dynamic), a Python forward per token",
+                  "tca-graph": "TCA + StaticRaggedCache, CUDA-graph replay"},
+        "command": "tca bench decode-graph " + " ".join(argv),
+    }
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
+    return 0
+
+
+def plot(rows: list[dict], meta: dict, path: str) -> None:
+    """Batch decode tokens/s per cell (bars) with each cell's bandwidth limit (dashes), one panel
+    per (model, batch size), prompt lengths along x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (model, B) in zip(axes[0], panels):
+        sub = [r for r in rows if r["model"] == model and r["batch"] == B]
+        w = 0.8 / len(CELLS)
+        for i, cell in enumerate(CELLS):
+            xs = [j + (i - 1.5) * w for j in range(len(sub))]
+            ys = [r[cell].get("batch_tokens_per_s", 0.0) for r in sub]
+            bars = ax.bar(xs, ys, w, label=cell)
+            lim = [r[cell].get("bandwidth_limit_tokens_per_s", 0.0) * B for r in sub]
+            ax.scatter(xs, lim, marker="_", s=200, color=bars.patches[0].get_facecolor() if bars.patches else None)
+        ax.set_xticks(range(len(sub)), [f"{r['tokens'] / 1024:g}K" for r in sub])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("decode tokens/s (batch, log)")
+        ax.set_yscale("log")
+        ax.set_title(f"{model}, batch {B} (dashes: bandwidth limit)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Decode, {meta['device']} ({meta['bandwidth_tbs']} TB/s), torch {meta['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Every method side by side, end to end on a GPU: time to first token, decode tokens/s, KV and
+attended fractions, each next to dense attention in the same run.
+
+The model is Llama-3.1-8B-shaped with random weights (bench_e2e.build_model): a method's cost is
+set by how much it keeps and attends to, not by the weights. Methods are registry specs separated
+by ';', with sweeps (`key=a|b|c`), so each method's density knob can be swept and the methods
+compared at equal attended work. TCA takes a budget file mapped onto the model's heads (as
+`tca bench e2e`); a method calibrated on real text (head-split) takes its state file via the spec
+only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
+head scores: fine for timing (its cost depends only on how many heads keep everything), never for
+accuracy.
+Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+from .. import registry
+from ..clihelp import HelpFormatter
+from ..methods.tca.budgets import Budgets
+from . import require_cuda
+from .bench_e2e import LLAMA_8B, build_model, time_one
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--methods", required=True,
+                    help="registry specs separated by ';' with sweeps key=a|b (see `tca methods`); required")
+    ap.add_argument("--budgets", default=None, help="TCA budget file mapped onto the model (needed when tca is listed)")
+    ap.add_argument("--lengths", default="32768,131072", help="comma list of prompt lengths in tokens")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
+    ap.add_argument("--decode-steps", type=int, default=32, help="decode steps timed after each prefill")
+    ap.add_argument("--synthetic-state", action="store_true",
+                    help="methods calibrated on real text get seeded random state (timing only)")
+    ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
+    return ap
+
+
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
+    """Options with every spec expanded and checked before any GPU work."""
+    ap = build_parser(prog)
+    args = ap.parse_args(argv)
+    specs: list[str] = []
+    try:
+        for text in filter(None, (t.strip() for t in args.methods.split(";"))):
+            specs += [registry.normalize(s) for s in registry.expand(text)]
+    except (KeyError, ValueError) as e:
+        ap.error(f"--methods: {e.args[0]}")
+    if registry.FULL in specs:
+        ap.error("--methods: full is the dense attention every method is timed against; leave it out")
+    if any(registry.parse_spec(s)[0] == "tca" for s in specs) and not args.budgets:
+        ap.error("--methods lists tca: it needs --budgets FILE")
+    try:
+        args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--lengths {args.lengths!r}: a comma list of token counts")
+    args.specs = specs
+    return args
+
+
+def build_method(spec: str, model, args: argparse.Namespace):
+    """The method a spec names, for `model`: tca from the budget file (re-selected at the spec's
+    tau/score, dense_below 0 unless set), others through the registry."""
+    name, params = registry.parse_spec(spec)
+    if name == "tca":
+        budgets = Budgets.load(args.budgets)
+        changes = {k: params.pop(k) for k in ("tau", "score") if k in params}
+        budgets = (budgets.at(**changes) if changes else budgets).mapped_onto(model)
+        params.setdefault("dense_below", "0")
+        return registry.create(registry.format_spec(name, params), budgets=budgets)
+    if name in SYNTHETIC and args.synthetic_state:
+        return registry.create(spec, model=model, **SYNTHETIC[name](model))
+    return registry.create(spec, model=model)
+
+
+# methods calibrated on real text -> seeded random state for `model` (timing only)
+SYNTHETIC: dict = {}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv, prog)
+    if (rc := require_cuda("tca bench methods")) is not None:
+        return rc
+    model = build_model(args.layers)
+    methods = {spec: build_method(spec, model, args) for spec in args.specs}
+    warm = torch.randint(0, 1000, (1, 8192), device="cuda")
+    for m in (None, *methods.values()):  # kernel compilation, cuBLAS handles
+        time_one(model, warm, m, 2)
+    rows = []
+    for L in args.lengths:
+        ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
+        for spec, m in ((registry.FULL, None), *methods.items()):
+            row = {"tokens": L, "method": spec}
+            try:
+                row.update(time_one(model, ids, m, args.decode_steps))
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"OOM: {e}".splitlines()[0]
+                torch.cuda.empty_cache()
+            rows.append(row)
+        dense = rows[-len(methods) - 1]
+        for row in rows[-len(methods):]:
+            if "ttft_s" in row and "ttft_s" in dense:
+                row["ttft_speedup"] = dense["ttft_s"] / row["ttft_s"]
+                row["decode_speedup"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            print(json.dumps({k: row.get(k) for k in ("tokens", "method", "ttft_s", "ttft_speedup", "decode_speedup",
+                                                      "kept_fraction", "prefill_attended_fraction",
+                                                      "decode_attended_fraction")}), flush=True)
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+        "versions": _versions(),
+        "model": {"shape": "Llama-3.1-8B", **LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16"},
+        "dtype": "bfloat16", "batch": 1, "budgets": args.budgets, "synthetic_state": args.synthetic_state,
+        "dense_attention": "transformers sdpa (torch's default backend choice), DynamicCache, eager decode",
+        "decode_steps": args.decode_steps,
+        "command": "tca bench methods " + " ".join(argv),
+    }
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
+    return 0
+
+
+def _versions() -> dict:
+    import transformers
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}
+
+
+def attended(row: dict) -> float:
+    """The smaller of a row's prefill and decode attended fractions: the work a method sparsifies
+    (a prefill-only method reads its whole cache in decode, a decode-only one prefills densely)."""
+    return min(row.get("prefill_attended_fraction") or 1.0, row.get("decode_attended_fraction") or 1.0)
+
+
+def plot(rows: list[dict], meta: dict, path: str) -> None:
+    """Per prompt length: TTFT and decode speed-up over dense vs attended fraction, one line per
+    method family (a density sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["tokens"] for r in rows})
+    fig, axes = plt.subplots(2, len(lengths), figsize=(5 * len(lengths), 8), squeeze=False)
+    for j, L in enumerate(lengths):
+        fams: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["tokens"] == L and "ttft_speedup" in r:
+                fams.setdefault(registry.parse_spec(r["method"])[0], []).append(r)
+        for i, key in enumerate(("ttft_speedup", "decode_speedup")):
+            ax = axes[i][j]
+            for fam, rs in sorted(fams.items()):
+                rs = sorted(rs, key=attended)
+                ax.plot([100 * attended(r) for r in rs], [r[key] for r in rs], marker="o", label=fam)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("attended fraction (%)")
+            ax.set_ylabel(("TTFT" if i == 0 else "decode tokens/s") + " speed-up over dense")
+            ax.set_title(f"{L // 1024}K tokens", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Methods vs dense, {meta['model']['shape']} ({meta['model']['num_hidden_layers']} layers, "
+                 f"random weights), {meta['device']}, bf16, batch 1", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
