@@ -78,8 +78,21 @@ def build_method(spec: str, model, args: argparse.Namespace):
     return registry.create(spec, model=model)
 
 
+def _random_head_scores(model, seed: int = 0) -> dict:
+    """head-split's state with seeded random scores for every KV head of `model` (timing only)."""
+    from ..introspect import text_config
+    from ..methods.head_split import HeadScores
+    from ..methods.state import ModelIdentity
+
+    cfg = text_config(model)
+    gen = torch.Generator().manual_seed(seed)
+    layers = tuple(tuple(torch.rand(cfg.num_key_value_heads, generator=gen).tolist())
+                   for _ in range(cfg.num_hidden_layers))
+    return {"scores": HeadScores(ModelIdentity.of(model), layers, calibration={"synthetic": f"random, seed {seed}"})}
+
+
 # methods calibrated on real text -> seeded random state for `model` (timing only)
-SYNTHETIC: dict = {}
+SYNTHETIC = {"head-split": _random_head_scores}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -90,27 +103,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     model = build_model(args.layers)
     methods = {spec: build_method(spec, model, args) for spec in args.specs}
     warm = torch.randint(0, 1000, (1, 8192), device="cuda")
-    for m in (None, *methods.values()):  # kernel compilation, cuBLAS handles
-        time_one(model, warm, m, 2)
-    rows = []
-    for L in args.lengths:
-        ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
-        for spec, m in ((registry.FULL, None), *methods.items()):
-            row = {"tokens": L, "method": spec}
-            try:
-                row.update(time_one(model, ids, m, args.decode_steps))
-            except torch.OutOfMemoryError as e:
-                row["error"] = f"OOM: {e}".splitlines()[0]
-                torch.cuda.empty_cache()
-            rows.append(row)
-        dense = rows[-len(methods) - 1]
-        for row in rows[-len(methods):]:
-            if "ttft_s" in row and "ttft_s" in dense:
-                row["ttft_speedup"] = dense["ttft_s"] / row["ttft_s"]
-                row["decode_speedup"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
-            print(json.dumps({k: row.get(k) for k in ("tokens", "method", "ttft_s", "ttft_speedup", "decode_speedup",
-                                                      "kept_fraction", "prefill_attended_fraction",
-                                                      "decode_attended_fraction")}), flush=True)
+    failed: dict[str, str] = {}
+    for spec, m in ((registry.FULL, None), *methods.items()):  # kernel compilation, cuBLAS handles
+        try:
+            time_one(model, warm, m, 2)
+        except Exception as e:  # noqa: BLE001 - one broken method must not lose the others' figures
+            failed[spec] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"warm-up of {spec} failed: {failed[spec]}", file=sys.stderr, flush=True)
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "versions": _versions(),
@@ -120,9 +119,32 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "decode_steps": args.decode_steps,
         "command": "tca bench methods " + " ".join(argv),
     }
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
+    rows = []
+    for L in args.lengths:
+        ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
+        for spec, m in ((registry.FULL, None), *methods.items()):
+            row = {"tokens": L, "method": spec}
+            try:
+                if spec in failed:
+                    raise RuntimeError(failed[spec])
+                row.update(time_one(model, ids, m, args.decode_steps))
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"OOM: {e}".splitlines()[0]
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            rows.append(row)
+        dense = rows[-len(methods) - 1]
+        for row in rows[-len(methods):]:
+            if "ttft_s" in row and "ttft_s" in dense:
+                row["ttft_speedup"] = dense["ttft_s"] / row["ttft_s"]
+                row["decode_speedup"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            print(json.dumps({k: row.get(k) for k in ("tokens", "method", "ttft_s", "ttft_speedup", "decode_speedup",
+                                                      "kept_fraction", "prefill_attended_fraction",
+                                                      "decode_attended_fraction")}), flush=True)
+        with open(args.out, "w") as f:  # after every length: a cut-off run keeps what it measured
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        plot(rows, meta, args.out.rsplit(".", 1)[0] + ".png")
     return 0
 
 
