@@ -199,18 +199,8 @@ class HeadScores:
         if data.get("version") != FORMAT_VERSION or isinstance(data.get("version"), bool):
             raise StateError(f"head-score file{where} version {data.get('version')!r} is not supported "
                              f"(expected {FORMAT_VERSION})")
-        m, layers, calib = data.get("model"), data.get("layers"), data.get("calibration", {})
-        names = {f.name for f in fields(ModelIdentity)}
-        if not isinstance(m, dict) or set(m) != names:
-            raise bad(f"model must be an object with keys {', '.join(sorted(names))}")
-        if not all(isinstance(m[f], str) for f in ("model_type", "name")):
-            raise bad("model.model_type and model.name must be strings")
-        ints = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
-        if not all(_is_int(m[f]) and m[f] > 0 for f in ints):
-            raise bad(f"model.{{{', '.join(ints)}}} must be positive integers")
-        if not _numbers(m["fingerprint"]):
-            raise bad("model.fingerprint must be a list of numbers")
-        model = ModelIdentity(**{**m, "fingerprint": tuple(float(x) for x in m["fingerprint"])})
+        layers, calib = data.get("layers"), data.get("calibration", {})
+        model = ModelIdentity.from_json(data.get("model"), bad)
         if not isinstance(calib, dict):
             raise bad("calibration must be an object")
 

@@ -6,7 +6,8 @@ model's identity so that state of another model is refused, never silently appli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 
@@ -50,6 +51,28 @@ class ModelIdentity:
             fingerprint=tuple(round(float(x), 6) for x in w[picks].float().cpu()),
         )
 
+    @classmethod
+    def from_json(cls, m: Any, bad: Callable[[str], Exception]) -> "ModelIdentity":
+        """The identity a state file's "model" object holds; `bad(why)` is the error raised
+        (each state names its own file kind)."""
+        if not isinstance(m, dict):
+            raise bad(f"model must be an object, got {json_type(m)}")
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(m) - known):
+            raise bad(f"model has unknown key(s) {', '.join(unknown)}")
+        if missing := sorted(known - set(m)):
+            raise bad(f"model is missing key(s) {', '.join(missing)}")
+        for f in ("model_type", "name"):
+            if not isinstance(m[f], str):
+                raise bad(f"model.{f} must be a string, got {json_type(m[f])}")
+        for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+            if not (isinstance(m[f], int) and not isinstance(m[f], bool)) or m[f] < 1:
+                raise bad(f"model.{f} must be a positive integer, got {m[f]!r}")
+        fp = m["fingerprint"]
+        if not isinstance(fp, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in fp):
+            raise bad("model.fingerprint must be a list of numbers")
+        return cls(**{**m, "fingerprint": tuple(float(x) for x in fp)})
+
     def mismatch(self, other: "ModelIdentity") -> str | None:
         """Why `other` is a different model, or None. The name is informative only."""
         for f in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -59,3 +82,9 @@ class ModelIdentity:
             if not math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-4):
                 return "weights differ (fingerprint mismatch): this state was calibrated on another model"
         return None
+
+
+def json_type(v: Any) -> str:
+    """A JSON value's kind in an error message: 'an object', 'a list', 'null', ..."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..state import ModelIdentity, StateError
+from ..state import ModelIdentity, StateError, json_type
 from .candidates import decode_keep, expected_keep, keep_counts
 from .config import TCAConfig
 
@@ -190,7 +190,7 @@ class Budgets:
             return BudgetError(f"corrupt budget file{where}: {why}")
 
         if not isinstance(data, dict):
-            raise bad(f"expected a JSON object, got {_json_type(data)}")
+            raise bad(f"expected a JSON object, got {json_type(data)}")
         if data.get("format") != "tca-attention/budgets":
             raise BudgetError(f"not a tca-attention budget file{where} (format is {data.get('format')!r}, "
                               "expected 'tca-attention/budgets')")
@@ -201,15 +201,7 @@ class Budgets:
         if missing:
             raise bad(f"missing key(s) {', '.join(missing)}")
 
-        m = _object(data["model"], "model", bad)
-        _keys(m, {f.name for f in fields(ModelIdentity)}, "model", bad, required=True)
-        for f in ("model_type", "name"):
-            if not isinstance(m[f], str):
-                raise bad(f"model.{f} must be a string, got {_json_type(m[f])}")
-        for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
-            if not _is_int(m[f]) or m[f] < 1:
-                raise bad(f"model.{f} must be a positive integer, got {m[f]!r}")
-        model = ModelIdentity(**{**m, "fingerprint": _numbers(m["fingerprint"], "model.fingerprint", bad)})
+        model = ModelIdentity.from_json(data["model"], bad)
 
         c = _object(data["config"], "config", bad)
         _keys(c, set(_CONFIG_TYPES), "config", bad, required=True)
@@ -225,14 +217,14 @@ class Budgets:
             raise bad("candidates must be a non-empty list of rows")
         cands = tuple(_numbers(r, f"candidates[{i}]", bad) for i, r in enumerate(data["candidates"]))
         if not isinstance(data["layers"], list):
-            raise bad(f"layers must be a list, got {_json_type(data['layers'])}")
+            raise bad(f"layers must be a list, got {json_type(data['layers'])}")
         layers = []
         for i, heads in enumerate(data["layers"]):
             if heads is None:
                 layers.append(None)
                 continue
             if not isinstance(heads, list):
-                raise bad(f"layers[{i}] must be a list of heads or null, got {_json_type(heads)}")
+                raise bad(f"layers[{i}] must be a list of heads or null, got {json_type(heads)}")
             row = []
             for h, head in enumerate(heads):
                 head = _object(head, f"layers[{i}][{h}]", bad)
@@ -244,7 +236,7 @@ class Budgets:
             layers.append(tuple(row))
         calibration = data.get("calibration", {})
         if not isinstance(calibration, dict):
-            raise bad(f"calibration must be an object, got {_json_type(calibration)}")
+            raise bad(f"calibration must be an object, got {json_type(calibration)}")
 
         if len(layers) != model.num_layers:
             raise bad(f"{len(layers)} layers for a {model.num_layers}-layer model")
@@ -280,11 +272,6 @@ class Budgets:
 
 
 # -- validation helpers of Budgets.from_json -------------------------------------------------
-def _json_type(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -295,7 +282,7 @@ def _is_number(v: Any) -> bool:
 
 def _object(v: Any, what: str, bad) -> dict[str, Any]:
     if not isinstance(v, dict):
-        raise bad(f"{what} must be an object, got {_json_type(v)}")
+        raise bad(f"{what} must be an object, got {json_type(v)}")
     return v
 
 
