@@ -178,7 +178,7 @@ def test_state_round_trips_and_refuses_other_models_and_versions(tmp_path):
                         ({**data, "format": "tca-attention/budgets"}, "not a tca-attention/head-scores file"),
                         ({**data, "layers": data["layers"][:1]}, "layers must be a list of 2"),
                         ({**data, "layers": [[0.5, 1.5], None]}, r"layers\[0\] must be null or 2 scores"),
-                        ({**data, "model": {**data["model"], "num_layers": "2"}}, "positive integers")):
+                        ({**data, "model": {**data["model"], "num_layers": "2"}}, "must be a positive integer")):
         with pytest.raises(StateError, match=why):
             HeadScores.from_json(broken)
     (tmp_path / "bad.json").write_text("{not json")
