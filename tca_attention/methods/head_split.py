@@ -36,7 +36,7 @@ from ..data.corpus import essay_text
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe, local_geometry
 from .head_kinds import Kind, kinds_decode_keep, kinds_plan
-from .state import ModelIdentity, StateError
+from .state import ModelIdentity, StateError, save_json
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +179,7 @@ class HeadScores:
                 "calibration": self.calibration, "layers": rows(self.layers), "far": rows(self.far)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        return path
+        return save_json(self.to_json(), path)
 
     @classmethod
     def from_json(cls, data: Any, source: str = "") -> "HeadScores":

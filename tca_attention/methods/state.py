@@ -5,7 +5,9 @@ model's identity so that state of another model is refused, never silently appli
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -88,3 +90,14 @@ def json_type(v: Any) -> str:
     """A JSON value's kind in an error message: 'an object', 'a list', 'null', ..."""
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
             float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def save_json(data: Any, path: str | Path) -> Path:
+    """Write a state file atomically (a temporary file renamed over the target): a crash never
+    leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path

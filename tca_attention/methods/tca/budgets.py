@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..state import ModelIdentity, StateError, json_type
+from ..state import ModelIdentity, StateError, json_type, save_json
 from .candidates import decode_keep, expected_keep, keep_counts
 from .config import TCAConfig
 
@@ -170,12 +170,7 @@ class Budgets:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
-        return path
+        return save_json(self.to_json(), path)
 
     @classmethod
     def from_json(cls, data: Any, source: str = "") -> "Budgets":
