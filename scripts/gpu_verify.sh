@@ -17,8 +17,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$STAGE/site"
 TESTS=${TESTS:-$(ls tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py \
   tests/test_block_sparse.py tests/test_batch_invariance.py tests/test_full_budget_equals_dense.py tests/test_adapter.py \
   tests/test_xattention.py tests/test_quest.py tests/test_head_split.py tests/test_static_decode.py 2>/dev/null)}
-timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider --durations=12 \
-  ${PYTEST_ARGS:-} $TESTS 2>&1 | tail -60 | tee -a "$OUT/gpu_tests.log"
-echo "pytest rc=$?" | tee -a "$OUT/gpu_tests.log"
+# one pytest per file, each with its own time limit and -rf: a file cut off by its limit loses
+# only itself, and every failure is named (2026-12-06: one run over all files hit the call's
+# limit and its 4 failures were never named)
+for t in $TESTS; do
+  timeout "${PYTEST_TIMEOUT:-150}" python3 -m pytest -q -rf --tb=short -m "gpu or not gpu" -p no:cacheprovider \
+    --durations=5 ${PYTEST_ARGS:-} "$t" > "$OUT/$(basename "$t" .py).log" 2>&1
+  rc=$?
+  echo "$t rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/$(basename "$t" .py).log" | tail -1)" | tee -a "$OUT/gpu_tests.log"
+  grep -E "^FAILED|^ERROR" "$OUT/$(basename "$t" .py).log" | head -20 | tee -a "$OUT/gpu_tests.log"
+done
 [ "${BENCH:-1}" = "1" ] && timeout 240 python3 -m tca_attention.benchmarks.bench_kernels --out "$OUT" "$@" 2>&1 | tail -40 | tee "$OUT/bench.log"
 exit 0
