@@ -126,6 +126,9 @@ ENTRIES: dict[str, Entry] = {
               {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
         Entry("xattention", "XAttention: block-sparse prefill, blocks by antidiagonal scores up to a mass threshold",
               {"threshold": float, "stride": int, "block_size": int}, _dataclass_build("xattention.XAttention")),
+        Entry("flexprefill", "FlexPrefill: per head query-aware or vertical-slash blocks (by a JS divergence) up to mass gamma",
+              {"gamma": float, "tau": float, "min_budget": int, "block_size": int},
+              _dataclass_build("flexprefill.FlexPrefill")),
         Entry("quest", "Quest: dense prefill, full cache; each decode step reads the top pages by a q.k upper bound",
               {"budget": int, "page_size": int, "skip_layers": int}, _dataclass_build("quest.Quest"),
               Density("budget", _lazy("quest.budget_for"))),
@@ -242,6 +245,7 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
+    from .methods.flexprefill import FlexPrefill
     from .methods.full_budget import FullBudget
     from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
@@ -251,7 +255,7 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
 
     # head-split: its `scores` is a file path in a spec and a HeadScores object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
-                             ("xattention", XAttention, ()), ("quest", Quest, ()), ("head-split", HeadSplit, ("scores",))):
+                             ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()), ("head-split", HeadSplit, ("scores",))):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
