@@ -255,7 +255,8 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
 
     # head-split: its `scores` is a file path in a spec and a HeadScores object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
-                             ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()), ("head-split", HeadSplit, ("scores",))):
+                             ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
+                             ("head-split", HeadSplit, ("scores",))):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
