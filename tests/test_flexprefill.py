@@ -62,10 +62,10 @@ def test_last_query_stats_match_brute_force(lengths, H, KV, monkeypatch):
     for (b, h), (v, s, e) in want.items():
         n = len(v)
         torch.testing.assert_close(vert[b, h, :n].double(), v, rtol=1e-5, atol=1e-6)
-        assert float(vert[b, h, n:].abs().max(initial=0)) == 0
+        assert float(vert[b, h, n:].abs().sum()) == 0
         torch.testing.assert_close(slash[b, h, :n].double(), s, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(est[b, h, :len(e)].double(), e, rtol=1e-5, atol=1e-6)
-        assert float(est[b, h, len(e):].abs().max(initial=0)) == 0
+        assert float(est[b, h, len(e):].abs().sum()) == 0
         assert float(v.sum()) == pytest.approx(1.0) and float(s.sum()) == pytest.approx(1.0)
 
 
@@ -73,9 +73,9 @@ def test_divergence_and_cover_count():
     p = torch.tensor([0.5, 0.5, 0.0])
     assert float(F.sqrt_js(p, p)) == 0.0
     assert float(F.sqrt_js(p, torch.tensor([0.0, 0.0, 1.0]))) == pytest.approx(math.sqrt(math.log(2)))
-    x = torch.tensor([0.05, 0.6, 0.3, 0.05])
-    assert F.cover_count(x, 0.5).item() == 1 and F.cover_count(x, 0.6).item() == 2  # 0.6 <= 0.6: one more
-    assert F.cover_count(x, 0.85).item() == 2 and F.cover_count(x, 1.0).item() == 4
+    x = torch.tensor([0.125, 0.5, 0.25, 0.125])  # sorted cumulative: 0.5, 0.75, 0.875, 1
+    got = [F.cover_count(x, g).item() for g in (0.4, 0.5, 0.7, 0.8, 1.0)]
+    assert got == [1, 2, 2, 3, 4]  # reaching gamma exactly takes one more (the paper's code), at most all
 
 
 # -- hand-built heads ----------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_budgets_grow_with_gamma_and_min_budget():
 
 
 def test_plan_alone_equals_plan_in_padded_batch():
-    lengths = (150, 97, 40, 30)  # 40, 30 <= 3 blocks: dense alone and in the batch
+    lengths = (150, 97, 40, 30)  # 30: 2 blocks, dense alone (no plan) and all blocks in the batch
     H, KV, D = 4, 2, 8
     qs, ks, q, k, key_start = prompts(lengths, H, KV, D, seed=11, scale=3.0)
     method = FlexPrefill(gamma=0.7, tau=0.3, min_budget=BS, block_size=BS)
@@ -151,7 +151,7 @@ def test_plan_alone_equals_plan_in_padded_batch():
             if alone is not None:
                 sparse += 1
                 torch.testing.assert_close(batched.kept_fraction(q.shape[2])[r], alone.kept_fraction(n)[0])
-    assert sparse == 4 and float(batched.kept_fraction(q.shape[2])[:2].mean()) < 1
+    assert sparse == 6 and float(batched.kept_fraction(q.shape[2])[:2].mean()) < 1
 
 
 def test_short_prompts_and_bad_settings():
@@ -185,8 +185,9 @@ def test_plan_runs_on_the_triton_kernel():
 
 
 # -- the model path ------------------------------------------------------------------------------
-def test_full_gamma_equals_dense():
-    model = tiny("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_full_gamma_equals_dense(arch):
+    model = tiny(arch)
     B, L, pads, steps_n = 3, 97, [0, 7, 30], 10
     ids = torch.randint(0, 97, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)

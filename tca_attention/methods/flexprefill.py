@@ -33,6 +33,8 @@ from .base import Method
 
 # Last-query attention probabilities computed at once (per chunk of KV heads), fp32, held twice.
 _SCORE_ELEMENTS = 1 << 26
+# Block-map entries turned into lists at once (int64 temporaries), per chunk of heads.
+_LIST_ELEMENTS = 1 << 24
 
 
 def _aligned(x: torch.Tensor, key_start: torch.Tensor, length: int) -> torch.Tensor:
@@ -163,9 +165,11 @@ def patterns(method: "FlexPrefill", q: torch.Tensor, k: torch.Tensor, key_start:
     vkeep, skeep = _top_n(vblk, nv), _top_n(sblk, ns)  # (B, H, nq) blocks / diagonals
     d = (j[:, None] - j[None, :]).clamp_min(0)  # (nq, nq) diagonal of (i, j)
     keep = vkeep[:, :, None, :] | skeep[:, :, d]
-    qm = torch.cat([_block_means(q[:, h : h + g], ks, bs, nq) for h in range(0, H, g)], 1)  # (B, H, nq, D)
-    km = _block_means(k, ks, bs, nq).repeat_interleave(g, 1)
-    keep |= qaware[..., None, None] & query_aware_blocks(qm, km, nb, scaling, method.gamma)
+    km = _block_means(k, ks, bs, nq)  # (B, KV, nq, D)
+    for h in range(0, H, g):  # one KV group at a time: the block map is (B, g, nq, nq)
+        qm = _block_means(q[:, h : h + g], ks, bs, nq)  # (B, g, nq, D)
+        qa = query_aware_blocks(qm, km[:, h // g : h // g + 1].expand_as(qm), nb, scaling, method.gamma)
+        keep[:, h : h + g] |= qaware[:, h : h + g, None, None] & qa
     real = j[None, :] < nb[:, None]
     causal = (j[:, None] >= j[None, :]) & real[:, :, None]  # (B, nq, nq)
     dense = (nb <= max(2, lo)) | (method.gamma >= 1)  # (B,)
@@ -208,13 +212,16 @@ class FlexPrefill(Method):
         _, keep = patterns(self, q, k, ks, scaling)  # (B, H, nq, nq)
         nq = keep.shape[-1]
         cnt = keep.sum(-1)  # (B, H, nq)
-        j = torch.arange(nq, device=q.device)
-        cols = torch.where(keep, j, j + nq).sort(-1).values  # listed blocks first, ascending
-        ub = nq * (nq + 1) // 2
-        off = cnt.cumsum(-1) - cnt  # (B, H, nq) first slot of each list
-        slot = torch.where(j < cnt[..., None], off[..., None] + j, ub)  # (B, H, nq, nq)
+        ub = nq * (nq + 1) // 2  # causal entries of a list: an upper bound of NNZ
         indices = torch.zeros(B, H, ub + 1, dtype=torch.int32, device=q.device)  # slot ub: a dump
-        indices.scatter_(2, slot.flatten(2), cols.flatten(2).to(torch.int32))
+        j = torch.arange(nq, device=q.device)
+        off = cnt.cumsum(-1) - cnt  # (B, H, nq) first slot of each list
+        step = max(1, _LIST_ELEMENTS // max(B * nq * nq, 1))
+        for h0 in range(0, H, step):  # a few heads at a time: (B, h, nq, nq) int64 temporaries
+            h1 = min(H, h0 + step)
+            cols = torch.where(keep[:, h0:h1], j, j + nq).sort(-1).values  # listed blocks first, ascending
+            slot = torch.where(j < cnt[:, h0:h1, :, None], off[:, h0:h1, :, None] + j, ub)
+            indices[:, h0:h1].scatter_(2, slot.flatten(2), cols.flatten(2).to(torch.int32))
         filled = cnt.sum(-1)
         if padded:
             nnz, ks_min = torch.stack([filled.max(), ks.min()]).tolist()
