@@ -99,7 +99,7 @@ def hand_built(seed: int = 0):
     return q, k
 
 
-def test_diagonal_head_goes_vertical_slash_and_block_head_query_aware():
+def test_diagonal_head_goes_vertical_slash_and_block_head_query_aware(monkeypatch):
     q, k = hand_built()
     ks = torch.zeros(1, dtype=torch.long)
     m = FlexPrefill(gamma=0.9, tau=0.1, min_budget=BS, block_size=BS)
@@ -111,6 +111,10 @@ def test_diagonal_head_goes_vertical_slash_and_block_head_query_aware():
     plan = m.plan(0, q, k, ks, 1.0)
     plan.validate(2, 2, q.shape[2])
     assert plan_lists(plan, 0, 1) == [sorted({0, TARGET[i], i}) for i in range(8)]
+    for attr in ("_SCORE_ELEMENTS", "_LIST_ELEMENTS"):  # one head per chunk: the same plan
+        monkeypatch.setattr(F, attr, 1)
+    chunked = m.plan(0, q, k, ks, 1.0)
+    assert torch.equal(chunked.indptr, plan.indptr) and torch.equal(chunked.indices, plan.indices)
     # tau = 0: no head is query-aware; the block head's target blocks are then lost (one vertical block)
     qa0, keep0 = patterns(FlexPrefill(gamma=0.9, tau=0.0, min_budget=BS, block_size=BS), q, k, ks, 1.0)
     assert not qa0.any() and not keep0[0, 1, 3, 2] and keep0[0, 1, 7, 4]  # block 4: the last queries' column
