@@ -127,23 +127,25 @@ def test_full_counts_equal_dense(pattern):
             report = session.prefill_report()
     assert report["kept_fraction"] == pytest.approx(1.0)
     valid = mask.bool()
-    torch.testing.assert_close(got[0][valid], ref[0][valid], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[0][valid], ref[0][valid], rtol=1e-5, atol=1e-6)  # the executor runs in fp32
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
 
 
 def test_small_counts_are_sparse_and_every_pattern_differs():
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 3, 160, 8, generator=gen), torch.randn(1, 3, 160, 8, generator=gen)
     ks = torch.zeros(1, dtype=torch.long)
-    fracs = {}
+    fracs, lists = {}, {}
     for p in PATTERNS:
         plan = MInference(pattern=p, vertical=FORCED + 2, slash=FORCED + 4, last_q=16, block_size=BS).plan(0, q, k, ks, 0.3)
         plan.validate(3, 3, 160)
         fracs[p] = float(plan.kept_fraction(160).mean())
+        lists[p] = plan_lists(plan, 0, 0)
         assert fracs[p] < 0.9, p
         for i, blocks in enumerate(plan_lists(plan, 0, 0)):
             assert i in blocks  # the diagonal block: every query sees itself
-    assert fracs["a-shape"] > 0 and len(set(fracs.values())) == 3
+    assert min(fracs.values()) > 0.2
+    assert lists["a-shape"] != lists["vertical-slash"] != lists["block-sparse"] != lists["a-shape"]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -219,9 +221,9 @@ def test_search_on_a_tiny_model_round_trips_and_refuses_other_models(tmp_path, m
     assert method.state == state
     ids, mask = left_padded((90, 50))
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask).logits
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         with enable(model, method):
-            got = model(input_ids=ids, attention_mask=mask).logits
+            got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
     with pytest.raises(StateError):
         enable(tiny("llama"), method).__enter__()
