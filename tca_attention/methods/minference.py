@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -82,16 +82,16 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, sca
     p = n[:, None] - last_q + torch.arange(last_q, device=dev)  # (B, last_q) query positions
     ok = p >= 0
     qq = q.gather(2, p.clamp(min=0)[:, None, :, None].expand(B, H, last_q, D))  # (B, H, last_q, D)
-    s = torch.matmul(qq.view(B, KV, g * last_q, D).float(), k.float().transpose(-1, -2))
-    s = s.view(B, H, last_q, N) * scaling
     u = torch.arange(N, device=dev)
-    vis = (u[None, None, :] <= p[:, :, None]) & ok[:, :, None]  # (B, last_q, N)
-    s = s.masked_fill(~vis[:, None], float("-inf"))
-    a = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows of padding queries: all -inf -> 0
-    col = a.sum(2)  # (B, H, N)
-    off = (p[:, :, None] - u[None, None, :]).clamp(min=0)  # (B, last_q, N) diagonal of each entry
-    diag = torch.zeros_like(col).scatter_add_(2, off[:, None].expand(B, H, last_q, N).reshape(B, H, -1),
-                                              a.reshape(B, H, -1))
+    hide = ~((u[None, None, :] <= p[:, :, None]) & ok[:, :, None])  # (B, last_q, N)
+    off = (p[:, :, None] - u[None, None, :]).clamp(min=0).view(B, 1, last_q * N)  # diagonal of each entry
+    col = torch.empty(B, H, N, dtype=torch.float32, device=dev)
+    diag = torch.zeros(B, H, N, dtype=torch.float32, device=dev)
+    for h in range(KV):  # one KV head's query group at a time: (B, g, last_q, N) scores at most
+        s = torch.matmul(qq[:, h * g:(h + 1) * g].float(), k[:, h:h + 1].float().transpose(-1, -2)) * scaling
+        a = torch.softmax(s.masked_fill_(hide[:, None], float("-inf")), dim=-1).nan_to_num_(0.0)  # padding rows: 0
+        col[:, h * g:(h + 1) * g] = a.sum(2)
+        diag[:, h * g:(h + 1) * g].scatter_add_(2, off.expand(B, g, last_q * N), a.view(B, g, last_q * N))
     real = u[None, :] < n[:, None]  # (B, N) keys of the row, and diagonals 0..n_b - 1
     col = torch.where(real[:, None], col, float("-inf"))
     diag = torch.where(real[:, None], diag, float("-inf"))
@@ -130,8 +130,8 @@ def block_sparse_blocks(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, block
     KV, g, nq = k.shape[1], H // k.shape[1], N // block
     dev = q.device
     cnt = (n[:, None] - torch.arange(nq, device=dev) * block).clamp(0, block).clamp(min=1)  # (B, nq) real per block
-    qp = q.float().view(B, H, nq, block, D).sum(3) / cnt[:, None, :, None]
-    kp = k.float().view(B, KV, nq, block, D).sum(3) / cnt[:, None, :, None]
+    qp = q.view(B, H, nq, block, D).sum(3, dtype=torch.float32) / cnt[:, None, :, None]  # (B, H, nq, D)
+    kp = k.view(B, KV, nq, block, D).sum(3, dtype=torch.float32) / cnt[:, None, :, None]
     s = torch.matmul(qp.view(B, KV, g * nq, D), kp.transpose(-1, -2)).view(B, H, nq, nq)
     i = torch.arange(nq, device=dev)
     s = s.masked_fill((i[None, :] > i[:, None]), float("-inf"))
@@ -150,15 +150,15 @@ class Selection:
     cols: torch.Tensor
 
 
-def select(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, scaling: float, kinds: torch.Tensor, *,
+def select(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, scaling: float, heads: Sequence[int], *,
            vertical: int, slash: int, last_q: int, block: int) -> Selection:
     """Every head's pattern on aligned q (B, H, N, D), k (B, KV, N, D), N = nq * block; n (B,) real
-    tokens per row; kinds (H,) index into PATTERNS. Only the patterns some head uses are computed."""
+    tokens per row; heads (H,) host ints indexing PATTERNS. Only the patterns some head uses are computed."""
     B, H, N, _ = q.shape
     nq, dev = N // block, q.device
+    kinds, used = torch.tensor(list(heads), device=dev), set(heads)
     keep = torch.zeros(B, H, nq, nq, dtype=torch.bool, device=dev)
     cols = torch.full((B, H, max(vertical, 0)), -1, dtype=torch.long, device=dev)
-    used = set(kinds.tolist())
     if 0 in used:
         a = a_shape_blocks(nq, block, vertical, slash, dev)
         keep |= a[None, None] & (kinds == 0)[None, :, None, None]
@@ -288,7 +288,7 @@ def pattern_recall(q: torch.Tensor, k: torch.Tensor, scaling: float, cal: Calibr
     attn = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), dim=-1)  # (H, R, L)
     out = torch.zeros(len(PATTERNS), H, dtype=torch.float64)
     for p in range(len(PATTERNS)):
-        sel = select(qa, ka, n, scaling, torch.full((H,), p, device=q.device), vertical=cal.vertical,
+        sel = select(qa, ka, n, scaling, [p] * H, vertical=cal.vertical,
                      slash=cal.slash, last_q=cal.last_q, block=bs)
         for h in range(H):
             m = selection_mask(sel, 0, h, rows, bs, L)
@@ -425,8 +425,8 @@ class MInference(Method):
         n = L - ks
         qa, ka = _aligned(q, ks, nq * bs), _aligned(k, ks, nq * bs)  # (B, H|KV, nq * bs, D)
         v, s = self.counts
-        kinds = torch.tensor([PATTERNS.index(p) for p in names], device=dev)
-        sel = select(qa, ka, n, scaling, kinds, vertical=v, slash=s, last_q=self.last_q, block=bs)
+        heads = [PATTERNS.index(p) for p in names]
+        sel = select(qa, ka, n, scaling, heads, vertical=v, slash=s, last_q=self.last_q, block=bs)
         flat = sel.keep.flatten(2)  # (B, H, nq * nq): entry i * nq + j, ascending in (i, j)
         total = flat.sum(-1)
         if padded:
@@ -440,7 +440,7 @@ class MInference(Method):
         counts = sel.keep.sum(-1)  # (B, H, nq)
         indptr = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))[..., : n_q + 1].to(torch.int32)
         extra = None
-        if sel.cols.shape[-1] and bool(kinds.eq(1).any()):
+        if sel.cols.shape[-1] and 1 in heads:
             cols = torch.where(sel.cols >= 0, sel.cols + ks[:, None, None], -1)  # absolute positions
             extra = cols[:, :, None, :].expand(B, H, n_q, cols.shape[-1]).contiguous()
         return BlockPlan(bs, bs, ks, indptr.contiguous(), indices.contiguous(), extra)
