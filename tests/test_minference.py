@@ -250,3 +250,40 @@ def test_registry_grammar_and_density():
         q = torch.zeros(1, 1, 4096, 8)
         got = float(a.plan(0, q, q, torch.zeros(1, dtype=torch.long), 1.0, padded=False).kept_fraction(4096))
         assert f <= got < f + 0.05, (f, got)
+
+
+def test_plan_runs_on_the_triton_kernel():
+    """Blocks and vertical columns through dispatch: the Triton kernel (interpreter) = the reference."""
+    from kernel_helpers import DEV  # sets up the interpreter without CUDA
+    from tca_attention.engine import dispatch
+
+    gen = torch.Generator().manual_seed(9)
+    H, KV, D, L = 4, 2, 16, 150
+    q, k, v = (torch.randn(2, c, L, D, generator=gen) for c in (H, KV, KV))
+    ks = torch.tensor([0, 37])
+    q, k, v, ks = q.to(DEV), k.to(DEV), v.to(DEV), ks.to(DEV)
+    m = MInference(pattern="vertical-slash", vertical=FORCED + 3, slash=FORCED + 2, last_q=16, block_size=BS)
+    plan = m.plan(0, q, k, ks, D**-0.5)
+    assert plan.extra_cols is not None and float(plan.kept_fraction(L).mean()) < 1
+    tri = dispatch.prefill(q, k, v, plan, D**-0.5, backend="triton")
+    ref = dispatch.prefill(q, k, v, plan, D**-0.5, backend="reference")
+    assert float((tri - ref).abs().max()) <= 1e-4
+
+
+def test_eval_sweeps_it(tmp_path, smol_tokenizer, monkeypatch):
+    """Forced and searched patterns through `tca eval` (the search runs once, on the eval's model)."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", device="cpu", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    sweep = "minference:pattern=vertical-slash|auto,vertical=32,slash=64,block_size=16"
+    cfg = EvalConfig(model="tiny-llama", methods=("full", sweep), tasks=("niah_single",), lengths=(512,), samples=1)
+    results = evaluate(cfg, backend, tmp_path, progress=False)
+    assert len(results) == 3
+    for r in results:
+        if r.method.startswith("minference"):
+            assert r.kept_fraction == 1.0 and r.kv_bytes == r.dense_kv_bytes  # the cache keeps everything
+            assert 0 < r.metadata["prefill_kept_fraction"] < 1, r.method
+    assert list((tmp_path / "cache" / "minference").glob("*.json"))  # the search's state, cached
