@@ -161,7 +161,7 @@ ENTRIES: dict[str, Entry] = {
               "pattern search, online vertical/slash estimation)",
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
-              _minference, Density("scale", _lazy("minference.scale_for"))),
+              _minference),
     )
 }
 

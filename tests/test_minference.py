@@ -229,7 +229,7 @@ def test_search_on_a_tiny_model_round_trips_and_refuses_other_models(tmp_path, m
         enable(tiny("llama"), method).__enter__()
 
 
-def test_registry_grammar_and_density():
+def test_registry_grammar_and_the_scale_helper():
     m = registry.create("minference:pattern=a-shape,vertical=64,slash=256")
     assert isinstance(m, MInference) and m.counts == (64, 256) and m.state is None
     assert registry.normalize("minference: slash=100, pattern=block-sparse,scale=0.50") == \
@@ -239,10 +239,11 @@ def test_registry_grammar_and_density():
     with pytest.raises(ValueError, match="pattern must be"):
         registry.create("minference:pattern=diagonal")
     assert "minference" in registry.describe()
-    lo = registry.at_density("minference:pattern=vertical-slash", 0.1, 131072)
-    hi = registry.at_density("minference:pattern=vertical-slash", 0.4, 131072)
-    s_lo, s_hi = (registry.parse_spec(x)[1]["scale"] for x in (lo, hi))
-    assert 0 < s_lo < s_hi
+    with pytest.raises(ValueError, match="declares no density knob"):  # the cache keeps every token
+        registry.at_density("minference:pattern=vertical-slash", 0.5, 1000)
+    assert registry.expand("minference:pattern=a-shape,scale=0.5|1") == \
+        ["minference:pattern=a-shape,scale=0.5", "minference:pattern=a-shape,scale=1"]
+    assert 0 < mi.scale_for(0.1, 131072, {}) < mi.scale_for(0.4, 131072, {})
     # a-shape at that scale keeps about the target (token level; the blocks round up)
     for f in (0.1, 0.3, 0.6):
         scale = mi.scale_for(f, 4096, {"vertical": 64, "slash": 192})

@@ -368,7 +368,7 @@ def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Cali
 @dataclass(frozen=True)
 class MInference(Method):
     """state: the calibrated patterns (pattern="auto"); pattern=<one of PATTERNS> forces it on
-    every head. scale multiplies vertical and slash (the density knob)."""
+    every head. scale multiplies vertical and slash (one knob of the attended fraction, for sweeps)."""
 
     state: PatternState | None = None
     pattern: str = "auto"
@@ -452,7 +452,8 @@ class MInference(Method):
 
 
 def scale_for(kept_fraction: float, seq_len: int, params: Mapping[str, Any]) -> float:
-    """The scale keeping about kept_fraction of the causal pairs of a seq_len prompt (density knob).
+    """The scale attending about kept_fraction of the causal pairs of a seq_len prompt (a sweep
+    helper; not a registry Density: the KV cache keeps everything, so there is no KV to match).
 
     Estimated with the token-level a-shape of the same budget (every pattern spends it alike):
     query t sees min(t + 1, v + s) keys, v + s = scale (vertical + slash); a bisection on that count."""
