@@ -149,7 +149,7 @@ def test_small_counts_are_sparse_and_every_pattern_differs():
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_plan_alone_equals_plan_in_padded_batch(pattern):
+def test_plan_alone_equals_plan_in_padded_batch(pattern, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     lengths, H, KV, D = (150, 97, 40, 12), 4, 2, 8
     L = max(lengths)
@@ -160,6 +160,9 @@ def test_plan_alone_equals_plan_in_padded_batch(pattern):
     m = MInference(pattern=pattern, vertical=FORCED + 3, slash=FORCED + 5, last_q=16, block_size=BS)
     batched = m.plan(0, q, k, ks, 0.4)
     batched.validate(H, KV, L)
+    monkeypatch.setattr(mi, "_CHUNK_ELEMENTS", 1)  # one query block per chunk: the same plan
+    chunked = m.plan(0, q, k, ks, 0.4)
+    assert torch.equal(chunked.indptr, batched.indptr) and torch.equal(chunked.indices, batched.indices)
     for r, n in enumerate(lengths):
         alone = m.plan(0, qs[r][None], kk[r][None], torch.zeros(1, dtype=torch.long), 0.4, padded=False)
         nb = -(-n // BS)

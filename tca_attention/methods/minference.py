@@ -47,7 +47,8 @@ TIE_ORDER = ("vertical-slash", "block-sparse", "a-shape")  # equal recall: the f
 FORCED = 30  # vertical lines (first keys) and slash lines (diagonals 0..29) always kept
 FORMAT = "tca-attention/minference-patterns"
 FORMAT_VERSION = 1
-REFERENCE_LENGTH = 131072  # the paper's defaults (vertical 1000, slash 6096) are for 128K prompts
+REFERENCE_LENGTH = 131072
+_CHUNK_ELEMENTS = 1 << 26  # block scores / list entries handled at once (query blocks x heads x key blocks)  # the paper's defaults (vertical 1000, slash 6096) are for 128K prompts
 
 
 def _aligned(x: torch.Tensor, key_start: torch.Tensor, length: int) -> torch.Tensor:
@@ -132,13 +133,22 @@ def block_sparse_blocks(q: torch.Tensor, k: torch.Tensor, n: torch.Tensor, block
     cnt = (n[:, None] - torch.arange(nq, device=dev) * block).clamp(0, block).clamp(min=1)  # (B, nq) real per block
     qp = q.view(B, H, nq, block, D).sum(3, dtype=torch.float32) / cnt[:, None, :, None]  # (B, H, nq, D)
     kp = k.view(B, KV, nq, block, D).sum(3, dtype=torch.float32) / cnt[:, None, :, None]
-    s = torch.matmul(qp.view(B, KV, g * nq, D), kp.transpose(-1, -2)).view(B, H, nq, nq)
-    i = torch.arange(nq, device=dev)
-    s = s.masked_fill((i[None, :] > i[:, None]), float("-inf"))
-    s = s.masked_fill(torch.eye(nq, dtype=torch.bool, device=dev), float("inf"))
-    top = _top(s, top_k)  # (B, H, nq, k)
     keep = torch.zeros(B, H, nq, nq + 1, dtype=torch.bool, device=dev)
-    return keep.scatter_(-1, torch.where(top >= 0, top, nq), True)[..., :nq]
+    j = torch.arange(nq, device=dev)
+    for c0, c1 in _row_chunks(nq, B * H * nq):  # (B, H, rows, nq) scores at a time
+        nb = c1 - c0
+        s = torch.matmul(qp[:, :, c0:c1].reshape(B, KV, g * nb, D), kp.transpose(-1, -2)).view(B, H, nb, nq)
+        i = j[c0:c1, None]
+        s = s.masked_fill_(j[None, :] > i, float("-inf")).masked_fill_(j[None, :] == i, float("inf"))
+        top = _top(s, top_k)  # (B, H, nb, k)
+        keep[:, :, c0:c1].scatter_(-1, torch.where(top >= 0, top, nq), True)
+    return keep[..., :nq]
+
+
+def _row_chunks(rows: int, per_row: int) -> list[tuple[int, int]]:
+    """Ranges [c0, c1) of rows holding at most _CHUNK_ELEMENTS elements (at least one row each)."""
+    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    return [(c0, min(rows, c0 + step)) for c0 in range(0, rows, step)]
 
 
 @dataclass(frozen=True)
@@ -427,18 +437,22 @@ class MInference(Method):
         v, s = self.counts
         heads = [PATTERNS.index(p) for p in names]
         sel = select(qa, ka, n, scaling, heads, vertical=v, slash=s, last_q=self.last_q, block=bs)
-        flat = sel.keep.flatten(2)  # (B, H, nq * nq): entry i * nq + j, ascending in (i, j)
-        total = flat.sum(-1)
-        if padded:
-            nnz, ks_min = torch.stack([total.max(), ks.min()]).tolist()
-        else:
-            nnz, ks_min = int(total.max()), 0
-        ar = torch.arange(flat.shape[-1], device=dev)
-        order = torch.where(flat, ar, ar + flat.shape[-1]).sort(-1).values[..., :nnz]
-        indices = (order % nq).to(torch.int32)
-        n_q = -(-(L - ks_min) // bs)
         counts = sel.keep.sum(-1)  # (B, H, nq)
-        indptr = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))[..., : n_q + 1].to(torch.int32)
+        ends = counts.cumsum(-1)  # (B, H, nq) end of each query block's list
+        if padded:
+            nnz, ks_min = torch.stack([ends[..., -1].max(), ks.min()]).tolist()
+        else:
+            nnz, ks_min = int(ends[..., -1].max()), 0
+        indices = torch.zeros(B, H, nnz + 1, dtype=torch.int32, device=dev)  # slot nnz: a dump
+        j = torch.arange(nq, device=dev, dtype=torch.int32)
+        for c0, c1 in _row_chunks(nq, B * H * nq):  # the lists of query blocks [c0, c1), ascending
+            keep, cnt = sel.keep[:, :, c0:c1], counts[:, :, c0:c1, None]
+            cols = torch.where(keep, j, j + nq).sort(-1).values  # listed blocks first, ascending
+            slot = torch.where(j < cnt, (ends[:, :, c0:c1, None] - cnt) + j, nnz)
+            indices.scatter_(2, slot.flatten(2), cols.flatten(2))
+        indices = indices[..., :nnz]
+        n_q = -(-(L - ks_min) // bs)
+        indptr = torch.nn.functional.pad(ends, (1, 0))[..., : n_q + 1].to(torch.int32)
         extra = None
         if sel.cols.shape[-1] and 1 in heads:
             cols = torch.where(sel.cols >= 0, sel.cols + ks[:, None, None], -1)  # absolute positions
