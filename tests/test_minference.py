@@ -291,3 +291,20 @@ def test_eval_sweeps_it(tmp_path, smol_tokenizer, monkeypatch):
             assert r.kept_fraction == 1.0 and r.kv_bytes == r.dense_kv_bytes  # the cache keeps everything
             assert 0 < r.metadata["prefill_kept_fraction"] < 1, r.method
     assert list((tmp_path / "cache" / "minference").glob("*.json"))  # the search's state, cached
+
+
+def test_static_decode_equals_dynamic():
+    """Decode is dense (the cache keeps everything): the static, graph-safe decode step gives the
+    same greedy tokens as the dynamic one after a sparse prefill."""
+    from tca_attention.integration.static_decode import greedy_static
+    from test_batch_invariance import greedy
+
+    model = tiny("llama")
+    ids, mask = left_padded((150, 101, 45), seed=5)
+    m = MInference(pattern="vertical-slash", vertical=FORCED + 2, slash=FORCED + 2, last_q=16, block_size=BS)
+    assert m.supports_static_decode()
+    with torch.no_grad(), enable(model, m, backend="reference") as session:
+        _, _, want, _ = greedy(model, ids, mask, 10, session)
+        assert session.prefill_report()["kept_fraction"] < 1
+        run = greedy_static(model, ids, mask, max_new_tokens=11, session=session)
+    assert torch.equal(run.sequences[:, ids.shape[1]: -1], want)
