@@ -16,7 +16,7 @@ from tca_attention.integration.probe import ModelProbe
 from tca_attention.methods import minference as mi
 from tca_attention.methods.minference import (FORCED, PATTERNS, Calibration, MInference, PatternState,
                                               slash_blocks, vertical_slash_scores)
-from tca_attention.methods.state import ModelIdentity, StateError
+from tca_attention.methods.state import StateError
 from test_head_split import CharTok
 from tiny_models import tiny
 
@@ -137,7 +137,8 @@ def test_small_counts_are_sparse_and_every_pattern_differs():
     ks = torch.zeros(1, dtype=torch.long)
     fracs, lists = {}, {}
     for p in PATTERNS:
-        plan = MInference(pattern=p, vertical=FORCED + 2, slash=FORCED + 4, last_q=16, block_size=BS).plan(0, q, k, ks, 0.3)
+        m = MInference(pattern=p, vertical=FORCED + 2, slash=FORCED + 4, last_q=16, block_size=BS)
+        plan = m.plan(0, q, k, ks, 0.3)
         plan.validate(3, 3, 160)
         fracs[p] = float(plan.kept_fraction(160).mean())
         lists[p] = plan_lists(plan, 0, 0)
@@ -171,8 +172,8 @@ def test_plan_alone_equals_plan_in_padded_batch(pattern, monkeypatch):
             assert plan_lists(batched, r, h)[:nb] == want, (r, h)
             assert all(not x for x in plan_lists(batched, r, h)[nb:])
             if alone is not None and alone.extra_cols is not None:
-                got = batched.extra_cols[r, h, 0]
-                assert sorted((got[got >= 0] - ks[r]).tolist()) == sorted(alone.extra_cols[0, h, 0][alone.extra_cols[0, h, 0] >= 0].tolist())
+                got, want_cols = batched.extra_cols[r, h, 0], alone.extra_cols[0, h, 0]
+                assert sorted((got[got >= 0] - ks[r]).tolist()) == sorted(want_cols[want_cols >= 0].tolist())
         if alone is not None:
             torch.testing.assert_close(batched.kept_fraction(L)[r], alone.kept_fraction(n)[0])
 
@@ -188,7 +189,8 @@ def test_tiny_model_alone_equals_batched():
         L = ids.shape[1]
         for r, n in enumerate(lengths):
             x = ids[r, L - n:][None]
-            alone = session.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False, pad_token_id=0)
+            alone = session.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
+                                     pad_token_id=0)
             assert torch.equal(batched[r, L:], alone[0, n:]), r
 
 

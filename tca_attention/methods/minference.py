@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -47,8 +46,7 @@ TIE_ORDER = ("vertical-slash", "block-sparse", "a-shape")  # equal recall: the f
 FORCED = 30  # vertical lines (first keys) and slash lines (diagonals 0..29) always kept
 FORMAT = "tca-attention/minference-patterns"
 FORMAT_VERSION = 1
-REFERENCE_LENGTH = 131072
-_CHUNK_ELEMENTS = 1 << 26  # block scores / list entries handled at once (query blocks x heads x key blocks)  # the paper's defaults (vertical 1000, slash 6096) are for 128K prompts
+_CHUNK_ELEMENTS = 1 << 26  # block scores / list entries handled at once (query blocks x heads x key blocks)
 
 
 def _aligned(x: torch.Tensor, key_start: torch.Tensor, length: int) -> torch.Tensor:
@@ -416,7 +414,8 @@ class MInference(Method):
             return (self.pattern,) * num_heads
         row = self.state.layers[layer_idx]
         if row is not None and len(row) != num_heads:
-            raise StateError(f"MInference patterns list {len(row)} heads for layer {layer_idx}, the model has {num_heads}")
+            raise StateError(f"MInference patterns list {len(row)} heads for layer {layer_idx}, "
+                             f"the model has {num_heads}")
         return row
 
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
