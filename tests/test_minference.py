@@ -310,3 +310,19 @@ def test_static_decode_equals_dynamic():
         assert session.prefill_report()["kept_fraction"] < 1
         run = greedy_static(model, ids, mask, max_new_tokens=11, session=session)
     assert torch.equal(run.sequences[:, ids.shape[1]: -1], want)
+
+
+@pytest.mark.slow
+def test_search_on_smollm2_finds_mostly_vertical_slash_heads():
+    """The real default model (about a minute on 2 CPU cores): as in the paper's released configs,
+    vertical-slash is the most common pattern, and the chosen pattern is never worse than the others."""
+    from tca_attention.models import load_model
+
+    model, tok = load_model("smollm2")
+    state = mi.calibrate_patterns(ModelProbe(model), tok, Calibration(length=2048, vertical=16, slash=96))
+    counts = state.counts()
+    print("patterns:", counts)
+    assert counts["vertical-slash"] > sum(counts.values()) / 2
+    for layer, rec in zip(state.layers, state.calibration["recall"]):
+        for p, r in zip(layer, rec):
+            assert r[PATTERNS.index(p)] == max(r) and 0 < max(r) <= 1
