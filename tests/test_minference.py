@@ -326,3 +326,13 @@ def test_search_on_smollm2_finds_mostly_vertical_slash_heads():
     for layer, rec in zip(state.layers, state.calibration["recall"]):
         for p, r in zip(layer, rec):
             assert r[PATTERNS.index(p)] == max(r) and 0 < max(r) <= 1
+
+
+def test_pattern_recall_is_one_at_full_counts_and_below_at_small_ones():
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(4, 200, 8, generator=gen) * 2, torch.randn(2, 200, 8, generator=gen) * 2
+    full = mi.pattern_recall(q, k, 0.5, Calibration(vertical=400, slash=400, last_q=16, block_size=BS, queries=40))
+    torch.testing.assert_close(full, torch.ones_like(full))
+    small = mi.pattern_recall(q, k, 0.5, Calibration(vertical=FORCED + 1, slash=FORCED + 1, last_q=16, block_size=BS,
+                                                     queries=40))
+    assert small.shape == (3, 4) and bool(((small > 0) & (small < 1)).all())
