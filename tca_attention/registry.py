@@ -93,6 +93,30 @@ def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any])
     return hs.HeadSplit(scores, **knobs, **extra)
 
 
+def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """Patterns forced (pattern=<name>), handed in (state=PatternState), from a file (state=path),
+    or searched once per model and cached (model= and tokenizer=)."""
+    from .methods import minference as mi
+
+    knobs = {k: v for k, v in params.items() if k != "state"}
+    if "state" in extra:
+        state = extra.pop("state")
+    elif "state" in params:
+        state = mi.PatternState.load(params["state"], model=model)
+    elif params.get("pattern", "auto") != "auto":
+        state = None
+    elif model is None or tokenizer is None:
+        raise ValueError("minference needs head patterns: pass model= and tokenizer= (searched once, then cached), "
+                         "state=<file> in the spec, state=, or force one with pattern=<a-shape|vertical-slash|"
+                         "block-sparse>")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        state = mi.load_or_calibrate(ModelProbe(model), tokenizer, str(key))
+    return mi.MInference(state, **knobs, **extra)
+
+
 def _method_attr(path: str) -> Any:
     """`module.name` of tca_attention.methods, imported on first use."""
     module, _, name = path.rpartition(".")
@@ -136,6 +160,11 @@ ENTRIES: dict[str, Entry] = {
               "(training-free retrieval scores)",
               {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "scores": str},
               _head_split, Density("retrieval_fraction", _lazy("head_split.retrieval_fraction_for"))),
+        Entry("minference", "MInference: per head a-shape, vertical-slash or block-sparse prefill (offline "
+              "pattern search, online vertical/slash estimation)",
+              {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
+               "state": str},
+              _minference),
     )
 }
 
@@ -247,16 +276,16 @@ def describe() -> str:
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
     from .methods.flexprefill import FlexPrefill
     from .methods.full_budget import FullBudget
+    from .methods.head_split import HeadSplit
+    from .methods.minference import MInference
     from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
     from .methods.xattention import XAttention
 
-    from .methods.head_split import HeadSplit
-
-    # head-split: its `scores` is a file path in a spec and a HeadScores object in the dataclass
+    # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",))):
+                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",))):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
