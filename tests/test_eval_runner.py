@@ -239,7 +239,7 @@ def test_cli_rebuilds_a_prefixed_report_from_run_folders(tmp_path: Path) -> None
                               "--report-prefix", "eval_"])
     assert args.func(args) == 0
     md = (tmp_path / "docs" / "eval_report.md").read_text()
-    assert "| full | 100.0 | +0.0 | 100.0 | - |" in md and "| tca | 0.0 | -100.0 | 25.0 | - |" in md
+    assert "| full | 100.0 | +0.0 | 100.0 | 100.0 | - |" in md and "| tca | 0.0 | -100.0 | 25.0 | 25.0 | - |" in md
     assert (tmp_path / "docs" / "eval_needle_m.png").exists()
 
 

@@ -128,7 +128,7 @@ def markdown(summary: dict) -> str:
         lines += [f"## {display_name(model)}", ""]
         full = methods.get("full", {}).get("lengths", {})
         head = (["method"] + [f"acc {L}" for L in lengths] + [f"gap {L}" for L in lengths]
-                + [f"kept {L}" for L in lengths] + [f"ppl {L}" for L in lengths])
+                + [f"kept {L}" for L in lengths] + [f"attended {L}" for L in lengths] + [f"ppl {L}" for L in lengths])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, m in methods.items():
             cells = [m["lengths"].get(str(L), {}) for L in lengths]
@@ -138,12 +138,14 @@ def markdown(summary: dict) -> str:
                 acc = c.get("accuracy")
                 gaps.append("-" if ref is None or acc is None else f"{100 * (acc - ref):+.1f}")
             row = ([method] + [_fmt(c.get("accuracy")) for c in cells] + gaps
-                   + [_fmt(c.get("kept_fraction")) for c in cells])
+                   + [_fmt(c.get("kept_fraction")) for c in cells]
+                   + [_fmt(c.get("attended_fraction", c.get("kept_fraction"))) for c in cells])
             row += [_fmt(c.get("ppl"), pct=False) for c in cells]
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "acc: mean score (%) over the accuracy tasks every method ran at that length; "
                   "gap: acc minus full attention's acc, in points; "
-                  "kept: mean KV kept fraction (%); ppl: perplexity of the last tokens of long essays.", ""]
+                  "kept: mean KV kept fraction (%); attended: mean attended fraction (%), the smaller of the "
+                  "prefill's and the decode's share (docs/eval.md); ppl: perplexity of the last tokens of long essays.", ""]
         for L in lengths:
             tasks = _ordered(t for m in methods.values() for t in m["lengths"].get(str(L), {}).get("tasks", {}))
             tasks.sort(key=lambda t: TASKS.names().index(t) if t in TASKS.names() else len(TASKS.names()))
