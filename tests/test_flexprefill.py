@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from tca_attention import registry
-from tca_attention.integration import enable
 from tca_attention.methods import flexprefill as F
 from tca_attention.methods.flexprefill import FlexPrefill, patterns
-from test_xattention import padded, plan_lists, prompts, run
-from tiny_models import tiny
+from method_checks import assert_alone_equals_batched, assert_full_density_equals_dense
+from test_xattention import padded, plan_lists, prompts
 
 BS = 16
 
@@ -188,56 +187,13 @@ def test_plan_runs_on_the_triton_kernel():
     assert float((tri - ref).abs().max()) <= 1e-4
 
 
-# -- the model path ------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_full_gamma_equals_dense(arch):
-    model = tiny(arch)
-    B, L, pads, steps_n = 3, 97, [0, 7, 30], 10
-    ids = torch.randint(0, 97, (B, L))
-    mask = torch.ones(B, L, dtype=torch.long)
-    for b, p in enumerate(pads):
-        mask[b, :p] = 0
-    steps = torch.randint(0, 97, (B, steps_n))
-    valid = mask.bool()
-    method = FlexPrefill(gamma=1.0, min_budget=BS, block_size=BS)
-    with torch.no_grad():
-        ref64 = run(model.double(), ids, mask, steps)
-        model.float()
-        sdpa32 = run(model, ids, mask, steps)
-        with enable(model, method) as session:
-            fp32 = run(model, ids, mask, steps, session)
-            report = session.prefill_report()
-            gen = session.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        dense_gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert report["kept_fraction"] == pytest.approx(1.0)
-    assert any(r["kept_fraction"] is not None for r in session.last_prefill.values()), "no block plan ran"
-    eps = torch.finfo(torch.float32).eps
-    for i in (0, 1):
-        r, s, t = ref64[i].float(), sdpa32[i], fp32[i]
-        if i == 0:
-            r, s, t = r[valid], s[valid], t[valid]
-        bound = 4 * float((s - r).abs().max()) + 64 * eps * float(r.abs().max())
-        assert float((t - r).abs().max()) <= bound, ("prefill", "decode")[i]
-    assert torch.equal(gen, dense_gen)
+    assert_full_density_equals_dense(arch, FlexPrefill(gamma=1.0, min_budget=BS, block_size=BS))
 
 
 def test_sparse_model_run_alone_equals_batched():
-    model = tiny("llama").float()
-    lengths, L = (120, 75), 120
-    gen = torch.Generator().manual_seed(2)
-    rows = [torch.randint(0, 97, (n,), generator=gen) for n in lengths]
-    ids = torch.zeros(2, L, dtype=torch.long)
-    mask = torch.zeros(2, L, dtype=torch.long)
-    for r, x in enumerate(rows):
-        ids[r, L - len(x):], mask[r, L - len(x):] = x, 1
-    method = FlexPrefill(gamma=0.5, tau=0.1, min_budget=BS, block_size=BS)
-    with torch.no_grad(), enable(model, method) as session:
-        batched = session.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        assert session.prefill_report()["kept_fraction"] < 1  # it is sparse
-        for r, x in enumerate(rows):
-            alone = session.generate(x[None], attention_mask=torch.ones_like(x[None]), max_new_tokens=5,
-                                     do_sample=False, pad_token_id=0)
-            assert torch.equal(batched[r, L:], alone[0, len(x):]), r
+    assert_alone_equals_batched(FlexPrefill(gamma=0.5, tau=0.1, min_budget=BS, block_size=BS), new_tokens=5)
 
 
 # -- registry, eval ------------------------------------------------------------------------------

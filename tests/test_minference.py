@@ -7,17 +7,16 @@ import json
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache
 
 from tca_attention import registry
 from tca_attention.integration import enable
-from tca_attention.integration.adapter import cache_kwargs
 from tca_attention.integration.probe import ModelProbe
 from tca_attention.methods import minference as mi
 from tca_attention.methods.minference import (FORCED, PATTERNS, Calibration, MInference, PatternState,
                                               slash_blocks, vertical_slash_scores)
 from tca_attention.methods.state import StateError
 from test_head_split import CharTok
+from method_checks import run
 from tiny_models import tiny
 
 BS = 16
@@ -98,20 +97,6 @@ def left_padded(lengths, seed=0):
     for b, n in enumerate(lengths):
         mask[b, L - n:] = 1
     return ids, mask
-
-
-def run(model, ids, mask, steps, session=None):
-    """Prefill + teacher-forced decode -> (prefill logits (B, L, V), decode logits (B, steps, V))."""
-    cache = session.new_cache() if session is not None else DynamicCache(config=model.config)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-    prefill, dec = out.logits, []
-    for t in range(steps.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=steps[:, t:t + 1], attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-        dec.append(out.logits[:, -1])
-    return prefill, torch.stack(dec, 1)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache
 
 from tca_attention import registry
-from tca_attention.integration import enable
-from tca_attention.integration.adapter import cache_kwargs
 from tca_attention.methods import xattention as X
 from tca_attention.methods.xattention import XAttention, block_mass, select_blocks
-from tiny_models import tiny
+from method_checks import assert_alone_equals_batched, assert_full_density_equals_dense
 
 BS, S = 16, 4
 
@@ -248,69 +245,15 @@ def test_scoring_memory_is_bounded_at_128k():
     assert plan.n_qblocks == L // 128 and plan.indptr.shape[1] == H
 
 
-# -- the model path ----------------------------------------------------------------------------
-def run(model, ids, mask, steps, session=None):
-    """Prefill + teacher-forced decode -> (prefill logits (B, L, V), decode logits (B, steps, V))."""
-    cache = session.new_cache() if session is not None else DynamicCache(config=model.config)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-    prefill, dec = out.logits, []
-    for t in range(steps.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=steps[:, t:t + 1], attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-        dec.append(out.logits[:, -1])
-    return prefill, torch.stack(dec, 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_full_threshold_equals_dense(arch):
-    model = tiny(arch)
-    B, L, pads, steps_n = 3, 97, [0, 7, 30], 12
-    ids = torch.randint(0, 97, (B, L))
-    mask = torch.ones(B, L, dtype=torch.long)
-    for b, p in enumerate(pads):
-        mask[b, :p] = 0
-    steps = torch.randint(0, 97, (B, steps_n))
-    valid = mask.bool()
-    method = XAttention(threshold=1.0, stride=S, block_size=BS)
-    with torch.no_grad():
-        ref64 = run(model.double(), ids, mask, steps)
-        model.float()
-        sdpa32 = run(model, ids, mask, steps)
-        with enable(model, method) as session:
-            xa32 = run(model, ids, mask, steps, session)
-            report = session.prefill_report()
-            gen = session.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        dense_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert report["kept_fraction"] == pytest.approx(1.0)
-    assert any(r["kept_fraction"] is not None for r in session.last_prefill.values()), "no block plan ran"
-    eps = torch.finfo(torch.float32).eps
-    for i in (0, 1):
-        r, s, t = ref64[i].float(), sdpa32[i], xa32[i]
-        if i == 0:
-            r, s, t = r[valid], s[valid], t[valid]
-        bound = 4 * float((s - r).abs().max()) + 64 * eps * float(r.abs().max())
-        assert float((t - r).abs().max()) <= bound, ("prefill", "decode")[i]
-    assert torch.equal(gen, dense_gen)
+    assert_full_density_equals_dense(arch, XAttention(threshold=1.0, stride=S, block_size=BS), steps_n=12, new_tokens=8)
 
 
 def test_sparse_model_run_alone_equals_batched():
-    model = tiny("llama").float()
-    lengths, L = (120, 75), 120
-    gen = torch.Generator().manual_seed(2)
-    rows = [torch.randint(0, 97, (n,), generator=gen) for n in lengths]
-    ids = torch.zeros(2, L, dtype=torch.long)
-    mask = torch.zeros(2, L, dtype=torch.long)
-    for r, x in enumerate(rows):
-        ids[r, L - len(x):], mask[r, L - len(x):] = x, 1
-    method = XAttention(threshold=0.5, stride=S, block_size=BS)
-    with torch.no_grad(), enable(model, method) as session:
-        batched = session.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert session.prefill_report()["kept_fraction"] < 1  # it is sparse
-        for r, x in enumerate(rows):
-            alone = session.generate(x[None], attention_mask=torch.ones_like(x[None]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-            assert torch.equal(batched[r, L:], alone[0, len(x):]), r
+    assert_alone_equals_batched(XAttention(threshold=0.5, stride=S, block_size=BS))
 
 
 # -- registry, eval, CLI -----------------------------------------------------------------------
