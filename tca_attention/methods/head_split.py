@@ -36,7 +36,7 @@ from ..data.corpus import essay_text
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe, local_geometry
 from .head_kinds import Kind, kinds_decode_keep, kinds_plan
-from .state import ModelIdentity, StateError, save_json
+from .state import ModelIdentity, StateError, check_header, save_json
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,7 @@ class HeadScores:
         def bad(why: str) -> StateError:
             return StateError(f"corrupt head-score file{where}: {why}")
 
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise StateError(f"not a {FORMAT} file{where}")
-        if data.get("version") != FORMAT_VERSION or isinstance(data.get("version"), bool):
-            raise StateError(f"head-score file{where} version {data.get('version')!r} is not supported "
-                             f"(expected {FORMAT_VERSION})")
+        check_header(data, FORMAT, FORMAT_VERSION, "head-score file", source)
         layers, calib = data.get("layers"), data.get("calibration", {})
         model = ModelIdentity.from_json(data.get("model"), bad)
         if not isinstance(calib, dict):

@@ -37,7 +37,7 @@ from ..data.corpus import essay_text
 from ..engine.plan import BlockPlan
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe
-from .state import ModelIdentity, StateError, json_type, save_json
+from .state import ModelIdentity, StateError, check_header, json_type, save_json
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,7 @@ class PatternState:
         def bad(why: str) -> StateError:
             return StateError(f"corrupt MInference pattern file{where}: {why}")
 
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise StateError(f"not a {FORMAT} file{where}")
-        if data.get("version") != FORMAT_VERSION or isinstance(data.get("version"), bool):
-            raise StateError(f"MInference pattern file{where} version {data.get('version')!r} is not supported "
-                             f"(expected {FORMAT_VERSION})")
+        check_header(data, FORMAT, FORMAT_VERSION, "MInference pattern file", source)
         if unknown := sorted(set(data) - {"format", "version", "model", "calibration", "layers"}):
             raise bad(f"unknown key(s) {', '.join(unknown)}")
         model = ModelIdentity.from_json(data.get("model"), bad)

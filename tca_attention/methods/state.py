@@ -86,6 +86,16 @@ class ModelIdentity:
         return None
 
 
+def check_header(data: Any, fmt: str, version: int, kind: str, source: str = "") -> None:
+    """Raise StateError unless `data` is an object of format `fmt` at `version` (kind names the
+    file in the message, e.g. 'head-score file')."""
+    where = f" {source}" if source else ""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise StateError(f"not a {fmt} file{where}")
+    if data.get("version") != version or isinstance(data.get("version"), bool):
+        raise StateError(f"{kind}{where} version {data.get('version')!r} is not supported (expected {version})")
+
+
 def json_type(v: Any) -> str:
     """A JSON value's kind in an error message: 'an object', 'a list', 'null', ..."""
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
