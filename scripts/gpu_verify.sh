@@ -24,22 +24,30 @@ TESTS=${TESTS:-$(ls tests/test_triton_kernels.py tests/test_decode_select.py tes
 # one pytest per file, each with its own time limit and -rf: a file cut off by its limit loses
 # only itself, and every failure is named (2026-12-06: one run over all files hit the call's
 # limit and its 4 failures were never named)
-# PARALLEL=1: the files run side by side (Triton compiles on the host's cores, the GPU is shared; no
-# test here times anything), so the call lasts as long as its slowest file
-one_file() {
-  local t=$1 log="$OUT/$(basename "$1" .py).log"
+# TESTS may name files or pytest node ids (e.g. the shards tests/test_block_sparse.py::test_gpu_fuzz[2]);
+# ids joined by '+' run in one pytest (a::t1+a::t2).
+# PARALLEL=1: they run side by side (Triton compiles on the host's cores, the GPU is shared; no test
+# here times anything), so the call lasts as long as its slowest entry. Per-entry logs go into
+# $OUT/test_logs.tar.gz (one file: the device tool returns only a few), failures' tails into
+# $OUT/failures.log.
+mkdir -p "$OUT/logs"
+log_of() { echo "$OUT/logs/$(echo "${1#tests/}" | cut -c1-80 | tr -c 'A-Za-z0-9_.\n' '_').log"; }
+one_entry() {
+  local t=$1 log; log=$(log_of "$1")
   timeout "${PYTEST_TIMEOUT:-150}" python3 -m pytest -q -rf --tb=short -m "${MARKS:-gpu or not gpu}" -p no:cacheprovider \
-    --durations=5 ${PYTEST_ARGS:-} "$t" > "$log" 2>&1
+    --durations=5 ${PYTEST_ARGS:-} ${t//+/ } > "$log" 2>&1
   echo "rc=$?" >> "$log"
 }
 for t in $TESTS; do
-  if [ "${PARALLEL:-0}" = "1" ]; then one_file "$t" & else one_file "$t"; fi
+  if [ "${PARALLEL:-0}" = "1" ]; then one_entry "$t" & else one_entry "$t"; fi
 done
 wait
 for t in $TESTS; do
-  log="$OUT/$(basename "$t" .py).log"
+  log=$(log_of "$t")
   echo "$t $(tail -1 "$log"): $(grep -E '(passed|failed|error)' "$log" | tail -1)" | tee -a "$OUT/gpu_tests.log"
   grep -E "^FAILED|^ERROR" "$log" | head -20 | tee -a "$OUT/gpu_tests.log"
+  if [ "$(tail -1 "$log")" != "rc=0" ]; then { echo "=== $t"; tail -120 "$log"; } >> "$OUT/failures.log"; fi
 done
+tar -C "$OUT" -czf "$OUT/test_logs.tar.gz" logs && rm -rf "$OUT/logs"
 [ "${BENCH:-1}" = "1" ] && timeout 240 python3 -m tca_attention.benchmarks.bench_kernels --out "$OUT" "$@" 2>&1 | tail -40 | tee "$OUT/bench.log"
 exit 0
