@@ -120,8 +120,8 @@ def run_fuzz(n: int, realistic: bool, shard: tuple[int, int] = (0, 1)) -> None:
             check_selected(*fp32(q, cache), sel, D**-0.5, chunk=chunk)
             if dtype != torch.float32:
                 check_selected(q, cache, sel, D**-0.5, factor=4.0, chunk=chunk)
-        except AssertionError as e:
-            raise AssertionError(f"fuzz shape {i}: {case}") from e
+        except Exception as e:  # a mismatch, or a kernel fault (run with CUDA_LAUNCH_BLOCKING=1 to name it)
+            raise AssertionError(f"fuzz shape {i}: {case}: {type(e).__name__}: {e}") from e
 
 
 def test_fuzz_selected_decode():

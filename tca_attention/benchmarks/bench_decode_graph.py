@@ -163,8 +163,8 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
                vocab: int) -> list[dict]:
     weights = _weight_bytes(model)
-    warm = torch.randint(0, vocab, (1, min(lengths)), device="cuda")
-    for cell in CELLS:  # kernel compilation, cuBLAS handles, allocator
+    warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
+    for cell in CELLS:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
         run_cell(cell, model, warm, 4, method, weights, bw_tbs)
     rows = []
     for L in lengths:
