@@ -179,7 +179,7 @@ class BlockPlan:
     no key outputs zeros. h ranges over Hp = H (a list per query head) or Hp = KV (a list per KV
     head, shared by its query heads). NQ = ceil((L - min(key_start)) / block_q).
 
-    In-loop skipping (BLASST; optional): with skip_threshold (B,) fp32 = lambda_b in [0, 1), each
+    In-loop skipping (BLASST; optional): with skip_threshold (B,) fp32 = lambda_b >= 0, each
     query row (one query head at one position) walks its listed key blocks in ascending order and
     drops key block j when m_j < M_j + log2(lambda_b) in the log2 domain, where m_j is the row's
     largest logit (q.k x scaling x log2 e) over the visible keys of block j and M_j the running
@@ -240,6 +240,25 @@ class BlockPlan:
             indptr.to(torch.int32)[:, None].expand(B, Hp, -1).contiguous(),
             indices.to(torch.int32)[:, None].expand(B, Hp, -1).contiguous(),
         )
+
+    @staticmethod
+    def from_lists(block_q: int, block_k: int, key_start: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor,
+                   n_q: int) -> BlockPlan:
+        """The plan listing blocks[b, h, i, m] where valid (ascending per (b, h, i) among the valid
+        entries, unique): blocks (B, Hp, NQ', M) int, valid (B, Hp, NQ', M) bool, NQ' >= n_q query
+        blocks of which the first n_q are kept (n_q = the plan's NQ, from the smallest key_start).
+        One host sync (the NNZ)."""
+        B, Hp = blocks.shape[:2]
+        valid = valid[:, :, :n_q]
+        cnt = valid.sum(-1)  # (B, Hp, n_q)
+        indptr = torch.nn.functional.pad(cnt.cumsum(-1), (1, 0))  # (B, Hp, n_q + 1)
+        nnz = int(indptr[..., -1].max()) if indptr.numel() else 0
+        rank = valid.long().cumsum(-1) - 1  # an entry's slot within its list
+        slot = torch.where(valid, indptr[..., :-1, None] + rank, nnz).flatten(2)  # nnz: a dump slot
+        indices = torch.zeros(B, Hp, nnz + 1, dtype=torch.int32, device=blocks.device)
+        indices.scatter_(2, slot, blocks[:, :, :n_q].flatten(2).to(torch.int32))
+        return BlockPlan(block_q, block_k, key_start.long(), indptr.to(torch.int32).contiguous(),
+                         indices[..., :max(nnz, 1)].contiguous())
 
     def _entry_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Hp, NNZ) query block of each entry of indices, and whether the entry is listed."""
@@ -335,8 +354,8 @@ class BlockPlan:
             if lam.shape != (B,) or lam.dtype != torch.float32 or lam.device != ks.device:
                 fail(f"skip_threshold must be a (B={B},) float32 tensor on key_start's device, got "
                      f"{tuple(lam.shape)} {lam.dtype}")
-            if bool(((lam < 0) | (lam >= 1) | lam.isnan()).any()):
-                fail("skip_threshold must lie in [0, 1)")
+            if bool(((lam < 0) | ~lam.isfinite()).any()):
+                fail("skip_threshold must be finite and >= 0")
             if dropped.shape != (B, H) or dropped.dtype != torch.int64 or dropped.device != ks.device:
                 fail(f"skip_dropped must be a (B={B}, H={H}) int64 tensor on key_start's device, got "
                      f"{tuple(dropped.shape)} {dropped.dtype}")
