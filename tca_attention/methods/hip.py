@@ -27,7 +27,8 @@ import torch
 from ..engine.plan import BlockPlan
 from .base import Method
 
-# Scores of representative (query, key) pairs computed at once, per chunk of query blocks.
+# fp32 elements (gathered representative queries and keys, their scores) held at once, per chunk of
+# query blocks: 128 MiB (at 128K tokens, 32 heads, head dim 128, the defaults: about 150 query blocks a chunk).
 _SCORE_ELEMENTS = 1 << 25
 
 
@@ -136,7 +137,8 @@ class HiP(Method):
         ks = key_start.to(device=dev, dtype=torch.long)
         n_iter = math.ceil(math.log2(-(-(nq - w - 2) // kk)))  # halvings down to single blocks
         nqr = -(-(L - ks) // bs)  # (B,) the row's real query blocks
-        per_block = H * B * (bs // self.q_stride) * 2 * kk * self.rep_tokens
+        nqr_, ncr = bs // self.q_stride, 2 * kk * self.rep_tokens  # representative queries, keys per query block
+        per_block = B * H * ((nqr_ + ncr) * D + nqr_ * ncr)  # fp32 gathered q and k, and their scores
         step = max(1, _SCORE_ELEMENTS // max(per_block, 1))
         sel, sel_ok = [], []
         for i0 in range(0, nq, step):
