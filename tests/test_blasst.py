@@ -76,3 +76,19 @@ def test_registry_builds_it():
     assert registry.expand("blasst:scale_factor=10|1000") == ["blasst:scale_factor=10", "blasst:scale_factor=1000"]
     with pytest.raises(ValueError, match="declares no density knob"):
         registry.at_density("blasst", 0.5, 1000)
+
+
+def test_eval_sweeps_the_threshold(tmp_path, smol_tokenizer, monkeypatch):
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", device="cpu", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    cfg = EvalConfig(model="tiny-llama", methods=("blasst:threshold=3.0|1e-06,block_size=16",), tasks=("niah_single",),
+                     lengths=(512,), samples=1)
+    by = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    hi, lo = (by[f"blasst:threshold={t},block_size=16"] for t in (3.0, 1e-06))
+    assert hi.kept_fraction == lo.kept_fraction == 1.0  # the cache keeps everything
+    a, b = hi.metadata["prefill_kept_fraction"], lo.metadata["prefill_kept_fraction"]
+    assert 0 < a < b <= 1, (a, b)  # more skipped at the larger lambda

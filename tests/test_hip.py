@@ -199,3 +199,19 @@ def test_registry_builds_it():
     assert registry.normalize("hip: q_stride=1, k=3") == "hip:k=3,q_stride=1"
     assert registry.density_param("hip") == "k"
     assert "hip" in registry.describe()
+
+
+def test_eval_sweeps_k(tmp_path, smol_tokenizer, monkeypatch):
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", device="cpu", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    cfg = EvalConfig(model="tiny-llama", methods=("hip:k=1|4,block_size=16,sliding_window=16",), tasks=("niah_single",),
+                     lengths=(512,), samples=1)
+    by = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    lo, hi = (by[f"hip:k={k},block_size=16,sliding_window=16"] for k in (1, 4))
+    assert lo.kept_fraction == hi.kept_fraction == 1.0  # the cache keeps everything
+    a, b = lo.metadata["prefill_kept_fraction"], hi.metadata["prefill_kept_fraction"]
+    assert 0 < a < b < 1, (a, b)
