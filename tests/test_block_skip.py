@@ -203,22 +203,28 @@ def test_skip_fields_are_validated():
 
 @pytest.mark.gpu
 def test_gpu_realistic_shapes():
-    """Compiled kernel, Llama-like heads (GQA 4:1, dim 128, bf16, blocks 128 and 64): the same dropped
-    pairs as the reference and outputs within the plain kernel's own error."""
+    """Compiled kernel, Llama-like heads (GQA 4:1, dim 128, blocks 128 and 64). fp32 (exact fp32 dots):
+    the reference's dropped pairs exactly, outputs within 1e-4. bf16 (tensor-core dots in another order
+    than the reference: a decision at the boundary may flip): dropped pairs within 1%, outputs within
+    the plain kernel's error or 0.02."""
     from kernel_helpers import CUDA
 
     assert CUDA, "the gpu-marked test needs CUDA"
     gen = torch.Generator().manual_seed(12)
-    for L, bk, lam in ((1500, 128, 0.05), (2048, 64, 0.01)):
-        B, H, KV, D = 2, 8, 2, 128
-        q, k, v = make_qkv(gen, B, H, KV, L, D, torch.bfloat16)
-        q = q * 2
-        ks = torch.tensor([0, 333], device=DEV)
-        plan = BlockPlan.dense(B, KV, L, ks, bk, bk).with_skip(torch.tensor([lam, lam / 3], device=DEV), H)
-        ref = block_sparse_prefill_ref(q.float(), k.float(), v.float(), plan, D**-0.5)
-        dropped = plan.skip_dropped.clone()
-        out = run_triton(q, k, v, plan, D**-0.5, None)
-        assert int(dropped.sum()) > 0 and torch.equal(plan.skip_dropped, dropped)
-        plain = dataclasses.replace(plan, skip_threshold=None, skip_dropped=None)
-        base = run_triton(q, k, v, plain, D**-0.5, None).float() - block_sparse_prefill_ref(q.float(), k.float(), v.float(), plain, D**-0.5).float()
-        check_close(out, ref, (base + ref.float()).to(torch.bfloat16), ulps=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for L, bk, lam in ((1500, 128, 0.05), (2048, 64, 0.01)):
+            B, H, KV, D = 2, 8, 2, 128
+            q, k, v = make_qkv(gen, B, H, KV, L, D, dtype)
+            q = q * 2
+            ks = torch.tensor([0, 333], device=DEV)
+            plan = BlockPlan.dense(B, KV, L, ks, bk, bk).with_skip(torch.tensor([lam, lam / 3], device=DEV), H)
+            ref = block_sparse_prefill_ref(q.float(), k.float(), v.float(), plan, D**-0.5)
+            dropped = plan.skip_dropped.clone()
+            out = run_triton(q, k, v, plan, D**-0.5, None)
+            assert int(dropped.sum()) > 0
+            if dtype == torch.float32:
+                assert torch.equal(plan.skip_dropped, dropped)
+                check_close(out, ref, None)
+            else:
+                assert float((plan.skip_dropped - dropped).abs().sum()) <= 0.01 * float(dropped.sum())
+                assert float((out.float() - ref).abs().max()) <= 0.02
