@@ -31,6 +31,8 @@ from .bench_e2e import LLAMA_8B, build_model, time_one
 # Each peer's density knob swept over the range its paper and our evals use (`--methods peers`).
 PEER_SWEEPS: dict[str, str] = {
     "xattention": "xattention:threshold=0.9|0.95",
+    "flexprefill": "flexprefill:gamma=0.9|0.95",
+    "minference": "minference:pattern=vertical-slash,scale=0.5|1",  # forced pattern: no search on random weights
     "quest": "quest:budget=4096|16384",
     "head-split": "head-split:retrieval_fraction=0.25|0.5",
     "streaming": "streaming:window=4096",
