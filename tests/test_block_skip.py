@@ -65,18 +65,24 @@ def visible(plan: BlockPlan, H: int, L: int) -> torch.Tensor:
     """(B, H, L, L) the plan's visibility without skipping (listed blocks, extra columns, causal)."""
     from test_block_sparse import plan_mask
 
-    m = plan_mask(plan, L)
+    m = plan_mask(moved(plan, DEV), L).cpu()
     return m.repeat_interleave(H // m.shape[1], 1)
 
 
+def moved(plan: BlockPlan, device) -> BlockPlan:
+    return dataclasses.replace(plan, **{f.name: getattr(plan, f.name).to(device) for f in dataclasses.fields(plan)
+                                        if isinstance(getattr(plan, f.name), torch.Tensor)})
+
+
 def test_reference_is_the_rule():
-    """The reference drops exactly the keys of a brute-force walk of the rule and attends to the rest."""
+    """The reference drops exactly the keys of a brute-force walk of the rule and attends to the rest
+    (CPU: the reference and the brute force)."""
     gen = torch.Generator().manual_seed(1)
     B, H, KV, L, D = 2, 4, 2, 75, 16
-    q, k, v = make_qkv(gen, B, H, KV, L, D, torch.float32)
+    q, k, v = (t.cpu() for t in make_qkv(gen, B, H, KV, L, D, torch.float32))
     q = q * 3  # peaked attention: some blocks far below the running max
     for Hp in (H, KV):
-        plan = random_plan(gen, L, Hp, [0, 9], 16, 16, 0.6, n_extra=3)
+        plan = moved(random_plan(gen, L, Hp, [0, 9], 16, 16, 0.6, n_extra=3), "cpu")
         plan = plan.with_skip(torch.tensor([0.05, 0.2]), H)
         plan.validate(H, KV, L)
         got = block_sparse_prefill_ref(q, k, v, plan, plan_scaling)
@@ -150,7 +156,7 @@ def test_hand_built_blocks():
     k[..., :bs, :] = u * 4  # logits 16 x 0.25 = 4
     k[..., 2 * bs:3 * bs, :] = -u * 4  # logits -4
     v = torch.randn(B, KV, L, D, generator=torch.Generator().manual_seed(0))
-    plan = BlockPlan.dense(B, KV, L, torch.zeros(B, dtype=torch.long), bs, bs).with_skip(0.01, H)  # ln 0.01 = -4.6
+    plan = BlockPlan.dense(B, KV, L, torch.zeros(B, dtype=torch.long, device=DEV), bs, bs).with_skip(0.01, H)  # ln 0.01 = -4.6
     for run in (block_sparse_prefill_ref, run_triton):
         out = run(q.to(DEV), k.to(DEV), v.to(DEV), plan, plan_scaling)
         # block 1 (logit 0 >= 4 - 4.6) kept, block 2 (logit -4 < -0.6) dropped by queries past it,
@@ -161,7 +167,7 @@ def test_hand_built_blocks():
         torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-5)
         # queries of blocks 2 and 3 drop the visible keys of block 2: 16 * 17 / 2 + 16 * 16 each head
         assert plan.skip_dropped.tolist() == [[16 * 17 // 2 + 16 * 16] * H]
-    frac = plan.kept_fraction(L)
+    frac = plan.kept_fraction(L).cpu()
     assert frac.shape == (B, KV)
     torch.testing.assert_close(frac, torch.full((B, KV), 1 - (16 * 17 // 2 + 256) / (L * (L + 1) / 2), dtype=torch.float64))
 
