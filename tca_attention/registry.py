@@ -165,6 +165,13 @@ ENTRIES: dict[str, Entry] = {
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
               _minference),
+        Entry("blasst", "BLASST (skip-softmax): dense block prefill skipping key blocks whose max logit is far below "
+              "the running max (lambda = threshold, or scale_factor / length; full KV)",
+              {"scale_factor": float, "threshold": float, "block_size": int}, _dataclass_build("blasst.BLASST")),
+        Entry("hip", "HiP: per query block a hierarchical top-k tree search over key blocks, plus sink and local "
+              "blocks (full KV)",
+              {"k": int, "block_size": int, "sliding_window": int, "rep_tokens": int, "q_stride": int},
+              _dataclass_build("hip.HiP"), Density("k", _lazy("hip.k_for"))),
     )
 }
 
@@ -274,9 +281,11 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
+    from .methods.blasst import BLASST
     from .methods.flexprefill import FlexPrefill
     from .methods.full_budget import FullBudget
     from .methods.head_split import HeadSplit
+    from .methods.hip import HiP
     from .methods.minference import MInference
     from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
@@ -285,7 +294,8 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",))):
+                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
+                             ("blasst", BLASST, ()), ("hip", HiP, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

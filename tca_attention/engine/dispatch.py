@@ -79,8 +79,9 @@ def ragged_decode(
 def block_sparse_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scaling: float, backend: Backend = "auto"
 ) -> torch.Tensor:
-    """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D);
-    see block_reference.block_sparse_prefill_ref."""
+    """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); with the
+    plan's in-loop skipping (BLASST) when plan.skip_threshold is set (both backends fill
+    plan.skip_dropped); see block_reference.block_sparse_prefill_ref."""
     if resolve(backend, q.device) == "triton":
         from .triton_block import block_sparse_prefill_triton
 
