@@ -165,6 +165,13 @@ ENTRIES: dict[str, Entry] = {
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
               _minference),
+        Entry("longheads", "LongHeads: each query head attends to its top chunks (query . pooled chunk keys) plus "
+              "the first and local chunks", {"chunks": int, "chunk_size": int},
+              _dataclass_build("longheads.LongHeads"), Density("chunks", _lazy("longheads.chunks_for"))),
+        Entry("dhsa", "DHSA: dynamic key chunks, length-normalised chunk similarity upsampled to a token top-k "
+              "per query block", {"budget": int, "block_size": int, "chunk_len": int, "boundary_window": int,
+                                  "nms": int},
+              _dataclass_build("dhsa.DHSA"), Density("budget", _lazy("dhsa.budget_for"))),
     )
 }
 
@@ -274,9 +281,11 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
+    from .methods.dhsa import DHSA
     from .methods.flexprefill import FlexPrefill
     from .methods.full_budget import FullBudget
     from .methods.head_split import HeadSplit
+    from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
@@ -285,7 +294,8 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",))):
+                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
+                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

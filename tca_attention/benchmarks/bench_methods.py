@@ -9,6 +9,7 @@ compared at equal attended work. TCA takes a budget file mapped onto the model's
 only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
 head scores: fine for timing (its cost depends only on how many heads keep everything), never for
 accuracy.
+`--methods peers` times every peer of SWEEPS at its density sweep.
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
 """
 from __future__ import annotations
@@ -27,10 +28,24 @@ from . import require_cuda
 from .bench_e2e import LLAMA_8B, build_model, time_one
 
 
+# Each peer's density sweep at 32K-128K prompts (`--methods peers`; knobs in `tca methods`). LongHeads:
+# 16 chunks of 256 (the paper's 4K attention length) and 64; DHSA: the paper's 2048-token budget and 8192.
+SWEEPS = {
+    "xattention": "xattention:threshold=0.9|0.95",
+    "quest": "quest:budget=4096|16384",
+    "head-split": "head-split:retrieval_fraction=0.25|0.5",
+    "streaming": "streaming:window=4096",
+    "longheads": "longheads:chunks=16|64",
+    "dhsa": "dhsa:budget=2048|8192",
+}
+PEERS = "peers"  # the --methods word for every sweep of SWEEPS
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--methods", required=True,
-                    help="registry specs separated by ';' with sweeps key=a|b (see `tca methods`); required")
+                    help="registry specs separated by ';' with sweeps key=a|b (see `tca methods`), or `peers` "
+                         "(every peer's sweep); required")
     ap.add_argument("--budgets", default=None, help="TCA budget file mapped onto the model (needed when tca is listed)")
     ap.add_argument("--lengths", default="32768,131072", help="comma list of prompt lengths in tokens")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
@@ -48,7 +63,8 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     specs: list[str] = []
     try:
         for text in filter(None, (t.strip() for t in args.methods.split(";"))):
-            specs += [registry.normalize(s) for s in registry.expand(text)]
+            for sweep in (SWEEPS.values() if text == PEERS else (text,)):
+                specs += [registry.normalize(s) for s in registry.expand(sweep)]
     except (KeyError, ValueError) as e:
         ap.error(f"--methods: {e.args[0]}")
     if registry.FULL in specs:

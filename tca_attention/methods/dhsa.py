@@ -154,7 +154,7 @@ class DHSA(Method):
         # chunks and their length-normalised representations
         chunk_id = self.chunks(k, ks, length)  # (B, length)
         NC = -(-L // self.chunk_len)  # the most chunks a row can have
-        kmean = row_aligned(k, ks, length).float().mean(1)  # (B, length, D), padding zero
+        kmean = row_aligned(k, ks, length).mean(1, dtype=torch.float32)  # (B, length, D), padding zero
         ones = real.float()
         ksum = torch.zeros(B, NC, D, device=dev).scatter_add_(1, chunk_id[..., None].expand(B, length, D), kmean)
         klen = torch.zeros(B, NC, device=dev).scatter_add_(1, chunk_id, ones)
@@ -164,7 +164,7 @@ class DHSA(Method):
         c_start = big.scatter_reduce(1, chunk_id, torch.where(real, pos, length), "amin")
         c_end = torch.zeros(B, NC, device=dev, dtype=torch.long).scatter_reduce(
             1, chunk_id, torch.where(real, pos + 1, 0), "amax")
-        qmean = row_aligned(q, ks, length).float().mean(1).view(B, nq, bs, D)
+        qmean = row_aligned(q, ks, length).mean(1, dtype=torch.float32).view(B, nq, bs, D)
         qlen = real.view(B, nq, bs).sum(-1)  # (B, NQ) real queries of each block
         qbar = qmean.sum(2) / qlen.clamp_min(1).sqrt()[..., None]  # (B, NQ, D)
         sim = qbar @ kbar.transpose(1, 2)  # (B, NQ, NC)

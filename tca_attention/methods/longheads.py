@@ -43,7 +43,7 @@ def chunk_representations(
     real = real_tokens(L, key_start, nc * cs).view(B, nc, cs)  # (B, NC, cs)
     n = real.sum(-1).clamp_min(1)  # (B, NC)
     qa = row_aligned(q, key_start, nc * cs).view(B, H, nc, cs, D)
-    qbar = qa.float().sum(3) / n[:, None, :, None]  # (B, H, NC, D), padding is zero
+    qbar = qa.sum(3, dtype=torch.float32) / n[:, None, :, None]  # (B, H, NC, D), padding is zero
     ka = row_aligned(k, key_start, nc * cs).view(B, KV, nc, cs, D).float()
     rep = torch.zeros(B, H, nc, D, dtype=torch.float32, device=q.device)
     step = max(1, _POOL_ELEMENTS // max(B * H * cs, 1))
