@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tca_attention import registry
+from tca_attention.methods import dhsa as DH
 from tca_attention.methods.dhsa import DHSA, attended_fraction, budget_for
 from method_checks import assert_alone_equals_batched, assert_full_density_equals_dense
 from test_xattention import plan_lists, prompts
@@ -76,13 +77,15 @@ CASES = [((150, 97, 60), 4, 2), ((130,), 3, 3)]  # GQA + padding, MHA
 
 @pytest.mark.parametrize("lengths,H,KV", CASES)
 @pytest.mark.parametrize("budget", [32, 48, 80])
-def test_plan_is_the_token_top_k_of_the_definition(lengths, H, KV, budget):
+def test_plan_is_the_token_top_k_of_the_definition(lengths, H, KV, budget, monkeypatch):
     D = 8
     _, _, q, k, key_start = prompts(lengths, H, KV, D, seed=budget + H, scale=2.0)
     L = q.shape[2]
     method = DHSA(budget=budget, block_size=BS, chunk_len=8, nms=2)
     plan = method.plan(0, q, k, key_start, D**-0.5)
     plan.validate(H, KV, L)
+    monkeypatch.setattr(DH, "_SELECT_ELEMENTS", 1)  # one query block at a time: the same plan
+    assert torch.equal(method.plan(0, q, k, key_start, D**-0.5).extra_cols, plan.extra_cols)
     assert plan.indptr.shape[1] == KV  # one list per KV head, the same for each
     want = brute_extra(q, k, key_start, method)
     for b, n in enumerate(lengths):

@@ -25,7 +25,8 @@ from ..engine.plan import BlockPlan
 from .base import Method
 from .chunks import pack_lists, real_tokens, row_aligned
 
-# Pooling logits computed at once (B, H, chunks of a group, chunk_size), fp32: 256 MiB at most.
+# Pooling logits (B, H, chunks, chunk_size) and chunk scores (B, H, query chunks, NC) computed at once:
+# 64M elements at most (fp32, and fp64 / int64 for the ranking).
 _POOL_ELEMENTS = 1 << 26
 
 
@@ -58,15 +59,15 @@ def chunk_representations(
     return qbar, rep
 
 
-def select_chunks(scores: torch.Tensor, chunks: int) -> torch.Tensor:
-    """scores (..., NC, NC) of query chunk i for key chunk j -> keep (..., NC, NC) bool.
+def select_chunks(scores: torch.Tensor, chunks: int, first: int = 0) -> torch.Tensor:
+    """scores (..., nb, NC) of query chunks first + [0, nb) for key chunk j -> keep (..., nb, NC) bool.
 
     Kept for query chunk i: chunks 0, i - 1 and i (forced), then the other causal chunks in
     descending score (ties: lower j first) until `chunks` are kept; all causal chunks when there
     are at most `chunks`."""
-    nc = scores.shape[-1]
+    nb, nc = scores.shape[-2:]
     dev = scores.device
-    i = torch.arange(nc, device=dev)[:, None]
+    i = first + torch.arange(nb, device=dev)[:, None]
     j = torch.arange(nc, device=dev)[None, :]
     causal = j <= i
     forced = causal & ((j == 0) | (j >= i - 1))
@@ -109,8 +110,11 @@ class LongHeads(Method):
             return None
         ks = key_start.to(device=q.device, dtype=torch.long)
         qbar, rep = chunk_representations(q, k, ks, scaling, cs)
-        scores = qbar @ rep.transpose(-1, -2)  # (B, H, NC query chunks, NC key chunks) fp32
-        keep = select_chunks(scores, self.chunks)
+        keep = torch.empty(B, H, nc, nc, dtype=torch.bool, device=q.device)
+        step = max(1, _POOL_ELEMENTS // max(B * H * nc, 1))
+        for c0 in range(0, nc, step):  # query chunks [c0, c1): scores (B, H, c1 - c0, NC) fp32
+            c1 = min(nc, c0 + step)
+            keep[:, :, c0:c1] = select_chunks(qbar[:, :, c0:c1] @ rep.transpose(-1, -2), self.chunks, c0)
         row_chunks = -(-(L - ks) // cs)  # (B,)
         keep &= (torch.arange(nc, device=q.device)[None, :] < row_chunks[:, None])[:, None, :, None]
         nnz = sum(min(i + 1, self.chunks) for i in range(nc))  # the longest list: a row without padding
