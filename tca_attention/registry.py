@@ -170,7 +170,7 @@ ENTRIES: dict[str, Entry] = {
               _dataclass_build("longheads.LongHeads"), Density("chunks", _lazy("longheads.chunks_for"))),
         Entry("dhsa", "DHSA: dynamic key chunks, length-normalised chunk similarity upsampled to a token top-k "
               "per query block", {"budget": int, "block_size": int, "chunk_len": int, "boundary_window": int,
-                                  "nms": int},
+                                  "nms": int, "dense_tail": int},
               _dataclass_build("dhsa.DHSA"), Density("budget", _lazy("dhsa.budget_for"))),
     )
 }

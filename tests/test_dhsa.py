@@ -61,6 +61,8 @@ def brute_extra(q, k, key_start, method) -> list[list[list[int]]]:
             qbar = qt.mean(0) * qt.shape[0] ** 0.5
             forced = (qt.shape[0] if i == 0 else bs + qt.shape[0])
             left = max(0, method.budget - forced)
+            if method.dense_tail and (i + 1) * bs > n - method.dense_tail:
+                left = 0  # the dense tail: listed blocks, no extra columns
             cand = list(range(bs, i * bs))
             ranked = sorted(cand, key=lambda t: (-float(qbar @ kbar[cid[t]]), t))
             rows.append(sorted(s0 + t for t in ranked[:left]))
@@ -76,12 +78,12 @@ CASES = [((150, 97, 60), 4, 2), ((130,), 3, 3)]  # GQA + padding, MHA
 
 
 @pytest.mark.parametrize("lengths,H,KV", CASES)
-@pytest.mark.parametrize("budget", [32, 48, 80])
-def test_plan_is_the_token_top_k_of_the_definition(lengths, H, KV, budget, monkeypatch):
+@pytest.mark.parametrize("budget,tail", [(32, 0), (48, 20), (80, 0)])
+def test_plan_is_the_token_top_k_of_the_definition(lengths, H, KV, budget, tail, monkeypatch):
     D = 8
     _, _, q, k, key_start = prompts(lengths, H, KV, D, seed=budget + H, scale=2.0)
     L = q.shape[2]
-    method = DHSA(budget=budget, block_size=BS, chunk_len=8, nms=2)
+    method = DHSA(budget=budget, block_size=BS, chunk_len=8, nms=2, dense_tail=tail)
     plan = method.plan(0, q, k, key_start, D**-0.5)
     plan.validate(H, KV, L)
     monkeypatch.setattr(DH, "_SELECT_ELEMENTS", 1)  # one query block at a time: the same plan
@@ -92,13 +94,15 @@ def test_plan_is_the_token_top_k_of_the_definition(lengths, H, KV, budget, monke
         nq = -(-n // BS)
         for h in range(KV):
             lists = plan_lists(plan, b, h)
-            assert lists[:nq] == [[0]] + [[0, i] for i in range(1, nq)] and all(not x for x in lists[nq:])
+            t0 = max(0, n - tail) // BS if tail else nq  # the first dense-tail block
+            assert lists[:nq] == [[0]] + [[0, i] if i < t0 else list(range(i + 1)) for i in range(1, nq)]
+            assert all(not x for x in lists[nq:])
             extra = plan_extra(plan, b, h)
             assert extra[:nq] == want[b] and all(not x for x in extra[nq:]), (b, h)
             assert all(len(x) + min(BS, n - i * BS) + (BS if i else 0) <= budget for i, x in enumerate(extra[:nq]))
         alone = method.plan(0, q[b:b + 1, :, L - n:], k[b:b + 1, :, L - n:], torch.zeros(1, dtype=torch.long),
                             D**-0.5, padded=False)
-        assert float(alone.kept_fraction(n)[0, 0]) == pytest.approx(attended_fraction(n, budget, BS))
+        assert float(alone.kept_fraction(n)[0, 0]) == pytest.approx(attended_fraction(n, budget, BS, tail))
 
 
 def test_a_query_block_aligned_with_one_chunk_selects_it():
@@ -115,7 +119,7 @@ def test_a_query_block_aligned_with_one_chunk_selects_it():
     k[:, :, 70:] -= 5 * e
     q = torch.randn(1, H, 128, D, generator=gen) * 0.1
     q[:, :, 112:] += e
-    method = DHSA(budget=2 * BS + 20, block_size=BS, chunk_len=16)
+    method = DHSA(budget=2 * BS + 20, block_size=BS, chunk_len=16, dense_tail=0)
     ids = method.chunks(k, torch.zeros(1, dtype=torch.long), 128)[0]
     assert ids[49] != ids[50] and bool((ids[50:70] == ids[50]).all()) and ids[69] != ids[70]
     plan = method.plan(0, q, k, torch.zeros(1, dtype=torch.long), D**-0.5, padded=False)
@@ -126,7 +130,7 @@ def test_plan_alone_equals_plan_in_padded_batch():
     lengths = (150, 97, 30)  # 30 tokens: 2 blocks, no plan alone, every causal block in the batch
     H, KV, D = 4, 2, 8
     qs, ks, q, k, key_start = prompts(lengths, H, KV, D, seed=11, scale=2.0)
-    method = DHSA(budget=48, block_size=BS, chunk_len=8, nms=2)
+    method = DHSA(budget=48, block_size=BS, chunk_len=8, nms=2, dense_tail=10)
     batched = method.plan(0, q, k, key_start, D**-0.5)
     for r, n in enumerate(lengths):
         nq = -(-n // BS)
@@ -147,25 +151,27 @@ def test_short_prompts_and_bad_settings():
     for bad, why in (({"budget": 200}, "budget >= 2 x block_size = 256"), ({"block_size": 24}, "power of two"),
                      ({"budget": 64, "block_size": 16, "chunk_len": 0}, "chunk_len"),
                      ({"budget": 64, "block_size": 16, "nms": 0}, "nms"),
-                     ({"budget": 64, "block_size": 16, "boundary_window": 0}, "boundary_window")):
+                     ({"budget": 64, "block_size": 16, "boundary_window": 0}, "boundary_window"),
+                     ({"budget": 64, "block_size": 16, "dense_tail": -1}, "dense_tail")):
         with pytest.raises(ValueError, match=why):
             DHSA(**bad)
     m = DHSA()
-    assert (m.budget, m.block_size, m.chunk_len, m.boundary_window, m.nms, m.name) == (2048, 128, 16, 4, 8, "dhsa")
+    assert (m.budget, m.block_size, m.chunk_len, m.boundary_window, m.nms, m.dense_tail, m.name) == \
+        (2048, 128, 16, 4, 8, 64, "dhsa")
     assert m.decode_keep(0, 3).tolist() == [128] * 3 and m.select_decode(0, None, None) is None
     with pytest.raises(ValueError, match="not a valid int"):
         registry.create("dhsa:budget=lots")
 
 
 def test_density_knob_solves_the_attended_fraction():
-    for L, bs in ((4096, 64), (1000, 16), (8192, 128)):
+    for L, bs, tail in ((4096, 64, 64), (1000, 16, 0), (8192, 128, 64)):
         budgets = list(range(2 * bs, L + bs + 1, max(1, L // 64)))
-        fracs = [attended_fraction(L, b, bs) for b in budgets]
-        assert all(a <= b for a, b in zip(fracs, fracs[1:])) and attended_fraction(L, L + bs, bs) == 1.0
+        fracs = [attended_fraction(L, b, bs, tail) for b in budgets]
+        assert all(a <= b for a, b in zip(fracs, fracs[1:])) and attended_fraction(L, L + bs, bs, tail) == 1.0
         for target in (0.1, 0.25, 0.5, 0.9):
-            b = budget_for(target, L, {"block_size": bs})
-            near = [attended_fraction(L, x, bs) for x in (b - 1, b, b + 1) if x >= 2 * bs]
-            assert abs(attended_fraction(L, b, bs) - target) == min(abs(f - target) for f in near)
+            b = budget_for(target, L, {"block_size": bs, "dense_tail": tail})
+            near = [attended_fraction(L, x, bs, tail) for x in (b - 1, b, b + 1) if x >= 2 * bs]
+            assert abs(attended_fraction(L, b, bs, tail) - target) == min(abs(f - target) for f in near)
     spec = registry.at_density("dhsa:block_size=64", 0.25, 4096)
     assert spec == f"dhsa:budget={budget_for(0.25, 4096, {'block_size': 64})},block_size=64"
     assert registry.density_param("dhsa") == "budget" and "dhsa" in registry.describe()
@@ -179,7 +185,7 @@ def test_plan_runs_on_the_triton_kernel():
     _, _, q, k, key_start = prompts((90, 70), H, KV, D, seed=9, scale=2.0)
     v = torch.randn(k.shape, dtype=torch.float64)
     q, k, v, key_start = (t.to(DEV, torch.float32) if t.is_floating_point() else t.to(DEV) for t in (q, k, v, key_start))
-    plan = DHSA(budget=48, block_size=BS, chunk_len=8).plan(0, q, k, key_start, D**-0.5)
+    plan = DHSA(budget=48, block_size=BS, chunk_len=8, dense_tail=16).plan(0, q, k, key_start, D**-0.5)
     assert float(plan.kept_fraction(q.shape[2]).mean()) < 1
     tri = dispatch.prefill(q, k, v, plan, D**-0.5, backend="triton")
     ref = dispatch.prefill(q, k, v, plan, D**-0.5, backend="reference")
@@ -188,10 +194,11 @@ def test_plan_runs_on_the_triton_kernel():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_full_budget_equals_dense(arch):
-    assert_full_density_equals_dense(arch, DHSA(budget=256, block_size=BS, chunk_len=8), steps_n=12, new_tokens=8)
+    assert_full_density_equals_dense(arch, DHSA(budget=256, block_size=BS, chunk_len=8, dense_tail=0), steps_n=12,
+                                     new_tokens=8)
 
 
 def test_sparse_model_run_alone_equals_batched():
     # (at budget 48 the 75-token prompt generates EOS after two tokens, which the helper's 6-token
     # comparison cannot take; its prefill plans and logits were checked equal alone and batched)
-    assert_alone_equals_batched(DHSA(budget=64, block_size=BS, chunk_len=8))
+    assert_alone_equals_batched(DHSA(budget=64, block_size=BS, chunk_len=8, dense_tail=16))

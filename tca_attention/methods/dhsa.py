@@ -13,9 +13,12 @@ On-Device LLMs"): chunk-level similarity upsampled to a token-level top-k per qu
    attends to key block 0 (global tokens) and to itself (local tokens); of the other causal keys
    (between them) it keeps the `budget` - (its forced tokens) best by score (ties: earlier key),
    so each query block attends `budget` keys at most. One selection per row, shared by every head.
+   The query blocks holding the last `dense_tail` tokens (the instruction, in the paper's code)
+   attend to every earlier key.
 
 On the engine: a BlockPlan per KV head (the same lists for each) with block_q = block_k =
-block_size: the forced blocks are listed blocks, the selected tokens the plan's extra key columns.
+block_size: the forced (and dense-tail) blocks are listed blocks, the selected tokens the plan's
+extra key columns.
 Decode is dense (the cache keeps everything). One host sync per layer in a padded batch.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from ..engine.plan import BlockPlan
 from .base import Method
-from .chunks import real_tokens, row_aligned
+from .chunks import pack_lists, real_tokens, row_aligned
 
 # Elements of a (query blocks x keys) selection mask built at once: 32M (a few int64 temporaries: ~1 GiB).
 _SELECT_ELEMENTS = 1 << 25
@@ -114,6 +117,7 @@ class DHSA(Method):
     chunk_len: int = 16
     boundary_window: int = 4
     nms: int = 8
+    dense_tail: int = 64
     name: str = "dhsa"
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
 
@@ -124,7 +128,7 @@ class DHSA(Method):
         if not isinstance(self.budget, int) or self.budget < 2 * b:
             raise ValueError(f"DHSA needs budget >= 2 x block_size = {2 * b} tokens (key block 0 and the "
                              f"query's own block are always attended), got {self.budget!r}")
-        for name, low in (("chunk_len", 1), ("boundary_window", 1), ("nms", 1)):
+        for name, low in (("chunk_len", 1), ("boundary_window", 1), ("nms", 1), ("dense_tail", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ValueError(f"DHSA needs {name} an int >= {low}, got {getattr(self, name)!r}")
 
@@ -182,36 +186,53 @@ class DHSA(Method):
             cols = torch.full((B, i1 - i0, C + 1), -1, dtype=torch.long, device=dev)
             cols.scatter_(2, slot, torch.where(sel, pos[:, None, :] + ks[:, None, None], -1))
             extra[:, i0:i1] = cols[..., :C]
-        # listed blocks: 0 and the diagonal (block 0 alone for query block 0), real query blocks only
+        # listed blocks: 0 and the diagonal (block 0 alone for query block 0), every causal block for
+        # the dense tail; real query blocks only
         row_blocks = -(-n_real // bs)  # (B,)
         live = i[None, :] < row_blocks[:, None]  # (B, NQ)
-        counts = torch.where(live, torch.where(i == 0, 1, 2)[None, :], 0)
-        indptr = F.pad(counts.cumsum(-1), (1, 0))  # (B, NQ + 1)
-        nnz = 2 * nq - 1
-        e = torch.arange(nnz, device=dev)
-        blk = (e + 1) // 2  # entry e of an unpadded list: 0, then (0, i) pairs: block of entry
-        indices = torch.where(e % 2 == 1, 0, blk).to(torch.int32)  # 0 | (0, 1) | (0, 2) ...
+        tail = live & (i[None, :] >= _tail_start(n_real, self.dense_tail, bs)[:, None])  # (B, NQ)
+        j = i[None, None, :]
+        keep = (j == 0) | (j == i[None, :, None]) | (tail[..., None] & (j <= i[None, :, None]))
+        keep &= live[..., None]  # (B, NQ, NQ)
+        indptr, indices = pack_lists(keep[:, None], _list_entries(L, self.dense_tail, bs))
         n_q = -(-(L - int(ks.min())) // bs) if padded else nq
-        extra = extra.masked_fill(~live[..., None], -1)[:, None, :n_q].expand(B, KV, n_q, C)
-        return BlockPlan(bs, bs, ks, indptr[:, None, : n_q + 1].to(torch.int32).expand(B, KV, n_q + 1),
-                         indices[None, None].expand(B, KV, nnz), extra)
+        extra = extra.masked_fill(~live[..., None] | tail[..., None], -1)[:, None, :n_q].expand(B, KV, n_q, C)
+        return BlockPlan(bs, bs, ks, indptr[..., : n_q + 1].expand(B, KV, n_q + 1),
+                         indices.expand(B, KV, indices.shape[-1]), extra)
 
 
-def attended_fraction(seq_len: int, budget: int, block_size: int) -> float:
+def _tail_start(n_real, dense_tail: int, block_size: int):
+    """The first query block of a row of n_real tokens that overlaps its last dense_tail tokens
+    (int or (B,) tensor; n_real // block_size + 1, past every block, when dense_tail is 0)."""
+    if dense_tail == 0:
+        return n_real // block_size + 1
+    return (n_real - dense_tail).clamp_min(0) // block_size if torch.is_tensor(n_real) \
+        else max(0, n_real - dense_tail) // block_size
+
+
+def _list_entries(seq_len: int, dense_tail: int, block_size: int) -> int:
+    """Listed key blocks of an unpadded row (the most of any row): 1 + 2 per later block, i + 1
+    for a tail block i."""
+    nq = -(-seq_len // block_size)
+    t = _tail_start(seq_len, dense_tail, block_size)
+    return sum(i + 1 if i >= t else (1 if i == 0 else 2) for i in range(nq))
+
+
+def attended_fraction(seq_len: int, budget: int, block_size: int, dense_tail: int = 0) -> float:
     """The attended fraction of causal (query, key) pairs of an unpadded seq_len prompt (what the
     plan's kept_fraction reports): each query block sees key block 0, itself (causally) and
-    min(budget - forced, candidates) earlier keys."""
+    min(budget - forced, candidates) earlier keys; a dense-tail block sees every earlier key."""
     L, bs = seq_len, block_size
     nq = -(-L // bs)
     if nq <= 2:
         return 1.0
-    pairs = 0
+    pairs, t = 0, _tail_start(L, dense_tail, bs)
     for i in range(nq):
         n = min(bs, L - i * bs)
         if i == 0:
             pairs += n * (n + 1) // 2
             continue
-        extra = min(max(0, budget - bs - n), (i - 1) * bs)
+        extra = (i - 1) * bs if i >= t else min(max(0, budget - bs - n), (i - 1) * bs)
         pairs += n * bs + n * (n + 1) // 2 + extra * n
     return pairs / (L * (L + 1) / 2)
 
@@ -220,9 +241,10 @@ def budget_for(kept_fraction: float, seq_len: int, params: Mapping[str, Any]) ->
     """The budget (tokens, at least 2 blocks) attending closest to kept_fraction of the causal pairs
     of a seq_len prompt (the registry's density knob). The fraction never decreases with the budget."""
     bs = int(params.get("block_size", DHSA.block_size))
+    tail = int(params.get("dense_tail", DHSA.dense_tail))
 
     def frac(b: int) -> float:
-        return attended_fraction(seq_len, b, bs)
+        return attended_fraction(seq_len, b, bs, tail)
 
     lo, hi = 2 * bs, max(2 * bs, seq_len + bs)
     while lo < hi:
