@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tca_attention import registry
-from tca_attention.methods import chunks as chunks_module
+from tca_attention.methods import base as base_module
 from tca_attention.methods import longheads as LH
 from tca_attention.methods.longheads import LongHeads, attended_fraction, chunk_representations, chunks_for
 from method_checks import assert_alone_equals_batched, assert_full_density_equals_dense
@@ -68,7 +68,7 @@ def test_plan_is_the_selection_rule(lengths, H, KV, chunks, monkeypatch):
     plan = LongHeads(chunks=chunks, chunk_size=CS).plan(0, q, k, key_start, D**-0.5)
     plan.validate(H, KV, L)
     monkeypatch.setattr(LH, "_POOL_ELEMENTS", 1)  # one chunk at a time: the same plan
-    monkeypatch.setattr(chunks_module, "_PACK_ELEMENTS", 1)
+    monkeypatch.setattr(base_module, "_PACK_ELEMENTS", 1)
     pieces = LongHeads(chunks=chunks, chunk_size=CS).plan(0, q, k, key_start, D**-0.5)
     assert torch.equal(pieces.indptr, plan.indptr) and torch.equal(pieces.indices, plan.indices)
     assert plan.indptr.shape[1] == H and plan.block_q == plan.block_k == CS  # a list per query head

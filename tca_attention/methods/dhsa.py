@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.plan import BlockPlan
-from .base import Method
-from .chunks import pack_lists, real_tokens, row_aligned
+from .base import Method, pack_lists, real_tokens, row_aligned
 
 # Elements of a (query blocks x keys) selection mask built at once: 32M (a few int64 temporaries: ~1 GiB).
 _SELECT_ELEMENTS = 1 << 25

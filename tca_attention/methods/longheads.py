@@ -22,8 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from ..engine.plan import BlockPlan
-from .base import Method
-from .chunks import pack_lists, real_tokens, row_aligned
+from .base import Method, pack_lists, real_tokens, row_aligned
 
 # Pooling logits (B, H, chunks, chunk_size) and chunk scores (B, H, query chunks, NC) computed at once:
 # 64M elements at most (fp32, and fp64 / int64 for the ranking).
