@@ -202,3 +202,25 @@ def test_sparse_model_run_alone_equals_batched():
     # (at budget 48 the 75-token prompt generates EOS after two tokens, which the helper's 6-token
     # comparison cannot take; its prefill plans and logits were checked equal alone and batched)
     assert_alone_equals_batched(DHSA(budget=64, block_size=BS, chunk_len=8, dense_tail=16))
+
+
+@pytest.mark.slow  # about 20 s on two shared CPU cores (the eval's tiny model has a 49K vocabulary)
+def test_eval_runs_both_chunk_methods(tmp_path, smol_tokenizer, monkeypatch):
+    """dhsa and longheads through `tca eval` on a tiny model: the recorded attended fraction is the
+    closed form their density knobs solve with (a prompt of one sample, no padding)."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from tca_attention.methods.longheads import attended_fraction as longheads_fraction
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", device="cpu", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    specs = ("dhsa:budget=96,block_size=16,dense_tail=16", "longheads:chunks=6,chunk_size=16")
+    cfg = EvalConfig(model="tiny-llama", methods=specs, tasks=("niah_single",), lengths=(256,), samples=1)
+    results = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    d, lh = results[specs[0]], results[specs[1]]
+    n = d.prompt_tokens
+    assert d.kept_fraction == lh.kept_fraction == 1.0  # the cache keeps everything
+    assert d.metadata["prefill_kept_fraction"] == pytest.approx(attended_fraction(n, 96, 16, 16))
+    assert lh.metadata["prefill_kept_fraction"] == pytest.approx(longheads_fraction(n, 6, 16))
+    assert 0 < d.metadata["prefill_kept_fraction"] < 1 and 0 < lh.metadata["prefill_kept_fraction"] < 1
