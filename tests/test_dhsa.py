@@ -224,3 +224,14 @@ def test_eval_runs_both_chunk_methods(tmp_path, smol_tokenizer, monkeypatch):
     assert d.metadata["prefill_kept_fraction"] == pytest.approx(attended_fraction(n, 96, 16, 16))
     assert lh.metadata["prefill_kept_fraction"] == pytest.approx(longheads_fraction(n, 6, 16))
     assert 0 < d.metadata["prefill_kept_fraction"] < 1 and 0 < lh.metadata["prefill_kept_fraction"] < 1
+
+
+def test_bench_methods_sweeps_both_chunk_methods():
+    """`tca bench methods --methods peers` expands every peer's sweep, these two included."""
+    from tca_attention.benchmarks import bench_methods
+
+    args = bench_methods.parse_args(["--methods", "peers", "--out", "r.json"])
+    assert [s for s in args.specs if s.split(":")[0] in ("dhsa", "longheads")] == \
+        ["longheads:chunks=16", "longheads:chunks=64", "dhsa:budget=2048", "dhsa:budget=8192"]
+    assert all(registry.normalize(s) == s for s in args.specs)
+    assert {s.split(":")[0] for s in args.specs} == set(bench_methods.SWEEPS)
