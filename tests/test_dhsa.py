@@ -22,6 +22,26 @@ def segmented_keys(lengths: list[int], KV: int, D: int, gen: torch.Generator, no
     return k + noise * torch.randn(k.shape, generator=gen)
 
 
+def test_boundary_scores_match_the_definition(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 3, 50, 8, generator=gen, dtype=torch.float64)
+    key_start = torch.tensor([0, 9])
+    w, length = 3, 64
+    got = DH.boundary_scores(k, key_start, w, length)
+    for b in range(2):
+        s0, n = int(key_start[b]), 50 - int(key_start[b])
+        flat = k[b, :, s0:].permute(1, 0, 2).reshape(n, -1)  # (n, KV * D): every head's key of a token
+        for p in range(length):
+            if p < w - 1 or p + w >= n:
+                assert got[b, p] == float("-inf"), (b, p)
+                continue
+            left, right = flat[p - w + 1:p + 1].mean(0), flat[p + 1:p + w + 1].mean(0)
+            want = 1 - torch.nn.functional.cosine_similarity(left, right, dim=0)
+            assert float(got[b, p]) == pytest.approx(float(want), abs=1e-5), (b, p)
+    monkeypatch.setattr(DH, "_BOUNDARY_ELEMENTS", 1)  # one position at a time: the same scores
+    torch.testing.assert_close(DH.boundary_scores(k, key_start, w, length), got, rtol=0, atol=1e-6)  # fp32 sums
+
+
 def test_boundaries_are_where_the_keys_change():
     gen = torch.Generator().manual_seed(0)
     segs = [20, 25, 35, 48]  # chunk starts 0, 20, 45, 80 (128 tokens: 3 boundaries with chunk_len 32)

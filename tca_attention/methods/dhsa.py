@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from ..engine.plan import BlockPlan
 from .base import Method, pack_lists, real_tokens, row_aligned
 
+# Row-aligned keys (KV, positions, D) of a row scored for boundaries at once, fp32: 64 MiB a temporary.
+_BOUNDARY_ELEMENTS = 1 << 24
 # Elements of a (query blocks x keys) selection mask built at once: 32M (a few int64 temporaries: ~1 GiB).
 _SELECT_ELEMENTS = 1 << 25
 
@@ -40,21 +42,27 @@ _SELECT_ELEMENTS = 1 << 25
 def boundary_scores(k: torch.Tensor, key_start: torch.Tensor, window: int, length: int) -> torch.Tensor:
     """Dissimilarity of the key windows either side of each row-aligned position p:
     1 - cos(mean k[p - w + 1 .. p], mean k[p + 1 .. p + w]) over all KV heads' keys concatenated.
-    k (B, KV, L, D) -> (B, length) fp32, -inf where a window would leave the row's real tokens."""
+    k (B, KV, L, D) -> (B, length) fp32, -inf where a window would leave the row's real tokens.
+    Computed a slice of positions at a time (at most _BOUNDARY_ELEMENTS fp32 keys of a row per slice)."""
     B, KV, L, D = k.shape
     w = window
     out = torch.full((B, length), float("-inf"), device=k.device)
-    if length < 2 * w:
+    n_pos = length - 2 * w + 1  # window pairs: left [s, s + w), right [s + w, s + 2w), p = s + w - 1
+    if n_pos <= 0:
         return out
     ka = row_aligned(k, key_start, length)  # (B, KV, length, D)
-    feat = ka.permute(0, 1, 3, 2).reshape(B, KV * D, length).float()  # (B, F, length)
-    m = F.avg_pool1d(feat, w, stride=1)  # (B, F, length - w + 1): m[s] = mean of [s, s + w)
-    left, right = m[..., : length - 2 * w + 1], m[..., w:]  # p = s + w - 1: left [s, p], right [p + 1, p + w]
-    cos = F.cosine_similarity(left, right, dim=1, eps=1e-12)  # (B, length - 2w + 1)
-    out[:, w - 1 : length - w] = 1 - cos
-    n = (L - key_start.long())[:, None]  # (B, 1) the row's real tokens
+    step = max(1, _BOUNDARY_ELEMENTS // max(KV * D, 1))  # per row: the same slices alone and in a batch
+    for s0 in range(0, n_pos, step):
+        n = min(n_pos, s0 + step) - s0
+        x = ka[:, :, s0 : s0 + n + 2 * w - 1].float()
+        m = sum(x[:, :, d : d + n + w] for d in range(w)) / w  # m[t]: mean of keys s0 + t .. s0 + t + w - 1
+        left, right = m[:, :, :n], m[:, :, w : w + n]
+        dot = (left * right).sum((1, 3))  # (B, n) over every KV head's dims
+        norms = left.square().sum((1, 3)).sqrt() * right.square().sum((1, 3)).sqrt()
+        out[:, s0 + w - 1 : s0 + w - 1 + n] = 1 - dot / norms.clamp_min(1e-12)
+    n_real = (L - key_start.long())[:, None]  # (B, 1)
     p = torch.arange(length, device=k.device)[None, :]
-    return out.masked_fill(p + w >= n, float("-inf"))  # the right window must be real
+    return out.masked_fill(p + w >= n_real, float("-inf"))  # the right window must be real
 
 
 def chunk_starts(scores: torch.Tensor, n_real: torch.Tensor, nms: int, chunk_len: int) -> torch.Tensor:

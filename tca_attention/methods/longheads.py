@@ -24,8 +24,8 @@ import torch
 from ..engine.plan import BlockPlan
 from .base import Method, pack_lists, real_tokens, row_aligned
 
-# Pooling logits (B, H, chunks, chunk_size) and chunk scores (B, H, query chunks, NC) computed at once:
-# 64M elements at most (fp32, and fp64 / int64 for the ranking).
+# Pooling logits (H, chunks, chunk_size) and chunk scores (H, query chunks, NC) of a row computed at
+# once: 64M elements a row at most (fp32, and fp64 / int64 for the ranking).
 _POOL_ELEMENTS = 1 << 26
 
 
@@ -46,7 +46,7 @@ def chunk_representations(
     qbar = qa.sum(3, dtype=torch.float32) / n[:, None, :, None]  # (B, H, NC, D), padding is zero
     ka = row_aligned(k, key_start, nc * cs).view(B, KV, nc, cs, D).float()
     rep = torch.zeros(B, H, nc, D, dtype=torch.float32, device=q.device)
-    step = max(1, _POOL_ELEMENTS // max(B * H * cs, 1))
+    step = max(1, _POOL_ELEMENTS // max(H * cs, 1))  # per row: the same chunks alone and in a batch
     for c0 in range(0, nc, step):
         c1 = min(nc, c0 + step)
         u = qbar[:, :, c0:c1].view(B, KV, g, c1 - c0, D)
@@ -110,7 +110,7 @@ class LongHeads(Method):
         ks = key_start.to(device=q.device, dtype=torch.long)
         qbar, rep = chunk_representations(q, k, ks, scaling, cs)
         keep = torch.empty(B, H, nc, nc, dtype=torch.bool, device=q.device)
-        step = max(1, _POOL_ELEMENTS // max(B * H * nc, 1))
+        step = max(1, _POOL_ELEMENTS // max(H * nc, 1))
         for c0 in range(0, nc, step):  # query chunks [c0, c1): scores (B, H, c1 - c0, NC) fp32
             c1 = min(nc, c0 + step)
             keep[:, :, c0:c1] = select_chunks(qbar[:, :, c0:c1] @ rep.transpose(-1, -2), self.chunks, c0)
