@@ -183,7 +183,7 @@ class DHSA(Method):
         i = torch.arange(nq, device=dev)
         forced = torch.where(i[None, :] == 0, qlen, bs + qlen)  # (B, NQ)
         remaining = (self.budget - forced).clamp_min(0)
-        C = max(1, min(self.budget - bs - 1, length))
+        C = max(1, min(self.budget - bs - 1, length - 2 * bs))  # candidates of a block lie in [bs, (NQ - 1) bs)
         extra = torch.full((B, nq, C), -1, dtype=torch.long, device=dev)
         step = max(1, _SELECT_ELEMENTS // max(B * length, 1))
         for i0 in range(0, nq, step):
