@@ -172,6 +172,13 @@ ENTRIES: dict[str, Entry] = {
               "blocks (full KV)",
               {"k": int, "block_size": int, "sliding_window": int, "rep_tokens": int, "q_stride": int},
               _dataclass_build("hip.HiP"), Density("k", _lazy("hip.k_for"))),
+        Entry("longheads", "LongHeads: each query head attends to its top chunks (query . pooled chunk keys) plus "
+              "the first and local chunks", {"chunks": int, "chunk_size": int},
+              _dataclass_build("longheads.LongHeads"), Density("chunks", _lazy("longheads.chunks_for"))),
+        Entry("dhsa", "DHSA: dynamic key chunks, length-normalised chunk similarity upsampled to a token top-k "
+              "per query block", {"budget": int, "block_size": int, "chunk_len": int, "boundary_window": int,
+                                  "nms": int, "dense_tail": int},
+              _dataclass_build("dhsa.DHSA"), Density("budget", _lazy("dhsa.budget_for"))),
     )
 }
 
@@ -286,6 +293,8 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.full_budget import FullBudget
     from .methods.head_split import HeadSplit
     from .methods.hip import HiP
+    from .methods.dhsa import DHSA
+    from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
     from .methods.streaming import StreamingLLM
@@ -295,7 +304,8 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
                              ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
-                             ("blasst", BLASST, ()), ("hip", HiP, ())):
+                             ("blasst", BLASST, ()), ("hip", HiP, ()),
+                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

@@ -38,6 +38,8 @@ PEER_SWEEPS: dict[str, str] = {
     "streaming": "streaming:window=4096",
     "blasst": "blasst:scale_factor=100|1000|10000",
     "hip": "hip:k=8|32|128",  # at 128K: 1.3%, 3.6%, 12.6% of the causal pairs
+    "longheads": "longheads:chunks=16|64",  # 16 chunks of 256: the paper's 4K attention length
+    "dhsa": "dhsa:budget=2048|8192",  # the paper's LongBench budget, and 4x
 }
 
 
