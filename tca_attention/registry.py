@@ -165,6 +165,14 @@ ENTRIES: dict[str, Entry] = {
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
               _minference),
+        Entry("token-sparse", "Token Sparse Attention: per layer and query head, attend among a token subset "
+              "(last-query scores, coverage tau) and scatter back; other tokens skip the layer (full KV)",
+              {"coverage": float, "keep": float, "min_tokens": int, "recent": int, "kernel": int, "start": float},
+              _dataclass_build("token_sparse.TokenSparse")),
+        Entry("spatten", "SpAtten cascade token pruning: cumulative attention importance, pruned tokens stay "
+              "pruned in later layers (geometric schedule to `keep`)",
+              {"keep": float, "start": float, "window": int, "block_size": int}, _dataclass_build("spatten.SpAtten"),
+              Density("keep", _lazy("spatten.keep_for"))),
     )
 }
 
@@ -279,13 +287,16 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.head_split import HeadSplit
     from .methods.minference import MInference
     from .methods.quest import Quest
+    from .methods.spatten import SpAtten
     from .methods.streaming import StreamingLLM
+    from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
     # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",))):
+                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
+                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

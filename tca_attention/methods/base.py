@@ -88,6 +88,21 @@ class Method(ABC):
         return {}
 
 
+def model_depth(model) -> int:
+    """The number of decoder layers of `model` (its text config's num_hidden_layers)."""
+    from ..introspect import text_config
+
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{type(model).__name__}: no num_hidden_layers in its config")
+    return n
+
+
+def first_at_depth(start: float, n_layers: int) -> int:
+    """The first layer index at relative depth `start` (0: layer 0, 0.5: the second half)."""
+    return min(n_layers, int(start * n_layers))
+
+
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:
     """(n_blocks, local_start) of the global/local split, or None when the prompt stays dense."""
     if seq_len <= window + block_size:
