@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,14 @@ def test_registry_builds_it():
     assert registry.normalize("spatten:block_size=16, keep=0.50") == "spatten:keep=0.5,block_size=16"
     with pytest.raises(ValueError, match="keep"):
         registry.create("spatten:keep=2")
+
+
+def test_bench_methods_takes_the_sweeps():
+    """The sweeps of scripts/gpu_peers.sh expand into valid specs for `tca bench methods`."""
+    from tca_attention.benchmarks import bench_methods
+
+    text = "token-sparse:coverage=0.005|0.05,min_tokens=1024; token-sparse:keep=0.25|0.5; spatten:keep=0.25|0.5"
+    assert text in (Path(__file__).parents[1] / "scripts" / "gpu_peers.sh").read_text()
+    args = bench_methods.parse_args(["--methods", text, "--out", "r.json"])
+    assert args.specs == ["token-sparse:coverage=0.005,min_tokens=1024", "token-sparse:coverage=0.05,min_tokens=1024",
+                          "token-sparse:keep=0.25", "token-sparse:keep=0.5", "spatten:keep=0.25", "spatten:keep=0.5"]

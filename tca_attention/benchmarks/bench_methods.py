@@ -9,7 +9,7 @@ compared at equal attended work. TCA takes a budget file mapped onto the model's
 only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
 head scores: fine for timing (its cost depends only on how many heads keep everything), never for
 accuracy.
-Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
+Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9; spatten:keep=0.25|0.5" --out r.json
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from ..engine.plan import TokenPlan, band_start, pack_mask
 from .base import Method, first_at_depth, global_region, key_validity, local_geometry, model_depth, row_geometry
 
 # Attention probabilities computed at once (per chunk of queries), fp32.
-_SCORE_ELEMENTS = 1 << 26
+_SCORE_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
