@@ -159,7 +159,7 @@ def test_bad_knobs_raise(bad, match):
 
 
 # -- model path ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # (gemma3's one full layer is dense: nothing to plan)
 def test_keep_all_equals_dense(arch):
     assert_full_density_equals_dense(arch, SpAtten(keep=1.0, window=16, block_size=16))
 
@@ -212,3 +212,12 @@ def test_bench_methods_takes_the_sweeps():
     args = bench_methods.parse_args(["--methods", text, "--out", "r.json"])
     assert args.specs == ["token-sparse:coverage=0.005,min_tokens=1024", "token-sparse:coverage=0.05,min_tokens=1024",
                           "token-sparse:keep=0.25", "token-sparse:keep=0.5", "spatten:keep=0.25", "spatten:keep=0.5"]
+
+
+def test_hybrid_model_first_full_layer_is_dense():
+    """gemma3 (sliding, full, sliding): the only full layer has no importance yet, so it stays dense."""
+    model = tiny("gemma3").float()
+    ids = torch.randint(0, 97, (1, 120))
+    with torch.no_grad(), enable(model, SpAtten(keep=0.2, window=16, block_size=16)) as session:
+        session.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        assert session.last_prefill[1]["kept_fraction"] is None  # planned nothing: dense

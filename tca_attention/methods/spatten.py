@@ -9,7 +9,8 @@ layer of the same prefill (cascade), so the kept sets shrink: kept(l + 1) is a s
 On the engine, per row (tokens counted from its first real one): the recent window (the local
 region of a TokenPlan, between `window` and `window + block_size` tokens) is always kept; the rest
 (the global region) is pruned. Full layers before relative depth `start` (at least the first
-layer, which has no importance yet) stay dense and only accumulate; from there on, layer l keeps
+layer, which has no importance yet; also the first full layer of a model whose first layers use
+sliding windows, which are never scored) stay dense and only accumulate; from there on, layer l keeps
 ceil(f_l x n) tokens of an n-token row (the local region included), with the geometric schedule
 f_l = keep ** ((l - s0 + 1) / (N - s0)) (s0: the first pruning layer, N: the model's layers), so
 the last layer keeps `keep`. Each layer's kept set is a TokenPlan shared by its KV heads (the
@@ -85,12 +86,14 @@ class SpAtten(Method):
         _, row_ls = row_geometry(L, ks, self.block_size, self.window) if padded else (None, None)
         ls = row_ls if row_ls is not None else torch.full_like(ks, geo[1])
         st = self._begin(layer_idx, ks, ls, L)
-        if layer_idx < self.first_pruning_layer():
+        if layer_idx < self.first_pruning_layer() or st["scored"] == 0:  # no importance yet: dense
             self._accumulate(q, k, ks, ls, st["kept"], scaling, dense=True)
+            st["scored"] += 1
             return None
         kept = self.prune(st["score"], st["kept"], ks, ls, L, self.fraction(layer_idx))
         st["kept"] = kept
         self._accumulate(q, k, ks, ls, kept, scaling, dense=False)
+        st["scored"] += 1
         kept_idx, kept_len = pack_mask(kept[:, None, :].expand(B, KV, L))
         return TokenPlan(kept_idx, kept_len, geo[1], self.window, self.block_size, ks,
                          self.decode_keep(layer_idx, KV), row_local_start=row_ls)
@@ -105,7 +108,7 @@ class SpAtten(Method):
         sig = (tuple(ks.shape), L)
         if st.get("last", math.inf) >= layer_idx or st.get("sig") != sig or not torch.equal(st["ks"], ks):
             st.update(sig=sig, ks=ks.clone(), score=torch.zeros(ks.shape[0], L, dtype=torch.float32, device=ks.device),
-                      kept=global_region(L, ks, ls))
+                      kept=global_region(L, ks, ls), scored=0)
         st["last"] = layer_idx
         return st
 
