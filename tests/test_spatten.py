@@ -221,3 +221,18 @@ def test_hybrid_model_first_full_layer_is_dense():
     with torch.no_grad(), enable(model, SpAtten(keep=0.2, window=16, block_size=16)) as session:
         session.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
         assert session.last_prefill[1]["kept_fraction"] is None  # planned nothing: dense
+
+
+def test_eval_runs_both_new_methods(tmp_path, smol_tokenizer, monkeypatch):
+    """`tca eval` on a tiny llama: spatten saves KV, token-sparse keeps it all but attends less."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", device="cpu", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    tsa, sp = "token-sparse:keep=0.3,min_tokens=16,recent=32,start=0.0", "spatten:keep=0.3,window=32,block_size=16"
+    cfg = EvalConfig(model="tiny-llama", methods=(tsa, sp), tasks=("niah_single",), lengths=(512,), samples=1)
+    by = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    assert by[tsa].kept_fraction == 1.0 and 0 < by[tsa].metadata["prefill_kept_fraction"] < 1
+    assert 0 < by[sp].kept_fraction < 1 and by[sp].kv_bytes < by[sp].dense_kv_bytes

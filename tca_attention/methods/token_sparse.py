@@ -123,5 +123,5 @@ class TokenSparse(Method):
             qh = q[:, h * g:(h + 1) * g, L - W:].float()  # (B, g, W, D)
             s = torch.matmul(qh, k[:, h:h + 1].float().transpose(-1, -2)) * scaling  # (B, g, W, L)
             s.masked_fill_(~visible[:, None], float("-inf"))
-            out[:, h * g:(h + 1) * g] = torch.softmax(s, dim=-1).mean(2)
+            out[:, h * g:(h + 1) * g] = torch.softmax(s, dim=-1).nan_to_num_(0.0).mean(2)  # padding queries: 0
         return out
