@@ -171,7 +171,8 @@ ENTRIES: dict[str, Entry] = {
               _dataclass_build("token_sparse.TokenSparse")),
         Entry("spatten", "SpAtten cascade token pruning: cumulative attention importance, pruned tokens stay "
               "pruned in later layers (geometric schedule to `keep`)",
-              {"keep": float, "start": float, "window": int, "block_size": int}, _dataclass_build("spatten.SpAtten"),
+              {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
+              _dataclass_build("spatten.SpAtten"),
               Density("keep", _lazy("spatten.keep_for"))),
     )
 }

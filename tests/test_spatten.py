@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,8 @@ def test_short_prompts_and_depth():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(keep=1.5), "keep"), (dict(keep=-0.1), "keep"), (dict(start=-1.0), "start"),
-    (dict(window=0), "window"), (dict(block_size=0), "block_size"),
+    (dict(window=0), "window"), (dict(block_size=0), "block_size"), (dict(heads=0.0), "heads"),
+    (dict(heads=1.5), "heads"),
 ])
 def test_bad_knobs_raise(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -236,3 +238,54 @@ def test_eval_runs_both_new_methods(tmp_path, smol_tokenizer, monkeypatch):
     by = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
     assert by[tsa].kept_fraction == 1.0 and 0 < by[tsa].metadata["prefill_kept_fraction"] < 1
     assert 0 < by[sp].kept_fraction < 1 and by[sp].kv_bytes < by[sp].dense_kv_bytes
+
+
+# -- cascade head pruning (an option, off by default) ------------------------------------------------
+def test_head_keep_zeroes_dropped_heads():
+    from tca_attention.engine import dispatch
+    from tca_attention.methods.full_budget import FullBudget
+
+    B, H, KV, L, D = 2, 4, 2, 48, 8
+    q, k = layer_inputs(B, H, KV, L, D, 3)
+    v = torch.randn(B, KV, L, D)
+    ks = torch.tensor([0, 5])
+    plan = FullBudget(window=8, block_size=8).plan(0, q, k, ks, 0.3)
+    keep = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    full = dispatch.prefill(q, k, v, plan, 0.3, backend="reference")
+    pruned = dispatch.prefill(q, k, v, replace(plan, head_keep=keep), 0.3, backend="reference")
+    assert torch.equal(pruned[:, :, ~keep[0]][0], torch.zeros_like(pruned[0][:, ~keep[0]]))
+    assert torch.equal(pruned.transpose(1, 2)[keep], full.transpose(1, 2)[keep])
+    assert float(pruned.transpose(1, 2)[~keep].abs().max()) == 0
+
+
+def test_head_pruning_is_a_cascade_by_output_magnitude():
+    N, B, H, KV, L, D = 5, 1, 4, 2, 40, 8
+    m = bound(SpAtten(keep=0.5, heads=0.25, window=8, block_size=8), n_layers=N)
+    assert SpAtten().heads == 1  # off by default
+    ks = torch.zeros(1, dtype=torch.long)
+    sizes, prev = [], torch.ones(B, H, dtype=torch.bool)
+    for layer in range(N):
+        q, k = layer_inputs(B, H, KV, L, D, 30 + layer)
+        plan = m.plan(layer, q, k, ks, 0.3)
+        if layer == 0:
+            assert plan is None
+        else:
+            assert bool((plan.head_keep <= prev).all())  # a dropped head stays dropped
+            prev = plan.head_keep
+            sizes.append(int(plan.head_keep.sum()))
+            if layer == 1:  # chosen by the magnitudes of layer 0's outputs: head 1 is the weakest
+                assert plan.head_keep[0].tolist() == [True, False, True, True]
+        out = torch.ones(B, L, H, D) * torch.tensor([4.0, 1.0, 3.0, 2.0])[:, None] * (prev[0][:, None] if plan else 1)
+        m.observe_prefill(layer, out)
+    assert sizes == [math.ceil(0.25 ** (i / 4) * H) for i in range(1, 5)] and sizes[-1] == 1
+    assert prev[0].tolist() == [True, False, False, False]
+
+
+def test_head_pruning_model_path():
+    m = SpAtten(keep=0.3, heads=0.5, window=16, block_size=16)
+    assert_alone_equals_batched(m)
+    model = tiny("llama", num_hidden_layers=3).float()
+    ids = torch.randint(0, 97, (2, 100))
+    with torch.no_grad(), enable(model, m) as session:
+        session.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert m._state["heads"].sum(-1).tolist() == [3, 3]  # half of the 6 query heads at the last layer

@@ -45,12 +45,17 @@ def resolve(backend: Backend, device: torch.device) -> str:
 def sparse_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, backend: Backend = "auto"
 ) -> torch.Tensor:
-    """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D)."""
+    """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); the query heads
+    a plan's head_keep drops output zeros."""
     if resolve(backend, q.device) == "triton":
         from .triton_prefill import sparse_prefill_triton
 
-        return sparse_prefill_triton(q, k, v, plan, scaling)
-    return reference.sparse_prefill_ref(q, k, v, plan, scaling)
+        out = sparse_prefill_triton(q, k, v, plan, scaling)
+    else:
+        out = reference.sparse_prefill_ref(q, k, v, plan, scaling)
+    if plan.head_keep is not None:
+        out = out * plan.head_keep.to(device=out.device, dtype=out.dtype)[:, None, :, None]
+    return out
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: float, backend: Backend = "auto") -> torch.Tensor:

@@ -26,6 +26,9 @@ class TokenPlan:
     local_start: the host-known local start of a row without padding (n_max * block_size, or 0
     when such a row stays dense); exact for every row when row_local_start is None.
     decode_keep[h]: tokens a KV head keeps when decode compresses one block of block_size.
+    head_keep (optional, (B, H) bool): query heads whose prefill output is kept; a dropped head
+    outputs zeros at this layer's prefill (SpAtten's head pruning; applied by
+    dispatch.sparse_prefill on every backend). Decode and the cache are not affected.
     """
 
     kept_idx: torch.Tensor  # (B, KV, M) int64, entries past kept_len are padding (>= every kept index)
@@ -38,6 +41,7 @@ class TokenPlan:
     retained: torch.Tensor | None = None  # (B, KV) last query's attention mass on what is kept
     kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
     row_local_start: torch.Tensor | None = None  # (B,) int64 per-row local starts (padded batches)
+    head_keep: torch.Tensor | None = None  # (B, H) bool query heads whose prefill output is kept (None: all)
 
     def local_starts(self) -> torch.Tensor:
         """(B,) int64 local start of each row, on the plan's device."""

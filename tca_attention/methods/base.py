@@ -67,6 +67,11 @@ class Method(ABC):
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(KV,) tokens each head keeps when decode compresses one block (block_size: keep all)."""
 
+    def observe_prefill(self, layer_idx: int, out: torch.Tensor) -> None:
+        """Called with each full-attention layer's prefill output (B, L, H, D), after plan() and the
+        attention ran (dense layers too). Methods that learn from the outputs override it (SpAtten's
+        head importance); the default ignores it."""
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer"):
         """Pages of `layer`'s cache the decode queries q (B, H, Q, D) read: a DecodeSelection, or
         None to read everything the cache holds (the default)."""

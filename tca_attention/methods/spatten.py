@@ -20,8 +20,14 @@ the queries of tokens not pruned; computing them is one extra q.k pass per layer
 
 Per-prefill state (the cumulative scores and the kept set) lives on the method object, reset when
 a forward starts again (a layer index not above the last one seen, or a new batch shape); a
-batch's rows are independent (everything is per row). Head pruning is not implemented (see
-docs/methods.md).
+batch's rows are independent (everything is per row).
+
+Cascade head pruning (`heads` < 1; off by default): a query head's importance is the magnitude of
+its attention output (L1 over the dimension and the tokens still present), accumulated over
+layers through observe_prefill; from the first pruning layer the heads follow the same geometric
+schedule down to `heads` of the query heads at the last layer, each layer choosing among the heads
+the previous one kept; a dropped head outputs zeros at prefill (TokenPlan.head_keep). Decode and
+the cache are unaffected (every head attends in decode).
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ class SpAtten(Method):
     start: float = 0.0
     window: int = 128
     block_size: int = 64
+    heads: float = 1.0  # query heads kept at the last layer (1: no head pruning, the default)
     name: str = "spatten"
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -52,6 +59,8 @@ class SpAtten(Method):
             raise ValueError(f"spatten needs 0 <= keep <= 1 (fraction of the prompt kept at the last layer), got {self.keep}")
         if not 0 <= self.start <= 1:
             raise ValueError(f"spatten needs 0 <= start <= 1 (relative depth of the first pruning layer), got {self.start}")
+        if not 0 < self.heads <= 1:
+            raise ValueError(f"spatten needs 0 < heads <= 1 (fraction of query heads kept at the last layer), got {self.heads}")
         if self.window < 1 or self.block_size < 1:
             raise ValueError(f"spatten needs window >= 1 and block_size >= 1, got {self.window}, {self.block_size}")
 
@@ -67,12 +76,13 @@ class SpAtten(Method):
                                "(tca_attention.enable does)")
         return max(1, first_at_depth(self.start, self._state["layers"]))
 
-    def fraction(self, layer_idx: int) -> float:
-        """Fraction of each row's prompt layer `layer_idx` keeps (1 before the first pruning layer)."""
+    def fraction(self, layer_idx: int, final: float | None = None) -> float:
+        """Fraction of each row's prompt (or, with final=heads, of the query heads) layer `layer_idx`
+        keeps: 1 before the first pruning layer, then a geometric decay to `final` (default: keep)."""
         s0, n = self.first_pruning_layer(), self._state["layers"]
         if layer_idx < s0:
             return 1.0
-        return self.keep ** ((min(layer_idx, n - 1) - s0 + 1) / (n - s0))
+        return (self.keep if final is None else final) ** ((min(layer_idx, n - 1) - s0 + 1) / (n - s0))
 
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
         """The kept set of this layer as a TokenPlan (None: a dense layer before the first pruning
@@ -80,12 +90,13 @@ class SpAtten(Method):
         B, H, L, _ = q.shape
         KV = k.shape[1]
         geo = local_geometry(L, self.block_size, self.window)
-        if geo is None:
-            return None  # every token is in the recent window: nothing to prune
+        if geo is None:  # every token is in the recent window: nothing to prune
+            self._state.pop("last", None)  # nor any state to carry: the next planned layer starts afresh
+            return None
         ks = key_start.to(device=q.device, dtype=torch.long)
         _, row_ls = row_geometry(L, ks, self.block_size, self.window) if padded else (None, None)
         ls = row_ls if row_ls is not None else torch.full_like(ks, geo[1])
-        st = self._begin(layer_idx, ks, ls, L)
+        st = self._begin(layer_idx, ks, ls, L, H)
         if layer_idx < self.first_pruning_layer() or st["scored"] == 0:  # no importance yet: dense
             self._accumulate(q, k, ks, ls, st["kept"], scaling, dense=True)
             st["scored"] += 1
@@ -94,21 +105,45 @@ class SpAtten(Method):
         st["kept"] = kept
         self._accumulate(q, k, ks, ls, kept, scaling, dense=False)
         st["scored"] += 1
+        head_keep = None
+        if self.heads < 1:  # cascade head pruning: the heads of lowest cumulative output magnitude
+            want = max(1, math.ceil(self.fraction(layer_idx, self.heads) * H))
+            st["heads"] = head_keep = self.prune_heads(st["head_mag"], st["heads"], want)
         kept_idx, kept_len = pack_mask(kept[:, None, :].expand(B, KV, L))
         return TokenPlan(kept_idx, kept_len, geo[1], self.window, self.block_size, ks,
-                         self.decode_keep(layer_idx, KV), row_local_start=row_ls)
+                         self.decode_keep(layer_idx, KV), row_local_start=row_ls, head_keep=head_keep)
+
+    @staticmethod
+    def prune_heads(magnitude: torch.Tensor, kept: torch.Tensor, want: int) -> torch.Tensor:
+        """Of the query heads still kept (B, H), the `want` of highest cumulative magnitude (ties: the
+        lower head). Always a subset."""
+        H = kept.shape[-1]
+        order = torch.where(kept, magnitude, -1.0).sort(dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(H, device=kept.device).expand_as(order))
+        return kept & (rank < want)
+
+    def observe_prefill(self, layer_idx: int, out: torch.Tensor) -> None:
+        """Head pruning's importance: add each query head's output magnitude (L1 over the dimension
+        and the tokens still present) at this layer to its cumulative magnitude."""
+        st = self._state
+        if self.heads >= 1 or st.get("last") != layer_idx or "counted" not in st:
+            return  # head pruning off, or a layer this prefill did not plan (too short a prompt)
+        w = st["counted"]  # (B, L) the tokens still present
+        st["head_mag"] += torch.einsum("blhd,bl->bh", out.float().abs(), w.float())
 
     def kept_sets(self) -> torch.Tensor | None:
         """(B, L) bool: the global-region tokens still kept after the last planned layer (tests)."""
         return self._state.get("kept")
 
-    def _begin(self, layer_idx: int, ks: torch.Tensor, ls: torch.Tensor, L: int) -> dict:
+    def _begin(self, layer_idx: int, ks: torch.Tensor, ls: torch.Tensor, L: int, H: int) -> dict:
         """The per-prefill state, reset when a new forward (or another batch) starts."""
         st = self._state
-        sig = (tuple(ks.shape), L)
+        sig = (tuple(ks.shape), L, H)
         if st.get("last", math.inf) >= layer_idx or st.get("sig") != sig or not torch.equal(st["ks"], ks):
             st.update(sig=sig, ks=ks.clone(), score=torch.zeros(ks.shape[0], L, dtype=torch.float32, device=ks.device),
-                      kept=global_region(L, ks, ls), scored=0)
+                      kept=global_region(L, ks, ls), scored=0,
+                      head_mag=torch.zeros(ks.shape[0], H, dtype=torch.float32, device=ks.device),
+                      heads=torch.ones(ks.shape[0], H, dtype=torch.bool, device=ks.device))
         st["last"] = layer_idx
         return st
 
@@ -136,6 +171,7 @@ class SpAtten(Method):
         counted = real if dense else real & (kept | local)  # queries of tokens still present
         C = max(1, _SCORE_ELEMENTS // max(1, B * H * L))
         score = self._state["score"]
+        self._state["counted"] = counted
         kf = k.float().transpose(-1, -2)  # (B, KV, D, L)
         for c0 in range(0, L, C):
             j = pos[c0:c0 + C]  # (C,)
