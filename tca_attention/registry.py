@@ -179,6 +179,15 @@ ENTRIES: dict[str, Entry] = {
               "per query block", {"budget": int, "block_size": int, "chunk_len": int, "boundary_window": int,
                                   "nms": int, "dense_tail": int},
               _dataclass_build("dhsa.DHSA"), Density("budget", _lazy("dhsa.budget_for"))),
+        Entry("token-sparse", "Token Sparse Attention: per layer and query head, attend among a token subset "
+              "(last-query scores, coverage tau) and scatter back; other tokens skip the layer (full KV)",
+              {"coverage": float, "keep": float, "min_tokens": int, "recent": int, "kernel": int, "start": float},
+              _dataclass_build("token_sparse.TokenSparse")),
+        Entry("spatten", "SpAtten cascade token pruning: cumulative attention importance, pruned tokens stay "
+              "pruned in later layers (geometric schedule to `keep`)",
+              {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
+              _dataclass_build("spatten.SpAtten"),
+              Density("keep", _lazy("spatten.keep_for"))),
     )
 }
 
@@ -297,7 +306,9 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
+    from .methods.spatten import SpAtten
     from .methods.streaming import StreamingLLM
+    from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
     # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
@@ -305,7 +316,8 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
                              ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
                              ("blasst", BLASST, ()), ("hip", HiP, ()),
-                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ())):
+                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
+                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

@@ -9,6 +9,7 @@ compared at equal attended work. TCA takes a budget file mapped onto the model's
 only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
 head scores: fine for timing (its cost depends only on how many heads keep everything), never for
 accuracy.
+Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9; spatten:keep=0.25|0.5" --out r.json
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
 `--methods peers` (alone or in the list) stands for every peer's density sweep in PEER_SWEEPS.
 """
@@ -40,6 +41,8 @@ PEER_SWEEPS: dict[str, str] = {
     "hip": "hip:k=8|32|128",  # at 128K: 1.3%, 3.6%, 12.6% of the causal pairs
     "longheads": "longheads:chunks=16|64",  # 16 chunks of 256: the paper's 4K attention length
     "dhsa": "dhsa:budget=2048|8192",  # the paper's LongBench budget, and 4x
+    "token-sparse": "token-sparse:keep=0.25|0.5",
+    "spatten": "spatten:keep=0.25|0.5",
 }
 
 

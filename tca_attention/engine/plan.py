@@ -27,6 +27,9 @@ class TokenPlan:
     local_start: the host-known local start of a row without padding (n_max * block_size, or 0
     when such a row stays dense); exact for every row when row_local_start is None.
     decode_keep[h]: tokens a KV head keeps when decode compresses one block of block_size.
+    head_keep (optional, (B, H) bool): query heads whose prefill output is kept; a dropped head
+    outputs zeros at this layer's prefill (SpAtten's head pruning; applied by
+    dispatch.sparse_prefill on every backend). Decode and the cache are not affected.
     """
 
     kept_idx: torch.Tensor  # (B, KV, M) int64, entries past kept_len are padding (>= every kept index)
@@ -39,6 +42,7 @@ class TokenPlan:
     retained: torch.Tensor | None = None  # (B, KV) last query's attention mass on what is kept
     kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
     row_local_start: torch.Tensor | None = None  # (B,) int64 per-row local starts (padded batches)
+    head_keep: torch.Tensor | None = None  # (B, H) bool query heads whose prefill output is kept (None: all)
 
     def local_starts(self) -> torch.Tensor:
         """(B,) int64 local start of each row, on the plan's device."""
@@ -359,3 +363,54 @@ class BlockPlan:
             if dropped.shape != (B, H) or dropped.dtype != torch.int64 or dropped.device != ks.device:
                 fail(f"skip_dropped must be a (B={B}, H={H}) int64 tensor on key_start's device, got "
                      f"{tuple(dropped.shape)} {dropped.dtype}")
+
+
+@dataclass(frozen=True)
+class SubsetPlan:
+    """Token subsets (Token Sparse Attention's compress / attend / decompress): per (row, plan head),
+    a set S of positions whose queries attend, causally, to the keys of S only; every other query of
+    that head outputs zeros (its token passes the layer on its residual path alone).
+
+    For (row b, plan head h): S = idx[b, h, :length[b, h]] (absolute positions, strictly ascending,
+    each in [key_start[b], L)); entries past length are padding and hold L. Query t in S sees key s
+    iff s in S and s <= t. h ranges over Hp = H (one set per query head, the set of its KV head's
+    keys it reads too) or Hp = KV (one set per KV head, shared by its query heads). Padding
+    positions (< key_start) are never in S: zero output, never attended. The cache is not affected:
+    a subset plan keeps every token (the attention skips work, not memory).
+    """
+
+    idx: torch.Tensor  # (B, Hp, M) int64
+    length: torch.Tensor  # (B, Hp) int32
+    key_start: torch.Tensor  # (B,) int64
+
+    def kept_fraction(self, seq_len: int) -> torch.Tensor:
+        """Attended (query, key) pairs over the causal pairs of the real prompt. -> (B, Hp) float64."""
+        m = self.length.to(torch.float64)
+        n = (seq_len - self.key_start.long()).clamp(min=1).to(torch.float64)[:, None]
+        return (m * (m + 1) / 2) / (n * (n + 1) / 2)
+
+    def validate(self, H: int, KV: int, L: int) -> None:
+        """Raise ValueError on malformed shapes, dtypes or values (syncs; tests and the reference)."""
+
+        def fail(msg: str) -> None:
+            raise ValueError(f"SubsetPlan: {msg}")
+
+        idx, n, ks = self.idx, self.length, self.key_start
+        if H % KV:
+            fail(f"query heads {H} must be a multiple of KV heads {KV}")
+        if ks.dim() != 1 or ks.dtype != torch.int64:
+            fail(f"key_start must be a (B,) int64 tensor, got {tuple(ks.shape)} {ks.dtype}")
+        B = ks.shape[0]
+        if idx.dim() != 3 or idx.dtype != torch.int64 or idx.shape[0] != B or idx.shape[1] not in (H, KV):
+            fail(f"idx must be a (B={B}, Hp in ({H}, {KV}), M) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
+        if n.dtype != torch.int32 or tuple(n.shape) != tuple(idx.shape[:2]):
+            fail(f"length must be a {tuple(idx.shape[:2])} int32 tensor, got {tuple(n.shape)} {n.dtype}")
+        if n.numel() and (int(n.min()) < 0 or int(n.max()) > idx.shape[-1]):
+            fail(f"length must lie in [0, M={idx.shape[-1]}]")
+        used = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
+        if bool((used & ((idx < ks[:, None, None]) | (idx >= L))).any()):
+            fail("listed positions must be real tokens: key_start[b] <= position < L")
+        if bool((~used & (idx != L)).any()):
+            fail(f"padding entries (past length) must hold L = {L}")
+        if bool((used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])).any()):
+            fail("listed positions must be strictly ascending")

@@ -67,6 +67,11 @@ class Method(ABC):
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(KV,) tokens each head keeps when decode compresses one block (block_size: keep all)."""
 
+    def observe_prefill(self, layer_idx: int, out: torch.Tensor) -> None:
+        """Called with each full-attention layer's prefill output (B, L, H, D), after plan() and the
+        attention ran (dense layers too). Methods that learn from the outputs override it (SpAtten's
+        head importance); the default ignores it."""
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer"):
         """Pages of `layer`'s cache the decode queries q (B, H, Q, D) read: a DecodeSelection, or
         None to read everything the cache holds (the default)."""
@@ -86,6 +91,21 @@ class Method(ABC):
     def report(self) -> dict:
         """Decisions the method took that a user should see (merged into the session's report)."""
         return {}
+
+
+def model_depth(model) -> int:
+    """The number of decoder layers of `model` (its text config's num_hidden_layers)."""
+    from ..introspect import text_config
+
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{type(model).__name__}: no num_hidden_layers in its config")
+    return n
+
+
+def first_at_depth(start: float, n_layers: int) -> int:
+    """The first layer index at relative depth `start` (0: layer 0, 0.5: the second half)."""
+    return min(n_layers, int(start * n_layers))
 
 
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:
