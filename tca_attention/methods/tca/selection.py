@@ -24,6 +24,34 @@ def last_query_importance(
     return torch.softmax(logits, dim=-1).mean(dim=2)
 
 
+def window_importance(
+    q_win: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor, scaling: float, per_head: bool = False
+) -> torch.Tensor:
+    """Eq. 5 pooled over the last r queries (option last_q=r): the mean over the r queries (and,
+    unless per_head, over the query heads of a KV head) of their causal softmax rows.
+
+    q_win (B, H, r, D) the queries at positions L - r .. L - 1; k (B, KV, L, D); key_valid (B, L)
+    bool. Query L - r + i sees the valid keys <= L - r + i; a query on padding counts for nothing.
+    -> s (B, KV, L) fp32, or (B, KV, g, L) per query head with per_head. With r = 1 and not
+    per_head this is last_query_importance, bit for bit.
+    """
+    B, H, r, D = q_win.shape
+    KV, L = k.shape[1], k.shape[2]
+    if r == 1 and not per_head:
+        return last_query_importance(q_win[:, :, 0], k, key_valid, scaling)
+    g = H // KV
+    q = q_win.reshape(B, KV, g, r, D).float()
+    logits = torch.einsum("bkgrd,bkld->bkgrl", q, k.float()) * scaling  # (B, KV, g, r, L)
+    pos = torch.arange(L, device=k.device)
+    causal = pos[None, :] <= (L - r + torch.arange(r, device=k.device))[:, None]  # (r, L)
+    seen = causal[None] & key_valid[:, None, :]  # (B, r, L)
+    p = torch.softmax(logits.masked_fill(~seen[:, None, None], float("-inf")), dim=-1)
+    real = key_valid[:, L - r:]  # (B, r) a query is real iff its own position is a real key
+    p = torch.where(real[:, None, None, :, None], p, torch.zeros_like(p))  # padding queries: no NaN
+    s = p.sum(3) / real.sum(-1).clamp_min(1)[:, None, None, None].float()  # (B, KV, g, L)
+    return s if per_head else s.mean(2)
+
+
 def block_redundancy(s_blocks: torch.Tensor, alpha: float, mass_norm: str = "sum") -> torch.Tensor:
     """Eq. 6: h_j = (1 - alpha) * m_j + alpha * (1 - sum s^2 / (sum s)^2).
 
