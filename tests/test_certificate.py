@@ -274,6 +274,13 @@ def test_specs_and_validation():
     assert registry.normalize("tca:floor=0.9,last_q=4") == "tca:last_q=4,floor=0.9"
     assert registry.create("tca:floor=0.9", budgets=budgets).fused
     assert "selection" in registry.create("tca:last_q=4", budgets=budgets).report()
+    # as `tca eval` builds its methods: the run's budgets handed in, dense_below pinned
+    from tca_attention.eval.methods import expand_method
+
+    labels = [m.label for m in expand_method("tca:last_q=16|1,gqa=union")]
+    assert labels == ["tca:last_q=16,gqa=union", "tca:last_q=1,gqa=union"]
+    m = registry.create(labels[0], model=None, tokenizer=None, budgets=budgets, dense_below=0)
+    assert (m.last_q, m.gqa, m.dense_below) == (16, "union", 0)
     with pytest.raises(ValueError, match="do not combine"):
         registry.create("tca:gqa=union,floor=0.9", budgets=budgets)
     with pytest.raises(ValueError, match="last_q"):
@@ -282,3 +289,20 @@ def test_specs_and_validation():
         TCA(budgets, gqa="mean")
     with pytest.raises(ValueError, match="floor"):
         TCA(budgets, floor=1.5)
+
+
+def test_eval_summary_carries_the_certificate():
+    from tca_attention.eval.report import summarize
+    from tca_attention.eval.schema import Result
+
+    def res(method, sid, **meta):
+        return Result(sid, "niah", 4096, method, "m", 1.0, "exact", "x", ("x",), 4096, 0.5, 10, 20, 0.1,
+                      metadata=meta)
+
+    rs = [res("tca", "a", retained=0.9, retained_min=0.7, error_bound=3.0),
+          res("tca", "b", retained=0.8, retained_min=0.75, error_bound=5.0), res("full", "a"), res("full", "b")]
+    cells = summarize(rs)["models"]["m"]["methods"]
+    tca = cells["tca"]["lengths"]["4096"]
+    assert tca["retained_mean"] == pytest.approx(0.85) and tca["retained_min"] == 0.7
+    assert tca["error_bound_mean"] == pytest.approx(4.0) and tca["error_bound_max"] == 5.0
+    assert "retained_mean" not in cells["full"]["lengths"]["4096"]
