@@ -306,3 +306,31 @@ def test_eval_summary_carries_the_certificate():
     assert tca["retained_mean"] == pytest.approx(0.85) and tca["retained_min"] == 0.7
     assert tca["error_bound_mean"] == pytest.approx(4.0) and tca["error_bound_max"] == 5.0
     assert "retained_mean" not in cells["full"]["lengths"]["4096"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the options on the model path (tiny llama): keeping everything equals dense; alone equals batched
+def _model_budgets(model, ladder: torch.Tensor | None, choice) -> Budgets:
+    ident = ModelIdentity.of(model)
+    b = budgets_with(TCAConfig(block_size=16, window=16), ident.num_kv_heads, ident.num_layers, choice,
+                     ladder=ladder, heads=ident.num_heads)
+    return Budgets(ident, b.config, b.candidates, b.layers)
+
+
+OPTIONS = [{"last_q": 8}, {"gqa": "union"}, {"floor": 0.9}]
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_options_keeping_everything_equal_dense_on_a_model(opts):
+    from method_checks import assert_full_density_equals_dense
+
+    budgets = _model_budgets(tiny("llama"), one_hot_ladder(16, 16), lambda l, h: 0)
+    assert_full_density_equals_dense("llama", TCA(budgets, **opts))
+
+
+@pytest.mark.parametrize("opts", [*OPTIONS[:2], {"floor": 0.5}])  # 0.9 keeps all on a random model
+def test_options_alone_equals_batched(opts):
+    from method_checks import assert_alone_equals_batched
+
+    budgets = _model_budgets(tiny("llama"), None, lambda l, h: (1, 4)[h % 2])
+    assert_alone_equals_batched(TCA(budgets, **opts))

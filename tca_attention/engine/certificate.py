@@ -27,7 +27,7 @@ def value_norm(v: torch.Tensor, key_start: torch.Tensor) -> torch.Tensor:
     v (B, KV, L, D), key_start (B,) -> (B, KV) float32."""
     L = v.shape[2]
     valid = torch.arange(L, device=v.device)[None, :] >= key_start.to(v.device)[:, None]  # (B, L)
-    rows = v.float().abs().sum(-1)  # (B, KV, L)
+    rows = torch.linalg.vector_norm(v, 1, dim=-1, dtype=torch.float32)  # (B, KV, L), no fp32 copy of v
     return torch.where(valid[:, None, :], rows, torch.zeros_like(rows)).amax(-1)
 
 
