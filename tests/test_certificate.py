@@ -115,17 +115,19 @@ def test_certificate_hand_computed_and_bound_holds(backend, opts):
     ref = dense_out(q, k, v, key_start)
     bound = certificate.error_bound(plan.retained, v, key_start).double()
 
-    # hand computation: the selection queries' causal softmax rows, their mass on what is kept
-    # (kept global + local region; with r > 1 a query's window may reach a little further back,
-    # which it attends too: the certified mass is then a lower bound, and the error check below
-    # shows the bound still holds)
-    seen = kept_sets(plan, L)  # (B, KV, L)
+    # hand computation: the selection queries' causal softmax rows, their mass on what each attends:
+    # the kept global keys, the local region, and its own window (which, for r > 1, may reach a
+    # few keys before the local region)
     pos = torch.arange(L)
     qpos = L - r + torch.arange(r)
+    in_window = pos[None, :] > qpos[:, None] - cfg.window  # (r, L)
+    seen = kept_sets(plan, L)[:, :, None, :] | in_window[None, None]  # (B, KV, r, L)
     logits = q[:, :, -r:].double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * SCALE  # (B, H, r, L)
     ok = (pos[None, None, :] <= qpos[None, :, None]) & (pos[None, None, :] >= key_start[:, None, None])  # (B, r, L)
     a = torch.softmax(logits.masked_fill(~ok[:, None], float("-inf")), -1)
-    kept_mass = (a * seen.repeat_interleave(g, 1)[:, :, None]).sum(-1)  # (B, H, r): 1 - gamma_i per query
+    kept_mass = (a * seen.repeat_interleave(g, 1)).sum(-1)  # (B, H, r): 1 - gamma_i per query
+    if r > 1:  # some window really reaches before the local region here: the case is exercised
+        assert bool((qpos[0] - cfg.window + 1 < plan.local_starts()).any())  # row 0 (row 1 has its blocks shifted by its padding)
     torch.testing.assert_close(plan.retained.double(), kept_mass.view(B, KV, g * r).mean(-1), rtol=0, atol=2e-6)
     assert float(kept_mass.min()) < 0.999  # the selection drops real mass: a test that can fail
 

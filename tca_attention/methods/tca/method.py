@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...engine.plan import TokenPlan, pack_mask
+from ...engine.plan import TokenPlan, band_start, pack_mask
 from ..base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
 from . import selection as sel
 from .budgets import Budgets
@@ -193,8 +193,11 @@ class TCA(Method):
             return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                              kept_total=None if padded or total is None else B * total, row_local_start=row_ls)
         valid = key_validity(L, key_start)
-        s_heads = sel.window_importance(q[:, :, -self.last_q:], k, valid, scaling, per_head=self.gqa == "union")
-        if self.gqa == "union":  # (B, KV, g, L): each query head selects, the KV head keeps the union
+        r, union = self.last_q, self.gqa == "union"
+        rows = sel.window_rows(q[:, :, -r:], k, valid, scaling) if r > 1 else None  # (B, KV, g, r, L)
+        s_heads = (sel.pool_rows(*rows, per_head=union) if rows is not None
+                   else sel.window_importance(q[:, :, -1:], k, valid, scaling, per_head=union))
+        if union:  # (B, KV, g, L): each query head selects, the KV head keeps the union
             s = s_heads.mean(2)
             mask = union_mask_ref(s_heads, spec)
         else:
@@ -204,5 +207,10 @@ class TCA(Method):
         glob = global_region(L, key_start, ls)  # (B, L)
         mask |= (sink_mask(L, key_start, cfg.sink_tokens) & glob)[:, None, :]
         kept_idx, kept_len = pack_mask(mask)
-        return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained_mass(s, mask, ls),
+        if rows is None:  # the last query's band is the local region: kept + local is what it attends
+            retained = retained_mass(s, mask, ls)
+        else:  # each pooled query also attends its own band, which may reach before the local region
+            j = torch.arange(L - r, L, device=k.device)
+            retained = sel.window_retained(*rows, mask, band_start(j[None, :], w, ls[:, None]))
+        return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                          row_local_start=row_ls)
