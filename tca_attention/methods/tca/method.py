@@ -1,16 +1,20 @@
 """TCA-Attention (arXiv 2512.09238): calibrated head budgets + last-query adaptive selection."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from ...engine.dispatch import resolve
 from ...engine.plan import TokenPlan, band_start, pack_mask
 from ..base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
 from . import selection as sel
 from .budgets import Budgets
 from .adaptive import FloorChooser
 from .select import SelectionSpec, retained_mass, select_and_pack, select_mask_ref, union_mask_ref
+
+log = logging.getLogger(__name__)
 
 
 def select_tokens(
@@ -192,6 +196,10 @@ class TCA(Method):
             # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
             return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                              kept_total=None if padded or total is None else B * total, row_local_start=row_ls)
+        if "noted" not in self._per_layer and resolve(backend, k.device) == "triton":
+            self._per_layer["noted"] = True
+            log.info("TCA selection (last_q=%d, gqa=%s, sink_tokens=%d) runs the PyTorch reference: the Triton "
+                     "selection implements the paper's rule (and floor) only", self.last_q, self.gqa, cfg.sink_tokens)
         valid = key_validity(L, key_start)
         r, union = self.last_q, self.gqa == "union"
         rows = sel.window_rows(q[:, :, -r:], k, valid, scaling) if r > 1 else None  # (B, KV, g, r, L)
