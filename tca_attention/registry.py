@@ -45,10 +45,10 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     from .methods.tca.method import TCA
 
     if "budgets" in extra:  # a Budgets object handed in by the caller
-        fixed = sorted(set(params) - {"tau", "score", "dense_below"})
+        fixed = sorted(set(params) - {"tau", "score", "dense_below", *_TCA_RUNTIME})
         if fixed:
             raise ValueError(f"tca: {', '.join(fixed)} cannot change with budgets handed in (their calibration "
-                             "fixes them; only tau, score and dense_below can)")
+                             f"fixes them; only tau, score, dense_below and {', '.join(_TCA_RUNTIME)} can)")
         budgets = extra.pop("budgets")
         if "tau" in params or "score" in params:
             budgets = budgets.at(**{k: params[k] for k in ("tau", "score") if k in params})
@@ -69,7 +69,12 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     if "dense_below" in params:  # "auto" or a length
         text = params["dense_below"]
         extra["dense_below"] = text if text == "auto" else _convert("tca", "dense_below", text, int)
+    extra.update({k: params[k] for k in _TCA_RUNTIME if k in params})  # selection options (method.TCA)
     return TCA(budgets, **extra)
+
+
+# TCA's selection options: fields of methods.tca.method.TCA, set per run (no recalibration)
+_TCA_RUNTIME = ("last_q", "gqa", "floor")
 
 
 def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
@@ -141,7 +146,7 @@ ENTRIES: dict[str, Entry] = {
         Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
-               "dense_below": str},
+               "dense_below": str, "last_q": int, "gqa": str, "floor": float},
               _tca),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),

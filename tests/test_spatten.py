@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
