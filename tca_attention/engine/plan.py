@@ -30,6 +30,10 @@ class TokenPlan:
     head_keep (optional, (B, H) bool): query heads whose prefill output is kept; a dropped head
     outputs zeros at this layer's prefill (SpAtten's head pruning; applied by
     dispatch.sparse_prefill on every backend). Decode and the cache are not affected.
+    head_window (optional, (B, KV) int64, each >= 1): the causal window of each (row, KV head) in
+    place of `window` at prefill (MoA's per-head spans): query j of head h attends to (j - w, j],
+    extended to the local start as usual. `window` stays the cache's (the local region every head
+    keeps), so a head's window should be >= it; see window_of().
     """
 
     kept_idx: torch.Tensor  # (B, KV, M) int64, entries past kept_len are padding (>= every kept index)
@@ -43,6 +47,13 @@ class TokenPlan:
     kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
     row_local_start: torch.Tensor | None = None  # (B,) int64 per-row local starts (padded batches)
     head_keep: torch.Tensor | None = None  # (B, H) bool query heads whose prefill output is kept (None: all)
+    head_window: torch.Tensor | None = None  # (B, KV) int64 per-head prefill window (None: `window` everywhere)
+
+    def window_of(self, batch: int, num_kv_heads: int, device: torch.device | None = None) -> torch.Tensor:
+        """(B, KV) int64 prefill window of each (row, KV head): head_window, or `window` everywhere."""
+        if self.head_window is not None:
+            return self.head_window.to(device=device or self.head_window.device, dtype=torch.long)
+        return torch.full((batch, num_kv_heads), self.window, dtype=torch.long, device=device or self.key_start.device)
 
     def local_starts(self) -> torch.Tensor:
         """(B,) int64 local start of each row, on the plan's device."""
@@ -57,7 +68,7 @@ class TokenPlan:
         return (self.kept_len.to(torch.float64) + local) / valid
 
 
-def band_start(j: torch.Tensor, window: int, local_start: int | torch.Tensor) -> torch.Tensor:
+def band_start(j: torch.Tensor, window: int | torch.Tensor, local_start: int | torch.Tensor) -> torch.Tensor:
     """First key of query j's dense band: its window, extended to the local region's start.
 
     local_start: an int, or a tensor broadcastable against j (e.g. (B, 1) per-row starts with j

@@ -1,7 +1,8 @@
 """Plain-PyTorch executors: the CPU path, the test oracle and the statement of the semantics.
 
 Prefill: query j of row r attends to the kept global keys before its band, plus its band (causal
-window, extended to the row's local start for queries in the row's local region). Keys are gathered per
+window, per KV head when the plan has head_window, extended to the row's local start for queries in
+the row's local region). Keys are gathered per
 head; no L x L mask is built (memory is O(chunk x (kept + window))).
 Decode: queries attend to every valid cached key at or before their position (of the tail, only
 the selected pages' keys when a DecodeSelection is given).
@@ -40,6 +41,7 @@ def sparse_prefill_ref(
     out = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
     ar = torch.arange(L, device=q.device)
     local_starts = plan.local_starts().tolist()
+    windows = plan.window_of(B, KV).tolist()  # (B, KV) per-head windows (all plan.window by default)
     for b in range(B):
         ks = int(plan.key_start[b])
         ls = local_starts[b]
@@ -52,7 +54,7 @@ def sparse_prefill_ref(
             for s in range(0, L, chunk):
                 e = min(L, s + chunk)
                 j = ar[s:e]
-                lo = band_start(j, plan.window, ls)  # (C,)
+                lo = band_start(j, windows[b][h], ls)  # (C,)
                 band_lo = max(int(lo.min()), ks, 0)
                 kb = ar[band_lo:e]
                 band_mask = (kb[None, :] >= lo[:, None]) & (kb[None, :] <= j[:, None]) & (kb[None, :] >= ks)

@@ -2,8 +2,9 @@
 
 Semantics: exactly `reference.sparse_prefill_ref`. Query j of a KV head attends to
   (a) the kept global keys k with key_start <= k < band_start(j), and
-  (b) the dense band key_start <= k in [band_start(j), j] (causal window, extended to the row's
-      local start for queries in the row's local region; local starts are per row, (B,)).
+  (b) the dense band key_start <= k in [band_start(j), j] (causal window, per (row, KV head) when
+      the plan has head_window, extended to the row's local start for queries in the row's local
+      region; local starts are per row, (B,)).
 Plan of the run:
   1. gather the kept keys/values of each (b, kv head) into a compact buffer (B, KV, M, D), so no
      work is spent on dropped tokens;
@@ -78,15 +79,16 @@ def _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, LOCAL_START, OUT,
+    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, LOCAL_START, WINDOW, OUT,
     s_qb, s_qh, s_ql,
     s_ob, s_ol, s_oh,
-    L, M, KV, n_tiles, window, qk_scale,
+    L, M, KV, n_tiles, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
 ):
     """K/V (B*KV*L, D) and KC/VC (B*KV*M, D) row-major (pointers or TMA descriptors); KIDX (B*KV, M);
-    KEY_START, LOCAL_START (B,) each row's first real key and local start."""
+    KEY_START, LOCAL_START (B,) each row's first real key and local start; WINDOW (B*KV,) each
+    (row, KV head)'s causal window."""
     BM: tl.constexpr = GP * BLOCK_P
     tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles first
     bh = tl.program_id(1)
@@ -103,6 +105,7 @@ def _prefill_kernel(
     q_ptrs = Q + b.to(tl.int64) * s_qb + qh[:, None] * s_qh + prow[:, None] * s_ql + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BM, D)
     local_start = tl.load(LOCAL_START + b).to(tl.int32)
+    window = tl.load(WINDOW + bh).to(tl.int32)
     lo_row = _band_start(prow, window, local_start)  # (BM,)
 
     acc = tl.zeros([BM, HEAD_D], dtype=tl.float32)
@@ -197,10 +200,11 @@ def prepare_prefill(
     n_tiles = triton.cdiv(L, block_p)
     m0 = torch.arange(n_tiles, device=dev) * block_p
     j_max = torch.clamp(m0 + block_p - 1, max=L - 1)
-    ls = plan.local_starts().to(dev).long()[:, None]  # (B, 1) per-row local starts
-    lo = torch.stack([band_start(m0[None], plan.window, ls), band_start(j_max[None], plan.window, ls)], -1)
+    ls = plan.local_starts().to(dev).long()[:, None, None]  # (B, 1, 1) per-row local starts
+    w = plan.window_of(B, KV, dev)[..., None]  # (B, KV, 1) per-head windows
+    lo = torch.stack([band_start(m0, w, ls), band_start(j_max, w, ls)], -1)  # (B, KV, n_tiles, 2)
     flat = kidx.reshape(B * KV, -1).contiguous()  # (B*KV, M)
-    lo = lo.reshape(B, 1, -1).expand(B, KV, -1).reshape(B * KV, -1).contiguous()  # (B*KV, n_tiles*2)
+    lo = lo.reshape(B * KV, -1).contiguous()  # (B*KV, n_tiles*2)
     nfar = torch.searchsorted(flat, lo)  # count of kept < lo
     ks = plan.key_start.to(dev).long().repeat_interleave(KV)[:, None].contiguous()  # (B*KV, 1)
     kstart = torch.searchsorted(flat, ks)  # (B*KV, 1)
@@ -240,6 +244,7 @@ def sparse_prefill_triton(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kc, vc, kidx, kstart, nfar = prepare_prefill(k, v, plan, block_p)
     local_starts = plan.local_starts().to(device=q.device, dtype=torch.int64).contiguous()
+    windows = plan.window_of(B, KV, q.device).reshape(-1).contiguous()  # (B*KV,)
     if out is None:
         out = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device)
     elif out.shape != (B, L, H, D) or not out.is_contiguous() or out.dtype != q.dtype:
@@ -249,10 +254,10 @@ def sparse_prefill_triton(
     srcs, use_tma = kv_sources([t.view(-1, D) for t in (k, v, kc, vc)], cfg.block_n, cfg.use_tma)  # (rows, D) each
     grid = (n_tiles, B * KV)
     _prefill_kernel[grid](
-        q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), local_starts, out,
+        q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), local_starts, windows, out,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        L, M, KV, n_tiles, plan.window, scaling * LOG2E,
+        L, M, KV, n_tiles, scaling * LOG2E,
         G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=upcast(q), USE_TMA=use_tma, PREC=precision(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
