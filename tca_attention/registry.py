@@ -122,6 +122,27 @@ def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any])
     return mi.MInference(state, **knobs, **extra)
 
 
+def _moa(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """The influence profile handed in (profile=MoAProfile), from a file (profile=path), or profiled
+    once per model and cached (model= and tokenizer=); the rules are searched at `density`."""
+    from .methods import moa
+
+    knobs = {k: v for k, v in params.items() if k != "profile"}
+    if "profile" in extra:
+        profile = extra.pop("profile")
+    elif "profile" in params:
+        profile = moa.MoAProfile.load(params["profile"], model=model)
+    elif model is None or tokenizer is None:
+        raise ValueError("moa needs an influence profile: pass model= and tokenizer= (profiled once, then cached), "
+                         "profile=<file> in the spec, or profile=")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        profile = moa.load_or_calibrate(ModelProbe(model), tokenizer, str(key))
+    return moa.MoA(profile, **knobs, **extra)
+
+
 def _method_attr(path: str) -> Any:
     """`module.name` of tca_attention.methods, imported on first use."""
     module, _, name = path.rpartition(".")
@@ -193,6 +214,10 @@ ENTRIES: dict[str, Entry] = {
               {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
               _dataclass_build("spatten.SpAtten"),
               Density("keep", _lazy("spatten.keep_for"))),
+        Entry("moa", "MoA: per-head elastic sliding windows (sinks + alpha + beta*N recent tokens) from a "
+              "gradient influence profile searched under a density budget",
+              {"density": float, "sinks": int, "window": int, "block_size": int, "profile": str},
+              _moa, Density("density", _lazy("moa.density_for"))),
     )
 }
 
@@ -310,19 +335,21 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.dhsa import DHSA
     from .methods.longheads import LongHeads
     from .methods.minference import MInference
+    from .methods.moa import MoA
     from .methods.quest import Quest
     from .methods.spatten import SpAtten
     from .methods.streaming import StreamingLLM
     from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
-    # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
+    # head-split's `scores`, minference's `state`, moa's `profile`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
                              ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
                              ("blasst", BLASST, ()), ("hip", HiP, ()),
                              ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
-                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):
+                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ()),
+                             ("moa", MoA, ("profile",))):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

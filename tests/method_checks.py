@@ -75,4 +75,6 @@ def assert_alone_equals_batched(method, lengths: tuple[int, ...] = (120, 75), ne
         for r, x in enumerate(rows):
             alone = session.generate(x[None], attention_mask=torch.ones_like(x[None]), max_new_tokens=new_tokens,
                                      do_sample=False, pad_token_id=0)
-            assert torch.equal(batched[r, L:], alone[0, len(x):]), r
+            n = alone.shape[1] - len(x)  # alone stops at EOS; the batch pads that row after it
+            assert torch.equal(batched[r, L:L + n], alone[0, len(x):]), r
+            assert bool((batched[r, L + n:] == 0).all()), r

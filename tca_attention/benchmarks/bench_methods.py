@@ -5,7 +5,7 @@ The model is Llama-3.1-8B-shaped with random weights (bench_e2e.build_model): a 
 set by how much it keeps and attends to, not by the weights. Methods are registry specs separated
 by ';', with sweeps (`key=a|b|c`), so each method's density knob can be swept and the methods
 compared at equal attended work. TCA takes a budget file mapped onto the model's heads (as
-`tca bench e2e`); a method calibrated on real text (head-split) takes its state file via the spec
+`tca bench e2e`); a method calibrated on real text (head-split, moa) takes its state file via the spec
 only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
 head scores: fine for timing (its cost depends only on how many heads keep everything), never for
 accuracy.
@@ -43,6 +43,7 @@ PEER_SWEEPS: dict[str, str] = {
     "dhsa": "dhsa:budget=2048|8192",  # the paper's LongBench budget, and 4x
     "token-sparse": "token-sparse:keep=0.25|0.5",
     "spatten": "spatten:keep=0.25|0.5",
+    "moa": "moa:density=0.25|0.5",  # mean kept KV fraction (the paper evaluates at 0.5)
 }
 
 
@@ -112,8 +113,27 @@ def _random_head_scores(model, seed: int = 0) -> dict:
     return {"scores": HeadScores(ModelIdentity.of(model), layers, calibration={"synthetic": f"random, seed {seed}"})}
 
 
+def _random_moa_profile(model, seed: int = 0) -> dict:
+    """MoA's profile with seeded random influence tails for every KV head of `model` (timing only)."""
+    from ..introspect import layer_kinds, text_config
+    from ..methods.moa import MoAProfile
+    from ..methods.state import ModelIdentity
+
+    cfg = text_config(model)
+    gen = torch.Generator().manual_seed(seed)
+    block, lengths = 64, (8192, 16384)
+
+    def head(n: int) -> tuple[float, ...]:  # a random non-increasing tail, 0 past the last block
+        return tuple(torch.rand(n // block, generator=gen).flip(0).cumsum(0).flip(0).tolist()) + (0.0,)
+
+    tails = tuple(tuple(None if kind != "full" else tuple(head(n) for _ in range(cfg.num_key_value_heads))
+                        for kind in layer_kinds(model)) for n in lengths)
+    return {"profile": MoAProfile(ModelIdentity.of(model), block, lengths, tails,
+                                  calibration={"synthetic": f"random, seed {seed}"})}
+
+
 # methods calibrated on real text -> seeded random state for `model` (timing only)
-SYNTHETIC = {"head-split": _random_head_scores}
+SYNTHETIC = {"head-split": _random_head_scores, "moa": _random_moa_profile}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -67,7 +67,8 @@ class Session:
     """One model running one method. Build caches with new_cache(); close with disable()."""
 
     def __init__(self, model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto",
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None,
+                 output_observer: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self.arch = check_supported(model)
         dispatch.check_name(backend)
         method = Dense() if method is None else method
@@ -75,6 +76,8 @@ class Session:
             raise TypeError(f"method must be a tca_attention Method (see tca_attention.create), got {type(method).__name__}")
         method.check_model(model)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
+        # observing sessions only: output_observer(layer_idx, out (B, L, H, D)) after each full layer's SDPA
+        self.output_observer = output_observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
         self.last_prefill: dict[int, dict[str, Any]] = {}  # layer -> retained / kept fraction
@@ -225,9 +228,13 @@ class Session:
     def attend(self, call: adapter.AttentionCall):
         idx, q = call.layer_idx, call.query
         if self.kinds[idx] == "sliding" or self.method.is_dense or self.observer is not None:
-            if self.observer is not None and self.kinds[idx] == "full":
+            observed = self.observer is not None and self.kinds[idx] == "full"
+            if observed:
                 self.observer(idx, q, call.key, call.value, call.scaling)
-            return adapter.sdpa(call)
+            out = adapter.sdpa(call)
+            if observed and self.output_observer is not None:
+                self.output_observer(idx, out[0])
+            return out
         call.check_sparse()
         if self.max_positions and q.shape[2] > self.max_positions and idx == self.kinds.index("full"):
             warnings.warn(f"prompt of {q.shape[2]} tokens is beyond the model's trained length "

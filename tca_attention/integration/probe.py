@@ -5,10 +5,12 @@ forward through an observing session. `calibrate` and `load_or_calibrate` take a
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from ..methods.base import Observer
+from ..methods.base import GradientObserver, Observer
 from ..methods.tca import budget_cache
 from ..methods.tca import calibration as tca_calibration
 from ..methods.tca.budgets import Budgets
@@ -28,6 +30,29 @@ class ModelProbe:
     def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
         with Session(self.model, None, observer=observer):
             self.model(input_ids, use_cache=False, logits_to_keep=1)
+
+    def observe_gradients(self, input_ids: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor],
+                          observer: GradientObserver) -> None:
+        """One dense forward of input_ids (1, L) and the gradient of loss(logits (1, L, V)) with
+        respect to every full-attention layer's output, without parameter gradients (the input
+        embeddings are the only leaf). observer(layer, q, k, v, scaling, d_out) per full layer,
+        after the backward: q/k/v detached, d_out (B, L, H, D) = dloss / d(attention output)."""
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        outs: dict[int, torch.Tensor] = {}
+
+        def keep(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+            seen[idx] = (q.detach(), k.detach(), v.detach(), scaling)
+
+        with torch.enable_grad(), Session(self.model, None, observer=keep,
+                                          output_observer=lambda idx, out: outs.__setitem__(idx, out)):
+            emb = self.model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+            logits = self.model(inputs_embeds=emb, use_cache=False).logits
+            layers = sorted(outs)
+            grads = torch.autograd.grad(loss(logits), [outs[i] for i in layers], allow_unused=True)
+        del logits, outs
+        for idx, g in zip(layers, grads):
+            q, k, v, scaling = seen[idx]
+            observer(idx, q, k, v, scaling, torch.zeros_like(q.transpose(1, 2)) if g is None else g.detach())
 
 
 def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | None = None,

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 # observer(layer_idx, q, k, v, scaling): q (B, H, L, D), k/v (B, KV, L, D) after rotary
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+# gradient observer(layer_idx, q, k, v, scaling, d_out): d_out (B, L, H, D) = dloss / d(attention output)
+GradientObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], None]
 Plan = Union[TokenPlan, "BlockPlan"]  # noqa: F821 - engine.plan.BlockPlan
 
 
@@ -37,6 +39,11 @@ class Probe(Protocol):
 
     def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
         """One dense forward of input_ids (1, L), calling observer on every full-attention layer."""
+
+    def observe_gradients(self, input_ids: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor],
+                          observer: GradientObserver) -> None:
+        """One dense forward and backward of loss(logits (1, L, V)); observer gets every full layer's
+        q, k, v and the loss gradient with respect to its attention output (MoA's profile)."""
 
 
 class Method(ABC):
