@@ -245,3 +245,19 @@ def test_report_states_the_budget(profiles):
     rep = MoA(profiles["llama"], density=0.4, **SMALL).report()["moa"]
     assert rep["density"] == 0.4 and all(v <= 0.4 + 1e-9 for v in rep["kept"].values())
     assert dataclasses.is_dataclass(MoA)
+
+
+def test_static_decode_equals_dynamic(profiles):
+    """The graph-safe static decode path (run eagerly on the CPU) gives the same tokens."""
+    from tca_attention.integration import enable
+
+    model = tiny("llama").float()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (2, 150), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    with torch.no_grad(), enable(model, MoA(profiles["llama"], density=0.4, **SMALL)) as s:
+        want = s.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+        got = s.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, cuda_graph=True)
+    assert torch.equal(got, want)
