@@ -218,6 +218,10 @@ ENTRIES: dict[str, Entry] = {
               "gradient influence profile searched under a density budget",
               {"density": float, "sinks": int, "window": int, "block_size": int, "profile": str},
               _moa, Density("density", _lazy("moa.density_for"))),
+        Entry("infiniretri", "InfiniRetri: reads the context in chunks, keeps the sentences the question's "
+              "last-layer attention ranks highest (phrase-smoothed top-k), answers from them (eval only)",
+              {"chunk": int, "topk": int, "phrase": int, "layer": int},
+              _dataclass_build("infiniretri.InfiniRetri")),
     )
 }
 
@@ -332,6 +336,7 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.full_budget import FullBudget
     from .methods.head_split import HeadSplit
     from .methods.hip import HiP
+    from .methods.infiniretri import InfiniRetri
     from .methods.dhsa import DHSA
     from .methods.longheads import LongHeads
     from .methods.minference import MInference
@@ -349,7 +354,7 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
                              ("blasst", BLASST, ()), ("hip", HiP, ()),
                              ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
                              ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ()),
-                             ("moa", MoA, ("profile",))):
+                             ("moa", MoA, ("profile",)), ("infiniretri", InfiniRetri, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

@@ -99,3 +99,36 @@ def test_bad_spans_raise():
         ir.retain(_Needle(1), ir.InfiniRetri(), [1], [2, 3], [False, True], [4], (0, 2))
     with pytest.raises(ValueError, match="sentence marks"):
         ir.retain(_Needle(1), ir.InfiniRetri(), [1], [2, 3], [True], [4], (0, 1))
+
+
+def test_locate_tolerates_merged_edge_tokens():
+    assert ir.locate([1, 2, 3, 4, 5, 6], [9, 3, 4, 5]) == (2, 5)  # first token merged with its neighbour
+    assert ir.locate([1, 2, 3, 4, 5, 6], [2, 3, 4, 5]) == (1, 5)
+    assert ir.locate([1, 2, 3, 4, 3, 4], [3, 4], start=3) == (4, 6)
+    with pytest.raises(ValueError, match="not found"):
+        ir.locate([1, 2, 3], [7, 8, 9, 10])
+
+
+def test_through_the_eval(tmp_path, smol_tokenizer, monkeypatch):
+    """`tca eval` runs it: a budget keeping everything answers as full attention does; a small one
+    keeps a fraction of the prompt (what the answer's KV holds) and says what it read."""
+    from test_eval_pipeline import tiny_llama
+
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    everything, small = "infiniretri:chunk=4096,topk=100000", "infiniretri:chunk=256,topk=16,phrase=4"
+    cfg = EvalConfig(model="tiny-llama", methods=("full", everything, small), tasks=("niah_single",),
+                     lengths=(768,), samples=1)
+    by = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    assert by[everything].prediction == by["full"].prediction and by[everything].kept_fraction == 1.0
+    r = by[small]
+    assert 0 < r.kept_fraction < 0.8 and r.kv_bytes < r.dense_kv_bytes
+    steps = r.metadata["retrieval"]["steps"]
+    assert len(steps) >= 2 and all(s["retained"] < s["read"] for s in steps)
+    with pytest.raises(ValueError, match="not an attention method"):
+        from tca_attention.integration import enable
+
+        enable(tiny("llama"), ir.InfiniRetri())

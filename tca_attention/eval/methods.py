@@ -250,8 +250,19 @@ class ModelBackend:
         kinds = {s.kind for s in samples}
         if len(kinds) != 1:
             raise ValueError(f"a batch mixes sample kinds {kinds}")
+        prompt_lens = [len(ids) for ids in ids_list]
+        B = len(samples)
+        core, record = self.core_method(method, round(sum(prompt_lens) / B), matched_fraction)
+        extra: dict[str, Any] = {"batch": B, **record}
+        t0 = time.perf_counter()
+        retrieved = None
+        if getattr(core, "reads_in_chunks", False):  # InfiniRetri: a shorter prompt, then dense attention
+            ids_list, retrieved = self._read_in_chunks(core, samples, ids_list)
+            from ..methods.dense import Dense
+
+            core = Dense()
         lens = [len(ids) for ids in ids_list]
-        L, B = max(lens), len(samples)
+        L = max(lens)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         if isinstance(pad, (list, tuple)):
             pad = pad[0]
@@ -261,9 +272,6 @@ class ModelBackend:
             input_ids[r, L - len(ids):] = torch.tensor(ids)
             attn[r, L - len(ids):] = 1
         input_ids, attn = input_ids.to(self.model.device), attn.to(self.model.device)
-        core, record = self.core_method(method, round(sum(lens) / B), matched_fraction)
-        extra: dict[str, Any] = {"batch": B, **record}
-        t0 = time.perf_counter()
         with enable(self.model, core, backend=self.backend) as session, torch.no_grad(), sdpa_kernels(self.sdpa_backend):
             cache = session.new_cache()
             nlls: list[float | None] = [None] * B
@@ -288,7 +296,13 @@ class ModelBackend:
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / B
             report = session.prefill_report() if not core.is_dense else {}
-        if core.is_dense:
+        if retrieved is not None:  # the KV held is the retained prompt's; dense is the whole prompt's
+            rows = _dense_rows(cache, lens, L)
+            for r, info in enumerate(retrieved):
+                rows[r]["kept_fraction"] = lens[r] / prompt_lens[r]
+                rows[r]["dense_kv_bytes"] = int(rows[r]["kv_bytes"] * prompt_lens[r] / lens[r])
+            extra["prefill_kept_fraction"] = sum(lens) / sum(prompt_lens)
+        elif core.is_dense:
             rows = _dense_rows(cache, lens, L)
         else:
             rows = cache.per_row()
@@ -299,7 +313,34 @@ class ModelBackend:
             # a decode-time selection reads less than the cache keeps (None: it reads everything)
             extra["decode_attended_fraction"] = report.get("decode_kept_fraction")
         return [Outcome(preds[r], nlls[r], float(rows[r]["kept_fraction"]), int(rows[r]["kv_bytes"]),
-                        int(rows[r]["dense_kv_bytes"]), seconds, dict(extra)) for r in range(B)]
+                        int(rows[r]["dense_kv_bytes"]), seconds,
+                        dict(extra) | ({"retrieval": retrieved[r]} if retrieved else {})) for r in range(B)]
+
+    def _read_in_chunks(self, core: Any, samples: list[Sample], ids_list: list[list[int]]
+                        ) -> tuple[list[list[int]], list[dict[str, Any]]]:
+        """InfiniRetri's prompts: each sample's context tokens (found in its prompt) read in chunks and
+        replaced by the sentences retained (methods/infiniretri.py); the rest of the prompt is kept."""
+        from ..integration.probe import ModelProbe
+        from ..methods import infiniretri as ir
+
+        probe, tok, out, infos = ModelProbe(self.model), self.tokenizer, [], []
+        for sample, ids in zip(samples, ids_list):
+            if sample.kind != "generate" or not sample.question or not sample.context:
+                raise ValueError(f"{core.name} answers a question about a context: sample {sample.id} has no "
+                                 "question or context (perplexity samples cannot be read in chunks)")
+            c0, c1 = ir.locate(ids, _token_ids(tok, sample.context))
+            q0, q1 = ir.locate(ids, _token_ids(tok, sample.question), start=c1)
+            context = ids[c0:c1]
+            ends = ir.sentence_ends(tok.batch_decode([[t] for t in context]))
+            kept, info = ir.retain(probe, core, ids[:c0], context, ends, ids[c1:], (q0 - c1, q1 - c1))
+            out.append(ids[:c0] + kept + ids[c1:])
+            infos.append(info)
+        return out, infos
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(i) for i in (ids.flatten().tolist() if hasattr(ids, "flatten") else ids)]
 
 
 def _dense_rows(cache: Any, lens: list[int], padded: int) -> list[dict[str, float]]:

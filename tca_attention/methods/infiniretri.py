@@ -11,24 +11,25 @@ best-scored tokens select their whole sentences, which are retained (token ids, 
 next step; after the last chunk, what is retained is the context the answer is generated from.
 
 This is not a per-layer attention policy: it changes the tokens the model reads, so it runs above
-the engine (`retain` drives a Probe's forwards and returns token ids; the caller generates from
-`prefix + retained + suffix` with any method, dense by default). docs/methods.md gives the
-decisions; it is not yet wired into the registry, the eval or the benchmarks.
+the engine. `retain` drives a Probe's forwards and returns token ids; the caller generates from
+`prefix + retained + suffix` with dense attention (the eval does, `eval/methods.py`). The registry's
+`infiniretri` object is a Method only so that specs, `tca methods` and the eval name it; run as an
+attention method in a session it refuses with a clear error (check_model). docs/methods.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
-from .base import Probe
+from .base import Method, Probe
 
 SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")  # the official split: (\n\n)|([。！？.?!])
 
 
 @dataclass(frozen=True)
-class InfiniRetri:
+class InfiniRetri(Method):
     """chunk: context tokens read per step (the official window_length, 1024); topk: tokens whose
     sentences are retained (300, the package's default); phrase: the smoothing window (its
     answer_length, 8); layer: which full-attention layer's attention ranks (-1: the last)."""
@@ -38,11 +39,44 @@ class InfiniRetri:
     phrase: int = 8
     layer: int = -1
     name: str = "infiniretri"
+    block_size: ClassVar[int] = 1
+    window: ClassVar[int] = 1
+    reads_in_chunks: ClassVar[bool] = True  # the eval rewrites the prompt with `retain`, then runs dense
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.topk < 1 or self.phrase < 1:
             raise ValueError(f"InfiniRetri needs chunk, topk and phrase >= 1, got {self.chunk}, {self.topk}, "
                              f"{self.phrase}")
+
+    def check_model(self, model) -> None:
+        raise ValueError("infiniretri rewrites the prompt (it reads the context in chunks and keeps the sentences "
+                         "the question attends to); it is not an attention method for a session: run it through "
+                         "`tca eval` or tca_attention.methods.infiniretri.retain")
+
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> None:
+        return None
+
+    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        return torch.ones(num_kv_heads, dtype=torch.long)
+
+
+def locate(ids: Sequence[int], piece: Sequence[int], start: int = 0) -> tuple[int, int]:
+    """[s, e) of `piece` (token ids of a text tokenized alone) inside `ids` at or after `start`.
+
+    A text tokenized inside a prompt may differ from it alone in its first and last token (they can
+    merge with their neighbours), so the inner tokens are searched and the ends added back where
+    they match. Raises ValueError when the inner tokens are not there."""
+    ids, piece = list(ids), list(piece)
+    inner = piece[1:-1] if len(piece) > 2 else piece
+    n = len(inner)
+    for s in range(start, len(ids) - n + 1):
+        if ids[s : s + n] == inner:
+            e = s + n
+            if len(piece) > 2:
+                s -= int(s > start and ids[s - 1] == piece[0])
+                e += int(e < len(ids) and ids[e] == piece[-1])
+            return s, e
+    raise ValueError("the text's tokens were not found in the prompt")
 
 
 def sentence_ends(texts: Sequence[str]) -> list[bool]:
