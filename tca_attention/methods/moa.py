@@ -29,6 +29,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -362,6 +363,12 @@ def search(profile: MoAProfile, density: float, min_span: int, sinks: int, exten
     return _by_layer(profile, picked), summary
 
 
+@lru_cache(maxsize=32)
+def _search_once(profile: MoAProfile, density: float, min_span: int, sinks: int):
+    """search(), remembered: the eval builds the method once per batch."""
+    return search(profile, density, min_span, sinks)
+
+
 def _lost(profile: MoAProfile, i: int, layer: int, head: int, band: int, n: int) -> float:
     return 0.0 if band >= n else profile.loss(i, layer, head, band)
 
@@ -389,9 +396,9 @@ class MoA(Method):
     def __post_init__(self) -> None:
         if self.sinks < 0 or self.window < 1 or self.block_size < 1:
             raise ValueError("MoA needs sinks >= 0, window >= 1, block_size >= 1")
-        rules, summary = search(self.profile, self.density, self.sinks + self.window, self.sinks)
+        rules, summary = _search_once(self.profile, self.density, self.sinks + self.window, self.sinks)
         object.__setattr__(self, "_rules", rules)
-        object.__setattr__(self, "_summary", summary)
+        object.__setattr__(self, "_summary", dict(summary))
 
     def rules(self, layer_idx: int) -> tuple[Rule, ...] | None:
         """Each KV head's rule in a layer (None: a layer MoA leaves alone)."""
