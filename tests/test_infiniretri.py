@@ -132,3 +132,23 @@ def test_through_the_eval(tmp_path, smol_tokenizer, monkeypatch):
         from tca_attention.integration import enable
 
         enable(tiny("llama"), ir.InfiniRetri())
+
+
+def test_eval_batch_equals_single_runs(tmp_path, smol_tokenizer, monkeypatch):
+    """Retrieval is per sample; the retained prompts are then left-padded into one dense batch:
+    the same answers and kept fractions as one sample at a time."""
+    from test_eval_pipeline import tiny_llama
+
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    spec = "infiniretri:chunk=128,topk=8,phrase=4"
+    runs = {}
+    for bs in (1, 2):
+        cfg = EvalConfig(model="tiny-llama", methods=(spec,), tasks=("niah_single",), lengths=(512,), samples=2,
+                         batch_size=bs)
+        runs[bs] = sorted(evaluate(cfg, backend, tmp_path / f"b{bs}", progress=False), key=lambda r: r.sample_id)
+    for one, two in zip(runs[1], runs[2]):
+        assert one.prediction == two.prediction and one.kept_fraction == two.kept_fraction < 1
