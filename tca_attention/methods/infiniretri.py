@@ -145,13 +145,14 @@ def retain(probe: Probe, config: InfiniRetri, prefix: Sequence[int], context: Se
         marks = kept_ends + list(ends[c0 : c0 + config.chunk])
         P, C = len(prefix), len(ids)
         rows = slice(P + C + q0, P + C + q1)
-        seen: dict[int, torch.Tensor] = {}
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # q, k of every full layer (references)
 
-        def observe(idx, q, k, v, scaling, rows=rows):
-            seen[idx] = question_attention(q[0], k[0], scaling, rows)
+        def observe(idx, q, k, v, scaling):
+            seen[idx] = (q[0], k[0], scaling)
 
         probe.observe(torch.tensor([list(prefix) + ids + list(suffix)], device=device), observe)
-        attn = seen[sorted(seen)[config.layer]]  # (Q, L) of the chosen full layer
+        attn = question_attention(*seen[sorted(seen)[config.layer]], rows)  # (Q, L) of the chosen full layer
+        seen.clear()
         if q_weight is None:  # the question's attention to itself, from the first chunk on
             q_weight = attn[:, rows].sum(-1)
         if C == 0:
