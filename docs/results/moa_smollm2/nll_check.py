@@ -1,6 +1,6 @@
-"""A sanity check of the SmolLM2 profile (CPU): next-token NLL of the last 512 tokens of 3072-token
-essay windows (not seen by the profile's seed-0 windows... not guaranteed; a check, not an eval),
-dense vs MoA vs StreamingLLM with the same kept fraction. Writes nll_check.json beside this script."""
+"""A sanity check of the SmolLM2 profile (CPU): next-token NLL of the last 512 tokens of two
+3072-token essay windows (the same corpus as the profile, other random windows: a check, not an
+eval), full attention vs MoA vs StreamingLLM at MoA's kept fraction. Writes nll_check.json here."""
 from __future__ import annotations
 
 import json
