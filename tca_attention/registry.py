@@ -193,6 +193,18 @@ ENTRIES: dict[str, Entry] = {
               {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
               _dataclass_build("spatten.SpAtten"),
               Density("keep", _lazy("spatten.keep_for"))),
+        Entry("tokenselect", "TokenSelect: dense prefill, full cache; each decode step reads sinks + local + the top "
+              "tokens per KV head by a soft vote of its query heads, reused while queries stay similar",
+              {"budget": int, "sinks": int, "local": int, "threshold": float, "vote": str},
+              _dataclass_build("tokenselect.TokenSelect"), Density("budget", _lazy("tokenselect.budget_for"))),
+        Entry("tidaldecode", "TidalDecode: dense prefill, full cache; a token-selection layer (and a re-selection "
+              "layer) picks the top-k tokens every later layer reads (position-persistent)",
+              {"budget": int, "select_layer": int, "reselect_layer": int},
+              _dataclass_build("tidaldecode.TidalDecode"), Density("budget", _lazy("tidaldecode.budget_for"))),
+        Entry("recycled", "Recycled Attention: dense prefill, full cache; a full decode step every `stride` steps, "
+              "in between the top-K tokens of the last full step's attention plus the new tokens",
+              {"budget": int, "stride": int, "similarity": float},
+              _dataclass_build("recycled.RecycledAttention"), Density("budget", _lazy("recycled.budget_for"))),
     )
 }
 
@@ -311,8 +323,11 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
+    from .methods.recycled import RecycledAttention
     from .methods.spatten import SpAtten
     from .methods.streaming import StreamingLLM
+    from .methods.tidaldecode import TidalDecode
+    from .methods.tokenselect import TokenSelect
     from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
@@ -322,7 +337,9 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
                              ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
                              ("blasst", BLASST, ()), ("hip", HiP, ()),
                              ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
-                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):
+                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ()),
+                             ("tokenselect", TokenSelect, ()), ("tidaldecode", TidalDecode, ()),
+                             ("recycled", RecycledAttention, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
