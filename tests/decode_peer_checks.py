@@ -153,3 +153,35 @@ def assert_model_alone_equals_batched(method, lengths=(90, 77, 48), new_tokens: 
             assert torch.equal(batched[r, ids.shape[1]:], alone[0, len(p):]), r
     assert any(sel is not None for _, sel in rec.log)
     assert method.report()["decode_kept_fraction"] < 1
+
+
+def assert_triton_equals_reference(method, lengths=(45, 38, 6), seed: int = 6) -> None:
+    """One layer's token-level selection of a padded batch through the Triton decode kernel (the
+    interpreter without CUDA) equals the reference executor."""
+    from kernel_helpers import DEV
+
+    from tca_attention.engine import dispatch
+
+    gen = torch.Generator().manual_seed(seed)
+    k, key_start = padded(list(lengths), gen)
+    layer = prefill_layer(k.to(DEV), torch.randn_like(k).to(DEV), key_start.to(DEV), method)
+    kn = torch.randn(len(lengths), KV, 1, D, generator=gen).to(DEV)
+    layer.update(kn, kn)
+    q = torch.randn(len(lengths), KV * G, 1, D, generator=gen).to(DEV)
+    sel = method.select_decode(0, q, layer)
+    assert sel is not None and sel.page_size == 1 and (sel.pages == -1).any()
+    view = layer.view(torch.full((len(lengths), 1), layer.seen - 1, device=DEV))
+    ref = dispatch.ragged_decode(q, view, D**-0.5, "reference", selection=sel)
+    out = dispatch.ragged_decode(q, view, D**-0.5, "triton", selection=sel)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def assert_static_decode_refused(method) -> None:
+    """cuda_graph / static caches refuse the method with a clear error (its per-step work is not graph-safe)."""
+    import pytest
+
+    assert not method.supports_static_decode()
+    model = tiny("llama")
+    with enable(model, method, backend="reference") as session, pytest.raises(ValueError, match="not declared graph-safe"):
+        session.new_cache(max_new_tokens=4)
