@@ -83,12 +83,15 @@ def assert_layers_alone_equal_batched(make, lengths: list[int], steps: int, n_la
 
 
 class Recording:
-    """Wraps a method's select_decode to log every selection; can turn off the dense shortcut for caches
-    within the budget (so that the selection path itself runs)."""
+    """Wraps a method's select_decode to log every selection; can turn off the dense shortcuts for caches
+    (and rows) within the budget, so that the selection path itself runs."""
 
     def __init__(self, method, dense_shortcut: bool = True) -> None:
         self.log: list = []
-        object.__setattr__(method, "_fits", (lambda fill: False) if not dense_shortcut else method._fits)
+        if not dense_shortcut:
+            object.__setattr__(method, "_fits", lambda fill: False)
+            if hasattr(method, "_row_fits"):
+                object.__setattr__(method, "_row_fits", lambda n: torch.zeros_like(n, dtype=torch.bool))
         inner = method.select_decode
 
         def select(layer_idx, q, layer):

@@ -62,35 +62,43 @@ class RecycledAttention(Method):
         return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
 
     def _fits(self, fill: int) -> bool:
+        """Every row's cache (at most fill real tokens) is within K: a dense step (no pattern kept)."""
         return fill <= self.budget
+
+    def _row_fits(self, n: torch.Tensor) -> torch.Tensor:
+        """(B,) rows of n real tokens within K: they read everything, as they would alone."""
+        return n <= self.budget
 
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, fill = tail_rows(layer, self.name)
-        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or a cache within K: dense, the schedule restarts
+        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within K: dense, schedules restart
             layer.method_state.pop(_STATE, None)
             self._reads.count_dense()
             return None
+        B = q.shape[0]
         qv = q[:, :, -1].float().flatten(1)  # (B, H * D)
-        st = layer.method_state.get(_STATE)
-        if st is None:
-            full = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-        else:
-            st["since"] += 1
-            full = st["since"] >= self.stride
-            if self.similarity > 0:
-                full |= cosine(qv, st["q"]) < self.similarity
+        st = layer.method_state.get(_STATE) or self._empty(B, layer.t_keys.shape[1], qv)
+        st["since"] += 1
+        fits = self._row_fits(fill - start)  # rows reading everything, as alone (their schedule restarts)
+        full = ~st["valid"] | (st["since"] >= self.stride)
+        if self.similarity > 0:
+            full |= cosine(qv, st["q"]) < self.similarity
+        full &= ~fits
         real = real_slots(start, fill)
-        if st is None or bool(full.any()):  # one host read: does any row take a full step?
-            top = self.pattern(q, layer, real)
-            st = self._record(layer, st, full, top, qv, fill)
-        if bool(full.all()):
+        any_full = bool(full.any())  # one host read: does any row take a full step?
+        if any_full:
+            self._record(st, full, self.pattern(q, layer, real), qv, fill)
+        st["valid"] &= ~fits
+        layer.method_state[_STATE] = st
+        if bool((full | fits).all()):
             self._reads.count_dense()
             return None
         recent = torch.arange(fill, device=q.device)[None, :] >= st["base"][:, None]  # (B, T) added since
         mask = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1])) | recent[:, None, :]
-        mask = torch.where(full[:, None, None], real[:, None, :], mask) & real[:, None, :]
+        mask = torch.where((full | fits)[:, None, None], real[:, None, :], mask) & real[:, None, :]
         self._reads.count(mask, start, fill)
-        return selection_from_mask(mask, self.budget + self.stride)
+        # a row's recycled reads: at most K + stride tokens; a full row next to it lists its whole cache
+        return selection_from_mask(mask, fill if any_full else self.budget + self.stride)
 
     def pattern(self, q: torch.Tensor, layer: "RaggedLayer", real: torch.Tensor) -> torch.Tensor:
         """(B, KV, T): the `budget` real tokens of largest attention of this (full) step, the
@@ -102,18 +110,23 @@ class RecycledAttention(Method):
         return top_mask(score, self.budget)
 
     @staticmethod
-    def _record(layer: "RaggedLayer", st: dict | None, full: torch.Tensor, top: torch.Tensor, qv: torch.Tensor,
-                fill: int) -> dict:
-        """The rows taking a full step now get this step's pattern, query and base; the others keep theirs."""
-        base = torch.full_like(full, fill - 1, dtype=torch.long)  # the full step's own token onwards
-        if st is not None:
-            old = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1]))
-            top = torch.where(full[:, None, None], top, old)
-            qv = torch.where(full[:, None], qv, st["q"])
-            base = torch.where(full, base, st["base"])
-        since = torch.zeros_like(base) if st is None else torch.where(full, 0, st["since"])
-        layer.method_state[_STATE] = st = {"top": top, "q": qv, "base": base, "since": since}
-        return st
+    def _empty(B: int, KV: int, qv: torch.Tensor) -> dict:
+        """Per-row schedule state of a layer: no row has a pattern yet."""
+        dev = qv.device
+        return {"top": torch.zeros(B, KV, 0, dtype=torch.bool, device=dev), "q": torch.zeros_like(qv),
+                "base": torch.zeros(B, dtype=torch.long, device=dev), "since": torch.zeros(B, dtype=torch.long, device=dev),
+                "valid": torch.zeros(B, dtype=torch.bool, device=dev)}
+
+    @staticmethod
+    def _record(st: dict, full: torch.Tensor, top: torch.Tensor, qv: torch.Tensor, fill: int) -> None:
+        """The rows taking a full step now get this step's pattern, query and base (its own token); the
+        others keep theirs."""
+        old = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1]))
+        st["top"] = torch.where(full[:, None, None], top, old)
+        st["q"] = torch.where(full[:, None], qv, st["q"])
+        st["base"] = torch.where(full, fill - 1, st["base"])
+        st["since"] = torch.where(full, 0, st["since"])
+        st["valid"] = st["valid"] | full
 
     def report(self) -> dict:
         """decode_kept_fraction: over every decode step of every layer (full steps and steps within

@@ -79,43 +79,49 @@ class TokenSelect(Method):
         """Every row's cache (at most fill real tokens) is within sinks + budget + local: read it all."""
         return fill <= self.width
 
+    def _row_fits(self, n: torch.Tensor) -> torch.Tensor:
+        """(B,) rows of n real tokens within the budget: they read everything, as they would alone."""
+        return n <= self.width
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, fill = tail_rows(layer, self.name)
-        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or a cache within the budget: dense
+        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within the budget: dense
             self._reads.count_dense()
             return None
         real = real_slots(start, fill)  # (B, T)
+        n = fill - start  # (B,) each row's real tokens
         rel = torch.arange(fill, device=start.device)[None, :] - start[:, None]  # rank among the row's tokens
         sink = real & (rel < self.sinks)
-        local = rel >= (fill - start - self.local)[:, None]
+        local = rel >= (n - self.local)[:, None]
         middle = real & ~sink & ~local
-        chosen = self._chosen(q, layer, middle)  # (B, KV, T)
-        mask = chosen | (sink | local)[:, None, :]
+        fits = self._row_fits(n)  # rows reading everything, as alone (their selection cache untouched)
+        chosen = self._chosen(q, layer, middle, fits)  # (B, KV, T)
+        mask = chosen | (sink | local | fits[:, None])[:, None, :] & real[:, None, :]
         self._reads.count(mask, start, fill)
         return selection_from_mask(mask, self.width)
 
-    def _chosen(self, q: torch.Tensor, layer: "RaggedLayer", middle: torch.Tensor) -> torch.Tensor:
+    def _chosen(self, q: torch.Tensor, layer: "RaggedLayer", middle: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
         """The middle tokens each (row, KV head) reads: its cached selection where the row's query is
-        similar enough to the one that made it, else a fresh vote. Updates the layer's cache."""
+        similar enough to the one that made it, else a fresh vote (stored with the query). Rows that
+        fit the budget neither use nor change their cache (as alone, where such a step is dense)."""
+        B, KV, fill = q.shape[0], layer.t_keys.shape[1], middle.shape[-1]
         qv = q[:, :, -1].float().flatten(1)  # (B, H * D) the row's query, every head
         st = layer.method_state.get(_STATE)
-        fill = middle.shape[-1]
-        reuse = None
-        if st is not None:
-            reuse = cosine(qv, st["q"]) >= self.threshold  # (B,)
-            old = torch.nn.functional.pad(st["chosen"], (0, fill - st["chosen"].shape[-1]))
-            self._reuse["steps"] = self._reuse.get("steps", 0) + 1
-            self._reuse["rows"] = self._reuse["rows"] + reuse.double().mean() if "rows" in self._reuse \
-                else reuse.double().mean()
-            if bool(reuse.all()):  # one host read: every row reuses, no vote to compute
-                return old
+        if st is None:
+            st = {"q": torch.zeros_like(qv), "valid": torch.zeros_like(fits),
+                  "chosen": torch.zeros(B, KV, fill, dtype=torch.bool, device=qv.device)}
+        old = torch.nn.functional.pad(st["chosen"], (0, fill - st["chosen"].shape[-1]))
+        reuse = st["valid"] & (cosine(qv, st["q"]) >= self.threshold) & ~fits  # (B,)
+        had = st["valid"] & ~fits  # rows that had a cached selection to consider
+        self._reuse["steps"] = self._reuse.get("steps", 0) + had.long().sum()
+        self._reuse["rows"] = self._reuse.get("rows", 0) + reuse.long().sum()
+        if bool((reuse | fits).all()):  # one host read: no row votes this step
+            return old
         fresh = self.vote_mask(q, layer.t_keys[:, :, :fill], middle)
-        if reuse is None:
-            chosen, qkeep = fresh, qv
-        else:
-            chosen = torch.where(reuse[:, None, None], old, fresh)
-            qkeep = torch.where(reuse[:, None], st["q"], qv)
-        layer.method_state[_STATE] = {"q": qkeep, "chosen": chosen}
+        vote = ~reuse & ~fits
+        chosen = torch.where(vote[:, None, None], fresh, old)
+        layer.method_state[_STATE] = {"q": torch.where(vote[:, None], qv, st["q"]), "valid": st["valid"] | vote,
+                                      "chosen": chosen}
         return chosen
 
     def vote_mask(self, q: torch.Tensor, keys: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
@@ -132,9 +138,9 @@ class TokenSelect(Method):
     def report(self) -> dict:
         """decode_kept_fraction: over every decode step of every layer (steps within the budget count
         as 1), the mean over rows of the cached tokens read (the cache holds them all);
-        selection_reuse: of the steps that had a cached selection, the mean share of rows reusing it."""
-        steps = self._reuse.get("steps", 0)
-        reuse = float(self._reuse["rows"]) / steps if steps else None
+        selection_reuse: of the (row, step)s that had a cached selection to consider, the share reusing it."""
+        steps = int(self._reuse.get("steps", 0))
+        reuse = int(self._reuse["rows"]) / steps if steps else None
         return {"decode_kept_fraction": self._reads.fraction(), "selection_reuse": reuse}
 
 
