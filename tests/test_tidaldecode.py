@@ -151,3 +151,9 @@ def test_registry_density_and_bad_knobs():
         with pytest.raises(ValueError, match=msg):
             registry.create(spec)
     assert_static_decode_refused(m)
+    from tca_attention.benchmarks import bench_methods
+    from tca_attention.eval.methods import expand_method
+
+    assert bench_methods.PEER_SWEEPS["tidaldecode"] == "tidaldecode:budget=2048|4096"
+    [em] = expand_method("tidaldecode@match=tca:tau=0.5")
+    assert (em.spec, em.match) == ("tidaldecode", "tca:tau=0.5")

@@ -160,3 +160,9 @@ def test_registry_density_and_bad_knobs():
         with pytest.raises(ValueError, match=msg):
             registry.create(spec)
     assert_static_decode_refused(m)
+    from tca_attention.benchmarks import bench_methods
+    from tca_attention.eval.methods import expand_method
+
+    assert bench_methods.PEER_SWEEPS["tokenselect"] == "tokenselect:budget=2048|8192"
+    [em] = expand_method("tokenselect@match=tca:tau=0.5")
+    assert (em.spec, em.match) == ("tokenselect", "tca:tau=0.5")
