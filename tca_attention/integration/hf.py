@@ -23,7 +23,7 @@ from ..engine import dispatch
 from ..engine.plan import TokenPlan
 from ..methods.base import Method, Observer
 from ..methods.dense import Dense
-from . import adapter
+from . import adapter, tensor_parallel
 from ..introspect import attention_modules, layer_kinds, text_config
 from .architectures import check_supported
 
@@ -74,6 +74,14 @@ class Session:
         if not isinstance(method, Method):
             raise TypeError(f"method must be a tca_attention Method (see tca_attention.create), got {type(method).__name__}")
         method.check_model(model)
+        # under tensor parallelism: this rank's heads, and the method on them (its per-head state sliced)
+        self.shard = tensor_parallel.shard_of(model)
+        if self.shard is not None:
+            if observer is not None and self.shard.sharded:
+                raise tensor_parallel.TensorParallelError(
+                    "calibration needs every attention head, and this tensor-parallel rank holds only "
+                    f"KV heads {list(self.shard.kv)}: calibrate in one process and load the state file on every rank")
+            method = tensor_parallel.shard_method(method, self.shard)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
@@ -224,6 +232,8 @@ class Session:
     # -- the attention call -----------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall):
         idx, q = call.layer_idx, call.query
+        if self.shard is not None:
+            self.shard.check_call(idx, q, call.key)
         if self.kinds[idx] == "sliding" or self.method.is_dense or self.observer is not None:
             if self.observer is not None and self.kinds[idx] == "full":
                 self.observer(idx, q, call.key, call.value, call.scaling)
@@ -268,22 +278,53 @@ class Session:
             layer.commit_prefill(plan if evicts else None, key_start, keep)
         return out, None
 
-    def prefill_report(self) -> dict[str, float | None]:
+    def prefill_report(self) -> dict[str, Any]:
         """Mean over layers and heads of the last prefill's kept fraction and of the last query's
-        retained attention mass (dense layers count as 1), and the smallest retained mass."""
-        rows = list(self.last_prefill.values())
-        if not rows:
-            return {"kept_fraction": None, "retained": None, "retained_min": None, **self.method.report()}
-        kept = [1.0 if r["kept_fraction"] is None else float(r["kept_fraction"].mean()) for r in rows]
-        # dense layers retain everything; sparse plans of methods that do not score (None) are left out
-        ret = [torch.ones(1) if r["kept_fraction"] is None else r["retained"] for r in rows]
-        ret = [t for t in ret if t is not None]
+        retained attention mass (dense layers count as 1), and the smallest retained mass. Under
+        tensor parallelism: over every rank's heads (collectives: every rank calls it)."""
+        layers = {i: _layer_row(r) for i, r in sorted(self.last_prefill.items())}
+        method = self.method.report()
+        if self.shard is not None:
+            layers = tensor_parallel.merge_layer_rows(layers, self.shard)
+            method = {**tensor_parallel.merge_method_reports(method, self.method, self.shard),
+                      "tensor_parallel": {"world": self.shard.world, "heads_sharded": self.shard.sharded}}
+        rows = list(layers.values())
+        ret = [(mean, low) for _, mean, low in rows if mean is not None]  # methods that do not score: None
         return {
-            "kept_fraction": sum(kept) / len(kept),
-            "retained": sum(float(t.mean()) for t in ret) / len(ret) if ret else None,
-            "retained_min": min(float(t.min()) for t in ret) if ret else None,
-            **self.method.report(),
+            "kept_fraction": sum(kept for kept, _, _ in rows) / len(rows) if rows else None,
+            "retained": sum(mean for mean, _ in ret) / len(ret) if ret else None,
+            "retained_min": min(low for _, low in ret) if ret else None,
+            **method,
         }
+
+    def cache_report(self, cache: Any = None) -> dict[str, float | int]:
+        """KV bytes held by `cache` (default: the last generate()'s), the bytes a plain cache would
+        hold for the same tokens, and the kept fraction of the sparse layers' key/value slots.
+        Under tensor parallelism: over every rank's heads (a collective: every rank calls it)."""
+        cache = self.cache if cache is None else cache
+        if cache is None:
+            raise ValueError("no cache to report on: pass one, or run session.generate() first")
+        if isinstance(cache, RaggedCache):
+            layers = cache.tca_layers()
+            counts = [cache.kv_bytes(), cache.dense_kv_bytes(), sum(l.kept_tokens() for l in layers),
+                      sum(l.dense_tokens() for l in layers)]
+        else:  # a plain cache (the dense method): everything it holds
+            held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+            counts = [held, held, 0, 0]
+        if self.shard is not None:
+            counts = tensor_parallel.sum_over_ranks(counts, self.shard)
+        held, dense, kept, total = counts
+        return {"kv_bytes": held, "dense_kv_bytes": dense, "kept_fraction": kept / total if total else 1.0}
+
+
+def _layer_row(r: dict[str, Any]) -> tuple[float, float | None, float | None]:
+    """(kept fraction, retained mean, retained min) of one layer's last prefill (tensors read here:
+    one host sync per layer, off the prefill path); a dense layer keeps and retains everything."""
+    if r["kept_fraction"] is None:
+        return 1.0, 1.0, 1.0
+    ret = r["retained"]
+    return float(r["kept_fraction"].mean()), None if ret is None else float(ret.mean()), \
+        None if ret is None else float(ret.min())
 
 
 def _refuse(what: str) -> None:

@@ -13,7 +13,7 @@ and optionally calibrates once, through a Probe, into plain JSON state tied to t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Protocol, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Union
 
 import torch
 from torch import nn
@@ -51,6 +51,9 @@ class Method(ABC):
     block_size: int
     window: int
     is_dense: bool = False
+    # report() keys whose values count heads (numbers, or dicts of numbers): under tensor
+    # parallelism each rank counts its own heads and the session sums them over the ranks
+    report_sums: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def plan(

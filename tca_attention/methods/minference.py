@@ -37,7 +37,7 @@ from ..data.corpus import essay_text
 from ..engine.plan import BlockPlan
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe
-from .state import ModelIdentity, StateError, check_header, json_type, save_json
+from .state import ModelIdentity, StateError, check_header, json_type, per_head, save_json
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class PatternState:
     window), else one PATTERNS name per query head; recall[i] the recall each pattern reached."""
 
     model: ModelIdentity
-    layers: tuple[tuple[str, ...] | None, ...]
+    layers: tuple[tuple[str, ...] | None, ...] = per_head("query")
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def check_model(self, model) -> None:
@@ -382,6 +382,7 @@ class MInference(Method):
     block_size: int = 64
     scale: float = 1.0
     name: str = "minference"
+    report_sums = ("patterns",)
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,50 @@
+"""One rank of the tensor-parallel test (tests/test_tensor_parallel.py), launched by torchrun:
+
+    torchrun --nproc_per_node 2 tests/tp_worker.py MODEL_DIR BAD_MODEL_DIR OUT_DIR [CASE ...]
+
+Loads MODEL_DIR with transformers' tensor parallelism (tp_plan="auto", gloo on the CPU), runs the
+cases of tp_cases.py and saves what it saw to OUT_DIR/rank<r>.pt; then tries BAD_MODEL_DIR (KV heads
+that do not divide by the world size) and saves the error enable() raised.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tp_cases  # noqa: E402
+
+from tca_attention.integration import enable  # noqa: E402
+from tca_attention.integration.adapter import LOAD_KWARGS  # noqa: E402
+
+
+def load(path: str):
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
+                                                 dtype=torch.float64, **LOAD_KWARGS)
+    return model.eval()
+
+
+def main() -> None:
+    model_dir, bad_dir, out_dir, *names = sys.argv[1:]
+    model = load(model_dir)
+    rank = dist.get_rank()
+    out = {"cases": tp_cases.run_all(model, names or None)}
+    try:
+        with enable(load(bad_dir), None):
+            out["bad"] = None
+    except Exception as e:  # the error under test: its type and message
+        out["bad"] = (type(e).__name__, str(e))
+        if not isinstance(e, ValueError):
+            out["bad_traceback"] = traceback.format_exc()
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
