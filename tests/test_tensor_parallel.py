@@ -41,25 +41,28 @@ SAME_LAYOUT = ("full", "full-budget", "minference", "streaming", "quest", "xatte
 @dataclass(frozen=True)
 class Runs:
     ref: dict  # case -> outputs in one process
-    ranks: list  # per rank: {"cases": case -> outputs, "bad": (error type, message)}
+    whole: dict  # TCA on the model whose every rank sees every head, in one process
+    ranks: list  # per rank: {"cases": case -> outputs, "whole": outputs, "bad": (error type, message)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("tp")
     tiny("llama").save_pretrained(root / "llama")
+    tiny("olmo2").save_pretrained(root / "olmo2")  # q/k norms over all heads: its tp_plan gathers q, k, v
     tiny("llama", num_key_value_heads=3).save_pretrained(root / "llama_kv3")  # 3 KV heads over 2 ranks
     out = root / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(TESTS / "tp_worker.py"), str(root / "llama"), str(root / "llama_kv3"), str(out)]
+           str(TESTS / "tp_worker.py"), *(str(root / m) for m in ("llama", "olmo2", "llama_kv3")), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     model = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float64, **LOAD_KWARGS).eval()
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return Runs(tp_cases.run_all(model), ranks)
+    whole = AutoModelForCausalLM.from_pretrained(root / "olmo2", dtype=torch.float64, **LOAD_KWARGS).eval()
+    return Runs(tp_cases.run_all(model), tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"]), ranks)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -128,6 +131,21 @@ def test_per_head_state_changes_the_answer() -> None:
     got = tp_cases.run_case(m, "tca", swapped)
     base = tp_cases.run_case(m, "tca", tp_cases.methods(m)["tca"])
     assert float((got["prefill"] - base["prefill"]).abs().max()) > 1e-3
+
+
+def test_a_plan_that_gathers_the_heads_runs_every_head_on_every_rank(runs: Runs) -> None:
+    """OLMo2's tp_plan gathers q/k/v (its q/k norms span all heads): every rank attends over every
+    head with the whole state and holds the whole cache (the summed bytes count every copy)."""
+    for rank, r in enumerate(runs.ranks):
+        got = r["whole"]
+        assert got["shard"] == {"rank": rank, "world": WORLD, "kv_heads": [0, 2], "query_heads": [0, 6]}
+        assert got["report"]["tensor_parallel"] == {"world": WORLD, "heads_sharded": False}
+        _close(got["prefill"], runs.whole["prefill"])
+        _close(got["decode"], runs.whole["decode"])
+        assert torch.equal(got["generate"], runs.whole["generate"])
+        assert got["local_kv_bytes"] == runs.whole["cache"]["kv_bytes"]
+        assert got["cache"]["kv_bytes"] == WORLD * runs.whole["cache"]["kv_bytes"]
+        assert got["method"].budgets == runs.whole["method"].budgets  # nothing sliced
 
 
 def test_heads_that_do_not_divide_by_the_world_size_are_refused(runs: Runs) -> None:
