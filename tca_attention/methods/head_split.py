@@ -145,7 +145,8 @@ def needle_prompt(tokenizer, hay: Sequence[int], length: int, depth: float, rng:
 class HeadScores:
     """Retrieval score of every KV head: layers[i] is None for layers the split leaves alone
     (sliding-window layers), else one score in [0, 1] per KV head; far[i] alike, the far mass
-    that orders heads of equal score."""
+    that orders heads of equal score. Not declared per_head: the split ranks the heads of the whole
+    model, so a tensor-parallel rank keeps these whole and takes its own heads' kinds (HeadSplit._kinds)."""
 
     model: ModelIdentity
     layers: tuple[tuple[float, ...] | None, ...]
