@@ -49,6 +49,7 @@ class Runs:
 def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("tp")
     tiny("llama").save_pretrained(root / "llama")
+    tp_cases.calibrate(tiny("llama"), root / "budgets.json")  # in one process; every rank loads the file
     tiny("olmo2").save_pretrained(root / "olmo2")  # q/k norms over all heads: its tp_plan gathers q, k, v
     tiny("llama", num_key_value_heads=3).save_pretrained(root / "llama_kv3")  # 3 KV heads over 2 ranks
     out = root / "out"
@@ -56,13 +57,14 @@ def runs(tmp_path_factory) -> Runs:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(TESTS / "tp_worker.py"), *(str(root / m) for m in ("llama", "olmo2", "llama_kv3")), str(out)]
+           str(TESTS / "tp_worker.py"), *(str(root / m) for m in ("llama", "olmo2", "llama_kv3")), str(out),
+           str(root / "budgets.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     model = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float64, **LOAD_KWARGS).eval()
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     whole = AutoModelForCausalLM.from_pretrained(root / "olmo2", dtype=torch.float64, **LOAD_KWARGS).eval()
-    return Runs(tp_cases.run_all(model), tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"]), ranks)
+    return Runs(tp_cases.run_all(model, root / "budgets.json"), tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"]), ranks)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -70,7 +72,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert float((got - want).abs().max()) <= bound
 
 
-@pytest.mark.parametrize("name", tp_cases.NAMES)
+@pytest.mark.parametrize("name", (*tp_cases.NAMES, tp_cases.CALIBRATED))
 def test_tensor_parallel_equals_one_process(runs: Runs, name: str) -> None:
     ref = runs.ref[name]
     for rank, r in enumerate(runs.ranks):
@@ -94,7 +96,7 @@ def test_tensor_parallel_equals_one_process(runs: Runs, name: str) -> None:
         assert torch.equal(runs.ranks[0]["cases"][name][key], runs.ranks[1]["cases"][name][key])
 
 
-@pytest.mark.parametrize("name", tp_cases.NAMES)
+@pytest.mark.parametrize("name", (*tp_cases.NAMES, tp_cases.CALIBRATED))
 def test_kv_bytes_are_per_rank_and_summed(runs: Runs, name: str) -> None:
     local = [r["cases"][name]["local_kv_bytes"] for r in runs.ranks]
     total = runs.ranks[0]["cases"][name]["cache"]
@@ -117,6 +119,8 @@ def test_each_rank_runs_its_own_heads_state(runs: Runs) -> None:
     for rank, r in enumerate(runs.ranks):
         tca = r["cases"]["tca"]["method"]
         assert tca.budgets.layers == tuple(row[rank:rank + 1] for row in full["tca"].budgets.layers)
+        calibrated = r["cases"][tp_cases.CALIBRATED]["method"].budgets  # the file, loaded and checked on the rank
+        assert calibrated.layers == tuple(row[rank:rank + 1] for row in runs.ref[tp_cases.CALIBRATED]["method"].budgets.layers)
         split = r["cases"]["head-split"]["method"]
         # retrieval heads ranked over the whole model: KV head 0 of both layers, both on rank 0
         assert split.kinds(0) == split.kinds(1) == (("dense",) if rank == 0 else ("streaming",))

@@ -58,6 +58,31 @@ def patterns(model) -> PatternState:
 
 
 NAMES = ("full", "full-budget", "tca", "head-split", "minference", "streaming", "quest", "xattention", "flexprefill")
+CALIBRATED = "tca-calibrated"  # TCA with budgets calibrated in one process and loaded from their file
+# the tiny random model's attention is flat: at tau 0.9 every head is dense; at 0.7 the calibration
+# picks (the richest sparse candidate, dense) in layer 0 and (dense, the same) in layer 1
+CALIBRATED_TAU = 0.7
+CALIBRATION = TCAConfig(block_size=16, window=32)
+
+
+class CharTokenizer:
+    """Characters as ids inside the tiny models' 97-token vocabulary (enough for a calibration)."""
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = [ord(c) % 97 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) + 97 * (int(i) < 32)) for i in ids)
+
+
+def calibrate(model, path) -> Budgets:
+    """Calibrate TCA on the model (in one process: calibration needs every head) and save the file."""
+    from tca_attention.integration.probe import calibrate as tca_calibrate
+
+    budgets = tca_calibrate(model, CharTokenizer(), CALIBRATION, length=192, progress=False)
+    budgets.save(path)
+    return budgets
 
 
 def methods(model) -> dict[str, Any]:
@@ -124,6 +149,9 @@ def run_case(model, name: str, method) -> dict[str, Any]:
     return out
 
 
-def run_all(model, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def run_all(model, budgets_file=None) -> dict[str, dict[str, Any]]:
+    """Every case; with a budget file, TCA on those budgets too (CALIBRATED), checked against the model."""
     cases = methods(model)
-    return {n: run_case(model, n, cases[n]) for n in (names or list(cases))}
+    if budgets_file is not None:
+        cases[CALIBRATED] = TCA(Budgets.load(budgets_file, model=model).at(tau=CALIBRATED_TAU), dense_below=0)
+    return {n: run_case(model, n, m) for n, m in cases.items()}

@@ -1,9 +1,10 @@
 """One rank of the tensor-parallel test (tests/test_tensor_parallel.py), launched by torchrun:
 
-    torchrun --nproc_per_node 2 tests/tp_worker.py MODEL_DIR WHOLE_DIR BAD_DIR OUT_DIR [CASE ...]
+    torchrun --nproc_per_node 2 tests/tp_worker.py MODEL_DIR WHOLE_DIR BAD_DIR OUT_DIR BUDGETS
 
 Loads MODEL_DIR with transformers' tensor parallelism (tp_plan="auto", gloo on the CPU), runs the
-cases of tp_cases.py and saves what it saw to OUT_DIR/rank<r>.pt; runs TCA on WHOLE_DIR (a model
+cases of tp_cases.py (TCA also on the BUDGETS file, calibrated in one process) and saves what it saw
+to OUT_DIR/rank<r>.pt; runs TCA on WHOLE_DIR (a model
 whose tp_plan gathers the projections' outputs: every rank sees every head); then tries BAD_DIR (KV
 heads that do not divide by the world size) and saves the error enable() raised.
 """
@@ -32,10 +33,10 @@ def load(path: str):
 
 
 def main() -> None:
-    model_dir, whole_dir, bad_dir, out_dir, *names = sys.argv[1:]
+    model_dir, whole_dir, bad_dir, out_dir, budgets = sys.argv[1:]
     model = load(model_dir)
     rank = dist.get_rank()
-    out = {"cases": tp_cases.run_all(model, names or None)}
+    out = {"cases": tp_cases.run_all(model, budgets)}
     whole = load(whole_dir)
     out["whole"] = tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"])
     try:
