@@ -10,6 +10,7 @@ the sparse executors accumulate in float32 (engine/reference.py), hence a float3
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,30 @@ def test_calibration_under_tensor_parallelism_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(adapter, "tensor_parallel_layout", lambda m: layout)
     with pytest.raises(TensorParallelError, match="calibrate in one process"):
         Session(model, None, observer=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_bench_tp_runs_on_two_cpu_ranks(tmp_path) -> None:
+    """`bench_tp` (the GPU benchmark) end to end on 2 gloo ranks with a tiny shape: the figures of
+    every rank are gathered, the KV of the ranks adds up, TCA keeps less than dense, the plot draws."""
+    budgets = tmp_path / "budgets.json"
+    tp_cases.calibrate(tiny("llama"), budgets)  # any calibration: mapped onto the bench's shape
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "tp2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+           "tca_attention.benchmarks.bench_tp", "--shape", "tiny", "--lengths", "256", "--decode-steps", "2",
+           "--budgets", str(budgets), "--tau", "0.5", "--workdir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["world"] == WORLD and result["meta"]["backend"] == "gloo"
+    (row,) = result["rows"]
+    for key in ("dense", "tca"):
+        assert len(row[key]["kv_gib_per_rank"]) == WORLD
+        assert sum(row[key]["kv_gib_per_rank"]) == pytest.approx(row[key]["kv_gib"])
+    assert row["tca"]["kv_gib"] < row["dense"]["kv_gib"] and row["tca"]["kept_fraction"] < 1
+    from tca_attention.benchmarks import bench_tp
+
+    bench_tp.plot(str(tmp_path / "tp.png"), [str(out)])
+    assert (tmp_path / "tp.png").stat().st_size > 10_000
