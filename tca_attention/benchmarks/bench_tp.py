@@ -203,7 +203,8 @@ def run(args) -> int:
                 "method": registry.normalize(args.method), "decode_steps": args.decode_steps,
                 "budgets": None if budgets is None else {"file": args.budgets, "tau": budgets.config.tau,
                                                          "mean_kept_fraction": budgets.mean_kept_fraction},
-                "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+                "multicast_env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                                                                 "NVSHMEM_DISABLE_NVLS")},
                 "command": " ".join(sys.argv)}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
