@@ -28,7 +28,7 @@ from tca_attention.integration.tensor_parallel import HeadShard, TensorParallelE
 from tca_attention.methods.head_split import HeadSplit
 from tca_attention.methods.streaming import StreamingLLM
 from tca_attention.methods.tca.method import TCA
-from tiny_models import tiny
+from tiny_models import ARCHS, tiny
 
 TESTS = Path(__file__).parent
 WORLD = 2
@@ -37,12 +37,15 @@ WORLD = 2
 # rank as a plain cache on that rank (prefill by SDPA, left padding held, as one process does for a
 # layer that is dense as a whole): the same answers, a slightly different byte count.
 SAME_LAYOUT = ("full", "full-budget", "minference", "streaming", "quest", "xattention", "flexprefill")
+# families whose tp_plan gathers q/k/v (q/k norms over all heads; a fused qkv projection)
+WHOLE_HEADS = ("phi3", "olmo2")
 
 
 @dataclass(frozen=True)
 class Runs:
     ref: dict  # case -> outputs in one process
     whole: dict  # TCA on the model whose every rank sees every head, in one process
+    families: dict  # architecture -> the family sweep's outputs in one process
     ranks: list  # per rank: {"cases": case -> outputs, "whole": outputs, "bad": (error type, message)}
 
 
@@ -51,6 +54,8 @@ def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("tp")
     tiny("llama").save_pretrained(root / "llama")
     tp_cases.calibrate(tiny("llama"), root / "budgets.json")  # in one process; every rank loads the file
+    for arch in ARCHS:
+        tiny(arch).save_pretrained(root / "families" / arch)
     tiny("olmo2").save_pretrained(root / "olmo2")  # q/k norms over all heads: its tp_plan gathers q, k, v
     tiny("llama", num_key_value_heads=3).save_pretrained(root / "llama_kv3")  # 3 KV heads over 2 ranks
     out = root / "out"
@@ -59,13 +64,16 @@ def runs(tmp_path_factory) -> Runs:
            "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            str(TESTS / "tp_worker.py"), *(str(root / m) for m in ("llama", "olmo2", "llama_kv3")), str(out),
-           str(root / "budgets.json")]
+           str(root / "budgets.json"), str(root / "families")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     model = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float64, **LOAD_KWARGS).eval()
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    whole = AutoModelForCausalLM.from_pretrained(root / "olmo2", dtype=torch.float64, **LOAD_KWARGS).eval()
-    return Runs(tp_cases.run_all(model, root / "budgets.json"), tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"]), ranks)
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, **LOAD_KWARGS).eval()  # noqa: E731
+    whole = load(root / "olmo2")
+    families = {a: tp_cases.run_case(load(root / "families" / a), a, tp_cases.family_method()) for a in ARCHS}
+    return Runs(tp_cases.run_all(model, root / "budgets.json"), tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"]),
+                families, ranks)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -151,6 +159,21 @@ def test_a_plan_that_gathers_the_heads_runs_every_head_on_every_rank(runs: Runs)
         assert got["local_kv_bytes"] == runs.whole["cache"]["kv_bytes"]
         assert got["cache"]["kv_bytes"] == WORLD * runs.whole["cache"]["kv_bytes"]
         assert got["method"].budgets == runs.whole["method"].budgets  # nothing sliced
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_tested_architecture_runs_tensor_parallel(runs: Runs, arch: str) -> None:
+    """Each family of the architecture table under its own tp_plan: Llama, Qwen2/3, Mistral and
+    Gemma2/3 (sliding-window layers left to SDPA) split the heads; Phi-3 and OLMo2 gather them."""
+    ref = runs.families[arch]
+    whole = arch in WHOLE_HEADS
+    for rank, r in enumerate(runs.ranks):
+        got = r["families"][arch]
+        assert got["shard"]["kv_heads"] == ([0, 2] if whole else [rank, rank + 1])
+        _close(got["prefill"], ref["prefill"])
+        _close(got["decode"], ref["decode"])
+        assert torch.equal(got["generate"], ref["generate"])
+        assert got["cache"]["kv_bytes"] == (WORLD if whole else 1) * ref["cache"]["kv_bytes"]
 
 
 def test_heads_that_do_not_divide_by_the_world_size_are_refused(runs: Runs) -> None:

@@ -100,6 +100,11 @@ def methods(model) -> dict[str, Any]:
     }
 
 
+def family_method() -> StreamingLLM:
+    """The method of the family sweep (every tested architecture): stateless, its cache evicts."""
+    return StreamingLLM(sinks=4, window=16, block_size=16)
+
+
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A left-padded batch (ids, mask) and the teacher-forced decode tokens."""
     gen = torch.Generator().manual_seed(3)

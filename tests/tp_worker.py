@@ -1,12 +1,13 @@
 """One rank of the tensor-parallel test (tests/test_tensor_parallel.py), launched by torchrun:
 
-    torchrun --nproc_per_node 2 tests/tp_worker.py MODEL_DIR WHOLE_DIR BAD_DIR OUT_DIR BUDGETS
+    torchrun --nproc_per_node 2 tests/tp_worker.py MODEL_DIR WHOLE_DIR BAD_DIR OUT_DIR BUDGETS FAMILIES_DIR
 
 Loads MODEL_DIR with transformers' tensor parallelism (tp_plan="auto", gloo on the CPU), runs the
 cases of tp_cases.py (TCA also on the BUDGETS file, calibrated in one process) and saves what it saw
 to OUT_DIR/rank<r>.pt; runs TCA on WHOLE_DIR (a model
 whose tp_plan gathers the projections' outputs: every rank sees every head); then tries BAD_DIR (KV
-heads that do not divide by the world size) and saves the error enable() raised.
+heads that do not divide by the world size) and saves the error enable() raised; and runs the family
+sweep's method on every model folder in FAMILIES_DIR (one per tested architecture).
 """
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ def load(path: str):
 
 
 def main() -> None:
-    model_dir, whole_dir, bad_dir, out_dir, budgets = sys.argv[1:]
+    model_dir, whole_dir, bad_dir, out_dir, budgets, families = sys.argv[1:]
     model = load(model_dir)
     rank = dist.get_rank()
     out = {"cases": tp_cases.run_all(model, budgets)}
     whole = load(whole_dir)
     out["whole"] = tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"])
+    out["families"] = {d.name: tp_cases.run_case(load(str(d)), d.name, tp_cases.family_method())
+                       for d in sorted(Path(families).iterdir())}
     try:
         with enable(load(bad_dir), None):
             out["bad"] = None
