@@ -165,6 +165,29 @@ ENTRIES: dict[str, Entry] = {
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
               _minference),
+        Entry("blasst", "BLASST (skip-softmax): dense block prefill skipping key blocks whose max logit is far below "
+              "the running max (lambda = threshold, or scale_factor / length; full KV)",
+              {"scale_factor": float, "threshold": float, "block_size": int}, _dataclass_build("blasst.BLASST")),
+        Entry("hip", "HiP: per query block a hierarchical top-k tree search over key blocks, plus sink and local "
+              "blocks (full KV)",
+              {"k": int, "block_size": int, "sliding_window": int, "rep_tokens": int, "q_stride": int},
+              _dataclass_build("hip.HiP"), Density("k", _lazy("hip.k_for"))),
+        Entry("longheads", "LongHeads: each query head attends to its top chunks (query . pooled chunk keys) plus "
+              "the first and local chunks", {"chunks": int, "chunk_size": int},
+              _dataclass_build("longheads.LongHeads"), Density("chunks", _lazy("longheads.chunks_for"))),
+        Entry("dhsa", "DHSA: dynamic key chunks, length-normalised chunk similarity upsampled to a token top-k "
+              "per query block", {"budget": int, "block_size": int, "chunk_len": int, "boundary_window": int,
+                                  "nms": int, "dense_tail": int},
+              _dataclass_build("dhsa.DHSA"), Density("budget", _lazy("dhsa.budget_for"))),
+        Entry("token-sparse", "Token Sparse Attention: per layer and query head, attend among a token subset "
+              "(last-query scores, coverage tau) and scatter back; other tokens skip the layer (full KV)",
+              {"coverage": float, "keep": float, "min_tokens": int, "recent": int, "kernel": int, "start": float},
+              _dataclass_build("token_sparse.TokenSparse")),
+        Entry("spatten", "SpAtten cascade token pruning: cumulative attention importance, pruned tokens stay "
+              "pruned in later layers (geometric schedule to `keep`)",
+              {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
+              _dataclass_build("spatten.SpAtten"),
+              Density("keep", _lazy("spatten.keep_for"))),
     )
 }
 
@@ -274,18 +297,27 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
+    from .methods.blasst import BLASST
     from .methods.flexprefill import FlexPrefill
     from .methods.full_budget import FullBudget
     from .methods.head_split import HeadSplit
+    from .methods.hip import HiP
+    from .methods.dhsa import DHSA
+    from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
+    from .methods.spatten import SpAtten
     from .methods.streaming import StreamingLLM
+    from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
     # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",))):
+                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
+                             ("blasst", BLASST, ()), ("hip", HiP, ()),
+                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
+                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
         assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)

@@ -272,6 +272,7 @@ class Session:
             out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": getattr(plan, "retained", None)}
+        self.method.observe_prefill(idx, out)
         if layer is not None:
             evicts = isinstance(plan, TokenPlan)  # a token plan is what the cache keeps; other plans keep all
             keep = plan.decode_keep if evicts else self.method.decode_keep(idx, k.shape[1])
