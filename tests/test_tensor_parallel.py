@@ -36,7 +36,8 @@ WORLD = 2
 # up to one process's exactly. TCA and the head split store a layer whose heads are all dense on a
 # rank as a plain cache on that rank (prefill by SDPA, left padding held, as one process does for a
 # layer that is dense as a whole): the same answers, a slightly different byte count.
-SAME_LAYOUT = ("full", "full-budget", "minference", "streaming", "quest", "xattention", "flexprefill")
+SAME_LAYOUT = ("full", "full-budget", "minference", "streaming", "quest", "xattention", "flexprefill", "blasst", "hip",
+               "longheads")
 # families whose tp_plan gathers q/k/v (q/k norms over all heads; a fused qkv projection)
 WHOLE_HEADS = ("phi3", "olmo2")
 
@@ -174,6 +175,26 @@ def test_every_tested_architecture_runs_tensor_parallel(runs: Runs, arch: str) -
         _close(got["decode"], ref["decode"])
         assert torch.equal(got["generate"], ref["generate"])
         assert got["cache"]["kv_bytes"] == (WORLD if whole else 1) * ref["cache"]["kv_bytes"]
+
+
+@pytest.mark.parametrize("name", list(tp_cases.COMBINING))
+def test_a_method_combining_the_heads_is_refused_when_they_are_split(runs: Runs, name: str) -> None:
+    for r in runs.ranks:
+        kind, message = r["combining"][name]
+        assert kind == "TensorParallelError"
+        assert f"{name} combines every head of a layer" in message
+
+
+def test_a_method_combining_the_heads_runs_when_every_rank_has_them(monkeypatch) -> None:
+    """With a tp_plan that gathers the heads, every rank runs the whole method: nothing to refuse."""
+    from tca_attention import registry
+
+    model = tiny("llama")
+    layout = adapter.TensorParallelLayout(rank=1, world=WORLD, heads_sharded=False, style="colwise_gather_output")
+    monkeypatch.setattr(adapter, "tensor_parallel_layout", lambda m: layout)
+    with torch.no_grad(), enable(model, registry.create(tp_cases.COMBINING["spatten"], model=model)) as session:
+        assert session.shard == HeadShard(1, WORLD, (0, 2), (0, 6), 2, 6)
+        model(torch.randint(0, 97, (1, 40)), **session.cache_kwargs(session.new_cache()))
 
 
 def test_heads_that_do_not_divide_by_the_world_size_are_refused(runs: Runs) -> None:

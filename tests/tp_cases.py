@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tca_attention import registry
 from tca_attention.integration import enable
 from tca_attention.integration.adapter import cache_kwargs
 from tca_attention.methods.dense import Dense
@@ -57,7 +58,11 @@ def patterns(model) -> PatternState:
     return PatternState(ModelIdentity.of(model), rows)
 
 
-NAMES = ("full", "full-budget", "tca", "head-split", "minference", "streaming", "quest", "xattention", "flexprefill")
+NAMES = ("full", "full-budget", "tca", "head-split", "minference", "streaming", "quest", "xattention", "flexprefill",
+         "blasst", "hip", "longheads")
+# methods whose plan combines the heads of a layer (Method.combines_heads): refused when the heads are split
+COMBINING = {"spatten": "spatten:keep=0.5,window=16,block_size=16", "token-sparse": "token-sparse:min_tokens=16,recent=8",
+             "dhsa": "dhsa:budget=32,block_size=16,chunk_len=4,boundary_window=2,nms=2,dense_tail=8"}
 CALIBRATED = "tca-calibrated"  # TCA with budgets calibrated in one process and loaded from their file
 # the tiny random model's attention is flat: at tau 0.9 every head is dense; at 0.7 the calibration
 # picks (the richest sparse candidate, dense) in layer 0 and (dense, the same) in layer 1
@@ -97,6 +102,9 @@ def methods(model) -> dict[str, Any]:
         "quest": Quest(budget=32, page_size=16, skip_layers=0),
         "xattention": XAttention(threshold=0.5, stride=4, block_size=16),
         "flexprefill": FlexPrefill(gamma=0.5, tau=0.1, min_budget=16, block_size=16),
+        "blasst": registry.create("blasst:threshold=0.3,block_size=16"),
+        "hip": registry.create("hip:k=2,block_size=16,sliding_window=16"),
+        "longheads": registry.create("longheads:chunks=3,chunk_size=16"),
     }
 
 

@@ -23,6 +23,7 @@ from transformers.distributed import DistributedConfig
 sys.path.insert(0, str(Path(__file__).parent))
 import tp_cases  # noqa: E402
 
+from tca_attention import registry  # noqa: E402
 from tca_attention.integration import enable  # noqa: E402
 from tca_attention.integration.adapter import LOAD_KWARGS  # noqa: E402
 
@@ -42,6 +43,13 @@ def main() -> None:
     out["whole"] = tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"])
     out["families"] = {d.name: tp_cases.run_case(load(str(d)), d.name, tp_cases.family_method())
                        for d in sorted(Path(families).iterdir())}
+    out["combining"] = {}
+    for name, spec in tp_cases.COMBINING.items():  # refused: a rank holds only some of the heads
+        try:
+            with enable(model, registry.create(spec, model=model)):
+                out["combining"][name] = None
+        except Exception as e:
+            out["combining"][name] = (type(e).__name__, str(e))
     try:
         with enable(load(bad_dir), None):
             out["bad"] = None

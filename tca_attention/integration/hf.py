@@ -81,6 +81,7 @@ class Session:
                 raise tensor_parallel.TensorParallelError(
                     "calibration needs every attention head, and this tensor-parallel rank holds only "
                     f"KV heads {list(self.shard.kv)}: calibrate in one process and load the state file on every rank")
+            tensor_parallel.check_method(method, self.shard)
             method = tensor_parallel.shard_method(method, self.shard)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)

@@ -84,6 +84,17 @@ def shard_of(model: torch.nn.Module) -> HeadShard | None:
 
 
 # -- per-head state ------------------------------------------------------------------------------
+def check_method(method: Any, shard: HeadShard) -> None:
+    """Refuse a method whose plan combines the heads of a layer (Method.combines_heads) when this
+    rank holds only some of them: its selection would differ from one process's."""
+    if shard.sharded and getattr(method, "combines_heads", False):
+        name = getattr(method, "name", type(method).__name__)
+        raise TensorParallelError(
+            f"{name} combines every head of a layer into its selection, and this tensor-parallel rank holds only "
+            f"KV heads {list(shard.kv)} of {shard.num_kv_heads}: run {name} in one process (or on a model whose "
+            "tp_plan gathers the heads); the methods that select per head run under tensor parallelism")
+
+
 def shard_method(method: Any, shard: HeadShard) -> Any:
     """`method` with every per-head table sliced to the shard's heads (itself when whole)."""
     return method if not shard.sharded else _slice(method, shard)

@@ -54,6 +54,10 @@ class Method(ABC):
     # report() keys whose values count heads (numbers, or dicts of numbers): under tensor
     # parallelism each rank counts its own heads and the session sums them over the ranks
     report_sums: ClassVar[tuple[str, ...]] = ()
+    # plan() combines the heads of a layer (scores summed or averaged over heads into one selection,
+    # heads ranked against each other): a tensor-parallel rank, which sees only its own heads, would
+    # choose otherwise than one process, so such a method is refused when the heads are split
+    combines_heads: ClassVar[bool] = False
 
     @abstractmethod
     def plan(

@@ -126,6 +126,7 @@ class DHSA(Method):
     nms: int = 8
     dense_tail: int = 64
     name: str = "dhsa"
+    combines_heads = True  # chunks cut on every KV head's keys; representations averaged over heads
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
 
     def __post_init__(self) -> None:
