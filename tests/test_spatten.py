@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -206,14 +205,15 @@ def test_registry_builds_it():
 
 
 def test_bench_methods_takes_the_sweeps():
-    """The sweeps of scripts/gpu_peers.sh expand into valid specs for `tca bench methods`."""
+    """The peers' sweeps of `tca bench methods --methods peers` expand into valid specs, these two included."""
     from tca_attention.benchmarks import bench_methods
 
-    text = "token-sparse:coverage=0.005|0.05,min_tokens=1024; token-sparse:keep=0.25|0.5; spatten:keep=0.25|0.5"
-    assert text in (Path(__file__).parents[1] / "scripts" / "gpu_peers.sh").read_text()
+    assert bench_methods.PEER_SWEEPS["token-sparse"] == "token-sparse:keep=0.25|0.5"
+    assert bench_methods.PEER_SWEEPS["spatten"] == "spatten:keep=0.25|0.5"
+    text = "token-sparse:coverage=0.005|0.05,min_tokens=1024; peers"
     args = bench_methods.parse_args(["--methods", text, "--out", "r.json"])
-    assert args.specs == ["token-sparse:coverage=0.005,min_tokens=1024", "token-sparse:coverage=0.05,min_tokens=1024",
-                          "token-sparse:keep=0.25", "token-sparse:keep=0.5", "spatten:keep=0.25", "spatten:keep=0.5"]
+    assert args.specs[:2] == ["token-sparse:coverage=0.005,min_tokens=1024", "token-sparse:coverage=0.05,min_tokens=1024"]
+    assert {"token-sparse:keep=0.25", "token-sparse:keep=0.5", "spatten:keep=0.25", "spatten:keep=0.5"} <= set(args.specs)
 
 
 def test_hybrid_model_first_full_layer_is_dense():

@@ -95,13 +95,14 @@ def test_tensor_parallel_equals_one_process(runs: Runs, name: str) -> None:
         assert torch.equal(got["alone"], ref["alone"])  # one unpadded prompt
         rep, want = got["report"], ref["report"]
         assert rep["tensor_parallel"] == {"world": WORLD, "heads_sharded": True}
-        for key, rel in (("kept_fraction", 1e-12), ("retained", 1e-5), ("retained_min", 1e-5)):  # scores: float32
+        numbers = {"kept_fraction": 1e-12, "retained": 1e-5, "retained_min": 1e-5,  # the certificate: float32
+                   "error_bound": 1e-5, "error_bound_mean": 1e-5}
+        for key, rel in numbers.items():
             assert (rep[key] is None) == (want[key] is None), key  # None: plain attention, or no scores
             if want[key] is not None:
-                assert rep[key] == pytest.approx(want[key], rel=rel), key
-        assert {k: v for k, v in rep.items() if k not in ("kept_fraction", "retained", "retained_min",
-                                                         "tensor_parallel")} == \
-               {k: v for k, v in want.items() if k not in ("kept_fraction", "retained", "retained_min")}
+                assert rep[key] == pytest.approx(want[key], rel=rel, abs=1e-9), key
+        assert {k: v for k, v in rep.items() if k not in {*numbers, "tensor_parallel"}} == \
+               {k: v for k, v in want.items() if k not in numbers}
     for key in ("prefill", "decode", "generate"):  # every rank answers the same (the logits are gathered)
         assert torch.equal(runs.ranks[0]["cases"][name][key], runs.ranks[1]["cases"][name][key])
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ragged_cache import RaggedCache, RaggedLayer
 from ..static_cache import StaticRaggedCache
-from ..engine import dispatch
+from ..engine import certificate, dispatch
 from ..engine.plan import TokenPlan
 from ..methods.base import Method, Observer
 from ..methods.dense import Dense
@@ -268,11 +268,13 @@ class Session:
         plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None)
         if plan is None:
             out, _ = adapter.sdpa(call)
-            self.last_prefill[idx] = {"kept_fraction": None, "retained": None}
+            self.last_prefill[idx] = {"kept_fraction": None, "retained": None, "bound": None}
         else:
             out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
-            self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": getattr(plan, "retained", None)}
+            retained = getattr(plan, "retained", None)
+            bound = None if retained is None else certificate.error_bound(retained, v, key_start)
+            self.last_prefill[idx] = {"kept_fraction": plan.kept_fraction(L), "retained": retained, "bound": bound}
         self.method.observe_prefill(idx, out)
         if layer is not None:
             evicts = isinstance(plan, TokenPlan)  # a token plan is what the cache keeps; other plans keep all
@@ -281,21 +283,26 @@ class Session:
         return out, None
 
     def prefill_report(self) -> dict[str, Any]:
-        """Mean over layers and heads of the last prefill's kept fraction and of the last query's
-        retained attention mass (dense layers count as 1), and the smallest retained mass. Under
+        """The last prefill in a few numbers: mean over layers and heads of the kept fraction, and
+        the quality certificate over every layer and KV head (engine/certificate.py): retained
+        attention mass of the selection queries (mean, and the smallest), and the output-error
+        bound computed from it (mean, and the largest). Dense layers retain 1 with bound 0;
+        sparse plans of methods that do not score (retained None) are left out of both. Under
         tensor parallelism: over every rank's heads (collectives: every rank calls it)."""
-        layers = {i: _layer_row(r) for i, r in sorted(self.last_prefill.items())}
+        layers = {i: (_kept(r), _certificate(r)) for i, r in sorted(self.last_prefill.items())}
         method = self.method.report()
         if self.shard is not None:
             layers = tensor_parallel.merge_layer_rows(layers, self.shard)
             method = {**tensor_parallel.merge_method_reports(method, self.method, self.shard),
                       "tensor_parallel": {"world": self.shard.world, "heads_sharded": self.shard.sharded}}
         rows = list(layers.values())
-        ret = [(mean, low) for _, mean, low in rows if mean is not None]  # methods that do not score: None
+        cert = [c for _, c in rows if c is not None]
         return {
-            "kept_fraction": sum(kept for kept, _, _ in rows) / len(rows) if rows else None,
-            "retained": sum(mean for mean, _ in ret) / len(ret) if ret else None,
-            "retained_min": min(low for _, low in ret) if ret else None,
+            "kept_fraction": sum(kept for kept, _ in rows) / len(rows) if rows else None,
+            "retained": sum(c["retained_mean"] for c in cert) / len(cert) if cert else None,
+            "retained_min": min(c["retained_min"] for c in cert) if cert else None,
+            "error_bound": max(c["bound_max"] for c in cert) if cert else None,
+            "error_bound_mean": sum(c["bound_mean"] for c in cert) / len(cert) if cert else None,
             **method,
         }
 
@@ -319,14 +326,42 @@ class Session:
         return {"kv_bytes": held, "dense_kv_bytes": dense, "kept_fraction": kept / total if total else 1.0}
 
 
-def _layer_row(r: dict[str, Any]) -> tuple[float, float | None, float | None]:
-    """(kept fraction, retained mean, retained min) of one layer's last prefill (tensors read here:
-    one host sync per layer, off the prefill path); a dense layer keeps and retains everything."""
-    if r["kept_fraction"] is None:
-        return 1.0, 1.0, 1.0
-    ret = r["retained"]
-    return float(r["kept_fraction"].mean()), None if ret is None else float(ret.mean()), \
-        None if ret is None else float(ret.min())
+    def report(self) -> dict[str, Any]:
+        """prefill_report() plus the certificate of every layer of the last prefill (reads the
+        device tensors: call it after the forward, not inside it): "layers" lists, per layer,
+        its kept fraction and min / mean retained mass and max / mean error bound over its
+        (row, KV head) pairs, and "heads" the per-(row, KV head) retained masses and bounds.
+        Under tensor parallelism the "layers" entries are this rank's heads (prefill_report's
+        numbers are over every rank's)."""
+        layers = []
+        for idx, r in sorted(self.last_prefill.items()):
+            c = _certificate(r)
+            row: dict[str, Any] = {"layer": idx, "kept_fraction": None if r["kept_fraction"] is None
+                                   else float(r["kept_fraction"].mean())}
+            if c is not None:
+                row.update(c)
+            if r.get("retained") is not None:
+                row["heads"] = {"retained": r["retained"].float().cpu().tolist(),
+                                "bound": r["bound"].float().cpu().tolist()}
+            layers.append(row)
+        return {**self.prefill_report(), "layers": layers}
+
+
+def _kept(row: dict[str, Any]) -> float:
+    """Mean kept fraction of one layer's prefill record (1: dense)."""
+    return 1.0 if row["kept_fraction"] is None else float(row["kept_fraction"].mean())
+
+
+def _certificate(row: dict[str, Any]) -> dict[str, float] | None:
+    """min / mean retained mass and max / mean error bound of one layer's prefill record."""
+    if row["kept_fraction"] is None:  # dense: every key kept
+        return {"retained_min": 1.0, "retained_mean": 1.0, "bound_max": 0.0, "bound_mean": 0.0}
+    ret, bound = row.get("retained"), row.get("bound")
+    if ret is None:
+        return None
+    ret, bound = ret.float(), bound.float()
+    return {"retained_min": float(ret.min()), "retained_mean": float(ret.mean()),
+            "bound_max": float(bound.max()), "bound_mean": float(bound.mean())}
 
 
 def _refuse(what: str) -> None:

@@ -159,19 +159,27 @@ def gather(obj: Any, shard: HeadShard) -> list[Any]:
     return out
 
 
-def merge_layer_rows(rows: dict[int, tuple[float, float | None, float | None]],
-                     shard: HeadShard) -> dict[int, tuple[float, float | None, float | None]]:
-    """Per layer (kept fraction, retained mean, retained min) over every rank's heads, from each
-    rank's own (every rank must call this). Every rank holds as many heads as any other, so the mean
-    over all heads is the mean over the ranks' means. A layer whose plan did not score on some rank
-    (retained None; that rank's heads are not all dense) does not score as a whole, as in one process."""
+def merge_layer_rows(rows: dict[int, tuple[float, dict[str, float] | None]],
+                     shard: HeadShard) -> dict[int, tuple[float, dict[str, float] | None]]:
+    """Per layer (kept fraction, certificate) over every rank's heads, from each rank's own (every
+    rank must call this). The certificate's means (retained_mean, bound_mean) are means over the
+    ranks (every rank holds as many heads as any other: the mean over all heads), its _min / _max
+    the smallest / largest. A layer whose plan did not score on some rank (certificate None; that
+    rank's heads are not all dense) does not score as a whole, as in one process."""
     ranks = gather(rows, shard)
     out = {}
     for i in rows:
-        kept, means, lows = zip(*(r[i] for r in ranks))
-        scored = None not in means
-        out[i] = (sum(kept) / len(kept), sum(means) / len(means) if scored else None, min(lows) if scored else None)
+        kept, certs = zip(*(r[i] for r in ranks))
+        cert = None
+        if None not in certs:
+            cert = {key: (min if key.endswith("_min") else max if key.endswith("_max") else _mean)(
+                [c[key] for c in certs]) for key in certs[0]}
+        out[i] = (_mean(kept), cert)
     return out
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
 
 
 def merge_method_reports(report: dict[str, Any], method: Any, shard: HeadShard) -> dict[str, Any]:

@@ -115,6 +115,12 @@ def first_at_depth(start: float, n_layers: int) -> int:
     return min(n_layers, int(start * n_layers))
 
 
+def check_key_block(method: str, value: object, param: str = "block_size") -> None:
+    """Raise unless `value` is a key block the block-sparse executor takes: a power of two >= 16."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+        raise ValueError(f"{method} needs {param} a power of two >= 16, got {value!r}")
+
+
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:
     """(n_blocks, local_start) of the global/local split, or None when the prompt stays dense."""
     if seq_len <= window + block_size:

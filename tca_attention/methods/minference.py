@@ -36,7 +36,7 @@ import torch
 from ..data.corpus import essay_text
 from ..engine.plan import BlockPlan
 from ..introspect import layer_kinds, text_config
-from .base import Method, Probe
+from .base import Method, Probe, check_key_block
 from .state import ModelIdentity, StateError, check_header, json_type, per_head, save_json
 
 log = logging.getLogger(__name__)
@@ -391,8 +391,7 @@ class MInference(Method):
         if self.pattern == "auto" and self.state is None:
             raise ValueError("MInference pattern=auto needs calibrated patterns (state=); or force pattern=<name>")
         b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"MInference needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("MInference", b)
         if self.vertical < 0 or self.slash < 0 or self.last_q < 1 or not self.scale >= 0:
             raise ValueError("MInference needs vertical >= 0, slash >= 0, last_q >= 1, scale >= 0")
 
