@@ -33,11 +33,12 @@ def real_slots(start: torch.Tensor, fill: int) -> torch.Tensor:
 
 def group_logits(q: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """The last query of q (B, H, Q, D) against keys (B, KV, T, D): (B, KV, G, T) fp32 logits x scaling,
-    G = H // KV query heads per KV head."""
+    G = H // KV query heads per KV head. One matmul in the keys' dtype (fp32 accumulation; no fp32
+    copy of the cache), the small result in fp32."""
     B, H, _, D = q.shape
     KV = keys.shape[1]
-    qg = q[:, :, -1].float().view(B, KV, H // KV, D)
-    return torch.einsum("bkgd,bktd->bkgt", qg, keys.float()) * scaling
+    qg = q[:, :, -1].to(keys.dtype).reshape(B, KV, H // KV, D)
+    return torch.matmul(qg, keys.transpose(-1, -2)).float() * scaling
 
 
 def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
