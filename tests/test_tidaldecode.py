@@ -93,17 +93,38 @@ def test_hand_built_selection_is_position_persistent():
     assert read_slots(sels[1], layers[1], 0) == [{4, 11, 16}, {2, 8, 16}]
 
 
-def test_no_selection_of_this_step_is_an_error_and_prefill_clears_it():
+def test_the_first_full_layer_without_a_selection_of_this_step_selects():
+    """A hybrid model whose select_layer (1) and reselect_layer (3) are sliding-window layers (never
+    called): full layer 2 selects, full layer 4 re-selects, layers 5 and 6 read layer 4's choice."""
     gen = torch.Generator().manual_seed(2)
+    m = TidalDecode(budget=4, select_layer=1, reselect_layer=3)
+    full = [0, 2, 4, 5, 6]
+    layers, _ = stack([30, 22], len(full), m, gen)
+    for _ in range(2):
+        sels, qs = [], []
+        for i, layer in zip(full, layers):
+            q = torch.randn(2, KV * G, 1, D, generator=gen)
+            layer.update(*(torch.randn(2, KV, 1, D, generator=gen),) * 2)
+            sels.append(m.select_decode(i, q, layer))
+            qs.append(q)
+        assert sels[:3] == [None] * 3 and m._state["layer"] == 4  # the last (re-)selection: layer 4
+        for r in range(2):
+            want = brute_force(layers[2], qs[2], r, 4)
+            assert read_slots(sels[3], layers[3], r) == want == read_slots(sels[4], layers[4], r)
+
+
+def test_prefill_and_continuations_clear_the_selection():
+    gen = torch.Generator().manual_seed(3)
     m = TidalDecode(budget=4, select_layer=0, reselect_layer=-1)
     layers, _ = stack([30], 2, m, gen)
     step(layers, m, gen)
-    layers[1].update(*(torch.randn(1, KV, 1, D, generator=gen),) * 2)  # layer 1 one step ahead of layer 0
-    with pytest.raises(RuntimeError, match="no selection from this decode step"):
-        m.select_decode(1, torch.randn(1, KV * G, 1, D, generator=gen), layers[1])
     assert m._state
     m.plan(0, None, None, None, 1.0)
     assert not m._state
+    # a layer one step ahead of the selection (no selection of its step) selects itself
+    layers[1].update(*(torch.randn(1, KV, 1, D, generator=gen),) * 2)
+    assert m.select_decode(1, torch.randn(1, KV * G, 1, D, generator=gen), layers[1]) is None
+    assert m._state["layer"] == 1
     # a multi-token continuation is dense in every layer and forgets the selection
     lay, _ = stack([30], 1, m, gen)
     step(lay, m, gen)

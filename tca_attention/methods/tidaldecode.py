@@ -8,10 +8,12 @@ tokens of largest q.k (the max over the KV head's query heads); every later laye
 positions (position-persistent), until the re-selection layer replaces them. docs/methods.md,
 "## tidaldecode".
 
-The chosen positions are per-step state shared across layers: kept on the method, written by the
-selection layer of the step (layers run in order, so it always precedes the layers that read it),
-checked against each reading layer's cache (same batch, same step, same tail), and cleared by every
-prefill (plan()).
+The selection layer of a step is the first full-attention layer at or after `select_layer` (in a
+hybrid model `select_layer` may be a sliding-window layer), the re-selection layer the first at or
+after `reselect_layer`. The chosen positions are per-step state shared across layers, kept on the
+method: written by the step's selection layer (layers run in order, so it precedes the layers that
+read it); a layer finding no selection of this step (same batch, cache length and fill) selects;
+every prefill (plan()) clears it.
 """
 from __future__ import annotations
 
@@ -68,9 +70,6 @@ class TidalDecode(Method):
     def _fits(self, fill: int) -> bool:
         return fill <= self.budget
 
-    def selects(self, layer_idx: int) -> bool:
-        return layer_idx in (self.select_layer, self.reselect_layer)
-
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, fill = tail_rows(layer, self.name)
         if q.shape[2] > 1 or self._fits(fill) or layer_idx < self.select_layer:
@@ -78,15 +77,14 @@ class TidalDecode(Method):
                 self._state.clear()
             self._reads.count_dense()
             return None
-        if self.selects(layer_idx):  # full attention; choose the tokens of the layers after it
+        st = self._state
+        current = st.get("seen") == layer.seen and st.get("fill") == fill and st.get("batch") == q.shape[0]
+        reselect = 0 <= self.reselect_layer <= layer_idx and st.get("layer", -1) < self.reselect_layer
+        if not current or reselect:  # the step's (re-)selection layer: full attention, choose the tokens
             self._state.update(mask=self.choose(q, layer, start, fill), seen=layer.seen, fill=fill,
                                batch=q.shape[0], layer=layer_idx)
             self._reads.count_dense()
             return None
-        st = self._state
-        if st.get("seen") != layer.seen or st.get("fill") != fill or st.get("batch") != q.shape[0]:
-            raise RuntimeError(f"tidaldecode: layer {layer_idx} has no selection from this decode step (is layer "
-                               f"{self.select_layer} a full-attention layer of this model?)")
         mask = st["mask"]
         self._reads.count(mask, start, fill)
         return selection_from_mask(mask, self.budget)
