@@ -37,7 +37,7 @@ WORLD = 2
 # rank as a plain cache on that rank (prefill by SDPA, left padding held, as one process does for a
 # layer that is dense as a whole): the same answers, a slightly different byte count.
 SAME_LAYOUT = ("full", "full-budget", "minference", "streaming", "quest", "xattention", "flexprefill", "blasst", "hip",
-               "longheads")
+               "longheads", *tp_cases.COMBINING)
 # families whose tp_plan gathers q/k/v (q/k norms over all heads; a fused qkv projection)
 WHOLE_HEADS = ("phi3", "olmo2")
 
@@ -179,23 +179,45 @@ def test_every_tested_architecture_runs_tensor_parallel(runs: Runs, arch: str) -
 
 
 @pytest.mark.parametrize("name", list(tp_cases.COMBINING))
-def test_a_method_combining_the_heads_is_refused_when_they_are_split(runs: Runs, name: str) -> None:
+def test_a_method_combining_the_heads_needs_its_sums_over_the_ranks(runs: Runs, name: str) -> None:
+    """The negative control of the combining methods: a rank summing (and ranking) over its own heads
+    alone answers otherwise than one process (the equality above comes from the reductions)."""
+    ref = runs.ref[name]["prefill"]
     for r in runs.ranks:
-        kind, message = r["combining"][name]
-        assert kind == "TensorParallelError"
-        assert f"{name} combines every head of a layer" in message
+        assert float((r["alone"][name] - ref).abs().max()) > 1e-3
 
 
-def test_a_method_combining_the_heads_runs_when_every_rank_has_them(monkeypatch) -> None:
-    """With a tp_plan that gathers the heads, every rank runs the whole method: nothing to refuse."""
+@pytest.mark.parametrize("name", list(tp_cases.COMBINING))
+def test_a_method_combining_the_heads_is_sparse_on_the_cases(runs: Runs, name: str) -> None:
+    """The cases exercise the combined selection: each method drops something on the padded batch."""
+    assert runs.ref[name]["report"]["kept_fraction"] < 1
+
+
+def test_a_method_combining_the_heads_runs_in_one_process_when_every_rank_has_them(monkeypatch) -> None:
+    """With a tp_plan that gathers the heads, every rank runs the whole method over its own heads:
+    nothing to reduce (the session lends ONE_PROCESS)."""
     from tca_attention import registry
+    from tca_attention.methods.base import ONE_PROCESS
 
     model = tiny("llama")
     layout = adapter.TensorParallelLayout(rank=1, world=WORLD, heads_sharded=False, style="colwise_gather_output")
     monkeypatch.setattr(adapter, "tensor_parallel_layout", lambda m: layout)
     with torch.no_grad(), enable(model, registry.create(tp_cases.COMBINING["spatten"], model=model)) as session:
         assert session.shard == HeadShard(1, WORLD, (0, 2), (0, 6), 2, 6)
+        assert session.heads is ONE_PROCESS
         model(torch.randint(0, 97, (1, 40)), **session.cache_kwargs(session.new_cache()))
+
+
+def test_heads_of_a_split_shard_reduce_over_the_tp_group() -> None:
+    """The HeadGroup a session lends: the TP group's when the heads are split, else this process."""
+    from tca_attention.methods.base import ONE_PROCESS
+
+    assert tensor_parallel.heads_of(None) is ONE_PROCESS
+    assert tensor_parallel.heads_of(HeadShard(0, WORLD, (0, 2), (0, 6), 2, 6)) is ONE_PROCESS
+    heads = tensor_parallel.heads_of(shard(1))
+    assert isinstance(heads, tensor_parallel.RankHeads) and (heads.rank, heads.world) == (1, WORLD)
+    whole = torch.arange(12).view(2, 6)
+    assert torch.equal(heads.own(whole, 1), whole[:, 3:])
 
 
 def test_heads_that_do_not_divide_by_the_world_size_are_refused(runs: Runs) -> None:
