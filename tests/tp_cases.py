@@ -60,10 +60,12 @@ def patterns(model) -> PatternState:
 
 # methods whose plan combines the heads of a layer (Method.combines_heads): their sums over heads run
 # over the ranks. SpAtten prunes heads too (3 of the 6 query heads at layer 1, ranked over both ranks;
-# ranked per rank, 2 of each rank's 3 would stay); Token Sparse at a coverage that drops tokens.
+# ranked per rank, 2 of each rank's 3 would stay); Token Sparse at a coverage where the
+# flat attention of the random model gives another token count per rank alone (row 1); DHSA with
+# 8 keys chosen by chunk similarity per query block (budget 2 blocks + 8).
 COMBINING = {"spatten": "spatten:keep=0.5,window=16,block_size=16,heads=0.5",
-             "token-sparse": "token-sparse:min_tokens=16,recent=8,coverage=0.3",
-             "dhsa": "dhsa:budget=32,block_size=16,chunk_len=4,boundary_window=2,nms=2,dense_tail=8"}
+             "token-sparse": "token-sparse:min_tokens=16,recent=8,coverage=0.7",
+             "dhsa": "dhsa:budget=40,block_size=16,chunk_len=4,boundary_window=2,nms=2,dense_tail=8"}
 NAMES = ("full", "full-budget", "tca", "head-split", "minference", "streaming", "quest", "xattention", "flexprefill",
          "blasst", "hip", "longheads", *COMBINING)
 CALIBRATED = "tca-calibrated"  # TCA with budgets calibrated in one process and loaded from their file
