@@ -3,8 +3,9 @@
 Under transformers' tensor parallelism (adapter.tensor_parallel_layout) the attention function of
 rank r sees a contiguous slice of the heads: KV heads [r * KV / world, (r + 1) * KV / world) and
 their query heads. Attention, selection and caching are per KV head, so each rank plans, attends
-and caches its own heads with no communication on the attention path; transformers' row-parallel output
-projection sums the ranks' outputs as it does for plain attention.
+and caches its own heads; transformers' row-parallel output projection sums the ranks' outputs as it
+does for plain attention. The only communication on the attention path is in the plans of the
+methods that combine the heads of a layer (Method.combines_heads), through the HeadGroup lent here.
 
 This module is the one place that knows about ranks:
   shard_of(model)        which heads this rank holds (HeadShard); a clear error when the heads do
