@@ -209,8 +209,12 @@ class DHSA(Method):
         j = i[None, None, :]
         keep = (j == 0) | (j == i[None, :, None]) | (tail[..., None] & (j <= i[None, :, None]))
         keep &= live[..., None]  # (B, NQ, NQ)
-        indptr, indices = pack_lists(keep[:, None], _list_entries(L, self.dense_tail, bs))
-        n_q = -(-(L - int(ks.min())) // bs) if padded else nq
+        # the most listed blocks of any row: not always the longest row's (padding can move a row's
+        # dense tail one block earlier, e.g. 83 real tokens list 18 blocks, 96 list 15)
+        starts = sorted(set(ks.tolist())) if padded else [0]  # the host sync of a padded batch
+        entries = max(_list_entries(L - s, self.dense_tail, bs) for s in starts)
+        indptr, indices = pack_lists(keep[:, None], entries)
+        n_q = -(-(L - starts[0]) // bs)
         extra = extra.masked_fill(~live[..., None] | tail[..., None], -1)[:, None, :n_q].expand(B, KV, n_q, C)
         return BlockPlan(bs, bs, ks, indptr[..., : n_q + 1].expand(B, KV, n_q + 1),
                          indices.expand(B, KV, indices.shape[-1]), extra)
@@ -226,8 +230,8 @@ def _tail_start(n_real, dense_tail: int, block_size: int):
 
 
 def _list_entries(seq_len: int, dense_tail: int, block_size: int) -> int:
-    """Listed key blocks of an unpadded row (the most of any row): 1 + 2 per later block, i + 1
-    for a tail block i."""
+    """Listed key blocks of an unpadded row of seq_len tokens: 1 + 2 per later block, i + 1 for a
+    tail block i (not monotone in seq_len: a shorter row can list more)."""
     nq = -(-seq_len // block_size)
     t = _tail_start(seq_len, dense_tail, block_size)
     return sum(i + 1 if i >= t else (1 if i == 0 else 2) for i in range(nq))
