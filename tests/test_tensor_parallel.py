@@ -7,6 +7,9 @@ hand so that neighbouring heads differ, then tries a model whose 3 KV heads do n
 The same cases run in this process are the reference. float64 weights: the ranks' sums in the
 row-parallel projections differ from one process's only in rounding, far below the tolerance;
 the sparse executors accumulate in float32 (engine/reference.py), hence a float32 tolerance.
+SpAtten, Token Sparse and DHSA (their plans combine the heads of a layer) run their sums over the
+ranks: in the torchrun launch, and in this process over 2 simulated ranks (threads) on hand-made
+inputs; both with a negative control (the sums over a rank's heads alone answer otherwise).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import tp_cases
 from tca_attention.integration import adapter, enable, tensor_parallel
 from tca_attention.integration.adapter import LOAD_KWARGS, AdapterError
 from tca_attention.integration.tensor_parallel import HeadShard, TensorParallelError, shard_method
+from tca_attention.methods.base import ONE_PROCESS, HeadGroup
 from tca_attention.methods.head_split import HeadSplit
 from tca_attention.methods.streaming import StreamingLLM
 from tca_attention.methods.tca.method import TCA
@@ -37,7 +41,7 @@ WORLD = 2
 # rank as a plain cache on that rank (prefill by SDPA, left padding held, as one process does for a
 # layer that is dense as a whole): the same answers, a slightly different byte count.
 SAME_LAYOUT = ("full", "full-budget", "minference", "streaming", "quest", "xattention", "flexprefill", "blasst", "hip",
-               "longheads")
+               "longheads", *tp_cases.COMBINING)
 # families whose tp_plan gathers q/k/v (q/k norms over all heads; a fused qkv projection)
 WHOLE_HEADS = ("phi3", "olmo2")
 
@@ -179,15 +183,23 @@ def test_every_tested_architecture_runs_tensor_parallel(runs: Runs, arch: str) -
 
 
 @pytest.mark.parametrize("name", list(tp_cases.COMBINING))
-def test_a_method_combining_the_heads_is_refused_when_they_are_split(runs: Runs, name: str) -> None:
+def test_a_method_combining_the_heads_needs_its_sums_over_the_ranks(runs: Runs, name: str) -> None:
+    """The negative control of the combining methods: a rank summing (and ranking) over its own heads
+    alone answers otherwise than one process (the equality above comes from the reductions)."""
+    ref = runs.ref[name]["prefill"]
     for r in runs.ranks:
-        kind, message = r["combining"][name]
-        assert kind == "TensorParallelError"
-        assert f"{name} combines every head of a layer" in message
+        assert float((r["alone"][name] - ref).abs().max()) > 1e-3
 
 
-def test_a_method_combining_the_heads_runs_when_every_rank_has_them(monkeypatch) -> None:
-    """With a tp_plan that gathers the heads, every rank runs the whole method: nothing to refuse."""
+@pytest.mark.parametrize("name", list(tp_cases.COMBINING))
+def test_a_method_combining_the_heads_is_sparse_on_the_cases(runs: Runs, name: str) -> None:
+    """The cases exercise the combined selection: each method drops something on the padded batch."""
+    assert runs.ref[name]["report"]["kept_fraction"] < 1
+
+
+def test_a_method_combining_the_heads_runs_in_one_process_when_every_rank_has_them(monkeypatch) -> None:
+    """With a tp_plan that gathers the heads, every rank runs the whole method over its own heads:
+    nothing to reduce (the session lends ONE_PROCESS)."""
     from tca_attention import registry
 
     model = tiny("llama")
@@ -195,7 +207,19 @@ def test_a_method_combining_the_heads_runs_when_every_rank_has_them(monkeypatch)
     monkeypatch.setattr(adapter, "tensor_parallel_layout", lambda m: layout)
     with torch.no_grad(), enable(model, registry.create(tp_cases.COMBINING["spatten"], model=model)) as session:
         assert session.shard == HeadShard(1, WORLD, (0, 2), (0, 6), 2, 6)
+        assert session.heads is ONE_PROCESS
         model(torch.randint(0, 97, (1, 40)), **session.cache_kwargs(session.new_cache()))
+
+
+def test_heads_of_a_split_shard_reduce_over_the_tp_group() -> None:
+    """The HeadGroup a session lends: the TP group's when the heads are split, else this process."""
+
+    assert tensor_parallel.heads_of(None) is ONE_PROCESS
+    assert tensor_parallel.heads_of(HeadShard(0, WORLD, (0, 2), (0, 6), 2, 6)) is ONE_PROCESS
+    heads = tensor_parallel.heads_of(shard(1))
+    assert isinstance(heads, tensor_parallel.RankHeads) and (heads.rank, heads.world) == (1, WORLD)
+    whole = torch.arange(12).view(2, 6)
+    assert torch.equal(heads.own(whole, 1), whole[:, 3:])
 
 
 def test_heads_that_do_not_divide_by_the_world_size_are_refused(runs: Runs) -> None:
@@ -284,3 +308,93 @@ def test_bench_tp_runs_on_two_cpu_ranks(tmp_path) -> None:
 
     bench_tp.plot(str(tmp_path / "tp.png"), [str(out)])
     assert (tmp_path / "tp.png").stat().st_size > 10_000
+
+
+# -- the combining methods' plans over simulated ranks (threads), hand-made inputs ------------------
+class _Exchange:
+    """What every simulated rank put in, once all of them have (a collective over threads)."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.barrier, self.slots = threading.Barrier(world), [None] * world
+
+
+@dataclass(frozen=True)
+class ThreadHeads(HeadGroup):
+    box: _Exchange | None = None
+
+    def _all(self, t: torch.Tensor) -> list[torch.Tensor]:
+        self.box.slots[self.rank] = t.clone()
+        self.box.barrier.wait()
+        out = list(self.box.slots)
+        self.box.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+        return out
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return sum(self._all(t))
+
+    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat(self._all(t), dim)
+
+
+def _dense(q, k, v, ks) -> torch.Tensor:
+    """Causal attention over the real keys (q (B, H, L, D), k/v (B, KV, L, D)) -> (B, L, H, D)."""
+    g, L = q.shape[1] // k.shape[1], q.shape[2]
+    pos = torch.arange(L)
+    mask = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] >= ks[:, None, None])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask[:, None])
+    return out.nan_to_num(0.0).transpose(1, 2)
+
+
+def _prefill_layers(spec: str, inputs, heads=None, q_slice=slice(None), kv_slice=slice(None)) -> list[torch.Tensor]:
+    """Every layer's prefill output (B, L, H, D) of a fresh method on the given heads of the inputs."""
+    from tca_attention import registry
+    from tca_attention.engine import dispatch
+
+    method = registry.create(spec, model=tiny("llama"))
+    method.check_model(tiny("llama"))
+    kw = {} if heads is None else {"heads": heads}
+    outs = []
+    for idx, (q, k, v, ks) in enumerate(inputs):
+        q, k, v = q[:, q_slice], k[:, kv_slice], v[:, kv_slice]
+        plan = method.plan(idx, q, k, ks, q.shape[-1] ** -0.5, backend="reference", **kw)
+        out = _dense(q, k, v, ks) if plan is None else dispatch.prefill(q, k, v, plan, q.shape[-1] ** -0.5, "reference")
+        method.observe_prefill(idx, out)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("name", list(tp_cases.COMBINING))
+def test_combining_plans_over_simulated_ranks_equal_one_process(name: str) -> None:
+    """Each combining method planned by 2 ranks (threads, each holding 3 of 6 query heads and 1 of 2
+    KV heads, sums and gathers through ThreadHeads) gives every head the output one process gives;
+    with ONE_PROCESS on the same slices (no reduction) the outputs differ."""
+    import threading
+
+    gen = torch.Generator().manual_seed(11)
+    B, H, KV, L, D = 2, 6, 2, 96, 16
+    ks = torch.tensor([0, 13])
+    inputs = []
+    for _ in range(2):  # 2 layers; the heads' keys and queries differ in scale, so their sums do
+        scale = torch.tensor([0.5, 3.0]).repeat_interleave(H // KV)[None, :, None, None]
+        q = torch.randn(B, H, L, D, generator=gen) * scale
+        k = torch.randn(B, KV, L, D, generator=gen) * scale[:, ::3]
+        inputs.append((q, k, torch.randn(B, KV, L, D, generator=gen), ks))
+    spec = tp_cases.COMBINING[name]
+    whole = _prefill_layers(spec, inputs)
+    box, got = _Exchange(WORLD), [None] * WORLD
+
+    def rank(r: int) -> None:
+        got[r] = _prefill_layers(spec, inputs, ThreadHeads(r, WORLD, box), slice(3 * r, 3 * r + 3), slice(r, r + 1))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(WORLD)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for layer, want in enumerate(whole):
+        assert torch.allclose(torch.cat([got[r][layer] for r in range(WORLD)], 2), want, atol=1e-5)
+    alone = [_prefill_layers(spec, inputs, None, slice(3 * r, 3 * r + 3), slice(r, r + 1))[-1] for r in range(WORLD)]
+    assert float((torch.cat(alone, 2) - whole[-1]).abs().max()) > 1e-3

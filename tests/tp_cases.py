@@ -58,11 +58,16 @@ def patterns(model) -> PatternState:
     return PatternState(ModelIdentity.of(model), rows)
 
 
+# methods whose plan combines the heads of a layer (Method.combines_heads): their sums over heads run
+# over the ranks. SpAtten prunes heads too (3 of the 6 query heads at layer 1, ranked over both ranks;
+# ranked per rank, 2 of each rank's 3 would stay); Token Sparse at a coverage where the
+# flat attention of the random model gives another token count per rank alone (row 1); DHSA with
+# 8 keys chosen by chunk similarity per query block (budget 2 blocks + 8).
+COMBINING = {"spatten": "spatten:keep=0.5,window=16,block_size=16,heads=0.5",
+             "token-sparse": "token-sparse:min_tokens=16,recent=8,coverage=0.7",
+             "dhsa": "dhsa:budget=40,block_size=16,chunk_len=4,boundary_window=2,nms=2,dense_tail=8"}
 NAMES = ("full", "full-budget", "tca", "head-split", "minference", "streaming", "quest", "xattention", "flexprefill",
-         "blasst", "hip", "longheads")
-# methods whose plan combines the heads of a layer (Method.combines_heads): refused when the heads are split
-COMBINING = {"spatten": "spatten:keep=0.5,window=16,block_size=16", "token-sparse": "token-sparse:min_tokens=16,recent=8",
-             "dhsa": "dhsa:budget=32,block_size=16,chunk_len=4,boundary_window=2,nms=2,dense_tail=8"}
+         "blasst", "hip", "longheads", *COMBINING)
 CALIBRATED = "tca-calibrated"  # TCA with budgets calibrated in one process and loaded from their file
 # the tiny random model's attention is flat: at tau 0.9 every head is dense; at 0.7 the calibration
 # picks (the richest sparse candidate, dense) in layer 0 and (dense, the same) in layer 1
@@ -105,6 +110,7 @@ def methods(model) -> dict[str, Any]:
         "blasst": registry.create("blasst:threshold=0.3,block_size=16"),
         "hip": registry.create("hip:k=2,block_size=16,sliding_window=16"),
         "longheads": registry.create("longheads:chunks=3,chunk_size=16"),
+        **{name: registry.create(spec, model=model) for name, spec in COMBINING.items()},
     }
 
 
@@ -160,6 +166,21 @@ def run_case(model, name: str, method) -> dict[str, Any]:
         out["method"] = session.method  # as this process runs it (a rank: its per-head state sliced)
         out["shard"] = None if session.shard is None else session.shard.describe()
     return out
+
+
+@torch.no_grad()
+def prefill_alone(model, method) -> torch.Tensor:
+    """Prefill logits (every real position) with the method's sums over heads left to this process's
+    heads (the session lends ONE_PROCESS): on a rank holding some of the heads, the negative control
+    of the combining methods."""
+    from tca_attention.methods.base import ONE_PROCESS
+
+    ids, mask, _ = inputs()
+    with enable(model, method) as session:
+        session.heads = ONE_PROCESS
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(session.new_cache()))
+    return out.logits[mask.bool()]
 
 
 def run_all(model, budgets_file=None) -> dict[str, dict[str, Any]]:

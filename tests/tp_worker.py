@@ -4,7 +4,8 @@
 
 Loads MODEL_DIR with transformers' tensor parallelism (tp_plan="auto", gloo on the CPU), runs the
 cases of tp_cases.py (TCA also on the BUDGETS file, calibrated in one process) and saves what it saw
-to OUT_DIR/rank<r>.pt; runs TCA on WHOLE_DIR (a model
+to OUT_DIR/rank<r>.pt (with the methods combining the heads also run on the rank's heads alone, the
+negative control); runs TCA on WHOLE_DIR (a model
 whose tp_plan gathers the projections' outputs: every rank sees every head); then tries BAD_DIR (KV
 heads that do not divide by the world size) and saves the error enable() raised; and runs the family
 sweep's method on every model folder in FAMILIES_DIR (one per tested architecture).
@@ -43,13 +44,9 @@ def main() -> None:
     out["whole"] = tp_cases.run_case(whole, "tca", tp_cases.methods(whole)["tca"])
     out["families"] = {d.name: tp_cases.run_case(load(str(d)), d.name, tp_cases.family_method())
                        for d in sorted(Path(families).iterdir())}
-    out["combining"] = {}
-    for name, spec in tp_cases.COMBINING.items():  # refused: a rank holds only some of the heads
-        try:
-            with enable(model, registry.create(spec, model=model)):
-                out["combining"][name] = None
-        except Exception as e:
-            out["combining"][name] = (type(e).__name__, str(e))
+    # the negative control: the combining methods with their sums over this rank's heads alone
+    out["alone"] = {name: tp_cases.prefill_alone(model, registry.create(spec, model=model))
+                    for name, spec in tp_cases.COMBINING.items()}
     try:
         with enable(load(bad_dir), None):
             out["bad"] = None

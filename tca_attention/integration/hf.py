@@ -81,8 +81,9 @@ class Session:
                 raise tensor_parallel.TensorParallelError(
                     "calibration needs every attention head, and this tensor-parallel rank holds only "
                     f"KV heads {list(self.shard.kv)}: calibrate in one process and load the state file on every rank")
-            tensor_parallel.check_method(method, self.shard)
             method = tensor_parallel.shard_method(method, self.shard)
+        # what a plan combining the heads of a layer sums and ranks over (Method.combines_heads)
+        self.heads = tensor_parallel.heads_of(self.shard)
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
@@ -265,7 +266,9 @@ class Session:
         if L == 0:
             raise ValueError("empty prompt")
         key_start = key_start_from_mask(call.mask, B, L, q.device)
-        plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None)
+        lent = {"heads": self.heads} if self.method.combines_heads else {}
+        plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None,
+                                **lent)
         if plan is None:
             out, _ = adapter.sdpa(call)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None, "bound": None}

@@ -3,8 +3,9 @@
 Under transformers' tensor parallelism (adapter.tensor_parallel_layout) the attention function of
 rank r sees a contiguous slice of the heads: KV heads [r * KV / world, (r + 1) * KV / world) and
 their query heads. Attention, selection and caching are per KV head, so each rank plans, attends
-and caches its own heads with no communication on the attention path; transformers' row-parallel output
-projection sums the ranks' outputs as it does for plain attention.
+and caches its own heads; transformers' row-parallel output projection sums the ranks' outputs as it
+does for plain attention. The only communication on the attention path is in the plans of the
+methods that combine the heads of a layer (Method.combines_heads), through the HeadGroup lent here.
 
 This module is the one place that knows about ranks:
   shard_of(model)        which heads this rank holds (HeadShard); a clear error when the heads do
@@ -13,6 +14,9 @@ This module is the one place that knows about ranks:
                          dataclass field declared per_head("kv" | "query") (methods/state.py), at
                          any depth of the method's dataclasses (TCA's budgets, MInference's
                          patterns, the head split's kinds); methods never see a rank;
+  heads_of(s)            the HeadGroup lent to a plan that combines the heads of a layer
+                         (Method.combines_heads: SpAtten, Token Sparse, DHSA): its sums over heads
+                         all-reduced, its rankings of heads over the all-gathered heads;
   merge_layer_rows, merge_method_reports, sum_over_ranks: the session's report and KV bytes
                          over the ranks.
 Calibration needs every head: it runs in one process (its state file is then loaded on every rank).
@@ -27,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..introspect import text_config
+from ..methods.base import ONE_PROCESS, HeadGroup
 from ..methods.state import PER_HEAD
 from . import adapter
 
@@ -83,18 +88,36 @@ def shard_of(model: torch.nn.Module) -> HeadShard | None:
     return HeadShard(r, w, (r * kv, (r + 1) * kv), (r * q, (r + 1) * q), KV, H, layout.group)
 
 
+# -- the heads of a layer, over the ranks ---------------------------------------------------------
+@dataclass(frozen=True)
+class RankHeads(HeadGroup):
+    """A HeadGroup over the TP group: this rank holds the rank-th of world equal slices of the heads.
+    Every rank calls sum / gather in the same order (the plans' collectives depend on shapes and
+    key_start only, which every rank shares)."""
+
+    group: Any = field(default=None, compare=False, repr=False)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.cat(parts, dim)
+
+
+def heads_of(shard: HeadShard | None) -> HeadGroup:
+    """What a plan combining the heads of a layer runs its sums and rankings over: the TP group
+    when this rank holds a slice of the heads, else this process (it holds every head)."""
+    if shard is None or not shard.sharded:
+        return ONE_PROCESS
+    return RankHeads(shard.rank, shard.world, shard.group)
+
+
 # -- per-head state ------------------------------------------------------------------------------
-def check_method(method: Any, shard: HeadShard) -> None:
-    """Refuse a method whose plan combines the heads of a layer (Method.combines_heads) when this
-    rank holds only some of them: its selection would differ from one process's."""
-    if shard.sharded and getattr(method, "combines_heads", False):
-        name = getattr(method, "name", type(method).__name__)
-        raise TensorParallelError(
-            f"{name} combines every head of a layer into its selection, and this tensor-parallel rank holds only "
-            f"KV heads {list(shard.kv)} of {shard.num_kv_heads}: run {name} in one process (or on a model whose "
-            "tp_plan gathers the heads); the methods that select per head run under tensor parallelism")
-
-
 def shard_method(method: Any, shard: HeadShard) -> Any:
     """`method` with every per-head table sliced to the shard's heads (itself when whole)."""
     return method if not shard.sharded else _slice(method, shard)

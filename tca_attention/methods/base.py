@@ -13,6 +13,7 @@ and optionally calibrates once, through a Probe, into plain JSON state tied to t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Union
 
 import torch
@@ -39,6 +40,34 @@ class Probe(Protocol):
         """One dense forward of input_ids (1, L), calling observer on every full-attention layer."""
 
 
+@dataclass(frozen=True)
+class HeadGroup:
+    """The attention heads of a layer as a plan that combines them sees them (Method.combines_heads),
+    lent by the integration so that methods never import torch.distributed. This class is one
+    process holding every head (ONE_PROCESS: sum and gather return their argument); under tensor
+    parallelism (integration/tensor_parallel.py) `world` processes hold equal contiguous slices of
+    the heads, this one the `rank`-th, and sum / gather run over them (every process must call them,
+    in the same order)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t, a sum over this process's heads -> the same sum over every head of the layer."""
+        return t
+
+    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t, indexed by this process's heads along dim -> indexed by every head (the model's order)."""
+        return t
+
+    def own(self, whole: torch.Tensor, dim: int) -> torch.Tensor:
+        """The slice of `whole` (every head along dim) that belongs to this process's heads."""
+        return whole if self.world == 1 else whole.chunk(self.world, dim)[self.rank]
+
+
+ONE_PROCESS = HeadGroup()
+
+
 class Method(ABC):
     """A sparse-attention policy. Executors and the cache are shared; a method only plans.
 
@@ -55,8 +84,9 @@ class Method(ABC):
     # parallelism each rank counts its own heads and the session sums them over the ranks
     report_sums: ClassVar[tuple[str, ...]] = ()
     # plan() combines the heads of a layer (scores summed or averaged over heads into one selection,
-    # heads ranked against each other): a tensor-parallel rank, which sees only its own heads, would
-    # choose otherwise than one process, so such a method is refused when the heads are split
+    # heads ranked against each other): it then takes a keyword `heads: HeadGroup` (the session
+    # lends it; ONE_PROCESS by default) and runs every such sum or ranking through it, so that a
+    # tensor-parallel rank, which holds only its own heads, chooses as one process does
     combines_heads: ClassVar[bool] = False
 
     @abstractmethod
