@@ -84,6 +84,10 @@ class Session:
             method = tensor_parallel.shard_method(method, self.shard)
         # what a plan combining the heads of a layer sums and ranks over (Method.combines_heads)
         self.heads = tensor_parallel.heads_of(self.shard)
+        if self.shard is not None and self.shard.sharded and (why := method.split_heads_refusal()):
+            raise tensor_parallel.TensorParallelError(
+                f"{method.name} cannot run on a tensor-parallel rank holding only KV heads {list(self.shard.kv)}: "
+                f"{why}; or run it in one process")
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)

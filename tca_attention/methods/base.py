@@ -89,6 +89,12 @@ class Method(ABC):
     # tensor-parallel rank, which holds only its own heads, chooses as one process does
     combines_heads: ClassVar[bool] = False
 
+    def split_heads_refusal(self) -> str | None:
+        """Why this method cannot run on a tensor-parallel rank holding only some of the heads (e.g.
+        its decode selection votes over every head of a layer, with no HeadGroup to do it through),
+        or None. The session refuses such a method with this reason rather than choose otherwise."""
+        return None
+
     @abstractmethod
     def plan(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float,

@@ -69,6 +69,10 @@ class RecycledAttention(Method):
         """(B,) rows of n real tokens within K: they read everything, as they would alone."""
         return n <= self.budget
 
+    def split_heads_refusal(self) -> str | None:
+        return ("similarity > 0 compares the whole layer's query (use similarity=0)" if self.similarity > 0
+                else None)
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, fill = tail_rows(layer, self.name)
         if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within K: dense, schedules restart

@@ -83,6 +83,9 @@ class TokenSelect(Method):
         """(B,) rows of n real tokens within the budget: they read everything, as they would alone."""
         return n <= self.width
 
+    def split_heads_refusal(self) -> str | None:
+        return "vote=all sums the votes of every head of a layer (use vote=kv)" if self.vote == "all" else None
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, fill = tail_rows(layer, self.name)
         if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within the budget: dense
