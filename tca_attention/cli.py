@@ -371,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_bench_parser
     from .eval.cli import add_eval_parser
+    from .eval.leaderboard.cli import add_leaderboard_parser
 
     add_eval_parser(sub)
+    add_leaderboard_parser(sub)
     add_bench_parser(sub)
     return ap
 
