@@ -125,7 +125,9 @@ def _bench_json(path: Path) -> Path:
                  {"tokens": L, "method": "tca:tau=0.9", "ttft_s": dense / 2, "prefill_attended_fraction": 0.62,
                   "decode_attended_fraction": 0.6},
                  {"tokens": L, "method": "xattention:threshold=0.9", "ttft_s": dense / 3,
-                  "prefill_attended_fraction": 0.41}]
+                  "prefill_attended_fraction": 0.41},
+                 {"tokens": L, "method": "xattention:threshold=0.5", "ttft_s": dense / 5,
+                  "prefill_attended_fraction": 0.24}]
     rows.append({"tokens": 131072, "method": "quest:budget=4096", "error": "OOM: out of memory"})
     path.write_text(json.dumps({"meta": {"device": "NVIDIA H100", "model": {"shape": "Llama-3.1-8B"},
                                          "command": "tca bench methods ..."}, "rows": rows}))
@@ -139,11 +141,16 @@ def test_timings_matched_to_the_targets(tmp_path: Path) -> None:
     assert c["dense_s"] == 10.0 and c["errors"] == {"quest:budget=4096": "OOM: out of memory"}
     at25, at40, at60 = c["matched"]
     assert at25["chosen"]["tca"]["method"] == "tca:tau=0.5"  # attended 0.27 (the smaller of its shares)
-    assert at25["chosen"]["tca"]["speedup"] == pytest.approx(4.0) and at25["chosen"]["xattention"] is None
+    assert at25["chosen"]["tca"]["speedup"] == pytest.approx(4.0) and at25["fastest"] == ["xattention"]
+    assert at25["chosen"]["xattention"]["method"] == "xattention:threshold=0.5"
     assert at40["chosen"]["xattention"]["speedup"] == pytest.approx(3.0)
     assert at40["chosen"]["tca"] is None  # 0.27 and 0.6 are 0.13 and 0.2 away
     assert at60["chosen"]["tca"]["method"] == "tca:tau=0.9" and at60["fastest"] == ["tca"]
     assert at25["chosen"]["quest"] is None  # only an error row
+    assert t["findings"] == [f"{k}K tokens, 25% kept: tca {250 * d:.1f} ms (tca:tau=0.5, 27.0%) vs xattention "
+                             f"{200 * d:.1f} ms (xattention:threshold=0.5, 24.0%)" for k, d in ((32, 1), (64, 3), (128, 10))]
+    with pytest.raises(ValueError, match="no row of the timings has it"):
+        summarize_timings(data, [0.25], 0.1, key="attention_s")
     bad = tmp_path / "bad.json"
     for content, error in (("[1, 2]", "expected the JSON of `tca bench methods`"), ("{", "not JSON"),
                            (json.dumps({"meta": {}, "rows": [{"tokens": 8, "method": "tca"}]}), "no dense"),
@@ -185,7 +192,7 @@ def test_leaderboard_end_to_end_resumes_without_work(tiny_dir: Path, tmp_path: P
     monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
     out, runs = tmp_path / "board", tmp_path / "runs"
     argv = ["leaderboard", "--model", str(tiny_dir), "--methods", "full; tca:tau=0.5|0.9; streaming:block_size=16@kept",
-            "--tasks", "niah_single,qa", "--lengths", "1024", "--samples", "1", "--calibration-length", "1024",
+            "--tasks", "niah_single", "--lengths", "1024", "--samples", "1", "--calibration-length", "1024",
             "--targets", "0.25,0.6", "--tolerance", "0.2", "--results-dir", str(runs), "--out", str(out),
             "--timings", str(_bench_json(tmp_path / "bench.json")), "--no-progress", "--note", "tiny test"]
     assert main(argv) == 0
@@ -207,7 +214,7 @@ def test_leaderboard_end_to_end_resumes_without_work(tiny_dir: Path, tmp_path: P
     assert "> tiny test" in (out / "leaderboard.md").read_text()
     [run_dir] = list(runs.iterdir())
     lines = (run_dir / "results.jsonl").read_text()
-    assert len(lines.splitlines()) == 10  # 5 methods x 2 tasks x 1 sample
+    assert len(lines.splitlines()) == 5  # 5 methods x 1 task x 1 sample
 
     # the second run finds everything done: no model load, no method run, the same report
     def fail(*args, **kwargs):

@@ -89,7 +89,7 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     timings = None
     if args.timings is not None:  # read before any run: a bad file fails now, not after hours
         timings = summarize_timings(load_timings(args.timings), targets, args.tolerance, args.timing_key,
-                                    source=str(args.timings))
+                                    source=str(args.timings), focus=args.focus)
     results, run_info = [], {}
     if args.report_only:
         results = load_results(args.report_only)

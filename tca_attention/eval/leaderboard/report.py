@@ -143,7 +143,8 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
     ]
     run = board.get("run") or {}
     if run:
-        lines += ["Run: " + "; ".join(f"{k} `{v}`" for k, v in run.items() if v not in (None, "", [])), ""]
+        lines += ["Run: " + "; ".join(f"{k} `{', '.join(map(str, v)) if isinstance(v, list) else v}`"
+                                      for k, v in run.items() if v not in (None, "", [])), ""]
     for model, mb in board["models"].items():
         name = display_name(model)
         lines += [f"## {name}", ""]
@@ -154,7 +155,8 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
             full = _pct(c["full"]["accuracy"]) if c["full"] else "-"
             for m in c["matched"]:
                 best = " = ".join(m["best"]) + (" (tie)" if len(m["best"]) > 1 else "") if m["best"] else "none"
-                margin = "-" if m["margin"] is None else f"+{100 * m['margin']:.1f} over {', '.join(m['runner_up'])}"
+                margin = ("-" if not m["best"] else "only one near" if len(m["best"]) == 1 and m["margin"] is None
+                          else "-" if m["margin"] is None else f"+{100 * m['margin']:.1f} over {', '.join(m['runner_up'])}")
                 cells = [_fmt_choice(m["chosen"].get(f)) if f in m["chosen"] else "-" for f in families]
                 lines.append(f"| {L} | {100 * m['target']:g}% | {full} | {best} | {margin} | " + " | ".join(cells) + " |")
         lines += ["", f"Cells: accuracy (the sweep point, its attended fraction %); \"no point near\": no sweep point "
@@ -207,13 +209,17 @@ def _timing_markdown(t: dict | None, tolerance: float, image: str | None) -> lis
             cells = []
             for f in families:
                 p = m["chosen"].get(f)
-                cells.append("no row near" if p is None else
+                failed = any(k.partition(":")[0] == f for k in c["errors"])
+                cells.append(("error (below)" if failed else "no row near") if p is None else
                              f"{1000 * p['seconds']:.1f} ms, {p['speedup']:.2f}x ({p['method']}, "
                              f"{_pct(p['attended_fraction'])}%)" if p["speedup"] else f"{1000 * p['seconds']:.1f} ms")
             lines.append(f"| {100 * m['target']:g}% | {', '.join(m['fastest']) or '-'} | " + " | ".join(cells) + " |")
         if c["errors"]:
             lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in c["errors"].items())]
         lines.append("")
+    if t.get("findings"):
+        lines += [f"Where {t['focus']} is slower than a peer at a matched fraction:", ""]
+        lines += [f"- {f}" for f in t["findings"]] + [""]
     if image:
         lines += [f"![prefill time vs attended fraction]({image})", ""]
     return lines
@@ -251,8 +257,9 @@ def plot_pareto(board: dict, model: str, path: Path) -> Path | None:
                     ax.plot([100 * p.fraction for p in pts], [100 * p.value for p in pts],
                             marker=_markers()[k % 10], label=fam, lw=1.2, ms=5)
             front = pareto(_points(c["points"], tf))
-            if front:
-                ax.step([100 * p.fraction for p in front], [100 * p.value for p in front], where="post",
+            if front:  # a step through the front, flat to the right edge
+                ax.step([100 * p.fraction for p in front] + [102], [100 * p.value for p in front] + [100 * front[-1].value],
+                        where="post",
                         color="black", lw=0.8, ls="--", alpha=0.6, label="Pareto front")
             full = c["full"]
             if full is not None:
@@ -271,8 +278,8 @@ def plot_pareto(board: dict, model: str, path: Path) -> Path | None:
             if i == len(tfs) - 1:
                 ax.set_xlabel("attended fraction (%)", fontsize=8)
     axes[0][-1].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"Accuracy vs attended fraction per task family: {display_name(model)} "
-                 f"(red lines: matched targets)", fontsize=10)
+    fig.suptitle(f"Accuracy vs attended fraction: {display_name(model)}\n(rows: task families; red: matched targets)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

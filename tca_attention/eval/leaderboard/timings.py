@@ -54,12 +54,16 @@ def timing_points(rows: Iterable[dict], length: int, key: str = DEFAULT_KEY) -> 
 
 
 def summarize_timings(data: dict[str, Any], targets: Iterable[float], tolerance: float,
-                      key: str = DEFAULT_KEY, source: str | None = None) -> dict[str, Any]:
+                      key: str = DEFAULT_KEY, source: str | None = None, focus: str = "tca") -> dict[str, Any]:
     """Per length: dense seconds, and per target each family's nearest row (seconds, speed-up
-    over dense, its fraction; None: no row within the tolerance), the fastest family, errors."""
+    over dense, its fraction; None: no row within the tolerance), the fastest family, errors;
+    `findings`: where `focus` is slower than a peer at a matched fraction."""
     rows = data["rows"]
+    if not any(key in r for r in rows):
+        raise ValueError(f"timing key {key!r}: no row of the timings has it (e.g. ttft_s)")
     families = list(dict.fromkeys(_family(r["method"]) for r in rows if r["method"] != registry.FULL))
-    out: dict[str, Any] = {"source": source, "key": key, "meta": data["meta"], "lengths": {}, "rows": rows}
+    out: dict[str, Any] = {"source": source, "key": key, "focus": focus, "meta": data["meta"], "lengths": {},
+                           "findings": [], "rows": rows}
     for L in sorted({r["tokens"] for r in rows}):
         dense = next(r for r in rows if r["tokens"] == L and r["method"] == registry.FULL)
         dense_s = dense.get(key)
@@ -75,6 +79,12 @@ def summarize_timings(data: dict[str, Any], targets: Iterable[float], tolerance:
                 "target": t, "fastest": list(m.best),
                 "chosen": {f: (_point_json(p, dense_s) if p is not None else None) for f, p in m.chosen.items()},
             })
+            for peer, gap in m.behind(focus):
+                mine, theirs = m.chosen[focus], m.chosen[peer]
+                out["findings"].append(
+                    f"{L // 1024}K tokens, {100 * t:g}% kept: {focus} {1000 * mine.value:.1f} ms ({mine.method}, "
+                    f"{100 * mine.fraction:.1f}%) vs {peer} {1000 * theirs.value:.1f} ms ({theirs.method}, "
+                    f"{100 * theirs.fraction:.1f}%)")
         out["lengths"][str(L)] = cell
     return out
 
