@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",
                        description="Every method the library, `tca eval` and the API know, one line each. A spec is "
                        "NAME or NAME:key=value,key=value (e.g. tca:tau=0.7, streaming:window=1024). A method with a density "
-                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC).")
+                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC) or set to keep a fraction "
+                       "(NAME@kept=F; `tca leaderboard`).")
     p.set_defaults(func=cmd_methods)
 
     from .bench import add_bench_parser
