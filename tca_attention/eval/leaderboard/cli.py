@@ -9,17 +9,19 @@ Wired into the `tca` command by the CLI module: add_leaderboard_parser(subparser
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...clihelp import HelpFormatter
 from ..cli import add_run_options, run_models
 from ..methods import KEPT, SEPARATOR, split_methods
-from .report import DEFAULT_FOCUS, DEFAULT_TARGETS, DEFAULT_TOLERANCE
+from .matching import DEFAULT_FOCUS, DEFAULT_TARGETS, DEFAULT_TOLERANCE
 from .timings import DEFAULT_KEY
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ..runner import EvalConfig
+
 BARE_KEPT = KEPT[:-1]  # NAME@kept: the method at each target fraction
 # every method with a knob: TCA's tau, the peers' own thresholds, and the methods with a registry
 # density knob at the target fractions themselves
@@ -79,7 +81,6 @@ def leaderboard_methods(text: str, targets: list[float]) -> list[str]:
 
 def run_leaderboard(args: argparse.Namespace) -> int:
     from ..report import load_results
-    from ..runner import EvalConfig
     from . import report
     from .timings import load_timings, summarize_timings
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 EPS = 1e-9  # values closer than this are equal (ties in distance and in value)
+DEFAULT_TARGETS = (0.25, 0.4, 0.6)  # the matched kept fractions
+DEFAULT_TOLERANCE = 0.1  # how far from a target a sweep point may lie (fraction units)
+DEFAULT_FOCUS = "tca"  # the method whose losses the report lists
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,9 @@ from ... import registry
 from ..report import _slug, display_name, family, summarize
 from ..schema import Result
 from ..tasks import TASKS
-from .matching import Match, Point, match_at, pareto
+from .matching import DEFAULT_FOCUS, DEFAULT_TARGETS, DEFAULT_TOLERANCE, Match, Point, match_at, pareto
 
 ALL = "all"  # the accuracy over every task (the headline), beside the per-task-family ones
-DEFAULT_TARGETS = (0.25, 0.4, 0.6)
-DEFAULT_TOLERANCE = 0.1
-DEFAULT_FOCUS = "tca"
 
 
 def task_family(task: str) -> str:
@@ -44,7 +41,7 @@ def _cell_points(methods: dict, length: str) -> list[dict[str, Any]]:
     return out
 
 
-def _points(rows: list[dict], task_fam: str = ALL) -> list[Point]:
+def points_of(rows: list[dict], task_fam: str = ALL) -> list[Point]:
     """Contenders' points (full attention is the reference, not a contender)."""
     return [Point(r["method"], r["family"], r["attended_fraction"],
                   r["accuracy"] if task_fam == ALL else r["task_families"][task_fam])
@@ -80,13 +77,13 @@ def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tol
         for L in lengths:
             rows = _cell_points(methods, str(L))
             full = next((r for r in rows if r["family"] == registry.FULL), None)
-            matches = [match_at(_points(rows), t, tolerance, families) for t in targets]
+            matches = [match_at(points_of(rows), t, tolerance, families) for t in targets]
             task_fams = sorted({f for r in rows for f in r["task_families"]})
             mboard["lengths"][str(L)] = {
                 "full": None if full is None else {"accuracy": full["accuracy"], "n": full["n"],
                                                    "task_families": full["task_families"]},
                 "points": rows,
-                "pareto": {tf: [p.method for p in pareto(_points(rows, tf))] for tf in [ALL, *task_fams]},
+                "pareto": {tf: [p.method for p in pareto(points_of(rows, tf))] for tf in [ALL, *task_fams]},
                 "matched": [_match_json(m, focus) for m in matches],
             }
             mboard["findings"] += _findings(display_name(model), L, matches, focus, tolerance)
@@ -225,109 +222,11 @@ def _timing_markdown(t: dict | None, tolerance: float, image: str | None) -> lis
     return lines
 
 
-def _markers() -> str:
-    return "os^Dvp<>h*"
-
-
-def plot_pareto(board: dict, model: str, path: Path) -> Path | None:
-    """Accuracy vs attended fraction per task family (rows: all tasks, then each family) and length
-    (columns); one line per method through its sweep points, the Pareto front dashed, full
-    attention a horizontal line, the targets vertical ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mb = board["models"].get(model)
-    if not mb or not mb["lengths"]:
-        return None
-    lengths = list(mb["lengths"])
-    tfs = [ALL, *sorted({tf for c in mb["lengths"].values() for r in c["points"] for tf in r["task_families"]})]
-    families = list(dict.fromkeys(r["family"] for c in mb["lengths"].values() for r in c["points"]
-                                  if r["family"] != registry.FULL))
-    fig, axes = plt.subplots(len(tfs), len(lengths), figsize=(0.6 + 4.2 * len(lengths), 0.4 + 3.0 * len(tfs)),
-                             squeeze=False, sharex=True, sharey=True)
-    for j, L in enumerate(lengths):
-        c = mb["lengths"][L]
-        for i, tf in enumerate(tfs):
-            ax = axes[i][j]
-            for k, fam in enumerate(families):
-                pts = sorted((p for p in _points(c["points"], tf) if p.family == fam), key=lambda p: p.fraction)
-                if pts:
-                    ax.plot([100 * p.fraction for p in pts], [100 * p.value for p in pts],
-                            marker=_markers()[k % 10], label=fam, lw=1.2, ms=5)
-            front = pareto(_points(c["points"], tf))
-            if front:  # a step through the front, flat to the right edge
-                ax.step([100 * p.fraction for p in front] + [102], [100 * p.value for p in front] + [100 * front[-1].value],
-                        where="post",
-                        color="black", lw=0.8, ls="--", alpha=0.6, label="Pareto front")
-            full = c["full"]
-            if full is not None:
-                val = full["accuracy"] if tf == ALL else full["task_families"].get(tf)
-                if val is not None:
-                    ax.axhline(100 * val, color="grey", lw=1, ls=":", label="full attention")
-            for t in board["targets"]:
-                ax.axvline(100 * t, color="tab:red", lw=0.6, alpha=0.3)
-            ax.set_xlim(0, 102)
-            ax.set_ylim(-3, 103)
-            ax.grid(alpha=0.3)
-            if i == 0:
-                ax.set_title(f"{L} tokens", fontsize=9)
-            if j == 0:
-                ax.set_ylabel(f"{'all tasks' if tf == ALL else tf}\naccuracy (%)", fontsize=8)
-            if i == len(tfs) - 1:
-                ax.set_xlabel("attended fraction (%)", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"Accuracy vs attended fraction: {display_name(model)}\n(rows: task families; red: matched targets)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_timings(t: dict, path: Path) -> Path | None:
-    """Prefill time (ms) vs attended fraction, one panel per length, one line per method; dense dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lengths = [L for L, c in t["lengths"].items() if c["points"] or c.get("dense_s")]
-    if not lengths:
-        return None
-    families = list(dict.fromkeys(p["family"] for c in t["lengths"].values() for p in c["points"]))
-    fig, axes = plt.subplots(1, len(lengths), figsize=(0.6 + 4.4 * len(lengths), 3.8), squeeze=False)
-    for ax, L in zip(axes[0], lengths):
-        c = t["lengths"][L]
-        for k, fam in enumerate(families):
-            pts = sorted((p for p in c["points"] if p["family"] == fam), key=lambda p: p["attended_fraction"])
-            if pts:
-                ax.plot([100 * p["attended_fraction"] for p in pts], [1000 * p["seconds"] for p in pts],
-                        marker=_markers()[k % 10], label=fam)
-        if c.get("dense_s"):
-            ax.axhline(1000 * c["dense_s"], color="grey", ls="--", lw=1, label="dense")
-        for target in (m["target"] for m in c["matched"]):
-            ax.axvline(100 * target, color="tab:red", lw=0.6, alpha=0.3)
-        ax.set_title(f"{int(L) // 1024}K tokens", fontsize=9)
-        ax.set_xlabel("attended fraction (%)")
-        ax.set_ylabel("prefill time (ms)")
-        ax.set_xlim(0, 102)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    meta = t["meta"]
-    fig.suptitle(f"Prefill time ({t['key']}, selection included) vs attended fraction, {meta.get('device', '?')}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write(board: dict, out_dir: Path, title: str = "Leaderboard", note: str | None = None) -> dict[str, Path]:
     """leaderboard.json, leaderboard.md and the PNGs into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .plots import plot_pareto, plot_timings
+
     files: dict[str, Path] = {}
     images: dict[str, str] = {}
     for model in board["models"]:
