@@ -119,9 +119,10 @@ def test_board_states_best_margin_and_where_tca_loses(tmp_path: Path) -> None:
 def _bench_json(path: Path) -> Path:
     rows = []
     for L, dense in ((32768, 1.0), (65536, 3.0), (131072, 10.0)):
-        rows += [{"tokens": L, "method": "full", "ttft_s": dense, "prefill_attended_fraction": 1.0},
+        # the bench writes "error": null on rows that ran
+        rows += [{"tokens": L, "method": "full", "ttft_s": dense, "prefill_attended_fraction": 1.0, "error": None},
                  {"tokens": L, "method": "tca:tau=0.5", "ttft_s": dense / 4, "prefill_attended_fraction": 0.3,
-                  "decode_attended_fraction": 0.27},
+                  "decode_attended_fraction": 0.27, "error": None},
                  {"tokens": L, "method": "tca:tau=0.9", "ttft_s": dense / 2, "prefill_attended_fraction": 0.62,
                   "decode_attended_fraction": 0.6},
                  {"tokens": L, "method": "xattention:threshold=0.9", "ttft_s": dense / 3,
@@ -158,6 +159,20 @@ def test_timings_matched_to_the_targets(tmp_path: Path) -> None:
         bad.write_text(content)
         with pytest.raises(ValueError, match=error):
             load_timings(bad)
+
+
+def test_timings_of_the_committed_gpu_bench_run() -> None:
+    """The real `tca bench methods` JSON of an H100 run (docs/results/gpu_2026-12-06)."""
+    path = Path(__file__).resolve().parent.parent / "docs/results/gpu_2026-12-06/methods_8b.json"
+    t = summarize_timings(load_timings(path), [0.25, 0.4, 0.6], 0.1)
+    c = t["lengths"]["131072"]
+    assert c["dense_s"] == pytest.approx(11.71, abs=0.01) and c["errors"] == {}
+    at25 = c["matched"][0]["chosen"]
+    assert at25["head-split"]["method"] == "head-split:retrieval_fraction=0.25"
+    assert at25["head-split"]["speedup"] == pytest.approx(11.7127 / 6.0004, rel=1e-3)
+    assert at25["tca"] is None  # tca attended 12.7% there: 12.3 points from 25%
+    assert at25["quest"]["method"] == "quest:budget=4096"  # its decode share, 15.9%; prefill is dense
+    assert len(t["rows"]) == 18
 
 
 def test_kept_fraction_specs() -> None:

@@ -198,7 +198,8 @@ def _timing_markdown(t: dict | None, tolerance: float, image: str | None) -> lis
     if meta.get("command"):
         lines += [f"Command: `{meta['command']}`", ""]
     for L, c in t["lengths"].items():
-        dense = "error: " + c["dense_error"] if c.get("dense_error") else f"{1000 * c['dense_s']:.1f} ms"
+        dense = ("error: " + c["dense_error"] if c.get("dense_error") else "not measured" if c["dense_s"] is None
+                 else f"{1000 * c['dense_s']:.1f} ms")
         families = list(dict.fromkeys(f for m in c["matched"] for f in m["chosen"]))
         lines += [f"### {int(L) // 1024}K tokens (dense: {dense})", "",
                   "| kept | fastest | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]

@@ -50,7 +50,7 @@ def _attended(row: dict) -> float:
 def timing_points(rows: Iterable[dict], length: int, key: str = DEFAULT_KEY) -> list[Point]:
     """The measured (non-dense, error-free) rows at `length` as points: value = seconds."""
     return [Point(r["method"], _family(r["method"]), _attended(r), float(r[key])) for r in rows
-            if r["tokens"] == length and r["method"] != registry.FULL and "error" not in r and key in r]
+            if r["tokens"] == length and r["method"] != registry.FULL and not r.get("error") and r.get(key) is not None]
 
 
 def summarize_timings(data: dict[str, Any], targets: Iterable[float], tolerance: float,
@@ -70,7 +70,7 @@ def summarize_timings(data: dict[str, Any], targets: Iterable[float], tolerance:
         points = timing_points(rows, L, key)
         cell: dict[str, Any] = {
             "dense_s": dense_s, "dense_error": dense.get("error"),
-            "errors": {r["method"]: r["error"] for r in rows if r["tokens"] == L and "error" in r},
+            "errors": {r["method"]: r["error"] for r in rows if r["tokens"] == L and r.get("error")},
             "points": [_point_json(p, dense_s) for p in points], "matched": [],
         }
         for t in targets:
