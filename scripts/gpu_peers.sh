@@ -13,7 +13,7 @@ python3 -c 'import sys, torch, triton, transformers; print(sys.version.split()[0
 timeout "${T_TESTS:-50}" python3 -m pytest -q -rf --tb=short -m "gpu or not gpu" -p no:cacheprovider tests/test_triton_select.py \
   > "$OUT/select_tests.log" 2>&1; echo "select tests rc=$?"; grep -E "^(FAILED|E  )|passed|failed" "$OUT/select_tests.log" | head -30
 timeout "${T_METHODS:-220}" python3 -m tca_attention.benchmarks.bench_methods --budgets $B --synthetic-state --decode-steps 16 \
-  --lengths 32768,131072 --methods "${METHODS:-tca; xattention:threshold=0.9|0.95; quest:budget=4096|16384; head-split:retrieval_fraction=0.25|0.5; streaming:window=4096}" \
+  --lengths 32768,131072 --methods "${METHODS:-tca; peers}" \
   --out "$OUT/methods_8b.json" 2>&1 | tee "$OUT/methods_8b.log" | grep -v Warning | tail -25; echo "bench methods rc=$?"
 timeout "${T_GRAPH:-170}" python3 -m tca_attention.benchmarks.bench_decode_graph --budgets $B --lengths 32768,131072 \
   --decode-steps 32 --out "$OUT/decode_graph_8b.json" 2>&1 | tee "$OUT/decode_graph_8b.log" | tail -25; echo "decode graph rc=$?"

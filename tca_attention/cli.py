@@ -129,13 +129,33 @@ def _fmt_bytes(n: int) -> str:
 
 def _print_results(results, prompt_tokens: int) -> None:
     print(f"\nprompt: {prompt_tokens} tokens")
-    hdr = f"{'method':<8} {'prefill s':>9} {'decode tok/s':>12} {'KV held':>11} {'KV dense':>11} {'ratio':>6} {'retained':>8}  answer"
+    hdr = (f"{'method':<8} {'prefill s':>9} {'decode tok/s':>12} {'KV held':>11} {'KV dense':>11} {'ratio':>6} "
+           f"{'retained':>8} {'min':>6} {'bound':>7}  answer")
     print(hdr)
     for r in results:
         tps = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-"
         ret = f"{r.retained_last_query:.3f}" if r.retained_last_query is not None else "-"
+        low = f"{r.retained_last_query_min:.3f}" if r.retained_last_query_min is not None else "-"
+        bnd = f"{r.error_bound:.3g}" if r.error_bound is not None else "-"
         print(f"{r.method:<8} {r.prefill_s:>9.2f} {tps:>12} {_fmt_bytes(r.kv_bytes):>11} "
-              f"{_fmt_bytes(r.dense_kv_bytes):>11} {r.kv_ratio:>6.2f} {ret:>8}  {r.answer.strip()!r}")
+              f"{_fmt_bytes(r.dense_kv_bytes):>11} {r.kv_ratio:>6.2f} {ret:>8} {low:>6} {bnd:>7}  {r.answer.strip()!r}")
+    for r in results:
+        _print_certificate(r)
+
+
+def _print_certificate(r) -> None:
+    """Per layer: the retained mass of the selection queries (min / mean over KV heads) and the
+    paper's bound on their output error (max / mean), engine/certificate.py."""
+    rows = [c for c in r.certificate if "retained_min" in c]
+    if not rows or all(c["kept_fraction"] is None for c in rows):
+        return
+    print(f"\ncertificate of {r.method} (per layer; bound: 2 (1 - retained) ||V||_inf on the selection "
+          "queries' mean ||out - out_dense||_1)")
+    print(f"{'layer':>5} {'kept':>6} {'retained min':>12} {'mean':>6} {'bound max':>9} {'mean':>7}")
+    for c in rows:
+        kept = "dense" if c["kept_fraction"] is None else f"{c['kept_fraction']:.3f}"
+        print(f"{c['layer']:>5} {kept:>6} {c['retained_min']:>12.3f} {c['retained_mean']:>6.3f} "
+              f"{c['bound_max']:>9.3g} {c['bound_mean']:>7.3g}")
 
 
 def _tca_args(args, params: dict[str, Any]) -> argparse.Namespace:

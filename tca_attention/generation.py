@@ -25,6 +25,11 @@ class RunResult:
     kept_fraction: float
     retained_last_query: float | None  # mean over TCA layers/heads of the last query's kept mass
     retained_last_query_min: float | None
+    # the quality certificate (engine/certificate.py): the paper's bound on the selection queries'
+    # output error, largest and mean over layers and KV heads; per layer in `certificate`
+    error_bound: float | None = None
+    error_bound_mean: float | None = None
+    certificate: tuple[dict[str, Any], ...] = ()
 
     @property
     def kv_ratio(self) -> float:
@@ -37,13 +42,6 @@ class RunResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _cache_bytes(cache) -> tuple[int, int, float]:
-    if hasattr(cache, "kv_bytes"):
-        return cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
-    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
-    return held, held, 1.0
 
 
 @torch.no_grad()
@@ -67,7 +65,7 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         t1 = time.perf_counter()
-        report = session.prefill_report()
+        report = session.report()
         tokens = [int(nxt)]
         while len(tokens) < max_new_tokens and not (stop_at_eos and tokens[-1] in eos):
             out = model(input_ids=nxt, use_cache=True, **session.cache_kwargs(cache))
@@ -75,7 +73,7 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
             tokens.append(int(nxt))
         _sync(device)
         t2 = time.perf_counter()
-        held, dense, kept = _cache_bytes(cache)
+        mem = session.cache_report(cache)  # under tensor parallelism: summed over the ranks
     steps = len(tokens) - 1
     return RunResult(
         method=method.name,
@@ -84,9 +82,12 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         new_tokens=len(tokens),
         prefill_s=t1 - t0,
         decode_tokens_per_s=steps / (t2 - t1) if steps else None,
-        kv_bytes=held,
-        dense_kv_bytes=dense,
-        kept_fraction=kept,
+        kv_bytes=mem["kv_bytes"],
+        dense_kv_bytes=mem["dense_kv_bytes"],
+        kept_fraction=mem["kept_fraction"],
         retained_last_query=report["retained"] if not method.is_dense else 1.0,
         retained_last_query_min=report["retained_min"] if not method.is_dense else 1.0,
+        error_bound=report["error_bound"] if not method.is_dense else 0.0,
+        error_bound_mean=report["error_bound_mean"] if not method.is_dense else 0.0,
+        certificate=tuple(report["layers"]),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -118,11 +119,18 @@ def _dequantised_dir(gguf: Path, dtype: torch.dtype) -> Path:
     model.hf_quantizer = None  # the GGUF loader marks the model as quantised; the weights are float now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
+    # a private temporary per process: two processes converting at once (parallel test runs) must
+    # not write into one folder; the first to finish publishes it, the other keeps that copy
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(target)
+    try:
+        tmp.replace(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -45,10 +45,10 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     from .methods.tca.method import TCA
 
     if "budgets" in extra:  # a Budgets object handed in by the caller
-        fixed = sorted(set(params) - {"tau", "score", "dense_below"})
+        fixed = sorted(set(params) - {"tau", "score", "dense_below", *_TCA_RUNTIME})
         if fixed:
             raise ValueError(f"tca: {', '.join(fixed)} cannot change with budgets handed in (their calibration "
-                             "fixes them; only tau, score and dense_below can)")
+                             f"fixes them; only tau, score, dense_below and {', '.join(_TCA_RUNTIME)} can)")
         budgets = extra.pop("budgets")
         if "tau" in params or "score" in params:
             budgets = budgets.at(**{k: params[k] for k in ("tau", "score") if k in params})
@@ -69,7 +69,12 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     if "dense_below" in params:  # "auto" or a length
         text = params["dense_below"]
         extra["dense_below"] = text if text == "auto" else _convert("tca", "dense_below", text, int)
+    extra.update({k: params[k] for k in _TCA_RUNTIME if k in params})  # selection options (method.TCA)
     return TCA(budgets, **extra)
+
+
+# TCA's selection options: fields of methods.tca.method.TCA, set per run (no recalibration)
+_TCA_RUNTIME = ("last_q", "gqa", "floor")
 
 
 def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
@@ -127,7 +132,16 @@ def _dataclass_build(cls_path: str) -> Callable[..., Any]:
     def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         return _method_attr(cls_path)(**params, **extra)
 
+    build.cls_path = cls_path  # type: ignore[attr-defined]  # read by _check_params_match_fields
     return build
+
+
+# Entries with their own builder (state calibrated or loaded) whose spec parameters are still the
+# dataclass's fields, less the ones naming a state file: (class path, those parameters)
+STATE_BUILT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "head-split": ("head_split.HeadSplit", ("scores",)),
+    "minference": ("minference.MInference", ("state",)),
+}
 
 
 def _lazy(path: str) -> Callable[..., Any]:
@@ -141,7 +155,7 @@ ENTRIES: dict[str, Entry] = {
         Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
-               "dense_below": str},
+               "dense_below": str, "last_q": int, "gqa": str, "floor": float},
               _tca),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),
@@ -165,6 +179,41 @@ ENTRIES: dict[str, Entry] = {
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
               _minference),
+        Entry("blasst", "BLASST (skip-softmax): dense block prefill skipping key blocks whose max logit is far below "
+              "the running max (lambda = threshold, or scale_factor / length; full KV)",
+              {"scale_factor": float, "threshold": float, "block_size": int}, _dataclass_build("blasst.BLASST")),
+        Entry("hip", "HiP: per query block a hierarchical top-k tree search over key blocks, plus sink and local "
+              "blocks (full KV)",
+              {"k": int, "block_size": int, "sliding_window": int, "rep_tokens": int, "q_stride": int},
+              _dataclass_build("hip.HiP"), Density("k", _lazy("hip.k_for"))),
+        Entry("longheads", "LongHeads: each query head attends to its top chunks (query . pooled chunk keys) plus "
+              "the first and local chunks", {"chunks": int, "chunk_size": int},
+              _dataclass_build("longheads.LongHeads"), Density("chunks", _lazy("longheads.chunks_for"))),
+        Entry("dhsa", "DHSA: dynamic key chunks, length-normalised chunk similarity upsampled to a token top-k "
+              "per query block", {"budget": int, "block_size": int, "chunk_len": int, "boundary_window": int,
+                                  "nms": int, "dense_tail": int},
+              _dataclass_build("dhsa.DHSA"), Density("budget", _lazy("dhsa.budget_for"))),
+        Entry("token-sparse", "Token Sparse Attention: per layer and query head, attend among a token subset "
+              "(last-query scores, coverage tau) and scatter back; other tokens skip the layer (full KV)",
+              {"coverage": float, "keep": float, "min_tokens": int, "recent": int, "kernel": int, "start": float},
+              _dataclass_build("token_sparse.TokenSparse")),
+        Entry("spatten", "SpAtten cascade token pruning: cumulative attention importance, pruned tokens stay "
+              "pruned in later layers (geometric schedule to `keep`)",
+              {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
+              _dataclass_build("spatten.SpAtten"),
+              Density("keep", _lazy("spatten.keep_for"))),
+        Entry("tokenselect", "TokenSelect: dense prefill, full cache; each decode step reads sinks + local + the top "
+              "tokens per KV head by a soft vote of its query heads, reused while queries stay similar",
+              {"budget": int, "sinks": int, "local": int, "threshold": float, "vote": str},
+              _dataclass_build("tokenselect.TokenSelect"), Density("budget", _lazy("tokenselect.budget_for"))),
+        Entry("tidaldecode", "TidalDecode: dense prefill, full cache; a token-selection layer (and a re-selection "
+              "layer) picks the top-k tokens every later layer reads (position-persistent)",
+              {"budget": int, "select_layer": int, "reselect_layer": int},
+              _dataclass_build("tidaldecode.TidalDecode"), Density("budget", _lazy("tidaldecode.budget_for"))),
+        Entry("recycled", "Recycled Attention: dense prefill, full cache; a full decode step every `stride` steps, "
+              "in between the top-K tokens of the last full step's attention plus the new tokens",
+              {"budget": int, "stride": int, "similarity": float},
+              _dataclass_build("recycled.RecycledAttention"), Density("budget", _lazy("recycled.budget_for"))),
     )
 }
 
@@ -274,19 +323,17 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
-    from .methods.flexprefill import FlexPrefill
-    from .methods.full_budget import FullBudget
-    from .methods.head_split import HeadSplit
-    from .methods.minference import MInference
-    from .methods.quest import Quest
-    from .methods.streaming import StreamingLLM
-    from .methods.xattention import XAttention
-
-    # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
-    for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
-                             ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",))):
+    """Every Entry built from a dataclass (`_dataclass_build`), or listed in STATE_BUILT with the spec
+    parameters that name a state file (a path in a spec, a state object in the dataclass), takes
+    exactly its dataclass's fields, with the same types."""
+    for name, entry in ENTRIES.items():
+        path, apart = getattr(entry.build, "cls_path", None), ()
+        if name in STATE_BUILT:
+            path, apart = STATE_BUILT[name]
+        if path is None or name == FULL:  # tca: built from budgets; full: no spec parameters at all
+            continue
+        cls = _method_attr(path)
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
-        assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
-        assert all(hints[k] is t for k, t in ENTRIES[name].params.items() if k not in apart), name
+        assert set(entry.params) - set(apart) == fields, (name, fields)
+        assert all(hints[k] is t for k, t in entry.params.items() if k not in apart), name

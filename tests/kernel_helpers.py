@@ -32,6 +32,10 @@ from tca_attention.engine.plan import DecodeSelection, RaggedCacheView  # noqa: 
 from tca_attention.engine.triton_decode import ragged_decode_triton  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
+# The 200-shape GPU fuzzes run as GPU_FUZZ_SHARDS tests of every GPU_FUZZ_SHARDS-th shape (same random
+# stream, so together they are the 200 shapes): each compiles its own Triton variants, and the
+# shards can run side by side (scripts/gpu_verify.sh PARALLEL=1), which cuts a device call's length
+GPU_FUZZ_SHARDS = 4
 
 
 def make_qkv(gen, B, H, KV, L, D, dtype):

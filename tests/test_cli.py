@@ -59,8 +59,25 @@ def test_calibrate_then_generate_json(tiny_dir, tmp_path, capsys):
     assert full["prompt_tokens"] == tca["prompt_tokens"] > 500
     assert tca["kv_bytes"] < tca["dense_kv_bytes"] and 0 < tca["kv_ratio"] < 1
     assert 0 < tca["retained_last_query"] <= 1.0 and full["kv_ratio"] == 1.0
+    # the quality certificate: per layer, and the largest bound over layers and heads
+    assert tca["error_bound"] == max(c["bound_max"] for c in tca["certificate"]) >= 0
+    assert tca["retained_last_query_min"] == min(c["retained_min"] for c in tca["certificate"])
+    assert full["error_bound"] == 0.0
     assert data["config"]["window"] == 64 and data["config"]["tau"] == 0.3
     assert f"Using budgets {budgets}" in captured.err
+
+
+def test_generate_selection_options_print_the_certificate(tiny_dir, tmp_path, capsys):
+    budgets = tmp_path / "b.json"
+    args = ["--model", str(tiny_dir), *TINY]
+    assert main(["calibrate", *args, "--length", "300", "--out", str(budgets)]) == 0
+    capsys.readouterr()
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    assert main(["generate", *args, "--budgets", str(budgets), "--prompt-file", str(prompt), "--mode", "tca",
+                 "--method", "tca:last_q=4,floor=0.5", "--max-new-tokens", "2", "--tau", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "certificate of tca" in out and "bound max" in out
 
 
 def test_generate_refuses_empty_prompt_and_foreign_budgets(tiny_dir, tmp_path, capsys):

@@ -203,12 +203,16 @@ def test_benchmarks_take_a_registry_method(capsys):
 
 def test_bench_methods_expands_and_checks_specs_before_gpu_work(capsys):
     """`tca bench methods` expands sweeps into normalised specs and refuses bad lists up front."""
+    from tca_attention import registry
     from tca_attention.benchmarks import bench_methods
 
     args = bench_methods.parse_args(["--methods", "streaming:window=1024|4096; full-budget", "--lengths", "8192",
                                      "--out", "r.json"])
     assert args.specs == ["streaming:window=1024", "streaming:window=4096", "full-budget"]
     assert args.lengths == [8192]
+    peers = bench_methods.parse_args(["--methods", "peers; full-budget", "--out", "r.json"]).specs
+    assert "blasst:scale_factor=1000.0" in peers and "hip:k=8" in peers and peers[-1] == "full-budget"
+    assert len(peers) == sum(len(registry.expand(s)) for s in bench_methods.PEER_SWEEPS.values()) + 1
     for bad, why in ((["--methods", "full; streaming"], "full is the dense"),
                      (["--methods", "tca:tau=0.7"], "needs --budgets"),
                      (["--methods", "nosuch"], "unknown method"),

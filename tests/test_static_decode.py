@@ -222,18 +222,19 @@ def _prefill_and_step(model, session, ids, mask, n):
         cache = static_dense_cache(model, ids.shape[1] + n)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-    toks = torch.zeros(ids.shape[0], n, dtype=torch.long)
+    toks = torch.zeros(ids.shape[0], n, dtype=torch.long, device=ids.device)
     toks[:, 0] = out.logits[:, -1].argmax(-1)
     step = StaticStep(model, cache, toks[:, 0], (mask.cumsum(-1) == 0).sum(-1), pos[:, -1:] + 1, ids.shape[1], toks)
     return cache, step
 
 
 def test_a_tca_step_reallocates_nothing_and_never_syncs():
-    """Triton kernels (the interpreter on the CPU), the same code a graph captures: after the
-    eager first step, steps (with compressions among them) keep every cache buffer in place and
-    read nothing on the host."""
-    model = tiny("llama", num_hidden_layers=1)
-    ids, mask = left_padded((120, 90), seed=6)
+    """Triton kernels (on CUDA where present, else the interpreter on the CPU), the same code a graph
+    captures: after the eager first step, steps (with compressions among them) keep every cache
+    buffer in place and read nothing on the host."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny("llama", num_hidden_layers=1).to(dev)
+    ids, mask = (t.to(dev) for t in left_padded((120, 90), seed=6))
     with torch.no_grad(), enable(model, method("tca", model), backend="triton") as session:
         cache, step = _prefill_and_step(model, session, ids, mask, 12)
         step()
@@ -246,7 +247,7 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
         assert _buffers(cache) == before
         assert int(layer.g_fill.sum()) > fill0  # compressions happened inside the guarded steps
         # the kernel reads the static layout (room slots, wrapped ring) as the reference does
-        q = torch.randn(2, 6, 1, 16)
+        q = torch.randn(2, 6, 1, 16, device=dev)
         q_pos = (layer.next_pos - 1).view(1, 1).expand(2, 1)
         got, got_lse = dispatch.ragged_decode(q, layer.view(q_pos), 0.25, backend="triton")
         want, want_lse = dispatch.ragged_decode(q, layer.view(q_pos), 0.25, backend="reference")
@@ -258,7 +259,7 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
         model(input_ids=ids, attention_mask=mask, **cache_kwargs(dyn))
         with no_host_sync(), pytest.raises(AssertionError, match="host sync"):
             for _ in range(60):
-                model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 1), **cache_kwargs(dyn))
+                model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 1, device=dev), **cache_kwargs(dyn))
 
 
 def test_a_dense_static_step_reallocates_nothing_and_never_syncs():

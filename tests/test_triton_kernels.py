@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from kernel_helpers import CUDA, DEV, check_close, check_decode, make_qkv, masked_attention_lowp, run_decode  # noqa: I001 - first: the interpreter
+from kernel_helpers import CUDA, DEV, GPU_FUZZ_SHARDS, check_close, check_decode, make_qkv, masked_attention_lowp, run_decode  # noqa: I001 - first: the interpreter
 
 from tca_attention.engine import reference as R
 from tca_attention.engine.plan import RaggedCacheView, TokenPlan, pack_mask
@@ -251,13 +251,15 @@ def random_token_shape(rng: random.Random, gpu: bool) -> dict:
                 frac=rng.choice([0.05, 0.2, 0.4, 0.7, 1.0]))
 
 
-def token_fuzz(n: int, seed: int, gpu: bool) -> None:
+def token_fuzz(n: int, seed: int, gpu: bool, shard: tuple[int, int] = (0, 1)) -> None:
     """n random token plans (ragged per-head budgets, padding, per-row geometry or not, prompts
     that stay dense); every failing case is reported."""
     rng = random.Random(seed)
     failed = []
     for it in range(n):
         s = random_token_shape(rng, gpu)
+        if it % shard[1] != shard[0]:  # another shard's shape
+            continue
         gen = torch.Generator().manual_seed(seed * 1000 + it)
         q, k, v = make_qkv(gen, s["B"], s["H"], s["KV"], s["L"], s["D"], s["dtype"])
         plan = random_plan(gen, s["B"], s["KV"], s["L"], s["window"], s["block"], s["frac"], s["ks"],
@@ -279,8 +281,9 @@ def test_token_plan_fuzz_interpreter_sizes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_token_plan_fuzz():
-    token_fuzz(200, seed=13, gpu=True)
+@pytest.mark.parametrize("shard", range(GPU_FUZZ_SHARDS))
+def test_gpu_token_plan_fuzz(shard):
+    token_fuzz(200, seed=13, gpu=True, shard=(shard, GPU_FUZZ_SHARDS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ compared at equal attended work. TCA takes a budget file mapped onto the model's
 only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
 head scores: fine for timing (its cost depends only on how many heads keep everything), never for
 accuracy.
+Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9; spatten:keep=0.25|0.5" --out r.json
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
+`--methods peers` (alone or in the list) stands for every peer's density sweep in PEER_SWEEPS.
 """
 from __future__ import annotations
 
@@ -27,10 +29,31 @@ from . import require_cuda
 from .bench_e2e import LLAMA_8B, build_model, time_one
 
 
+# Each peer's density knob swept over the range its paper and our evals use (`--methods peers`).
+PEER_SWEEPS: dict[str, str] = {
+    "xattention": "xattention:threshold=0.9|0.95",
+    "flexprefill": "flexprefill:gamma=0.9|0.95",
+    "minference": "minference:pattern=vertical-slash,scale=0.5|1",  # forced pattern: no search on random weights
+    "quest": "quest:budget=4096|16384",
+    "head-split": "head-split:retrieval_fraction=0.25|0.5",
+    "streaming": "streaming:window=4096",
+    "blasst": "blasst:scale_factor=100|1000|10000",
+    "hip": "hip:k=8|32|128",  # at 128K: 1.3%, 3.6%, 12.6% of the causal pairs
+    "longheads": "longheads:chunks=16|64",  # 16 chunks of 256: the paper's 4K attention length
+    "dhsa": "dhsa:budget=2048|8192",  # the paper's LongBench budget, and 4x
+    "token-sparse": "token-sparse:keep=0.25|0.5",
+    "spatten": "spatten:keep=0.25|0.5",
+    "tokenselect": "tokenselect:budget=2048|8192",  # the paper's top-k (2048 + 128 sinks + 512 local), and 4x
+    "tidaldecode": "tidaldecode:budget=2048|4096",  # the paper's token budgets
+    "recycled": "recycled:budget=2048|8192",  # stride 10
+}
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--methods", required=True,
-                    help="registry specs separated by ';' with sweeps key=a|b (see `tca methods`); required")
+                    help="registry specs separated by ';' with sweeps key=a|b (see `tca methods`); `peers` = every "
+                         "peer's sweep; required")
     ap.add_argument("--budgets", default=None, help="TCA budget file mapped onto the model (needed when tca is listed)")
     ap.add_argument("--lengths", default="32768,131072", help="comma list of prompt lengths in tokens")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
@@ -48,7 +71,8 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     specs: list[str] = []
     try:
         for text in filter(None, (t.strip() for t in args.methods.split(";"))):
-            specs += [registry.normalize(s) for s in registry.expand(text)]
+            for sweep in PEER_SWEEPS.values() if text == "peers" else (text,):
+                specs += [registry.normalize(s) for s in registry.expand(sweep)]
     except (KeyError, ValueError) as e:
         ap.error(f"--methods: {e.args[0]}")
     if registry.FULL in specs:

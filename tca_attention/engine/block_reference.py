@@ -6,13 +6,35 @@ indices[b, h, indptr[b, h, i]:indptr[b, h, i + 1]]) or s is one of extra_cols[b,
 a key in both counts once). Padding queries (t < key_start[b]) and queries that see no key output
 zeros. Per (row, plan head) the listed blocks are scattered into an (NQ, NKB) table and the mask of
 a chunk of queries is read from it: memory O(chunk x L).
+
+In-loop skipping (plan.skip_threshold, BLASST): per query row, a listed key block whose largest
+visible logit (log2 domain, as the kernel) is below the largest logit of the listed blocks before
+it plus log2(lambda) is dropped from the row's mask (see BlockPlan); the dropped (query, key) pairs
+are counted per query head into plan.skip_dropped.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .plan import BlockPlan
 from .reference import _masked_attention
+
+_LOG2E = 1.4426950408889634  # the kernel's log2 domain: logits2 = q.k x scaling x log2(e)
+
+
+def _dropped(q: torch.Tensor, k: torch.Tensor, listed: torch.Tensor, kblk: torch.Tensor, nkb: int,
+             scaling: float, log2_lam: float) -> torch.Tensor:
+    """Keys each row drops by in-loop skipping: q (g, C, D), k (N, D), listed (C, N) the visible keys of
+    listed blocks, kblk (N,) key block of each key. -> (g, C, N) bool (True on every key of a dropped block)."""
+    g, C, _ = q.shape
+    s = torch.matmul(q, k.T).mul_(scaling * _LOG2E).masked_fill_(~listed, float("-inf"))  # (g, C, N)
+    bmax = torch.full((g, C, nkb), float("-inf"), device=q.device)
+    bmax.scatter_reduce_(2, kblk.expand(g, C, -1), s, "amax")  # (g, C, NKB) a row's max per key block
+    before = torch.cat([bmax.new_full((g, C, 1), float("-inf")), bmax.cummax(-1).values[..., :-1]], dim=-1)
+    drop = bmax < before + log2_lam  # -inf + anything stays -inf: the first block is never dropped
+    return drop.gather(2, kblk.expand(g, C, -1)) & listed
 
 
 def block_sparse_prefill_ref(
@@ -30,6 +52,10 @@ def block_sparse_prefill_ref(
     out = torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device)
     ar = torch.arange(L, device=q.device)
     blk, listed = plan._entry_blocks()  # (B, Hp, NNZ)
+    skip = plan.skip_threshold is not None
+    if skip:
+        lams = plan.skip_threshold.tolist()
+        plan.skip_dropped.zero_()
     for b in range(B):
         ks = int(plan.key_start[b])
         if ks >= L:
@@ -45,14 +71,19 @@ def block_sparse_prefill_ref(
             for s in range(ks, L, chunk):
                 t = ar[s : min(L, s + chunk)]  # (C,) query positions
                 qblk = (t - ks) // plan.block_q
-                mask = table[qblk][:, kblk]  # (C, L - ks)
+                in_block = table[qblk][:, kblk]  # (C, L - ks) keys of listed blocks
+                causal = keys[None, :] <= t[:, None]
+                mask = in_block & causal
+                qh = q[b, h * hg : (h + 1) * hg, s : s + t.numel()].float()  # (hg, C, D)
+                if skip and lams[b] > 0:
+                    drop = _dropped(qh, kh, mask, kblk, nkb, scaling, math.log2(lams[b]))  # (hg, C, N)
+                    plan.skip_dropped[b, h * hg : (h + 1) * hg] += drop.sum((1, 2))
+                    mask = mask & ~drop
                 if plan.extra_cols is not None:
                     cols = plan.extra_cols[b, h, qblk]  # (C, n_cols)
                     ok = cols >= ks
                     extra = torch.zeros(t.numel(), L - ks + 1, dtype=torch.bool, device=q.device)
                     extra.scatter_(1, torch.where(ok, cols - ks, L - ks), ok)  # unused slots -> dropped column
-                    mask |= extra[:, :-1]
-                mask &= keys[None, :] <= t[:, None]
-                qh = q[b, h * hg : (h + 1) * hg, s : s + t.numel()].float()  # (hg, C, D)
+                    mask = mask | (extra[:, :-1] & ~in_block & causal)  # a key of a listed block counts once
                 out[b, h * hg : (h + 1) * hg, s : s + t.numel()] = _masked_attention(qh, kh, vh, mask, scaling)
     return out.transpose(1, 2).to(q.dtype)

@@ -10,8 +10,8 @@ from typing import Literal
 
 import torch
 
-from . import block_reference, reference
-from .plan import BlockPlan, DecodeSelection, RaggedCacheView, TokenPlan
+from . import block_reference, reference, subset
+from .plan import BlockPlan, DecodeSelection, RaggedCacheView, SubsetPlan, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -45,12 +45,17 @@ def resolve(backend: Backend, device: torch.device) -> str:
 def sparse_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, backend: Backend = "auto"
 ) -> torch.Tensor:
-    """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D)."""
+    """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); the query heads
+    a plan's head_keep drops output zeros."""
     if resolve(backend, q.device) == "triton":
         from .triton_prefill import sparse_prefill_triton
 
-        return sparse_prefill_triton(q, k, v, plan, scaling)
-    return reference.sparse_prefill_ref(q, k, v, plan, scaling)
+        out = sparse_prefill_triton(q, k, v, plan, scaling)
+    else:
+        out = reference.sparse_prefill_ref(q, k, v, plan, scaling)
+    if plan.head_keep is not None:
+        out = out * plan.head_keep.to(device=out.device, dtype=out.dtype)[:, None, :, None]
+    return out
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: float, backend: Backend = "auto") -> torch.Tensor:
@@ -59,6 +64,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: fl
         return sparse_prefill(q, k, v, plan, scaling, backend)
     if isinstance(plan, BlockPlan):
         return block_sparse_prefill(q, k, v, plan, scaling, backend)
+    if isinstance(plan, SubsetPlan):
+        return subset_prefill(q, k, v, plan, scaling, backend)
     raise TypeError(f"no executor for a plan of type {type(plan).__name__}")
 
 
@@ -79,10 +86,23 @@ def ragged_decode(
 def block_sparse_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scaling: float, backend: Backend = "auto"
 ) -> torch.Tensor:
-    """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D);
-    see block_reference.block_sparse_prefill_ref."""
+    """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); with the
+    plan's in-loop skipping (BLASST) when plan.skip_threshold is set (both backends fill
+    plan.skip_dropped); see block_reference.block_sparse_prefill_ref."""
     if resolve(backend, q.device) == "triton":
         from .triton_block import block_sparse_prefill_triton
 
         return block_sparse_prefill_triton(q, k, v, plan, scaling)
     return block_reference.block_sparse_prefill_ref(q, k, v, plan, scaling)
+
+
+def subset_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SubsetPlan, scaling: float, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Token-subset prefill (compress, dense causal attention, decompress). q (B, H, L, D),
+    k/v (B, KV, L, D) -> (B, L, H, D). "reference": subset.subset_prefill_ref (the oracle); otherwise
+    the gather + SDPA path on any device (the dense kernel is the device's: no Triton kernel of our own)."""
+    check_name(backend)
+    if backend == "reference":
+        return subset.subset_prefill_ref(q, k, v, plan, scaling)
+    return subset.subset_prefill_gather(q, k, v, plan, scaling)

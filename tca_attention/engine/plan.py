@@ -7,6 +7,7 @@ Frozen dataclasses of tensor references: building one copies and synchronises no
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,9 @@ class TokenPlan:
     local_start: the host-known local start of a row without padding (n_max * block_size, or 0
     when such a row stays dense); exact for every row when row_local_start is None.
     decode_keep[h]: tokens a KV head keeps when decode compresses one block of block_size.
+    head_keep (optional, (B, H) bool): query heads whose prefill output is kept; a dropped head
+    outputs zeros at this layer's prefill (SpAtten's head pruning; applied by
+    dispatch.sparse_prefill on every backend). Decode and the cache are not affected.
     """
 
     kept_idx: torch.Tensor  # (B, KV, M) int64, entries past kept_len are padding (>= every kept index)
@@ -38,6 +42,7 @@ class TokenPlan:
     retained: torch.Tensor | None = None  # (B, KV) last query's attention mass on what is kept
     kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
     row_local_start: torch.Tensor | None = None  # (B,) int64 per-row local starts (padded batches)
+    head_keep: torch.Tensor | None = None  # (B, H) bool query heads whose prefill output is kept (None: all)
 
     def local_starts(self) -> torch.Tensor:
         """(B,) int64 local start of each row, on the plan's device."""
@@ -177,6 +182,17 @@ class BlockPlan:
     key in both counts once). The diagonal block is listed explicitly if wanted; a query that sees
     no key outputs zeros. h ranges over Hp = H (a list per query head) or Hp = KV (a list per KV
     head, shared by its query heads). NQ = ceil((L - min(key_start)) / block_q).
+
+    In-loop skipping (BLASST; optional): with skip_threshold (B,) fp32 = lambda_b >= 0, each
+    query row (one query head at one position) walks its listed key blocks in ascending order and
+    drops key block j when m_j < M_j + log2(lambda_b) in the log2 domain, where m_j is the row's
+    largest logit (q.k x scaling x log2 e) over the visible keys of block j and M_j the running
+    maximum over the blocks before j (a dropped block never raises it, so M_j is simply the max
+    over every earlier listed block). Its softmax, V load and P.V are skipped: each of its weights
+    is below lambda_b times the largest weight seen so far. The decision is per row and per key
+    block of block_k keys, so it does not depend on the kernel's tiles. lambda_b = 0 never drops;
+    extra columns are never dropped. The executors write into skip_dropped (B, H) int64 the
+    (query, key) pairs each query head dropped in the last run; kept_fraction subtracts them.
     """
 
     block_q: int
@@ -185,12 +201,25 @@ class BlockPlan:
     indptr: torch.Tensor  # (B, Hp, NQ + 1) int32
     indices: torch.Tensor  # (B, Hp, NNZ) int32, entries outside [indptr[.., 0], indptr[.., NQ]) unused
     extra_cols: torch.Tensor | None = None  # (B, Hp, NQ, C) int64 absolute positions, -1 = unused
+    skip_threshold: torch.Tensor | None = None  # (B,) fp32 BLASST lambda per row (in-loop skipping)
+    skip_dropped: torch.Tensor | None = None  # (B, H) int64 pairs dropped by the last run (written by executors)
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k"):
             size = getattr(self, name)
             if not isinstance(size, int) or size < 16 or size & (size - 1):
                 raise ValueError(f"BlockPlan.{name} must be a power of two >= 16, got {size!r}")
+        if (self.skip_threshold is None) != (self.skip_dropped is None):
+            raise ValueError("BlockPlan: skip_threshold and skip_dropped go together (see with_skip)")
+
+    def with_skip(self, threshold: torch.Tensor | float, num_heads: int) -> BlockPlan:
+        """This plan with in-loop skipping at lambda = threshold (a float, or (B,) per row) and a
+        zeroed (B, num_heads) counter of dropped pairs."""
+        B = self.key_start.shape[0]
+        dev = self.key_start.device
+        lam = torch.as_tensor(threshold, dtype=torch.float32, device=dev).expand(B).contiguous()
+        return dataclasses.replace(self, skip_threshold=lam,
+                                   skip_dropped=torch.zeros(B, num_heads, dtype=torch.int64, device=dev))
 
     @property
     def n_qblocks(self) -> int:
@@ -215,6 +244,25 @@ class BlockPlan:
             indptr.to(torch.int32)[:, None].expand(B, Hp, -1).contiguous(),
             indices.to(torch.int32)[:, None].expand(B, Hp, -1).contiguous(),
         )
+
+    @staticmethod
+    def from_lists(block_q: int, block_k: int, key_start: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor,
+                   n_q: int) -> BlockPlan:
+        """The plan listing blocks[b, h, i, m] where valid (ascending per (b, h, i) among the valid
+        entries, unique): blocks (B, Hp, NQ', M) int, valid (B, Hp, NQ', M) bool, NQ' >= n_q query
+        blocks of which the first n_q are kept (n_q = the plan's NQ, from the smallest key_start).
+        One host sync (the NNZ)."""
+        B, Hp = blocks.shape[:2]
+        valid = valid[:, :, :n_q]
+        cnt = valid.sum(-1)  # (B, Hp, n_q)
+        indptr = torch.nn.functional.pad(cnt.cumsum(-1), (1, 0))  # (B, Hp, n_q + 1)
+        nnz = int(indptr[..., -1].max()) if indptr.numel() else 0
+        rank = valid.long().cumsum(-1) - 1  # an entry's slot within its list
+        slot = torch.where(valid, indptr[..., :-1, None] + rank, nnz).flatten(2)  # nnz: a dump slot
+        indices = torch.zeros(B, Hp, nnz + 1, dtype=torch.int32, device=blocks.device)
+        indices.scatter_(2, slot, blocks[:, :, :n_q].flatten(2).to(torch.int32))
+        return BlockPlan(block_q, block_k, key_start.long(), indptr.to(torch.int32).contiguous(),
+                         indices[..., :max(nnz, 1)].contiguous())
 
     def _entry_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Hp, NNZ) query block of each entry of indices, and whether the entry is listed."""
@@ -254,8 +302,11 @@ class BlockPlan:
             dup = (key.gather(-1, pos) == want).view_as(cols) if key.shape[-1] else torch.zeros_like(ok)
             seen = (a + nq - torch.maximum(a, cols)).clamp(0, bq)  # queries of the block at or after the column
             pairs = pairs + torch.where(ok & ~dup, seen, 0).sum((-1, -2))
+        pairs = pairs.to(torch.float64)
+        if self.skip_dropped is not None:  # pairs the last run skipped, per plan head (mean over its query heads)
+            pairs = pairs - self.skip_dropped.view(pairs.shape[0], pairs.shape[1], -1).to(torch.float64).mean(-1)
         n = (L - self.key_start.long()).clamp(min=1).to(torch.float64)[:, None]
-        return pairs.to(torch.float64) / (n * (n + 1) / 2)
+        return pairs / (n * (n + 1) / 2)
 
     def validate(self, H: int, KV: int, L: int) -> None:
         """Raise ValueError on malformed shapes, dtypes or values (syncs; tests and the reference)."""
@@ -302,3 +353,64 @@ class BlockPlan:
             srt = extra.sort(-1).values
             if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != -1)).any()):
                 fail("extra_cols must not repeat a position within a query block")
+        lam, dropped = self.skip_threshold, self.skip_dropped
+        if lam is not None:
+            if lam.shape != (B,) or lam.dtype != torch.float32 or lam.device != ks.device:
+                fail(f"skip_threshold must be a (B={B},) float32 tensor on key_start's device, got "
+                     f"{tuple(lam.shape)} {lam.dtype}")
+            if bool(((lam < 0) | ~lam.isfinite()).any()):
+                fail("skip_threshold must be finite and >= 0")
+            if dropped.shape != (B, H) or dropped.dtype != torch.int64 or dropped.device != ks.device:
+                fail(f"skip_dropped must be a (B={B}, H={H}) int64 tensor on key_start's device, got "
+                     f"{tuple(dropped.shape)} {dropped.dtype}")
+
+
+@dataclass(frozen=True)
+class SubsetPlan:
+    """Token subsets (Token Sparse Attention's compress / attend / decompress): per (row, plan head),
+    a set S of positions whose queries attend, causally, to the keys of S only; every other query of
+    that head outputs zeros (its token passes the layer on its residual path alone).
+
+    For (row b, plan head h): S = idx[b, h, :length[b, h]] (absolute positions, strictly ascending,
+    each in [key_start[b], L)); entries past length are padding and hold L. Query t in S sees key s
+    iff s in S and s <= t. h ranges over Hp = H (one set per query head, the set of its KV head's
+    keys it reads too) or Hp = KV (one set per KV head, shared by its query heads). Padding
+    positions (< key_start) are never in S: zero output, never attended. The cache is not affected:
+    a subset plan keeps every token (the attention skips work, not memory).
+    """
+
+    idx: torch.Tensor  # (B, Hp, M) int64
+    length: torch.Tensor  # (B, Hp) int32
+    key_start: torch.Tensor  # (B,) int64
+
+    def kept_fraction(self, seq_len: int) -> torch.Tensor:
+        """Attended (query, key) pairs over the causal pairs of the real prompt. -> (B, Hp) float64."""
+        m = self.length.to(torch.float64)
+        n = (seq_len - self.key_start.long()).clamp(min=1).to(torch.float64)[:, None]
+        return (m * (m + 1) / 2) / (n * (n + 1) / 2)
+
+    def validate(self, H: int, KV: int, L: int) -> None:
+        """Raise ValueError on malformed shapes, dtypes or values (syncs; tests and the reference)."""
+
+        def fail(msg: str) -> None:
+            raise ValueError(f"SubsetPlan: {msg}")
+
+        idx, n, ks = self.idx, self.length, self.key_start
+        if H % KV:
+            fail(f"query heads {H} must be a multiple of KV heads {KV}")
+        if ks.dim() != 1 or ks.dtype != torch.int64:
+            fail(f"key_start must be a (B,) int64 tensor, got {tuple(ks.shape)} {ks.dtype}")
+        B = ks.shape[0]
+        if idx.dim() != 3 or idx.dtype != torch.int64 or idx.shape[0] != B or idx.shape[1] not in (H, KV):
+            fail(f"idx must be a (B={B}, Hp in ({H}, {KV}), M) int64 tensor, got {tuple(idx.shape)} {idx.dtype}")
+        if n.dtype != torch.int32 or tuple(n.shape) != tuple(idx.shape[:2]):
+            fail(f"length must be a {tuple(idx.shape[:2])} int32 tensor, got {tuple(n.shape)} {n.dtype}")
+        if n.numel() and (int(n.min()) < 0 or int(n.max()) > idx.shape[-1]):
+            fail(f"length must lie in [0, M={idx.shape[-1]}]")
+        used = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
+        if bool((used & ((idx < ks[:, None, None]) | (idx >= L))).any()):
+            fail("listed positions must be real tokens: key_start[b] <= position < L")
+        if bool((~used & (idx != L)).any()):
+            fail(f"padding entries (past length) must hold L = {L}")
+        if bool((used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])).any()):
+            fail("listed positions must be strictly ascending")

@@ -24,10 +24,10 @@ def _softmax_out(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """softmax(q k^T * scaling, masked) v for q (g, C, D), k/v (N, D), mask (C, N); empty rows -> 0."""
+    """softmax(q k^T * scaling, masked) v for q (g, C, D), k/v (N, D), mask (C, N) or (g, C, N); empty rows -> 0."""
     logits = torch.matmul(q, k.T).mul_(scaling).masked_fill_(~mask, float("-inf"))  # (g, C, N)
     o = torch.matmul(torch.softmax(logits, dim=-1), v)
-    return o.masked_fill_(~mask.any(-1)[None, :, None], 0.0)
+    return o.masked_fill_(~mask.any(-1).expand(o.shape[:-1])[..., None], 0.0)
 
 
 def sparse_prefill_ref(

@@ -12,6 +12,11 @@ one query block, so each K/V tile is loaded once for the whole group.
      dropped (binary search of its block in the list), so it counts once.
 Online softmax in fp32 (exp2 domain) through triton_common.attend_block; rows that see no key
 give zeros. Padding queries belong to no query block: the output starts as zeros.
+In-loop skipping (SKIP, the plan's skip_threshold; BLASST): a step is one whole key block
+(BLOCK_N = BLOCK_K). After its logits, each row whose block maximum is below its running maximum +
+log2(lambda) drops the block (its logits become -inf: no change to acc, m_i, l_i); when every real
+row of the tile drops it, the V load and P.V are skipped. Each row's dropped pairs are summed in
+registers and added to the plan's counter once per program.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ import triton
 import triton.language as tl
 
 from .plan import BlockPlan
-from .triton_common import LOG2E, attend_block, check_head_dim, check_heads, load_rows, next_pow2, precision, upcast
+from .triton_common import (
+    LOG2E, attend_block, block_scores, check_head_dim, check_heads, load_rows, next_pow2, online_update, precision,
+    upcast,
+)
 
 
 @dataclass(frozen=True)
@@ -62,18 +70,38 @@ def _lower_bound(IDX, lo, hi, target, n_steps):
 
 
 @triton.jit
+def _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, ld, vis, n_vis, row_ok, lam2, qk_scale,
+               MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One key block with in-loop skipping: rows whose block max (over visible keys) is below their
+    running max + lam2 drop it (rows seeing none of it drop it too); P.V only if some real row keeps it.
+    n_vis: visible keys per row (unmasked steps: BLOCK_N). -> (acc, m_i, l_i, n_drop)."""
+    s = block_scores(q, k, qk_scale, UPCAST, PREC)
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    smax = tl.max(s, 1)
+    drop = (smax < m_i + lam2) | (smax == float("-inf"))
+    n_drop += tl.where(drop & row_ok, n_vis, 0).to(tl.int64)
+    if tl.max((row_ok & ~drop).to(tl.int32), 0) > 0:
+        v = load_rows(v_src, kk, cols, d, ld, False, MASKED, False)
+        s = tl.where(drop[:, None], float("-inf"), s)
+        acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC)
+    return acc, m_i, l_i, n_drop
+
+
+@triton.jit
 def _block_prefill_kernel(
-    Q, K, V, OUT, KEY_START, INDPTR, INDICES, EXTRA,
+    Q, K, V, OUT, KEY_START, INDPTR, INDICES, EXTRA, SKIP_LOG2, DROPPED,
     s_qb, s_qh, s_ql,
     s_ob, s_ol, s_oh,
     L, KV, Hp, NQ, NNZ, C, n_tiles, n_steps, qk_scale,
     HG: tl.constexpr, GP: tl.constexpr, PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    SKIP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """K/V (B, KV, L, D) contiguous; INDPTR (B, Hp, NQ + 1), INDICES (B, Hp, NNZ) int32; EXTRA
     (B, Hp, NQ, C) int64 (when HAS_EXTRA); KEY_START (B,) int64. HG query heads per plan head
-    (padded to GP), PER_KV plan heads per KV head."""
+    (padded to GP), PER_KV plan heads per KV head. SKIP: SKIP_LOG2 (B,) fp32 log2(lambda) per row,
+    DROPPED (B, Hp * HG) int64 counters of dropped pairs; needs BLOCK_N == BLOCK_K."""
     BM: tl.constexpr = GP * BLOCK_P
     NCH: tl.constexpr = BLOCK_K // BLOCK_N  # steps per key block
     tile = n_tiles - 1 - tl.program_id(0)  # later query blocks (more keys) first
@@ -113,19 +141,37 @@ def _block_prefill_kernel(
     mid = _lower_bound(idx, first, last, (p0 - ks + 1) // BLOCK_K, n_steps)
     end = _lower_bound(idx, mid, last, (p_last - ks) // BLOCK_K + 1, n_steps)
 
-    for t in range(first * NCH, mid * NCH):  # every row sees every key: no mask
-        kk = ks + tl.load(idx + t // NCH) * BLOCK_K + t % NCH * BLOCK_N
-        k = load_rows(k_src, kk, cols, d, None, False, False, False)
-        v = load_rows(v_src, kk, cols, d, None, False, False, False)
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
-    for t in range(mid * NCH, end * NCH):  # the diagonal: causal mask, the row's end
-        kk = ks + tl.load(idx + t // NCH) * BLOCK_K + t % NCH * BLOCK_N
-        k_pos = kk + cols
-        ld = k_pos < L
-        vis = k_pos[None, :] <= prow[:, None]
-        k = load_rows(k_src, kk, cols, d, ld, False, True, False)
-        v = load_rows(v_src, kk, cols, d, ld, False, True, False)
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+    if SKIP:
+        lam2 = tl.load(SKIP_LOG2 + b)
+        n_drop = tl.zeros([BM], dtype=tl.int64)
+        for t in range(first, mid):  # one key block a step; every row sees every key
+            kk = ks + tl.load(idx + t) * BLOCK_K
+            k = load_rows(k_src, kk, cols, d, None, False, False, False)
+            acc, m_i, l_i, n_drop = _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, None, None, BLOCK_N,
+                                               row_ok, lam2, qk_scale, False, UPCAST, PREC)
+        for t in range(mid, end):  # the diagonal: causal mask, the row's end
+            kk = ks + tl.load(idx + t) * BLOCK_K
+            k_pos = kk + cols
+            ld = k_pos < L
+            vis = k_pos[None, :] <= prow[:, None]
+            k = load_rows(k_src, kk, cols, d, ld, False, True, False)
+            acc, m_i, l_i, n_drop = _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, ld, vis,
+                                               tl.sum(vis.to(tl.int32), 1), row_ok, lam2, qk_scale, True, UPCAST, PREC)
+        tl.atomic_add(DROPPED + b.to(tl.int64) * Hp * HG + qh, n_drop, mask=row_ok)
+    else:
+        for t in range(first * NCH, mid * NCH):  # every row sees every key: no mask
+            kk = ks + tl.load(idx + t // NCH) * BLOCK_K + t % NCH * BLOCK_N
+            k = load_rows(k_src, kk, cols, d, None, False, False, False)
+            v = load_rows(v_src, kk, cols, d, None, False, False, False)
+            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
+        for t in range(mid * NCH, end * NCH):  # the diagonal: causal mask, the row's end
+            kk = ks + tl.load(idx + t // NCH) * BLOCK_K + t % NCH * BLOCK_N
+            k_pos = kk + cols
+            ld = k_pos < L
+            vis = k_pos[None, :] <= prow[:, None]
+            k = load_rows(k_src, kk, cols, d, ld, False, True, False)
+            v = load_rows(v_src, kk, cols, d, ld, False, True, False)
+            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
 
     if HAS_EXTRA:
         ex = EXTRA + (plan_row * NQ + i) * C
@@ -179,10 +225,20 @@ def block_sparse_prefill_triton(
     hg = H // Hp  # query heads sharing a list
     gp = next_pow2(hg)
     cfg = config or default_config(D)
-    block_p = min(plan.block_q, max(16, cfg.block_m // gp))  # positions per program (divides block_q)
-    block_n = min(plan.block_k, cfg.block_n)
+    skip = plan.skip_threshold is not None
+    block_m, block_n = cfg.block_m, min(plan.block_k, cfg.block_n)
+    if skip:  # one whole key block a step; fewer rows keep the (rows x keys) tile as large as the config's
+        block_m = max(16, block_m * block_n // plan.block_k)
+        block_n = plan.block_k
+    block_p = min(plan.block_q, max(16, block_m // gp))  # positions per program (divides block_q)
     n_tiles = NQ * (plan.block_q // block_p)
     out = torch.zeros(B, L, H, D, dtype=q.dtype, device=q.device)  # padding queries stay zero
+    if skip:
+        lam, dropped = plan.skip_threshold, plan.skip_dropped
+        if lam.shape != (B,) or dropped is None or dropped.shape != (B, H) or dropped.dtype != torch.int64:
+            raise ValueError("plan.skip_threshold must be (B,) and plan.skip_dropped (B, H) int64")
+        dropped.zero_()
+        skip_log2 = torch.log2(lam.float()).to(q.device).contiguous()  # lambda 0 -> -inf: never drops
     if n_tiles == 0 or L == 0:
         return out
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -194,11 +250,12 @@ def block_sparse_prefill_triton(
     n_steps = triton.cdiv(L, plan.block_k).bit_length()  # a list holds at most cdiv(L, block_k) blocks
     _block_prefill_kernel[(n_tiles, B * Hp)](
         q, k, v, out, plan.key_start.to(q.device), plan.indptr.contiguous(), indices, extra_arg,
+        skip_log2 if skip else q, dropped if skip else indices,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         L, KV, Hp, NQ, indices.shape[-1], C, n_tiles, n_steps, scaling * LOG2E,
         HG=hg, GP=gp, PER_KV=Hp // KV, BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, BLOCK_P=block_p,
-        BLOCK_N=block_n, HEAD_D=D, HAS_EXTRA=extra is not None and C > 0, UPCAST=upcast(q), PREC=precision(q),
+        BLOCK_N=block_n, HEAD_D=D, HAS_EXTRA=extra is not None and C > 0, SKIP=skip, UPCAST=upcast(q), PREC=precision(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

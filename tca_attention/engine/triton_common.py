@@ -3,7 +3,8 @@
 Host: `upcast`, `precision`, `interpreted`, `next_pow2`, the shape checks and `kv_sources` (K/V
 matrices as pointers or TMA descriptors). Device (`@triton.jit`, inlined into the calling
 kernels): `load_rows` (a tile of rows of a (rows, D) matrix) and `attend_block` (one
-online-softmax step of flash attention), used by the prefill and the decode kernels.
+online-softmax step of flash attention = `block_scores` then `online_update`, also callable apart
+by a kernel that decides between the two, e.g. block skipping), used by the prefill and the decode kernels.
 Only the kernel modules import this one (it imports triton; the reference path must not need it).
 """
 from __future__ import annotations
@@ -95,12 +96,26 @@ def attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, UP
     UPCAST: the interpreter's bf16 dot is wrong, so the same bf16 values are multiplied in fp32.
     PREC: the dots' input precision ("ieee" for fp32 inputs).
     """
-    if UPCAST:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (R, BLOCK_N) fp32, log2 domain
+    s = block_scores(q, k, qk_scale, UPCAST, PREC)
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
+    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC)
+
+
+@triton.jit
+def block_scores(q, k, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """q (R, D) . k (BLOCK_N, D)^T x qk_scale -> (R, BLOCK_N) fp32 logits in the log2 domain."""
+    if UPCAST:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+    else:
+        return tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+
+
+@triton.jit
+def online_update(acc, m_i, l_i, s, v, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """The online-softmax update of attend_block given the block's logits s (R, BLOCK_N) (-inf on keys
+    a row does not see; MASKED: some row may see none and keep m_i = -inf)."""
+    if MASKED:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows: no NaN
     else:

@@ -49,7 +49,12 @@ def _head_of_chunk(GOFF, pid, BKV, chunk, BKV_P: tl.constexpr):
     return bh, lo, hi, first, n_items
 
 
-@triton.jit
+# Sizes that change as a cache grows (tail length, listed pages, work items) are not specialised
+# (Triton would compile a variant per ==1 / %16 class of each, i.e. new compiles mid-generation)
+_GROWING = ["BKV", "KV", "T", "P", "chunk", "n_gw", "n_tw"]
+
+
+@triton.jit(do_not_specialize=_GROWING)
 def _decode_split_kernel(
     Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PAGES, NSEL, PACC, PML,
     s_qb, s_qh, s_qq,
@@ -135,7 +140,7 @@ def _decode_split_kernel(
     tl.store(PML + pid * 2 * ROWS + ROWS + rows, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BKV", "KV", "chunk", "n_gw", "n_tw"])
 def _decode_combine_kernel(
     PACC, PML, GOFF, OUT, LSE,
     s_ob, s_oq, s_oh,

@@ -327,7 +327,9 @@ class ModelBackend:
         else:
             rows = cache.per_row()
             extra["prefill_kept_fraction"] = report.get("kept_fraction")  # batch means
-            extra["retained"] = report.get("retained")
+            extra["retained"] = report.get("retained")  # the quality certificate (engine/certificate.py)
+            extra["retained_min"] = report.get("retained_min")
+            extra["error_bound"] = report.get("error_bound")
             # a decode-time selection reads less than the cache keeps (None: it reads everything)
             extra["decode_attended_fraction"] = report.get("decode_kept_fraction")
         return [Outcome(preds[r], nlls[r], float(rows[r]["kept_fraction"]), int(rows[r]["kv_bytes"]),

@@ -76,11 +76,28 @@ def summarize(results: list[Result]) -> dict:
                     "dense_kv_bytes": mean(r.dense_kv_bytes for r in lr),
                     "n": len(lr),
                     "tasks": tasks,
+                    **certificate_summary(lr),
                 }
             msum["methods"][method] = {"lengths": lens}
         _common_accuracy(msum)
         summary["models"][model] = msum
     return summary
+
+
+def certificate_summary(results: list[Result]) -> dict:
+    """The quality certificate over results that carry one (methods with a retained mass, e.g.
+    TCA): mean and min retained mass of the selection queries, mean and max of the output-error
+    bound (engine/certificate.py). Empty when none does (full attention, methods that do not score)."""
+    metas = [r.metadata or {} for r in results]
+    ret = [float(m["retained"]) for m in metas if m.get("retained") is not None]
+    if not ret:
+        return {}
+    low = [float(m.get("retained_min", m["retained"])) for m in metas if m.get("retained") is not None]
+    bound = [float(m["error_bound"]) for m in metas if m.get("error_bound") is not None]
+    out = {"retained_mean": mean(ret), "retained_min": min(low)}
+    if bound:
+        out.update(error_bound_mean=mean(bound), error_bound_max=max(bound))
+    return out
 
 
 def attended_fraction(r: Result) -> float:

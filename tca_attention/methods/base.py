@@ -13,7 +13,7 @@ and optionally calibrates once, through a Probe, into plain JSON state tied to t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Protocol, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Union
 
 import torch
 from torch import nn
@@ -51,6 +51,13 @@ class Method(ABC):
     block_size: int
     window: int
     is_dense: bool = False
+    # report() keys whose values count heads (numbers, or dicts of numbers): under tensor
+    # parallelism each rank counts its own heads and the session sums them over the ranks
+    report_sums: ClassVar[tuple[str, ...]] = ()
+    # plan() combines the heads of a layer (scores summed or averaged over heads into one selection,
+    # heads ranked against each other): a tensor-parallel rank, which sees only its own heads, would
+    # choose otherwise than one process, so such a method is refused when the heads are split
+    combines_heads: ClassVar[bool] = False
 
     @abstractmethod
     def plan(
@@ -66,6 +73,11 @@ class Method(ABC):
     @abstractmethod
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(KV,) tokens each head keeps when decode compresses one block (block_size: keep all)."""
+
+    def observe_prefill(self, layer_idx: int, out: torch.Tensor) -> None:
+        """Called with each full-attention layer's prefill output (B, L, H, D), after plan() and the
+        attention ran (dense layers too). Methods that learn from the outputs override it (SpAtten's
+        head importance); the default ignores it."""
 
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer"):
         """Pages of `layer`'s cache the decode queries q (B, H, Q, D) read: a DecodeSelection, or
@@ -86,6 +98,27 @@ class Method(ABC):
     def report(self) -> dict:
         """Decisions the method took that a user should see (merged into the session's report)."""
         return {}
+
+
+def model_depth(model) -> int:
+    """The number of decoder layers of `model` (its text config's num_hidden_layers)."""
+    from ..introspect import text_config
+
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{type(model).__name__}: no num_hidden_layers in its config")
+    return n
+
+
+def first_at_depth(start: float, n_layers: int) -> int:
+    """The first layer index at relative depth `start` (0: layer 0, 0.5: the second half)."""
+    return min(n_layers, int(start * n_layers))
+
+
+def check_key_block(method: str, value: object, param: str = "block_size") -> None:
+    """Raise unless `value` is a key block the block-sparse executor takes: a power of two >= 16."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+        raise ValueError(f"{method} needs {param} a power of two >= 16, got {value!r}")
 
 
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:
@@ -129,3 +162,41 @@ def key_validity(seq_len: int, key_start: torch.Tensor) -> torch.Tensor:
 def sink_mask(seq_len: int, key_start: torch.Tensor, n_sinks: int) -> torch.Tensor:
     """(B, seq_len) True on the first n_sinks non-padding keys of each row."""
     return key_validity(seq_len, key_start) & ~key_validity(seq_len, key_start + n_sinks)
+
+
+# -- helpers of the chunk-selecting block-sparse methods (longheads, dhsa) --------------------------
+# Elements of a keep mask packed at once (int64 ranks): 512 MiB at most.
+_PACK_ELEMENTS = 1 << 26
+
+
+def row_aligned(x: torch.Tensor, key_start: torch.Tensor, length: int) -> torch.Tensor:
+    """x (B, C, L, D) -> (B, C, length, D): row b's positions key_start[b] + t, zeros past L."""
+    B, C, L, D = x.shape
+    pos = key_start.long()[:, None] + torch.arange(length, device=x.device)  # (B, length)
+    idx = pos.clamp(max=L - 1)[:, None, :, None].expand(B, C, length, D)
+    return torch.where((pos < L)[:, None, :, None], x.gather(2, idx), x.new_zeros(()))
+
+
+def real_tokens(seq_len: int, key_start: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) True where row-aligned position t holds a real token (t < L - key_start)."""
+    n = seq_len - key_start.long()
+    return torch.arange(length, device=key_start.device)[None, :] < n[:, None]
+
+
+def pack_lists(keep: torch.Tensor, nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (B, Hp, NQ, NK) bool -> indptr (B, Hp, NQ + 1) int32, indices (B, Hp, max(nnz, 1)) int32.
+
+    nnz: an upper bound of the longest list (entries past a list's end are unused). The key blocks
+    of each query block are listed ascending; packed a few query blocks at a time."""
+    B, Hp, NQ, NK = keep.shape
+    counts = keep.sum(-1)  # (B, Hp, NQ)
+    indptr = torch.nn.functional.pad(counts.cumsum(-1), (1, 0))  # (B, Hp, NQ + 1) int64
+    size = max(nnz, 1)
+    indices = torch.zeros(B, Hp, size + 1, dtype=torch.int32, device=keep.device)  # slot `size`: a dump
+    j = torch.arange(NK, device=keep.device, dtype=torch.int32)
+    step = max(1, _PACK_ELEMENTS // max(B * Hp * NK, 1))
+    for c0 in range(0, NQ, step):
+        kp = keep[:, :, c0 : c0 + step]
+        slot = torch.where(kp, indptr[:, :, c0 : c0 + kp.shape[2], None] + kp.cumsum(-1) - 1, size)
+        indices.scatter_(2, slot.flatten(2), j.expand(kp.shape).flatten(2))
+    return indptr.to(torch.int32), indices[..., :size].contiguous()

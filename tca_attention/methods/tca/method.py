@@ -1,15 +1,20 @@
 """TCA-Attention (arXiv 2512.09238): calibrated head budgets + last-query adaptive selection."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from ...engine.plan import TokenPlan, pack_mask
+from ...engine.dispatch import resolve
+from ...engine.plan import TokenPlan, band_start, pack_mask
 from ..base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
 from . import selection as sel
 from .budgets import Budgets
-from .select import SelectionSpec, select_and_pack, select_mask_ref
+from .adaptive import FloorChooser
+from .select import SelectionSpec, retained_mass, select_and_pack, select_mask_ref, union_mask_ref
+
+log = logging.getLogger(__name__)
 
 
 def select_tokens(
@@ -36,10 +41,26 @@ class TCA(Method):
     "auto": on a GPU, the length from which TCA's prefill is measured to beat dense attention on
     this device and head shape (crossover.py: measured once, cached; never slower than dense);
     on the CPU, 0. An int: that length (0 = never dense).
+
+    Selection options beyond the paper's rule (docs/method.md, "Selection options"; the budgets
+    are calibrated with the paper's rule either way):
+    last_q: importance pooled over the last r queries (mean of their causal softmax rows) instead
+        of the last query alone (1, the paper's rule). At most the window.
+    gqa: "shared" (one importance per KV head, the mean over its query heads: the paper's rule as
+        we read it) or "union" (each query head selects with its own importance and the KV
+        head's keep counts; the KV head keeps the union, so it may keep up to g times more).
+    floor: adaptive mode when > 0: per request and KV head, the cheapest ladder candidate whose
+        selection retains >= floor of the selection queries' attention mass, dense where none
+        does (adaptive.py). 0 (off): the calibrated budget.
+    last_q > 1 and gqa="union" have no Triton kernel: they run the PyTorch reference selection
+    (which syncs once per layer to size the plan), as sink tokens do; report() says so.
     """
 
     budgets: Budgets
     dense_below: int | str = "auto"
+    last_q: int = 1
+    gqa: str = "shared"
+    floor: float = 0.0
     name: str = "tca"
     # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
     _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -49,6 +70,21 @@ class TCA(Method):
     def __post_init__(self) -> None:
         if self.dense_below != "auto" and not (isinstance(self.dense_below, int) and self.dense_below >= 0):
             raise ValueError(f"dense_below must be an int >= 0 or 'auto', got {self.dense_below!r}")
+        if isinstance(self.last_q, bool) or not isinstance(self.last_q, int) or not 1 <= self.last_q <= self.window:
+            raise ValueError(f"last_q must be an int in [1, window={self.window}], got {self.last_q!r}")
+        if self.gqa not in ("shared", "union"):
+            raise ValueError(f"gqa must be 'shared' or 'union', got {self.gqa!r}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1] (0 = adaptive mode off), got {self.floor!r}")
+        if self.floor > 0 and self.gqa == "union":
+            raise ValueError("floor (adaptive mode) and gqa='union' do not combine: the floor is reached on the "
+                             "shared selection")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the selection is the fused one (Triton on a GPU): the paper's rule, or the
+        adaptive mode on it; not last_q > 1, gqa="union" or sink tokens (PyTorch reference)."""
+        return self.last_q == 1 and self.gqa == "shared" and not self.budgets.config.sink_tokens
 
     def _dense_below(self, q: torch.Tensor) -> int:
         """dense_below resolved for q's device and head shape (cached: one look-up per device)."""
@@ -64,7 +100,22 @@ class TCA(Method):
 
     def report(self) -> dict:
         """dense_below as configured and as last resolved ("auto": the measured crossover)."""
-        return {"dense_below": self.dense_below, "dense_below_used": self._per_layer.get("dense_below_used")}
+        out = {"dense_below": self.dense_below, "dense_below_used": self._per_layer.get("dense_below_used")}
+        if (self.last_q, self.gqa, self.floor) != (1, "shared", 0.0):
+            out.update(last_q=self.last_q, gqa=self.gqa, floor=self.floor,
+                       selection=("fused (Triton on a GPU)" if self.fused else
+                                  "PyTorch reference (no Triton kernel for last_q > 1, gqa=union or sink tokens)"))
+        return out
+
+    def _chooser(self, device: torch.device) -> FloorChooser | None:
+        """The adaptive mode's keep-count chooser on `device` (None when off), built once."""
+        if self.floor <= 0:
+            return None
+        key = ("floor", str(device))
+        if key not in self._per_layer:
+            ladder = torch.tensor(self.budgets.candidates, dtype=torch.float64)
+            self._per_layer[key] = FloorChooser(sel.ladder_cumsum(ladder).to(device), self.floor)
+        return self._per_layer[key]
 
     def _layer(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer_idx, str(device))
@@ -124,7 +175,8 @@ class TCA(Method):
         geo = local_geometry(L, b, w)
         dense_below = self._dense_below(q)
         # every row is at most L long: if even an unpadded row stays dense, the whole batch does
-        if geo is None or L < dense_below or self._all_dense(layer_idx):
+        # (the adaptive mode may compress a layer whose budgets are all dense)
+        if geo is None or L < dense_below or (self._all_dense(layer_idx) and self.floor <= 0):
             return None
         n_max, local_start = geo
         decode_keep = self._layer(layer_idx, k.device)[1]
@@ -134,20 +186,39 @@ class TCA(Method):
         if padded:  # per-row geometry: each row's blocks start at its first real token
             n_rows, row_ls = row_geometry(L, key_start, b, w, dense_below)
             keep_rank = self._row_ranks(layer_idx, n_rows, n_max)  # (B, KV, n_max)
+        choose = self._chooser(k.device)
+        if choose is not None:  # any head may grow to dense: the plan is as wide as the global region
+            max_kept, total = n_max * b, None
         spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept)
-        if not cfg.sink_tokens:  # fused selection: no host sync on the Triton path
-            kept_idx, kept_len, retained, _ = select_and_pack(q[:, :, -1], k, spec, scaling, backend=backend)
+        if self.fused:  # fused selection: no host sync on the Triton path
+            kept_idx, kept_len, retained, _ = select_and_pack(q[:, :, -1], k, spec, scaling, backend=backend,
+                                                              choose=choose)
             # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
             return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
-                             kept_total=None if padded else B * total, row_local_start=row_ls)
+                             kept_total=None if padded or total is None else B * total, row_local_start=row_ls)
+        if "noted" not in self._per_layer and resolve(backend, k.device) == "triton":
+            self._per_layer["noted"] = True
+            log.info("TCA selection (last_q=%d, gqa=%s, sink_tokens=%d) runs the PyTorch reference: the Triton "
+                     "selection implements the paper's rule (and floor) only", self.last_q, self.gqa, cfg.sink_tokens)
         valid = key_validity(L, key_start)
-        s = sel.last_query_importance(q[:, :, -1], k, valid, scaling)
-        mask = select_mask_ref(s, spec)
+        r, union = self.last_q, self.gqa == "union"
+        rows = sel.window_rows(q[:, :, -r:], k, valid, scaling) if r > 1 else None  # (B, KV, g, r, L)
+        s_heads = (sel.pool_rows(*rows, per_head=union) if rows is not None
+                   else sel.window_importance(q[:, :, -1:], k, valid, scaling, per_head=union))
+        if union:  # (B, KV, g, L): each query head selects, the KV head keeps the union
+            s = s_heads.mean(2)
+            mask = union_mask_ref(s_heads, spec)
+        else:
+            s = s_heads
+            mask = select_mask_ref(s, spec, choose)
         ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
         glob = global_region(L, key_start, ls)  # (B, L)
         mask |= (sink_mask(L, key_start, cfg.sink_tokens) & glob)[:, None, :]
         kept_idx, kept_len = pack_mask(mask)
-        local = key_validity(L, ls)
-        retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
+        if rows is None:  # the last query's band is the local region: kept + local is what it attends
+            retained = retained_mass(s, mask, ls)
+        else:  # each pooled query also attends its own band, which may reach before the local region
+            j = torch.arange(L - r, L, device=k.device)
+            retained = sel.window_retained(*rows, mask, band_start(j[None, :], w, ls[:, None]))
         return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                          row_local_start=row_ls)

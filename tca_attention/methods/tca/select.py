@@ -2,7 +2,8 @@
 reference, and the dispatch to the fused Triton kernel (triton_select.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -42,12 +43,14 @@ class SelectionSpec:
         return rows_blocks(self.n_blocks, batch, device)
 
 
-def select_mask_ref(s: torch.Tensor, spec: SelectionSpec) -> torch.Tensor:
-    """TCA Phase 2 steps 4-6 on importance s (B, KV, L) fp32 -> selection mask (B, KV, L) bool.
+# (s (B, KV, L) fp32, h (B, KV, n_max) the block scores exactly as the selection ranks them,
+#  spec) -> keep_rank (B, KV, n_max): keep counts chosen from the request itself (adaptive.py)
+KeepChooser = Callable[[torch.Tensor, torch.Tensor, "SelectionSpec"], torch.Tensor]
 
-    Geometry and keep counts: SelectionSpec (max_kept unused). Blocks are ranked among the row's
-    own blocks only, so a row selects exactly what it selects alone (shifted by its padding).
-    """
+
+def row_blocks(s: torch.Tensor, spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's global blocks of s (B, KV, L): -> sb (B, KV, n_max, b) (0 past the row's n_r
+    blocks), pos (B, n_max*b) absolute position of each slot, in_glob (B, n_max*b), n_r (B,)."""
     B, KV, L = s.shape
     n_max, block_size = spec.n_max, spec.block_size
     dev = s.device
@@ -57,18 +60,54 @@ def select_mask_ref(s: torch.Tensor, spec: SelectionSpec) -> torch.Tensor:
     in_glob = ar[None, :] < (nr * block_size)[:, None]  # (B, n_max * b)
     sb = torch.gather(s, 2, pos.clamp(max=L - 1)[:, None, :].expand(B, KV, -1))
     sb = torch.where(in_glob[:, None, :], sb, torch.zeros_like(sb)).view(B, KV, n_max, block_size)
+    return sb, pos, in_glob, nr
+
+
+def block_scores(sb: torch.Tensor, spec: SelectionSpec, nr: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 of each row's blocks sb (B, KV, n_max, b) -> h (B, KV, n_max), -inf past n_r."""
     h = sel.block_redundancy(sb, spec.alpha, spec.mass_norm)  # blocks past n_r: no mass, no effect on "max"
-    blk_ok = torch.arange(n_max, device=dev)[None, :] < nr[:, None]  # (B, n_max)
-    h = h.masked_fill(~blk_ok[:, None, :], float("-inf"))  # ranked after the row's own blocks
-    keep = sel.keep_per_block(h, spec.keep_rank.to(dev).expand(B, KV, n_max))
+    blk_ok = torch.arange(spec.n_max, device=sb.device)[None, :] < nr[:, None]  # (B, n_max)
+    return h.masked_fill(~blk_ok[:, None, :], float("-inf"))  # ranked after the row's own blocks
+
+
+def select_mask_ref(s: torch.Tensor, spec: SelectionSpec, choose: KeepChooser | None = None) -> torch.Tensor:
+    """TCA Phase 2 steps 4-6 on importance s (B, KV, L) fp32 -> selection mask (B, KV, L) bool.
+
+    Geometry and keep counts: SelectionSpec (max_kept unused), or the keep counts `choose`
+    returns. Blocks are ranked among the row's own blocks only, so a row selects exactly what it
+    selects alone (shifted by its padding).
+    """
+    B, KV, L = s.shape
+    n_max, block_size = spec.n_max, spec.block_size
+    sb, pos, in_glob, nr = row_blocks(s, spec)
+    h = block_scores(sb, spec, nr)
+    keep_rank = spec.keep_rank if choose is None else choose(s, h, spec)
+    keep = sel.keep_per_block(h, keep_rank.to(s.device).expand(B, KV, n_max))
     chosen = sel.topk_within_blocks(sb, keep).view(B, KV, -1) & in_glob[:, None, :]
-    mask = torch.zeros(B, KV, L + n_max * block_size, dtype=torch.bool, device=dev)
+    mask = torch.zeros(B, KV, L + n_max * block_size, dtype=torch.bool, device=s.device)
     mask.scatter_(2, pos[:, None, :].expand(B, KV, -1), chosen)  # positions are distinct per row
     return mask[..., :L]
 
 
+def union_mask_ref(s_heads: torch.Tensor, spec: SelectionSpec) -> torch.Tensor:
+    """Option gqa="union": every query head selects with its own importance s_heads (B, KV, g, L)
+    and the keep counts of its KV head; the KV head keeps the union. -> (B, KV, L) bool."""
+    B, KV, g, L = s_heads.shape
+    kr = spec.keep_rank
+    kr = kr.repeat_interleave(g, dim=-2)  # (KV*g, n) or (B, KV*g, n): each query head its KV head's counts
+    per_head = select_mask_ref(s_heads.reshape(B, KV * g, L), replace(spec, keep_rank=kr))
+    return per_head.view(B, KV, g, L).any(2)
+
+
+def retained_mass(s: torch.Tensor, mask: torch.Tensor, local_start: torch.Tensor) -> torch.Tensor:
+    """Importance s (B, KV, L) on the kept keys: mask (B, KV, L) plus every key at or after the
+    row's local start (B,). -> (B, KV): the selection queries' retained attention mass."""
+    local = torch.arange(s.shape[-1], device=s.device)[None, :] >= local_start.to(s.device)[:, None]  # (B, L)
+    return (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
+
+
 def select_from_importance_ref(
-    s: torch.Tensor, spec: SelectionSpec
+    s: torch.Tensor, spec: SelectionSpec, choose: KeepChooser | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TCA Phase 2 steps 4-7 on importance s (B, KV, L) fp32 (geometry: SelectionSpec).
 
@@ -77,7 +116,7 @@ def select_from_importance_ref(
        global + local keys.
     """
     B, KV, L = s.shape
-    mask = select_mask_ref(s, spec)
+    mask = select_mask_ref(s, spec, choose)
     kept_idx, kept_len = pack_mask(mask)  # padded with L
     max_kept = spec.max_kept
     if max_kept is not None:
@@ -86,32 +125,31 @@ def select_from_importance_ref(
             raise ValueError(f"a head keeps {M} tokens, more than max_kept={max_kept}")
         kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=L)
     local_start = spec.key_start.to(s.device).long() + spec.rows_blocks(B, s.device) * spec.block_size
-    local = torch.arange(L, device=s.device)[None, :] >= local_start[:, None]  # (B, L)
-    retained = (s * mask).sum(-1) + (s * local[:, None, :]).sum(-1)
-    return kept_idx, kept_len, retained
+    return kept_idx, kept_len, retained_mass(s, mask, local_start)
 
 
 def select_and_pack_ref(
-    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float
+    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, choose: KeepChooser | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TCA Phase 2 selection (no sink tokens) of q_last (B, H, D) over k (B, KV, L, D), the blocks
-    and keep counts of spec.
+    and keep counts of spec (or those `choose` picks from the importance).
 
     -> kept_idx (B, KV, M), kept_len (B, KV) int32, retained (B, KV), s (B, KV, L) fp32.
     """
     L = k.shape[2]
     valid = torch.arange(L, device=k.device)[None, :] >= spec.key_start.to(k.device)[:, None]
     s = sel.last_query_importance(q_last, k, valid, scaling)
-    return (*select_from_importance_ref(s, spec), s)
+    return (*select_from_importance_ref(s, spec, choose), s)
 
 
 def select_and_pack(
-    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, backend: Backend = "auto"
+    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, backend: Backend = "auto",
+    choose: KeepChooser | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TCA Phase 2 selection of q_last (B, H, D) over k (B, KV, L, D); see select_and_pack_ref.
     The Triton path never syncs (it needs spec.max_kept)."""
     if resolve(backend, k.device) == "triton":
         from .triton_select import select_and_pack_triton
 
-        return select_and_pack_triton(q_last, k, spec, scaling)
-    return select_and_pack_ref(q_last, k, spec, scaling)
+        return select_and_pack_triton(q_last, k, spec, scaling, choose)
+    return select_and_pack_ref(q_last, k, spec, scaling, choose)

@@ -24,6 +24,59 @@ def last_query_importance(
     return torch.softmax(logits, dim=-1).mean(dim=2)
 
 
+def window_rows(q_win: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor, scaling: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal softmax rows of the last r queries (option last_q=r).
+
+    q_win (B, H, r, D) the queries at positions L - r .. L - 1; k (B, KV, L, D); key_valid (B, L)
+    bool. Query L - r + i sees the valid keys <= L - r + i. -> p (B, KV, g, r, L) fp32 (zero rows
+    for queries on padding), real (B, r) bool: which queries are real tokens.
+    """
+    B, H, r, D = q_win.shape
+    KV, L = k.shape[1], k.shape[2]
+    q = q_win.reshape(B, KV, H // KV, r, D).float()
+    logits = torch.einsum("bkgrd,bkld->bkgrl", q, k.float()) * scaling  # (B, KV, g, r, L)
+    pos = torch.arange(L, device=k.device)
+    causal = pos[None, :] <= (L - r + torch.arange(r, device=k.device))[:, None]  # (r, L)
+    seen = causal[None] & key_valid[:, None, :]  # (B, r, L)
+    p = torch.softmax(logits.masked_fill(~seen[:, None, None], float("-inf")), dim=-1)
+    real = key_valid[:, L - r:]  # (B, r) a query is real iff its own position is a real key
+    return torch.where(real[:, None, None, :, None], p, torch.zeros_like(p)), real  # padding queries: no NaN
+
+
+def pool_rows(p: torch.Tensor, real: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    """Mean of window_rows over the real queries (and over the group's query heads unless per_head).
+    p (B, KV, g, r, L), real (B, r) -> (B, KV, L), or (B, KV, g, L) with per_head."""
+    s = p.sum(3) / real.sum(-1).clamp_min(1)[:, None, None, None].float()  # (B, KV, g, L)
+    return s if per_head else s.mean(2)
+
+
+def window_importance(
+    q_win: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor, scaling: float, per_head: bool = False
+) -> torch.Tensor:
+    """Eq. 5 pooled over the last r queries (option last_q=r): the mean over the r queries (and,
+    unless per_head, over the query heads of a KV head) of their causal softmax rows (window_rows).
+    -> s (B, KV, L) fp32, or (B, KV, g, L) with per_head. With r = 1 and not per_head this is
+    last_query_importance, bit for bit.
+    """
+    if q_win.shape[2] == 1 and not per_head:
+        return last_query_importance(q_win[:, :, 0], k, key_valid, scaling)
+    return pool_rows(*window_rows(q_win, k, key_valid, scaling), per_head=per_head)
+
+
+def window_retained(p: torch.Tensor, real: torch.Tensor, kept: torch.Tensor, band_lo: torch.Tensor) -> torch.Tensor:
+    """Retained mass of the last r queries: the mean over the real ones (and the query heads) of
+    the mass each row puts on what it attends, the kept keys or its own band [band_lo, itself].
+
+    p, real: window_rows; kept (B, KV, L) bool; band_lo (B, r) first key of each query's band
+    (engine.plan.band_start). -> (B, KV)."""
+    L = p.shape[-1]
+    pos = torch.arange(L, device=p.device)
+    seen = kept[:, :, None, None, :] | (pos >= band_lo[..., None])[:, None, None]  # (B, KV, 1|g, r, L)
+    mass = (p * seen).sum(-1)  # (B, KV, g, r), rows are 0 past their query
+    return (mass.sum(-1) / real.sum(-1).clamp_min(1)[:, None, None].float()).mean(-1)
+
+
 def block_redundancy(s_blocks: torch.Tensor, alpha: float, mass_norm: str = "sum") -> torch.Tensor:
     """Eq. 6: h_j = (1 - alpha) * m_j + alpha * (1 - sum s^2 / (sum s)^2).
 

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ...engine.plan import rows_blocks
 from ...engine.triton_common import check_head_dim, check_heads, interpreted, next_pow2
-from .select import SelectionSpec
+from .select import KeepChooser, SelectionSpec
 
 
 @triton.jit
@@ -276,7 +276,7 @@ def step_pack(sel, count, csum, n_blocks: int, block_size: int, max_kept: int,
 
 
 def select_and_pack_triton(
-    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float
+    q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, choose: KeepChooser | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q_last (B, H, D), k (B, KV, L, D); spec: the rows' blocks (from key_start (B,), the first
     real key of each row), keep counts per rank and max_kept (required: the output width, known
@@ -287,6 +287,8 @@ def select_and_pack_triton(
        (B, KV) int32; retained (B, KV) fp32 last-query mass on what is kept (global kept + the
        row's local region); s (B, KV, L) fp32 GQA-averaged last-query attention.
     max_kept must be >= every head's kept count (selected tokens past it are dropped).
+    choose: keep counts picked from this request's s and h (select.KeepChooser) instead of
+    spec.keep_rank (torch ops on the device between kernels B and C).
     Launches: 4 kernels, a fill, an argsort + scatter, a cumsum and a sum (+ a few elementwise
     ones for "max"). No host synchronisation.
     """
@@ -314,6 +316,8 @@ def select_and_pack_triton(
     key_start, n_rows = _rows(n_blocks, key_start, B, k.device)
     logits, pmax, psum = step_logits(q_last, k, key_start, scaling)
     s, mass, h = step_importance(logits, pmax, psum, n_max, block_size, alpha, mass_norm, key_start, n_rows)
+    if choose is not None:  # keep counts from this request's importance (adaptive.py), on the device
+        keep_rank = choose(s.view(B, KV, L), h.view(B, KV, n_max), spec)
     keep = step_keep(h, keep_rank)
     sel, count, csum = step_select(s, keep, key_start, mass, n_max, block_size, KV, n_rows)
     kept_idx = step_pack(sel, count, csum, n_max, block_size, max_kept, key_start, pad=L)

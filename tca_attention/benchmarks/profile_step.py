@@ -1,0 +1,108 @@
+"""Where a decode step's GPU time goes: the static step's kernels (the ones a CUDA graph replays),
+profiled eagerly with torch.profiler and summed by kind, for dense (keep-all, the engine's split-K
+decode) and TCA on the Llama-3.1-8B shape with random weights.
+
+python -m tca_attention.benchmarks.profile_step --budgets docs/results/budgets/smollm2-default-8k.json \
+    --tokens 131072 --out profile_step.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+
+from ..clihelp import HelpFormatter
+from . import require_cuda
+
+# kernel name substrings -> kind (first match wins)
+KINDS = (
+    ("attention decode", ("_decode_split", "_decode_combine")),
+    ("decode compression / selection", ("select", "compress", "_pack", "topk", "sort", "scatter", "gather", "index")),
+    ("weights (GEMM/GEMV)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+    ("norms / rotary / elementwise", ("elementwise", "reduce", "norm", "mul", "add", "copy", "cat", "pow", "rsqrt",
+                                      "silu", "neg", "fill", "where", "arange")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--budgets", required=True, help="budget file mapped onto the 8B shape")
+    ap.add_argument("--tokens", type=int, default=131072, help="prompt tokens")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    ap.add_argument("--out", required=True, help="result JSON path")
+    return ap
+
+
+@torch.no_grad()
+def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
+    from ..integration import enable
+    from ..integration.static_decode import greedy_static
+
+    with enable(model, method) as session:
+        greedy_static(model, ids[:, :8192], max_new_tokens=4, session=session, cuda_graph=False)  # compile, warm
+        run = greedy_static(model, ids, max_new_tokens=steps + 2, session=session, cuda_graph=True)
+        graph_ms = 1e3 * run.steady_s / max(run.steady_steps, 1)
+        del run
+        torch.cuda.empty_cache()
+        totals = []
+        for n in (1, 1 + steps):  # the same prefill twice: the difference is `steps` decode steps
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
+                greedy_static(model, ids, max_new_tokens=n + 1, session=session, cuda_graph=False)
+            per = defaultdict(float)
+            for e in prof.key_averages():  # kernels carry their own (self) device time, CPU ops none
+                us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+                if us > 0 and not e.key.startswith(("aten::", "autograd::")):  # ops report their kernels' time too
+                    per[e.key] += us
+            totals.append(per)
+            torch.cuda.empty_cache()
+    step = {k: (totals[1][k] - totals[0].get(k, 0.0)) / steps for k in totals[1]}
+    by_kind: dict[str, float] = defaultdict(float)
+    for k, us in step.items():
+        by_kind[kind_of(k)] += us / 1e3
+    top = sorted(((us, k) for k, us in step.items()), reverse=True)[:25]
+    return {"graph_step_ms": graph_ms, "kernel_ms_per_step": sum(step.values()) / 1e3,
+            "kernel_ms_per_step_by_kind": dict(by_kind),
+            "top_kernels": [{"us_per_step": u, "name": n[:120]} for u, n in top]}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    if (rc := require_cuda("profile_step")) is not None:
+        return rc
+    from ..methods.full_budget import FullBudget
+    from ..methods.tca.budgets import Budgets
+    from ..methods.tca.method import TCA
+    from .bench_e2e import LLAMA_8B, build_model
+
+    model = build_model(args.layers)
+    budgets = Budgets.load(args.budgets).mapped_onto(model)
+    tca = TCA(budgets, dense_below=0)
+    ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, args.tokens), device="cuda")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
+              "steps": args.steps, "command": "profile_step " + " ".join(argv)}
+    for label, method in (("tca", tca), ("keep-all", FullBudget(window=tca.window, block_size=tca.block_size))):
+        result[label] = profile(model, method, ids, args.steps)
+        print(label, json.dumps({k: v for k, v in result[label].items() if k != "top_kernels"}), flush=True)
+        for t in result[label]["top_kernels"][:12]:
+            print(f"  {t['us_per_step']:9.1f} us/step  {t['name']}", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
