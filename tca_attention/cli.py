@@ -386,13 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",
                        description="Every method the library, `tca eval` and the API know, one line each. A spec is "
                        "NAME or NAME:key=value,key=value (e.g. tca:tau=0.7, streaming:window=1024). A method with a density "
-                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC).")
+                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC) or set to keep a fraction "
+                       "(NAME@kept=F; `tca leaderboard`).")
     p.set_defaults(func=cmd_methods)
 
     from .bench import add_bench_parser
     from .eval.cli import add_eval_parser
+    from .eval.leaderboard.cli import add_leaderboard_parser
 
     add_eval_parser(sub)
+    add_leaderboard_parser(sub)
     add_bench_parser(sub)
     return ap
 
