@@ -32,7 +32,8 @@ from .state import HeadTable, ModelIdentity
 
 NAME = "act"
 HEADS = ("calibrated", "all")
-_MIN_SEEN = 8  # a column's mean needs this many sampled queries (the last columns are seen by few)
+_MIN_SEEN = 8  # a key's mean needs this many sampled queries (a quarter of them if fewer): the last
+# keys are seen by few queries, whose attention to themselves is no sink
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ACT(Calibrator):
     name: str = NAME
 
     def __post_init__(self) -> None:
+        Search(self.length, 1, self.objective, self.granularity)  # the calibration settings, checked
         if self.heads not in HEADS:
             raise ValueError(f"act: heads must be one of {', '.join(HEADS)}, got {self.heads!r}")
         if self.heads == "calibrated" and self.state is None:
@@ -107,11 +109,11 @@ class ACT(Calibrator):
 
 def sink_stats(q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float, n_queries: int):
     """Mean attention of each key over the sampled queries that see it, from n_queries evenly spaced
-    queries (the last one included). q/k (B, Hs, L, D) fp32 -> mean (B, Hs, L) (0 where fewer than a few
-    sampled queries see the key), and mass_of(pos (B, Hs, P)) -> (B, Hs) the sampled queries' mean
+    queries (the last one included). q/k (B, Hs, L, D) fp32 -> mean (B, Hs, L) (0 where fewer than
+    min(8, n / 4) sampled queries see the key), and mass_of(pos (B, Hs, P)) -> (B, Hs) the sampled queries' mean
     attention mass on those positions (-1 entries ignored)."""
     B, Hs, L, _ = q.shape
-    j = torch.linspace(0, L - 1, min(n_queries, L), device=q.device).round().long().unique()  # (n,)
+    j = torch.linspace(L - 1, 0, min(n_queries, L), device=q.device).round().long().unique()  # (n,) ascending
     ar = torch.arange(L, device=q.device)
     ks = key_start.long()[:, None, None]  # (B, 1, 1)
     vis = (ar[None, None, :] <= j[None, :, None]) & (ar[None, None, :] >= ks)  # (B, n, L)
@@ -119,7 +121,7 @@ def sink_stats(q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scalin
     a = torch.softmax(logits.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)  # (B, Hs, n, L)
     real = (j[None, :] >= key_start.long()[:, None]).float()  # (B, n) sampled queries of the row
     seen = vis.float().sum(1)[:, None, :]  # (B, 1, L) sampled queries seeing each key
-    mean = torch.where(seen >= min(_MIN_SEEN, len(j)), a.sum(2) / seen.clamp(min=1), 0.0)
+    mean = torch.where(seen >= min(_MIN_SEEN, max(1, len(j) // 4)), a.sum(2) / seen.clamp(min=1), 0.0)
 
     def mass_of(pos: torch.Tensor) -> torch.Tensor:
         hit = torch.zeros(B, Hs, L + 1, device=q.device).scatter_(2, torch.where(pos >= 0, pos, L), 1.0)[..., :L]
@@ -170,7 +172,7 @@ CALIBRATOR = ACT
 
 def needs_no_state(knobs: dict) -> bool:
     """Whether the spec's knobs run without a calibration."""
-    return knobs.get("heads", "calibrated") == "all"
+    return knobs.get("heads", "calibrated") != "calibrated"  # heads=all (other values: refused by ACT)
 
 
 def calibration_knobs(knobs: dict) -> dict:

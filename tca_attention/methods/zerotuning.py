@@ -47,6 +47,7 @@ class ZeroTuning(Calibrator):
     name: str = NAME
 
     def __post_init__(self) -> None:
+        Search(self.length, 1, self.objective, self.granularity)  # the calibration settings, checked
         if self.scale < 0 or not math.isfinite(self.scale):
             raise ValueError(f"zerotuning: scale must be > 0 (or 0: calibrated per head), got {self.scale}")
         if self.scale == 0 and self.state is None:
@@ -126,7 +127,7 @@ CALIBRATOR = ZeroTuning
 
 def needs_no_state(knobs: dict) -> bool:
     """Whether the spec's knobs run without a calibration."""
-    return knobs.get("scale", 0.0) > 0
+    return knobs.get("scale", 0.0) != 0  # a forced scale (checked by ZeroTuning)
 
 
 def calibration_knobs(knobs: dict) -> dict:
