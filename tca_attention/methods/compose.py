@@ -26,6 +26,7 @@ import torch
 from ..engine.plan import KeyBias
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe
+from .dense import Dense
 from .state import HeadTable, ModelIdentity
 
 DENSE_GEOMETRY = (256, 256)  # (block_size, window) of the cache over plain attention: keeps every token
@@ -128,8 +129,14 @@ def calibration_ids(tokenizer, search: Search, text: str | None = None) -> list[
     return [bos + ids[i * n:(i + 1) * n] for i in range(min(search.samples, len(ids) // n))]
 
 
-def score(probe: Probe, windows: list[list[int]], method: Method, objective: str) -> float:
-    """The objective (lower is better) of `method` over the calibration windows."""
+def over_full(calibrator: Calibrator) -> Calibrated:
+    """`calibrator` over plain attention (what the calibrations search with: the state is the model's)."""
+    return Calibrated(Dense(), calibrator)
+
+
+def score(probe: Probe, windows: list[list[int]], method: Method | None, objective: str) -> float:
+    """The objective (lower is better) of `method` (None: plain attention) over the calibration windows."""
+    method = Dense() if method is None else method
     device = next(probe.model.parameters()).device
     vals = [probe.evaluate(torch.tensor([w], device=device), method)[objective] for w in windows]
     return sum(vals) / len(vals)

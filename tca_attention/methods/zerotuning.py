@@ -24,8 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.plan import KeyBias
-from .compose import Calibrated, Calibrator, Search, cached_table, calibration_ids, head_units, score, table
-from .dense import Dense
+from .compose import Calibrator, Search, cached_table, calibration_ids, head_units, over_full, score, table
 from .base import Probe
 from .state import HeadTable, ModelIdentity
 
@@ -92,9 +91,9 @@ def calibrate(probe: Probe, tokenizer, search: Search = Search(), probe_scale: f
 
     def run(values: dict[tuple[int, int], float]) -> float:
         state = HeadTable(NAME, ModelIdentity.of(model), table(model, 1.0, values))
-        return score(probe, windows, Calibrated(Dense(), ZeroTuning(state)), search.objective)
+        return score(probe, windows, over_full(ZeroTuning(state)), search.objective)
 
-    base = score(probe, windows, Dense(), search.objective)
+    base = score(probe, windows, None, search.objective)
     up, down = [], []
     for unit in tqdm(units, desc="zerotuning profiling", disable=not progress):
         delta = run({hd: probe_scale for hd in unit}) - base
