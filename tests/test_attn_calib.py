@@ -266,3 +266,24 @@ def test_eval_runs_composites(tmp_path: Path, smol_tokenizer, monkeypatch):
     matched = by["streaming:block_size=16+act:heads=all@match=tca:tau=0.5+zerotuning:scale=1.5"]
     assert matched.metadata["window"] < 384
     assert all(r.nll is not None and 0 < r.nll < 20 for r in results)
+
+
+def test_act_bias_does_not_depend_on_head_chunks_or_padding(monkeypatch):
+    """Sinks found a few heads at a time equal those found at once; a left-padded row finds the same
+    sinks (shifted by its padding) with the same biases as alone."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, KV, L, D, pad = 2, 6, 2, 50, 16, 7
+    q, k = torch.randn(B, H, L, D, generator=gen), torch.randn(B, KV, L, D, generator=gen)
+    k[:, :, 12] *= 4  # a likely hidden sink
+    k[1, :, pad + 12] = k[0, :, 12]
+    q[1, :, pad:], k[1, :, pad:] = q[0, :, : L - pad], k[0, :, : L - pad]  # row 1: row 0 shifted by `pad`
+    act = ACT(heads="all", threshold=0.05, queries=9)  # fewer sampled queries than tokens
+    whole = act.key_bias(0, q, k, torch.tensor([0, pad]), 0.25)
+    monkeypatch.setattr(act_mod, "_CHUNK_ELEMENTS", 1)  # one head at a time
+    assert torch.equal(act.key_bias(0, q, k, torch.tensor([0, pad]), 0.25).pos, whole.pos)
+    assert (whole.pos >= 0).any()
+    short = act.key_bias(0, q[:1, :, : L - pad], k[:1, :, : L - pad], torch.tensor([0]), 0.25)
+    got, P = whole.pos[1], short.pos.shape[-1]
+    assert torch.equal(torch.where(got >= 0, got - pad, -1)[..., :P], short.pos[0])
+    assert (got[..., P:] == -1).all()
+    torch.testing.assert_close(whole.bias[1, :, :P], short.bias[0])

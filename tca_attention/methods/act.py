@@ -31,6 +31,7 @@ from .state import HeadTable, ModelIdentity
 
 NAME = "act"
 HEADS = ("calibrated", "all")
+_CHUNK_ELEMENTS = 1 << 26  # sampled attention entries held at once (256 MiB fp32)
 _MIN_SEEN = 8  # a key's mean needs this many sampled queries (a quarter of them if fewer): the last
 # keys are seen by few queries, whose attention to themselves is no sink
 
@@ -81,21 +82,26 @@ class ACT(Calibrator):
         heads = self.chosen(layer_idx, H)
         if not heads or self.beta == 1.0:
             return None
-        sel = torch.tensor(heads, device=q.device)
-        kv = k[:, sel // (H // k.shape[1])].float()  # (B, Hs, L, D)
-        mean, mass_of = sink_stats(q[:, sel].float(), kv, key_start, scaling, self.queries)
-        ar = torch.arange(L, device=q.device)
-        cand = (mean > self.threshold) & (ar != key_start[:, None, None])  # (B, Hs, L) hidden sinks
-        P = max(1, min(self.max_sinks, int(cand.sum(-1).max())))
-        top = torch.topk(torch.where(cand, mean, -1.0), P, dim=-1)  # (B, Hs, P)
-        pos = torch.where(top.values > self.threshold, top.indices, -1)
-        S = mass_of(pos).clamp(max=1 - 1e-6)  # (B, Hs) mean sink mass of the sampled queries
-        bias = torch.log(self.beta * (1 - S) / (1 - self.beta * S))  # ACT's distribution at mass S
+        g = H // k.shape[1]
+        n = min(self.queries, L)
+        per = max(1, _CHUNK_ELEMENTS // max(B * n * L, 1))  # heads at a time: bounds the sampled maps
+        P = min(self.max_sinks, L)
         out_pos = torch.full((B, H, P), -1, dtype=torch.long, device=q.device)
         out_bias = torch.zeros(B, H, P, device=q.device)
-        out_pos[:, sel] = pos
-        out_bias[:, sel] = torch.where(pos >= 0, bias[..., None], 0.0)
-        return KeyBias(out_pos, out_bias)
+        ar = torch.arange(L, device=q.device)
+        for c in range(0, len(heads), per):
+            sel = torch.tensor(heads[c:c + per], device=q.device)
+            mean, mass_of = sink_stats(q[:, sel].float(), k[:, sel // g].float(), key_start, scaling, n)
+            cand = (mean > self.threshold) & (ar != key_start[:, None, None])  # (B, Hs, L) hidden sinks
+            top = torch.topk(torch.where(cand, mean, -1.0), P, dim=-1)  # (B, Hs, P) the largest
+            pos = torch.where(top.values > self.threshold, top.indices, -1)
+            S = mass_of(pos).clamp(max=1 - 1e-6)  # (B, Hs) mean sink mass of the sampled queries
+            bias = torch.log(self.beta * (1 - S) / (1 - self.beta * S))  # ACT's distribution at mass S
+            out_pos[:, sel] = pos
+            out_bias[:, sel] = torch.where(pos >= 0, bias[..., None], 0.0)
+        used = max(1, int((out_pos >= 0).sum(-1).max()))  # slots any (row, head) uses (one sync)
+        order = torch.argsort((out_pos < 0).to(torch.int8), dim=-1, stable=True)[..., :used]  # used slots first
+        return KeyBias(out_pos.gather(-1, order), out_bias.gather(-1, order))
 
     def check_model(self, model) -> None:
         if self.state is not None:
@@ -108,24 +114,31 @@ class ACT(Calibrator):
 
 def sink_stats(q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float, n_queries: int):
     """Mean attention of each key over the sampled queries that see it, from n_queries evenly spaced
-    queries (the last one included). q/k (B, Hs, L, D) fp32 -> mean (B, Hs, L) (0 where fewer than
-    min(8, n / 4) sampled queries see the key), and mass_of(pos (B, Hs, P)) -> (B, Hs) the sampled queries' mean
-    attention mass on those positions (-1 entries ignored)."""
-    B, Hs, L, _ = q.shape
-    j = torch.linspace(L - 1, 0, min(n_queries, L), device=q.device).round().long().unique()  # (n,) ascending
+    queries of each row's real prompt (its last query included; the same queries as the row alone:
+    padding does not move them). q/k (B, Hs, L, D) fp32 -> mean (B, Hs, L) (0 where fewer than
+    min(8, n / 4) sampled queries see the key), and mass_of(pos (B, Hs, P)) -> (B, Hs) the sampled
+    queries' mean attention mass on those positions (-1 entries ignored)."""
+    B, Hs, L, D = q.shape
+    ks = key_start.long().to(q.device)
+    n = min(n_queries, L)
+    frac = torch.linspace(1.0, 0.0, n, device=q.device).flip(0)  # (n,) ascending, 1 = the last query
+    j = ks[:, None] + (frac[None, :] * (L - 1 - ks)[:, None].float()).round().long()  # (B, n) ascending
+    real = torch.ones_like(j, dtype=torch.bool)
+    real[:, 1:] = j[:, 1:] != j[:, :-1]  # a short row repeats queries: count each once
     ar = torch.arange(L, device=q.device)
-    ks = key_start.long()[:, None, None]  # (B, 1, 1)
-    vis = (ar[None, None, :] <= j[None, :, None]) & (ar[None, None, :] >= ks)  # (B, n, L)
-    logits = torch.einsum("bhnd,bhld->bhnl", q[:, :, j], k) * scaling
+    vis = (ar[None, None, :] <= j[:, :, None]) & (ar[None, None, :] >= ks[:, None, None]) & real[..., None]  # (B, n, L)
+    qs = q.gather(2, j[:, None, :, None].expand(B, Hs, n, D))  # (B, Hs, n, D)
+    logits = torch.einsum("bhnd,bhld->bhnl", qs, k) * scaling
     a = torch.softmax(logits.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)  # (B, Hs, n, L)
-    real = (j[None, :] >= key_start.long()[:, None]).float()  # (B, n) sampled queries of the row
     seen = vis.float().sum(1)[:, None, :]  # (B, 1, L) sampled queries seeing each key
-    mean = torch.where(seen >= min(_MIN_SEEN, max(1, len(j) // 4)), a.sum(2) / seen.clamp(min=1), 0.0)
+    need = (real.sum(-1) // 4).clamp(min=1, max=_MIN_SEEN)[:, None, None]  # (B, 1, 1)
+    mean = torch.where(seen >= need, a.sum(2) / seen.clamp(min=1), 0.0)
+    w = real.float()  # (B, n)
 
     def mass_of(pos: torch.Tensor) -> torch.Tensor:
         hit = torch.zeros(B, Hs, L + 1, device=q.device).scatter_(2, torch.where(pos >= 0, pos, L), 1.0)[..., :L]
         per_query = (a * hit[:, :, None, :]).sum(-1)  # (B, Hs, n)
-        return (per_query * real[:, None]).sum(-1) / real.sum(-1).clamp(min=1)[:, None]
+        return (per_query * w[:, None]).sum(-1) / w.sum(-1)[:, None]
 
     return mean, mass_of
 
