@@ -287,3 +287,22 @@ def test_act_bias_does_not_depend_on_head_chunks_or_padding(monkeypatch):
     assert torch.equal(torch.where(got >= 0, got - pad, -1)[..., :P], short.pos[0])
     assert (got[..., P:] == -1).all()
     torch.testing.assert_close(whole.bias[1, :, :P], short.bias[0])
+
+
+def test_cli_generate_runs_a_composite(tmp_path: Path, smol_tokenizer, monkeypatch, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tca_attention.cli import main
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    smol_tokenizer.save_pretrained(tmp_path / "tiny")
+    spec = "streaming:window=32,block_size=16+act:heads=all"
+    args = ["generate", "--model", str(tmp_path / "tiny"), "--question", "The quick brown fox. " * 20,
+            "--max-new-tokens", "3", "--json", "--backend", "reference", "--method", spec]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"] == spec and data["runs"][1]["method"] == "streaming+act"
