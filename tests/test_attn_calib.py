@@ -306,3 +306,21 @@ def test_cli_generate_runs_a_composite(tmp_path: Path, smol_tokenizer, monkeypat
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["method"] == spec and data["runs"][1]["method"] == "streaming+act"
+
+
+def test_static_decode_applies_the_bias_like_the_dynamic_cache():
+    """A calibrated method decodes the same greedy tokens through the static (graph-capturable) cache
+    as through the dynamic one, its bias kept on every static layer."""
+    from test_batch_invariance import greedy
+    from test_static_decode import left_padded
+
+    from tca_attention.integration.static_decode import greedy_static
+
+    model = tiny("llama")
+    ids, mask = left_padded((120, 75))
+    method = Calibrated(StreamingLLM(sinks=4, window=32, block_size=16), ZeroTuning(scale=3.0))
+    with torch.no_grad(), enable(model, method, backend="reference") as session:
+        _, _, want, _ = greedy(model, ids, mask, 12, session)
+        run = greedy_static(model, ids, mask, max_new_tokens=13, session=session)
+    assert torch.equal(run.sequences[:, ids.shape[1]: -1], want)
+    assert all(layer.key_bias is not None for layer in run.cache.tca_layers())
