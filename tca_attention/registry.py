@@ -170,7 +170,18 @@ def _dataclass_build(cls_path: str) -> Callable[..., Any]:
     def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         return _method_attr(cls_path)(**params, **extra)
 
+    build.cls_path = cls_path  # type: ignore[attr-defined]  # read by _check_params_match_fields
     return build
+
+
+# Entries with their own builder (state calibrated or loaded) whose spec parameters are still the
+# dataclass's fields, less the ones naming a state file: (class path, those parameters)
+STATE_BUILT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "head-split": ("head_split.HeadSplit", ("scores",)),
+    "minference": ("minference.MInference", ("state",)),
+    "zerotuning": ("zerotuning.ZeroTuning", ("state",)),
+    "act": ("act.ACT", ("state",)),
+}
 
 
 def _lazy(path: str) -> Callable[..., Any]:
@@ -231,6 +242,18 @@ ENTRIES: dict[str, Entry] = {
               {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
               _dataclass_build("spatten.SpAtten"),
               Density("keep", _lazy("spatten.keep_for"))),
+        Entry("tokenselect", "TokenSelect: dense prefill, full cache; each decode step reads sinks + local + the top "
+              "tokens per KV head by a soft vote of its query heads, reused while queries stay similar",
+              {"budget": int, "sinks": int, "local": int, "threshold": float, "vote": str},
+              _dataclass_build("tokenselect.TokenSelect"), Density("budget", _lazy("tokenselect.budget_for"))),
+        Entry("tidaldecode", "TidalDecode: dense prefill, full cache; a token-selection layer (and a re-selection "
+              "layer) picks the top-k tokens every later layer reads (position-persistent)",
+              {"budget": int, "select_layer": int, "reselect_layer": int},
+              _dataclass_build("tidaldecode.TidalDecode"), Density("budget", _lazy("tidaldecode.budget_for"))),
+        Entry("recycled", "Recycled Attention: dense prefill, full cache; a full decode step every `stride` steps, "
+              "in between the top-K tokens of the last full step's attention plus the new tokens",
+              {"budget": int, "stride": int, "similarity": float},
+              _dataclass_build("recycled.RecycledAttention"), Density("budget", _lazy("recycled.budget_for"))),
         Entry("zerotuning", "ZeroTuning (calibrator, stack with +): head-specific scaling of the initial token's "
               "attention, scales searched on calibration text", {"scale": float, "objective": str,
                                                                    "granularity": str, "length": int, "state": str},
@@ -401,31 +424,17 @@ def describe() -> str:
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
-    from .methods.blasst import BLASST
-    from .methods.flexprefill import FlexPrefill
-    from .methods.full_budget import FullBudget
-    from .methods.head_split import HeadSplit
-    from .methods.hip import HiP
-    from .methods.dhsa import DHSA
-    from .methods.longheads import LongHeads
-    from .methods.minference import MInference
-    from .methods.quest import Quest
-    from .methods.spatten import SpAtten
-    from .methods.streaming import StreamingLLM
-    from .methods.token_sparse import TokenSparse
-    from .methods.xattention import XAttention
-    from .methods.act import ACT
-    from .methods.zerotuning import ZeroTuning
-
-    # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
-    for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
-                             ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
-                             ("blasst", BLASST, ()), ("hip", HiP, ()),
-                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
-                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ()),
-                             ("zerotuning", ZeroTuning, ("state",)), ("act", ACT, ("state",))):
+    """Every Entry built from a dataclass (`_dataclass_build`), or listed in STATE_BUILT with the spec
+    parameters that name a state file (a path in a spec, a state object in the dataclass), takes
+    exactly its dataclass's fields, with the same types."""
+    for name, entry in ENTRIES.items():
+        path, apart = getattr(entry.build, "cls_path", None), ()
+        if name in STATE_BUILT:
+            path, apart = STATE_BUILT[name]
+        if path is None or name == FULL:  # tca: built from budgets; full: no spec parameters at all
+            continue
+        cls = _method_attr(path)
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
-        assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
-        assert all(hints[k] is t for k, t in ENTRIES[name].params.items() if k not in apart), name
+        assert set(entry.params) - set(apart) == fields, (name, fields)
+        assert all(hints[k] is t for k, t in entry.params.items() if k not in apart), name

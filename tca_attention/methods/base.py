@@ -15,7 +15,7 @@ and optionally calibrates once, through a Probe, into plain JSON state tied to t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Protocol, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Union
 
 import torch
 from torch import nn
@@ -57,6 +57,13 @@ class Method(ABC):
     block_size: int
     window: int
     is_dense: bool = False
+    # report() keys whose values count heads (numbers, or dicts of numbers): under tensor
+    # parallelism each rank counts its own heads and the session sums them over the ranks
+    report_sums: ClassVar[tuple[str, ...]] = ()
+    # plan() combines the heads of a layer (scores summed or averaged over heads into one selection,
+    # heads ranked against each other): a tensor-parallel rank, which sees only its own heads, would
+    # choose otherwise than one process, so such a method is refused when the heads are split
+    combines_heads: ClassVar[bool] = False
 
     @abstractmethod
     def plan(
@@ -119,6 +126,12 @@ def model_depth(model) -> int:
 def first_at_depth(start: float, n_layers: int) -> int:
     """The first layer index at relative depth `start` (0: layer 0, 0.5: the second half)."""
     return min(n_layers, int(start * n_layers))
+
+
+def check_key_block(method: str, value: object, param: str = "block_size") -> None:
+    """Raise unless `value` is a key block the block-sparse executor takes: a power of two >= 16."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+        raise ValueError(f"{method} needs {param} a power of two >= 16, got {value!r}")
 
 
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:

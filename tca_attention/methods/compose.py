@@ -61,6 +61,10 @@ class Calibrated(Method):
         self.name = f"{base.name}+{calibrator.name}"
         self.block_size, self.window = DENSE_GEOMETRY if base.is_dense else (base.block_size, base.window)
         self.is_dense = False  # the bias needs the engine's path, also over plain attention
+        self.report_sums = base.report_sums
+        # the calibrators' state is indexed by the model's query heads: a tensor-parallel rank, which
+        # sees only its own heads, would read another head's scale, so split heads are refused
+        self.combines_heads = True
 
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True):
         if self.base.is_dense:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.plan import BlockPlan
-from .base import Method, pack_lists, real_tokens, row_aligned
+from .base import Method, check_key_block, pack_lists, real_tokens, row_aligned
 
 # Row-aligned keys (KV, positions, D) of a row scored for boundaries at once, fp32: 64 MiB a temporary.
 _BOUNDARY_ELEMENTS = 1 << 24
@@ -126,12 +126,12 @@ class DHSA(Method):
     nms: int = 8
     dense_tail: int = 64
     name: str = "dhsa"
+    combines_heads = True  # chunks cut on every KV head's keys; representations averaged over heads
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if not isinstance(b, int) or isinstance(b, bool) or b < 16 or b & (b - 1):
-            raise ValueError(f"DHSA needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("DHSA", b)
         if not isinstance(self.budget, int) or self.budget < 2 * b:
             raise ValueError(f"DHSA needs budget >= 2 x block_size = {2 * b} tokens (key block 0 and the "
                              f"query's own block are always attended), got {self.budget!r}")

@@ -52,6 +52,7 @@ class SpAtten(Method):
     block_size: int = 64
     heads: float = 1.0  # query heads kept at the last layer (1: no head pruning, the default)
     name: str = "spatten"
+    combines_heads = True  # token importance summed over heads; heads ranked against each other
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

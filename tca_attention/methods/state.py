@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -20,6 +20,22 @@ _FINGERPRINT_RTOL = 2e-2  # survives float32 <-> bf16 casts of the same weights
 
 class StateError(ValueError):
     """A state file that is corrupt, of another version or method, or for another model."""
+
+
+# Per-head tables. A method's state that holds one entry per head of each layer (a tuple over
+# layers of None or a tuple over heads) declares it with per_head("kv") or per_head("query"); a
+# tensor-parallel rank then runs the method on its own heads' entries, sliced in one place
+# (integration/tensor_parallel.py). Tables that must stay whole (e.g. scores ranked over the whole
+# model) are not declared; what is derived from them per head is.
+PER_HEAD = "tca_attention.per_head"
+HeadAxis = Literal["kv", "query"]
+
+
+def per_head(axis: HeadAxis, **kwargs: Any) -> Any:
+    """A dataclass field holding a per-layer, per-head table along `axis` (KV or query heads)."""
+    if axis not in ("kv", "query"):
+        raise ValueError(f"per_head axis must be 'kv' or 'query', got {axis!r}")
+    return field(metadata={PER_HEAD: axis}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -39,7 +55,10 @@ class ModelIdentity:
     @classmethod
     def of(cls, model) -> "ModelIdentity":
         cfg = text_config(model)
-        w = key_projection_weight(attention_modules(model)[0]).detach().flatten()
+        w = key_projection_weight(attention_modules(model)[0]).detach()
+        if hasattr(w, "full_tensor"):  # a tensor-parallel shard (DTensor): every rank sees the whole weight
+            w = w.full_tensor()
+        w = w.flatten()
         picks = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
         return cls(
             model_type=cfg.model_type,

@@ -38,6 +38,7 @@ class TokenSparse(Method):
     kernel: int = 7
     start: float = 0.5
     name: str = "token-sparse"
+    combines_heads = True  # the coverage rule reads the head-averaged scores
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
     block_size: int = field(default=64, init=False, repr=False)
     _depth: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # {"layers": N}
