@@ -31,7 +31,7 @@ from .state import HeadTable, ModelIdentity
 
 NAME = "act"
 HEADS = ("calibrated", "all")
-_CHUNK_ELEMENTS = 1 << 26  # sampled attention entries held at once (256 MiB fp32)
+_CHUNK_ELEMENTS = 1 << 26  # sampled attention entries (or fp32 key entries) held at once: 256 MiB
 _MIN_SEEN = 8  # a key's mean needs this many sampled queries (a quarter of them if fewer): the last
 # keys are seen by few queries, whose attention to themselves is no sink
 
@@ -84,7 +84,7 @@ class ACT(Calibrator):
             return None
         g = H // k.shape[1]
         n = min(self.queries, L)
-        per = max(1, _CHUNK_ELEMENTS // max(B * n * L, 1))  # heads at a time: bounds the sampled maps
+        per = max(1, _CHUNK_ELEMENTS // max(B * L * max(n, q.shape[-1]), 1))  # heads at a time: maps and fp32 keys
         P = min(self.max_sinks, L)
         out_pos = torch.full((B, H, P), -1, dtype=torch.long, device=q.device)
         out_bias = torch.zeros(B, H, P, device=q.device)
