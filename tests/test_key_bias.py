@@ -140,3 +140,32 @@ def test_bad_bias_is_refused():
         KeyBias(torch.tensor([[[0], [0]]]), torch.tensor([[[-math.inf], [0.0]]])).validate(B, H)
     with pytest.raises(ValueError, match=r"\(B=1, H=2, P\)"):
         KeyBias(torch.zeros(1, 3, 1, dtype=torch.long), torch.zeros(1, 3, 1)).validate(B, H)
+
+
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_subset_executors_with_bias(per_query_head, monkeypatch):
+    """Token subsets (SubsetPlan): the gather + SDPA path (query chunks) equals the reference; a
+    subset of every token equals the dense biased path; bias 0 equals no bias."""
+    from tca_attention.engine import subset
+    from tca_attention.engine.plan import SubsetPlan, pack_mask
+
+    monkeypatch.setattr(subset, "_CHUNK", 5)  # several query chunks
+    gen = torch.Generator().manual_seed(6)
+    B, H, KV, L, D = 2, 4, 2, 31, 16
+    q, k, v = make_qkv(gen, B, H, KV, L, D, torch.float32)
+    ks = torch.tensor([0, 6])
+    Hp = H if per_query_head else KV
+    valid = torch.arange(L)[None, None] >= ks[:, None, None]
+    mask = (torch.rand(B, Hp, L, generator=gen) < 0.6) & valid
+    plan = SubsetPlan(*pack_mask(mask), ks)
+    kb = random_bias(gen, B, H, L, P=4)
+    ref = subset.subset_prefill_ref(q, k, v, plan, 0.3, kb)
+    assert not torch.allclose(ref, subset.subset_prefill_ref(q, k, v, plan, 0.3), atol=1e-3)
+    torch.testing.assert_close(dispatch.prefill(q, k, v, plan, 0.3, key_bias=kb), ref, atol=1e-5, rtol=1e-5)
+    zero = KeyBias(kb.pos, torch.zeros_like(kb.bias))
+    torch.testing.assert_close(subset.subset_prefill_gather(q, k, v, plan, 0.3, zero),
+                               subset.subset_prefill_gather(q, k, v, plan, 0.3), atol=1e-6, rtol=1e-6)
+    full = SubsetPlan(*pack_mask(valid.expand(B, Hp, L)), ks)
+    got, want = subset.subset_prefill_gather(q, k, v, full, 0.3, kb), dispatch.dense_prefill(q, k, v, 0.3, kb, ks)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 6:], want[1, 6:], atol=1e-5, rtol=1e-5)

@@ -69,10 +69,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: fl
     if isinstance(plan, BlockPlan):
         return block_sparse_prefill(q, k, v, plan, scaling, backend, key_bias)
     if isinstance(plan, SubsetPlan):
-        if key_bias is not None:
-            raise NotImplementedError("a key logit bias (attention calibration) cannot run with a SubsetPlan "
-                                      "(token-sparse) yet: compose the calibrator with another method")
-        return subset_prefill(q, k, v, plan, scaling, backend)
+        return subset_prefill(q, k, v, plan, scaling, backend, key_bias)
     raise TypeError(f"no executor for a plan of type {type(plan).__name__}")
 
 
@@ -114,12 +111,13 @@ def block_sparse_prefill(
 
 
 def subset_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SubsetPlan, scaling: float, backend: Backend = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SubsetPlan, scaling: float, backend: Backend = "auto",
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """Token-subset prefill (compress, dense causal attention, decompress). q (B, H, L, D),
     k/v (B, KV, L, D) -> (B, L, H, D). "reference": subset.subset_prefill_ref (the oracle); otherwise
     the gather + SDPA path on any device (the dense kernel is the device's: no Triton kernel of our own)."""
     check_name(backend)
     if backend == "reference":
-        return subset.subset_prefill_ref(q, k, v, plan, scaling)
-    return subset.subset_prefill_gather(q, k, v, plan, scaling)
+        return subset.subset_prefill_ref(q, k, v, plan, scaling, key_bias)
+    return subset.subset_prefill_gather(q, k, v, plan, scaling, key_bias)
