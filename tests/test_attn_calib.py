@@ -42,15 +42,26 @@ def logits(model, method, ids, mask, steps):
 
 
 # -- neutral settings equal the base ---------------------------------------------------------------
-@pytest.mark.parametrize("calibrator", [ZeroTuning(scale=1.0), ACT(heads="all", beta=1.0)])
-def test_neutral_calibration_equals_the_base_exactly(calibrator):
+BASES = {"streaming": "streaming:sinks=4,window=32,block_size=16",  # TokenPlan, evicting cache
+         "xattention": "xattention:threshold=0.8,stride=4,block_size=16",  # BlockPlan
+         "token-sparse": "token-sparse:coverage=0.8,min_tokens=8,recent=8"}  # SubsetPlan
+
+
+# neutral settings, and settings that change the answer (random weights have no sink above 0.1)
+CALIBRATORS = {"zerotuning:scale=1.0": "zerotuning:scale=0.3", "act:heads=all,beta=1.0": "act:heads=all,threshold=0.02"}
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("calibrator", CALIBRATORS)
+def test_neutral_calibration_equals_the_base_exactly(base, calibrator):
     model = tiny("llama")
     ids, mask, steps = batch()
-    base = StreamingLLM(sinks=4, window=32, block_size=16)
-    want = logits(model, base, ids, mask, steps)
-    got = logits(model, Calibrated(base, calibrator), ids, mask, steps)
+    want = logits(model, tca.create(BASES[base]), ids, mask, steps)
+    got = logits(model, tca.create(f"{BASES[base]}+{calibrator}"), ids, mask, steps)
     valid = mask.bool()
     assert torch.equal(got[0][valid], want[0][valid]) and torch.equal(got[1], want[1])
+    moved = logits(model, tca.create(f"{BASES[base]}+{CALIBRATORS[calibrator]}"), ids, mask, steps)
+    assert not torch.allclose(moved[0][valid], want[0][valid], atol=1e-4)  # a real scale changes the answer
 
 
 def test_full_with_scale_one_equals_dense():
