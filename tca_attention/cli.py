@@ -184,7 +184,7 @@ def _method_spec(args) -> tuple[str, dict[str, Any]]:
     from . import registry
 
     try:
-        name, params = registry.parse_spec(args.method)
+        name, params = registry.parse_spec(registry.split(args.method)[0])  # the base of a composite
     except KeyError as e:  # an unknown name: a usage error like the others
         raise ValueError(e.args[0]) from None
     given = [f"--{k.replace('_', '-')}" for k in TCA_OPTIONS if getattr(args, k, None) not in (None, AUTO)]
@@ -218,7 +218,9 @@ def _method(args, build: bool):
         return None, asdict(config)
     budgets = load_or_calibrate(model, tok, args.model, config, targs.budgets, args.calibration_length)
     rest = {k: params[k] for k in params if k not in TCA_SPEC_KEYS}  # e.g. dense_below
-    return registry.create(registry.format_spec(name, rest), budgets=budgets), asdict(budgets.config)
+    calibrator = registry.split(args.method)[1]  # tca+zerotuning: the calibrator stacks on the budgets' TCA
+    spec = registry.format_spec(name, rest) + (registry.COMPOSE + calibrator if calibrator else "")
+    return registry.create(spec, model=model, tokenizer=tok, budgets=budgets), asdict(budgets.config)
 
 
 def _run(args, prompt: str, expected: str | None) -> int:

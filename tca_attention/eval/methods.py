@@ -87,8 +87,8 @@ def _fraction(text: str) -> float:
 
 
 def _method(spec: str, ref: str | None, kept: float | None = None) -> EvalMethod:
-    name, params = registry.parse_spec(spec)
-    spec = registry.format_spec(name, params)
+    name, params = registry.parse_spec(registry.split(spec)[0])  # the base (of a composite base+calibrator)
+    spec = registry.normalize(spec)
     if ref is None and kept is None:
         return EvalMethod(spec, spec)
     knob = registry.density_param(name)
@@ -256,10 +256,10 @@ class ModelBackend:
             if matched_fraction is None:
                 raise RuntimeError(f"{method.label}: no finished {method.match} results at this length to match")
             spec = registry.at_density(spec, matched_fraction, prompt_tokens)
-            name, params = registry.parse_spec(spec)
+            name, params = registry.parse_spec(registry.split(spec)[0])
             knob = registry.density_param(name)
             record[knob] = params[knob]
-        name, params = registry.parse_spec(spec)
+        name, params = registry.parse_spec(registry.split(spec)[0])  # the base gets the run's budgets
         prepared: dict[str, Any] = {}
         if name == "tca":  # the run's budgets; accuracy is of the selection, not the short-prompt policy
             prepared = {"budgets": self.budgets, **({} if "dense_below" in params else {"dense_below": 0})}

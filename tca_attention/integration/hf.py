@@ -273,11 +273,12 @@ class Session:
         lent = {"heads": self.heads} if self.method.combines_heads else {}
         plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None,
                                 **lent)
+        bias = self.method.key_bias(idx, q, k, key_start, call.scaling)
         if plan is None:
-            out, _ = adapter.sdpa(call)
+            out = adapter.sdpa(call)[0] if bias is None else dispatch.dense_prefill(q, k, v, call.scaling, bias, key_start)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None, "bound": None}
         else:
-            out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
+            out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend, key_bias=bias)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             retained = getattr(plan, "retained", None)
             bound = None if retained is None else certificate.error_bound(retained, v, key_start)
@@ -287,6 +288,7 @@ class Session:
             evicts = isinstance(plan, TokenPlan)  # a token plan is what the cache keeps; other plans keep all
             keep = plan.decode_keep if evicts else self.method.decode_keep(idx, k.shape[1])
             layer.commit_prefill(plan if evicts else None, key_start, keep)
+            layer.key_bias = bias  # applied at every decode step over this cache
         return out, None
 
     def prefill_report(self) -> dict[str, Any]:

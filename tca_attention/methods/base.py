@@ -7,6 +7,8 @@ A method answers, per full-attention layer:
   decode_keep()   what the ragged cache keeps of each block it compresses in decode (eviction);
   select_decode() at each decode step, which pages of the cache the new queries read (None: all);
                   supports_static_decode() says whether that per-step work is graph-safe;
+  key_bias()      optionally, a key logit bias (engine.plan.KeyBias) every executor adds to a few
+                  keys' logits at this layer, prefill and decode (the attention calibrators, compose.py);
 and optionally calibrates once, through a Probe, into plain JSON state tied to the model
 (methods/state.py). Per-head kinds (dense / streaming / sparse heads) are plans too (head_kinds.py).
 """
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..engine.dispatch import Backend
-from ..engine.plan import TokenPlan
+from ..engine.plan import KeyBias, TokenPlan
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -38,6 +40,10 @@ class Probe(Protocol):
 
     def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
         """One dense forward of input_ids (1, L), calling observer on every full-attention layer."""
+
+    def evaluate(self, input_ids: torch.Tensor, method: "Method") -> dict[str, float]:
+        """One forward of input_ids (1, L) under `method` (no cache): {"nll": mean next-token negative
+        log-likelihood, "entropy": mean entropy of the next-token distributions} (calibrations that search)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,13 @@ class Method(ABC):
     @abstractmethod
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(KV,) tokens each head keeps when decode compresses one block (block_size: keep all)."""
+
+    def key_bias(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor,
+                 scaling: float) -> KeyBias | None:
+        """The key logit bias of this layer for this prompt (q (B, H, L, D), k (B, KV, L, D) after
+        rotary, at prefill), applied at prefill and at every decode step over the cache; None: none
+        (the default). The attention calibrators (compose.Calibrated) set it."""
+        return None
 
     def observe_prefill(self, layer_idx: int, out: torch.Tensor) -> None:
         """Called with each full-attention layer's prefill output (B, L, H, D), after plan() and the
