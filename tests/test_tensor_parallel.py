@@ -398,3 +398,23 @@ def test_combining_plans_over_simulated_ranks_equal_one_process(name: str) -> No
         assert torch.allclose(torch.cat([got[r][layer] for r in range(WORLD)], 2), want, atol=1e-5)
     alone = [_prefill_layers(spec, inputs, None, slice(3 * r, 3 * r + 3), slice(r, r + 1))[-1] for r in range(WORLD)]
     assert float((torch.cat(alone, 2) - whole[-1]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("spec,why", [("tokenselect:vote=all", "vote=all"), ("recycled:similarity=0.5", "similarity")])
+def test_split_heads_refuse_a_decode_selection_over_every_head(monkeypatch, spec, why):
+    """A rank holding half of the KV heads refuses a method whose decode selection combines every head
+    of a layer (Method.split_heads_refusal), naming the setting to change; the per-head setting runs."""
+    from tca_attention import registry
+    from tca_attention.integration import enable, tensor_parallel
+
+    model = tiny("llama")
+    cfg = model.config
+    half = tensor_parallel.HeadShard(0, 2, (0, cfg.num_key_value_heads // 2), (0, cfg.num_attention_heads // 2),
+                                     cfg.num_key_value_heads, cfg.num_attention_heads)
+    assert half.sharded
+    monkeypatch.setattr(tensor_parallel, "shard_of", lambda m: half)
+    with pytest.raises(tensor_parallel.TensorParallelError, match=why):
+        enable(model, registry.create(spec))
+    name = spec.split(":")[0]
+    per_head = registry.create(f"{name}:vote=kv" if name == "tokenselect" else f"{name}:similarity=0.0")
+    assert per_head.split_heads_refusal() is None
