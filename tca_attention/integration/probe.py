@@ -1,7 +1,8 @@
 """Lend a model to a method's calibration (methods/base.Probe), and the calibrate entry points.
 
 Methods never import the integration: a calibration receives a ModelProbe, which runs one dense
-forward through an observing session. `calibrate` and `load_or_calibrate` take a model, as users do.
+forward through an observing session, or evaluates the next-token loss under a method (searching
+calibrations). `calibrate` and `load_or_calibrate` take a model, as users do.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..methods.base import GradientObserver, Observer
+from ..methods.base import GradientObserver, Method, Observer
 from ..methods.tca import budget_cache
 from ..methods.tca import calibration as tca_calibration
 from ..methods.tca.budgets import Budgets
@@ -53,6 +54,16 @@ class ModelProbe:
         for idx, g in zip(layers, grads):
             q, k, v, scaling = seen[idx]
             observer(idx, q, k, v, scaling, torch.zeros_like(q.transpose(1, 2)) if g is None else g.detach())
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor, method: Method) -> dict[str, float]:
+        """Mean next-token NLL and entropy of input_ids (1, L) under `method` (no cache)."""
+        with Session(self.model, method):
+            logits = self.model(input_ids, use_cache=False).logits[0, :-1].float()  # (L - 1, V)
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(-1, input_ids[0, 1:, None].to(logp.device)).mean()
+        entropy = -(logp.exp() * logp).sum(-1).mean()
+        return {"nll": float(nll), "entropy": float(entropy)}
 
 
 def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | None = None,

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..engine.plan import TokenPlan, pack_mask
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe, global_region, local_geometry, row_geometry, sink_mask
-from .state import ModelIdentity, StateError, check_header, json_type, save_json
+from .state import ModelIdentity, StateError, check_header, json_type, per_head, save_json
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,8 @@ class MoA(Method):
     window: int = 64
     block_size: int = 64
     name: str = "moa"
-    _rules: tuple = field(default=(), init=False, repr=False, compare=False)
+    # per KV head, searched over the whole model's heads; a tensor-parallel rank takes its heads' rules
+    _rules: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)
     _summary: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
