@@ -261,3 +261,16 @@ def test_static_decode_equals_dynamic(profiles):
                           eos_token_id=None)
         got = s.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, cuda_graph=True)
     assert torch.equal(got, want)
+
+
+def test_tensor_parallel_rank_takes_its_heads_rules(profiles):
+    """A rank holding KV head 1 of 2 gets that head's rules, searched over the whole model."""
+    from tca_attention.integration.tensor_parallel import HeadShard, shard_method
+
+    m = MoA(profiles["llama"], density=0.4, **SMALL)
+    rank1 = shard_method(m, HeadShard(1, 2, (1, 2), (3, 6), 2, 6))
+    assert [r for r in rank1._rules] == [row[1:] for row in m._rules]
+    assert rank1.profile is m.profile and rank1._summary == m._summary
+    k = torch.randn(1, 1, 150, 16)
+    plan = rank1.plan(0, torch.randn(1, 3, 150, 16), k, torch.zeros(1, dtype=torch.long), 0.25)
+    assert int(plan.head_window[0, 0]) == m.rules(0)[1].band(150, 20, 4)
