@@ -98,6 +98,27 @@ def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any])
     return hs.HeadSplit(scores, **knobs, **extra)
 
 
+def _duo(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """Gates handed in (gates=DuoGates), from a file (gates=path), or optimised once per model and
+    cached (model= and tokenizer=)."""
+    from .methods import duo
+
+    knobs = {k: v for k, v in params.items() if k != "gates"}
+    if "gates" in extra:
+        gates = extra.pop("gates")
+    elif "gates" in params:
+        gates = duo.DuoGates.load(params["gates"], model=model)
+    elif model is None or tokenizer is None:
+        raise ValueError("duo needs gates: pass model= and tokenizer= (optimised once, then cached), "
+                         "gates=<file> in the spec, or gates=")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        gates = duo.load_or_optimise(ModelProbe(model), tokenizer, str(key))
+    return duo.Duo(gates, **knobs, **extra)
+
+
 def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     """Patterns forced (pattern=<name>), handed in (state=PatternState), from a file (state=path),
     or searched once per model and cached (model= and tokenizer=)."""
@@ -165,6 +186,10 @@ ENTRIES: dict[str, Entry] = {
               "(training-free retrieval scores)",
               {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "scores": str},
               _head_split, Density("retrieval_fraction", _lazy("head_split.retrieval_fraction_for"))),
+        Entry("duo", "DuoAttention: per-head gates optimised on synthetic passkey data (weights frozen); the "
+              "highest-gated heads full, the others sinks + window",
+              {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "gates": str},
+              _duo, Density("retrieval_fraction", _lazy("duo.retrieval_fraction_for"))),
         Entry("minference", "MInference: per head a-shape, vertical-slash or block-sparse prefill (offline "
               "pattern search, online vertical/slash estimation)",
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
@@ -308,6 +333,7 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.head_split import HeadSplit
     from .methods.hip import HiP
     from .methods.dhsa import DHSA
+    from .methods.duo import Duo
     from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
@@ -316,10 +342,10 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
-    # head-split's `scores` and minference's `state`: a file path in a spec, a state object in the dataclass
+    # head-split's `scores`, duo's `gates` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("minference", MInference, ("state",)),
+                             ("head-split", HeadSplit, ("scores",)), ("duo", Duo, ("gates",)), ("minference", MInference, ("state",)),
                              ("blasst", BLASST, ()), ("hip", HiP, ()),
                              ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
                              ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):

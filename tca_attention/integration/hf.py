@@ -21,7 +21,7 @@ from ..ragged_cache import RaggedCache, RaggedLayer
 from ..static_cache import StaticRaggedCache
 from ..engine import certificate, dispatch
 from ..engine.plan import TokenPlan
-from ..methods.base import Method, Observer
+from ..methods.base import Method, Observer, Override
 from ..methods.dense import Dense
 from . import adapter
 from ..introspect import attention_modules, layer_kinds, text_config
@@ -67,14 +67,17 @@ class Session:
     """One model running one method. Build caches with new_cache(); close with disable()."""
 
     def __init__(self, model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto",
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, override: Override | None = None) -> None:
         self.arch = check_supported(model)
         dispatch.check_name(backend)
         method = Dense() if method is None else method
         if not isinstance(method, Method):
             raise TypeError(f"method must be a tca_attention Method (see tca_attention.create), got {type(method).__name__}")
         method.check_model(model)
+        if override is not None and not method.is_dense:
+            raise ValueError("an attention override runs on plain attention only (method=None)")
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
+        self.override = override  # a calibration's replacement of full-attention outputs (methods.base.Override)
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
         self.last_prefill: dict[int, dict[str, Any]] = {}  # layer -> retained / kept fraction
@@ -227,6 +230,12 @@ class Session:
         if self.kinds[idx] == "sliding" or self.method.is_dense or self.observer is not None:
             if self.observer is not None and self.kinds[idx] == "full":
                 self.observer(idx, q, call.key, call.value, call.scaling)
+            if self.override is not None and self.kinds[idx] == "full":
+                if call.mask is not None:
+                    raise ValueError("an attention override takes unpadded prompts (no attention mask)")
+                out = self.override(idx, q, call.key, call.value, call.scaling)
+                if out is not None:
+                    return out, None
             return adapter.sdpa(call)
         call.check_sparse()
         if self.max_positions and q.shape[2] > self.max_positions and idx == self.kinds.index("full"):

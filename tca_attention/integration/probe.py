@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..methods.base import Observer
+from ..methods.base import Observer, Override
 from ..methods.tca import budget_cache
 from ..methods.tca import calibration as tca_calibration
 from ..methods.tca.budgets import Budgets
@@ -28,6 +28,11 @@ class ModelProbe:
     def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
         with Session(self.model, None, observer=observer):
             self.model(input_ids, use_cache=False, logits_to_keep=1)
+
+    def hidden_states(self, input_ids: torch.Tensor, override: Override | None = None) -> torch.Tensor:
+        with Session(self.model, None, override=override):
+            out = self.model(input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        return out.hidden_states[-1]
 
 
 def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | None = None,

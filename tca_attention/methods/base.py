@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 # observer(layer_idx, q, k, v, scaling): q (B, H, L, D), k/v (B, KV, L, D) after rotary
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+# override(layer_idx, q, k, v, scaling) -> the layer's attention output (B, L, H, D) in its place, or
+# None to keep plain attention; q (B, H, L, D), k/v (B, KV, L, D) after rotary, causal, no padding
+Override = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], Union[torch.Tensor, None]]
 Plan = Union[TokenPlan, "BlockPlan"]  # noqa: F821 - engine.plan.BlockPlan
 
 
@@ -37,6 +40,11 @@ class Probe(Protocol):
 
     def observe(self, input_ids: torch.Tensor, observer: Observer) -> None:
         """One dense forward of input_ids (1, L), calling observer on every full-attention layer."""
+
+    def hidden_states(self, input_ids: torch.Tensor, override: Override | None = None) -> torch.Tensor:
+        """The last hidden states (1, L, hidden) of a forward of input_ids (1, L) whose full-attention
+        layers output override(...) (plain attention where it returns None, or without one). Gradients
+        flow (to whatever the override uses); the model's weights are the caller's to freeze."""
 
 
 class Method(ABC):
