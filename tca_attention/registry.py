@@ -119,6 +119,27 @@ def _duo(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     return duo.Duo(gates, **knobs, **extra)
 
 
+def _razor(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """Scores handed in (scores=RazorScores), from a file (scores=path), or calibrated once per model
+    and cached (model=; the probe is random tokens, so no tokenizer is needed)."""
+    from .methods import razor
+
+    knobs = {k: v for k, v in params.items() if k != "scores"}
+    if "scores" in extra:
+        scores = extra.pop("scores")
+    elif "scores" in params:
+        scores = razor.RazorScores.load(params["scores"], model=model)
+    elif model is None:
+        raise ValueError("razor needs echo/induction scores: pass model= (calibrated once, then cached), "
+                         "scores=<file> in the spec, or scores=")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        scores = razor.load_or_calibrate(ModelProbe(model), str(key))
+    return razor.Razor(scores, **knobs, **extra)
+
+
 def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     """Patterns forced (pattern=<name>), handed in (state=PatternState), from a file (state=path),
     or searched once per model and cached (model= and tokenizer=)."""
@@ -190,6 +211,11 @@ ENTRIES: dict[str, Entry] = {
               "highest-gated heads full, the others sinks + window",
               {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "gates": str},
               _duo, Density("retrieval_fraction", _lazy("duo.retrieval_fraction_for"))),
+        Entry("razor", "RazorAttention: echo and induction heads (repeated-random-token probe) keep everything; "
+              "the others sinks + window + one compensation token of what they drop (dense prefill)",
+              {"retrieval_fraction": float, "echo_fraction": float, "sinks": int, "window": int, "block_size": int,
+               "compensate": bool, "scores": str},
+              _razor, Density("retrieval_fraction", _lazy("razor.retrieval_fraction_for"))),
         Entry("minference", "MInference: per head a-shape, vertical-slash or block-sparse prefill (offline "
               "pattern search, online vertical/slash estimation)",
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
@@ -337,15 +363,17 @@ def _check_params_match_fields() -> None:  # used by the tests: specs and datacl
     from .methods.longheads import LongHeads
     from .methods.minference import MInference
     from .methods.quest import Quest
+    from .methods.razor import Razor
     from .methods.spatten import SpAtten
     from .methods.streaming import StreamingLLM
     from .methods.token_sparse import TokenSparse
     from .methods.xattention import XAttention
 
-    # head-split's `scores`, duo's `gates` and minference's `state`: a file path in a spec, a state object in the dataclass
+    # head-split's and razor's `scores`, duo's `gates` and minference's `state`: a file path in a spec, a state object in the dataclass
     for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
                              ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("duo", Duo, ("gates",)), ("minference", MInference, ("state",)),
+                             ("head-split", HeadSplit, ("scores",)), ("duo", Duo, ("gates",)),
+                             ("razor", Razor, ("scores",)), ("minference", MInference, ("state",)),
                              ("blasst", BLASST, ()), ("hip", HiP, ()),
                              ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
                              ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):

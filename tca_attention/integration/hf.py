@@ -268,7 +268,10 @@ class Session:
             out, _ = adapter.sdpa(call)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None, "bound": None}
         else:
-            out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
+            if getattr(plan, "attend_all", False):  # the plan is what the cache keeps; prefill is plain attention
+                out, _ = adapter.sdpa(call)
+            else:
+                out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             retained = getattr(plan, "retained", None)
             bound = None if retained is None else certificate.error_bound(retained, v, key_start)

@@ -176,7 +176,7 @@ def optimise_gates(probe: Probe, prompts: list[hs.NeedlePrompt], opt: Optimisati
         return gated_attention(q, k, v, scaling, gates[idx], opt.sinks, opt.recent)
 
     t0 = time.perf_counter()
-    last = {}
+    last, targets = {}, []
     try:
         bar = tqdm(range(opt.steps), desc="duo gate optimisation", disable=not progress)
         for step in bar:
@@ -185,8 +185,10 @@ def optimise_gates(probe: Probe, prompts: list[hs.NeedlePrompt], opt: Optimisati
             p = prompts[step % len(prompts)]
             ids = torch.tensor([p.ids], device=device)
             a0, a1 = p.answer
-            with torch.no_grad():
-                target = probe.hidden_states(ids)[0, a0:a1].float()  # (A, hidden) the full model
+            if step < len(prompts):  # the full model's answer-span states, once per prompt
+                with torch.no_grad():
+                    targets.append(probe.hidden_states(ids)[0, a0:a1].float())  # (A, hidden)
+            target = targets[step % len(prompts)]
             got = probe.hidden_states(ids, mixed)[0, a0:a1].float()
             distill = (got - target).pow(2).mean(-1).mean()
             reg = gates[full_layers].abs().mean()
