@@ -17,7 +17,7 @@ from tca_attention.integration import enable
 from tca_attention.integration.probe import ModelProbe
 from tca_attention.methods import duo
 from tca_attention.methods.duo import Duo, DuoGates, Optimisation, gated_attention, streaming_mask
-from tca_attention.methods.head_split import HeadSplit, NeedlePrompt
+from tca_attention.methods.head_split import HeadScores, HeadSplit, NeedlePrompt
 from tca_attention.methods.state import ModelIdentity, StateError
 from test_batch_invariance import greedy
 from test_head_split import SINKS, W, B, CharTok, fake_scores, left_padded
@@ -167,7 +167,7 @@ def test_same_as_head_split_with_the_gates_as_scores():
     _, ids, mask = left_padded((300, 251, 45), seed=6)
     runs = []
     with torch.no_grad():
-        for method in (Duo(gates, 0.5, SINKS, W, B), HeadSplit(gates.head_scores(), 0.5, SINKS, W, B)):
+        for method in (Duo(gates, 0.5, SINKS, W, B), HeadSplit(HeadScores(gates.model, gates.layers), 0.5, SINKS, W, B)):
             with enable(model, method, backend="reference") as session:
                 runs.append(greedy(model, ids, mask, 20, session))
     (dp, dl, dt, _), (hp, hl, ht, _) = runs

@@ -7,9 +7,9 @@ the gates move: the loss is the mean squared distance between the last hidden st
 model and of the full model on the passkey answer span, plus reg x the mean of the gates (L1: gates
 in [0, 1] are their own absolute value). Gates start at 1 and are clamped to [0, 1] before each step.
 
-Deployment is head-split's execution (head_split.HeadSplit) with the gates as the head scores: the
+Deployment is head-split's execution with the gates as the head scores (head_kinds.py: the
 `retrieval_fraction` of KV heads with the highest gates keep full attention and the whole cache,
-the others keep sinks + the recent window, in prefill and decode (head_kinds.py). The gates are
+the others keep sinks + the recent window, in prefill and decode; tested equal to HeadSplit on them). The gates are
 plain versioned JSON tied to the model's identity, optimised once per model and cached.
 """
 from __future__ import annotations
@@ -27,10 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.corpus import essay_text
+from ..data.needle import NeedlePrompt, _ids, needle_prompt
 from ..introspect import layer_kinds, text_config
-from . import head_split as hs
 from .base import Method, Probe
-from .state import ModelIdentity, StateError, check_header, save_json
+from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan, top_heads
+from .head_kinds import retrieval_fraction_for as _solve
+from .state import announce as say
+from .state import ModelIdentity, StateError, check_header, is_numbers, save_json
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,9 @@ class DuoGates:
     layers: tuple[tuple[float, ...] | None, ...]
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    def head_scores(self) -> hs.HeadScores:
-        """The gates as head-split's head scores (the retrieval heads are the highest gates)."""
-        return hs.HeadScores(self.model, self.layers, None, {"source": "duo gates"})
+    def retrieval_heads(self, fraction: float) -> tuple[tuple[bool, ...] | None, ...]:
+        """Per layer, which KV heads are retrieval heads: the round(fraction * N) highest gates."""
+        return top_heads(self.layers, fraction)
 
     def check_model(self, model) -> None:
         why = self.model.mismatch(ModelIdentity.of(model))
@@ -112,7 +115,7 @@ class DuoGates:
         if not isinstance(layers, list) or len(layers) != model.num_layers:
             raise bad(f"layers must be a list of {model.num_layers} entries (one per layer)")
         for i, row in enumerate(layers):
-            if row is not None and not (hs._numbers(row) and len(row) == model.num_kv_heads
+            if row is not None and not (is_numbers(row) and len(row) == model.num_kv_heads
                                         and all(0.0 <= x <= 1.0 for x in row)):
                 raise bad(f"layers[{i}] must be null or {model.num_kv_heads} gates in [0, 1]")
         if all(r is None for r in layers):
@@ -157,7 +160,7 @@ def _lr_at(step: int, steps: int) -> float:
     return min(1.0, max((step + 1) / fifth, 0.1), max((steps - step) / fifth, 0.1))
 
 
-def optimise_gates(probe: Probe, prompts: list[hs.NeedlePrompt], opt: Optimisation = Optimisation(),
+def optimise_gates(probe: Probe, prompts: list[NeedlePrompt], opt: Optimisation = Optimisation(),
                    progress: bool = True) -> DuoGates:
     """DuoAttention's gate optimisation of the probe's model on `prompts` (cycled), weights frozen."""
     model = probe.model
@@ -210,12 +213,12 @@ def optimise_gates(probe: Probe, prompts: list[hs.NeedlePrompt], opt: Optimisati
         "seconds": round(time.perf_counter() - t0, 2)})
 
 
-def passkey_prompts(tokenizer, opt: Optimisation, text: str | None = None) -> list[hs.NeedlePrompt]:
+def passkey_prompts(tokenizer, opt: Optimisation, text: str | None = None) -> list[NeedlePrompt]:
     """One synthetic passkey prompt per depth (head-split's needle prompts: real text, a random
     needle of secret words and a number, the question, and the needle again as the answer)."""
-    hay = hs._ids(tokenizer, essay_text() if text is None else text)
+    hay = _ids(tokenizer, essay_text() if text is None else text)
     rng = random.Random(opt.seed)
-    return [hs.needle_prompt(tokenizer, hay, opt.length, d, rng) for d in opt.depths]
+    return [needle_prompt(tokenizer, hay, opt.length, d, rng) for d in opt.depths]
 
 
 def gates_path_for(model, model_key: str, opt: Optimisation) -> Path:
@@ -235,13 +238,13 @@ def load_or_optimise(probe: Probe, tokenizer, model_key: str, opt: Optimisation 
     model = probe.model
     path = gates_path_for(model, model_key, opt)
     if path.exists():
-        hs._say(announce, f"Using cached duo gates {path} (delete the file to optimise again).")
+        say(announce, f"Using cached duo gates {path} (delete the file to optimise again).")
         return DuoGates.load(path, model=model)
-    hs._say(announce, f"Optimising DuoAttention's gates ONCE for this model: {opt.steps} steps on "
+    say(announce, f"Optimising DuoAttention's gates ONCE for this model: {opt.steps} steps on "
                       f"{opt.length}-token passkey prompts; the gates will be cached in {path}.")
     gates = optimise_gates(probe, passkey_prompts(tokenizer, opt), opt, progress=announce)
     gates.save(path)
-    hs._say(announce, f"Duo gates saved to {path}.")
+    say(announce, f"Duo gates saved to {path}.")
     return gates
 
 
@@ -249,7 +252,7 @@ def load_or_optimise(probe: Probe, tokenizer, model_key: str, opt: Optimisation 
 @dataclass(frozen=True)
 class Duo(Method):
     """Retrieval heads (the retrieval_fraction of KV heads with the highest gates) full; the others
-    sinks + recent window (head-split's execution)."""
+    sinks + recent window (head_kinds' per-head plans, as head-split)."""
 
     gates: DuoGates
     retrieval_fraction: float = 0.5
@@ -257,30 +260,39 @@ class Duo(Method):
     window: int = 256
     block_size: int = 64
     name: str = "duo"
-    _split: hs.HeadSplit = field(default=None, init=False, repr=False, compare=False)
+    _kinds: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        split = hs.HeadSplit(self.gates.head_scores(), self.retrieval_fraction, self.sinks, self.window,
-                             self.block_size, name=self.name)
-        object.__setattr__(self, "_split", split)
+        if not 0.0 <= self.retrieval_fraction <= 1.0:
+            raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
+        if self.sinks < 0 or self.window < 1 or self.block_size < 1:
+            raise ValueError("duo needs sinks >= 0, window >= 1, block_size >= 1")
+        object.__setattr__(self, "_kinds", as_kinds(self.gates.retrieval_heads(self.retrieval_fraction)))
 
-    def kinds(self, layer_idx: int):
-        return self._split.kinds(layer_idx)
+    def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
+        return self._kinds[layer_idx]
 
     def check_model(self, model) -> None:
         self.gates.check_model(model)
 
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        return self._split.decode_keep(layer_idx, num_kv_heads)
+        return kinds_decode_keep(self.kinds(layer_idx) or ("dense",) * num_kv_heads, self.block_size)
 
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True):
-        return self._split.plan(layer_idx, q, k, key_start, scaling, backend=backend, padded=padded)
+        kinds = self.kinds(layer_idx)
+        if kinds is None:
+            return None
+        return kinds_plan(kinds, k, key_start, sinks=self.sinks, window=self.window, block_size=self.block_size,
+                          padded=padded)
 
     def report(self) -> dict:
-        return self._split.report()
+        rows = [r for r in self._kinds if r is not None]
+        return {"retrieval_heads": sum(k == "dense" for r in rows for k in r), "kv_heads": sum(map(len, rows))}
 
 
 def retrieval_fraction_for(kept_fraction: float, seq_len: int, params: Mapping[str, Any]) -> float:
-    """The density knob: as head-split's (the same layout of retrieval and streaming heads)."""
+    """The density knob: the retrieval fraction keeping about kept_fraction of a seq_len prompt
+    (streaming heads hold sinks + the local region; head_kinds.retrieval_fraction_for)."""
     defaults = {f.name: f.default for f in fields(Duo) if f.name in ("sinks", "window", "block_size")}
-    return hs.retrieval_fraction_for(kept_fraction, seq_len, {**defaults, **params})
+    p = {**defaults, **params}
+    return _solve(kept_fraction, seq_len, p["sinks"], p["window"], p["block_size"])

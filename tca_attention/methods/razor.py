@@ -31,12 +31,13 @@ from typing import Any, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..introspect import layer_kinds, text_config
-from . import head_split as hs
 from ..engine.plan import TokenPlan
+from ..introspect import layer_kinds, text_config
 from .base import Method, Probe, local_geometry
-from .head_kinds import Kind, kinds_decode_keep, kinds_plan
-from .state import ModelIdentity, StateError, check_header, save_json
+from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan
+from .head_kinds import retrieval_fraction_for as _solve
+from .state import announce as say
+from .state import ModelIdentity, StateError, check_header, is_numbers, save_json
 
 FORMAT = "tca-attention/razor-scores"
 FORMAT_VERSION = 1
@@ -128,7 +129,7 @@ class RazorScores:
             if not isinstance(value, list) or len(value) != model.num_layers:
                 raise bad(f"{what} must be a list of {model.num_layers} entries (one per layer)")
             for i, row in enumerate(value):
-                if row is not None and not (hs._numbers(row) and len(row) == model.num_kv_heads
+                if row is not None and not (is_numbers(row) and len(row) == model.num_kv_heads
                                             and all(0.0 <= x <= 1.0 for x in row)):
                     raise bad(f"{what}[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
             return tuple(None if r is None else tuple(float(x) for x in r) for r in value)
@@ -213,13 +214,13 @@ def load_or_calibrate(probe: Probe, model_key: str, probing: Probing = Probing()
     model = probe.model
     path = scores_path_for(model, model_key, probing)
     if path.exists():
-        hs._say(announce, f"Using cached razor scores {path} (delete the file to calibrate again).")
+        say(announce, f"Using cached razor scores {path} (delete the file to calibrate again).")
         return RazorScores.load(path, model=model)
-    hs._say(announce, f"Calibrating RazorAttention ONCE for this model: {probing.samples} dense forwards of "
+    say(announce, f"Calibrating RazorAttention ONCE for this model: {probing.samples} dense forwards of "
                       f"{probing.period} random tokens x {probing.repeats}; the scores will be cached in {path}.")
     scores = calibrate_razor_scores(probe, probing, progress=announce)
     scores.save(path)
-    hs._say(announce, f"Razor scores saved to {path}.")
+    say(announce, f"Razor scores saved to {path}.")
     return scores
 
 
@@ -245,9 +246,8 @@ class Razor(Method):
                 raise ValueError(f"{what} must be in [0, 1], got {getattr(self, what)}")
         if self.sinks < 0 or self.window < 1 or self.block_size < 1:
             raise ValueError("razor needs sinks >= 0, window >= 1, block_size >= 1")
-        kinds = tuple(None if row is None else tuple("dense" if r else "streaming" for r in row)
-                      for row in self.scores.retrieval_heads(self.retrieval_fraction, self.echo_fraction))
-        object.__setattr__(self, "_kinds", kinds)
+        object.__setattr__(self, "_kinds", as_kinds(self.scores.retrieval_heads(self.retrieval_fraction,
+                                                                                self.echo_fraction)))
 
     def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
         return self._kinds[layer_idx]
@@ -297,5 +297,4 @@ def retrieval_fraction_for(kept_fraction: float, seq_len: int, params: Mapping[s
     defaults = {f.name: f.default for f in fields(Razor) if f.name in ("sinks", "window", "block_size", "compensate")}
     p = {**defaults, **params}
     comp = p["compensate"] and local_geometry(seq_len, p["block_size"], p["window"]) is not None
-    return hs.retrieval_fraction_for(kept_fraction, seq_len, {"sinks": p["sinks"] + int(comp), "window": p["window"],
-                                                              "block_size": p["block_size"]})
+    return _solve(kept_fraction, seq_len, p["sinks"] + int(comp), p["window"], p["block_size"])
