@@ -212,3 +212,20 @@ def test_registry_create_and_at_density(tmp_path, monkeypatch):
     from tca_attention.methods import head_split as hs
     assert rf == hs.retrieval_fraction_for(0.5, 300, {"sinks": 4, "window": 32, "block_size": 16})
     assert registry.at_density("duo", 0.5, 300) != registry.at_density("duo:sinks=4", 0.5, 300)  # its own defaults
+
+
+def test_bench_sweep_and_synthetic_state():
+    """`tca bench methods` sweeps duo's density knob; --synthetic-state gives it seeded random gates
+    tied to the (random-weight) model."""
+    from argparse import Namespace
+
+    from tca_attention.benchmarks import bench_methods
+
+    assert bench_methods.PEER_SWEEPS["duo"] == "duo:retrieval_fraction=0.25|0.5"
+    model = tiny("llama")
+    m = bench_methods.build_method("duo:retrieval_fraction=0.5", model, Namespace(synthetic_state=True))
+    assert isinstance(m, Duo) and m.report() == {"retrieval_heads": 2, "kv_heads": 4}
+    m.check_model(model)
+    assert m.gates == bench_methods.build_method("duo", model, Namespace(synthetic_state=True)).gates  # seeded
+    with pytest.raises(ValueError, match="model= and tokenizer="):
+        bench_methods.build_method("duo", model, Namespace(synthetic_state=False))

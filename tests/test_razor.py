@@ -319,3 +319,17 @@ def test_density_knob_and_registry(tmp_path, monkeypatch):
         registry.create("razor")
     built = registry.create("razor:compensate=false", model=tiny("llama"))
     assert built.compensate is False and len(list((tmp_path / "razor_scores").glob("*.json"))) == 1
+
+
+def test_bench_sweep_and_synthetic_state():
+    from argparse import Namespace
+
+    from tca_attention.benchmarks import bench_methods
+
+    assert bench_methods.PEER_SWEEPS["razor"] == "razor:retrieval_fraction=0.15|0.3"
+    model = tiny("llama")
+    m = bench_methods.build_method("razor:retrieval_fraction=0.5,echo_fraction=0.25", model,
+                                   Namespace(synthetic_state=True))
+    assert isinstance(m, Razor) and m.report() == {"retrieval_heads": 2, "kv_heads": 4}
+    m.check_model(model)
+    assert m.scores.echo != m.scores.induction  # two seeds
