@@ -229,3 +229,23 @@ def test_bench_sweep_and_synthetic_state():
     assert m.gates == bench_methods.build_method("duo", model, Namespace(synthetic_state=True)).gates  # seeded
     with pytest.raises(ValueError, match="model= and tokenizer="):
         bench_methods.build_method("duo", model, Namespace(synthetic_state=False))
+
+
+def test_probe_override_replaces_full_attention_outputs_only_on_plain_attention():
+    """ModelProbe.hidden_states: with no override (or one returning None) the model's own last hidden
+    states; an override's output replaces the layer's attention; refused with a sparse method."""
+    from tca_attention.integration.hf import Session
+
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 50))
+    probe = ModelProbe(model)
+    with torch.no_grad():
+        plain = model(ids, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(probe.hidden_states(ids), plain)
+        torch.testing.assert_close(probe.hidden_states(ids, lambda *a: None), plain)
+        ones = probe.hidden_states(ids, lambda i, q, k, v, s: gated_attention(q, k, v, s, torch.ones(2), 0, 1))
+        torch.testing.assert_close(ones, plain, rtol=1e-4, atol=1e-5)  # gate 1 = full attention
+        zero = probe.hidden_states(ids, lambda i, q, k, v, s: gated_attention(q, k, v, s, torch.zeros(2), 1, 4))
+        assert not torch.allclose(zero, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="plain attention only"):
+        Session(model, Duo(gates_of(model, [(0.9, 0.1), (0.4, 0.6)])), override=lambda *a: None)

@@ -184,7 +184,8 @@ class Session:
             raise ValueError("plain attention decodes statically over transformers' StaticCache, sized from the "
                              "prompt: use session.generate(..., cuda_graph=True) or StaticCache(config, max_cache_len)")
         if not self.method.supports_static_decode():
-            raise ValueError(f"{name}: its per-step decode work (select_decode) is not declared graph-safe "
+            raise ValueError(f"{name}: its per-step decode work (select_decode, or a cache it needs such as "
+                             "compensation entries) is not declared graph-safe "
                              "(Method.supports_static_decode), so it cannot run static decode steps; "
                              "use the dynamic cache (new_cache() / generate() without cuda_graph)")
         cache = StaticRaggedCache(self.kinds, self.method.block_size, self.method.window,
