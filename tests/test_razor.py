@@ -121,6 +121,8 @@ def test_cache_folds_dropped_tokens_at_prefill_and_in_decode():
     kept_idx[0, 1, :2], kept_idx[1, 1, :2] = torch.arange(2), torch.arange(5, 7)
     plan = TokenPlan(kept_idx, kept_len, 32, w, bs, key_start, torch.tensor([bs, 0]), row_local_start=ls,
                      compensate=torch.tensor([False, True]), attend_all=True)
+    with pytest.raises(ValueError, match="attend_all"):  # the plan is what the cache keeps, not an attention plan
+        dispatch.sparse_prefill(torch.randn(Bn, 2 * KV, L, D), k, v, plan, 0.5, backend="reference")
     layer = RaggedLayer(bs, w, backend="reference")
     layer.update(k, v)
     layer.commit_prefill(plan, key_start, plan.decode_keep)
