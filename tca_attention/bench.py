@@ -18,6 +18,7 @@ SCRIPTS = {
     "methods": ("bench_methods", "every registry method (density sweeps) vs dense: TTFT, decode tokens/s, attended fractions (CUDA)"),
     "passkey": ("passkey_sweep", "passkey retrieval on a real model: full vs TCA variants (CUDA by default)"),
     "decode-graph": ("bench_decode_graph", "decode tokens/s, dense vs TCA, eager vs CUDA-graph static steps (CUDA)"),
+    "tp": ("bench_tp", "tensor parallel under torchrun: TTFT, decode tokens/s, per-GPU peak memory on N GPUs, dense vs a method"),
 }
 
 
@@ -28,7 +29,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="GPU benchmarks (kernels, e2e, methods, passkey, decode-graph); arguments after the name go to the benchmark",
+        "bench", help="GPU benchmarks (kernels, e2e, methods, passkey, decode-graph, tp); arguments after the name go to the benchmark",
         description="Run a benchmark by name; `tca bench NAME --help` lists its options.",
         formatter_class=HelpFormatter,
     )

@@ -184,7 +184,7 @@ def _method_spec(args) -> tuple[str, dict[str, Any]]:
     from . import registry
 
     try:
-        name, params = registry.parse_spec(args.method)
+        name, params = registry.parse_spec(registry.split(args.method)[0])  # the base of a composite
     except KeyError as e:  # an unknown name: a usage error like the others
         raise ValueError(e.args[0]) from None
     given = [f"--{k.replace('_', '-')}" for k in TCA_OPTIONS if getattr(args, k, None) not in (None, AUTO)]
@@ -218,7 +218,9 @@ def _method(args, build: bool):
         return None, asdict(config)
     budgets = load_or_calibrate(model, tok, args.model, config, targs.budgets, args.calibration_length)
     rest = {k: params[k] for k in params if k not in TCA_SPEC_KEYS}  # e.g. dense_below
-    return registry.create(registry.format_spec(name, rest), budgets=budgets), asdict(budgets.config)
+    calibrator = registry.split(args.method)[1]  # tca+zerotuning: the calibrator stacks on the budgets' TCA
+    spec = registry.format_spec(name, rest) + (registry.COMPOSE + calibrator if calibrator else "")
+    return registry.create(spec, model=model, tokenizer=tok, budgets=budgets), asdict(budgets.config)
 
 
 def _run(args, prompt: str, expected: str | None) -> int:
@@ -386,13 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",
                        description="Every method the library, `tca eval` and the API know, one line each. A spec is "
                        "NAME or NAME:key=value,key=value (e.g. tca:tau=0.7, streaming:window=1024). A method with a density "
-                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC).")
+                       "knob can be matched to another's kept KV in `tca eval` (NAME@match=SPEC) or set to keep a fraction "
+                       "(NAME@kept=F; `tca leaderboard`).")
     p.set_defaults(func=cmd_methods)
 
     from .bench import add_bench_parser
     from .eval.cli import add_eval_parser
+    from .eval.leaderboard.cli import add_leaderboard_parser
 
     add_eval_parser(sub)
+    add_leaderboard_parser(sub)
     add_bench_parser(sub)
     return ap
 

@@ -44,13 +44,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cache_bytes(cache) -> tuple[int, int, float]:
-    if hasattr(cache, "kv_bytes"):
-        return cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
-    held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
-    return held, held, 1.0
-
-
 @torch.no_grad()
 def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tokens: int = 16,
                backend: str = "auto", stop_at_eos: bool = True) -> RunResult:
@@ -80,7 +73,7 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
             tokens.append(int(nxt))
         _sync(device)
         t2 = time.perf_counter()
-        held, dense, kept = _cache_bytes(cache)
+        mem = session.cache_report(cache)  # under tensor parallelism: summed over the ranks
     steps = len(tokens) - 1
     return RunResult(
         method=method.name,
@@ -89,9 +82,9 @@ def run_prompt(model, tokenizer, prompt: str, method: Method | None, max_new_tok
         new_tokens=len(tokens),
         prefill_s=t1 - t0,
         decode_tokens_per_s=steps / (t2 - t1) if steps else None,
-        kv_bytes=held,
-        dense_kv_bytes=dense,
-        kept_fraction=kept,
+        kv_bytes=mem["kv_bytes"],
+        dense_kv_bytes=mem["dense_kv_bytes"],
+        kept_fraction=mem["kept_fraction"],
         retained_last_query=report["retained"] if not method.is_dense else 1.0,
         retained_last_query_min=report["retained_min"] if not method.is_dense else 1.0,
         error_bound=report["error_bound"] if not method.is_dense else 0.0,

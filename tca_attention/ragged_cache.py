@@ -52,6 +52,7 @@ class RaggedLayer(DynamicLayer):
         self.calls = CallCounts()
         self.compresses: bool | None = None  # False once known that decode keeps whole blocks
         self.method_state: dict = {}  # a method's per-request state for this layer (e.g. page bounds)
+        self.key_bias = None  # the method's key logit bias (engine.plan.KeyBias) set at prefill, applied in decode
         # compensation entries (TokenPlan.compensate): per (row, KV head) the mean key/value of the
         # c_count tokens it dropped; None when the plan folds nothing
         self.c_keys = self.c_values = self.c_count = self.c_heads = None
@@ -235,7 +236,8 @@ class RaggedLayer(DynamicLayer):
         self.calls.decodes += 1
         Q = q.shape[2]
         q_pos = torch.arange(self.seen - Q, self.seen, device=q.device)[None, :].expand(q.shape[0], Q)
-        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend, selection=selection)
+        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend, selection=selection,
+                                          key_bias=self.key_bias)
         full = self.window + self.block_size
         if self.compresses is None and self.t_fill >= full:  # t_fill: the longest row tail
             # every head keeping whole blocks gains nothing and would add positions: stay dense

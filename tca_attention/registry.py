@@ -5,6 +5,12 @@ Parameter values are typed by the method's own fields (int, float, str, bool). A
 file plus one `Entry` below. `create(spec, model=..., tokenizer=...)` builds it, calibrating (or
 loading cached calibration) where the method needs it; `tca methods` prints `describe()`.
 
+Composition: `base+calibrator` stacks an attention calibrator (an Entry with calibrator=True:
+ZeroTuning, ACT) on any method, e.g. `tca+zerotuning`, `streaming:window=1024+act`: the base's plans
+plus the calibrator's key logit bias (methods/compose.Calibrated); a calibrator alone composes with
+`full`. `split(spec)` gives the two parts; the functions below take composite specs, except
+`parse_spec` and `format_spec`, which read and write one part.
+
 `normalize(spec)` is a spec's one written form (parameters in the Entry's order, typed values),
 which names a method in results. An Entry may declare its density knob (`Density`): the parameter
 that sets how much of the KV it keeps, so `at_density` can set it to keep a given fraction of a
@@ -39,6 +45,7 @@ class Entry:
     params: dict[str, type]  # parameters a spec may set, with their types
     build: Callable[..., Any]  # (params, model, tokenizer, extra) -> Method | None
     density: Density | None = None  # the knob `at_density` sets (None: the method cannot be matched)
+    calibrator: bool = False  # an attention calibrator: builds a compose.Calibrator, stacked with '+'
 
 
 def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
@@ -164,6 +171,37 @@ def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any])
     return mi.MInference(state, **knobs, **extra)
 
 
+def _calibrator(module: str, needs: str):
+    """Build function of a calibrator entry: its state handed in (state=HeadTable), from a file
+    (state=path), not needed (`needs`, e.g. scale=), or calibrated once per model and cached."""
+
+    def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+        from .methods import compose
+        from .methods.state import HeadTable
+
+        mod = import_module(f"{__package__}.methods.{module}")
+        knobs = {k: v for k, v in params.items() if k != "state"}
+        search = {k: params[k] for k in ("objective", "granularity", "length") if k in params}
+        if "state" in extra:
+            state = extra.pop("state")
+        elif "state" in params:
+            state = HeadTable.load(params["state"], mod.NAME, model=model)
+        elif mod.needs_no_state(knobs):
+            state = None
+        elif model is None or tokenizer is None:
+            raise ValueError(f"{mod.NAME} needs its calibration: pass model= and tokenizer= (calibrated once, then "
+                             f"cached), state=<file> in the spec, state=, or {needs}")
+        else:
+            from .integration.probe import ModelProbe
+
+            key = getattr(model, "name_or_path", None) or type(model).__name__
+            state = mod.load_or_calibrate(ModelProbe(model), tokenizer, str(key), compose.Search(**search),
+                                          **mod.calibration_knobs(knobs))
+        return mod.CALIBRATOR(state, **knobs, **extra)
+
+    return build
+
+
 def _method_attr(path: str) -> Any:
     """`module.name` of tca_attention.methods, imported on first use."""
     module, _, name = path.rpartition(".")
@@ -174,7 +212,20 @@ def _dataclass_build(cls_path: str) -> Callable[..., Any]:
     def build(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         return _method_attr(cls_path)(**params, **extra)
 
+    build.cls_path = cls_path  # type: ignore[attr-defined]  # read by _check_params_match_fields
     return build
+
+
+# Entries with their own builder (state calibrated or loaded) whose spec parameters are still the
+# dataclass's fields, less the ones naming a state file: (class path, those parameters)
+STATE_BUILT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "head-split": ("head_split.HeadSplit", ("scores",)),
+    "duo": ("duo.Duo", ("gates",)),
+    "razor": ("razor.Razor", ("scores",)),
+    "minference": ("minference.MInference", ("state",)),
+    "zerotuning": ("zerotuning.ZeroTuning", ("state",)),
+    "act": ("act.ACT", ("state",)),
+}
 
 
 def _lazy(path: str) -> Callable[..., Any]:
@@ -244,8 +295,30 @@ ENTRIES: dict[str, Entry] = {
               {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
               _dataclass_build("spatten.SpAtten"),
               Density("keep", _lazy("spatten.keep_for"))),
+        Entry("tokenselect", "TokenSelect: dense prefill, full cache; each decode step reads sinks + local + the top "
+              "tokens per KV head by a soft vote of its query heads, reused while queries stay similar",
+              {"budget": int, "sinks": int, "local": int, "threshold": float, "vote": str},
+              _dataclass_build("tokenselect.TokenSelect"), Density("budget", _lazy("tokenselect.budget_for"))),
+        Entry("tidaldecode", "TidalDecode: dense prefill, full cache; a token-selection layer (and a re-selection "
+              "layer) picks the top-k tokens every later layer reads (position-persistent)",
+              {"budget": int, "select_layer": int, "reselect_layer": int},
+              _dataclass_build("tidaldecode.TidalDecode"), Density("budget", _lazy("tidaldecode.budget_for"))),
+        Entry("recycled", "Recycled Attention: dense prefill, full cache; a full decode step every `stride` steps, "
+              "in between the top-K tokens of the last full step's attention plus the new tokens",
+              {"budget": int, "stride": int, "similarity": float},
+              _dataclass_build("recycled.RecycledAttention"), Density("budget", _lazy("recycled.budget_for"))),
+        Entry("zerotuning", "ZeroTuning (calibrator, stack with +): head-specific scaling of the initial token's "
+              "attention, scales searched on calibration text", {"scale": float, "objective": str,
+                                                                   "granularity": str, "length": int, "state": str},
+              _calibrator("zerotuning", "one scale for every head with scale=<gamma>"), calibrator=True),
+        Entry("act", "ACT (calibrator, stack with +): on heads filtered on calibration text, hidden attention sinks "
+              "get beta x their attention, the rest redistributed",
+              {"heads": str, "beta": float, "threshold": float, "queries": int, "max_sinks": int, "objective": str,
+               "granularity": str, "length": int, "state": str},
+              _calibrator("act", "every head with heads=all"), calibrator=True),
     )
 }
+COMPOSE = "+"  # base+calibrator
 
 
 def names() -> list[str]:
@@ -263,8 +336,41 @@ def _convert(name: str, key: str, text: str, kind: type) -> Any:
         raise ValueError(f"{name}: {key}={text!r} is not a valid {kind.__name__}") from None
 
 
+def calibrators() -> list[str]:
+    return [e.name for e in ENTRIES.values() if e.calibrator]
+
+
+def split(spec: str) -> tuple[str, str | None]:
+    """A spec's (base part, calibrator part or None): 'tca:tau=0.7+zerotuning' -> ('tca:tau=0.7',
+    'zerotuning'); a calibrator alone calibrates full attention: 'act' -> ('full', 'act')."""
+    parts = [p.strip() for p in spec.strip().split(COMPOSE)]
+    if not all(parts):
+        raise ValueError(f"{spec!r}: a method is missing around {COMPOSE!r} (write method{COMPOSE}calibrator, "
+                         f"e.g. tca{COMPOSE}zerotuning)")
+    parts_of = [p.partition(":")[0].strip() for p in parts]
+    for n in parts_of:
+        if n not in ENTRIES:
+            raise KeyError(f"unknown method {n!r}; known: {', '.join(names())} (see `tca methods`)")
+    cal = calibrators()
+    if len(parts) == 1:
+        return (FULL, parts[0]) if parts_of[0] in cal else (parts[0], None)
+    if len(parts) > 2:
+        raise ValueError(f"{spec!r}: one calibrator stacks on one method (method{COMPOSE}calibrator)")
+    if parts_of[0] in cal:
+        raise ValueError(f"{spec!r}: {parts_of[0]} is an attention calibrator; it goes after the method it calibrates "
+                         f"(e.g. {parts_of[1]}{COMPOSE}{parts_of[0]})" if parts_of[1] not in cal else
+                         f"{spec!r}: two calibrators; stack one calibrator on a method (e.g. tca{COMPOSE}{parts_of[0]})")
+    if parts_of[1] not in cal:
+        raise ValueError(f"{spec!r}: {parts_of[1]} is not an attention calibrator ({', '.join(cal)} are); "
+                         f"{COMPOSE!r} stacks one calibrator on a method")
+    return parts[0], parts[1]
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'name:key=value,key=value' -> (name, typed params); clear errors for anything unknown."""
+    """'name:key=value,key=value' -> (name, typed params); clear errors for anything unknown.
+    One part of a spec (a composite 'a+b' is read with `split` first)."""
+    if COMPOSE in spec:
+        raise ValueError(f"{spec!r} stacks a calibrator on a method: read its parts with registry.split")
     name, _, rest = spec.strip().partition(":")
     if name not in ENTRIES:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(names())} (see `tca methods`)")
@@ -294,13 +400,18 @@ def format_spec(name: str, params: Mapping[str, Any]) -> str:
 
 
 def normalize(spec: str) -> str:
-    """A spec's one written form: ' tca:score=observation, tau=0.70' -> 'tca:tau=0.7,score=observation'."""
-    return format_spec(*parse_spec(spec))
+    """A spec's one written form: ' tca:score=observation, tau=0.70' -> 'tca:tau=0.7,score=observation';
+    'act' -> 'full+act'."""
+    base, cal = split(spec)
+    return format_spec(*parse_spec(base)) + (COMPOSE + format_spec(*parse_spec(cal)) if cal else "")
 
 
 def expand(spec: str) -> list[str]:
     """Value lists to specs, every combination in order: 'tca:tau=0.5|0.9,score=a|b' ->
-    tca:tau=0.5,score=a; tca:tau=0.5,score=b; tca:tau=0.9,score=a; tca:tau=0.9,score=b."""
+    tca:tau=0.5,score=a; tca:tau=0.5,score=b; tca:tau=0.9,score=a; tca:tau=0.9,score=b.
+    Each part of a composite expands alike."""
+    if COMPOSE in spec:
+        return [COMPOSE.join(combo) for combo in itertools.product(*(expand(p) for p in spec.split(COMPOSE)))]
     name, colon, rest = spec.strip().partition(":")
     items = [item.strip() for item in rest.split(",")] if colon else []
     choices = []
@@ -321,7 +432,11 @@ def density_param(name: str) -> str:
 
 
 def at_density(spec: str, kept_fraction: float, prompt_tokens: int) -> str:
-    """`spec` with its density knob set to keep about kept_fraction of a prompt_tokens prompt."""
+    """`spec` with its density knob set to keep about kept_fraction of a prompt_tokens prompt (the
+    base's knob, for a composite)."""
+    base, cal = split(spec)
+    if cal is not None:
+        return at_density(base, kept_fraction, prompt_tokens) + COMPOSE + cal
     name, params = parse_spec(spec)
     param = density_param(name)
     if param in params:
@@ -332,7 +447,15 @@ def at_density(spec: str, kept_fraction: float, prompt_tokens: int) -> str:
 
 def create(spec: str, *, model=None, tokenizer=None, **extra: Any):
     """Build the method a spec names. Keyword arguments beyond model/tokenizer go to the method
-    as they are (objects a spec cannot spell, e.g. budgets=)."""
+    as they are (objects a spec cannot spell, e.g. budgets=); for a composite `base+calibrator`, to
+    the base (the calibrator is built from its spec: calibrated once per model, or state=<file>)."""
+    base, cal = split(spec)
+    if cal is not None:
+        from .methods.compose import Calibrated
+
+        cname, cparams = parse_spec(cal)
+        return Calibrated(create(base, model=model, tokenizer=tokenizer, **extra),
+                          ENTRIES[cname].build(cparams, model, tokenizer, {}))
     name, params = parse_spec(spec)
     entry = ENTRIES[name]
     overlap = set(params) & set(extra)
@@ -348,36 +471,23 @@ def describe() -> str:
     for e in ENTRIES.values():
         params = ", ".join(f"{k}:{t.__name__}" for k, t in e.params.items())
         knob = f"; density knob: {e.density.param}" if e.density else ""
+        knob += "; stacks on a method: METHOD+" + e.name if e.calibrator else ""
         lines.append(f"{e.name:<{width}}  {e.summary}" + (f"  [{params}{knob}]" if params else ""))
     return "\n".join(lines)
 
 
 def _check_params_match_fields() -> None:  # used by the tests: specs and dataclass fields agree
-    from .methods.blasst import BLASST
-    from .methods.flexprefill import FlexPrefill
-    from .methods.full_budget import FullBudget
-    from .methods.head_split import HeadSplit
-    from .methods.hip import HiP
-    from .methods.dhsa import DHSA
-    from .methods.duo import Duo
-    from .methods.longheads import LongHeads
-    from .methods.minference import MInference
-    from .methods.quest import Quest
-    from .methods.razor import Razor
-    from .methods.spatten import SpAtten
-    from .methods.streaming import StreamingLLM
-    from .methods.token_sparse import TokenSparse
-    from .methods.xattention import XAttention
-
-    # head-split's and razor's `scores`, duo's `gates` and minference's `state`: a file path in a spec, a state object in the dataclass
-    for name, cls, apart in (("streaming", StreamingLLM, ()), ("full-budget", FullBudget, ()),
-                             ("xattention", XAttention, ()), ("flexprefill", FlexPrefill, ()), ("quest", Quest, ()),
-                             ("head-split", HeadSplit, ("scores",)), ("duo", Duo, ("gates",)),
-                             ("razor", Razor, ("scores",)), ("minference", MInference, ("state",)),
-                             ("blasst", BLASST, ()), ("hip", HiP, ()),
-                             ("longheads", LongHeads, ()), ("dhsa", DHSA, ()),
-                             ("token-sparse", TokenSparse, ()), ("spatten", SpAtten, ())):
+    """Every Entry built from a dataclass (`_dataclass_build`), or listed in STATE_BUILT with the spec
+    parameters that name a state file (a path in a spec, a state object in the dataclass), takes
+    exactly its dataclass's fields, with the same types."""
+    for name, entry in ENTRIES.items():
+        path, apart = getattr(entry.build, "cls_path", None), ()
+        if name in STATE_BUILT:
+            path, apart = STATE_BUILT[name]
+        if path is None or name == FULL:  # tca: built from budgets; full: no spec parameters at all
+            continue
+        cls = _method_attr(path)
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", *apart)}
-        assert set(ENTRIES[name].params) - set(apart) == fields, (name, fields)
-        assert all(hints[k] is t for k, t in ENTRIES[name].params.items() if k not in apart), name
+        assert set(entry.params) - set(apart) == fields, (name, fields)
+        assert all(hints[k] is t for k, t in entry.params.items() if k not in apart), name

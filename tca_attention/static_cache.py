@@ -151,7 +151,8 @@ class StaticRaggedLayer(RaggedLayer):
         if Q != 1:
             raise ValueError(f"a static ragged cache decodes one token per step, got {Q} queries")
         q_pos = (self.next_pos - 1).view(1, 1).expand(B, 1)
-        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend, selection=selection)
+        out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend, selection=selection,
+                                          key_bias=self.key_bias)
         if self.compresses and (self.compress_pass or not self.decoded):
             for _ in range(1 if self.decoded else self.catchup):
                 self._compress_masked(q[:, :, -1], lse[:, :, -1], scaling)

@@ -146,11 +146,13 @@ def test_a_query_block_aligned_with_one_chunk_selects_it():
     assert plan_extra(plan, 0, 0)[7] == list(range(50, 70))
 
 
-def test_plan_alone_equals_plan_in_padded_batch():
-    lengths = (150, 97, 30)  # 30 tokens: 2 blocks, no plan alone, every causal block in the batch
+# 30 tokens: 2 blocks, no plan alone, every causal block in the batch; 83 tokens list more blocks
+# than 96 (its dense tail starts a block earlier: 18 vs 15), the padded row lists the most
+@pytest.mark.parametrize("lengths,tail", [((150, 97, 30), 10), ((96, 83), 8)])
+def test_plan_alone_equals_plan_in_padded_batch(lengths, tail):
     H, KV, D = 4, 2, 8
     qs, ks, q, k, key_start = prompts(lengths, H, KV, D, seed=11, scale=2.0)
-    method = DHSA(budget=48, block_size=BS, chunk_len=8, nms=2, dense_tail=10)
+    method = DHSA(budget=48, block_size=BS, chunk_len=8, nms=2, dense_tail=tail)
     batched = method.plan(0, q, k, key_start, D**-0.5)
     for r, n in enumerate(lengths):
         nq = -(-n // BS)

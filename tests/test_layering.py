@@ -69,9 +69,10 @@ def test_engine_imports_no_method_and_no_transformers():
 
 
 def test_methods_do_not_import_each_other():
-    """A peer is one file on the engine: it may use base.py, state.py and head_kinds.py (per-head
-    kinds as plans), never another method."""
-    shared = {"base", "state", "head_kinds"}
+    """A peer is one file on the engine: it may use base.py, state.py, head_kinds.py (per-head
+    kinds as plans), decode_tokens.py (token-level decode selections of the decode-side peers) and
+    compose.py (what the attention calibrators share), never another method."""
+    shared = {"base", "state", "head_kinds", "decode_tokens", "compose"}
     for path in (ROOT / "methods").glob("*.py"):
         if path.stem in shared | {"__init__"}:
             continue

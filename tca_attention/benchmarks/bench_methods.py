@@ -45,6 +45,9 @@ PEER_SWEEPS: dict[str, str] = {
     "dhsa": "dhsa:budget=2048|8192",  # the paper's LongBench budget, and 4x
     "token-sparse": "token-sparse:keep=0.25|0.5",
     "spatten": "spatten:keep=0.25|0.5",
+    "tokenselect": "tokenselect:budget=2048|8192",  # the paper's top-k (2048 + 128 sinks + 512 local), and 4x
+    "tidaldecode": "tidaldecode:budget=2048|4096",  # the paper's token budgets
+    "recycled": "recycled:budget=2048|8192",  # stride 10
 }
 
 

@@ -64,7 +64,7 @@ def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
             per = defaultdict(float)
             for e in prof.key_averages():  # kernels carry their own (self) device time, CPU ops none
                 us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                if us > 0:
+                if us > 0 and not e.key.startswith(("aten::", "autograd::")):  # ops report their kernels' time too
                     per[e.key] += us
             totals.append(per)
             torch.cuda.empty_cache()

@@ -27,7 +27,8 @@ def value_norm(v: torch.Tensor, key_start: torch.Tensor) -> torch.Tensor:
     v (B, KV, L, D), key_start (B,) -> (B, KV) float32."""
     L = v.shape[2]
     valid = torch.arange(L, device=v.device)[None, :] >= key_start.to(v.device)[:, None]  # (B, L)
-    rows = torch.linalg.vector_norm(v, 1, dim=-1, dtype=torch.float32)  # (B, KV, L), no fp32 copy of v
+    # (B, KV, L), no fp32 copy of v; a float64 v (which cannot narrow in the norm) is normed in float64
+    rows = torch.linalg.vector_norm(v, 1, dim=-1, dtype=torch.promote_types(v.dtype, torch.float32)).float()
     return torch.where(valid[:, None, :], rows, torch.zeros_like(rows)).amax(-1)
 
 

@@ -1,6 +1,8 @@
 """Explicit backend dispatch: Triton on CUDA tensors, the PyTorch reference elsewhere.
 
 backend: "auto" (Triton when the tensors are on CUDA and Triton imports), "triton", "reference".
+key_bias (plan.KeyBias, optional on every executor): the key logit bias, added to the logits of a
+few listed keys per (row, query head) before the softmax; `dense_prefill` is the dense path with one.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Literal
 import torch
 
 from . import block_reference, compensation, reference, subset
-from .plan import BlockPlan, DecodeSelection, RaggedCacheView, SubsetPlan, TokenPlan
+from .plan import BlockPlan, DecodeSelection, KeyBias, RaggedCacheView, SubsetPlan, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -43,7 +45,8 @@ def resolve(backend: Backend, device: torch.device) -> str:
 
 
 def sparse_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, backend: Backend = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, scaling: float, backend: Backend = "auto",
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); the query heads
     a plan's head_keep drops output zeros."""
@@ -53,28 +56,29 @@ def sparse_prefill(
     if resolve(backend, q.device) == "triton":
         from .triton_prefill import sparse_prefill_triton
 
-        out = sparse_prefill_triton(q, k, v, plan, scaling)
+        out = sparse_prefill_triton(q, k, v, plan, scaling, key_bias=key_bias)
     else:
-        out = reference.sparse_prefill_ref(q, k, v, plan, scaling)
+        out = reference.sparse_prefill_ref(q, k, v, plan, scaling, key_bias=key_bias)
     if plan.head_keep is not None:
         out = out * plan.head_keep.to(device=out.device, dtype=out.dtype)[:, None, :, None]
     return out
 
 
-def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: float, backend: Backend = "auto") -> torch.Tensor:
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scaling: float, backend: Backend = "auto",
+            key_bias: KeyBias | None = None) -> torch.Tensor:
     """Prefill attention over any plan type -> (B, L, H, D)."""
     if isinstance(plan, TokenPlan):
-        return sparse_prefill(q, k, v, plan, scaling, backend)
+        return sparse_prefill(q, k, v, plan, scaling, backend, key_bias)
     if isinstance(plan, BlockPlan):
-        return block_sparse_prefill(q, k, v, plan, scaling, backend)
+        return block_sparse_prefill(q, k, v, plan, scaling, backend, key_bias)
     if isinstance(plan, SubsetPlan):
-        return subset_prefill(q, k, v, plan, scaling, backend)
+        return subset_prefill(q, k, v, plan, scaling, backend, key_bias)
     raise TypeError(f"no executor for a plan of type {type(plan).__name__}")
 
 
 def ragged_decode(
     q: torch.Tensor, cache: RaggedCacheView, scaling: float, backend: Backend = "auto", *,
-    selection: DecodeSelection | None = None,
+    selection: DecodeSelection | None = None, key_bias: KeyBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, H, Q, D) over the ragged cache (only the selected tail pages when a
     selection is given) -> out (B, Q, H, D), lse (B, H, Q) fp32; see reference.ragged_decode_ref.
@@ -83,16 +87,26 @@ def ragged_decode(
     if resolve(backend, q.device) == "triton":
         from .triton_decode import ragged_decode_triton
 
-        out, lse = ragged_decode_triton(q, cache, scaling, selection=selection)
+        out, lse = ragged_decode_triton(q, cache, scaling, selection=selection, key_bias=key_bias)
         if cache.c_keys is not None:
             out, lse = compensation.merge(q, out, lse, cache.c_keys, cache.c_values, cache.c_logw, scaling)
         return out, lse
-    return reference.ragged_decode_ref(q, cache, scaling, selection)
+    return reference.ragged_decode_ref(q, cache, scaling, selection, key_bias)
+
+
+def dense_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, key_bias: KeyBias,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense causal prefill with a key logit bias (no plan): SDPA with an additive mask, query chunks
+    at a time, on any device (reference.dense_biased). -> (B, L, H, D)."""
+    return reference.dense_biased(q, k, v, scaling, key_bias, key_start)
 
 
 
 def block_sparse_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scaling: float, backend: Backend = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, scaling: float, backend: Backend = "auto",
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """Block-sparse prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); with the
     plan's in-loop skipping (BLASST) when plan.skip_threshold is set (both backends fill
@@ -100,17 +114,18 @@ def block_sparse_prefill(
     if resolve(backend, q.device) == "triton":
         from .triton_block import block_sparse_prefill_triton
 
-        return block_sparse_prefill_triton(q, k, v, plan, scaling)
-    return block_reference.block_sparse_prefill_ref(q, k, v, plan, scaling)
+        return block_sparse_prefill_triton(q, k, v, plan, scaling, key_bias=key_bias)
+    return block_reference.block_sparse_prefill_ref(q, k, v, plan, scaling, key_bias=key_bias)
 
 
 def subset_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SubsetPlan, scaling: float, backend: Backend = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SubsetPlan, scaling: float, backend: Backend = "auto",
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """Token-subset prefill (compress, dense causal attention, decompress). q (B, H, L, D),
     k/v (B, KV, L, D) -> (B, L, H, D). "reference": subset.subset_prefill_ref (the oracle); otherwise
     the gather + SDPA path on any device (the dense kernel is the device's: no Triton kernel of our own)."""
     check_name(backend)
     if backend == "reference":
-        return subset.subset_prefill_ref(q, k, v, plan, scaling)
-    return subset.subset_prefill_gather(q, k, v, plan, scaling)
+        return subset.subset_prefill_ref(q, k, v, plan, scaling, key_bias)
+    return subset.subset_prefill_gather(q, k, v, plan, scaling, key_bias)

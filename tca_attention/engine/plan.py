@@ -430,3 +430,63 @@ class SubsetPlan:
             fail(f"padding entries (past length) must hold L = {L}")
         if bool((used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])).any()):
             fail("listed positions must be strictly ascending")
+
+
+@dataclass(frozen=True)
+class KeyBias:
+    """Key logit bias: additive biases on a few key positions, per (row, query head).
+
+    For (row b, query head h) and each used slot p (pos[b, h, p] >= 0), every query of head h that
+    sees key pos[b, h, p] adds bias[b, h, p] to that key's logit (q.k x scaling) before the softmax:
+    the key's weight is multiplied by exp(bias) and the row renormalised. Keys a query does not see
+    (causality, padding, a plan's selection, an evicted token) are unaffected. Positions are absolute
+    (like TokenPlan's), unique among a (b, h)'s used slots. Every executor takes one (key_bias=);
+    bias 0 is the unbiased attention. Used by the attention calibrators (ZeroTuning, ACT).
+    """
+
+    pos: torch.Tensor  # (B, H, P) int64 absolute key positions, -1 = unused slot
+    bias: torch.Tensor  # (B, H, P) float32 natural-log units (log of the weight's scale)
+
+    @staticmethod
+    def at(positions: torch.Tensor, bias: torch.Tensor) -> KeyBias:
+        """One position per (row, head): positions (B,) and bias (H,) or (B, H) -> P = 1."""
+        B = positions.shape[0]
+        b = bias.float().expand(B, -1) if bias.dim() == 1 else bias.float()
+        pos = positions.long()[:, None, None].expand(B, b.shape[1], 1).contiguous()
+        return KeyBias(pos, b[..., None].contiguous())
+
+    def lookup(self, b: int, heads: slice, positions: torch.Tensor) -> torch.Tensor:
+        """Biases of row b's query heads `heads` on keys at `positions` (N,) -> (h, N) float32 (0 off the list)."""
+        p = self.pos[b, heads].to(positions.device)  # (h, P)
+        hit = (p[:, :, None] == positions[None, None, :]) & (p[:, :, None] >= 0)  # (h, P, N)
+        return (hit * self.bias[b, heads].to(positions.device, torch.float32)[:, :, None]).sum(1)
+
+    def rows(self, length: int) -> torch.Tensor:
+        """(B, H, length) float32: the bias of every key position < length (0 off the list)."""
+        B, H, _ = self.pos.shape
+        out = torch.zeros(B, H, length + 1, dtype=torch.float32, device=self.pos.device)
+        slot = torch.where((self.pos >= 0) & (self.pos < length), self.pos, length)  # length: a dump slot
+        return out.scatter_add_(2, slot, self.bias.float())[..., :length]
+
+    def validate(self, B: int, H: int) -> None:
+        """Raise ValueError on malformed shapes, dtypes or values (syncs; tests and the references)."""
+        if self.pos.dim() != 3 or tuple(self.pos.shape[:2]) != (B, H) or self.pos.dtype != torch.int64:
+            raise ValueError(f"KeyBias.pos must be a (B={B}, H={H}, P) int64 tensor, got "
+                             f"{tuple(self.pos.shape)} {self.pos.dtype}")
+        if self.bias.shape != self.pos.shape or not self.bias.is_floating_point():
+            raise ValueError(f"KeyBias.bias must be a float tensor shaped like pos {tuple(self.pos.shape)}, "
+                             f"got {tuple(self.bias.shape)} {self.bias.dtype}")
+        if self.bias.device != self.pos.device:
+            raise ValueError("KeyBias.pos and KeyBias.bias must be on one device")
+        if not bool(self.bias.isfinite().all()):
+            raise ValueError("KeyBias.bias must be finite (a scale of 0 would be -inf: drop the key instead)")
+        if bool((self.pos < -1).any()):
+            raise ValueError("KeyBias.pos entries must be positions >= 0 or -1 (unused)")
+        srt = self.pos.sort(-1).values
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+            raise ValueError("KeyBias.pos must not repeat a position within a (row, head)")
+
+    def packed(self, device: torch.device, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pos int32, bias float32 x scale), contiguous (B, H, P) on device: the kernels' arguments."""
+        return (self.pos.to(device=device, dtype=torch.int32).contiguous(),
+                (self.bias.to(device=device, dtype=torch.float32) * scale).contiguous())

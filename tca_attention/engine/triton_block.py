@@ -17,6 +17,8 @@ In-loop skipping (SKIP, the plan's skip_threshold; BLASST): a step is one whole 
 log2(lambda) drops the block (its logits become -inf: no change to acc, m_i, l_i); when every real
 row of the tile drops it, the V load and P.V are skipped. Each row's dropped pairs are summed in
 registers and added to the plan's counter once per program.
+Key logit bias (key_bias=, plan.KeyBias; constexpr HAS_BIAS): added to the listed keys' logits at every
+step (before the skipping decision), through triton_common.attend_block_kb / add_key_bias.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import BlockPlan
+from .plan import BlockPlan, KeyBias
 from .triton_common import (
-    LOG2E, attend_block, block_scores, check_head_dim, check_heads, load_rows, next_pow2, online_update, precision,
-    upcast,
+    LOG2E, add_key_bias, attend_block_kb, bias_args, block_scores, check_head_dim, check_heads, load_rows, next_pow2,
+    online_update, precision, upcast,
 )
 
 
@@ -71,11 +73,15 @@ def _lower_bound(IDX, lo, hi, target, n_steps):
 
 @triton.jit
 def _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, ld, vis, n_vis, row_ok, lam2, qk_scale,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+               BPOS, BVAL, rbase,
+               MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
+               NB: tl.constexpr):
     """One key block with in-loop skipping: rows whose block max (over visible keys) is below their
     running max + lam2 drop it (rows seeing none of it drop it too); P.V only if some real row keeps it.
     n_vis: visible keys per row (unmasked steps: BLOCK_N). -> (acc, m_i, l_i, n_drop)."""
     s = block_scores(q, k, qk_scale, UPCAST, PREC)
+    if HAS_BIAS:
+        s = add_key_bias(s, BPOS, BVAL, rbase, row_ok, kk + cols, NB)
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
     smax = tl.max(s, 1)
@@ -90,18 +96,19 @@ def _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, ld, vis, n_vis, 
 
 @triton.jit
 def _block_prefill_kernel(
-    Q, K, V, OUT, KEY_START, INDPTR, INDICES, EXTRA, SKIP_LOG2, DROPPED,
+    Q, K, V, OUT, KEY_START, INDPTR, INDICES, EXTRA, SKIP_LOG2, DROPPED, BPOS, BVAL,
     s_qb, s_qh, s_ql,
     s_ob, s_ol, s_oh,
     L, KV, Hp, NQ, NNZ, C, n_tiles, n_steps, qk_scale,
     HG: tl.constexpr, GP: tl.constexpr, PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    SKIP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    SKIP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr, NB: tl.constexpr,
 ):
     """K/V (B, KV, L, D) contiguous; INDPTR (B, Hp, NQ + 1), INDICES (B, Hp, NNZ) int32; EXTRA
     (B, Hp, NQ, C) int64 (when HAS_EXTRA); KEY_START (B,) int64. HG query heads per plan head
     (padded to GP), PER_KV plan heads per KV head. SKIP: SKIP_LOG2 (B,) fp32 log2(lambda) per row,
-    DROPPED (B, Hp * HG) int64 counters of dropped pairs; needs BLOCK_N == BLOCK_K."""
+    DROPPED (B, Hp * HG) int64 counters of dropped pairs; needs BLOCK_N == BLOCK_K. HAS_BIAS: BPOS/BVAL
+    (B, Hp * HG, NB) the key logit bias."""
     BM: tl.constexpr = GP * BLOCK_P
     NCH: tl.constexpr = BLOCK_K // BLOCK_N  # steps per key block
     tile = n_tiles - 1 - tl.program_id(0)  # later query blocks (more keys) first
@@ -121,6 +128,7 @@ def _block_prefill_kernel(
     qh = hp * HG + hrow
     q_ptrs = Q + b.to(tl.int64) * s_qb + qh[:, None] * s_qh + prow[:, None] * s_ql + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BM, D)
+    rbase = ((b * Hp * HG + qh) * NB).to(tl.int64)  # this row's key-bias slots
     kv_off = (b * KV + hp // PER_KV).to(tl.int64) * L * HEAD_D  # this KV head's (L, D) matrix
     k_src = K + kv_off
     v_src = V + kv_off
@@ -148,7 +156,8 @@ def _block_prefill_kernel(
             kk = ks + tl.load(idx + t) * BLOCK_K
             k = load_rows(k_src, kk, cols, d, None, False, False, False)
             acc, m_i, l_i, n_drop = _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, None, None, BLOCK_N,
-                                               row_ok, lam2, qk_scale, False, UPCAST, PREC)
+                                               row_ok, lam2, qk_scale, BPOS, BVAL, rbase, False, UPCAST, PREC,
+                                               HAS_BIAS, NB)
         for t in range(mid, end):  # the diagonal: causal mask, the row's end
             kk = ks + tl.load(idx + t) * BLOCK_K
             k_pos = kk + cols
@@ -156,14 +165,16 @@ def _block_prefill_kernel(
             vis = k_pos[None, :] <= prow[:, None]
             k = load_rows(k_src, kk, cols, d, ld, False, True, False)
             acc, m_i, l_i, n_drop = _skip_step(acc, m_i, l_i, n_drop, q, v_src, kk, cols, d, k, ld, vis,
-                                               tl.sum(vis.to(tl.int32), 1), row_ok, lam2, qk_scale, True, UPCAST, PREC)
+                                               tl.sum(vis.to(tl.int32), 1), row_ok, lam2, qk_scale, BPOS, BVAL, rbase,
+                                               True, UPCAST, PREC, HAS_BIAS, NB)
         tl.atomic_add(DROPPED + b.to(tl.int64) * Hp * HG + qh, n_drop, mask=row_ok)
     else:
         for t in range(first * NCH, mid * NCH):  # every row sees every key: no mask
             kk = ks + tl.load(idx + t // NCH) * BLOCK_K + t % NCH * BLOCK_N
             k = load_rows(k_src, kk, cols, d, None, False, False, False)
             v = load_rows(v_src, kk, cols, d, None, False, False, False)
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
+            acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, None, qk_scale, kk + cols, BPOS, BVAL, rbase,
+                                            row_ok, False, UPCAST, PREC, HAS_BIAS, NB)
         for t in range(mid * NCH, end * NCH):  # the diagonal: causal mask, the row's end
             kk = ks + tl.load(idx + t // NCH) * BLOCK_K + t % NCH * BLOCK_N
             k_pos = kk + cols
@@ -171,7 +182,8 @@ def _block_prefill_kernel(
             vis = k_pos[None, :] <= prow[:, None]
             k = load_rows(k_src, kk, cols, d, ld, False, True, False)
             v = load_rows(v_src, kk, cols, d, ld, False, True, False)
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+            acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, k_pos, BPOS, BVAL, rbase,
+                                            row_ok, True, UPCAST, PREC, HAS_BIAS, NB)
 
     if HAS_EXTRA:
         ex = EXTRA + (plan_row * NQ + i) * C
@@ -189,7 +201,8 @@ def _block_prefill_kernel(
             vis = ok[None, :] & (col[None, :] <= prow[:, None])
             k = load_rows(k_src, 0, col, d, ok, False, True, False)  # gathered rows
             v = load_rows(v_src, 0, col, d, ok, False, True, False)
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+            acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, col, BPOS, BVAL, rbase,
+                                            row_ok, True, UPCAST, PREC, HAS_BIAS, NB)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
@@ -204,10 +217,12 @@ def block_sparse_prefill_triton(
     plan: BlockPlan,
     scaling: float,
     config: BlockConfig | None = None,
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """q (B, H, L, D), k/v (B, KV, L, D) -> out (B, L, H, D) in q's dtype.
 
-    Checks shapes only (no sync); plan.validate checks values. config: tile shape (default per head dim).
+    Checks shapes only (no sync); plan.validate checks values. config: tile shape (default per head dim);
+    key_bias: the key logit bias (plan.KeyBias).
     """
     B, H, L, D = q.shape
     KV = k.shape[1]
@@ -248,14 +263,15 @@ def block_sparse_prefill_triton(
     extra_arg = extra.contiguous() if extra is not None else indices  # unused without extra columns
     C = extra.shape[-1] if extra is not None else 0
     n_steps = triton.cdiv(L, plan.block_k).bit_length()  # a list holds at most cdiv(L, block_k) blocks
+    bpos, bval, nb, has_bias = bias_args(key_bias, B, H, q.device, indices)
     _block_prefill_kernel[(n_tiles, B * Hp)](
         q, k, v, out, plan.key_start.to(q.device), plan.indptr.contiguous(), indices, extra_arg,
-        skip_log2 if skip else q, dropped if skip else indices,
+        skip_log2 if skip else q, dropped if skip else indices, bpos, bval,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         L, KV, Hp, NQ, indices.shape[-1], C, n_tiles, n_steps, scaling * LOG2E,
         HG=hg, GP=gp, PER_KV=Hp // KV, BLOCK_Q=plan.block_q, BLOCK_K=plan.block_k, BLOCK_P=block_p,
         BLOCK_N=block_n, HEAD_D=D, HAS_EXTRA=extra is not None and C > 0, SKIP=skip, UPCAST=upcast(q), PREC=precision(q),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=has_bias, NB=nb, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -5,6 +5,7 @@ matrices as pointers or TMA descriptors). Device (`@triton.jit`, inlined into th
 kernels): `load_rows` (a tile of rows of a (rows, D) matrix) and `attend_block` (one
 online-softmax step of flash attention = `block_scores` then `online_update`, also callable apart
 by a kernel that decides between the two, e.g. block skipping), used by the prefill and the decode kernels.
+The key logit bias (plan.KeyBias): `add_key_bias`, `attend_block_kb`, host `bias_args`.
 Only the kernel modules import this one (it imports triton; the reference path must not need it).
 """
 from __future__ import annotations
@@ -129,3 +130,40 @@ def online_update(acc, m_i, l_i, s, v, MASKED: tl.constexpr, UPCAST: tl.constexp
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def add_key_bias(s, BPOS, BVAL, rbase, row_ok, k_pos, NB: tl.constexpr):
+    """The key logit bias (plan.KeyBias) added to logits s (R, BLOCK_N): row r's NB slots are
+    BPOS/BVAL[rbase[r] : rbase[r] + NB] (positions int32, -1 unused; biases fp32 already x LOG2E);
+    k_pos (BLOCK_N,) the keys' absolute positions. A key listed for a row gets its bias."""
+    for p in tl.static_range(NB):
+        bp = tl.load(BPOS + rbase + p, mask=row_ok, other=-1)
+        bv = tl.load(BVAL + rbase + p, mask=row_ok, other=0.0)
+        s += tl.where((bp[:, None] == k_pos[None, :]) & (bp[:, None] >= 0), bv[:, None], 0.0)
+    return s
+
+
+@triton.jit
+def attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, k_pos, BPOS, BVAL, rbase, row_ok,
+                    MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, NB: tl.constexpr):
+    """attend_block with the key logit bias when HAS_BIAS (add_key_bias's arguments; unused otherwise)."""
+    s = block_scores(q, k, qk_scale, UPCAST, PREC)
+    if HAS_BIAS:
+        s = add_key_bias(s, BPOS, BVAL, rbase, row_ok, k_pos, NB)
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC)
+
+
+def bias_args(key_bias, B: int, H: int, device: torch.device, dummy: torch.Tensor) -> tuple:
+    """(BPOS, BVAL, NB, HAS_BIAS) kernel arguments of an optional plan.KeyBias (dummies without one)."""
+    if key_bias is None:
+        return dummy, dummy, 1, False
+    if tuple(key_bias.pos.shape[:2]) != (B, H):
+        raise ValueError(f"key_bias must be (B={B}, H={H}, P), got {tuple(key_bias.pos.shape)}")
+    pos, val = key_bias.packed(device, LOG2E)
+    if pos.shape[-1] == 0:
+        return dummy, dummy, 1, False
+    return pos, val, pos.shape[-1], True

@@ -13,6 +13,8 @@ With a DecodeSelection (constexpr SELECTED), the tail items walk the head's list
 of the whole tail: index j of the listed slots is slot pages[j // page_size] * page_size +
 j % page_size, so a tile gathers rows of one or several pages (or part of a page), and pages
 not listed are never read.
+Key logit bias (key_bias=, plan.KeyBias; constexpr HAS_BIAS): the listed positions' biases are added
+to the logits of every step (triton_common.attend_block_kb), global part and tail alike.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import DecodeSelection, RaggedCacheView
-from .triton_common import LN2, LOG2E, attend_block, check_heads, kv_sources, load_rows, precision, upcast
+from .plan import DecodeSelection, KeyBias, RaggedCacheView
+from .triton_common import LN2, LOG2E, attend_block_kb, bias_args, check_heads, kv_sources, load_rows, precision, upcast
 
 
 @triton.jit
@@ -56,19 +58,20 @@ _GROWING = ["BKV", "KV", "T", "P", "chunk", "n_gw", "n_tw"]
 
 @triton.jit(do_not_specialize=_GROWING)
 def _decode_split_kernel(
-    Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PAGES, NSEL, PACC, PML,
+    Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PAGES, NSEL, PACC, PML, BPOS, BVAL,
     s_qb, s_qh, s_qq,
     s_pos_b,
     BKV, KV, T, P, NQ, qk_scale, chunk, n_gw, n_tw,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     BKV_P: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-    SELECTED: tl.constexpr, PAGE: tl.constexpr,
+    SELECTED: tl.constexpr, PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, NB: tl.constexpr,
 ):
     """One work item per program: `chunk` keys of one head's global segment (items [0, n_gw),
     balanced across heads whatever their lengths) or of its tail (item n_gw + bh * n_tw + c).
     GK/GV (N, D) and TK/TV (B*KV*T, D) row-major, as pointers or TMA descriptors (TK/TV: pointers
     when SELECTED). SELECTED: the tail items cover the listed slots of head bh, PAGES (B*KV, P)
     int32 page ids (PAGE slots each), NSEL (B*KV,) int32 its valid entries; unused otherwise.
+    HAS_BIAS: BPOS/BVAL (B, KV*G, NB) the key logit bias.
     """
     pid = tl.program_id(0)
     is_g = pid < n_gw
@@ -97,6 +100,7 @@ def _decode_split_kernel(
     q_ptrs = Q + b * s_qb + (h * G + hrow)[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (ROWS, D)
     qpos = tl.load(QPOS + b * NQ + qi, mask=row_ok, other=-1)  # (ROWS,)
+    rbase = ((b * KV * G + h * G + hrow) * NB).to(tl.int64)  # this row's key-bias slots
 
     acc = tl.zeros([ROWS, HEAD_D], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -110,7 +114,8 @@ def _decode_split_kernel(
         vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
         k = load_rows(GK, n, cols, d, ld, USE_TMA, True, True)
         v = load_rows(GV, n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+        acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, pos, BPOS, BVAL, rbase, row_ok,
+                                            True, UPCAST, PREC, HAS_BIAS, NB)
 
     t_row = bh * T  # first row of this head's tail in the (B*KV*T, D) view
     if SELECTED:
@@ -123,7 +128,8 @@ def _decode_split_kernel(
             vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
             k = load_rows(TK, t_row, slot, d, ld, False, True, True)
             v = load_rows(TV, t_row, slot, d, ld & (pos >= 0), False, True, True)
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+            acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, pos, BPOS, BVAL, rbase, row_ok,
+                                            True, UPCAST, PREC, HAS_BIAS, NB)
     else:
         for n in range(t_lo, t_hi, BLOCK_N):  # tail
             idx = n + cols
@@ -132,7 +138,8 @@ def _decode_split_kernel(
             vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
             k = load_rows(TK, t_row + n, cols, d, ld, USE_TMA, True, True)
             v = load_rows(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
-            acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+            acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, pos, BPOS, BVAL, rbase, row_ok,
+                                            True, UPCAST, PREC, HAS_BIAS, NB)
 
     # partials: acc (n_items, ROWS, D), (m, l) (n_items, 2, ROWS)
     tl.store(PACC + pid * ROWS * HEAD_D + rows[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None])
@@ -215,6 +222,7 @@ def ragged_decode_triton(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     selection: DecodeSelection | None = None,
+    key_bias: KeyBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D) over the cache (RaggedCacheView: q_pos (B, Q); global (N, D) + g_pos (N,) +
     g_offsets (B*KV+1,); tail (B, KV, T, D) + t_pos (B, T)). -> out (B, Q, H, D) in q's dtype,
@@ -224,7 +232,7 @@ def ragged_decode_triton(
     chunk: keys per work item (default: about 4 items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
     descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass;
-    out/lse: optional contiguous buffers to fill.
+    out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias).
     """
     c = cache
     q_pos, g_keys, g_values, g_pos, g_offsets = c.q_pos, c.g_keys, c.g_values, c.g_pos, c.g_offsets
@@ -279,13 +287,15 @@ def ragged_decode_triton(
     if out.shape != (B, NQ, H, D) or not out.is_contiguous() or lse.shape != (B, H, NQ) or not lse.is_contiguous():
         raise ValueError("out must be contiguous (B, Q, H, D) and lse contiguous (B, H, Q)")
     bkv_p = triton.next_power_of_2(BKV)
+    bpos, bval, nb, has_bias = bias_args(key_bias, B, H, dev, g_offsets)
     _decode_split_kernel[(n_items,)](
-        q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pages, nsel, pacc, pml,
+        q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pages, nsel, pacc, pml, bpos, bval,
         q.stride(0), q.stride(1), q.stride(2),
         t_pos.stride(0),
         BKV, KV, T, pages.shape[-1], NQ, scaling * LOG2E, chunk, n_gw, n_tw,
         G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
-        USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(BKV, g * NQ)](
         pacc, pml, g_offsets, out, lse,

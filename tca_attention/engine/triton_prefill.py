@@ -12,6 +12,8 @@ Plan of the run:
      band_start is non-decreasing, part (a) of every row of a tile is a prefix of the compact list:
      [kstart, nfar(row)). Blocks that every row sees run without masks; only the edges are masked.
 Online softmax in fp32 (exp2 domain); rows that see no key (left-padding queries) give zeros.
+Key logit bias (key_bias=, plan.KeyBias; constexpr HAS_BIAS): each step adds the listed keys' biases
+to the logits (triton_common.attend_block_kb); the compact kept keys' positions come from KIDX.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import TokenPlan, band_start
-from .triton_common import LOG2E, attend_block, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast
+from .plan import KeyBias, TokenPlan, band_start
+from .triton_common import (
+    LOG2E, attend_block_kb, bias_args, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,9 @@ def _band_start(j, window, local_start):
 
 @triton.jit
 def _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row, prow, ks, L, qk_scale,
-                      USE_TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                      BPOS, BVAL, rbase, row_ok,
+                      USE_TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, NB: tl.constexpr):
     """A band block [kk, kk + BLOCK_N) that some rows see only in part: masked by each row's band
     [lo_row, prow], the row's first real key ks and the sequence end L."""
     k_idx = kk + cols
@@ -73,20 +79,23 @@ def _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row
     vis = (k_idx[None, :] >= lo_row[:, None]) & (k_idx[None, :] <= prow[:, None]) & (k_idx[None, :] >= ks)
     k = load_rows(k_src, k_row + kk, cols, d, ld, USE_TMA, True, False)
     v = load_rows(v_src, k_row + kk, cols, d, ld, USE_TMA, True, False)
-    return attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+    return attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, k_idx, BPOS, BVAL, rbase, row_ok,
+                           True, UPCAST, PREC, HAS_BIAS, NB)
 
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, LOCAL_START, OUT,
+    Q, K, V, KC, VC, KIDX, KSTART, NFAR, KEY_START, LOCAL_START, OUT, BPOS, BVAL,
     s_qb, s_qh, s_ql,
     s_ob, s_ol, s_oh,
     L, M, KV, n_tiles, window, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NB: tl.constexpr,
 ):
     """K/V (B*KV*L, D) and KC/VC (B*KV*M, D) row-major (pointers or TMA descriptors); KIDX (B*KV, M);
-    KEY_START, LOCAL_START (B,) each row's first real key and local start."""
+    KEY_START, LOCAL_START (B,) each row's first real key and local start; BPOS/BVAL (B, H, NB) the
+    key logit bias when HAS_BIAS."""
     BM: tl.constexpr = GP * BLOCK_P
     tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles first
     bh = tl.program_id(1)
@@ -104,6 +113,7 @@ def _prefill_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BM, D)
     local_start = tl.load(LOCAL_START + b).to(tl.int32)
     lo_row = _band_start(prow, window, local_start)  # (BM,)
+    rbase = ((b * KV * G + qh) * NB).to(tl.int64)  # this row's key-bias slots
 
     acc = tl.zeros([BM, HEAD_D], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -135,7 +145,12 @@ def _prefill_kernel(
     for c in range(kstart, full_end, BLOCK_N):
         k = load_rows(kc_src, c_row + c, cols, d, None, USE_TMA, False, False)
         v = load_rows(vc_src, c_row + c, cols, d, None, USE_TMA, False, False)
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
+        if HAS_BIAS:
+            kid = tl.load(KIDX + bh.to(tl.int64) * M + c + cols)
+        else:
+            kid = c + cols
+        acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, None, qk_scale, kid, BPOS, BVAL, rbase, row_ok,
+                                        False, UPCAST, PREC, HAS_BIAS, NB)
     for c in range(full_end, nfar_max, BLOCK_N):
         c_idx = c + cols
         in_rng = c_idx < nfar_max
@@ -143,7 +158,8 @@ def _prefill_kernel(
         vis = in_rng[None, :] & (kid[None, :] < lo_row[:, None])
         k = load_rows(kc_src, c_row + c, cols, d, in_rng, USE_TMA, True, False)
         v = load_rows(vc_src, c_row + c, cols, d, in_rng, USE_TMA, True, False)
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, True, UPCAST, PREC)
+        acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, kid, BPOS, BVAL, rbase, row_ok,
+                                        True, UPCAST, PREC, HAS_BIAS, NB)
 
     # (b) dense band: keys [s0, j_max]; [max(lo_max, s0), j_min] is seen by every row.
     ks = tl.load(KEY_START + b).to(tl.int32)
@@ -157,14 +173,15 @@ def _prefill_kernel(
     int_end = left_end + tl.maximum(j_min + 1 - left_end, 0) // BLOCK_N * BLOCK_N
     for kk in range(s0, left_end, BLOCK_N):
         acc, m_i, l_i = _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row, prow, ks, L,
-                                          qk_scale, USE_TMA, UPCAST, PREC)
+                                          qk_scale, BPOS, BVAL, rbase, row_ok, USE_TMA, UPCAST, PREC, HAS_BIAS, NB)
     for kk in range(left_end, int_end, BLOCK_N):
         k = load_rows(k_src, k_row + kk, cols, d, None, USE_TMA, False, False)
         v = load_rows(v_src, k_row + kk, cols, d, None, USE_TMA, False, False)
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k, v, None, qk_scale, False, UPCAST, PREC)
+        acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, None, qk_scale, kk + cols, BPOS, BVAL, rbase, row_ok,
+                                        False, UPCAST, PREC, HAS_BIAS, NB)
     for kk in range(int_end, j_max + 1, BLOCK_N):
         acc, m_i, l_i = _attend_band_edge(acc, m_i, l_i, q, k_src, v_src, k_row, kk, cols, d, lo_row, prow, ks, L,
-                                          qk_scale, USE_TMA, UPCAST, PREC)
+                                          qk_scale, BPOS, BVAL, rbase, row_ok, USE_TMA, UPCAST, PREC, HAS_BIAS, NB)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
@@ -223,10 +240,12 @@ def sparse_prefill_triton(
     scaling: float,
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """q (B, H, L, D), k/v (B, KV, L, D) -> out (B, L, H, D) in q's dtype.
 
-    config: tile shape (default per head dim); out: optional contiguous (B, L, H, D) buffer to fill.
+    config: tile shape (default per head dim); out: optional contiguous (B, L, H, D) buffer to fill;
+    key_bias: the key logit bias (plan.KeyBias; not validated here, that would sync).
     """
     B, H, L, D = q.shape
     KV = k.shape[1]
@@ -248,12 +267,13 @@ def sparse_prefill_triton(
     M = kc.shape[2]
     srcs, use_tma = kv_sources([t.view(-1, D) for t in (k, v, kc, vc)], cfg.block_n, cfg.use_tma)  # (rows, D) each
     grid = (n_tiles, B * KV)
+    bpos, bval, nb, has_bias = bias_args(key_bias, B, H, q.device, kidx)
     _prefill_kernel[grid](
-        q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), local_starts, out,
+        q, *srcs, kidx, kstart, nfar, plan.key_start.to(q.device), local_starts, out, bpos, bval,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         L, M, KV, n_tiles, plan.window, scaling * LOG2E,
         G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=upcast(q), USE_TMA=use_tma, PREC=precision(q),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=has_bias, NB=nb, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

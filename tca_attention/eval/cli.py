@@ -9,11 +9,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from ..clihelp import HelpFormatter
 from ..methods.tca.config import PRESETS
 from .methods import DEFAULT_METHODS, SDPA_BACKENDS, SEPARATOR, split_methods
 from .tasks import TASKS
+
+if TYPE_CHECKING:
+    from .runner import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +26,12 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval", help="long-context accuracy suite (needles, aggregation, QA, perplexity)",
-        description="Run the long-context task suite for each model and method; resumable. "
-        "Writes per-sample JSONL, summary.json, report.md and PNG plots.",
-        formatter_class=HelpFormatter,
-    )
+def add_run_options(p: argparse.ArgumentParser, methods_default: str, methods_help: str) -> None:
+    """The options of a suite run (models, methods, tasks, lengths, TCA calibration, devices,
+    run folders), shared by `tca eval` and `tca leaderboard`."""
     p.add_argument("--model", action="append",
                    help="packaged model key or local path (repeatable; default: smollm2)")
-    p.add_argument("--methods", default=f"{SEPARATOR} ".join(DEFAULT_METHODS),
-                   help=f"methods separated by '{SEPARATOR}': registry specs (`tca methods`), e.g. "
-                   "'full; tca:tau=0.7; streaming:window=1024'; NAME@match=SPEC sets NAME's density knob to keep "
-                   "what SPEC keeps at each length; key=a|b|c sweeps a parameter (docs/eval.md)")
+    p.add_argument("--methods", default=methods_default, help=methods_help)
     p.add_argument("--tasks", default="all", help=f"comma list or 'all' ({', '.join(TASKS.names())})")
     p.add_argument("--lengths", default="4096", help="comma list of target prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=20, help="samples per task and length")
@@ -61,25 +58,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="TCA executor: auto picks the Triton kernels on CUDA and the PyTorch reference on the CPU")
     p.add_argument("--no-chat-template", action="store_true", help="raw prompts even when the model has a template")
     p.add_argument("--results-dir", type=Path, default=Path("results/eval"), help="root of run folders")
-    p.add_argument("--report-dir", type=Path, default=None, help="combined report folder (default: --results-dir)")
-    p.add_argument("--report-prefix", default="", help="prefix of the combined report's file names, e.g. eval_ (default: none)")
-    p.add_argument("--report-only", type=Path, nargs="+", default=None, metavar="RUN_DIR",
-                   help="only rebuild the report from existing run folders (default: run the suite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_eval)
-    return p
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run_models(args: argparse.Namespace, methods: list[str]) -> Iterator[tuple[EvalConfig, Path, list]]:
+    """Run (or resume) `methods` for each model of `args` (add_run_options), one run folder per
+    configuration under --results-dir; yields (config, run folder, every result of it) per model."""
     from .methods import ModelBackend
-    from .report import load_results, write_report
     from .runner import EvalConfig, evaluate
 
-    if args.report_only:
-        out = args.report_dir or args.report_only[0]
-        files = write_report(load_results(args.report_only), out, prefix=args.report_prefix)
-        print(f"report: {files['report']}")
-        return 0
     tasks = TASKS.names() if args.tasks == "all" else _csv(args.tasks)
     if args.dtype == "float16" and args.device == "cpu":
         # the loader would upcast anyway; the run's records must name the dtype that ran
@@ -88,24 +75,56 @@ def run_eval(args: argparse.Namespace) -> int:
         args.dtype = "float32"
     if args.budgets is not None and len(args.model or []) > 1:
         raise SystemExit("--budgets belongs to one model; run the models one at a time")
-    run_dirs: list[Path] = []
-    for model in args.model or ["smollm2"]:
-        config = EvalConfig(
-            model=model, methods=tuple(split_methods(args.methods)), tasks=tuple(tasks),
-            lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
-            chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
-            tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,
-        )
-        run_dir = args.results_dir / config.run_name()
-        backend = ModelBackend(model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,
+    configs = [EvalConfig(
+        model=model, methods=tuple(methods), tasks=tuple(tasks),
+        lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
+        chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
+        tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,
+    ) for model in args.model or ["smollm2"]]  # every configuration checked before any work
+    for config in configs:
+        backend = ModelBackend(config.model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,
                                tca_score=args.tca_score, tca_tau=args.tau,
                                calibration_length=args.calibration_length, backend=args.backend,
                                budgets_path=args.budgets, sdpa_backend=args.sdpa_backend)
-        t0 = time.perf_counter()
-        results = evaluate(config, backend, run_dir, progress=not args.no_progress)
-        files = write_report(results, run_dir, title=f"Long-context accuracy: {model}")
-        print(f"{model}: {len(results)} results in {time.perf_counter() - t0:.0f} s -> {files['report']}")
+        run_dir = args.results_dir / config.run_name()
+        yield config, run_dir, evaluate(config, backend, run_dir, progress=not args.no_progress)
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="long-context accuracy suite (needles, aggregation, QA, perplexity)",
+        description="Run the long-context task suite for each model and method; resumable. "
+        "Writes per-sample JSONL, summary.json, report.md and PNG plots.",
+        formatter_class=HelpFormatter,
+    )
+    add_run_options(p, methods_default=f"{SEPARATOR} ".join(DEFAULT_METHODS), methods_help=(
+        f"methods separated by '{SEPARATOR}': registry specs (`tca methods`), e.g. "
+        "'full; tca:tau=0.7; streaming:window=1024'; NAME@match=SPEC sets NAME's density knob to keep "
+        "what SPEC keeps at each length, NAME@kept=F to keep the fraction F; key=a|b|c sweeps a parameter "
+        "(docs/eval.md)"))
+    p.add_argument("--report-dir", type=Path, default=None, help="combined report folder (default: --results-dir)")
+    p.add_argument("--report-prefix", default="", help="prefix of the combined report's file names, e.g. eval_ (default: none)")
+    p.add_argument("--report-only", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                   help="only rebuild the report from existing run folders (default: run the suite)")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .report import load_results, write_report
+
+    if args.report_only:
+        out = args.report_dir or args.report_only[0]
+        files = write_report(load_results(args.report_only), out, prefix=args.report_prefix)
+        print(f"report: {files['report']}")
+        return 0
+    run_dirs: list[Path] = []
+    t0 = time.perf_counter()
+    for config, run_dir, results in run_models(args, split_methods(args.methods)):
+        files = write_report(results, run_dir, title=f"Long-context accuracy: {config.model}")
+        print(f"{config.model}: {len(results)} results in {time.perf_counter() - t0:.0f} s -> {files['report']}")
         run_dirs.append(run_dir)
+        t0 = time.perf_counter()
     if len(run_dirs) > 1 or args.report_dir is not None:
         out = args.report_dir or args.results_dir
         files = write_report(load_results(run_dirs), out, prefix=args.report_prefix)

@@ -4,6 +4,9 @@ Methods are the library's registry specs (`tca methods`; docs/eval.md), with two
   NAME[:k=v,...]@match=REF   the method with its density knob (registry `Density`) set so that
                              it keeps the mean kept fraction REF measured at the same length
                              (the matched-KV comparison), e.g. streaming@match=tca:tau=0.9
+  NAME[:k=v,...]@kept=F      the method with its density knob set to keep the fraction F of each
+                             prompt (a fixed target, e.g. the leaderboard's matched fractions);
+                             F may be a value list too: streaming@kept=0.25|0.4|0.6
   k=a|b|c                    a sweep: one method per value (every combination of the lists)
 A method's label, naming its results, is its normalised spec (`registry.normalize`). On the
 command line methods are separated by ';' (commas separate a spec's parameters).
@@ -22,6 +25,7 @@ from .schema import Sample
 log = logging.getLogger(__name__)
 SEPARATOR = ";"  # between methods on the command line
 MATCH = "@match="
+KEPT = "@kept="
 # full attention, TCA at the calibrated tau, and StreamingLLM at TCA's KV (a small block lets its
 # window match a budget to 8 tokens: its kept tokens move in steps of the block size)
 DEFAULT_METHODS = ("full", "tca", "streaming:block_size=16@match=tca")
@@ -31,11 +35,18 @@ DEFAULT_METHODS = ("full", "tca", "streaming:block_size=16@match=tca")
 class EvalMethod:
     """One method of a run. label: the normalised spec naming its results; spec: the registry
     spec it runs (a matched method's without its knob); match: the label whose measured kept
-    fraction sets the knob (None: the spec runs as it is)."""
+    fraction sets the knob; kept: a fixed kept fraction that sets it (neither: the spec runs as
+    it is)."""
 
     label: str
     spec: str
     match: str | None = None
+    kept: float | None = None
+
+    @property
+    def matched(self) -> bool:
+        """Whether the density knob is set at run time (by `match` or `kept`)."""
+        return self.match is not None or self.kept is not None
 
 
 def split_methods(text: str) -> list[str]:
@@ -45,8 +56,16 @@ def split_methods(text: str) -> list[str]:
 
 def expand_method(text: str) -> list[EvalMethod]:
     """One method of the command line (sweeps expanded), with clear errors."""
-    left, sep, ref = text.strip().partition(MATCH)
     try:
+        if text.strip().endswith(KEPT[:-1]):
+            raise ValueError(f"{KEPT[:-1]} needs a fraction: NAME{KEPT}F (`tca leaderboard` fills in its --targets)")
+        if KEPT in text:
+            left, _, values = text.strip().partition(KEPT)
+            if MATCH in values or MATCH in left:
+                raise ValueError(f"{MATCH[:-1]} and {KEPT[:-1]} exclude each other")
+            fractions = [_fraction(v) for v in values.split("|")]
+            return [_method(one, None, f) for one in registry.expand(left) for f in fractions]
+        left, sep, ref = text.strip().partition(MATCH)
         refs: list[str | None] = list(registry.expand(ref)) if sep else [None]
         return [_method(one, r) for one in registry.expand(left) for r in refs]
     except (KeyError, ValueError) as e:
@@ -56,14 +75,27 @@ def expand_method(text: str) -> list[EvalMethod]:
         raise ValueError(f"method {text!r}: {msg}{hint}") from None
 
 
-def _method(spec: str, ref: str | None) -> EvalMethod:
-    name, params = registry.parse_spec(spec)
-    spec = registry.format_spec(name, params)
-    if ref is None:
+def _fraction(text: str) -> float:
+    """A kept fraction of @kept=, in (0, 1]."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{KEPT}{text.strip()!r}: a kept fraction is a number in (0, 1]") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{KEPT}{text.strip()}: a kept fraction is a number in (0, 1]")
+    return value
+
+
+def _method(spec: str, ref: str | None, kept: float | None = None) -> EvalMethod:
+    name, params = registry.parse_spec(registry.split(spec)[0])  # the base (of a composite base+calibrator)
+    spec = registry.normalize(spec)
+    if ref is None and kept is None:
         return EvalMethod(spec, spec)
     knob = registry.density_param(name)
     if knob in params:
-        raise ValueError(f"{name}: {knob} is set by {MATCH[:-1]}; leave it out")
+        raise ValueError(f"{name}: {knob} is set by {(MATCH if kept is None else KEPT)[:-1]}; leave it out")
+    if kept is not None:
+        return EvalMethod(f"{spec}{KEPT}{kept!r}", spec, kept=kept)
     if MATCH in ref:
         raise ValueError(f"the reference of {MATCH[:-1]} is a plain spec, not itself matched: {ref!r}")
     match = registry.normalize(ref)
@@ -94,8 +126,8 @@ class Backend(Protocol):
     def prepare(self, run_dir: Path) -> None: ...
 
     def run(self, method: EvalMethod, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
-        """matched_fraction: for a matched method, the mean kept fraction of its reference at
-        this length (None otherwise)."""
+        """matched_fraction: for a @match method the mean kept fraction of its reference at this
+        length, for a @kept method its fixed fraction (None otherwise)."""
 
     # optional: run_batch(method, samples, ids_list, matched_fraction) -> list[Outcome], used when
     # the run's batch size is above 1 (samples of one task and length, left-padded together)
@@ -218,14 +250,16 @@ class ModelBackend:
         go to every method that takes them (`tca`, at the spec's tau/score, never dense by the
         short-prompt policy unless the spec sets dense_below)."""
         spec, record = method.spec, {}
-        if method.match is not None:
+        if method.kept is not None:
+            matched_fraction = method.kept
+        if method.matched:
             if matched_fraction is None:
                 raise RuntimeError(f"{method.label}: no finished {method.match} results at this length to match")
             spec = registry.at_density(spec, matched_fraction, prompt_tokens)
-            name, params = registry.parse_spec(spec)
+            name, params = registry.parse_spec(registry.split(spec)[0])
             knob = registry.density_param(name)
             record[knob] = params[knob]
-        name, params = registry.parse_spec(spec)
+        name, params = registry.parse_spec(registry.split(spec)[0])  # the base gets the run's budgets
         prepared: dict[str, Any] = {}
         if name == "tca":  # the run's budgets; accuracy is of the selection, not the short-prompt policy
             prepared = {"budgets": self.budgets, **({} if "dense_below" in params else {"dense_below": 0})}

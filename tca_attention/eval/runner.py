@@ -171,7 +171,8 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
                 return samples[sid]
 
             for spec in specs:
-                matched = mean_kept_fraction(results, spec.match, length) if spec.match else None
+                matched = spec.kept if spec.kept is not None else (
+                    mean_kept_fraction(results, spec.match, length) if spec.match else None)
                 for task in config.tasks:
                     # fixed chunks of sample indices, so a resumed run batches the same samples
                     for lo in range(0, config.samples, config.batch_size):

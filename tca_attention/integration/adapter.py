@@ -14,7 +14,7 @@ To support a new release: add a `Convention` row if it changed how attention is 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -189,6 +189,60 @@ def set_attention(model: torch.nn.Module, name: str) -> Callable[[], None]:
             c._attn_implementation = before[k]
 
     return restore
+
+
+# -- tensor parallelism -------------------------------------------------------------------------
+# transformers 5.x shards a model at load time: from_pretrained(..., distributed_config=
+# DistributedConfig(tp_plan="auto")) under torchrun (from_config models are never sharded). The
+# model's tp_plan maps module names (layer numbers as "*") to styles; a "colwise" key projection
+# hands each rank's attention function its own contiguous slice of the KV heads (and of the query
+# heads: query (B, H / world, L, D)), rank r holding heads [r * n / world, (r + 1) * n / world);
+# styles that gather the projection's output (models with q/k norms or a fused qkv projection)
+# give every rank all heads. The mesh lives in model._mesh_manager (set by maybe_distribute_model).
+_HEADS_SHARDED = frozenset({"colwise"})
+_HEADS_WHOLE = frozenset({"colwise_gather_output", "colwise_rep"})
+
+
+@dataclass(frozen=True)
+class TensorParallelLayout:
+    """How transformers' tensor parallelism splits a model's attention across the ranks of its TP mesh."""
+
+    rank: int  # this process's rank within the TP mesh
+    world: int  # the TP mesh's size
+    heads_sharded: bool  # attention sees this rank's slice of the heads (else every head)
+    group: Any = field(default=None, compare=False, repr=False)  # the TP mesh's process group
+    style: str | None = None  # the key projection's TP style (None: the projection is not sharded)
+
+
+def tensor_parallel_layout(model: torch.nn.Module) -> TensorParallelLayout | None:
+    """The layout of a model loaded with tensor parallelism (tp_size > 1); None otherwise."""
+    from ..introspect import attention_modules
+
+    dcfg = getattr(model.config, "distributed_config", None)
+    if int(getattr(dcfg, "tp_size", None) or 1) <= 1:
+        return None
+    manager = getattr(model, "_mesh_manager", None)
+    if manager is None:
+        raise AdapterError("the model's config has tp_size > 1 but the model has no device mesh "
+                           "(_mesh_manager): load it with from_pretrained(..., distributed_config=...)")
+    mesh = manager.get_mesh("tp")
+    attn = attention_modules(model)[0]
+    name = next(n for n, m in model.named_modules() if m is attn)
+    proj = next((p for p in ("k_proj", "qkv_proj", "query_key_value") if hasattr(attn, p)), None)
+    if proj is None:
+        raise AdapterError(f"{type(attn).__name__} has no key projection (k_proj, qkv_proj or query_key_value) "
+                           "whose tensor-parallel style says how its heads are split")
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    plan = getattr(model, "tp_plan", None) or {}
+    style = plan.get(replace_layer_number_by_wildcard(f"{name}.{proj}"))
+    if style in _HEADS_SHARDED and proj != "k_proj":
+        raise AdapterError(f"a fused {proj} sharded {style!r} splits queries, keys and values together; "
+                           "tca-attention supports a sharded k_proj, or a gathered fused projection")
+    if style is not None and style not in _HEADS_SHARDED | _HEADS_WHOLE:
+        raise AdapterError(f"the key projection's tensor-parallel style {style!r} is not one this adapter knows "
+                           f"(known: {', '.join(sorted(_HEADS_SHARDED | _HEADS_WHOLE))})")
+    return TensorParallelLayout(mesh.get_local_rank(), mesh.size(), style in _HEADS_SHARDED, mesh.get_group(), style)
 
 
 # -- static decode steps (integration/static_decode.py) ------------------------------------------

@@ -23,7 +23,7 @@ from ..engine import certificate, dispatch
 from ..engine.plan import TokenPlan
 from ..methods.base import Method, Observer, Override
 from ..methods.dense import Dense
-from . import adapter
+from . import adapter, tensor_parallel
 from ..introspect import attention_modules, layer_kinds, text_config
 from .architectures import check_supported
 
@@ -76,6 +76,20 @@ class Session:
         method.check_model(model)
         if override is not None and not method.is_dense:
             raise ValueError("an attention override runs on plain attention only (method=None)")
+        # under tensor parallelism: this rank's heads, and the method on them (its per-head state sliced)
+        self.shard = tensor_parallel.shard_of(model)
+        if self.shard is not None:
+            if observer is not None and self.shard.sharded:
+                raise tensor_parallel.TensorParallelError(
+                    "calibration needs every attention head, and this tensor-parallel rank holds only "
+                    f"KV heads {list(self.shard.kv)}: calibrate in one process and load the state file on every rank")
+            method = tensor_parallel.shard_method(method, self.shard)
+        # what a plan combining the heads of a layer sums and ranks over (Method.combines_heads)
+        self.heads = tensor_parallel.heads_of(self.shard)
+        if self.shard is not None and self.shard.sharded and (why := method.split_heads_refusal()):
+            raise tensor_parallel.TensorParallelError(
+                f"{method.name} cannot run on a tensor-parallel rank holding only KV heads {list(self.shard.kv)}: "
+                f"{why}; or run it in one process")
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.override = override  # a calibration's replacement of full-attention outputs (methods.base.Override)
         self.kinds = layer_kinds(model)
@@ -228,6 +242,8 @@ class Session:
     # -- the attention call -----------------------------------------------------------------
     def attend(self, call: adapter.AttentionCall):
         idx, q = call.layer_idx, call.query
+        if self.shard is not None:
+            self.shard.check_call(idx, q, call.key)
         if self.kinds[idx] == "sliding" or self.method.is_dense or self.observer is not None:
             if self.observer is not None and self.kinds[idx] == "full":
                 self.observer(idx, q, call.key, call.value, call.scaling)
@@ -264,15 +280,19 @@ class Session:
         if L == 0:
             raise ValueError("empty prompt")
         key_start = key_start_from_mask(call.mask, B, L, q.device)
-        plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None)
+        lent = {"heads": self.heads} if self.method.combines_heads else {}
+        plan = self.method.plan(idx, q, k, key_start, call.scaling, backend=self.backend, padded=call.mask is not None,
+                                **lent)
+        bias = self.method.key_bias(idx, q, k, key_start, call.scaling)
         if plan is None:
-            out, _ = adapter.sdpa(call)
+            out = adapter.sdpa(call)[0] if bias is None else dispatch.dense_prefill(q, k, v, call.scaling, bias, key_start)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None, "bound": None}
         else:
             if getattr(plan, "attend_all", False):  # the plan is what the cache keeps; prefill is plain attention
-                out, _ = adapter.sdpa(call)
+                out = adapter.sdpa(call)[0] if bias is None else dispatch.dense_prefill(q, k, v, call.scaling, bias,
+                                                                                         key_start)
             else:
-                out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend)
+                out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend, key_bias=bias)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             retained = getattr(plan, "retained", None)
             bound = None if retained is None else certificate.error_bound(retained, v, key_start)
@@ -282,34 +302,60 @@ class Session:
             evicts = isinstance(plan, TokenPlan)  # a token plan is what the cache keeps; other plans keep all
             keep = plan.decode_keep if evicts else self.method.decode_keep(idx, k.shape[1])
             layer.commit_prefill(plan if evicts else None, key_start, keep)
+            layer.key_bias = bias  # applied at every decode step over this cache
         return out, None
 
-    def prefill_report(self) -> dict[str, float | None]:
+    def prefill_report(self) -> dict[str, Any]:
         """The last prefill in a few numbers: mean over layers and heads of the kept fraction, and
         the quality certificate over every layer and KV head (engine/certificate.py): retained
         attention mass of the selection queries (mean, and the smallest), and the output-error
         bound computed from it (mean, and the largest). Dense layers retain 1 with bound 0;
-        sparse plans of methods that do not score (retained None) are left out of both."""
-        rows = list(self.last_prefill.values())
-        if not rows:
-            return {"kept_fraction": None, "retained": None, "retained_min": None, "error_bound": None,
-                    "error_bound_mean": None, **self.method.report()}
-        kept = [1.0 if r["kept_fraction"] is None else float(r["kept_fraction"].mean()) for r in rows]
-        cert = [c for c in map(_certificate, rows) if c is not None]
+        sparse plans of methods that do not score (retained None) are left out of both. Under
+        tensor parallelism: over every rank's heads (collectives: every rank calls it)."""
+        layers = {i: (_kept(r), _certificate(r)) for i, r in sorted(self.last_prefill.items())}
+        method = self.method.report()
+        if self.shard is not None:
+            layers = tensor_parallel.merge_layer_rows(layers, self.shard)
+            method = {**tensor_parallel.merge_method_reports(method, self.method, self.shard),
+                      "tensor_parallel": {"world": self.shard.world, "heads_sharded": self.shard.sharded}}
+        rows = list(layers.values())
+        cert = [c for _, c in rows if c is not None]
         return {
-            "kept_fraction": sum(kept) / len(kept),
+            "kept_fraction": sum(kept for kept, _ in rows) / len(rows) if rows else None,
             "retained": sum(c["retained_mean"] for c in cert) / len(cert) if cert else None,
             "retained_min": min(c["retained_min"] for c in cert) if cert else None,
             "error_bound": max(c["bound_max"] for c in cert) if cert else None,
             "error_bound_mean": sum(c["bound_mean"] for c in cert) / len(cert) if cert else None,
-            **self.method.report(),
+            **method,
         }
+
+    def cache_report(self, cache: Any = None) -> dict[str, float | int]:
+        """KV bytes held by `cache` (default: the last generate()'s), the bytes a plain cache would
+        hold for the same tokens, and the kept fraction of the sparse layers' key/value slots.
+        Under tensor parallelism: over every rank's heads (a collective: every rank calls it)."""
+        cache = self.cache if cache is None else cache
+        if cache is None:
+            raise ValueError("no cache to report on: pass one, or run session.generate() first")
+        if isinstance(cache, RaggedCache):
+            layers = cache.tca_layers()
+            counts = [cache.kv_bytes(), cache.dense_kv_bytes(), sum(l.kept_tokens() for l in layers),
+                      sum(l.dense_tokens() for l in layers)]
+        else:  # a plain cache (the dense method): everything it holds
+            held = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+            counts = [held, held, 0, 0]
+        if self.shard is not None:
+            counts = tensor_parallel.sum_over_ranks(counts, self.shard)
+        held, dense, kept, total = counts
+        return {"kv_bytes": held, "dense_kv_bytes": dense, "kept_fraction": kept / total if total else 1.0}
+
 
     def report(self) -> dict[str, Any]:
         """prefill_report() plus the certificate of every layer of the last prefill (reads the
         device tensors: call it after the forward, not inside it): "layers" lists, per layer,
         its kept fraction and min / mean retained mass and max / mean error bound over its
-        (row, KV head) pairs, and "heads" the per-(row, KV head) retained masses and bounds."""
+        (row, KV head) pairs, and "heads" the per-(row, KV head) retained masses and bounds.
+        Under tensor parallelism the "layers" entries are this rank's heads (prefill_report's
+        numbers are over every rank's)."""
         layers = []
         for idx, r in sorted(self.last_prefill.items()):
             c = _certificate(r)
@@ -322,6 +368,11 @@ class Session:
                                 "bound": r["bound"].float().cpu().tolist()}
             layers.append(row)
         return {**self.prefill_report(), "layers": layers}
+
+
+def _kept(row: dict[str, Any]) -> float:
+    """Mean kept fraction of one layer's prefill record (1: dense)."""
+    return 1.0 if row["kept_fraction"] is None else float(row["kept_fraction"].mean())
 
 
 def _certificate(row: dict[str, Any]) -> dict[str, float] | None:

@@ -1,14 +1,15 @@
 """Lend a model to a method's calibration (methods/base.Probe), and the calibrate entry points.
 
 Methods never import the integration: a calibration receives a ModelProbe, which runs one dense
-forward through an observing session. `calibrate` and `load_or_calibrate` take a model, as users do.
+forward through an observing session, or evaluates the next-token loss under a method (searching
+calibrations). `calibrate` and `load_or_calibrate` take a model, as users do.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..methods.base import Observer, Override
+from ..methods.base import Method, Observer, Override
 from ..methods.tca import budget_cache
 from ..methods.tca import calibration as tca_calibration
 from ..methods.tca.budgets import Budgets
@@ -33,6 +34,16 @@ class ModelProbe:
         with Session(self.model, None, override=override):
             out = self.model(input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
         return out.hidden_states[-1]
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor, method: Method) -> dict[str, float]:
+        """Mean next-token NLL and entropy of input_ids (1, L) under `method` (no cache)."""
+        with Session(self.model, method):
+            logits = self.model(input_ids, use_cache=False).logits[0, :-1].float()  # (L - 1, V)
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(-1, input_ids[0, 1:, None].to(logp.device)).mean()
+        entropy = -(logp.exp() * logp).sum(-1).mean()
+        return {"nll": float(nll), "entropy": float(entropy)}
 
 
 def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | None = None,

@@ -7,19 +7,22 @@ A method answers, per full-attention layer:
   decode_keep()   what the ragged cache keeps of each block it compresses in decode (eviction);
   select_decode() at each decode step, which pages of the cache the new queries read (None: all);
                   supports_static_decode() says whether that per-step work is graph-safe;
+  key_bias()      optionally, a key logit bias (engine.plan.KeyBias) every executor adds to a few
+                  keys' logits at this layer, prefill and decode (the attention calibrators, compose.py);
 and optionally calibrates once, through a Probe, into plain JSON state tied to the model
 (methods/state.py). Per-head kinds (dense / streaming / sparse heads) are plans too (head_kinds.py).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Protocol, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Union
 
 import torch
 from torch import nn
 
 from ..engine.dispatch import Backend
-from ..engine.plan import TokenPlan
+from ..engine.plan import KeyBias, TokenPlan
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -46,6 +49,38 @@ class Probe(Protocol):
         layers output override(...) (plain attention where it returns None, or without one). Gradients
         flow (to whatever the override uses); the model's weights are the caller's to freeze."""
 
+    def evaluate(self, input_ids: torch.Tensor, method: "Method") -> dict[str, float]:
+        """One forward of input_ids (1, L) under `method` (no cache): {"nll": mean next-token negative
+        log-likelihood, "entropy": mean entropy of the next-token distributions} (calibrations that search)."""
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """The attention heads of a layer as a plan that combines them sees them (Method.combines_heads),
+    lent by the integration so that methods never import torch.distributed. This class is one
+    process holding every head (ONE_PROCESS: sum and gather return their argument); under tensor
+    parallelism (integration/tensor_parallel.py) `world` processes hold equal contiguous slices of
+    the heads, this one the `rank`-th, and sum / gather run over them (every process must call them,
+    in the same order)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t, a sum over this process's heads -> the same sum over every head of the layer."""
+        return t
+
+    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t, indexed by this process's heads along dim -> indexed by every head (the model's order)."""
+        return t
+
+    def own(self, whole: torch.Tensor, dim: int) -> torch.Tensor:
+        """The slice of `whole` (every head along dim) that belongs to this process's heads."""
+        return whole if self.world == 1 else whole.chunk(self.world, dim)[self.rank]
+
+
+ONE_PROCESS = HeadGroup()
+
 
 class Method(ABC):
     """A sparse-attention policy. Executors and the cache are shared; a method only plans.
@@ -59,6 +94,20 @@ class Method(ABC):
     block_size: int
     window: int
     is_dense: bool = False
+    # report() keys whose values count heads (numbers, or dicts of numbers): under tensor
+    # parallelism each rank counts its own heads and the session sums them over the ranks
+    report_sums: ClassVar[tuple[str, ...]] = ()
+    # plan() combines the heads of a layer (scores summed or averaged over heads into one selection,
+    # heads ranked against each other): it then takes a keyword `heads: HeadGroup` (the session
+    # lends it; ONE_PROCESS by default) and runs every such sum or ranking through it, so that a
+    # tensor-parallel rank, which holds only its own heads, chooses as one process does
+    combines_heads: ClassVar[bool] = False
+
+    def split_heads_refusal(self) -> str | None:
+        """Why this method cannot run on a tensor-parallel rank holding only some of the heads (e.g.
+        its decode selection votes over every head of a layer, with no HeadGroup to do it through),
+        or None. The session refuses such a method with this reason rather than choose otherwise."""
+        return None
 
     @abstractmethod
     def plan(
@@ -74,6 +123,13 @@ class Method(ABC):
     @abstractmethod
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(KV,) tokens each head keeps when decode compresses one block (block_size: keep all)."""
+
+    def key_bias(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor,
+                 scaling: float) -> KeyBias | None:
+        """The key logit bias of this layer for this prompt (q (B, H, L, D), k (B, KV, L, D) after
+        rotary, at prefill), applied at prefill and at every decode step over the cache; None: none
+        (the default). The attention calibrators (compose.Calibrated) set it."""
+        return None
 
     def observe_prefill(self, layer_idx: int, out: torch.Tensor) -> None:
         """Called with each full-attention layer's prefill output (B, L, H, D), after plan() and the
@@ -114,6 +170,12 @@ def model_depth(model) -> int:
 def first_at_depth(start: float, n_layers: int) -> int:
     """The first layer index at relative depth `start` (0: layer 0, 0.5: the second half)."""
     return min(n_layers, int(start * n_layers))
+
+
+def check_key_block(method: str, value: object, param: str = "block_size") -> None:
+    """Raise unless `value` is a key block the block-sparse executor takes: a power of two >= 16."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+        raise ValueError(f"{method} needs {param} a power of two >= 16, got {value!r}")
 
 
 def local_geometry(seq_len: int, block_size: int, window: int) -> tuple[int, int] | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.plan import BlockPlan
-from .base import Method
+from .base import Method, check_key_block
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class BLASST(Method):
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"BLASST needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("BLASST", b)
         if not (self.scale_factor >= 0 and self.threshold >= 0) or self.threshold == float("inf"):
             raise ValueError(f"BLASST needs scale_factor >= 0 and a finite threshold >= 0, got "
                              f"{self.scale_factor}, {self.threshold}")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.plan import BlockPlan
-from .base import Method, pack_lists, real_tokens, row_aligned
+from .base import ONE_PROCESS, HeadGroup, Method, check_key_block, pack_lists, real_tokens, row_aligned
 
 # Row-aligned keys (KV, positions, D) of a row scored for boundaries at once, fp32: 64 MiB a temporary.
 _BOUNDARY_ELEMENTS = 1 << 24
@@ -39,9 +39,11 @@ _BOUNDARY_ELEMENTS = 1 << 24
 _SELECT_ELEMENTS = 1 << 25
 
 
-def boundary_scores(k: torch.Tensor, key_start: torch.Tensor, window: int, length: int) -> torch.Tensor:
+def boundary_scores(k: torch.Tensor, key_start: torch.Tensor, window: int, length: int,
+                    heads: HeadGroup = ONE_PROCESS) -> torch.Tensor:
     """Dissimilarity of the key windows either side of each row-aligned position p:
-    1 - cos(mean k[p - w + 1 .. p], mean k[p + 1 .. p + w]) over all KV heads' keys concatenated.
+    1 - cos(mean k[p - w + 1 .. p], mean k[p + 1 .. p + w]) over all KV heads' keys concatenated
+    (k holds this process's KV heads; the dot product and the norms are summed over every head's).
     k (B, KV, L, D) -> (B, length) fp32, -inf where a window would leave the row's real tokens.
     Computed a slice of positions at a time (at most _BOUNDARY_ELEMENTS fp32 keys of a row per slice)."""
     B, KV, L, D = k.shape
@@ -57,8 +59,10 @@ def boundary_scores(k: torch.Tensor, key_start: torch.Tensor, window: int, lengt
         x = ka[:, :, s0 : s0 + n + 2 * w - 1].float()
         m = sum(x[:, :, d : d + n + w] for d in range(w)) / w  # m[t]: mean of keys s0 + t .. s0 + t + w - 1
         left, right = m[:, :, :n], m[:, :, w : w + n]
-        dot = (left * right).sum((1, 3))  # (B, n) over every KV head's dims
-        norms = left.square().sum((1, 3)).sqrt() * right.square().sum((1, 3)).sqrt()
+        # (B, n) each over every KV head's dims
+        dot, lsq, rsq = heads.sum(torch.stack([(left * right).sum((1, 3)), left.square().sum((1, 3)),
+                                               right.square().sum((1, 3))]))
+        norms = lsq.sqrt() * rsq.sqrt()
         out[:, s0 + w - 1 : s0 + w - 1 + n] = 1 - dot / norms.clamp_min(1e-12)
     n_real = (L - key_start.long())[:, None]  # (B, 1)
     p = torch.arange(length, device=k.device)[None, :]
@@ -126,12 +130,12 @@ class DHSA(Method):
     nms: int = 8
     dense_tail: int = 64
     name: str = "dhsa"
+    combines_heads = True  # chunks cut on every KV head's keys; representations averaged over every head
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if not isinstance(b, int) or isinstance(b, bool) or b < 16 or b & (b - 1):
-            raise ValueError(f"DHSA needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("DHSA", b)
         if not isinstance(self.budget, int) or self.budget < 2 * b:
             raise ValueError(f"DHSA needs budget >= 2 x block_size = {2 * b} tokens (key block 0 and the "
                              f"query's own block are always attended), got {self.budget!r}")
@@ -142,15 +146,18 @@ class DHSA(Method):
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)
 
-    def chunks(self, k: torch.Tensor, key_start: torch.Tensor, length: int) -> torch.Tensor:
+    def chunks(self, k: torch.Tensor, key_start: torch.Tensor, length: int,
+               heads: HeadGroup = ONE_PROCESS) -> torch.Tensor:
         """(B, length) int64 chunk id of every row-aligned position (positions past a row's
         prompt continue its last chunk)."""
         n = k.shape[2] - key_start.long()
-        scores = boundary_scores(k, key_start, self.boundary_window, length)
+        scores = boundary_scores(k, key_start, self.boundary_window, length, heads)
         return chunk_starts(scores, n, self.nms, self.chunk_len).long().cumsum(-1) - 1
 
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> BlockPlan | None:
-        """A BlockPlan per KV head (shared lists), or None when every causal block is forced (L <= 2 blocks)."""
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True,
+             heads: HeadGroup = ONE_PROCESS) -> BlockPlan | None:
+        """A BlockPlan per KV head (shared lists), or None when every causal block is forced (L <= 2 blocks).
+        Chunks and representations read every head of the layer (heads: this process's are a share)."""
         B, H, L, D = q.shape
         KV = k.shape[1]
         bs = self.block_size
@@ -163,9 +170,10 @@ class DHSA(Method):
         real = real_tokens(L, ks, length)  # (B, length)
         n_real = L - ks
         # chunks and their length-normalised representations
-        chunk_id = self.chunks(k, ks, length)  # (B, length)
+        chunk_id = self.chunks(k, ks, length, heads)  # (B, length)
         NC = -(-L // self.chunk_len)  # the most chunks a row can have
-        kmean = row_aligned(k, ks, length).mean(1, dtype=torch.float32)  # (B, length, D), padding zero
+        # means over every head: sums over this process's heads, summed over the processes
+        kmean = heads.sum(row_aligned(k, ks, length).sum(1, dtype=torch.float32)) / (KV * heads.world)  # (B, length, D)
         ones = real.float()
         ksum = torch.zeros(B, NC, D, device=dev).scatter_add_(1, chunk_id[..., None].expand(B, length, D), kmean)
         klen = torch.zeros(B, NC, device=dev).scatter_add_(1, chunk_id, ones)
@@ -175,7 +183,7 @@ class DHSA(Method):
         c_start = big.scatter_reduce(1, chunk_id, torch.where(real, pos, length), "amin")
         c_end = torch.zeros(B, NC, device=dev, dtype=torch.long).scatter_reduce(
             1, chunk_id, torch.where(real, pos + 1, 0), "amax")
-        qmean = row_aligned(q, ks, length).mean(1, dtype=torch.float32).view(B, nq, bs, D)
+        qmean = (heads.sum(row_aligned(q, ks, length).sum(1, dtype=torch.float32)) / (H * heads.world)).view(B, nq, bs, D)
         qlen = real.view(B, nq, bs).sum(-1)  # (B, NQ) real queries of each block
         qbar = qmean.sum(2) / qlen.clamp_min(1).sqrt()[..., None]  # (B, NQ, D)
         sim = qbar @ kbar.transpose(1, 2)  # (B, NQ, NC)
@@ -201,8 +209,12 @@ class DHSA(Method):
         j = i[None, None, :]
         keep = (j == 0) | (j == i[None, :, None]) | (tail[..., None] & (j <= i[None, :, None]))
         keep &= live[..., None]  # (B, NQ, NQ)
-        indptr, indices = pack_lists(keep[:, None], _list_entries(L, self.dense_tail, bs))
-        n_q = -(-(L - int(ks.min())) // bs) if padded else nq
+        # the most listed blocks of any row: not always the longest row's (padding can move a row's
+        # dense tail one block earlier, e.g. 83 real tokens list 18 blocks, 96 list 15)
+        starts = sorted(set(ks.tolist())) if padded else [0]  # the host sync of a padded batch
+        entries = max(_list_entries(L - s, self.dense_tail, bs) for s in starts)
+        indptr, indices = pack_lists(keep[:, None], entries)
+        n_q = -(-(L - starts[0]) // bs)
         extra = extra.masked_fill(~live[..., None] | tail[..., None], -1)[:, None, :n_q].expand(B, KV, n_q, C)
         return BlockPlan(bs, bs, ks, indptr[..., : n_q + 1].expand(B, KV, n_q + 1),
                          indices.expand(B, KV, indices.shape[-1]), extra)
@@ -218,8 +230,8 @@ def _tail_start(n_real, dense_tail: int, block_size: int):
 
 
 def _list_entries(seq_len: int, dense_tail: int, block_size: int) -> int:
-    """Listed key blocks of an unpadded row (the most of any row): 1 + 2 per later block, i + 1
-    for a tail block i."""
+    """Listed key blocks of an unpadded row of seq_len tokens: 1 + 2 per later block, i + 1 for a
+    tail block i (not monotone in seq_len: a shorter row can list more)."""
     nq = -(-seq_len // block_size)
     t = _tail_start(seq_len, dense_tail, block_size)
     return sum(i + 1 if i >= t else (1 if i == 0 else 2) for i in range(nq))

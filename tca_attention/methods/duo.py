@@ -33,7 +33,7 @@ from .base import Method, Probe
 from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan, top_heads
 from .head_kinds import retrieval_fraction_for as _solve
 from .state import announce as say
-from .state import ModelIdentity, StateError, check_header, is_numbers, save_json
+from .state import ModelIdentity, StateError, check_header, is_numbers, per_head, save_json
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class Duo(Method):
     window: int = 256
     block_size: int = 64
     name: str = "duo"
-    _kinds: tuple = field(default=(), init=False, repr=False, compare=False)
+    _kinds: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)  # a TP rank keeps its heads' kinds
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.retrieval_fraction <= 1.0:

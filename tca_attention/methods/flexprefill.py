@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.plan import BlockPlan
-from .base import Method
+from .base import Method, check_key_block
 
 # Last-query attention probabilities computed at once (per chunk of KV heads), fp32, held twice.
 _SCORE_ELEMENTS = 1 << 26
@@ -194,8 +194,7 @@ class FlexPrefill(Method):
         if not isinstance(self.min_budget, int) or self.min_budget < 1:
             raise ValueError(f"FlexPrefill needs min_budget >= 1 (tokens), got {self.min_budget!r}")
         b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"FlexPrefill needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("FlexPrefill", b)
 
     def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)

@@ -36,7 +36,7 @@ from ..introspect import layer_kinds, text_config
 from .base import Method, Probe
 from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan, top_heads
 from .head_kinds import retrieval_fraction_for as _solve
-from .state import ModelIdentity, StateError, announce, check_header, is_numbers, save_json
+from .state import ModelIdentity, StateError, announce, check_header, is_numbers, per_head, save_json
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def far_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, sinks: int, windo
 class HeadScores:
     """Retrieval score of every KV head: layers[i] is None for layers the split leaves alone
     (sliding-window layers), else one score in [0, 1] per KV head; far[i] alike, the far mass
-    that orders heads of equal score."""
+    that orders heads of equal score. Not declared per_head: the split ranks the heads of the whole
+    model, so a tensor-parallel rank keeps these whole and takes its own heads' kinds (HeadSplit._kinds)."""
 
     model: ModelIdentity
     layers: tuple[tuple[float, ...] | None, ...]
@@ -284,7 +285,9 @@ class HeadSplit(Method):
     window: int = 256
     block_size: int = 64
     name: str = "head-split"
-    _kinds: tuple = field(default=(), init=False, repr=False, compare=False)
+    report_sums = ("retrieval_heads", "kv_heads")
+    # derived from the scores ranked over the whole model; a tensor-parallel rank runs its own heads' kinds
+    _kinds: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.retrieval_fraction <= 1.0:

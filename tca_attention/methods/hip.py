@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ..engine.plan import BlockPlan
-from .base import Method
+from .base import Method, check_key_block
 
 # fp32 elements (gathered representative queries and keys, their scores) held at once, per chunk of
 # query blocks: 128 MiB (at 128K tokens, 32 heads, head dim 128, the defaults: about 150 query blocks a chunk).
@@ -106,8 +106,7 @@ class HiP(Method):
 
     def __post_init__(self) -> None:
         b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"HiP needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("HiP", b)
         if self.k < 1:
             raise ValueError(f"HiP needs k >= 1 key blocks, got {self.k}")
         if self.sliding_window < 0:

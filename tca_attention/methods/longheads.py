@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from ..engine.plan import BlockPlan
-from .base import Method, pack_lists, real_tokens, row_aligned
+from .base import Method, check_key_block, pack_lists, real_tokens, row_aligned
 
 # Pooling logits (H, chunks, chunk_size) and chunk scores (H, query chunks, NC) of a row computed at
 # once: 64M elements a row at most (fp32, and fp64 / int64 for the ranking).
@@ -87,8 +87,7 @@ class LongHeads(Method):
 
     def __post_init__(self) -> None:
         cs = self.chunk_size
-        if not isinstance(cs, int) or isinstance(cs, bool) or cs < 16 or cs & (cs - 1):
-            raise ValueError(f"LongHeads needs chunk_size a power of two >= 16 (a key block), got {cs!r}")
+        check_key_block("LongHeads", cs, "chunk_size")
         if not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or self.chunks < 3:
             raise ValueError(f"LongHeads needs chunks >= 3 (the first, the previous and the current chunk are "
                              f"always kept), got {self.chunks!r}")

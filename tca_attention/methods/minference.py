@@ -36,8 +36,8 @@ import torch
 from ..data.corpus import essay_text
 from ..engine.plan import BlockPlan
 from ..introspect import layer_kinds, text_config
-from .base import Method, Probe
-from .state import ModelIdentity, StateError, check_header, json_type, save_json
+from .base import Method, Probe, check_key_block
+from .state import ModelIdentity, StateError, check_header, json_type, per_head, save_json
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class PatternState:
     window), else one PATTERNS name per query head; recall[i] the recall each pattern reached."""
 
     model: ModelIdentity
-    layers: tuple[tuple[str, ...] | None, ...]
+    layers: tuple[tuple[str, ...] | None, ...] = per_head("query")
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def check_model(self, model) -> None:
@@ -382,6 +382,7 @@ class MInference(Method):
     block_size: int = 64
     scale: float = 1.0
     name: str = "minference"
+    report_sums = ("patterns",)
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
 
     def __post_init__(self) -> None:
@@ -390,8 +391,7 @@ class MInference(Method):
         if self.pattern == "auto" and self.state is None:
             raise ValueError("MInference pattern=auto needs calibrated patterns (state=); or force pattern=<name>")
         b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"MInference needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("MInference", b)
         if self.vertical < 0 or self.slash < 0 or self.last_q < 1 or not self.scale >= 0:
             raise ValueError("MInference needs vertical >= 0, slash >= 0, last_q >= 1, scale >= 0")
 

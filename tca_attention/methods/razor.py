@@ -37,7 +37,7 @@ from .base import Method, Probe, local_geometry
 from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan
 from .head_kinds import retrieval_fraction_for as _solve
 from .state import announce as say
-from .state import ModelIdentity, StateError, check_header, is_numbers, save_json
+from .state import ModelIdentity, StateError, check_header, is_numbers, per_head, save_json
 
 FORMAT = "tca-attention/razor-scores"
 FORMAT_VERSION = 1
@@ -238,7 +238,7 @@ class Razor(Method):
     block_size: int = 64
     compensate: bool = True
     name: str = "razor"
-    _kinds: tuple = field(default=(), init=False, repr=False, compare=False)
+    _kinds: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)  # a TP rank keeps its heads' kinds
 
     def __post_init__(self) -> None:
         for what in ("retrieval_fraction", "echo_fraction"):

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import torch
 
 from ..engine.plan import TokenPlan, band_start, pack_mask
-from .base import Method, first_at_depth, global_region, key_validity, local_geometry, model_depth, row_geometry
+from .base import ONE_PROCESS, HeadGroup, Method, first_at_depth, global_region, key_validity, local_geometry, model_depth, row_geometry
 
 # Attention probabilities computed at once (per chunk of queries), fp32.
 _SCORE_ELEMENTS = 1 << 27
@@ -52,6 +52,7 @@ class SpAtten(Method):
     block_size: int = 64
     heads: float = 1.0  # query heads kept at the last layer (1: no head pruning, the default)
     name: str = "spatten"
+    combines_heads = True  # token importance summed over heads; heads ranked against each other
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,9 +85,12 @@ class SpAtten(Method):
             return 1.0
         return (self.keep if final is None else final) ** ((min(layer_idx, n - 1) - s0 + 1) / (n - s0))
 
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> TokenPlan | None:
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True,
+             heads: HeadGroup = ONE_PROCESS) -> TokenPlan | None:
         """The kept set of this layer as a TokenPlan (None: a dense layer before the first pruning
-        one, or a prompt too short to have a global region). Updates the cumulative importance."""
+        one, or a prompt too short to have a global region). Updates the cumulative importance.
+        heads: q and k hold this process's share of the layer's heads; the importance is summed
+        over every head, and head pruning ranks every query head."""
         B, H, L, _ = q.shape
         KV = k.shape[1]
         geo = local_geometry(L, self.block_size, self.window)
@@ -96,19 +100,20 @@ class SpAtten(Method):
         ks = key_start.to(device=q.device, dtype=torch.long)
         _, row_ls = row_geometry(L, ks, self.block_size, self.window) if padded else (None, None)
         ls = row_ls if row_ls is not None else torch.full_like(ks, geo[1])
-        st = self._begin(layer_idx, ks, ls, L, H)
+        st = self._begin(layer_idx, ks, ls, L, H, heads)
         if layer_idx < self.first_pruning_layer() or st["scored"] == 0:  # no importance yet: dense
-            self._accumulate(q, k, ks, ls, st["kept"], scaling, dense=True)
+            self._accumulate(q, k, ks, ls, st["kept"], scaling, dense=True, heads=heads)
             st["scored"] += 1
             return None
         kept = self.prune(st["score"], st["kept"], ks, ls, L, self.fraction(layer_idx))
         st["kept"] = kept
-        self._accumulate(q, k, ks, ls, kept, scaling, dense=False)
+        self._accumulate(q, k, ks, ls, kept, scaling, dense=False, heads=heads)
         st["scored"] += 1
         head_keep = None
-        if self.heads < 1:  # cascade head pruning: the heads of lowest cumulative output magnitude
-            want = max(1, math.ceil(self.fraction(layer_idx, self.heads) * H))
-            st["heads"] = head_keep = self.prune_heads(st["head_mag"], st["heads"], want)
+        if self.heads < 1:  # cascade head pruning: the heads of lowest cumulative output magnitude, of every head
+            want = max(1, math.ceil(self.fraction(layer_idx, self.heads) * H * heads.world))
+            st["heads"] = self.prune_heads(heads.gather(st["head_mag"], 1), st["heads"], want)
+            head_keep = heads.own(st["heads"], 1)  # (B, H) this process's heads
         kept_idx, kept_len = pack_mask(kept[:, None, :].expand(B, KV, L))
         return TokenPlan(kept_idx, kept_len, geo[1], self.window, self.block_size, ks,
                          self.decode_keep(layer_idx, KV), row_local_start=row_ls, head_keep=head_keep)
@@ -135,15 +140,17 @@ class SpAtten(Method):
         """(B, L) bool: the global-region tokens still kept after the last planned layer (tests)."""
         return self._state.get("kept")
 
-    def _begin(self, layer_idx: int, ks: torch.Tensor, ls: torch.Tensor, L: int, H: int) -> dict:
-        """The per-prefill state, reset when a new forward (or another batch) starts."""
+    def _begin(self, layer_idx: int, ks: torch.Tensor, ls: torch.Tensor, L: int, H: int,
+               heads: HeadGroup = ONE_PROCESS) -> dict:
+        """The per-prefill state, reset when a new forward (or another batch) starts: head_mag per
+        query head of this process (H), the kept heads over every head (H x heads.world)."""
         st = self._state
         sig = (tuple(ks.shape), L, H)
         if st.get("last", math.inf) >= layer_idx or st.get("sig") != sig or not torch.equal(st["ks"], ks):
             st.update(sig=sig, ks=ks.clone(), score=torch.zeros(ks.shape[0], L, dtype=torch.float32, device=ks.device),
                       kept=global_region(L, ks, ls), scored=0,
                       head_mag=torch.zeros(ks.shape[0], H, dtype=torch.float32, device=ks.device),
-                      heads=torch.ones(ks.shape[0], H, dtype=torch.bool, device=ks.device))
+                      heads=torch.ones(ks.shape[0], H * heads.world, dtype=torch.bool, device=ks.device))
         st["last"] = layer_idx
         return st
 
@@ -159,9 +166,9 @@ class SpAtten(Method):
         rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
         return kept & (rank < want[:, None])
 
-    def _accumulate(self, q, k, ks, ls, kept, scaling, *, dense: bool) -> None:
-        """Add this layer's attention probabilities (its plan's mask), summed over heads and the
-        queries of unpruned tokens, to the cumulative score."""
+    def _accumulate(self, q, k, ks, ls, kept, scaling, *, dense: bool, heads: HeadGroup = ONE_PROCESS) -> None:
+        """Add this layer's attention probabilities (its plan's mask), summed over every head (this
+        process's, then over the processes) and the queries of unpruned tokens, to the cumulative score."""
         B, H, L, D = q.shape
         KV = k.shape[1]
         g = H // KV
@@ -170,7 +177,7 @@ class SpAtten(Method):
         local = pos[None, :] >= ls[:, None]
         counted = real if dense else real & (kept | local)  # queries of tokens still present
         C = max(1, _SCORE_ELEMENTS // max(1, B * H * L))
-        score = self._state["score"]
+        layer = torch.zeros_like(self._state["score"])
         self._state["counted"] = counted
         kf = k.float().transpose(-1, -2)  # (B, KV, D, L)
         for c0 in range(0, L, C):
@@ -183,7 +190,8 @@ class SpAtten(Method):
             s.masked_fill_(~vis[:, None, None], float("-inf"))
             p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # padding queries see no key
             w = counted[:, c0:c0 + C].float()  # (B, C)
-            score += torch.einsum("bkgcl,bc->bl", p, w)
+            layer += torch.einsum("bkgcl,bc->bl", p, w)
+        self._state["score"] += heads.sum(layer)
 
 
 def keep_for(kept_fraction: float, prompt_tokens: int, params: Mapping[str, Any]) -> float:

@@ -10,8 +10,8 @@ import logging
 import math
 import sys
 from pathlib import Path
-from dataclasses import dataclass, fields
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -22,6 +22,22 @@ _FINGERPRINT_RTOL = 2e-2  # survives float32 <-> bf16 casts of the same weights
 
 class StateError(ValueError):
     """A state file that is corrupt, of another version or method, or for another model."""
+
+
+# Per-head tables. A method's state that holds one entry per head of each layer (a tuple over
+# layers of None or a tuple over heads) declares it with per_head("kv") or per_head("query"); a
+# tensor-parallel rank then runs the method on its own heads' entries, sliced in one place
+# (integration/tensor_parallel.py). Tables that must stay whole (e.g. scores ranked over the whole
+# model) are not declared; what is derived from them per head is.
+PER_HEAD = "tca_attention.per_head"
+HeadAxis = Literal["kv", "query"]
+
+
+def per_head(axis: HeadAxis, **kwargs: Any) -> Any:
+    """A dataclass field holding a per-layer, per-head table along `axis` (KV or query heads)."""
+    if axis not in ("kv", "query"):
+        raise ValueError(f"per_head axis must be 'kv' or 'query', got {axis!r}")
+    return field(metadata={PER_HEAD: axis}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,10 @@ class ModelIdentity:
     @classmethod
     def of(cls, model) -> "ModelIdentity":
         cfg = text_config(model)
-        w = key_projection_weight(attention_modules(model)[0]).detach().flatten()
+        w = key_projection_weight(attention_modules(model)[0]).detach()
+        if hasattr(w, "full_tensor"):  # a tensor-parallel shard (DTensor): every rank sees the whole weight
+            w = w.full_tensor()
+        w = w.flatten()
         picks = torch.linspace(0, w.numel() - 1, 8).long().to(w.device)
         return cls(
             model_type=cfg.model_type,
@@ -113,6 +132,73 @@ def save_json(data: Any, path: str | Path) -> Path:
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
     return path
+
+
+# -- per-head tables (the attention calibrators' state) --------------------------------------------
+HEAD_TABLE_FORMAT = "tca-attention/head-table"
+HEAD_TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HeadTable:
+    """One number per (layer, query head) that a calibrator found, tied to the model: ZeroTuning's
+    initial-token scales, ACT's calibrated heads (1 = calibrate, 0 = leave). layers[i] is None for
+    layers the calibrator leaves alone (sliding-window layers), else num_heads finite numbers."""
+
+    method: str
+    model: ModelIdentity
+    layers: tuple[tuple[float, ...] | None, ...]
+    calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def check_model(self, model) -> None:
+        why = self.model.mismatch(ModelIdentity.of(model))
+        if why:
+            raise StateError(f"{self.method} state for {self.model.name or self.model.model_type} does not fit "
+                             f"this model: {why}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": HEAD_TABLE_FORMAT, "version": HEAD_TABLE_VERSION, "method": self.method,
+                "model": asdict(self.model), "calibration": self.calibration,
+                "layers": [None if r is None else list(r) for r in self.layers]}
+
+    def save(self, path: str | Path) -> Path:
+        return save_json(self.to_json(), path)
+
+    @classmethod
+    def from_json(cls, data: Any, method: str, source: str = "") -> "HeadTable":
+        """A table from a parsed file of `method`; StateError naming what is wrong."""
+        where = f" {source}" if source else ""
+
+        def bad(why: str) -> StateError:
+            return StateError(f"corrupt {method} state file{where}: {why}")
+
+        check_header(data, HEAD_TABLE_FORMAT, HEAD_TABLE_VERSION, f"{method} state file", source)
+        if data.get("method") != method:
+            raise StateError(f"{source or 'this file'} is {data.get('method')!r} state, not {method!r}")
+        model = ModelIdentity.from_json(data.get("model"), bad)
+        calib, layers = data.get("calibration", {}), data.get("layers")
+        if not isinstance(calib, dict):
+            raise bad("calibration must be an object")
+        if not isinstance(layers, list) or len(layers) != model.num_layers:
+            raise bad(f"layers must be a list of {model.num_layers} entries (one per layer)")
+        for i, row in enumerate(layers):
+            ok = row is None or (isinstance(row, list) and len(row) == model.num_heads and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row))
+            if not ok:
+                raise bad(f"layers[{i}] must be null or {model.num_heads} finite numbers (one per query head)")
+        return cls(method, model, tuple(None if r is None else tuple(float(x) for x in r) for r in layers), calib)
+
+    @classmethod
+    def load(cls, path: str | Path, method: str, model=None) -> "HeadTable":
+        """Load `method`'s state file; with `model`, refuse state calibrated on another model."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateError(f"cannot read {method} state file {path}: {e}") from e
+        table = cls.from_json(data, method, source=str(path))
+        if model is not None:
+            table.check_model(model)
+        return table
 
 
 def is_numbers(v: Any) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.plan import SubsetPlan, pack_mask
-from .base import Method, first_at_depth, key_validity, model_depth
+from .base import ONE_PROCESS, HeadGroup, Method, first_at_depth, key_validity, model_depth
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class TokenSparse(Method):
     kernel: int = 7
     start: float = 0.5
     name: str = "token-sparse"
+    combines_heads = True  # the coverage rule reads the scores averaged over every head of the layer
     window: int = field(default=1, init=False, repr=False)  # the cache's; unused (decode keeps everything)
     block_size: int = field(default=64, init=False, repr=False)
     _depth: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # {"layers": N}
@@ -66,7 +67,8 @@ class TokenSparse(Method):
                                "(tca_attention.enable does)")
         return layer_idx >= first_at_depth(self.start, self._depth["layers"])
 
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> SubsetPlan | None:
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True,
+             heads: HeadGroup = ONE_PROCESS) -> SubsetPlan | None:
         """A SubsetPlan per query head, or None (SDPA) for a dense layer or a batch whose rows all stay
         dense. One host sync (the longest subset), plus one for the smallest key_start when padded."""
         B, H, L, _ = q.shape
@@ -76,10 +78,12 @@ class TokenSparse(Method):
         ks = key_start.to(device=q.device, dtype=torch.long)
         if L - (int(ks.min()) if padded else 0) <= self.min_tokens + W:
             return None  # no row is long enough
-        return SubsetPlan(*pack_mask(self.select(q, k, ks, scaling)), ks)
+        return SubsetPlan(*pack_mask(self.select(q, k, ks, scaling, heads)), ks)
 
-    def select(self, q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, scaling: float) -> torch.Tensor:
-        """(B, H, L) bool: the tokens each query head keeps (the paper's selection)."""
+    def select(self, q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, scaling: float,
+               heads: HeadGroup = ONE_PROCESS) -> torch.Tensor:
+        """(B, H, L) bool: the tokens each query head keeps (the paper's selection). The coverage
+        reads the average over every head of the layer (heads: this process's are a share of them)."""
         B, H, L, _ = q.shape
         W = self.recent
         n = L - ks  # (B,) real tokens
@@ -94,7 +98,7 @@ class TokenSparse(Method):
         if self.keep > 0:
             count = torch.ceil(self.keep * prefix.double()).long()
         else:
-            glob = score.mean(1)  # (B, L) head average
+            glob = heads.sum(score.sum(1)) / (H * heads.world)  # (B, L) the average over every head
             glob = glob / (glob.sum(-1, keepdim=True) + 1e-8)
             asc = torch.where(in_prefix, glob, math.inf).sort(-1).values  # prefix tokens first, ascending
             below = (asc.cumsum(-1) < self.coverage) & torch.isfinite(asc)

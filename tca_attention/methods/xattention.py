@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.plan import BlockPlan
-from .base import Method
+from .base import Method, check_key_block
 
 # Reduced scores computed at once, per chunk of query blocks. A chunk holds them twice: in q's dtype
 # (the matmul) and in fp32 (the softmax): 768 MiB for a bf16 model.
@@ -132,8 +132,7 @@ class XAttention(Method):
         if not 0 < self.threshold <= 1:
             raise ValueError(f"XAttention needs 0 < threshold <= 1, got {self.threshold}")
         b = self.block_size
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"XAttention needs block_size a power of two >= 16, got {b!r}")
+        check_key_block("XAttention", b)
         if self.stride < 1 or b % self.stride:
             raise ValueError(f"XAttention needs a stride >= 1 dividing block_size {b}, got {self.stride}")
 

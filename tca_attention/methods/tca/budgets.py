@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..state import ModelIdentity, StateError, json_type, save_json
+from ..state import ModelIdentity, StateError, json_type, per_head, save_json
 from .candidates import decode_keep, expected_keep, keep_counts
 from .config import TCAConfig
 
@@ -45,7 +45,7 @@ class Budgets:
     model: ModelIdentity
     config: TCAConfig
     candidates: tuple[tuple[float, ...], ...]  # ladder rows p over keep_counts(b), cheapest first
-    layers: tuple[tuple[HeadBudget, ...] | None, ...]
+    layers: tuple[tuple[HeadBudget, ...] | None, ...] = per_head("kv")
     calibration: dict[str, Any] = field(default_factory=dict)  # text sha256, tokens, source, seconds
 
     # -- choices --------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def measure(method, heads: int, head_dim: int, dtype: torch.dtype, device: torch
 
     tca = dataclasses.replace(method, dense_below=0)
     idx = _layer_to_time(tca)
-    kv_heads = tca.budgets.model.num_kv_heads
+    kv_heads = len(tca.budgets.layers[idx])  # the heads it runs (a tensor-parallel rank: its own)
     scaling = head_dim**-0.5
     rows = []
     for L in lengths:
@@ -95,7 +95,7 @@ def _path(method, heads: int, head_dim: int, dtype: torch.dtype, device: torch.d
 
     key = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-        "heads": heads, "kv_heads": method.budgets.model.num_kv_heads, "head_dim": head_dim, "dtype": str(dtype),
+        "heads": heads, "kv_heads": len(next(r for r in method.budgets.layers if r is not None)), "head_dim": head_dim, "dtype": str(dtype),
         "budgets": hashlib.sha256(json.dumps(method.budgets.to_json(), sort_keys=True).encode()).hexdigest()[:16],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

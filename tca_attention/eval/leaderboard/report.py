@@ -1,0 +1,247 @@
+"""The leaderboard's files: leaderboard.json, leaderboard.md and PNG plots, from the per-sample
+results of `tca eval` run folders (and, optionally, a `tca bench methods` timing JSON).
+
+Accuracy is the eval report's headline accuracy (the mean over the accuracy tasks every method
+ran at that length, `report.summarize`); the fraction is the attended fraction (docs/eval.md).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean
+from typing import Any, Iterable
+
+from ... import registry
+from ..report import _slug, display_name, family, summarize
+from ..schema import Result
+from ..tasks import TASKS
+from .matching import DEFAULT_FOCUS, DEFAULT_TARGETS, DEFAULT_TOLERANCE, Match, Point, match_at, pareto
+
+ALL = "all"  # the accuracy over every task (the headline), beside the per-task-family ones
+
+
+def task_family(task: str) -> str:
+    return TASKS.get(task).family if task in TASKS else task
+
+
+def _cell_points(methods: dict, length: str) -> list[dict[str, Any]]:
+    """Every method's point at one length: fractions, headline accuracy, accuracy per task family."""
+    out = []
+    for method, m in methods.items():
+        c = m["lengths"].get(length)
+        if c is None or c.get("accuracy") is None:
+            continue
+        fams: dict[str, list[float]] = {}
+        for t in c["accuracy_tasks"]:
+            fams.setdefault(task_family(t), []).append(c["tasks"][t]["score"])
+        out.append({"method": method, "family": family(method),
+                    "attended_fraction": c.get("attended_fraction", c["kept_fraction"]),
+                    "kept_fraction": c["kept_fraction"], "accuracy": c["accuracy"], "n": c["n"],
+                    "tasks": c["accuracy_tasks"], "task_families": {f: mean(v) for f, v in fams.items()}})
+    return out
+
+
+def points_of(rows: list[dict], task_fam: str = ALL) -> list[Point]:
+    """Contenders' points (full attention is the reference, not a contender)."""
+    return [Point(r["method"], r["family"], r["attended_fraction"],
+                  r["accuracy"] if task_fam == ALL else r["task_families"][task_fam])
+            for r in rows if r["family"] != registry.FULL and (task_fam == ALL or task_fam in r["task_families"])]
+
+
+def _match_json(m: Match, focus: str) -> dict[str, Any]:
+    return {
+        "target": m.target, "best": list(m.best), "margin": m.margin, "runner_up": list(m.runner_up),
+        "chosen": {f: (None if p is None else {"method": p.method, "attended_fraction": p.fraction, "accuracy": p.value})
+                   for f, p in m.chosen.items()},
+        "no_point_near": list(m.missing),
+        f"{focus}_behind": [{"family": f, "points": 100 * gap} for f, gap in m.behind(focus)],
+    }
+
+
+def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tolerance: float = DEFAULT_TOLERANCE,
+          focus: str = DEFAULT_FOCUS, timings: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> dict:
+    """The leaderboard as plain data (what leaderboard.json holds)."""
+    targets = list(targets)
+    summary = summarize(results)
+    board: dict[str, Any] = {
+        "targets": targets, "tolerance": tolerance, "focus": focus,
+        "fraction": "attended fraction: the share of the work a method sparsifies that it still does (docs/eval.md)",
+        "accuracy": "mean score over the accuracy tasks every method ran at that length",
+        "run": run or {}, "models": {}, "findings": [], "timings": timings,
+    }
+    for model, msum in summary["models"].items():
+        methods = msum["methods"]
+        families = [f for f in dict.fromkeys(family(m) for m in methods) if f != registry.FULL]
+        lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
+        mboard: dict[str, Any] = {"lengths": {}, "findings": []}
+        for L in lengths:
+            rows = _cell_points(methods, str(L))
+            full = next((r for r in rows if r["family"] == registry.FULL), None)
+            matches = [match_at(points_of(rows), t, tolerance, families) for t in targets]
+            task_fams = sorted({f for r in rows for f in r["task_families"]})
+            mboard["lengths"][str(L)] = {
+                "full": None if full is None else {"accuracy": full["accuracy"], "n": full["n"],
+                                                   "task_families": full["task_families"]},
+                "points": rows,
+                "pareto": {tf: [p.method for p in pareto(points_of(rows, tf))] for tf in [ALL, *task_fams]},
+                "matched": [_match_json(m, focus) for m in matches],
+            }
+            mboard["findings"] += _findings(display_name(model), L, matches, focus, tolerance)
+        board["findings"] += mboard["findings"]
+        board["models"][model] = mboard
+    return board
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _findings(model: str, length: int, matches: list[Match], focus: str, tolerance: float) -> list[str]:
+    """Where `focus` loses to a peer at a matched fraction, or has no point to compare."""
+    out = []
+    for m in matches:
+        where = f"{model}, {length} tokens, {100 * m.target:g}% kept"
+        if focus not in m.chosen:
+            continue
+        p = m.chosen[focus]
+        if p is None:
+            out.append(f"{where}: {focus} has no sweep point within ±{100 * tolerance:g} points of the target")
+            continue
+        for peer, gap in m.behind(focus):
+            q = m.chosen[peer]
+            out.append(f"{where}: {focus} loses to {peer} by {100 * gap:.1f} points "
+                       f"({p.method} {_pct(p.value)} at {_pct(p.fraction)}% vs {q.method} {_pct(q.value)} "
+                       f"at {_pct(q.fraction)}%)")
+    return out
+
+
+def _fmt_choice(p: dict | None) -> str:
+    if p is None:
+        return "no point near"
+    return f"{_pct(p['accuracy'])} ({p['method']}, {_pct(p['attended_fraction'])}%)"
+
+
+def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
+             images: dict[str, str] | None = None) -> str:
+    images = images or {}
+    tol = 100 * board["tolerance"]
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [f"> {note}", ""]
+    lines += [
+        f"Accuracy (%) of each method at matched kept fractions: for each target, each method's sweep point "
+        f"whose attended fraction is nearest the target, if one lies within ±{tol:g} points (ties: the smaller "
+        "fraction); a method is a registry name and its sweep points are its result labels. The attended "
+        "fraction is the share of the work a method sparsifies that it still does (KV kept for the evicting "
+        "methods, the prefill share for a prefill-only one, the decode share for a decode-only one; "
+        "docs/eval.md). Accuracy is the mean score over the accuracy tasks every method ran at that length. "
+        "\"best\" is the method with the highest accuracy there and \"margin\" its lead in points over the next one.",
+        "",
+    ]
+    run = board.get("run") or {}
+    if run:
+        lines += ["Run: " + "; ".join(f"{k} `{', '.join(map(str, v)) if isinstance(v, list) else v}`"
+                                      for k, v in run.items() if v not in (None, "", [])), ""]
+    for model, mb in board["models"].items():
+        name = display_name(model)
+        lines += [f"## {name}", ""]
+        families: list[str] = list(dict.fromkeys(f for c in mb["lengths"].values() for m in c["matched"] for f in m["chosen"]))
+        head = ["length", "kept", "full", "best", "margin", *families]
+        lines += ["### Accuracy at matched kept fraction", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for L, c in mb["lengths"].items():
+            full = _pct(c["full"]["accuracy"]) if c["full"] else "-"
+            for m in c["matched"]:
+                best = " = ".join(m["best"]) + (" (tie)" if len(m["best"]) > 1 else "") if m["best"] else "none"
+                margin = ("-" if not m["best"] else "only one near" if len(m["best"]) == 1 and m["margin"] is None
+                          else "-" if m["margin"] is None else f"+{100 * m['margin']:.1f} over {', '.join(m['runner_up'])}")
+                cells = [_fmt_choice(m["chosen"].get(f)) if f in m["chosen"] else "-" for f in families]
+                lines.append(f"| {L} | {100 * m['target']:g}% | {full} | {best} | {margin} | " + " | ".join(cells) + " |")
+        lines += ["", f"Cells: accuracy (the sweep point, its attended fraction %); \"no point near\": no sweep point "
+                  f"within ±{tol:g} points of the target.", ""]
+        focus = board["focus"]
+        lines += [f"### Where {focus} loses", ""]
+        if mb["findings"]:
+            lines += [f"- {f}" for f in mb["findings"]]
+        elif focus in families:
+            lines.append(f"- nowhere: {focus} is best or tied at every matched fraction (and has a point at each).")
+        else:
+            lines.append(f"- {focus} was not among the methods.")
+        lines += ["", "### Every sweep point", ""]
+        tfs = sorted({tf for c in mb["lengths"].values() for r in c["points"] for tf in r["task_families"]})
+        head = ["length", "method", "attended", "KV kept", "acc", *tfs, "pareto"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for L, c in mb["lengths"].items():
+            front = set(c["pareto"][ALL])
+            for r in sorted(c["points"], key=lambda r: (r["family"], r["attended_fraction"])):
+                lines.append(f"| {L} | {r['method']} | {_pct(r['attended_fraction'])} | {_pct(r['kept_fraction'])} | "
+                             f"{_pct(r['accuracy'])} | " + " | ".join(_pct(r["task_families"].get(t)) for t in tfs)
+                             + f" | {'yes' if r['method'] in front else ''} |")
+        lines += ["", "Percentages. pareto: no other method's point has a smaller or equal attended fraction and a "
+                  "higher or equal accuracy (all tasks); full attention is the reference, not a contender.", ""]
+        if f"pareto_{model}" in images:
+            lines += [f"![accuracy vs attended fraction, {name}]({images[f'pareto_{model}']})", ""]
+    lines += _timing_markdown(board.get("timings"), board["tolerance"], images.get("timings"))
+    return "\n".join(lines) + "\n"
+
+
+def _timing_markdown(t: dict | None, tolerance: float, image: str | None) -> list[str]:
+    lines = ["## Prefill time at matched kept fraction", ""]
+    if not t:
+        return lines + ["No timings given (`--timings FILE`, the JSON of `tca bench methods` on a GPU).", ""]
+    meta = t["meta"]
+    shape = meta.get("model", {})
+    lines += [f"From `{t.get('source') or 'tca bench methods'}`: {t['key']} (the prefill forward, the method's selection "
+              f"included) on {meta.get('device', '?')}, {shape.get('shape', '?')}-shaped model "
+              f"({shape.get('num_hidden_layers', '?')} layers, {shape.get('weights', '?')}), {meta.get('dtype', '?')}, "
+              f"batch {meta.get('batch', '?')}. Each method's row nearest each target fraction (attended fraction, "
+              f"±{100 * tolerance:g} points), its time in ms and speed-up over dense attention in the same run.", ""]
+    if meta.get("command"):
+        lines += [f"Command: `{meta['command']}`", ""]
+    for L, c in t["lengths"].items():
+        dense = ("error: " + c["dense_error"] if c.get("dense_error") else "not measured" if c["dense_s"] is None
+                 else f"{1000 * c['dense_s']:.1f} ms")
+        families = list(dict.fromkeys(f for m in c["matched"] for f in m["chosen"]))
+        lines += [f"### {int(L) // 1024}K tokens (dense: {dense})", "",
+                  "| kept | fastest | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
+        for m in c["matched"]:
+            cells = []
+            for f in families:
+                p = m["chosen"].get(f)
+                failed = any(k.partition(":")[0] == f for k in c["errors"])
+                cells.append(("error (below)" if failed else "no row near") if p is None else
+                             f"{1000 * p['seconds']:.1f} ms, {p['speedup']:.2f}x ({p['method']}, "
+                             f"{_pct(p['attended_fraction'])}%)" if p["speedup"] else f"{1000 * p['seconds']:.1f} ms")
+            lines.append(f"| {100 * m['target']:g}% | {', '.join(m['fastest']) or '-'} | " + " | ".join(cells) + " |")
+        if c["errors"]:
+            lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in c["errors"].items())]
+        lines.append("")
+    if t.get("findings"):
+        lines += [f"Where {t['focus']} is slower than a peer at a matched fraction:", ""]
+        lines += [f"- {f}" for f in t["findings"]] + [""]
+    if image:
+        lines += [f"![prefill time vs attended fraction]({image})", ""]
+    return lines
+
+
+def write(board: dict, out_dir: Path, title: str = "Leaderboard", note: str | None = None) -> dict[str, Path]:
+    """leaderboard.json, leaderboard.md and the PNGs into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from .plots import plot_pareto, plot_timings
+
+    files: dict[str, Path] = {}
+    images: dict[str, str] = {}
+    for model in board["models"]:
+        p = plot_pareto(board, model, out_dir / f"leaderboard_pareto_{_slug(model)}.png")
+        if p is not None:
+            files[f"pareto_{model}"] = p
+            images[f"pareto_{model}"] = p.name
+    if board.get("timings"):
+        p = plot_timings(board["timings"], out_dir / "leaderboard_prefill_time.png")
+        if p is not None:
+            files["timings"] = p
+            images["timings"] = p.name
+    files["json"] = out_dir / "leaderboard.json"
+    files["json"].write_text(json.dumps(board, indent=1, sort_keys=False) + "\n")
+    files["md"] = out_dir / "leaderboard.md"
+    files["md"].write_text(markdown(board, title, note, images))
+    return files

@@ -1,0 +1,93 @@
+"""Token-level decode selection shared by the decode-side peers (TokenSelect, TidalDecode, Recycled
+Attention): they prefill densely, keep the whole cache (every token in the ragged layer's tail) and
+at each decode step list the tail slots each (row, KV head) reads, as a DecodeSelection of page 1.
+
+Row r's real tokens are tail slots [start_r, fill) (its left padding before start_r); masks here are
+(B, KV, T) over tail slots, never True on padding. Read fractions are counted on the device and read
+only by report() (no host sync on the decode path for the bookkeeping).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..engine.plan import DecodeSelection
+
+if TYPE_CHECKING:
+    from ..ragged_cache import RaggedLayer
+
+
+def tail_rows(layer: "RaggedLayer", name: str) -> tuple[torch.Tensor, int]:
+    """(start (B,) int64: each row's first real tail slot, fill: tail slots in use). Raises if the
+    cache dropped tokens (these methods read from the whole cache)."""
+    if layer.t_pos0 != 0 or (layer.g_pos is not None and layer.g_pos.shape[0]):
+        raise RuntimeError(f"{name}: the cache dropped tokens; {name} needs the whole cache (decode_keep = block)")
+    return (layer.t_first - layer.t_pos0).long(), layer.t_fill
+
+
+def real_slots(start: torch.Tensor, fill: int) -> torch.Tensor:
+    """(B, fill) True on each row's real tail slots."""
+    return torch.arange(fill, device=start.device)[None, :] >= start[:, None]
+
+
+def group_logits(q: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The last query of q (B, H, Q, D) against keys (B, KV, T, D): (B, KV, G, T) fp32 logits x scaling,
+    G = H // KV query heads per KV head. One matmul in the keys' dtype (fp32 accumulation; no fp32
+    copy of the cache), the small result in fp32."""
+    B, H, _, D = q.shape
+    KV = keys.shape[1]
+    qg = q[:, :, -1].to(keys.dtype).reshape(B, KV, H // KV, D)
+    return torch.matmul(qg, keys.transpose(-1, -2)).float() * scaling
+
+
+def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., T) bool: the k entries of largest score per row among the finite ones (-inf: ineligible;
+    fewer eligible entries than k: all of them)."""
+    k = min(k, score.shape[-1])
+    top = score.topk(k, dim=-1)
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    return mask.scatter_(-1, top.indices, top.values > float("-inf"))
+
+
+def selection_from_mask(mask: torch.Tensor, width: int) -> DecodeSelection:
+    """mask (B, KV, T) bool with at most `width` True per (row, KV head) -> a token-level
+    DecodeSelection (B, KV, min(width, T)): the True slots ascending, then -1."""
+    B, KV, T = mask.shape
+    width = max(1, min(width, T))
+    slot = torch.where(mask, mask.long().cumsum(-1) - 1, width)  # width: a dump slot
+    pages = torch.full((B, KV, width + 1), -1, dtype=torch.int32, device=mask.device)
+    ids = torch.arange(T, dtype=torch.int32, device=mask.device).expand(B, KV, T)
+    pages.scatter_(2, slot, torch.where(mask, ids, -1))
+    return DecodeSelection(1, pages[..., :width].contiguous())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of (B, N) fp32 tensors -> (B,)."""
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+class ReadCounter:
+    """Decode steps seen and the sum of their read fractions (mean over rows of the real cached
+    tokens attended, averaged over KV heads); a step reading everything counts 1."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.dense = 0
+        self.sum: torch.Tensor | None = None
+
+    def count_dense(self) -> None:
+        self.steps += 1
+        self.dense += 1
+
+    def count(self, mask: torch.Tensor, start: torch.Tensor, fill: int) -> None:
+        """A step reading mask (B, KV, T) of rows whose real tokens are [start_r, fill)."""
+        read = mask.sum(-1).double().mean(-1)  # (B,)
+        frac = (read / (fill - start).clamp_min(1).double()).mean()
+        self.steps += 1
+        self.sum = frac if self.sum is None else self.sum + frac
+
+    def fraction(self) -> float | None:
+        if not self.steps:
+            return None
+        return (self.dense + (float(self.sum) if self.sum is not None else 0.0)) / self.steps

@@ -1,0 +1,144 @@
+"""Recycled Attention (Xu, Goyal and Choi, 2024, "Recycled Attention: Efficient inference for
+long-context language models"): full-attention decode steps alternate with steps that recycle the
+last full step's attention pattern.
+
+Prefill is dense and the cache keeps every token. Per layer and per row: a full step reads the whole
+cache and records, per KV head, the `budget` tokens of largest attention (the step's softmax
+probabilities summed over the KV head's query heads); the steps after it read only those tokens plus
+every token added since (from the full step's own token to the current one). A row takes a full step on its
+first decode step and then every `stride` steps; with `similarity` > 0 also whenever the cosine
+similarity of its query (every head of the layer) to the query of its last full step falls below
+`similarity` (the paper's dynamic scheduling). docs/methods.md, "## recycled".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from ..engine.plan import DecodeSelection
+from .base import Method
+from .decode_tokens import ReadCounter, cosine, group_logits, real_slots, selection_from_mask, tail_rows, top_mask
+
+if TYPE_CHECKING:
+    from ..ragged_cache import RaggedLayer
+
+_STATE = "recycled"  # key of the per-layer recycled pattern in RaggedLayer.method_state
+
+
+@dataclass(frozen=True)
+class RecycledAttention(Method):
+    """budget: tokens (K) each (row, KV head) keeps from a full step's attention; stride: a full step
+    every `stride` decode steps (1: always full); similarity: also a full step when the query's
+    cosine similarity to the last full step's query is below it (0: fixed schedule only)."""
+
+    budget: int = 2048
+    stride: int = 10
+    similarity: float = 0.0
+    name: str = "recycled"
+    _reads: ReadCounter = field(default_factory=ReadCounter, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"recycled: budget must be >= 1 token, got {self.budget}")
+        if self.stride < 1:
+            raise ValueError(f"recycled: stride must be >= 1 decode step, got {self.stride}")
+        if not 0 <= self.similarity <= 1:
+            raise ValueError(f"recycled: similarity must lie in [0, 1] (0: fixed schedule), got {self.similarity}")
+
+    @property
+    def block_size(self) -> int:
+        return 16
+
+    @property
+    def window(self) -> int:
+        return 16
+
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> None:
+        return None  # dense prefill; the cache keeps everything
+
+    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
+
+    def _fits(self, fill: int) -> bool:
+        """Every row's cache (at most fill real tokens) is within K: a dense step (no pattern kept)."""
+        return fill <= self.budget
+
+    def _row_fits(self, n: torch.Tensor) -> torch.Tensor:
+        """(B,) rows of n real tokens within K: they read everything, as they would alone."""
+        return n <= self.budget
+
+    def split_heads_refusal(self) -> str | None:
+        return ("similarity > 0 compares the whole layer's query (use similarity=0)" if self.similarity > 0
+                else None)
+
+    def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
+        start, fill = tail_rows(layer, self.name)
+        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within K: dense, schedules restart
+            layer.method_state.pop(_STATE, None)
+            self._reads.count_dense()
+            return None
+        B = q.shape[0]
+        qv = q[:, :, -1].float().flatten(1)  # (B, H * D)
+        st = layer.method_state.get(_STATE) or self._empty(B, layer.t_keys.shape[1], qv)
+        st["since"] += 1
+        fits = self._row_fits(fill - start)  # rows reading everything, as alone (their schedule restarts)
+        full = ~st["valid"] | (st["since"] >= self.stride)
+        if self.similarity > 0:
+            full |= cosine(qv, st["q"]) < self.similarity
+        full &= ~fits
+        real = real_slots(start, fill)
+        any_full = bool(full.any())  # one host read: does any row take a full step?
+        if any_full:
+            self._record(st, full, self.pattern(q, layer, real), qv, fill)
+        st["valid"] &= ~fits
+        layer.method_state[_STATE] = st
+        if bool((full | fits).all()):
+            self._reads.count_dense()
+            return None
+        recent = torch.arange(fill, device=q.device)[None, :] >= st["base"][:, None]  # (B, T) added since
+        mask = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1])) | recent[:, None, :]
+        mask = torch.where((full | fits)[:, None, None], real[:, None, :], mask) & real[:, None, :]
+        self._reads.count(mask, start, fill)
+        # a row's recycled reads: at most K + stride tokens; a full row next to it lists its whole cache
+        return selection_from_mask(mask, fill if any_full else self.budget + self.stride)
+
+    def pattern(self, q: torch.Tensor, layer: "RaggedLayer", real: torch.Tensor) -> torch.Tensor:
+        """(B, KV, T): the `budget` real tokens of largest attention of this (full) step, the
+        probabilities summed over each KV head's query heads. select_decode is not handed the layer's
+        scaling: the probabilities use 1 / sqrt(head_dim) (docs/methods.md)."""
+        logits = group_logits(q, layer.t_keys[:, :, : real.shape[-1]], q.shape[-1] ** -0.5)
+        logits = logits.masked_fill(~real[:, None, None, :], float("-inf"))
+        score = torch.softmax(logits, dim=-1).sum(2).masked_fill(~real[:, None, :], float("-inf"))
+        return top_mask(score, self.budget)
+
+    @staticmethod
+    def _empty(B: int, KV: int, qv: torch.Tensor) -> dict:
+        """Per-row schedule state of a layer: no row has a pattern yet."""
+        dev = qv.device
+        return {"top": torch.zeros(B, KV, 0, dtype=torch.bool, device=dev), "q": torch.zeros_like(qv),
+                "base": torch.zeros(B, dtype=torch.long, device=dev), "since": torch.zeros(B, dtype=torch.long, device=dev),
+                "valid": torch.zeros(B, dtype=torch.bool, device=dev)}
+
+    @staticmethod
+    def _record(st: dict, full: torch.Tensor, top: torch.Tensor, qv: torch.Tensor, fill: int) -> None:
+        """The rows taking a full step now get this step's pattern, query and base (its own token); the
+        others keep theirs."""
+        old = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1]))
+        st["top"] = torch.where(full[:, None, None], top, old)
+        st["q"] = torch.where(full[:, None], qv, st["q"])
+        st["base"] = torch.where(full, fill - 1, st["base"])
+        st["since"] = torch.where(full, 0, st["since"])
+        st["valid"] = st["valid"] | full
+
+    def report(self) -> dict:
+        """decode_kept_fraction: over every decode step of every layer (full steps and steps within
+        the budget count as 1), the mean over rows of the cached tokens read (the cache holds all)."""
+        return {"decode_kept_fraction": self._reads.fraction()}
+
+
+def budget_for(kept_fraction: float, prompt_tokens: int, params: Mapping[str, Any]) -> int:
+    """K making a recycled step read about kept_fraction of a prompt_tokens prompt (>= 1); full steps
+    read everything (docs/methods.md)."""
+    return max(1, round(kept_fraction * prompt_tokens))
