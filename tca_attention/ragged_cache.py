@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .engine import dispatch
+from .engine import compensation, dispatch
 from .engine.plan import DecodeSelection, RaggedCacheView, TokenPlan
 
 
@@ -53,6 +53,9 @@ class RaggedLayer(DynamicLayer):
         self.compresses: bool | None = None  # False once known that decode keeps whole blocks
         self.method_state: dict = {}  # a method's per-request state for this layer (e.g. page bounds)
         self.key_bias = None  # the method's key logit bias (engine.plan.KeyBias) set at prefill, applied in decode
+        # compensation entries (TokenPlan.compensate): per (row, KV head) the mean key/value of the
+        # c_count tokens it dropped; None when the plan folds nothing
+        self.c_keys = self.c_values = self.c_count = self.c_heads = None
 
     # -- transformers Cache protocol ------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -107,7 +110,27 @@ class RaggedLayer(DynamicLayer):
         self.key_start = key_start.to(k.device)
         self.decode_keep = decode_keep.to(k.device)
         self._first_host = None
+        self._commit_compensation(plan, k, v)
         self._commit_tail(k, v, self._commit_global(plan, k, v))
+
+    def _commit_compensation(self, plan: TokenPlan | None, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold each compensating head's dropped prompt tokens (the real tokens of the row's global
+        region it does not keep) into its compensation entry."""
+        if plan is None or plan.compensate is None:
+            self.c_keys = self.c_values = self.c_count = self.c_heads = None
+            return
+        B, KV, L, D = k.shape
+        dev = k.device
+        self.c_heads = plan.compensate.to(device=dev, dtype=torch.bool)  # (KV,)
+        region = (torch.arange(L, device=dev)[None, :] >= self.key_start[:, None]) & (
+            torch.arange(L, device=dev)[None, :] < plan.local_starts().to(dev)[:, None])  # (B, L)
+        kept = torch.zeros(B, KV, L + 1, dtype=torch.bool, device=dev)  # slot L: padding entries
+        live = torch.arange(plan.kept_idx.shape[-1], device=dev) < plan.kept_len.to(dev)[..., None].long()
+        kept.scatter_(2, torch.where(live, plan.kept_idx.to(dev).clamp(max=L), L), True)
+        drop = region[:, None, :] & ~kept[..., :L] & self.c_heads[None, :, None]  # (B, KV, L)
+        zeros = k.new_zeros(B, KV, D)
+        self.c_keys, self.c_values, self.c_count = compensation.fold(
+            zeros, zeros.clone(), torch.zeros(B, KV, dtype=torch.float64, device=dev), k, v, drop)
 
     def _kept_slots(self, plan: TokenPlan | None, k: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where the kept prompt tokens go in a packed CSR without spare room; sets t_first.
@@ -201,9 +224,10 @@ class RaggedLayer(DynamicLayer):
 
     def view(self, q_pos: torch.Tensor) -> RaggedCacheView:
         """The cache as queries at positions q_pos (B, Q) see it (references to the buffers, no copy)."""
+        comp = (self.c_keys, self.c_values, compensation.log_weight(self.c_count)) if self.c_keys is not None else ()
         return RaggedCacheView(
             q_pos, self.g_keys, self.g_values, self.g_pos, self.g_offsets,
-            self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(),
+            self.t_keys[:, :, : self.t_fill], self.t_values[:, :, : self.t_fill], self.tail_positions(), *comp,
         )
 
     def attend(self, q: torch.Tensor, scaling: float, selection: DecodeSelection | None = None) -> torch.Tensor:
@@ -243,10 +267,15 @@ class RaggedLayer(DynamicLayer):
         probs = torch.exp(logits - lse_last.view(B, KV, g, 1)).mean(2)  # (B, KV, b) GQA-averaged
         pos = self.t_pos0 + slots  # (B, b): all in the row's tail for the compressing rows
         t_max = int(self.decode_keep.max()) if self.decode_keep.numel() else 0
+        top = torch.topk(probs, t_max, dim=-1).indices  # (B, KV, t_max)
+        keep = torch.arange(t_max, device=dev)[None, None, :] < self.decode_keep[None, :, None]
+        keep = keep & comp[:, None, None]  # (B, KV, t_max)
+        if self.c_keys is not None:  # what the compensating heads drop of the block folds into their entry
+            kept = torch.zeros(B, KV, b, dtype=torch.bool, device=dev).scatter_(2, top, keep)
+            drop = comp[:, None, None] & self.c_heads[None, :, None] & ~kept  # (B, KV, b)
+            self.c_keys, self.c_values, self.c_count = compensation.fold(
+                self.c_keys, self.c_values, self.c_count, blk_k, blk_v, drop)
         if t_max > 0:
-            top = torch.topk(probs, t_max, dim=-1).indices  # (B, KV, t_max)
-            keep = torch.arange(t_max, device=dev)[None, None, :] < self.decode_keep[None, :, None]
-            keep = keep & comp[:, None, None]  # (B, KV, t_max)
             self._append_global(
                 torch.gather(blk_k, 2, top[..., None].expand(B, KV, t_max, D)),
                 torch.gather(blk_v, 2, top[..., None].expand(B, KV, t_max, D)),
@@ -299,8 +328,8 @@ class RaggedLayer(DynamicLayer):
         self.g_keys, self.g_values, self.g_pos, self.g_offsets = keys, values, gp, new_off
 
     # -- accounting -------------------------------------------------------------------------
-    _KV_TENSORS = ("g_keys", "g_values", "g_pos", "t_keys", "t_values")
-    _INDEX_TENSORS = ("g_offsets", "key_start", "t_first", "decode_keep")
+    _KV_TENSORS = ("g_keys", "g_values", "g_pos", "t_keys", "t_values", "c_keys", "c_values")
+    _INDEX_TENSORS = ("g_offsets", "key_start", "t_first", "decode_keep", "c_count", "c_heads")
 
     def _storage_bytes(self, names: tuple[str, ...]) -> int:
         tensors = [t for t in (getattr(self, n) for n in names) if t is not None]
@@ -321,7 +350,8 @@ class RaggedLayer(DynamicLayer):
         if self.t_keys is None:
             return 0
         B, KV = self.t_keys.shape[:2]
-        return int(self.g_pos.shape[0]) + B * KV * self.t_fill
+        comp = int((self.c_count > 0).sum()) if self.c_count is not None else 0  # compensation entries held
+        return int(self.g_pos.shape[0]) + B * KV * self.t_fill + comp
 
     def dense_tokens(self) -> int:
         if self.t_keys is None:
@@ -346,7 +376,8 @@ class RaggedLayer(DynamicLayer):
         glob = torch.zeros(B * KV, dtype=torch.long, device=seg_len.device)
         glob.index_add_(0, seg, (self.g_pos >= 0).long())
         tail = (self.tail_positions() >= 0).sum(-1) * KV
-        return glob.view(B, KV).sum(-1) + tail
+        comp = (self.c_count > 0).sum(-1) if self.c_count is not None else 0
+        return glob.view(B, KV).sum(-1) + tail + comp
 
     def dense_tokens_per_row(self) -> torch.Tensor:
         """(B,) slots a plain cache would hold for each row's non-padding tokens."""

@@ -105,6 +105,48 @@ def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any])
     return hs.HeadSplit(scores, **knobs, **extra)
 
 
+def _duo(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """Gates handed in (gates=DuoGates), from a file (gates=path), or optimised once per model and
+    cached (model= and tokenizer=)."""
+    from .methods import duo
+
+    knobs = {k: v for k, v in params.items() if k != "gates"}
+    if "gates" in extra:
+        gates = extra.pop("gates")
+    elif "gates" in params:
+        gates = duo.DuoGates.load(params["gates"], model=model)
+    elif model is None or tokenizer is None:
+        raise ValueError("duo needs gates: pass model= and tokenizer= (optimised once, then cached), "
+                         "gates=<file> in the spec, or gates=")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        gates = duo.load_or_optimise(ModelProbe(model), tokenizer, str(key))
+    return duo.Duo(gates, **knobs, **extra)
+
+
+def _razor(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
+    """Scores handed in (scores=RazorScores), from a file (scores=path), or calibrated once per model
+    and cached (model=; the probe is random tokens, so no tokenizer is needed)."""
+    from .methods import razor
+
+    knobs = {k: v for k, v in params.items() if k != "scores"}
+    if "scores" in extra:
+        scores = extra.pop("scores")
+    elif "scores" in params:
+        scores = razor.RazorScores.load(params["scores"], model=model)
+    elif model is None:
+        raise ValueError("razor needs echo/induction scores: pass model= (calibrated once, then cached), "
+                         "scores=<file> in the spec, or scores=")
+    else:
+        from .integration.probe import ModelProbe
+
+        key = getattr(model, "name_or_path", None) or type(model).__name__
+        scores = razor.load_or_calibrate(ModelProbe(model), str(key))
+    return razor.Razor(scores, **knobs, **extra)
+
+
 def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     """Patterns forced (pattern=<name>), handed in (state=PatternState), from a file (state=path),
     or searched once per model and cached (model= and tokenizer=)."""
@@ -199,6 +241,8 @@ def _dataclass_build(cls_path: str) -> Callable[..., Any]:
 # dataclass's fields, less the ones naming a state file: (class path, those parameters)
 STATE_BUILT: dict[str, tuple[str, tuple[str, ...]]] = {
     "head-split": ("head_split.HeadSplit", ("scores",)),
+    "duo": ("duo.Duo", ("gates",)),
+    "razor": ("razor.Razor", ("scores",)),
     "minference": ("minference.MInference", ("state",)),
     "zerotuning": ("zerotuning.ZeroTuning", ("state",)),
     "act": ("act.ACT", ("state",)),
@@ -236,6 +280,15 @@ ENTRIES: dict[str, Entry] = {
               "(training-free retrieval scores)",
               {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "scores": str},
               _head_split, Density("retrieval_fraction", _lazy("head_split.retrieval_fraction_for"))),
+        Entry("duo", "DuoAttention: per-head gates optimised on synthetic passkey data (weights frozen); the "
+              "highest-gated heads full, the others sinks + window",
+              {"retrieval_fraction": float, "sinks": int, "window": int, "block_size": int, "gates": str},
+              _duo, Density("retrieval_fraction", _lazy("duo.retrieval_fraction_for"))),
+        Entry("razor", "RazorAttention: echo and induction heads (repeated-random-token probe) keep everything; "
+              "the others sinks + window + one compensation token of what they drop (dense prefill)",
+              {"retrieval_fraction": float, "echo_fraction": float, "sinks": int, "window": int, "block_size": int,
+               "compensate": bool, "scores": str},
+              _razor, Density("retrieval_fraction", _lazy("razor.retrieval_fraction_for"))),
         Entry("minference", "MInference: per head a-shape, vertical-slash or block-sparse prefill (offline "
               "pattern search, online vertical/slash estimation)",
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,

@@ -63,6 +63,9 @@ class StaticRaggedLayer(RaggedLayer):
 
     # -- prefill ----------------------------------------------------------------------------
     def commit_prefill(self, plan: TokenPlan | None, key_start: torch.Tensor, decode_keep: torch.Tensor) -> None:
+        if plan is not None and plan.compensate is not None:
+            raise NotImplementedError("the static (graph-captured) cache has no compensation entries "
+                                      "(TokenPlan.compensate, RazorAttention): use the dynamic cache")
         # host copies of the per-head keep counts (one small read per layer and request)
         self._keep_host = [int(x) for x in decode_keep.tolist()]
         super().commit_prefill(plan, key_start, decode_keep)

@@ -5,10 +5,10 @@ The model is Llama-3.1-8B-shaped with random weights (bench_e2e.build_model): a 
 set by how much it keeps and attends to, not by the weights. Methods are registry specs separated
 by ';', with sweeps (`key=a|b|c`), so each method's density knob can be swept and the methods
 compared at equal attended work. TCA takes a budget file mapped onto the model's heads (as
-`tca bench e2e`); a method calibrated on real text (head-split, moa) takes its state file via the spec
-only if it belongs to this model, so on random weights `--synthetic-state` gives it seeded random
-head scores: fine for timing (its cost depends only on how many heads keep everything), never for
-accuracy.
+`tca bench e2e`); a method calibrated on the model (head-split, duo, razor, moa) takes its state file
+via the spec only if it belongs to this model, so on random weights `--synthetic-state` gives it
+seeded random head scores (gates): fine for timing (its cost depends only on how many heads keep
+everything), never for accuracy.
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9; spatten:keep=0.25|0.5" --out r.json
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
 `--methods peers` (alone or in the list) stands for every peer's density sweep in PEER_SWEEPS.
@@ -36,6 +36,8 @@ PEER_SWEEPS: dict[str, str] = {
     "minference": "minference:pattern=vertical-slash,scale=0.5|1",  # forced pattern: no search on random weights
     "quest": "quest:budget=4096|16384",
     "head-split": "head-split:retrieval_fraction=0.25|0.5",
+    "duo": "duo:retrieval_fraction=0.25|0.5",  # the paper's 25% / 50% retrieval heads (75% / 50% sparsity)
+    "razor": "razor:retrieval_fraction=0.15|0.3",  # 0.15: the paper's default share of protected heads
     "streaming": "streaming:window=4096",
     "blasst": "blasst:scale_factor=100|1000|10000",
     "hip": "hip:k=8|32|128",  # at 128K: 1.3%, 3.6%, 12.6% of the causal pairs
@@ -135,8 +137,37 @@ def _random_moa_profile(model, seed: int = 0) -> dict:
                                   calibration={"synthetic": f"random, seed {seed}"})}
 
 
-# methods calibrated on real text -> seeded random state for `model` (timing only)
-SYNTHETIC = {"head-split": _random_head_scores, "moa": _random_moa_profile}
+
+def _random_rows(model, seed: int) -> tuple:
+    """Seeded random numbers in [0, 1), one per KV head of every layer of `model`."""
+    from ..introspect import text_config
+
+    cfg = text_config(model)
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(tuple(torch.rand(cfg.num_key_value_heads, generator=gen).tolist()) for _ in range(cfg.num_hidden_layers))
+
+
+def _random_gates(model, seed: int = 0) -> dict:
+    """duo's state with seeded random gates (timing only)."""
+    from ..methods.duo import DuoGates
+    from ..methods.state import ModelIdentity
+
+    return {"gates": DuoGates(ModelIdentity.of(model), _random_rows(model, seed),
+                              calibration={"synthetic": f"random, seed {seed}"})}
+
+
+def _random_razor_scores(model, seed: int = 0) -> dict:
+    """razor's state with seeded random echo and induction scores (timing only)."""
+    from ..methods.razor import RazorScores
+    from ..methods.state import ModelIdentity
+
+    return {"scores": RazorScores(ModelIdentity.of(model), _random_rows(model, seed), _random_rows(model, seed + 1),
+                                  calibration={"synthetic": f"random, seeds {seed}, {seed + 1}"})}
+
+
+# methods calibrated on the model -> seeded random state for `model` (timing only)
+SYNTHETIC = {"head-split": _random_head_scores, "duo": _random_gates, "razor": _random_razor_scores,
+             "moa": _random_moa_profile}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from . import block_reference, reference, subset
+from . import block_reference, compensation, reference, subset
 from .plan import BlockPlan, DecodeSelection, KeyBias, RaggedCacheView, SubsetPlan, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
@@ -50,6 +50,9 @@ def sparse_prefill(
 ) -> torch.Tensor:
     """TCA prefill attention. q (B, H, L, D), k/v (B, KV, L, D) -> (B, L, H, D); the query heads
     a plan's head_keep drops output zeros."""
+    if plan.attend_all:
+        raise ValueError("this TokenPlan says only what the cache keeps (attend_all): its prefill is plain "
+                         "causal attention, run by the caller")
     if resolve(backend, q.device) == "triton":
         from .triton_prefill import sparse_prefill_triton
 
@@ -78,11 +81,16 @@ def ragged_decode(
     selection: DecodeSelection | None = None, key_bias: KeyBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, H, Q, D) over the ragged cache (only the selected tail pages when a
-    selection is given) -> out (B, Q, H, D), lse (B, H, Q) fp32; see reference.ragged_decode_ref."""
+    selection is given) -> out (B, Q, H, D), lse (B, H, Q) fp32; see reference.ragged_decode_ref.
+    The view's compensation entries (if any): inside the reference's softmax; on the Triton path
+    merged into the kernel's (out, lse) afterwards (compensation.merge)."""
     if resolve(backend, q.device) == "triton":
         from .triton_decode import ragged_decode_triton
 
-        return ragged_decode_triton(q, cache, scaling, selection=selection, key_bias=key_bias)
+        out, lse = ragged_decode_triton(q, cache, scaling, selection=selection, key_bias=key_bias)
+        if cache.c_keys is not None:
+            out, lse = compensation.merge(q, out, lse, cache.c_keys, cache.c_values, cache.c_logw, scaling)
+        return out, lse
     return reference.ragged_decode_ref(q, cache, scaling, selection, key_bias)
 
 

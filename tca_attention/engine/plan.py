@@ -34,6 +34,13 @@ class TokenPlan:
     place of `window` at prefill (MoA's per-head spans): query j of head h attends to (j - w, j],
     extended to the local start as usual. `window` stays the cache's (the local region every head
     keeps), so a head's window should be >= it; see window_of().
+    compensate (optional, (KV,) bool): KV heads whose dropped tokens are not lost but folded into one
+    compensation entry (RazorAttention): the mean key and mean value of every real token of the
+    row's global region the head does not keep, weighted by their count n (a logit bias of log n),
+    visible to every later query; decode folds the tokens a compressed block drops into it too.
+    attend_all: the prefill queries attend to every causal key (plain attention); the plan then
+    says only what the cache keeps (a cache-compression method's plan; executed by the caller's
+    dense attention, never by sparse_prefill).
     """
 
     kept_idx: torch.Tensor  # (B, KV, M) int64, entries past kept_len are padding (>= every kept index)
@@ -47,6 +54,8 @@ class TokenPlan:
     kept_total: int | None = None  # kept_len.sum() when known on the host without a sync, else None
     row_local_start: torch.Tensor | None = None  # (B,) int64 per-row local starts (padded batches)
     head_keep: torch.Tensor | None = None  # (B, H) bool query heads whose prefill output is kept (None: all)
+    compensate: torch.Tensor | None = None  # (KV,) bool heads folding what they drop into one entry
+    attend_all: bool = False  # prefill is plain causal attention; the plan is what the cache keeps
     head_window: torch.Tensor | None = None  # (B, KV) int64 per-head prefill window (None: `window` everywhere)
 
     def window_of(self, batch: int, num_kv_heads: int, device: torch.device | None = None) -> torch.Tensor:
@@ -93,6 +102,10 @@ class RaggedCacheView:
     with positions g_pos (N,), then the tail t_keys/t_values[b, h] ((B, KV, T, D)) with positions
     t_pos[b] ((B, T), -1 = invalid slot). q_pos (B, Q): the queries' positions. A key is visible
     to a query iff 0 <= pos <= q_pos.
+    Compensation (optional, TokenPlan.compensate): (row b, KV head h) has one more key c_keys[b, h]
+    with value c_values[b, h] and logit bias c_logw[b, h] (natural log; -inf = no entry), visible
+    to every query: its logit is q . c_key * scaling + c_logw (the mean of n dropped tokens counted
+    n times). A DecodeSelection never drops it.
     """
 
     q_pos: torch.Tensor
@@ -103,6 +116,9 @@ class RaggedCacheView:
     t_keys: torch.Tensor
     t_values: torch.Tensor
     t_pos: torch.Tensor
+    c_keys: torch.Tensor | None = None  # (B, KV, D)
+    c_values: torch.Tensor | None = None  # (B, KV, D)
+    c_logw: torch.Tensor | None = None  # (B, KV) fp32
 
 
 def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,10 @@ def ragged_decode_ref(
             if key_bias is not None:
                 logits = logits + key_bias.lookup(b, slice(h * g, (h + 1) * g), pos)[:, None, :]
             logits = logits.masked_fill(~visible, float("-inf"))
+            if c.c_keys is not None:  # the compensation entry: one more key, biased by log(count)
+                lc = (q[b, h * g : (h + 1) * g].float() @ c.c_keys[b, h].float()) * scaling + c.c_logw[b, h].float()
+                logits = torch.cat([logits, lc[..., None]], -1)  # (g, Q, N + 1)
+                vals = torch.cat([vals, c.c_values[b, h].float()[None]], 0)
             o, l = _softmax_out(logits, vals)
             out[b, h * g : (h + 1) * g] = o
             lse[b, h * g : (h + 1) * g] = l

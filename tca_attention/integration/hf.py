@@ -21,7 +21,7 @@ from ..ragged_cache import RaggedCache, RaggedLayer
 from ..static_cache import StaticRaggedCache
 from ..engine import certificate, dispatch
 from ..engine.plan import TokenPlan
-from ..methods.base import Method, Observer
+from ..methods.base import Method, Observer, Override
 from ..methods.dense import Dense
 from . import adapter, tensor_parallel
 from ..introspect import attention_modules, layer_kinds, text_config
@@ -67,7 +67,7 @@ class Session:
     """One model running one method. Build caches with new_cache(); close with disable()."""
 
     def __init__(self, model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto",
-                 observer: Observer | None = None,
+                 observer: Observer | None = None, override: Override | None = None,
                  output_observer: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self.arch = check_supported(model)
         dispatch.check_name(backend)
@@ -75,6 +75,8 @@ class Session:
         if not isinstance(method, Method):
             raise TypeError(f"method must be a tca_attention Method (see tca_attention.create), got {type(method).__name__}")
         method.check_model(model)
+        if override is not None and not method.is_dense:
+            raise ValueError("an attention override runs on plain attention only (method=None)")
         # under tensor parallelism: this rank's heads, and the method on them (its per-head state sliced)
         self.shard = tensor_parallel.shard_of(model)
         if self.shard is not None:
@@ -90,6 +92,7 @@ class Session:
                 f"{method.name} cannot run on a tensor-parallel rank holding only KV heads {list(self.shard.kv)}: "
                 f"{why}; or run it in one process")
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
+        self.override = override  # a calibration's replacement of full-attention outputs (methods.base.Override)
         # observing sessions only: output_observer(layer_idx, out (B, L, H, D)) after each full layer's SDPA
         self.output_observer = output_observer
         self.kinds = layer_kinds(model)
@@ -198,7 +201,8 @@ class Session:
             raise ValueError("plain attention decodes statically over transformers' StaticCache, sized from the "
                              "prompt: use session.generate(..., cuda_graph=True) or StaticCache(config, max_cache_len)")
         if not self.method.supports_static_decode():
-            raise ValueError(f"{name}: its per-step decode work (select_decode) is not declared graph-safe "
+            raise ValueError(f"{name}: its per-step decode work (select_decode, or a cache it needs such as "
+                             "compensation entries) is not declared graph-safe "
                              "(Method.supports_static_decode), so it cannot run static decode steps; "
                              "use the dynamic cache (new_cache() / generate() without cuda_graph)")
         cache = StaticRaggedCache(self.kinds, self.method.block_size, self.method.window,
@@ -247,6 +251,12 @@ class Session:
             observed = self.observer is not None and self.kinds[idx] == "full"
             if observed:
                 self.observer(idx, q, call.key, call.value, call.scaling)
+            if self.override is not None and self.kinds[idx] == "full":
+                if call.mask is not None:
+                    raise ValueError("an attention override takes unpadded prompts (no attention mask)")
+                out = self.override(idx, q, call.key, call.value, call.scaling)
+                if out is not None:
+                    return out, None
             out = adapter.sdpa(call)
             if observed and self.output_observer is not None:
                 self.output_observer(idx, out[0])
@@ -285,7 +295,11 @@ class Session:
             out = adapter.sdpa(call)[0] if bias is None else dispatch.dense_prefill(q, k, v, call.scaling, bias, key_start)
             self.last_prefill[idx] = {"kept_fraction": None, "retained": None, "bound": None}
         else:
-            out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend, key_bias=bias)
+            if getattr(plan, "attend_all", False):  # the plan is what the cache keeps; prefill is plain attention
+                out = adapter.sdpa(call)[0] if bias is None else dispatch.dense_prefill(q, k, v, call.scaling, bias,
+                                                                                         key_start)
+            else:
+                out = dispatch.prefill(q, k, v, plan, call.scaling, backend=self.backend, key_bias=bias)
             # tensors, read on demand by prefill_report(): no host sync on the prefill path
             retained = getattr(plan, "retained", None)
             bound = None if retained is None else certificate.error_bound(retained, v, key_start)

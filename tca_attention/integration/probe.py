@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..methods.base import GradientObserver, Method, Observer
+from ..methods.base import GradientObserver, Method, Observer, Override
 from ..methods.tca import budget_cache
 from ..methods.tca import calibration as tca_calibration
 from ..methods.tca.budgets import Budgets
@@ -54,6 +54,11 @@ class ModelProbe:
         for idx, g in zip(layers, grads):
             q, k, v, scaling = seen[idx]
             observer(idx, q, k, v, scaling, torch.zeros_like(q.transpose(1, 2)) if g is None else g.detach())
+
+    def hidden_states(self, input_ids: torch.Tensor, override: Override | None = None) -> torch.Tensor:
+        with Session(self.model, None, override=override):
+            out = self.model(input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        return out.hidden_states[-1]
 
     @torch.no_grad()
     def evaluate(self, input_ids: torch.Tensor, method: Method) -> dict[str, float]:

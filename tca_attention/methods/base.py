@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 # gradient observer(layer_idx, q, k, v, scaling, d_out): d_out (B, L, H, D) = dloss / d(attention output)
 GradientObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], None]
+# override(layer_idx, q, k, v, scaling) -> the layer's attention output (B, L, H, D) in its place, or
+# None to keep plain attention; q (B, H, L, D), k/v (B, KV, L, D) after rotary, causal, no padding
+Override = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], Union[torch.Tensor, None]]
 Plan = Union[TokenPlan, "BlockPlan"]  # noqa: F821 - engine.plan.BlockPlan
 
 
@@ -47,6 +50,11 @@ class Probe(Protocol):
                           observer: GradientObserver) -> None:
         """One dense forward and backward of loss(logits (1, L, V)); observer gets every full layer's
         q, k, v and the loss gradient with respect to its attention output (MoA's profile)."""
+
+    def hidden_states(self, input_ids: torch.Tensor, override: Override | None = None) -> torch.Tensor:
+        """The last hidden states (1, L, hidden) of a forward of input_ids (1, L) whose full-attention
+        layers output override(...) (plain attention where it returns None, or without one). Gradients
+        flow (to whatever the override uses); the model's weights are the caller's to freeze."""
 
     def evaluate(self, input_ids: torch.Tensor, method: "Method") -> dict[str, float]:
         """One forward of input_ids (1, L) under `method` (no cache): {"nll": mean next-token negative

@@ -9,10 +9,12 @@ The local region (the causal window of `window` to `window + block_size` recent 
 engine's and shared by every head of a layer, so a streaming head is exactly StreamingLLM and a
 dense head exactly full attention. `kinds_plan` turns one layer's kinds into a TokenPlan (None
 when every head is dense: SDPA and a cache that keeps everything), `kinds_decode_keep` into the
-per-head decode counts.
+per-head decode counts. The head-level methods (head-split, duo, razor) also share here which heads
+are retrieval heads (`top_heads`) and the density solve (`retrieval_fraction_for`).
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -66,3 +68,36 @@ def kinds_plan(
         total = B * (n_dense * local_start + (KV - n_dense) * min(sinks, local_start))
     return TokenPlan(kept_idx, kept_len, local_start, window, block_size, key_start,
                      kinds_decode_keep(kinds, block_size), kept_total=total, row_local_start=row_ls)
+
+
+# -- head-level methods' shared parts: which heads are retrieval heads, and the density solve -----
+Scores = Sequence[Sequence[float] | None]
+
+
+def top_heads(scores: Scores, fraction: float, tiebreak: Scores | None = None) -> tuple[tuple[bool, ...] | None, ...]:
+    """Per layer, which heads are among the round(fraction * N) best of the N scored heads (None
+    rows: layers left alone). Higher score first; equal scores by higher tiebreak (if given), then
+    lower layer and head."""
+    heads = [(i, h, s) for i, row in enumerate(scores) if row is not None for h, s in enumerate(row)]
+    tb = (lambda i, h: tiebreak[i][h]) if tiebreak is not None else (lambda i, h: 0.0)
+    ranked = sorted(heads, key=lambda x: (-x[2], -tb(x[0], x[1]), x[0], x[1]))
+    chosen = {(i, h) for i, h, _ in ranked[: math.floor(fraction * len(ranked) + 0.5)]}
+    return tuple(None if row is None else tuple((i, h) in chosen for h in range(len(row)))
+                 for i, row in enumerate(scores))
+
+
+def as_kinds(retrieval: Sequence[Sequence[bool] | None]) -> tuple[tuple[Kind, ...] | None, ...]:
+    """Retrieval flags per layer -> kinds per layer (retrieval: dense, the others streaming)."""
+    return tuple(None if row is None else tuple("dense" if r else "streaming" for r in row) for row in retrieval)
+
+
+def retrieval_fraction_for(kept_fraction: float, seq_len: int, sinks: int, window: int, block_size: int) -> float:
+    """The fraction of retrieval (dense) heads keeping about kept_fraction of a seq_len prompt when
+    the other heads are streaming heads holding `sinks` tokens of the global region (exact, as the
+    engine lays it out): kept = rf + (1 - rf) s / L, so rf = (f - s/L) / (1 - s/L) in [0, 1]; 0 when
+    streaming heads keep the whole prompt anyway. Callers round rf * (KV heads)."""
+    geo = local_geometry(seq_len, block_size, window)
+    if geo is None:
+        return 0.0
+    s = (min(sinks, geo[1]) + seq_len - geo[1]) / seq_len
+    return round(min(1.0, max(0.0, (kept_fraction - s) / (1.0 - s))), 4)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,10 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.corpus import essay_text
+from ..data.needle import QUESTION, NeedlePrompt, _ids, needle_prompt  # noqa: F401 - the calibration's prompts
 from ..introspect import layer_kinds, text_config
-from .base import Method, Probe, local_geometry
-from .head_kinds import Kind, kinds_decode_keep, kinds_plan
-from .state import ModelIdentity, StateError, check_header, per_head, save_json
+from .base import Method, Probe
+from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan, top_heads
+from .head_kinds import retrieval_fraction_for as _solve
+from .state import ModelIdentity, StateError, announce, check_header, is_numbers, per_head, save_json
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ FORMAT = "tca-attention/head-scores"
 FORMAT_VERSION = 1
 DEFAULT_LENGTH = 4096
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-QUESTION = "\n\nQuestion: What are the secret words and the secret number hidden in the text above?\nAnswer:"
-_WORDS = ("anchor", "bishop", "candle", "dolphin", "ember", "falcon", "glacier", "harbor", "igloo", "jasmine",
-          "kettle", "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saddle", "tulip",
-          "umbrella", "velvet", "walnut", "yogurt", "zeppelin", "biscuit", "copper", "dagger", "feather", "granite",
-          "hammock", "ivory", "jigsaw", "kayak", "lobster", "marble", "noodle", "oyster", "pillow", "ribbon")
 
 
 # -- the retrieval score ------------------------------------------------------------------------
@@ -104,42 +99,6 @@ def far_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, sinks: int, windo
     return torch.softmax(logits, -1).masked_fill(near[None], 0).sum(-1).double().mean(-1).cpu()
 
 
-@dataclass(frozen=True)
-class NeedlePrompt:
-    ids: list[int]
-    needle: tuple[int, int]  # [start, end) of the needle in ids
-    answer: tuple[int, int]  # [start, end) of the teacher-forced answer (the needle's tokens again)
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.as_tensor(ids).flatten().tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
-
-
-def needle_prompt(tokenizer, hay: Sequence[int], length: int, depth: float, rng: random.Random) -> NeedlePrompt:
-    """length tokens: haystack with a random needle sentence at `depth` (moved back to the end of
-    a sentence when one ends within 64 tokens), the question, and the needle as the answer."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    w = rng.sample(_WORDS, 3)
-    sentence = f" The secret words are {w[0]}, {w[1]} and {w[2]}, and the secret number is {rng.randint(10**6, 10**7 - 1)}."
-    needle, question = _ids(tokenizer, sentence), _ids(tokenizer, QUESTION)
-    budget = length - 2 * len(needle) - len(question)
-    if budget < 16:
-        raise ValueError(f"length {length} is too short for a needle prompt")
-    if len(hay) < budget:
-        raise ValueError(f"the haystack has {len(hay)} tokens; {budget} are needed")
-    start = rng.randint(0, len(hay) - budget)
-    h = list(hay[start : start + budget])
-    cut = round(depth * budget)
-    for back in range(min(64, cut)):  # after a sentence's end, when one is near
-        if tokenizer.decode([h[cut - back - 1]]).rstrip(" ").endswith((".", "\n")):
-            cut -= back
-            break
-    ids = h[:cut] + needle + h[cut:] + question + needle
-    return NeedlePrompt(ids, (cut, cut + len(needle)), (len(ids) - len(needle), len(ids)))
-
-
 # -- the state ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HeadScores:
@@ -162,10 +121,7 @@ class HeadScores:
 
     def retrieval_heads(self, fraction: float) -> tuple[tuple[bool, ...] | None, ...]:
         """Per layer, which KV heads are retrieval heads: the round(fraction * N) best of the N heads."""
-        ranked = self.ranked()
-        chosen = {(i, h) for i, h, _ in ranked[: math.floor(fraction * len(ranked) + 0.5)]}
-        return tuple(None if row is None else tuple((i, h) in chosen for h in range(len(row)))
-                     for i, row in enumerate(self.layers))
+        return top_heads(self.layers, fraction, self.far)
 
     def check_model(self, model) -> None:
         why = self.model.mismatch(ModelIdentity.of(model))
@@ -228,8 +184,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _numbers(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+_numbers = is_numbers
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -298,10 +253,8 @@ def scores_path_for(model, model_key: str, calibration: Calibration) -> Path:
     return cache_root() / "head_scores" / f"{safe}-{digest}.json"
 
 
-def _say(announce: bool, line: str) -> None:
-    log.info(line)
-    if announce:
-        print(line, file=sys.stderr, flush=True)
+def _say(show: bool, line: str) -> None:
+    announce(show, line, log)
 
 
 def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Calibration = Calibration(),
@@ -341,9 +294,7 @@ class HeadSplit(Method):
             raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
         if self.sinks < 0 or self.window < 1 or self.block_size < 1:
             raise ValueError("head-split needs sinks >= 0, window >= 1, block_size >= 1")
-        kinds = tuple(None if row is None else tuple("dense" if r else "streaming" for r in row)
-                      for row in self.scores.retrieval_heads(self.retrieval_fraction))
-        object.__setattr__(self, "_kinds", kinds)
+        object.__setattr__(self, "_kinds", as_kinds(self.scores.retrieval_heads(self.retrieval_fraction)))
 
     def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
         """The kind of each KV head of a layer (None: a layer the split leaves alone)."""
@@ -376,9 +327,5 @@ def retrieval_fraction_for(kept_fraction: float, seq_len: int, params: Mapping[s
     [0, 1]. 0 when streaming heads keep the whole prompt anyway. The split rounds rf * (KV heads).
     """
     defaults = {f.name: f.default for f in fields(HeadSplit) if f.name in ("sinks", "window", "block_size")}
-    sinks, window, block = ({**defaults, **params}[k] for k in ("sinks", "window", "block_size"))
-    geo = local_geometry(seq_len, block, window)
-    if geo is None:
-        return 0.0
-    s = (min(sinks, geo[1]) + seq_len - geo[1]) / seq_len
-    return round(min(1.0, max(0.0, (kept_fraction - s) / (1.0 - s))), 4)
+    p = {**defaults, **params}
+    return _solve(kept_fraction, seq_len, p["sinks"], p["window"], p["block_size"])

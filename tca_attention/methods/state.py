@@ -6,7 +6,9 @@ model's identity so that state of another model is refused, never silently appli
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Literal
@@ -197,3 +199,15 @@ class HeadTable:
         if model is not None:
             table.check_model(model)
         return table
+
+
+def is_numbers(v: Any) -> bool:
+    """A JSON list of numbers (booleans are not numbers)."""
+    return isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def announce(show: bool, line: str, logger: logging.Logger | None = None) -> None:
+    """A calibration's one-line notice: logged, and printed on stderr when `show`."""
+    (logger or logging.getLogger(__name__)).info(line)
+    if show:
+        print(line, file=sys.stderr, flush=True)
