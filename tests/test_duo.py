@@ -167,12 +167,12 @@ def test_same_as_head_split_with_the_gates_as_scores():
     _, ids, mask = left_padded((300, 251, 45), seed=6)
     runs = []
     with torch.no_grad():
-        for method in (Duo(gates, 0.5, SINKS, W, B), HeadSplit(HeadScores(gates.model, gates.layers), 0.5, SINKS, W, B)):
+        for method in (Duo(gates, retrieval_fraction=0.5, sinks=SINKS, window=W, block_size=B), HeadSplit(HeadScores(gates.model, gates.layers), retrieval_fraction=0.5, sinks=SINKS, window=W, block_size=B)):
             with enable(model, method, backend="reference") as session:
                 runs.append(greedy(model, ids, mask, 20, session))
     (dp, dl, dt, _), (hp, hl, ht, _) = runs
     assert torch.equal(dp, hp) and torch.equal(dl, hl) and torch.equal(dt, ht)
-    with torch.no_grad(), enable(model, Duo(gates, 0.0, SINKS, W, B), backend="reference") as session:
+    with torch.no_grad(), enable(model, Duo(gates, retrieval_fraction=0.0, sinks=SINKS, window=W, block_size=B), backend="reference") as session:
         zp = greedy(model, ids, mask, 1, session)[0]
     assert not torch.allclose(zp[mask.bool()], dp[mask.bool()])  # streaming heads do drop keys
 
@@ -180,7 +180,7 @@ def test_same_as_head_split_with_the_gates_as_scores():
 def test_alone_equals_batched():
     """Each prompt's prefill logits, greedy tokens and step logits are the same alone and in a left-padded batch."""
     model = tiny("qwen2")
-    method = Duo(gates_of(model, [(0.9, 0.1), (0.4, 0.6)]), 0.5, SINKS, W, B)
+    method = Duo(gates_of(model, [(0.9, 0.1), (0.4, 0.6)]), retrieval_fraction=0.5, sinks=SINKS, window=W, block_size=B)
     prompts, ids, mask = left_padded((300, 251, 45), seed=7)
     L = ids.shape[1]
     with torch.no_grad(), enable(model, method, backend="reference") as session:

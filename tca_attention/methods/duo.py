@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from ..data.corpus import essay_text
 from ..data.needle import NeedlePrompt, _ids, needle_prompt
 from ..introspect import layer_kinds, text_config
-from .base import Method, Probe
-from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan, top_heads
+from .base import Probe
+from .head_kinds import RetrievalSplit, top_heads
 from .head_kinds import retrieval_fraction_for as _solve
 from .state import announce as say
-from .state import ModelIdentity, StateError, check_header, is_numbers, per_head, save_json
+from .state import ModelIdentity, StateError, check_header, is_numbers, save_json
 
 log = logging.getLogger(__name__)
 
@@ -250,44 +250,15 @@ def load_or_optimise(probe: Probe, tokenizer, model_key: str, opt: Optimisation 
 
 # -- the method -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Duo(Method):
+class Duo(RetrievalSplit):
     """Retrieval heads (the retrieval_fraction of KV heads with the highest gates) full; the others
-    sinks + recent window (head_kinds' per-head plans, as head-split)."""
+    sinks + recent window (head_kinds.RetrievalSplit, as head-split)."""
 
     gates: DuoGates
-    retrieval_fraction: float = 0.5
-    sinks: int = 64
-    window: int = 256
-    block_size: int = 64
     name: str = "duo"
-    _kinds: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)  # a TP rank keeps its heads' kinds
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.retrieval_fraction <= 1.0:
-            raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
-        if self.sinks < 0 or self.window < 1 or self.block_size < 1:
-            raise ValueError("duo needs sinks >= 0, window >= 1, block_size >= 1")
-        object.__setattr__(self, "_kinds", as_kinds(self.gates.retrieval_heads(self.retrieval_fraction)))
-
-    def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
-        return self._kinds[layer_idx]
-
-    def check_model(self, model) -> None:
-        self.gates.check_model(model)
-
-    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        return kinds_decode_keep(self.kinds(layer_idx) or ("dense",) * num_kv_heads, self.block_size)
-
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True):
-        kinds = self.kinds(layer_idx)
-        if kinds is None:
-            return None
-        return kinds_plan(kinds, k, key_start, sinks=self.sinks, window=self.window, block_size=self.block_size,
-                          padded=padded)
-
-    def report(self) -> dict:
-        rows = [r for r in self._kinds if r is not None]
-        return {"retrieval_heads": sum(k == "dense" for r in rows for k in r), "kv_heads": sum(map(len, rows))}
+    def ranking(self) -> DuoGates:
+        return self.gates
 
 
 def retrieval_fraction_for(kept_fraction: float, seq_len: int, params: Mapping[str, Any]) -> float:

@@ -10,17 +10,20 @@ engine's and shared by every head of a layer, so a streaming head is exactly Str
 dense head exactly full attention. `kinds_plan` turns one layer's kinds into a TokenPlan (None
 when every head is dense: SDPA and a cache that keeps everything), `kinds_decode_keep` into the
 per-head decode counts. The head-level methods (head-split, duo, razor) also share here which heads
-are retrieval heads (`top_heads`) and the density solve (`retrieval_fraction_for`).
+are retrieval heads (`top_heads`), the density solve (`retrieval_fraction_for`), and
+(`RetrievalSplit`) the method that runs a ranking of heads as retrieval / streaming heads.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
 
 import torch
 
 from ..engine.plan import TokenPlan, pack_mask
-from .base import global_region, local_geometry, row_geometry, sink_mask
+from .base import Method, global_region, local_geometry, row_geometry, sink_mask
+from .state import per_head
 
 Kind = Literal["dense", "streaming"]
 KINDS: tuple[str, ...] = ("dense", "streaming")
@@ -101,3 +104,49 @@ def retrieval_fraction_for(kept_fraction: float, seq_len: int, sinks: int, windo
         return 0.0
     s = (min(sinks, geo[1]) + seq_len - geo[1]) / seq_len
     return round(min(1.0, max(0.0, (kept_fraction - s) / (1.0 - s))), 4)
+
+
+@dataclass(frozen=True)
+class RetrievalSplit(Method):
+    """Retrieval heads (the best-ranked retrieval_fraction of KV heads) keep everything; the others
+    sinks + the recent window. A subclass names its ranking state (`ranking()`: an object with
+    retrieval_heads(fraction) and check_model(model)): head-split's scores, DuoAttention's gates."""
+
+    retrieval_fraction: float = field(default=0.5, kw_only=True)
+    sinks: int = field(default=64, kw_only=True)
+    window: int = field(default=256, kw_only=True)
+    block_size: int = field(default=64, kw_only=True)
+    report_sums = ("retrieval_heads", "kv_heads")
+    # derived from the ranking over the whole model; a tensor-parallel rank runs its own heads' kinds
+    _kinds: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)
+
+    def ranking(self) -> Any:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.retrieval_fraction <= 1.0:
+            raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
+        if self.sinks < 0 or self.window < 1 or self.block_size < 1:
+            raise ValueError(f"{self.name} needs sinks >= 0, window >= 1, block_size >= 1")
+        object.__setattr__(self, "_kinds", as_kinds(self.ranking().retrieval_heads(self.retrieval_fraction)))
+
+    def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
+        """The kind of each KV head of a layer (None: a layer the split leaves alone)."""
+        return self._kinds[layer_idx]
+
+    def check_model(self, model) -> None:
+        self.ranking().check_model(model)
+
+    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        return kinds_decode_keep(self.kinds(layer_idx) or ("dense",) * num_kv_heads, self.block_size)
+
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True):
+        kinds = self.kinds(layer_idx)
+        if kinds is None:
+            return None
+        return kinds_plan(kinds, k, key_start, sinks=self.sinks, window=self.window, block_size=self.block_size,
+                          padded=padded)
+
+    def report(self) -> dict:
+        rows = [r for r in self._kinds if r is not None]
+        return {"retrieval_heads": sum(k == "dense" for r in rows for k in r), "kv_heads": sum(map(len, rows))}

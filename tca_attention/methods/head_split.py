@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from ..data.corpus import essay_text
 from ..data.needle import QUESTION, NeedlePrompt, _ids, needle_prompt  # noqa: F401 - the calibration's prompts
 from ..introspect import layer_kinds, text_config
-from .base import Method, Probe
-from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan, top_heads
+from .base import Probe
+from .head_kinds import RetrievalSplit, top_heads
 from .head_kinds import retrieval_fraction_for as _solve
 from .state import ModelIdentity, StateError, announce, check_header, is_numbers, per_head, save_json
 
@@ -276,47 +276,15 @@ def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Cali
 
 # -- the method ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class HeadSplit(Method):
-    """Retrieval heads (the best-scored retrieval_fraction of KV heads) dense; the others streaming."""
+class HeadSplit(RetrievalSplit):
+    """Retrieval heads (the best-scored retrieval_fraction of KV heads) dense; the others streaming
+    (head_kinds.RetrievalSplit runs it; knobs retrieval_fraction, sinks, window, block_size)."""
 
     scores: HeadScores
-    retrieval_fraction: float = 0.5
-    sinks: int = 64
-    window: int = 256
-    block_size: int = 64
     name: str = "head-split"
-    report_sums = ("retrieval_heads", "kv_heads")
-    # derived from the scores ranked over the whole model; a tensor-parallel rank runs its own heads' kinds
-    _kinds: tuple = per_head("kv", default=(), init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.retrieval_fraction <= 1.0:
-            raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
-        if self.sinks < 0 or self.window < 1 or self.block_size < 1:
-            raise ValueError("head-split needs sinks >= 0, window >= 1, block_size >= 1")
-        object.__setattr__(self, "_kinds", as_kinds(self.scores.retrieval_heads(self.retrieval_fraction)))
-
-    def kinds(self, layer_idx: int) -> tuple[Kind, ...] | None:
-        """The kind of each KV head of a layer (None: a layer the split leaves alone)."""
-        return self._kinds[layer_idx]
-
-    def check_model(self, model) -> None:
-        self.scores.check_model(model)
-
-    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        kinds = self.kinds(layer_idx) or ("dense",) * num_kv_heads
-        return kinds_decode_keep(kinds, self.block_size)
-
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True):
-        kinds = self.kinds(layer_idx)
-        if kinds is None:
-            return None
-        return kinds_plan(kinds, k, key_start, sinks=self.sinks, window=self.window, block_size=self.block_size,
-                          padded=padded)
-
-    def report(self) -> dict:
-        rows = [r for r in self._kinds if r is not None]
-        return {"retrieval_heads": sum(k == "dense" for r in rows for k in r), "kv_heads": sum(map(len, rows))}
+    def ranking(self) -> HeadScores:
+        return self.scores
 
 
 def retrieval_fraction_for(kept_fraction: float, seq_len: int, params: Mapping[str, Any]) -> float:
