@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..engine.plan import DecodeSelection
+from .base import Method
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -91,3 +92,34 @@ class ReadCounter:
         if not self.steps:
             return None
         return (self.dense + (float(self.sum) if self.sum is not None else 0.0)) / self.steps
+
+
+class ReadsFromFullCache(Method):
+    """What the decode-side methods (tokenselect, tidaldecode, recycled) share: a dense prefill, a
+    ragged cache that keeps every token (whole blocks kept: it never evicts), and per decode step
+    the tokens select_decode lists. A subclass gives `reads_at_most`, the most tokens a (row, KV
+    head) reads in a selecting step: a cache within it is read whole."""
+
+    reads_at_most: int
+
+    @property
+    def block_size(self) -> int:  # the ragged cache's geometry: no prefill plan, nothing compressed away
+        return 16
+
+    @property
+    def window(self) -> int:
+        return 16
+
+    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> None:
+        return None  # dense prefill; the cache keeps everything
+
+    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
+
+    def _fits(self, fill: int) -> bool:
+        """Every row's cache (at most fill real tokens) is within reads_at_most: read it all."""
+        return fill <= self.reads_at_most
+
+    def _row_fits(self, n: torch.Tensor) -> torch.Tensor:
+        """(B,) rows of n real tokens within reads_at_most: they read everything, as they would alone."""
+        return n <= self.reads_at_most

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .base import Method
-from .decode_tokens import ReadCounter, cosine, group_logits, real_slots, selection_from_mask, tail_rows, top_mask
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits,
+                            real_slots, selection_from_mask, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -28,7 +28,7 @@ _STATE = "recycled"  # key of the per-layer recycled pattern in RaggedLayer.meth
 
 
 @dataclass(frozen=True)
-class RecycledAttention(Method):
+class RecycledAttention(ReadsFromFullCache):
     """budget: tokens (K) each (row, KV head) keeps from a full step's attention; stride: a full step
     every `stride` decode steps (1: always full); similarity: also a full step when the query's
     cosine similarity to the last full step's query is below it (0: fixed schedule only)."""
@@ -39,6 +39,10 @@ class RecycledAttention(Method):
     name: str = "recycled"
     _reads: ReadCounter = field(default_factory=ReadCounter, init=False, repr=False, compare=False)
 
+    @property
+    def reads_at_most(self) -> int:  # K tokens of a recycled step (a cache within K is read whole)
+        return self.budget
+
     def __post_init__(self) -> None:
         if self.budget < 1:
             raise ValueError(f"recycled: budget must be >= 1 token, got {self.budget}")
@@ -46,28 +50,6 @@ class RecycledAttention(Method):
             raise ValueError(f"recycled: stride must be >= 1 decode step, got {self.stride}")
         if not 0 <= self.similarity <= 1:
             raise ValueError(f"recycled: similarity must lie in [0, 1] (0: fixed schedule), got {self.similarity}")
-
-    @property
-    def block_size(self) -> int:
-        return 16
-
-    @property
-    def window(self) -> int:
-        return 16
-
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> None:
-        return None  # dense prefill; the cache keeps everything
-
-    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
-
-    def _fits(self, fill: int) -> bool:
-        """Every row's cache (at most fill real tokens) is within K: a dense step (no pattern kept)."""
-        return fill <= self.budget
-
-    def _row_fits(self, n: torch.Tensor) -> torch.Tensor:
-        """(B,) rows of n real tokens within K: they read everything, as they would alone."""
-        return n <= self.budget
 
     def split_heads_refusal(self) -> str | None:
         return ("similarity > 0 compares the whole layer's query (use similarity=0)" if self.similarity > 0

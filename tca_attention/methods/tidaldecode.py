@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .base import Method
-from .decode_tokens import ReadCounter, group_logits, real_slots, selection_from_mask, tail_rows, top_mask
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, group_logits, real_slots,
+                            selection_from_mask, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
 
 
 @dataclass(frozen=True)
-class TidalDecode(Method):
+class TidalDecode(ReadsFromFullCache):
     """budget: tokens each (row, KV head) reads at a sparse layer (the current one included);
     select_layer: the token-selection layer (model layer index; earlier layers are dense);
     reselect_layer: the re-selection layer (-1: none)."""
@@ -43,6 +43,10 @@ class TidalDecode(Method):
     _reads: ReadCounter = field(default_factory=ReadCounter, init=False, repr=False, compare=False)
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @property
+    def reads_at_most(self) -> int:  # the selected tokens
+        return self.budget
+
     def __post_init__(self) -> None:
         if self.budget < 2:
             raise ValueError(f"tidaldecode: budget must be >= 2 tokens (the current one and one more), got {self.budget}")
@@ -52,23 +56,9 @@ class TidalDecode(Method):
             raise ValueError(f"tidaldecode: reselect_layer must be -1 (none) or above select_layer "
                              f"({self.select_layer}), got {self.reselect_layer}")
 
-    @property
-    def block_size(self) -> int:
-        return 16
-
-    @property
-    def window(self) -> int:
-        return 16
-
     def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> None:
         self._state.clear()  # a new prefill: no selection of an earlier request survives it
         return None  # dense prefill; the cache keeps everything
-
-    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
-
-    def _fits(self, fill: int) -> bool:
-        return fill <= self.budget
 
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, fill = tail_rows(layer, self.name)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .base import Method
-from .decode_tokens import ReadCounter, cosine, group_logits, real_slots, selection_from_mask, tail_rows, top_mask
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits,
+                            real_slots, selection_from_mask, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -29,7 +29,7 @@ VOTES = ("kv", "all")
 
 
 @dataclass(frozen=True)
-class TokenSelect(Method):
+class TokenSelect(ReadsFromFullCache):
     """budget: middle tokens each KV head reads per step; sinks / local: the first / last real tokens
     always read; threshold: the selection cache's cosine threshold (> 1: never reuse); vote: "kv"
     (the query heads of each KV head vote) or "all" (every head votes, one set per layer)."""
@@ -43,6 +43,10 @@ class TokenSelect(Method):
     _reads: ReadCounter = field(default_factory=ReadCounter, init=False, repr=False, compare=False)
     _reuse: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @property
+    def reads_at_most(self) -> int:  # sinks + budget + local
+        return self.width
+
     def __post_init__(self) -> None:
         if self.budget < 1:
             raise ValueError(f"tokenselect: budget must be >= 1 token, got {self.budget}")
@@ -55,33 +59,10 @@ class TokenSelect(Method):
         if self.vote not in VOTES:
             raise ValueError(f"tokenselect: vote must be one of {', '.join(VOTES)}, got {self.vote!r}")
 
-    # the ragged cache's geometry: no prefill plan and whole blocks kept, so it never compresses
-    @property
-    def block_size(self) -> int:
-        return 16
-
-    @property
-    def window(self) -> int:
-        return 16
-
     @property
     def width(self) -> int:
         """Most tokens a (row, KV head) reads per step."""
         return self.sinks + self.budget + self.local
-
-    def plan(self, layer_idx, q, k, key_start, scaling, *, backend="auto", padded=True) -> None:
-        return None  # dense prefill; the cache keeps everything
-
-    def decode_keep(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
-        return torch.full((num_kv_heads,), self.block_size, dtype=torch.long)  # decode never evicts
-
-    def _fits(self, fill: int) -> bool:
-        """Every row's cache (at most fill real tokens) is within sinks + budget + local: read it all."""
-        return fill <= self.width
-
-    def _row_fits(self, n: torch.Tensor) -> torch.Tensor:
-        """(B,) rows of n real tokens within the budget: they read everything, as they would alone."""
-        return n <= self.width
 
     def split_heads_refusal(self) -> str | None:
         return "vote=all sums the votes of every head of a layer (use vote=kv)" if self.vote == "all" else None
