@@ -33,7 +33,7 @@ from .base import Probe
 from .head_kinds import RetrievalSplit, top_heads
 from .head_kinds import retrieval_fraction_for as _solve
 from .state import announce as say
-from .state import ModelIdentity, StateError, check_header, is_numbers, save_json
+from .state import ModelIdentity, StateError, check_header, layer_rows, save_json, unit_scores
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,7 @@ class DuoGates:
         calib, layers = data.get("calibration", {}), data.get("layers")
         if not isinstance(calib, dict):
             raise bad("calibration must be an object")
-        if not isinstance(layers, list) or len(layers) != model.num_layers:
-            raise bad(f"layers must be a list of {model.num_layers} entries (one per layer)")
-        for i, row in enumerate(layers):
-            if row is not None and not (is_numbers(row) and len(row) == model.num_kv_heads
-                                        and all(0.0 <= x <= 1.0 for x in row)):
-                raise bad(f"layers[{i}] must be null or {model.num_kv_heads} gates in [0, 1]")
+        layer_rows(layers, "layers", model.num_layers, model.num_kv_heads, unit_scores, "gates in [0, 1]", bad)
         if all(r is None for r in layers):
             raise bad("no layer has gates")
         return cls(model, tuple(None if r is None else tuple(float(x) for x in r) for r in layers), calib)

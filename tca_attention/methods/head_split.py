@@ -36,7 +36,8 @@ from ..introspect import layer_kinds, text_config
 from .base import Probe
 from .head_kinds import RetrievalSplit, top_heads
 from .head_kinds import retrieval_fraction_for as _solve
-from .state import ModelIdentity, StateError, announce, check_header, is_numbers, per_head, save_json
+from .state import (ModelIdentity, StateError, announce, check_header, layer_rows, per_head, save_json,
+                    unit_scores)
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,11 @@ class HeadScores:
             raise bad("calibration must be an object")
 
         def rows(what: str, value: Any) -> tuple[tuple[float, ...] | None, ...]:
-            if not isinstance(value, list) or len(value) != model.num_layers:
-                raise bad(f"{what} must be a list of {model.num_layers} entries (one per layer)")
-            for i, row in enumerate(value):
-                if what == "far" and (row is None) != (layers[i] is None):
-                    raise bad(f"far[{i}] and layers[{i}] must both be null or both be scores")
-                if row is not None and not (_numbers(row) and len(row) == model.num_kv_heads
-                                            and all(0.0 <= x <= 1.0 for x in row)):
-                    raise bad(f"{what}[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
+            value = layer_rows(value, what, model.num_layers, model.num_kv_heads, unit_scores, "scores in [0, 1]", bad)
+            if what == "far":
+                for i, row in enumerate(value):
+                    if (row is None) != (layers[i] is None):
+                        raise bad(f"far[{i}] and layers[{i}] must both be null or both be scores")
             return tuple(None if r is None else tuple(float(x) for x in r) for r in value)
 
         scores = rows("layers", layers)
@@ -183,8 +181,6 @@ class HeadScores:
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
-
-_numbers = is_numbers
 
 
 # -- calibration --------------------------------------------------------------------------------

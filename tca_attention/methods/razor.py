@@ -37,7 +37,7 @@ from .base import Method, Probe, local_geometry
 from .head_kinds import Kind, as_kinds, kinds_decode_keep, kinds_plan
 from .head_kinds import retrieval_fraction_for as _solve
 from .state import announce as say
-from .state import ModelIdentity, StateError, check_header, is_numbers, per_head, save_json
+from .state import ModelIdentity, StateError, check_header, layer_rows, per_head, save_json, unit_scores
 
 FORMAT = "tca-attention/razor-scores"
 FORMAT_VERSION = 1
@@ -125,13 +125,8 @@ class RazorScores:
             raise bad("calibration must be an object")
 
         def rows(what: str) -> tuple[tuple[float, ...] | None, ...]:
-            value = data.get(what)
-            if not isinstance(value, list) or len(value) != model.num_layers:
-                raise bad(f"{what} must be a list of {model.num_layers} entries (one per layer)")
-            for i, row in enumerate(value):
-                if row is not None and not (is_numbers(row) and len(row) == model.num_kv_heads
-                                            and all(0.0 <= x <= 1.0 for x in row)):
-                    raise bad(f"{what}[{i}] must be null or {model.num_kv_heads} scores in [0, 1]")
+            value = layer_rows(data.get(what), what, model.num_layers, model.num_kv_heads, unit_scores,
+                               "scores in [0, 1]", bad)
             return tuple(None if r is None else tuple(float(x) for x in r) for r in value)
 
         echo, induction = rows("echo"), rows("induction")

@@ -201,6 +201,24 @@ class HeadTable:
         return table
 
 
+def layer_rows(value: Any, what: str, num_layers: int, width: int, row_ok: Callable[[list], bool], expect: str,
+               bad: Callable[[str], Exception]) -> tuple[tuple | None, ...]:
+    """A state file's per-layer table, checked: a list of num_layers entries, each null (a layer
+    the state leaves alone) or a list of `width` values (one per head) that row_ok accepts;
+    `expect` words what a row holds in the error. -> rows as tuples (None kept)."""
+    if not isinstance(value, list) or len(value) != num_layers:
+        raise bad(f"{what} must be a list of {num_layers} entries (one per layer)")
+    for i, row in enumerate(value):
+        if row is not None and not (isinstance(row, list) and len(row) == width and row_ok(row)):
+            raise bad(f"{what}[{i}] must be null or {width} {expect}")
+    return tuple(None if r is None else tuple(r) for r in value)
+
+
+def unit_scores(row: list) -> bool:
+    """A row of numbers in [0, 1] (retrieval scores, gates)."""
+    return is_numbers(row) and all(0.0 <= x <= 1.0 for x in row)
+
+
 def is_numbers(v: Any) -> bool:
     """A JSON list of numbers (booleans are not numbers)."""
     return isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
