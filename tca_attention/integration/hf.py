@@ -84,13 +84,13 @@ class Session:
                 raise tensor_parallel.TensorParallelError(
                     "calibration needs every attention head, and this tensor-parallel rank holds only "
                     f"KV heads {list(self.shard.kv)}: calibrate in one process and load the state file on every rank")
+            if self.shard.sharded and (why := method.split_heads_refusal()):
+                raise tensor_parallel.TensorParallelError(
+                    f"{method.name} cannot run on a tensor-parallel rank holding only KV heads {list(self.shard.kv)}: "
+                    f"{why}; or run it in one process")
             method = tensor_parallel.shard_method(method, self.shard)
         # what a plan combining the heads of a layer sums and ranks over (Method.combines_heads)
         self.heads = tensor_parallel.heads_of(self.shard)
-        if self.shard is not None and self.shard.sharded and (why := method.split_heads_refusal()):
-            raise tensor_parallel.TensorParallelError(
-                f"{method.name} cannot run on a tensor-parallel rank holding only KV heads {list(self.shard.kv)}: "
-                f"{why}; or run it in one process")
         self.model, self.method, self.backend, self.observer = model, method, backend, observer
         self.override = override  # a calibration's replacement of full-attention outputs (methods.base.Override)
         # observing sessions only: output_observer(layer_idx, out (B, L, H, D)) after each full layer's SDPA
