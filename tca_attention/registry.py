@@ -84,111 +84,69 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
 _TCA_RUNTIME = ("last_q", "gqa", "floor")
 
 
+def _state(method: str, param: str, what: str, params: dict[str, Any], model, tokenizer, extra: dict[str, Any],
+           load: Callable[..., Any], calibrate: Callable[..., Any], *, uses_tokenizer: bool = True,
+           forced: bool = False, hint: str = "") -> tuple[Any, dict[str, Any]]:
+    """A method's calibrated state: handed in (the `param` keyword of create), from a file (`param`=path
+    in the spec), None when `forced` (a spec setting makes it unneeded), or calibrated once per model
+    and cached (calibrate(probe, [tokenizer,] key)). -> (state, the spec's other parameters)."""
+    knobs = {k: v for k, v in params.items() if k != param}
+    if param in extra:
+        return extra.pop(param), knobs
+    if param in params:
+        return load(params[param], model=model), knobs
+    if forced:
+        return None, knobs
+    if model is None or (uses_tokenizer and tokenizer is None):
+        need = "model= and tokenizer=" if uses_tokenizer else "model="
+        raise ValueError(f"{method} needs {what}: pass {need} (calibrated once, then cached), {param}=<file> in the "
+                         f"spec, or {param}={hint}")
+    from .integration.probe import ModelProbe
+
+    key = str(getattr(model, "name_or_path", None) or type(model).__name__)
+    args = (tokenizer, key) if uses_tokenizer else (key,)
+    return calibrate(ModelProbe(model), *args), knobs
+
+
 def _head_split(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-    """Head scores handed in (scores=HeadScores), from a file (scores=path), or calibrated once per
-    model and cached (model= and tokenizer=)."""
     from .methods import head_split as hs
 
-    knobs = {k: v for k, v in params.items() if k != "scores"}
-    if "scores" in extra:
-        scores = extra.pop("scores")
-    elif "scores" in params:
-        scores = hs.HeadScores.load(params["scores"], model=model)
-    elif model is None or tokenizer is None:
-        raise ValueError("head-split needs head scores: pass model= and tokenizer= (calibrates once, then cached), "
-                         "scores=<file> in the spec, or scores=")
-    else:
-        from .integration.probe import ModelProbe
-
-        key = getattr(model, "name_or_path", None) or type(model).__name__
-        scores = hs.load_or_calibrate(ModelProbe(model), tokenizer, str(key))
+    scores, knobs = _state("head-split", "scores", "head scores", params, model, tokenizer, extra,
+                           hs.HeadScores.load, hs.load_or_calibrate)
     return hs.HeadSplit(scores, **knobs, **extra)
 
 
 def _duo(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-    """Gates handed in (gates=DuoGates), from a file (gates=path), or optimised once per model and
-    cached (model= and tokenizer=)."""
     from .methods import duo
 
-    knobs = {k: v for k, v in params.items() if k != "gates"}
-    if "gates" in extra:
-        gates = extra.pop("gates")
-    elif "gates" in params:
-        gates = duo.DuoGates.load(params["gates"], model=model)
-    elif model is None or tokenizer is None:
-        raise ValueError("duo needs gates: pass model= and tokenizer= (optimised once, then cached), "
-                         "gates=<file> in the spec, or gates=")
-    else:
-        from .integration.probe import ModelProbe
-
-        key = getattr(model, "name_or_path", None) or type(model).__name__
-        gates = duo.load_or_optimise(ModelProbe(model), tokenizer, str(key))
+    gates, knobs = _state("duo", "gates", "gates", params, model, tokenizer, extra, duo.DuoGates.load,
+                          duo.load_or_optimise)
     return duo.Duo(gates, **knobs, **extra)
 
 
 def _razor(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-    """Scores handed in (scores=RazorScores), from a file (scores=path), or calibrated once per model
-    and cached (model=; the probe is random tokens, so no tokenizer is needed)."""
-    from .methods import razor
+    from .methods import razor  # the probe is random tokens: no tokenizer
 
-    knobs = {k: v for k, v in params.items() if k != "scores"}
-    if "scores" in extra:
-        scores = extra.pop("scores")
-    elif "scores" in params:
-        scores = razor.RazorScores.load(params["scores"], model=model)
-    elif model is None:
-        raise ValueError("razor needs echo/induction scores: pass model= (calibrated once, then cached), "
-                         "scores=<file> in the spec, or scores=")
-    else:
-        from .integration.probe import ModelProbe
-
-        key = getattr(model, "name_or_path", None) or type(model).__name__
-        scores = razor.load_or_calibrate(ModelProbe(model), str(key))
+    scores, knobs = _state("razor", "scores", "echo/induction scores", params, model, tokenizer, extra,
+                           razor.RazorScores.load, razor.load_or_calibrate, uses_tokenizer=False)
     return razor.Razor(scores, **knobs, **extra)
 
 
 def _minference(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-    """Patterns forced (pattern=<name>), handed in (state=PatternState), from a file (state=path),
-    or searched once per model and cached (model= and tokenizer=)."""
     from .methods import minference as mi
 
-    knobs = {k: v for k, v in params.items() if k != "state"}
-    if "state" in extra:
-        state = extra.pop("state")
-    elif "state" in params:
-        state = mi.PatternState.load(params["state"], model=model)
-    elif params.get("pattern", "auto") != "auto":
-        state = None
-    elif model is None or tokenizer is None:
-        raise ValueError("minference needs head patterns: pass model= and tokenizer= (searched once, then cached), "
-                         "state=<file> in the spec, state=, or force one with pattern=<a-shape|vertical-slash|"
-                         "block-sparse>")
-    else:
-        from .integration.probe import ModelProbe
-
-        key = getattr(model, "name_or_path", None) or type(model).__name__
-        state = mi.load_or_calibrate(ModelProbe(model), tokenizer, str(key))
+    state, knobs = _state("minference", "state", "head patterns", params, model, tokenizer, extra,
+                          mi.PatternState.load, mi.load_or_calibrate,
+                          forced=params.get("pattern", "auto") != "auto",
+                          hint=", or force one with pattern=<a-shape|vertical-slash|block-sparse>")
     return mi.MInference(state, **knobs, **extra)
 
 
 def _moa(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
-    """The influence profile handed in (profile=MoAProfile), from a file (profile=path), or profiled
-    once per model and cached (model= and tokenizer=); the rules are searched at `density`."""
-    from .methods import moa
+    from .methods import moa  # the rules are searched at `density` from the profile
 
-    knobs = {k: v for k, v in params.items() if k != "profile"}
-    if "profile" in extra:
-        profile = extra.pop("profile")
-    elif "profile" in params:
-        profile = moa.MoAProfile.load(params["profile"], model=model)
-    elif model is None or tokenizer is None:
-        raise ValueError("moa needs an influence profile: pass model= and tokenizer= (profiled once, then cached), "
-                         "profile=<file> in the spec, or profile=")
-    else:
-        from .integration.probe import ModelProbe
-
-        key = getattr(model, "name_or_path", None) or type(model).__name__
-        profile = moa.load_or_calibrate(ModelProbe(model), tokenizer, str(key))
+    profile, knobs = _state("moa", "profile", "an influence profile", params, model, tokenizer, extra,
+                            moa.MoAProfile.load, moa.load_or_calibrate)
     return moa.MoA(profile, **knobs, **extra)
 
 
