@@ -13,6 +13,11 @@ from tiny_models import tiny
 
 def run(model, ids, mask, steps, session=None):
     """Prefill + teacher-forced decode -> (prefill logits (B, L, V), decode logits (B, steps, V))."""
+    return run_with_cache(model, ids, mask, steps, session)[:2]
+
+
+def run_with_cache(model, ids, mask, steps, session=None):
+    """run(), and the cache it filled -> (prefill logits, decode logits, cache)."""
     cache = session.new_cache() if session is not None else DynamicCache(config=model.config)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
@@ -22,7 +27,7 @@ def run(model, ids, mask, steps, session=None):
         pos = pos[:, -1:] + 1
         out = model(input_ids=steps[:, t:t + 1], attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
         dec.append(out.logits[:, -1])
-    return prefill, torch.stack(dec, 1)
+    return prefill, torch.stack(dec, 1), cache
 
 
 def assert_full_density_equals_dense(arch: str, method, steps_n: int = 10, new_tokens: int = 6) -> None:

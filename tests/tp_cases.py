@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from method_checks import run_with_cache
 from tca_attention import registry
 from tca_attention.integration import enable
 from tca_attention.integration.adapter import cache_kwargs
@@ -130,20 +131,6 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, torch.randint(1, 97, (B, STEPS), generator=gen)
 
 
-def _run(model, session, ids, mask, steps) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Prefill + teacher-forced decode -> (prefill logits (B, L, V), decode logits (B, steps, V), cache)."""
-    cache = session.new_cache()
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-    prefill, dec = out.logits, []
-    for t in range(steps.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=steps[:, t:t + 1], attention_mask=mask, position_ids=pos, **cache_kwargs(cache))
-        dec.append(out.logits[:, -1])
-    return prefill, torch.stack(dec, 1), cache
-
-
 def _local_bytes(cache) -> int:
     return cache.kv_bytes() if hasattr(cache, "kv_bytes") else sum(
         l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
@@ -153,7 +140,7 @@ def _local_bytes(cache) -> int:
 def run_case(model, name: str, method) -> dict[str, Any]:
     ids, mask, steps = inputs()
     with enable(model, method) as session:
-        prefill, dec, cache = _run(model, session, ids, mask, steps)
+        prefill, dec, cache = run_with_cache(model, ids, mask, steps, session)
         out = {"prefill": prefill[mask.bool()], "decode": dec, "report": session.prefill_report(),
                "cache": session.cache_report(cache), "local_kv_bytes": _local_bytes(cache)}
         out["generate"] = session.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
