@@ -148,3 +148,32 @@ def test_sdpa_backend_names_the_run_and_restricts_torch() -> None:
     assert torch.allclose(ref, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-5)
     with sdpa_kernels("efficient_attention"), pytest.raises(RuntimeError):
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)  # no such kernel on the CPU
+
+
+@pytest.mark.parametrize("method", ["tca:tau=0.5", "streaming:window=128,sinks=4,block_size=16"])
+def test_static_decode_answers_as_generate(backend: ModelBackend, method: str) -> None:
+    """--cuda-graph (static decode steps; eager on the CPU) gives each padded row the answer
+    model.generate() gives, cut at the row's first EOS, and accounts its KV the same way."""
+    import copy
+
+    static = copy.copy(backend)
+    static.cuda_graph = True
+    ids = _prompts(backend.tokenizer, [700, 737, 690])
+    samples = [_sample(i) for i in range(3)]
+    [spec] = expand_method(method)
+    plain = backend.run_batch(spec, samples, ids, None)
+    fast = static.run_batch(spec, samples, ids, None)
+    assert all(o.extra["decode"] == "static" for o in fast) and all("decode" not in o.extra for o in plain)
+    for p, f in zip(plain, fast):
+        assert f.prediction == p.prediction
+        assert 0.0 < f.kept_fraction < 1.0
+        # the static cache decodes every row to the longest limit: a few more kept tokens at most
+        assert f.kept_fraction == pytest.approx(p.kept_fraction, abs=0.02)
+
+
+def test_static_decode_answers_stop_at_the_first_eos() -> None:
+    from tca_attention.eval.methods import _until
+
+    assert _until([5, 6, 2, 7, 2], {2}) == [5, 6]
+    assert _until([5, 6], {2}) == [5, 6]
+    assert _until([3, 5], {2, 3}) == []

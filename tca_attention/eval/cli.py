@@ -56,6 +56,9 @@ def add_run_options(p: argparse.ArgumentParser, methods_default: str, methods_he
                    help="calibration tokens (default: min(8192, the model's trained length))")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                    help="TCA executor: auto picks the Triton kernels on CUDA and the PyTorch reference on the CPU")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="decode the sparse methods that support it with static steps captured in CUDA graphs "
+                   "(same greedy tokens as model.generate(), far less time per step on a GPU; docs/decode.md)")
     p.add_argument("--no-chat-template", action="store_true", help="raw prompts even when the model has a template")
     p.add_argument("--results-dir", type=Path, default=Path("results/eval"), help="root of run folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,7 +88,8 @@ def run_models(args: argparse.Namespace, methods: list[str]) -> Iterator[tuple[E
         backend = ModelBackend(config.model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,
                                tca_score=args.tca_score, tca_tau=args.tau,
                                calibration_length=args.calibration_length, backend=args.backend,
-                               budgets_path=args.budgets, sdpa_backend=args.sdpa_backend)
+                               budgets_path=args.budgets, sdpa_backend=args.sdpa_backend,
+                               cuda_graph=args.cuda_graph)
         run_dir = args.results_dir / config.run_name()
         yield config, run_dir, evaluate(config, backend, run_dir, progress=not args.no_progress)
 

@@ -166,11 +166,14 @@ class ModelBackend:
                  tca_preset: str = "small-context", tca_score: str | None = None,
                  tca_tau: float = 0.9, calibration_length: int | None = None, backend: str = "auto",
                  model: Any = None, tokenizer: Any = None, tca_config: Any = None,
-                 budgets_path: Path | None = None, sdpa_backend: str = "auto") -> None:
+                 budgets_path: Path | None = None, sdpa_backend: str = "auto", cuda_graph: bool = False) -> None:
         """model/tokenizer: an already loaded pair (skips load_model); tca_config: a TCAConfig
         used instead of preset/score/tau; budgets_path: an existing budget file of this model
         (copied into the run folder) instead of calibrating; sdpa_backend: the torch SDPA kernel
-        for the layers transformers runs itself (see SDPA_BACKENDS)."""
+        for the layers transformers runs itself (see SDPA_BACKENDS); cuda_graph: decode the
+        sparse methods that support it with the static steps of `session.generate(cuda_graph=True)`
+        (captured in CUDA graphs on a GPU, run eagerly on the CPU; the same greedy tokens as
+        `model.generate()`, each row cut at its first EOS), the others with `model.generate()`."""
         self.model_name = model_name
         self.device = device
         self.dtype = dtype
@@ -184,6 +187,7 @@ class ModelBackend:
         self._tca_config = tca_config
         self.budgets_path = budgets_path
         self.sdpa_backend = sdpa_backend
+        self.cuda_graph = cuda_graph
         self.budgets: Any = None
 
     # -- loading ------------------------------------------------------------------------------
@@ -320,12 +324,19 @@ class ModelBackend:
                     nlls[r] = float(torch.nn.functional.cross_entropy(logits, input_ids[r, -n:]))
             else:
                 limits = [s.max_new_tokens for s in samples]
-                gen = self.model.generate(
-                    input_ids, attention_mask=attn, max_new_tokens=max(limits), **session.cache_kwargs(cache),
-                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=int(pad),
-                )
+                if self.cuda_graph and not core.is_dense and core.supports_static_decode():
+                    gen = session.generate(input_ids, attention_mask=attn, max_new_tokens=max(limits), cuda_graph=True)
+                    cache = session.cache  # the static cache of that run
+                    extra["decode"] = "static" + ("+graph" if session.last_run.graphs else "")
+                else:
+                    gen = self.model.generate(
+                        input_ids, attention_mask=attn, max_new_tokens=max(limits), **session.cache_kwargs(cache),
+                        do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=int(pad),
+                    )
                 # greedy decoding is causal: a row's first n tokens do not depend on later ones
-                preds = [self.tokenizer.decode(gen[r, L:L + limits[r]], skip_special_tokens=True) for r in range(B)]
+                stops = _eos_ids(self.model)
+                preds = [self.tokenizer.decode(_until(gen[r, L:L + limits[r]].tolist(), stops), skip_special_tokens=True)
+                         for r in range(B)]
             if input_ids.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / B
@@ -370,6 +381,23 @@ class ModelBackend:
             out.append(ids[:c0] + kept + ids[c1:])
             infos.append(info)
         return out, infos
+
+
+def _eos_ids(model: Any) -> set[int]:
+    """The token ids at which greedy generation stops (the model's generation config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _until(tokens: list[int], stops: set[int]) -> list[int]:
+    """tokens up to (without) the first stop token: what `model.generate()` returns for a row
+    that stopped there (it pads the rest), and what a fixed-length static decode must be cut to."""
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:

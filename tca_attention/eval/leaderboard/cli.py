@@ -108,6 +108,8 @@ def run_leaderboard(args: argparse.Namespace) -> int:
         run_info = {"models": args.model or ["smollm2"], "methods": f"{SEPARATOR} ".join(methods), "tasks": args.tasks,
                     "lengths": args.lengths, "samples per task and length": args.samples, "seed": args.seed,
                     "TCA preset": args.tca_preset, "device": args.device, "dtype": args.dtype or "the loader's",
+                    "decode": "static steps in CUDA graphs where a method supports them" if args.cuda_graph
+                    else "model.generate()",
                     "run folders": dirs}
     if not results:
         raise ValueError("no results to rank (empty run folders?)")
