@@ -230,3 +230,25 @@ def test_bench_methods_attended_fraction_is_the_sparsified_phase():
     assert attended({"prefill_attended_fraction": 0.3, "decode_attended_fraction": 1.0}) == 0.3
     assert attended({"prefill_attended_fraction": 1.0, "decode_attended_fraction": 0.2}) == 0.2
     assert attended({}) == 1.0
+
+
+@pytest.mark.parametrize("spec", [None, "streaming:window=64,sinks=4,block_size=16"])
+def test_bench_methods_graph_row_on_the_cpu(spec):
+    """--decode graph's timing of one row (static steps, eager on the CPU): dense on transformers'
+    StaticCache, a method on its static ragged cache, with the row's accounting filled in."""
+    from tca_attention import registry
+    from tca_attention.benchmarks.bench_methods import _graph_safe, time_graph
+
+    from tiny_models import tiny
+
+    model = tiny("llama").eval()
+    method = None if spec is None else registry.create(spec)
+    assert _graph_safe(method) and not _graph_safe(registry.create("quest:budget=64"))
+    ids = torch.randint(0, 97, (1, 300))
+    row = time_graph(model, ids, method, 4)
+    assert row["decode"] == "graph" and row["graphs"] == 0 and row["decode_tokens_per_s"] > 0
+    if method is None:
+        assert row["kept_fraction"] == 1.0 and row["kv_gib"] == row["dense_kv_gib"]
+    else:  # 4 sinks + a 64-token window (+ a partial block) out of 303
+        assert 0.1 < row["kept_fraction"] < 0.5 and row["kv_gib"] < row["dense_kv_gib"]
+        assert row["prefill_attended_fraction"] < 0.6

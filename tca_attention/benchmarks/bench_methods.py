@@ -12,6 +12,11 @@ everything), never for accuracy.
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9; spatten:keep=0.25|0.5" --out r.json
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
 `--methods peers` (alone or in the list) stands for every peer's density sweep in PEER_SWEEPS.
+`--decode graph` decodes each method whose decode is graph-safe (`supports_static_decode()`) and
+dense attention with CUDA-graph-captured static steps (integration/static_decode.py; the prefill
+then fills the static cache, one prefill per row); the others decode eagerly, and each row says
+which (`decode`). List `full-budget` too for the engine's dense graph decode (every token kept):
+rows then carry `decode_speedup_vs_keep_all` as well.
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--lengths", default="32768,131072", help="comma list of prompt lengths in tokens")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
     ap.add_argument("--decode-steps", type=int, default=32, help="decode steps timed after each prefill")
+    ap.add_argument("--decode", choices=("eager", "graph"), default="eager",
+                    help="eager: a Python forward per token for every method; graph: CUDA-graph replay for dense "
+                    "and every method that supports static decode (the others eager)")
     ap.add_argument("--synthetic-state", action="store_true",
                     help="methods calibrated on real text get seeded random state (timing only)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
@@ -88,6 +96,44 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
         ap.error(f"--lengths {args.lengths!r}: a comma list of token counts")
     args.specs = specs
     return args
+
+
+def _graph_safe(method) -> bool:
+    """Dense attention (None) and every method whose decode step can be captured."""
+    return method is None or method.supports_static_decode()
+
+
+@torch.no_grad()
+def time_graph(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
+    """As bench_e2e.time_one, decoding with CUDA-graph-captured static steps (greedy_static: the
+    prefill fills the static cache; 1 eager step, 1 warm-up, capture, then the timed replays)."""
+    from ..integration import enable
+    from ..integration.static_decode import greedy_static
+
+    cuda = ids.is_cuda  # the same steps run eagerly on the CPU (tests)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    with enable(model, method) as session:
+        run = greedy_static(model, ids, max_new_tokens=decode_steps + 3, session=None if method is None else session)
+        cache = run.cache
+        if method is None:
+            kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            dense_kv, kept, report = kv, 1.0, {}
+        else:
+            kv, dense_kv, kept = cache.kv_bytes(), cache.dense_kv_bytes(), cache.kept_fraction()
+            report = session.prefill_report()
+    ttft, tps, graphs = run.prefill_s, run.decode_tokens_per_s, run.graphs
+    del cache, run  # the static cache goes before the next row's prefill
+    return {
+        "ttft_s": ttft, "decode_tokens_per_s": tps, "decode": "graph",
+        "graphs": graphs, "peak_mem_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None,
+        "kv_gib": kv / 2**30, "dense_kv_gib": dense_kv / 2**30, "kept_fraction": kept,
+        "retained_last_query": report.get("retained"),
+        "prefill_attended_fraction": report.get("kept_fraction", 1.0),
+        "decode_attended_fraction": report.get("decode_kept_fraction", kept),
+    }
 
 
 def build_method(spec: str, model, args: argparse.Namespace):
@@ -181,7 +227,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     failed: dict[str, str] = {}
     for spec, m in ((registry.FULL, None), *methods.items()):  # kernel compilation, cuBLAS handles
         try:
-            time_one(model, warm, m, 2)
+            time_graph(model, warm, m, 2) if args.decode == "graph" and _graph_safe(m) else time_one(model, warm, m, 2)
         except Exception as e:  # noqa: BLE001 - one broken method must not lose the others' figures
             failed[spec] = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"warm-up of {spec} failed: {failed[spec]}", file=sys.stderr, flush=True)
@@ -190,7 +236,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "versions": _versions(),
         "model": {"shape": "Llama-3.1-8B", **LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16"},
         "dtype": "bfloat16", "batch": 1, "budgets": args.budgets, "synthetic_state": args.synthetic_state,
-        "dense_attention": "transformers sdpa (torch's default backend choice), DynamicCache, eager decode",
+        "dense_attention": "transformers sdpa (torch's default backend choice), " + (
+            "StaticCache, CUDA-graph decode" if args.decode == "graph" else "DynamicCache, eager decode"),
         "decode_steps": args.decode_steps,
         "command": "tca bench methods " + " ".join(argv),
     }
@@ -202,7 +249,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             try:
                 if spec in failed:
                     raise RuntimeError(failed[spec])
-                row.update(time_one(model, ids, m, args.decode_steps))
+                row.update(time_graph(model, ids, m, args.decode_steps) if args.decode == "graph" and _graph_safe(m)
+                           else {**time_one(model, ids, m, args.decode_steps), "decode": "eager"})
             except torch.OutOfMemoryError as e:
                 row["error"] = f"OOM: {e}".splitlines()[0]
                 torch.cuda.empty_cache()
@@ -210,10 +258,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
             rows.append(row)
         dense = rows[-len(methods) - 1]
+        keep_all = next((r for r in rows[-len(methods):] if r["method"] == "full-budget" and "ttft_s" in r), None)
         for row in rows[-len(methods):]:
             if "ttft_s" in row and "ttft_s" in dense:
                 row["ttft_speedup"] = dense["ttft_s"] / row["ttft_s"]
                 row["decode_speedup"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+            if "ttft_s" in row and keep_all is not None:
+                row["decode_speedup_vs_keep_all"] = row["decode_tokens_per_s"] / keep_all["decode_tokens_per_s"]
             print(json.dumps({k: row.get(k) for k in ("tokens", "method", "ttft_s", "ttft_speedup", "decode_speedup",
                                                       "kept_fraction", "prefill_attended_fraction",
                                                       "decode_attended_fraction")}), flush=True)
