@@ -185,7 +185,8 @@ def test_padding_does_not_change_decisions():
     batch = BlockPlan.dense(2, KV, L0 + pad, torch.tensor([0, pad], device=DEV), 16, 16).with_skip(0.1, H)
     for run in (block_sparse_prefill_ref, run_triton):
         solo, both = run(q0, k0, v0, alone, D**-0.5), run(q, k, v, batch, D**-0.5)
-        torch.testing.assert_close(both[1, pad:], solo[0], atol=1e-6, rtol=0)
+        # the same pairs, summed in another order on a GPU (the row's tiles start elsewhere): 1e-5
+        torch.testing.assert_close(both[1, pad:], solo[0], atol=1e-5, rtol=0)
         assert batch.skip_dropped[1].tolist() == alone.skip_dropped[0].tolist() and int(alone.skip_dropped.sum()) > 0
 
 

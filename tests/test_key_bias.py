@@ -52,10 +52,10 @@ def test_hand_computation_every_prefill_path():
     gen = torch.Generator().manual_seed(0)
     B, H, KV, L, D = 2, 4, 2, 12, 16
     q, k, v = make_qkv(gen, B, H, KV, L, D, torch.float32)
-    ks = torch.tensor([0, 3])
+    ks = torch.tensor([0, 3], device=DEV)  # every input on the device the kernels run on
     # ZeroTuning's shape: the row's first token, one scale per head (0.5, 1, 2, 4)
-    kb = KeyBias.at(ks, torch.log(torch.tensor([0.5, 1.0, 2.0, 4.0])))
-    want = hand_attention(q, k, v, 0.25, kb.rows(L), ks)
+    kb = KeyBias.at(ks, torch.log(torch.tensor([0.5, 1.0, 2.0, 4.0], device=DEV)))
+    want = hand_attention(q.cpu(), k.cpu(), v.cpu(), 0.25, kb.rows(L).cpu(), ks.cpu())
     plan = dense_plan(B, KV, L, ks)
     for out in (R.sparse_prefill_ref(q, k, v, plan, 0.25, key_bias=kb),
                 sparse_prefill_triton(q, k, v, plan, 0.25, SMALL, key_bias=kb),
@@ -79,7 +79,7 @@ def test_zero_bias_is_unbiased():
                                R.sparse_prefill_ref(q, k, v, plan, 0.25), atol=0, rtol=0)
     torch.testing.assert_close(sparse_prefill_triton(q, k, v, plan, 0.25, SMALL, key_bias=zero),
                                sparse_prefill_triton(q, k, v, plan, 0.25, SMALL), atol=0, rtol=0)
-    ks = torch.tensor([0, 5])
+    ks = torch.tensor([0, 5], device=DEV)
     torch.testing.assert_close(dispatch.dense_prefill(q, k, v, 0.25, zero, ks),
                                R.dense_causal_ref(q, k, v, 0.25, ks.to(DEV)), atol=1e-5, rtol=1e-5)
 
@@ -153,10 +153,10 @@ def test_subset_executors_with_bias(per_query_head, monkeypatch):
     gen = torch.Generator().manual_seed(6)
     B, H, KV, L, D = 2, 4, 2, 31, 16
     q, k, v = make_qkv(gen, B, H, KV, L, D, torch.float32)
-    ks = torch.tensor([0, 6])
+    ks = torch.tensor([0, 6], device=DEV)
     Hp = H if per_query_head else KV
-    valid = torch.arange(L)[None, None] >= ks[:, None, None]
-    mask = (torch.rand(B, Hp, L, generator=gen) < 0.6) & valid
+    valid = torch.arange(L, device=DEV)[None, None] >= ks[:, None, None]
+    mask = (torch.rand(B, Hp, L, generator=gen) < 0.6).to(DEV) & valid
     plan = SubsetPlan(*pack_mask(mask), ks)
     kb = random_bias(gen, B, H, L, P=4)
     ref = subset.subset_prefill_ref(q, k, v, plan, 0.3, kb)
