@@ -324,11 +324,19 @@ class ModelBackend:
                     nlls[r] = float(torch.nn.functional.cross_entropy(logits, input_ids[r, -n:]))
             else:
                 limits = [s.max_new_tokens for s in samples]
+                gen = None
                 if self.cuda_graph and not core.is_dense and core.supports_static_decode():
-                    gen = session.generate(input_ids, attention_mask=attn, max_new_tokens=max(limits), cuda_graph=True)
-                    cache = session.cache  # the static cache of that run
-                    extra["decode"] = "static" + ("+graph" if session.last_run.graphs else "")
-                else:
+                    try:
+                        gen = session.generate(input_ids, attention_mask=attn, max_new_tokens=max(limits),
+                                               cuda_graph=True)
+                        cache = session.cache  # the static cache of that run
+                        extra["decode"] = "static" + ("+graph" if session.last_run.graphs else "")
+                    except Exception as e:  # noqa: BLE001 - recorded and redone the plain way, never lost
+                        log.warning("%s: static decode failed (%s: %s); decoding with generate()", method.label,
+                                    type(e).__name__, e)
+                        extra["static_decode_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                        cache = session.new_cache()
+                if gen is None:
                     gen = self.model.generate(
                         input_ids, attention_mask=attn, max_new_tokens=max(limits), **session.cache_kwargs(cache),
                         do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=int(pad),

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Leaderboard runs on the device within a time budget: each group of methods is one resumable
+# `tca eval` into the same run folder (a method that crashes loses only its group), in the order
+# given, until the budget is spent; the run folders are copied to $OUT as a tar.
+# Usage: SECONDS_BUDGET=520 MODEL=smollm2 LENGTHS=4096 bash scripts/gpu_leaderboard.sh GROUPS_FILE
+# (one group per line: methods separated by ';'; lines starting with # are skipped)
+set -uo pipefail
+OUT=${OUT:-/tmp/tca_gpu_out}; STAGE=${STAGE:-/tmp/tca_stage}
+RESULTS=${RESULTS:-$STAGE/lb}; SEED_FROM=${SEED_FROM:-}
+mkdir -p "$OUT" "$RESULTS"
+# earlier results (committed run folders carried in the tree) so a run resumes where the last stopped
+[ -n "$SEED_FROM" ] && [ -d "$SEED_FROM" ] && cp -rn "$SEED_FROM"/. "$RESULTS"/
+end=$((SECONDS + ${SECONDS_BUDGET:-520}))
+while IFS= read -r group; do
+  [[ -z "$group" || "$group" == \#* ]] && continue
+  left=$((end - SECONDS)); [ "$left" -lt 20 ] && { echo "budget spent before: $group"; break; }
+  echo "== $(date +%T) [$left s left] $group"
+  timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.cli eval --model "${MODEL:-smollm2}" --device cuda \
+    --cuda-graph --batch-size "${BATCH:-20}" --lengths "${LENGTHS:-4096}" --samples "${SAMPLES:-20}" \
+    --methods "$group" --results-dir "$RESULTS" --no-progress ${EXTRA:-} >> "$OUT/leaderboard_runs.log" 2>&1
+  echo "   rc=$? $(grep -c . "$RESULTS"/*/results.jsonl | tr '\n' ' ')"
+done < "$1"
+tar -C "$RESULTS" -czf "$OUT/leaderboard_runs.tar.gz" .
+grep -E "WARNING|Error|error" "$OUT/leaderboard_runs.log" | tail -20
