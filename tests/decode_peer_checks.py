@@ -1,8 +1,10 @@
-"""Checks the decode-side peers' tests share (TokenSelect, TidalDecode, Recycled Attention): layers
-driven by hand (dense prefill, random decode steps), a selection path covering the cache equals
-dense decoding on a tiny model, and a row reads the same tokens alone and in a left-padded batch."""
+"""Checks the decode-side peers' tests share (TokenSelect, TidalDecode, Recycled Attention; Quest for the
+static path): layers driven by hand (dense prefill, random decode steps), a selection path covering the
+cache equals dense decoding on a tiny model, a row reads the same tokens alone and in a left-padded
+batch, and static (graph-safe) decode steps give the dynamic path's tokens."""
 from __future__ import annotations
 
+import pytest
 import torch
 from method_checks import run
 
@@ -182,9 +184,33 @@ def assert_triton_equals_reference(method, lengths=(45, 38, 6), seed: int = 6) -
 
 def assert_static_decode_refused(method) -> None:
     """cuda_graph / static caches refuse the method with a clear error (its per-step work is not graph-safe)."""
-    import pytest
-
     assert not method.supports_static_decode()
     model = tiny("llama")
     with enable(model, method, backend="reference") as session, pytest.raises(ValueError, match="not declared graph-safe"):
         session.new_cache(max_new_tokens=4)
+
+
+def assert_static_equals_dynamic(make, lengths: tuple[int, ...], steps: int = 14, **tiny_kw) -> tuple[dict, dict]:
+    """Greedy decoding of a tiny llama with static steps (greedy_static, eager on the CPU: what a CUDA
+    graph replays) gives the dynamic path's tokens over `steps` steps, with the same read fraction,
+    below 1 (the method dropped something). make(): a fresh method (its counters start at zero).
+    -> the session reports (dynamic, static)."""
+    from test_batch_invariance import greedy
+    from test_static_decode import left_padded as padded_prompts
+
+    from tca_attention.integration.static_decode import greedy_static
+
+    model = tiny("llama", **tiny_kw)
+    ids, mask = padded_prompts(lengths)
+    with torch.no_grad():
+        with enable(model, make(), backend="reference") as session:
+            _, _, want, _ = greedy(model, ids, mask, steps, session)
+            dynamic = session.prefill_report()
+        with enable(model, make(), backend="reference") as session:
+            assert session.method.supports_static_decode()
+            run = greedy_static(model, ids, mask, max_new_tokens=steps + 1, session=session, cuda_graph=False)
+            static = session.prefill_report()
+    assert torch.equal(run.sequences[:, ids.shape[1]:-1], want)
+    frac = static["decode_kept_fraction"]
+    assert frac == pytest.approx(dynamic["decode_kept_fraction"], rel=1e-9) and frac < 1
+    return dynamic, static

@@ -243,7 +243,7 @@ def test_bench_methods_graph_row_on_the_cpu(spec):
 
     model = tiny("llama").eval()
     method = None if spec is None else registry.create(spec)
-    assert _graph_safe(method) and not _graph_safe(registry.create("quest:budget=64"))
+    assert _graph_safe(method) and not _graph_safe(registry.create("tidaldecode:budget=64"))
     ids = torch.randint(0, 97, (1, 300))
     row = time_graph(model, ids, method, 4)
     assert row["decode"] == "graph" and row["graphs"] == 0 and row["decode_tokens_per_s"] > 0

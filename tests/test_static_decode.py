@@ -262,6 +262,47 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
                 model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 1, device=dev), **cache_kwargs(dyn))
 
 
+def peer(name: str):
+    """A decode-side selection method with a budget well below the 120-token prompt."""
+    from tca_attention.methods.quest import Quest
+    from tca_attention.methods.tokenselect import TokenSelect
+
+    return {"quest": lambda: Quest(budget=32, page_size=8, skip_layers=0),
+            "tokenselect": lambda: TokenSelect(budget=24, sinks=4, local=16, threshold=0.1)}[name]()
+
+
+@pytest.mark.parametrize("name", ["quest", "tokenselect"])
+def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
+    """A graph-safe decode-side method's static steps (Triton kernels, as a graph captures them):
+    after the eager first step, select_decode runs on the StaticRaggedLayer of every layer with
+    no host read (Tensor.item/tolist/... raise), the cache buffers stay in place, and it selects."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny("llama", num_hidden_layers=2).to(dev)
+    ids, mask = (t.to(dev) for t in left_padded((120, 90), seed=6))
+    m = peer(name)
+    calls = []
+    select = m.select_decode
+
+    def recorded(layer_idx, q, layer):
+        assert isinstance(layer, StaticRaggedLayer)
+        sel = select(layer_idx, q, layer)
+        calls.append(sel is not None)
+        return sel
+
+    object.__setattr__(m, "select_decode", recorded)
+    with torch.no_grad(), enable(model, m, backend="triton") as session:
+        cache, step = _prefill_and_step(model, session, ids, mask, 12)
+        step()
+        before = _buffers(cache)
+        calls.clear()
+        with no_host_sync():
+            for _ in range(8):
+                step()
+        assert _buffers(cache) == before
+    assert len(calls) == 16 and any(calls)
+    assert session.prefill_report()["decode_kept_fraction"] < 1
+
+
 def test_a_dense_static_step_reallocates_nothing_and_never_syncs():
     model = tiny("gemma3")
     ids, mask = left_padded((60, 50), seed=7)

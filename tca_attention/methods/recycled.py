@@ -56,10 +56,10 @@ class RecycledAttention(ReadsFromFullCache):
                 else None)
 
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
-        start, fill = tail_rows(layer, self.name)
+        start, fill, _ = tail_rows(layer, self.name)
         if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within K: dense, schedules restart
             layer.method_state.pop(_STATE, None)
-            self._reads.count_dense()
+            self._reads.count_dense(q.device)
             return None
         B = q.shape[0]
         qv = q[:, :, -1].float().flatten(1)  # (B, H * D)
@@ -70,19 +70,19 @@ class RecycledAttention(ReadsFromFullCache):
         if self.similarity > 0:
             full |= cosine(qv, st["q"]) < self.similarity
         full &= ~fits
-        real = real_slots(start, fill)
+        real = real_slots(start, fill, fill)
         any_full = bool(full.any())  # one host read: does any row take a full step?
         if any_full:
             self._record(st, full, self.pattern(q, layer, real), qv, fill)
         st["valid"] &= ~fits
         layer.method_state[_STATE] = st
         if bool((full | fits).all()):
-            self._reads.count_dense()
+            self._reads.count_dense(q.device)
             return None
         recent = torch.arange(fill, device=q.device)[None, :] >= st["base"][:, None]  # (B, T) added since
         mask = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1])) | recent[:, None, :]
         mask = torch.where((full | fits)[:, None, None], real[:, None, :], mask) & real[:, None, :]
-        self._reads.count(mask, start, fill)
+        self._reads.count(mask, fill - start)
         # a row's recycled reads: at most K + stride tokens; a full row next to it lists its whole cache
         return selection_from_mask(mask, fill if any_full else self.budget + self.stride)
 

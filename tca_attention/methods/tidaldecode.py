@@ -61,11 +61,11 @@ class TidalDecode(ReadsFromFullCache):
         return None  # dense prefill; the cache keeps everything
 
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
-        start, fill = tail_rows(layer, self.name)
+        start, fill, _ = tail_rows(layer, self.name)
         if q.shape[2] > 1 or self._fits(fill) or layer_idx < self.select_layer:
             if q.shape[2] > 1:
                 self._state.clear()
-            self._reads.count_dense()
+            self._reads.count_dense(q.device)
             return None
         st = self._state
         current = st.get("seen") == layer.seen and st.get("fill") == fill and st.get("batch") == q.shape[0]
@@ -73,17 +73,17 @@ class TidalDecode(ReadsFromFullCache):
         if not current or reselect:  # the step's (re-)selection layer: full attention, choose the tokens
             self._state.update(mask=self.choose(q, layer, start, fill), seen=layer.seen, fill=fill,
                                batch=q.shape[0], layer=layer_idx)
-            self._reads.count_dense()
+            self._reads.count_dense(q.device)
             return None
         mask = st["mask"]
-        self._reads.count(mask, start, fill)
+        self._reads.count(mask, fill - start)
         return selection_from_mask(mask, self.budget)
 
     def choose(self, q: torch.Tensor, layer: "RaggedLayer", start: torch.Tensor, fill: int) -> torch.Tensor:
         """(B, KV, T): the current token and the budget - 1 earlier real tokens of largest q.k
         (max over the KV head's query heads)."""
         keys = layer.t_keys[:, :, :fill]
-        earlier = real_slots(start, fill)
+        earlier = real_slots(start, fill, fill)
         earlier[:, -1] = False  # the current token (the last slot) is always read
         score = group_logits(q, keys, 1.0).amax(2)  # (B, KV, T)
         score = score.masked_fill(~earlier[:, None, :], float("-inf"))
