@@ -265,13 +265,15 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
 def peer(name: str):
     """A decode-side selection method with a budget well below the 120-token prompt."""
     from tca_attention.methods.quest import Quest
+    from tca_attention.methods.recycled import RecycledAttention
     from tca_attention.methods.tokenselect import TokenSelect
 
     return {"quest": lambda: Quest(budget=32, page_size=8, skip_layers=0),
-            "tokenselect": lambda: TokenSelect(budget=24, sinks=4, local=16, threshold=0.1)}[name]()
+            "tokenselect": lambda: TokenSelect(budget=24, sinks=4, local=16, threshold=0.1),
+            "recycled": lambda: RecycledAttention(budget=24, stride=3, similarity=0.1)}[name]()
 
 
-@pytest.mark.parametrize("name", ["quest", "tokenselect"])
+@pytest.mark.parametrize("name", ["quest", "tokenselect", "recycled"])
 def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
     """A graph-safe decode-side method's static steps (Triton kernels, as a graph captures them):
     after the eager first step, select_decode runs on the StaticRaggedLayer of every layer with

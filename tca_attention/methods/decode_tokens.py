@@ -87,6 +87,16 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
+def keep_in_place(state: dict, key: str, value: torch.Tensor) -> None:
+    """state[key] = value, in place when the shapes match (a static layer's per-request state keeps
+    its address: a replayed CUDA graph reads and writes it); a new tensor when they do not (a
+    dynamic layer's state grows with its fill)."""
+    if state[key].shape == value.shape:
+        state[key].copy_(value)
+    else:
+        state[key] = value
+
+
 class ReadCounter:
     """Decode steps seen, the dense ones among them and the sum of the read fractions (mean over rows
     of the real cached tokens attended, averaged over KV heads; a step reading everything counts 1).

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits, real_slots,
-                            selection_from_mask, slot_ids, tail_rows, top_mask)
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits, keep_in_place,
+                            real_slots, selection_from_mask, slot_ids, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -111,9 +111,9 @@ class TokenSelect(ReadsFromFullCache):
         fresh = self.vote_mask(q, layer.t_keys[:, :, :T], middle)
         vote = ~reuse & ~fits
         chosen = torch.where(vote[:, None, None], fresh, old)
-        _keep(st, "q", torch.where(vote[:, None], qv, st["q"]))
-        _keep(st, "valid", st["valid"] | vote)
-        _keep(st, "chosen", chosen)
+        keep_in_place(st, "q", torch.where(vote[:, None], qv, st["q"]))
+        keep_in_place(st, "valid", st["valid"] | vote)
+        keep_in_place(st, "chosen", chosen)
         return chosen
 
     def _reuse_counts(self, device: torch.device) -> torch.Tensor:
@@ -142,15 +142,6 @@ class TokenSelect(ReadsFromFullCache):
         acc = self._reuse.get("acc")
         steps, rows = acc.tolist() if acc is not None else (0, 0)
         return {"decode_kept_fraction": self._reads.fraction(), "selection_reuse": rows / steps if steps else None}
-
-
-def _keep(state: dict, key: str, value: torch.Tensor) -> None:
-    """state[key] = value, in place when the shapes match (a static layer's buffers keep their
-    address: a replayed CUDA graph reads and writes them)."""
-    if state[key].shape == value.shape:
-        state[key].copy_(value)
-    else:
-        state[key] = value
 
 
 def budget_for(kept_fraction: float, prompt_tokens: int, params: Mapping[str, Any]) -> int:
