@@ -266,14 +266,16 @@ def peer(name: str):
     """A decode-side selection method with a budget well below the 120-token prompt."""
     from tca_attention.methods.quest import Quest
     from tca_attention.methods.recycled import RecycledAttention
+    from tca_attention.methods.tidaldecode import TidalDecode
     from tca_attention.methods.tokenselect import TokenSelect
 
     return {"quest": lambda: Quest(budget=32, page_size=8, skip_layers=0),
             "tokenselect": lambda: TokenSelect(budget=24, sinks=4, local=16, threshold=0.1),
-            "recycled": lambda: RecycledAttention(budget=24, stride=3, similarity=0.1)}[name]()
+            "recycled": lambda: RecycledAttention(budget=24, stride=3, similarity=0.1),
+            "tidaldecode": lambda: TidalDecode(budget=24, select_layer=0, reselect_layer=-1)}[name]()
 
 
-@pytest.mark.parametrize("name", ["quest", "tokenselect", "recycled"])
+@pytest.mark.parametrize("name", ["quest", "tokenselect", "recycled", "tidaldecode"])
 def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
     """A graph-safe decode-side method's static steps (Triton kernels, as a graph captures them):
     after the eager first step, select_decode runs on the StaticRaggedLayer of every layer with
