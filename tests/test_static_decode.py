@@ -279,7 +279,9 @@ def peer(name: str):
 def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
     """A graph-safe decode-side method's static steps (Triton kernels, as a graph captures them):
     after the eager first step, select_decode runs on the StaticRaggedLayer of every layer with
-    no host read (Tensor.item/tolist/... raise), the cache buffers stay in place, and it selects."""
+    no host read (Tensor.item/tolist/... raise), the cache buffers stay in place, and it selects.
+    On CUDA also: a step under the sync debug mode, replays that allocate nothing, and graph replay
+    giving the eager static steps' tokens and read fraction (its counters advance in the replays)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny("llama", num_hidden_layers=2).to(dev)
     ids, mask = (t.to(dev) for t in left_padded((120, 90), seed=6))
@@ -295,7 +297,7 @@ def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
 
     object.__setattr__(m, "select_decode", recorded)
     with torch.no_grad(), enable(model, m, backend="triton") as session:
-        cache, step = _prefill_and_step(model, session, ids, mask, 12)
+        cache, step = _prefill_and_step(model, session, ids, mask, 40 if dev == "cuda" else 12)
         step()
         before = _buffers(cache)
         calls.clear()
@@ -303,8 +305,19 @@ def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
             for _ in range(8):
                 step()
         assert _buffers(cache) == before
-    assert len(calls) == 16 and any(calls)
+        if dev == "cuda":
+            _no_sync_and_no_allocation(step)
+    assert len(calls) >= 16 and any(calls)
     assert session.prefill_report()["decode_kept_fraction"] < 1
+    if dev == "cuda":
+        runs = []
+        for graph in (False, True):
+            with torch.no_grad(), enable(model, peer(name), backend="triton") as s:
+                runs.append((greedy_static(model, ids, mask, max_new_tokens=16, session=s, cuda_graph=graph),
+                             s.prefill_report()["decode_kept_fraction"]))
+        (eager, f_eager), (replayed, f_replayed) = runs
+        assert replayed.graphs == 1 and torch.equal(replayed.sequences, eager.sequences)
+        assert f_replayed == pytest.approx(f_eager, rel=1e-9)
 
 
 def test_a_dense_static_step_reallocates_nothing_and_never_syncs():
