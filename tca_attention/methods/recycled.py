@@ -65,7 +65,8 @@ class RecycledAttention(ReadsFromFullCache):
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, end, T = tail_rows(layer, self.name)
         static = layer.is_static
-        if q.shape[2] > 1 or (not static and self._fits(end)):  # a continuation, or every cache within K: dense, schedules restart
+        if q.shape[2] > 1 or (not static and self._fits(end)):  # a continuation, or every cache within K:
+            # dense, schedules restart (a static step reads a cache within K through the selection)
             layer.method_state.pop(_STATE, None)
             self._reads.count_dense(q.device)
             return None
@@ -76,10 +77,7 @@ class RecycledAttention(ReadsFromFullCache):
         st["since"] += 1
         n = end - start  # (B,) each row's real tokens
         fits = self._row_fits(n)  # rows reading everything, as alone (their schedule restarts)
-        full = ~st["valid"] | (st["since"] >= self.stride)
-        if self.similarity > 0:
-            full |= cosine(qv, st["q"]) < self.similarity
-        full &= ~fits
+        full = self._full_rows(st, qv, fits)
         real = real_slots(start, end, T)
         any_full = static or bool(full.any())  # dynamic: one host read, does any row take a full step?
         if any_full:
@@ -94,6 +92,14 @@ class RecycledAttention(ReadsFromFullCache):
         self._reads.count(mask, n)
         # a row's recycled reads: at most K + stride tokens; a full row next to it lists its whole cache
         return selection_from_mask(mask, T if any_full else self.budget + self.stride)
+
+    def _full_rows(self, st: dict, qv: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
+        """(B,) the rows taking a full step now: no pattern yet, `stride` steps since their last full
+        step, or (similarity > 0) a query drifted from that step's; never a row within K."""
+        full = ~st["valid"] | (st["since"] >= self.stride)
+        if self.similarity > 0:
+            full |= cosine(qv, st["q"]) < self.similarity
+        return full & ~fits
 
     def pattern(self, q: torch.Tensor, layer: "RaggedLayer", real: torch.Tensor) -> torch.Tensor:
         """(B, KV, T): the `budget` real tokens of largest attention of this (full) step, the
