@@ -75,7 +75,8 @@ class TokenSelect(ReadsFromFullCache):
 
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
         start, end, T = tail_rows(layer, self.name)
-        if q.shape[2] > 1 or (not layer.is_static and self._fits(end)):  # a continuation, or every cache within the budget
+        # a continuation, or every cache within the budget (dynamic: a static step selects them all)
+        if q.shape[2] > 1 or (not layer.is_static and self._fits(end)):
             self._reads.count_dense(q.device)
             return None
         real = real_slots(start, end, T)  # (B, T)
@@ -120,8 +121,10 @@ class TokenSelect(ReadsFromFullCache):
         """(2,) int64 on the device, added to in place: (row, step)s with a cached selection to
         consider, and those reusing it."""
         acc = self._reuse.get("acc")
-        if acc is None or acc.device != device:
-            acc = self._reuse["acc"] = torch.zeros(2, dtype=torch.long, device=device) if acc is None else acc.to(device)
+        if acc is None:
+            acc = self._reuse["acc"] = torch.zeros(2, dtype=torch.long, device=device)
+        elif acc.device != device:  # a later request on another device
+            acc = self._reuse["acc"] = acc.to(device)
         return acc
 
     def vote_mask(self, q: torch.Tensor, keys: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
