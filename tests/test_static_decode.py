@@ -275,11 +275,35 @@ def peer(name: str):
             "tidaldecode": lambda: TidalDecode(budget=24, select_layer=0, reselect_layer=-1)}[name]()
 
 
+def _state_tensors(x, name: str, out: dict[str, int], depth: int = 3) -> dict[str, int]:
+    """data_ptr of every tensor in x (dicts and plain objects, a few levels deep): a method's state."""
+    if isinstance(x, torch.Tensor):
+        out[name] = x.data_ptr()
+    elif depth and isinstance(x, dict):
+        for k, v in x.items():
+            _state_tensors(v, f"{name}.{k}", out, depth - 1)
+    elif depth and hasattr(x, "__dict__") and not callable(x):
+        for k, v in vars(x).items():
+            _state_tensors(v, f"{name}.{k}", out, depth - 1)
+    return out
+
+
+def _method_state(m, cache) -> dict[str, int]:
+    """The addresses a replayed graph would read and write: the method's own tensors (counters,
+    cross-layer state) and each layer's per-request state."""
+    out = _state_tensors(m, "method", {})
+    for i, layer in enumerate(cache.tca_layers()):
+        _state_tensors(layer.method_state, f"layer{i}", out)
+    return out
+
+
 @pytest.mark.parametrize("name", ["quest", "tokenselect", "recycled", "tidaldecode"])
 def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
     """A graph-safe decode-side method's static steps (Triton kernels, as a graph captures them):
     after the eager first step, select_decode runs on the StaticRaggedLayer of every layer with
-    no host read (Tensor.item/tolist/... raise), the cache buffers stay in place, and it selects.
+    no host read (Tensor.item/tolist/... raise), the cache buffers and the method's state (its
+    counters, per-layer and cross-layer tensors: what a replayed graph reads and writes) stay in
+    place, and it selects.
     On CUDA also: a step under the sync debug mode, replays that allocate nothing, and graph replay
     giving the eager static steps' tokens and read fraction (its counters advance in the replays)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,12 +323,13 @@ def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
     with torch.no_grad(), enable(model, m, backend="triton") as session:
         cache, step = _prefill_and_step(model, session, ids, mask, 40 if dev == "cuda" else 12)
         step()
-        before = _buffers(cache)
+        before, state = _buffers(cache), _method_state(m, cache)
         calls.clear()
         with no_host_sync():
             for _ in range(8):
                 step()
         assert _buffers(cache) == before
+        assert _method_state(m, cache) == state and len(state) > 1
         if dev == "cuda":
             _no_sync_and_no_allocation(step)
     assert len(calls) >= 16 and any(calls)
