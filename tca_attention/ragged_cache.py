@@ -35,6 +35,7 @@ class RaggedLayer(DynamicLayer):
 
     is_sliding = False
     is_croppable = False
+    is_static = False  # static_cache.StaticRaggedLayer: fixed shapes, device counters (graph-captured steps)
 
     def __init__(self, block_size: int, window: int, backend: dispatch.Backend = "auto") -> None:
         super().__init__()

@@ -40,6 +40,7 @@ class StaticRaggedLayer(RaggedLayer):
     """One attention layer's ragged cache with storage for prompt + max_new_tokens, static decode."""
 
     _INDEX_TENSORS = RaggedLayer._INDEX_TENSORS + ("t_pos", "g_fill", "next_pos")
+    is_static = True
 
     def __init__(self, block_size: int, window: int, backend: dispatch.Backend = "auto", max_new_tokens: int = 1) -> None:
         super().__init__(block_size, window, backend)

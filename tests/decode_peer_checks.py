@@ -1,8 +1,10 @@
-"""Checks the decode-side peers' tests share (TokenSelect, TidalDecode, Recycled Attention): layers
-driven by hand (dense prefill, random decode steps), a selection path covering the cache equals
-dense decoding on a tiny model, and a row reads the same tokens alone and in a left-padded batch."""
+"""Checks the decode-side peers' tests share (TokenSelect, TidalDecode, Recycled Attention; Quest for the
+static path): layers driven by hand (dense prefill, random decode steps), a selection path covering the
+cache equals dense decoding on a tiny model, a row reads the same tokens alone and in a left-padded
+batch, and static (graph-safe) decode steps give the dynamic path's tokens."""
 from __future__ import annotations
 
+import pytest
 import torch
 from method_checks import run
 
@@ -180,11 +182,48 @@ def assert_triton_equals_reference(method, lengths=(45, 38, 6), seed: int = 6) -
     torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
 
 
-def assert_static_decode_refused(method) -> None:
-    """cuda_graph / static caches refuse the method with a clear error (its per-step work is not graph-safe)."""
-    import pytest
+def _reads_logged(method) -> list[torch.Tensor]:
+    """Wrap method.select_decode to log what every call reads: (B, KV, positions so far) bool, the
+    visible tail slots of its selection (all visible ones for None)."""
+    log: list[torch.Tensor] = []
+    inner = method.select_decode
 
-    assert not method.supports_static_decode()
-    model = tiny("llama")
-    with enable(model, method, backend="reference") as session, pytest.raises(ValueError, match="not declared graph-safe"):
-        session.new_cache(max_new_tokens=4)
+    def select(layer_idx, q, layer):
+        sel = inner(layer_idx, q, layer)
+        pos = layer.tail_positions()  # (B, T): slot = position (these methods never compress)
+        B, KV, T = pos.shape[0], layer.t_keys.shape[1], pos.shape[1]
+        read = sel.tail_mask(T) if sel is not None else torch.ones(B, KV, T, dtype=torch.bool)
+        log.append((read & (pos >= 0)[:, None, :])[..., : layer.seen])
+        return sel
+
+    object.__setattr__(method, "select_decode", select)
+    return log
+
+
+def assert_static_equals_dynamic(make, lengths: tuple[int, ...], steps: int = 14, **tiny_kw) -> tuple[dict, dict]:
+    """Greedy decoding of a tiny llama with static steps (greedy_static, eager on the CPU: what a CUDA
+    graph replays) reads the same tokens at every step and layer as the dynamic path and gives its
+    tokens over `steps` steps, with the same read fraction, below 1 (the method dropped something).
+    make(): a fresh method (its counters start at zero). -> the session reports (dynamic, static)."""
+    from test_batch_invariance import greedy
+    from test_static_decode import left_padded as padded_prompts
+
+    from tca_attention.integration.static_decode import greedy_static
+
+    model = tiny("llama", **tiny_kw)
+    ids, mask = padded_prompts(lengths)
+    with torch.no_grad():
+        with enable(model, make(), backend="reference") as session:
+            want_reads = _reads_logged(session.method)
+            _, _, want, _ = greedy(model, ids, mask, steps, session)
+            dynamic = session.prefill_report()
+        with enable(model, make(), backend="reference") as session:
+            assert session.method.supports_static_decode()
+            reads = _reads_logged(session.method)
+            run = greedy_static(model, ids, mask, max_new_tokens=steps + 1, session=session, cuda_graph=False)
+            static = session.prefill_report()
+    assert torch.equal(run.sequences[:, ids.shape[1]:-1], want)
+    assert len(reads) == len(want_reads) > 0 and all(torch.equal(a, b) for a, b in zip(reads, want_reads))
+    frac = static["decode_kept_fraction"]
+    assert frac == pytest.approx(dynamic["decode_kept_fraction"], rel=1e-9) and frac < 1
+    return dynamic, static

@@ -243,7 +243,13 @@ def test_bench_methods_graph_row_on_the_cpu(spec):
 
     model = tiny("llama").eval()
     method = None if spec is None else registry.create(spec)
-    assert _graph_safe(method) and not _graph_safe(registry.create("quest:budget=64"))
+    from tca_attention.methods.full_budget import FullBudget
+
+    class Undeclared(FullBudget):  # a per-step decode selection not declared graph-safe
+        def select_decode(self, layer_idx, q, layer):
+            return None
+
+    assert _graph_safe(method) and _graph_safe(registry.create("quest:budget=64")) and not _graph_safe(Undeclared())
     ids = torch.randint(0, 97, (1, 300))
     row = time_graph(model, ids, method, 4)
     assert row["decode"] == "graph" and row["graphs"] == 0 and row["decode_tokens_per_s"] > 0

@@ -377,6 +377,17 @@ def test_one_layer_through_the_triton_kernel():
 
 
 # ---------------------------------------------------------------------------------------------
+# static (graph-safe) decode steps
+@pytest.mark.parametrize("lengths", [(200,), (200, 157)], ids=["alone", "padded"])
+def test_static_decode_equals_dynamic(lengths):
+    """greedy_static (static steps, eager on the CPU) reads the same pages and gives the same tokens
+    as the dynamic path; a padding of 43 (not a page multiple) exercises token granules."""
+    from decode_peer_checks import assert_static_equals_dynamic
+
+    assert_static_equals_dynamic(lambda: Quest(budget=48, page_size=8, skip_layers=1), lengths)
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 def test_report_is_the_mean_read_fraction():
     """Two layers (layer 0 skipped), rows of 10 and 7 real tokens, page 4, budget 8 (2 pages)."""

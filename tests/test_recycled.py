@@ -11,7 +11,7 @@ import pytest
 import torch
 from kernel_helpers import DEV  # noqa: F401  before the kernels: the interpreter without CUDA
 from decode_peer_checks import (D, G, KV, assert_covering_budget_equals_dense, assert_layers_alone_equal_batched,
-                                assert_model_alone_equals_batched, assert_static_decode_refused, decode_step,
+                                assert_model_alone_equals_batched, assert_static_equals_dynamic, decode_step,
                                 padded, prefill_layer, read_slots)
 
 from tca_attention import registry
@@ -134,6 +134,15 @@ def test_report_is_the_mean_read_fraction():
     assert m.report()["decode_kept_fraction"] == pytest.approx((1 + (read0 / 22 + 1) / 2) / 2)
 
 
+@pytest.mark.parametrize("lengths", [(200,), (200, 157)], ids=["alone", "padded"])
+@pytest.mark.parametrize("similarity", [0.0, 0.1])
+def test_static_decode_equals_dynamic(lengths, similarity):
+    """greedy_static (static steps, eager on the CPU) gives the dynamic path's tokens and read
+    fractions: full steps every 4 steps (and, with similarity, when a row's query drifts), the
+    recycled pattern in between, per row on the device."""
+    assert_static_equals_dynamic(lambda: RecycledAttention(budget=24, stride=4, similarity=similarity), lengths)
+
+
 def test_registry_density_and_bad_knobs():
     m = registry.create("recycled:budget=64,stride=5,similarity=0.8")
     assert isinstance(m, RecycledAttention) and (m.budget, m.stride, m.similarity) == (64, 5, 0.8)
@@ -145,7 +154,6 @@ def test_registry_density_and_bad_knobs():
                       ("recycled:similarity=1.5", "similarity"), ("recycled:similarity=-0.1", "similarity")):
         with pytest.raises(ValueError, match=msg):
             registry.create(spec)
-    assert_static_decode_refused(m)
     from tca_attention.benchmarks import bench_methods
     from tca_attention.eval.methods import expand_method
 

@@ -262,6 +262,89 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
                 model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 1, device=dev), **cache_kwargs(dyn))
 
 
+def peer(name: str):
+    """A decode-side selection method with a budget well below the 120-token prompt."""
+    from tca_attention.methods.quest import Quest
+    from tca_attention.methods.recycled import RecycledAttention
+    from tca_attention.methods.tidaldecode import TidalDecode
+    from tca_attention.methods.tokenselect import TokenSelect
+
+    return {"quest": lambda: Quest(budget=32, page_size=8, skip_layers=0),
+            "tokenselect": lambda: TokenSelect(budget=24, sinks=4, local=16, threshold=0.1),
+            "recycled": lambda: RecycledAttention(budget=24, stride=3, similarity=0.1),
+            "tidaldecode": lambda: TidalDecode(budget=24, select_layer=0, reselect_layer=-1)}[name]()
+
+
+def _state_tensors(x, name: str, out: dict[str, int], depth: int = 3) -> dict[str, int]:
+    """data_ptr of every tensor in x (dicts and plain objects, a few levels deep): a method's state."""
+    if isinstance(x, torch.Tensor):
+        out[name] = x.data_ptr()
+    elif depth and isinstance(x, dict):
+        for k, v in x.items():
+            _state_tensors(v, f"{name}.{k}", out, depth - 1)
+    elif depth and hasattr(x, "__dict__") and not callable(x):
+        for k, v in vars(x).items():
+            _state_tensors(v, f"{name}.{k}", out, depth - 1)
+    return out
+
+
+def _method_state(m, cache) -> dict[str, int]:
+    """The addresses a replayed graph would read and write: the method's own tensors (counters,
+    cross-layer state) and each layer's per-request state."""
+    out = _state_tensors(m, "method", {})
+    for i, layer in enumerate(cache.tca_layers()):
+        _state_tensors(layer.method_state, f"layer{i}", out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["quest", "tokenselect", "recycled", "tidaldecode"])
+def test_a_selecting_step_reallocates_nothing_and_never_syncs(name):
+    """A graph-safe decode-side method's static steps (Triton kernels, as a graph captures them):
+    after the eager first step, select_decode runs on the StaticRaggedLayer of every layer with
+    no host read (Tensor.item/tolist/... raise), the cache buffers and the method's state (its
+    counters, per-layer and cross-layer tensors: what a replayed graph reads and writes) stay in
+    place, and it selects.
+    On CUDA also: a step under the sync debug mode, replays that allocate nothing, and graph replay
+    giving the eager static steps' tokens and read fraction (its counters advance in the replays)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny("llama", num_hidden_layers=2).to(dev)
+    ids, mask = (t.to(dev) for t in left_padded((120, 90), seed=6))
+    m = peer(name)
+    calls = []
+    select = m.select_decode
+
+    def recorded(layer_idx, q, layer):
+        assert isinstance(layer, StaticRaggedLayer)
+        sel = select(layer_idx, q, layer)
+        calls.append(sel is not None)
+        return sel
+
+    object.__setattr__(m, "select_decode", recorded)
+    with torch.no_grad(), enable(model, m, backend="triton") as session:
+        cache, step = _prefill_and_step(model, session, ids, mask, 40 if dev == "cuda" else 12)
+        step()
+        before, state = _buffers(cache), _method_state(m, cache)
+        calls.clear()
+        with no_host_sync():
+            for _ in range(8):
+                step()
+        assert _buffers(cache) == before
+        assert _method_state(m, cache) == state and len(state) > 1
+        if dev == "cuda":
+            _no_sync_and_no_allocation(step)
+    assert len(calls) >= 16 and any(calls)
+    assert session.prefill_report()["decode_kept_fraction"] < 1
+    if dev == "cuda":
+        runs = []
+        for graph in (False, True):
+            with torch.no_grad(), enable(model, peer(name), backend="triton") as s:
+                runs.append((greedy_static(model, ids, mask, max_new_tokens=16, session=s, cuda_graph=graph),
+                             s.prefill_report()["decode_kept_fraction"]))
+        (eager, f_eager), (replayed, f_replayed) = runs
+        assert replayed.graphs == 1 and torch.equal(replayed.sequences, eager.sequences)
+        assert f_replayed == pytest.approx(f_eager, rel=1e-9)
+
+
 def test_a_dense_static_step_reallocates_nothing_and_never_syncs():
     model = tiny("gemma3")
     ids, mask = left_padded((60, 50), seed=7)

@@ -50,6 +50,21 @@ def update_page_bounds(
     kmax[:, :, p0:p1] = hi
 
 
+def fold_slot(kmin: torch.Tensor, kmax: torch.Tensor, t_keys: torch.Tensor, slot: torch.Tensor,
+              offset: torch.Tensor, page_size: int) -> None:
+    """Fold the one new slot `slot` (a device index (1,)) of t_keys (B, KV, T, D) into kmin/kmax
+    (B, KV, NP, D) in place, row r's pages counted from slot offset[r] (page p = slots offset[r] +
+    [p * page_size, (p + 1) * page_size)): a slot opening its page overwrites the page's bounds.
+    Device indices only: no host sync, fixed shapes (a static, graph-captured decode step)."""
+    B, KV, _, D = t_keys.shape
+    rel = slot - offset  # (B,)
+    page = torch.div(rel, page_size, rounding_mode="floor").view(B, 1, 1, 1).expand(B, KV, 1, D)
+    opens = (torch.remainder(rel, page_size) == 0).view(B, 1, 1, 1)
+    key = t_keys.index_select(2, slot)  # (B, KV, 1, D)
+    kmin.scatter_(2, page, torch.where(opens, key, torch.minimum(kmin.gather(2, page), key)))
+    kmax.scatter_(2, page, torch.where(opens, key, torch.maximum(kmax.gather(2, page), key)))
+
+
 def page_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest's upper bound of q.k over each page's keys: sum_d max(q_d kmin_d, q_d kmax_d).
 

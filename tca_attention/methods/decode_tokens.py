@@ -2,9 +2,12 @@
 Attention): they prefill densely, keep the whole cache (every token in the ragged layer's tail) and
 at each decode step list the tail slots each (row, KV head) reads, as a DecodeSelection of page 1.
 
-Row r's real tokens are tail slots [start_r, fill) (its left padding before start_r); masks here are
-(B, KV, T) over tail slots, never True on padding. Read fractions are counted on the device and read
-only by report() (no host sync on the decode path for the bookkeeping).
+Row r's real tokens are tail slots [start_r, end) (its left padding before start_r); masks here are
+(B, KV, T) over tail slots, never True on padding. On a dynamic layer end = T = the tail's fill (a
+host int); on a static layer (static_cache.StaticRaggedLayer, graph-captured steps) T is the whole
+ring, which never wraps here (nothing is compressed: slot = position), and end its device position
+counter (1,): every shape is then fixed for the request and nothing reads a value on the host.
+Read fractions are counted in place on the device and read only by report().
 """
 from __future__ import annotations
 
@@ -19,17 +22,33 @@ if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
 
 
-def tail_rows(layer: "RaggedLayer", name: str) -> tuple[torch.Tensor, int]:
-    """(start (B,) int64: each row's first real tail slot, fill: tail slots in use). Raises if the
-    cache dropped tokens (these methods read from the whole cache)."""
+def tail_rows(layer: "RaggedLayer", name: str) -> tuple[torch.Tensor, torch.Tensor | int, int]:
+    """(start (B,) int64: each row's first real tail slot, end: one past the last filled slot (the
+    host fill, or a static layer's device counter (1,)), T: tail slots scored). Raises if the cache
+    dropped tokens (these methods read from the whole cache)."""
     if layer.t_pos0 != 0 or (layer.g_pos is not None and layer.g_pos.shape[0]):
         raise RuntimeError(f"{name}: the cache dropped tokens; {name} needs the whole cache (decode_keep = block)")
-    return (layer.t_first - layer.t_pos0).long(), layer.t_fill
+    start = (layer.t_first - layer.t_pos0).long()
+    if layer.is_static:
+        return start, layer.next_pos, layer.t_keys.shape[2]
+    return start, layer.t_fill, layer.t_fill
 
 
-def real_slots(start: torch.Tensor, fill: int) -> torch.Tensor:
-    """(B, fill) True on each row's real tail slots."""
-    return torch.arange(fill, device=start.device)[None, :] >= start[:, None]
+def slot_ids(T: int, device: torch.device) -> torch.Tensor:
+    """(1, T) tail slot ids."""
+    return torch.arange(T, device=device)[None, :]
+
+
+def real_slots(start: torch.Tensor, end: torch.Tensor | int, T: int) -> torch.Tensor:
+    """(B, T) True on each row's real tail slots [start_r, end)."""
+    ids = slot_ids(T, start.device)
+    real = ids >= start[:, None]
+    return real if isinstance(end, int) and end >= T else real & (ids < end)
+
+
+def current_slot(end: torch.Tensor | int, T: int, device: torch.device) -> torch.Tensor:
+    """(1, T) True on the step's own token (slot end - 1)."""
+    return slot_ids(T, device) == end - 1
 
 
 def group_logits(q: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -68,30 +87,49 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
+def keep_in_place(state: dict, key: str, value: torch.Tensor) -> None:
+    """state[key] = value, in place when the shapes match (a static layer's per-request state keeps
+    its address: a replayed CUDA graph reads and writes it); a new tensor when they do not (a
+    dynamic layer's state grows with its fill)."""
+    if state[key].shape == value.shape:
+        state[key].copy_(value)
+    else:
+        state[key] = value
+
+
 class ReadCounter:
-    """Decode steps seen and the sum of their read fractions (mean over rows of the real cached
-    tokens attended, averaged over KV heads); a step reading everything counts 1."""
+    """Decode steps seen, the dense ones among them and the sum of the read fractions (mean over rows
+    of the real cached tokens attended, averaged over KV heads; a step reading everything counts 1).
+    Accumulated in place in one device tensor (a replayed CUDA graph runs no Python), read only by
+    fraction()."""
 
     def __init__(self) -> None:
-        self.steps = 0
-        self.dense = 0
-        self.sum: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None  # (3,) float64: steps, dense steps, sum of fractions
 
-    def count_dense(self) -> None:
-        self.steps += 1
-        self.dense += 1
+    def _acc(self, device: torch.device) -> torch.Tensor:
+        if self.acc is None or self.acc.device != device:  # first step (eager), or a new device
+            self.acc = torch.zeros(3, dtype=torch.float64, device=device) if self.acc is None else self.acc.to(device)
+        return self.acc
 
-    def count(self, mask: torch.Tensor, start: torch.Tensor, fill: int) -> None:
-        """A step reading mask (B, KV, T) of rows whose real tokens are [start_r, fill)."""
+    def count_dense(self, device: torch.device) -> None:
+        self._acc(device)[:2].add_(1)
+
+    def add(self, frac: torch.Tensor) -> None:
+        """A selecting step that read the fraction frac (a device scalar)."""
+        acc = self._acc(frac.device)
+        acc[0].add_(1)
+        acc[2].add_(frac)
+
+    def count(self, mask: torch.Tensor, n: torch.Tensor) -> None:
+        """A step reading mask (B, KV, T) of rows holding n (B,) real tokens."""
         read = mask.sum(-1).double().mean(-1)  # (B,)
-        frac = (read / (fill - start).clamp_min(1).double()).mean()
-        self.steps += 1
-        self.sum = frac if self.sum is None else self.sum + frac
+        self.add((read / n.clamp_min(1).double()).mean())
 
     def fraction(self) -> float | None:
-        if not self.steps:
+        if self.acc is None:
             return None
-        return (self.dense + (float(self.sum) if self.sum is not None else 0.0)) / self.steps
+        steps, dense, total = self.acc.tolist()
+        return (dense + total) / steps if steps else None
 
 
 class ReadsFromFullCache(Method):

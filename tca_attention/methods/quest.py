@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..engine.page_bounds import page_bounds, page_upper_bound, top_pages, update_page_bounds
+from ..engine.page_bounds import fold_slot, page_bounds, page_upper_bound, top_pages, update_page_bounds
 from ..engine.plan import DecodeSelection
 from .base import Method
+from .decode_tokens import ReadCounter
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -37,8 +38,8 @@ class Quest(Method):
     page_size: int = 16
     skip_layers: int = 2
     name: str = "quest"
-    # decode steps seen and the sum of their read fractions (a device scalar: read by report() only)
-    _reads: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # decode steps seen and the sum of their read fractions (on the device: read by report() only)
+    _reads: ReadCounter = field(default_factory=ReadCounter, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ps = self.page_size
@@ -74,21 +75,28 @@ class Quest(Method):
         """Every row's cache (fill tail slots, at most fill real tokens) fits the budget: read it all."""
         return fill <= self.pages * self.page_size
 
+    def supports_static_decode(self) -> bool:
+        """Graph-safe: on a static layer the bounds fold the step's slot at a device index and the
+        pages are ranked over the whole ring (fixed shapes); a cache within the budget is read
+        whole through the same selection (every page chosen), without a host branch."""
+        return True
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
-        fill, ps, k = layer.t_fill, self.page_size, self.pages
-        if layer_idx < self.skip_layers or self._fits(fill):
-            self._count_dense()
+        static, ps, k = layer.is_static, self.page_size, self.pages
+        if layer_idx < self.skip_layers or (not static and self._fits(layer.t_fill)):
+            self._reads.count_dense(q.device)
             return None
         state = layer.method_state.get(_STATE)
-        if state is None:
+        if state is None:  # the first decode step (eager on a static layer: one host read)
             state = layer.method_state[_STATE] = _PageState.build(layer, ps)
         else:
             state.update(layer)
         if q.shape[2] > 1:  # a multi-token continuation runs dense, as in Quest (bounds stay current)
-            self._count_dense()
+            self._reads.count_dense(q.device)
             return None
-        n = -(-fill // ps)  # pages of the stored frame; >= every row's own page count
-        first, last = state.first_page, (fill - 1 - state.offset) // ps  # (B,) each row's pages, stored
+        # end: one past the last filled slot; n: pages of the ranking frame (>= every row's own count)
+        end, n = (layer.next_pos, state.kmin.shape[2]) if static else (layer.t_fill, -(-layer.t_fill // ps))
+        first, last = state.first_page, torch.div(end - 1 - state.offset, ps, rounding_mode="floor")  # (B,) stored
         d = (n - 1) - last  # (B,) right shift placing each row's current page at n - 1
         bound = page_upper_bound(q, state.kmin[:, :, :n], state.kmax[:, :, :n])  # (B, KV, n)
         j = torch.arange(n, device=bound.device)[None, :] - d[:, None]  # (B, n) stored page of each slot
@@ -97,34 +105,24 @@ class Quest(Method):
         shifted = torch.where(real, shifted, torch.full_like(shifted, float("-inf")))  # no page there
         chosen = top_pages(shifted, k, n * ps, ps, always=(0, 1)).long() - d[:, None, None]  # (B, KV, k) stored
         ok = chosen >= first[:, None, None]  # -1 entries and the -inf (non-existent) picks fail
-        self._count_read(ok.sum(-1), first, last, fill, state)
-        return state.selection(chosen - first[:, None, None], ok, fill)
+        self._count_read(ok.sum(-1), first, last, end, state)
+        return state.selection(chosen - first[:, None, None], ok, end, layer.t_keys.shape[2])
 
     # -- report ---------------------------------------------------------------------------------
-    def _count_dense(self) -> None:
-        self._reads["steps"] = self._reads.get("steps", 0) + 1
-        self._reads["dense"] = self._reads.get("dense", 0) + 1
-
-    def _count_read(self, n_chosen: torch.Tensor, first: torch.Tensor, last: torch.Tensor, fill: int,
-                    state: "_PageState") -> None:
+    def _count_read(self, n_chosen: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                    end: torch.Tensor | int, state: "_PageState") -> None:
         """Add the step's mean over rows of attended / cached real tokens (every page but the
         current one is whole; every KV head of a row reads the same number of pages)."""
-        cached = fill - state.start  # (B,)
+        cached = end - state.start  # (B,)
         current = cached - (last - first) * self.page_size  # tokens of the current page
         read = (n_chosen[:, 0] - 1) * self.page_size + current
-        frac = (read.double() / cached.double()).mean()
-        self._reads["steps"] = self._reads.get("steps", 0) + 1
-        self._reads["sum"] = self._reads["sum"] + frac if "sum" in self._reads else frac
+        self._reads.add((read.double() / cached.double()).mean())
 
     def report(self) -> dict:
         """decode_kept_fraction: over every decode step of every layer this method has run (skipped
         layers and steps that fit the budget count as 1), the mean over batch rows of the cached
         tokens attended to; None before any decode step."""
-        steps = self._reads.get("steps", 0)
-        if not steps:
-            return {"decode_kept_fraction": None}
-        total = self._reads.get("dense", 0) + (float(self._reads["sum"]) if "sum" in self._reads else 0.0)
-        return {"decode_kept_fraction": total / steps}
+        return {"decode_kept_fraction": self._reads.fraction()}
 
 
 class _PageState:
@@ -143,13 +141,17 @@ class _PageState:
         self.offset = start % page_size  # (B,)
         self.first_page = torch.div(start, page_size, rounding_mode="floor")  # (B,)
         self.t_pos0, self.fill = layer.t_pos0, 0
-        B, KV, _, D = layer.t_keys.shape
+        B, KV, T, D = layer.t_keys.shape
         self.kmin = self.kmax = layer.t_keys.new_zeros(0)
-        self._grow(layer.t_fill, (B, KV, D))
+        if layer.is_static:  # the whole ring's pages, allocated once: later steps fold in place
+            self.kmin, self.kmax = layer.t_keys.new_zeros(2, B, KV, -(-T // page_size), D).unbind(0)
+        else:
+            self._grow(layer.t_fill, (B, KV, D))
 
     @classmethod
     def build(cls, layer: "RaggedLayer", page_size: int) -> "_PageState":
-        """Bounds over everything the layer's tail holds (the one host read of the rows' padding)."""
+        """Bounds over everything the layer's tail holds (the one host read of the rows' padding;
+        on a static layer at its first decode step, which runs eagerly)."""
         start = (layer.t_first - layer.t_pos0).long()  # (B,) each row's first tail slot
         starts = [int(s) for s in start.tolist()]
         runs: list[tuple[int, int, int]] = []
@@ -163,7 +165,7 @@ class _PageState:
         while any(s % granule for s in starts):
             granule //= 2
         state = cls(layer, page_size, start, runs, granule)
-        fill = layer.t_fill
+        fill = layer.seen - layer.t_pos0 if layer.is_static else layer.t_fill  # host counts at this step
         for r0, r1, o in runs:
             kmin, kmax = page_bounds(layer.t_keys[r0:r1, :, o:fill], fill - o, page_size)
             state.kmin[r0:r1, :, : kmin.shape[2]] = kmin
@@ -184,7 +186,12 @@ class _PageState:
         self.kmin, self.kmax = kmin, kmax
 
     def update(self, layer: "RaggedLayer") -> None:
-        """Fold the slots appended since the last step (one per decode step) into the bounds."""
+        """Fold the slots appended since the last step (one per decode step) into the bounds; on a
+        static layer the step's one slot, at its device position (no host count changes)."""
+        if layer.is_static:
+            fold_slot(self.kmin, self.kmax, layer.t_keys, layer.next_pos - 1 - layer.t_pos0, self.offset,
+                      self.page_size)
+            return
         if layer.t_pos0 != self.t_pos0 or layer.t_fill < self.fill:
             raise RuntimeError("quest: the cache dropped tokens; Quest needs the whole cache (decode_keep = block)")
         fill, new = layer.t_fill, layer.t_fill - self.fill
@@ -196,16 +203,16 @@ class _PageState:
                                self.page_size)
         self.fill = fill
 
-    def selection(self, pages: torch.Tensor, ok: torch.Tensor, fill: int) -> DecodeSelection:
+    def selection(self, pages: torch.Tensor, ok: torch.Tensor, end: torch.Tensor | int, T: int) -> DecodeSelection:
         """Row-aligned pages (B, KV, k) (page j of row r: tail slots [s_r + j * page_size, + page_size);
         `ok` marks the valid ones) as a DecodeSelection of tail pages of `granule` slots, valid
-        ids ascending first, then -1."""
+        ids ascending first, then -1. end: one past the last filled slot; T: the tail's slots."""
         g, m = self.granule, self.page_size // self.granule
         B, KV, k = pages.shape
         ids = (self.start[:, None, None, None] + pages[..., None] * self.page_size) // g
         ids = ids + torch.arange(m, device=ids.device)  # (B, KV, k, m): the page's granules
-        ok = ok[..., None] & (ids * g < fill)  # the current page's granules past the fill do not exist
-        big = -(-fill // g)
+        ok = ok[..., None] & (ids * g < end)  # the current page's granules past the fill do not exist
+        big = -(-T // g)  # above every granule id: sorts last
         ids = torch.where(ok, ids, big).view(B, KV, k * m).sort(-1).values
         return DecodeSelection(g, torch.where(ids == big, -1, ids).to(torch.int32))
 

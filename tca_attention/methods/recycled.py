@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits,
-                            real_slots, selection_from_mask, tail_rows, top_mask)
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits, keep_in_place,
+                            real_slots, selection_from_mask, slot_ids, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -55,36 +55,51 @@ class RecycledAttention(ReadsFromFullCache):
         return ("similarity > 0 compares the whole layer's query (use similarity=0)" if self.similarity > 0
                 else None)
 
+    def supports_static_decode(self) -> bool:
+        """Graph-safe: on a static layer the per-row schedule (steps since the full step, validity,
+        pattern, query, base slot) lives on the device, allocated once and updated in place with
+        torch.where; the full step's pattern is scored every step (whether a row takes a full step
+        is a tensor value) and kept only for the rows that do."""
+        return True
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
-        start, fill = tail_rows(layer, self.name)
-        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within K: dense, schedules restart
+        start, end, T = tail_rows(layer, self.name)
+        static = layer.is_static
+        if q.shape[2] > 1 or (not static and self._fits(end)):  # a continuation, or every cache within K:
+            # dense, schedules restart (a static step reads a cache within K through the selection)
             layer.method_state.pop(_STATE, None)
-            self._reads.count_dense()
+            self._reads.count_dense(q.device)
             return None
-        B = q.shape[0]
         qv = q[:, :, -1].float().flatten(1)  # (B, H * D)
-        st = layer.method_state.get(_STATE) or self._empty(B, layer.t_keys.shape[1], qv)
+        st = layer.method_state.get(_STATE)
+        if st is None:
+            st = layer.method_state[_STATE] = self._empty(q.shape[0], layer.t_keys.shape[1], qv, T if static else 0)
         st["since"] += 1
-        fits = self._row_fits(fill - start)  # rows reading everything, as alone (their schedule restarts)
+        n = end - start  # (B,) each row's real tokens
+        fits = self._row_fits(n)  # rows reading everything, as alone (their schedule restarts)
+        full = self._full_rows(st, qv, fits)
+        real = real_slots(start, end, T)
+        any_full = static or bool(full.any())  # dynamic: one host read, does any row take a full step?
+        if any_full:
+            self._record(st, full, self.pattern(q, layer, real), qv, end)
+        st["valid"] &= ~fits
+        if not static and bool((full | fits).all()):
+            self._reads.count_dense(q.device)
+            return None
+        recent = slot_ids(T, q.device) >= st["base"][:, None]  # (B, T) added since
+        mask = torch.nn.functional.pad(st["top"], (0, T - st["top"].shape[-1])) | recent[:, None, :]
+        mask = torch.where((full | fits)[:, None, None], real[:, None, :], mask) & real[:, None, :]
+        self._reads.count(mask, n)
+        # a row's recycled reads: at most K + stride tokens; a full row next to it lists its whole cache
+        return selection_from_mask(mask, T if any_full else self.budget + self.stride)
+
+    def _full_rows(self, st: dict, qv: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
+        """(B,) the rows taking a full step now: no pattern yet, `stride` steps since their last full
+        step, or (similarity > 0) a query drifted from that step's; never a row within K."""
         full = ~st["valid"] | (st["since"] >= self.stride)
         if self.similarity > 0:
             full |= cosine(qv, st["q"]) < self.similarity
-        full &= ~fits
-        real = real_slots(start, fill)
-        any_full = bool(full.any())  # one host read: does any row take a full step?
-        if any_full:
-            self._record(st, full, self.pattern(q, layer, real), qv, fill)
-        st["valid"] &= ~fits
-        layer.method_state[_STATE] = st
-        if bool((full | fits).all()):
-            self._reads.count_dense()
-            return None
-        recent = torch.arange(fill, device=q.device)[None, :] >= st["base"][:, None]  # (B, T) added since
-        mask = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1])) | recent[:, None, :]
-        mask = torch.where((full | fits)[:, None, None], real[:, None, :], mask) & real[:, None, :]
-        self._reads.count(mask, start, fill)
-        # a row's recycled reads: at most K + stride tokens; a full row next to it lists its whole cache
-        return selection_from_mask(mask, fill if any_full else self.budget + self.stride)
+        return full & ~fits
 
     def pattern(self, q: torch.Tensor, layer: "RaggedLayer", real: torch.Tensor) -> torch.Tensor:
         """(B, KV, T): the `budget` real tokens of largest attention of this (full) step, the
@@ -96,23 +111,24 @@ class RecycledAttention(ReadsFromFullCache):
         return top_mask(score, self.budget)
 
     @staticmethod
-    def _empty(B: int, KV: int, qv: torch.Tensor) -> dict:
-        """Per-row schedule state of a layer: no row has a pattern yet."""
+    def _empty(B: int, KV: int, qv: torch.Tensor, T: int) -> dict:
+        """Per-row schedule state of a layer: no row has a pattern yet (T: the pattern's slots)."""
         dev = qv.device
-        return {"top": torch.zeros(B, KV, 0, dtype=torch.bool, device=dev), "q": torch.zeros_like(qv),
+        return {"top": torch.zeros(B, KV, T, dtype=torch.bool, device=dev), "q": torch.zeros_like(qv),
                 "base": torch.zeros(B, dtype=torch.long, device=dev), "since": torch.zeros(B, dtype=torch.long, device=dev),
                 "valid": torch.zeros(B, dtype=torch.bool, device=dev)}
 
     @staticmethod
-    def _record(st: dict, full: torch.Tensor, top: torch.Tensor, qv: torch.Tensor, fill: int) -> None:
-        """The rows taking a full step now get this step's pattern, query and base (its own token); the
-        others keep theirs."""
-        old = torch.nn.functional.pad(st["top"], (0, fill - st["top"].shape[-1]))
-        st["top"] = torch.where(full[:, None, None], top, old)
-        st["q"] = torch.where(full[:, None], qv, st["q"])
-        st["base"] = torch.where(full, fill - 1, st["base"])
-        st["since"] = torch.where(full, 0, st["since"])
-        st["valid"] = st["valid"] | full
+    def _record(st: dict, full: torch.Tensor, top: torch.Tensor, qv: torch.Tensor, end: torch.Tensor | int) -> None:
+        """The rows taking a full step now get this step's pattern, query and base (its own token, slot
+        end - 1); the others keep theirs. In place where the shapes allow (a static layer's state
+        keeps its address: a replayed CUDA graph reads and writes it)."""
+        old = torch.nn.functional.pad(st["top"], (0, top.shape[-1] - st["top"].shape[-1]))
+        keep_in_place(st, "top", torch.where(full[:, None, None], top, old))
+        st["q"].copy_(torch.where(full[:, None], qv, st["q"]))
+        st["base"].copy_(torch.where(full, end - 1, st["base"]))
+        st["since"].masked_fill_(full, 0)
+        st["valid"] |= full
 
     def report(self) -> dict:
         """decode_kept_fraction: over every decode step of every layer (full steps and steps within

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .decode_tokens import (ReadCounter, ReadsFromFullCache, group_logits, real_slots,
-                            selection_from_mask, tail_rows, top_mask)
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, current_slot, group_logits, keep_in_place,
+                            real_slots, selection_from_mask, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -60,36 +60,45 @@ class TidalDecode(ReadsFromFullCache):
         self._state.clear()  # a new prefill: no selection of an earlier request survives it
         return None  # dense prefill; the cache keeps everything
 
+    def supports_static_decode(self) -> bool:
+        """Graph-safe: which layer selects is decided on the host from host values that repeat in
+        every step (layer indices, the cache's host step count, shapes), so the graph records the
+        same roles each step; the chosen mask lives in one device buffer per request, written in
+        place by the selection layers and read by the later layers."""
+        return True
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
-        start, fill = tail_rows(layer, self.name)
-        if q.shape[2] > 1 or self._fits(fill) or layer_idx < self.select_layer:
+        start, end, T = tail_rows(layer, self.name)
+        if q.shape[2] > 1 or (not layer.is_static and self._fits(end)) or layer_idx < self.select_layer:
             if q.shape[2] > 1:
                 self._state.clear()
-            self._reads.count_dense()
+            self._reads.count_dense(q.device)
             return None
         st = self._state
-        current = st.get("seen") == layer.seen and st.get("fill") == fill and st.get("batch") == q.shape[0]
+        current = st.get("seen") == layer.seen and st.get("fill") == T and st.get("batch") == q.shape[0]
         reselect = 0 <= self.reselect_layer <= layer_idx and st.get("layer", -1) < self.reselect_layer
         if not current or reselect:  # the step's (re-)selection layer: full attention, choose the tokens
-            self._state.update(mask=self.choose(q, layer, start, fill), seen=layer.seen, fill=fill,
-                               batch=q.shape[0], layer=layer_idx)
-            self._reads.count_dense()
+            mask = self.choose(q, layer, start, end, T)
+            if "mask" in st:
+                keep_in_place(st, "mask", mask)
+            else:
+                st["mask"] = mask
+            st.update(seen=layer.seen, fill=T, batch=q.shape[0], layer=layer_idx)
+            self._reads.count_dense(q.device)
             return None
         mask = st["mask"]
-        self._reads.count(mask, start, fill)
+        self._reads.count(mask, end - start)
         return selection_from_mask(mask, self.budget)
 
-    def choose(self, q: torch.Tensor, layer: "RaggedLayer", start: torch.Tensor, fill: int) -> torch.Tensor:
-        """(B, KV, T): the current token and the budget - 1 earlier real tokens of largest q.k
-        (max over the KV head's query heads)."""
-        keys = layer.t_keys[:, :, :fill]
-        earlier = real_slots(start, fill)
-        earlier[:, -1] = False  # the current token (the last slot) is always read
-        score = group_logits(q, keys, 1.0).amax(2)  # (B, KV, T)
+    def choose(self, q: torch.Tensor, layer: "RaggedLayer", start: torch.Tensor, end: torch.Tensor | int,
+               T: int) -> torch.Tensor:
+        """(B, KV, T): the current token (slot end - 1) and the budget - 1 earlier real tokens of
+        largest q.k (max over the KV head's query heads)."""
+        now = current_slot(end, T, q.device)  # (1, T)
+        earlier = real_slots(start, end, T) & ~now
+        score = group_logits(q, layer.t_keys[:, :, :T], 1.0).amax(2)  # (B, KV, T)
         score = score.masked_fill(~earlier[:, None, :], float("-inf"))
-        mask = top_mask(score, self.budget - 1)
-        mask[:, :, -1] = True
-        return mask
+        return top_mask(score, self.budget - 1) | now[:, None, :]
 
     def report(self) -> dict:
         """decode_kept_fraction: over every decode step of every layer (dense and selection layers,

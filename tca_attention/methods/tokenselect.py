@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ..engine.plan import DecodeSelection
-from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits,
-                            real_slots, selection_from_mask, tail_rows, top_mask)
+from .decode_tokens import (ReadCounter, ReadsFromFullCache, cosine, group_logits, keep_in_place,
+                            real_slots, selection_from_mask, slot_ids, tail_rows, top_mask)
 
 if TYPE_CHECKING:
     from ..ragged_cache import RaggedLayer
@@ -67,46 +67,65 @@ class TokenSelect(ReadsFromFullCache):
     def split_heads_refusal(self) -> str | None:
         return "vote=all sums the votes of every head of a layer (use vote=kv)" if self.vote == "all" else None
 
+    def supports_static_decode(self) -> bool:
+        """Graph-safe: on a static layer the vote runs over the whole ring every step and the
+        selection cache (its query, validity and mask, allocated once) is updated in place with
+        torch.where; rows within the budget read everything through the same selection."""
+        return True
+
     def select_decode(self, layer_idx: int, q: torch.Tensor, layer: "RaggedLayer") -> DecodeSelection | None:
-        start, fill = tail_rows(layer, self.name)
-        if q.shape[2] > 1 or self._fits(fill):  # a continuation, or every cache within the budget: dense
-            self._reads.count_dense()
+        start, end, T = tail_rows(layer, self.name)
+        # a continuation, or every cache within the budget (dynamic: a static step selects them all)
+        if q.shape[2] > 1 or (not layer.is_static and self._fits(end)):
+            self._reads.count_dense(q.device)
             return None
-        real = real_slots(start, fill)  # (B, T)
-        n = fill - start  # (B,) each row's real tokens
-        rel = torch.arange(fill, device=start.device)[None, :] - start[:, None]  # rank among the row's tokens
+        real = real_slots(start, end, T)  # (B, T)
+        n = end - start  # (B,) each row's real tokens
+        rel = slot_ids(T, start.device) - start[:, None]  # rank among the row's tokens
         sink = real & (rel < self.sinks)
-        local = rel >= (n - self.local)[:, None]
+        local = real & (rel >= (n - self.local)[:, None])
         middle = real & ~sink & ~local
         fits = self._row_fits(n)  # rows reading everything, as alone (their selection cache untouched)
         chosen = self._chosen(q, layer, middle, fits)  # (B, KV, T)
-        mask = chosen | (sink | local | fits[:, None])[:, None, :] & real[:, None, :]
-        self._reads.count(mask, start, fill)
+        mask = chosen | ((sink | local | fits[:, None]) & real)[:, None, :]
+        self._reads.count(mask, n)
         return selection_from_mask(mask, self.width)
 
     def _chosen(self, q: torch.Tensor, layer: "RaggedLayer", middle: torch.Tensor, fits: torch.Tensor) -> torch.Tensor:
         """The middle tokens each (row, KV head) reads: its cached selection where the row's query is
         similar enough to the one that made it, else a fresh vote (stored with the query). Rows that
-        fit the budget neither use nor change their cache (as alone, where such a step is dense)."""
-        B, KV, fill = q.shape[0], layer.t_keys.shape[1], middle.shape[-1]
+        fit the budget neither use nor change their cache (as alone, where such a step is dense).
+        A static layer votes every step and keeps its cache in place (no host read)."""
+        B, KV, T = q.shape[0], layer.t_keys.shape[1], middle.shape[-1]
         qv = q[:, :, -1].float().flatten(1)  # (B, H * D) the row's query, every head
         st = layer.method_state.get(_STATE)
         if st is None:
-            st = {"q": torch.zeros_like(qv), "valid": torch.zeros_like(fits),
-                  "chosen": torch.zeros(B, KV, fill, dtype=torch.bool, device=qv.device)}
-        old = torch.nn.functional.pad(st["chosen"], (0, fill - st["chosen"].shape[-1]))
+            st = layer.method_state[_STATE] = {
+                "q": torch.zeros_like(qv), "valid": torch.zeros_like(fits),
+                "chosen": torch.zeros(B, KV, T, dtype=torch.bool, device=qv.device)}
+        old = torch.nn.functional.pad(st["chosen"], (0, T - st["chosen"].shape[-1]))
         reuse = st["valid"] & (cosine(qv, st["q"]) >= self.threshold) & ~fits  # (B,)
         had = st["valid"] & ~fits  # rows that had a cached selection to consider
-        self._reuse["steps"] = self._reuse.get("steps", 0) + had.long().sum()
-        self._reuse["rows"] = self._reuse.get("rows", 0) + reuse.long().sum()
-        if bool((reuse | fits).all()):  # one host read: no row votes this step
+        self._reuse_counts(qv.device).add_(torch.stack([had.sum(), reuse.sum()]))
+        if not layer.is_static and bool((reuse | fits).all()):  # one host read: no row votes this step
             return old
-        fresh = self.vote_mask(q, layer.t_keys[:, :, :fill], middle)
+        fresh = self.vote_mask(q, layer.t_keys[:, :, :T], middle)
         vote = ~reuse & ~fits
         chosen = torch.where(vote[:, None, None], fresh, old)
-        layer.method_state[_STATE] = {"q": torch.where(vote[:, None], qv, st["q"]), "valid": st["valid"] | vote,
-                                      "chosen": chosen}
+        keep_in_place(st, "q", torch.where(vote[:, None], qv, st["q"]))
+        keep_in_place(st, "valid", st["valid"] | vote)
+        keep_in_place(st, "chosen", chosen)
         return chosen
+
+    def _reuse_counts(self, device: torch.device) -> torch.Tensor:
+        """(2,) int64 on the device, added to in place: (row, step)s with a cached selection to
+        consider, and those reusing it."""
+        acc = self._reuse.get("acc")
+        if acc is None:
+            acc = self._reuse["acc"] = torch.zeros(2, dtype=torch.long, device=device)
+        elif acc.device != device:  # a later request on another device
+            acc = self._reuse["acc"] = acc.to(device)
+        return acc
 
     def vote_mask(self, q: torch.Tensor, keys: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
         """Soft voting: (B, KV, T) the `budget` middle tokens of largest summed softmax(q.k) over the
@@ -123,9 +142,9 @@ class TokenSelect(ReadsFromFullCache):
         """decode_kept_fraction: over every decode step of every layer (steps within the budget count
         as 1), the mean over rows of the cached tokens read (the cache holds them all);
         selection_reuse: of the (row, step)s that had a cached selection to consider, the share reusing it."""
-        steps = int(self._reuse.get("steps", 0))
-        reuse = int(self._reuse["rows"]) / steps if steps else None
-        return {"decode_kept_fraction": self._reads.fraction(), "selection_reuse": reuse}
+        acc = self._reuse.get("acc")
+        steps, rows = acc.tolist() if acc is not None else (0, 0)
+        return {"decode_kept_fraction": self._reads.fraction(), "selection_reuse": rows / steps if steps else None}
 
 
 def budget_for(kept_fraction: float, prompt_tokens: int, params: Mapping[str, Any]) -> int:
