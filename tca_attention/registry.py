@@ -46,6 +46,7 @@ class Entry:
     build: Callable[..., Any]  # (params, model, tokenizer, extra) -> Method | None
     density: Density | None = None  # the knob `at_density` sets (None: the method cannot be matched)
     calibrator: bool = False  # an attention calibrator: builds a compose.Calibrator, stacked with '+'
+    sweep: str | None = None  # without a density knob: the parameter a sweep trades work for accuracy with
 
 
 def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
@@ -220,17 +221,18 @@ ENTRIES: dict[str, Entry] = {
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
                "dense_below": str, "last_q": int, "gqa": str, "floor": float},
-              _tca),
+              _tca, sweep="tau"),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),
               Density("window", _lazy("streaming.window_for"))),
         Entry("full-budget", "the sparse path keeping every token (equals full attention; a test oracle)",
               {"window": int, "block_size": int}, _dataclass_build("full_budget.FullBudget")),
         Entry("xattention", "XAttention: block-sparse prefill, blocks by antidiagonal scores up to a mass threshold",
-              {"threshold": float, "stride": int, "block_size": int}, _dataclass_build("xattention.XAttention")),
+              {"threshold": float, "stride": int, "block_size": int}, _dataclass_build("xattention.XAttention"),
+              sweep="threshold"),
         Entry("flexprefill", "FlexPrefill: per head query-aware or vertical-slash blocks (by a JS divergence) up to mass gamma",
               {"gamma": float, "tau": float, "min_budget": int, "block_size": int},
-              _dataclass_build("flexprefill.FlexPrefill")),
+              _dataclass_build("flexprefill.FlexPrefill"), sweep="gamma"),
         Entry("quest", "Quest: dense prefill, full cache; each decode step reads the top pages by a q.k upper bound",
               {"budget": int, "page_size": int, "skip_layers": int}, _dataclass_build("quest.Quest"),
               Density("budget", _lazy("quest.budget_for"))),
@@ -251,10 +253,11 @@ ENTRIES: dict[str, Entry] = {
               "pattern search, online vertical/slash estimation)",
               {"pattern": str, "vertical": int, "slash": int, "last_q": int, "block_size": int, "scale": float,
                "state": str},
-              _minference),
+              _minference, sweep="scale"),
         Entry("blasst", "BLASST (skip-softmax): dense block prefill skipping key blocks whose max logit is far below "
               "the running max (lambda = threshold, or scale_factor / length; full KV)",
-              {"scale_factor": float, "threshold": float, "block_size": int}, _dataclass_build("blasst.BLASST")),
+              {"scale_factor": float, "threshold": float, "block_size": int}, _dataclass_build("blasst.BLASST"),
+              sweep="scale_factor"),
         Entry("hip", "HiP: per query block a hierarchical top-k tree search over key blocks, plus sink and local "
               "blocks (full KV)",
               {"k": int, "block_size": int, "sliding_window": int, "rep_tokens": int, "q_stride": int},
@@ -269,7 +272,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("token-sparse", "Token Sparse Attention: per layer and query head, attend among a token subset "
               "(last-query scores, coverage tau) and scatter back; other tokens skip the layer (full KV)",
               {"coverage": float, "keep": float, "min_tokens": int, "recent": int, "kernel": int, "start": float},
-              _dataclass_build("token_sparse.TokenSparse")),
+              _dataclass_build("token_sparse.TokenSparse"), sweep="keep"),
         Entry("spatten", "SpAtten cascade token pruning: cumulative attention importance, pruned tokens stay "
               "pruned in later layers (geometric schedule to `keep`)",
               {"keep": float, "start": float, "window": int, "block_size": int, "heads": float},
@@ -417,6 +420,13 @@ def density_param(name: str) -> str:
         raise ValueError(f"{name} declares no density knob, so it cannot be matched to a kept fraction "
                          f"(methods with one: {knobs})")
     return entry.density.param
+
+
+def sweep_param(name: str) -> str | None:
+    """The parameter a density sweep of method `name` varies: its density knob, else its declared
+    sweep parameter (tca: tau, xattention: threshold, ...); None for a method with neither."""
+    entry = ENTRIES[name]
+    return entry.density.param if entry.density is not None else entry.sweep
 
 
 def at_density(spec: str, kept_fraction: float, prompt_tokens: int) -> str:

@@ -120,36 +120,53 @@ def _bench_json(path: Path) -> Path:
     rows = []
     for L, dense in ((32768, 1.0), (65536, 3.0), (131072, 10.0)):
         # the bench writes "error": null on rows that ran
-        rows += [{"tokens": L, "method": "full", "ttft_s": dense, "prefill_attended_fraction": 1.0, "error": None},
+        # decode: 100 tokens/s dense; tca reads less and decodes faster, xattention keeps (and reads) all
+        rows += [{"tokens": L, "method": "full", "ttft_s": dense, "prefill_attended_fraction": 1.0, "error": None,
+                  "decode_tokens_per_s": 100.0},
                  {"tokens": L, "method": "tca:tau=0.5", "ttft_s": dense / 4, "prefill_attended_fraction": 0.3,
-                  "decode_attended_fraction": 0.27, "error": None},
+                  "decode_attended_fraction": 0.27, "error": None, "decode_tokens_per_s": 300.0},
                  {"tokens": L, "method": "tca:tau=0.9", "ttft_s": dense / 2, "prefill_attended_fraction": 0.62,
-                  "decode_attended_fraction": 0.6},
+                  "decode_attended_fraction": 0.6, "decode_tokens_per_s": 150.0},
+                 {"tokens": L, "method": "tca:tau=0.9,last_q=16", "ttft_s": dense / 1.5, "prefill_attended_fraction": 0.62,
+                  "decode_attended_fraction": 0.6, "decode_tokens_per_s": 150.0},
                  {"tokens": L, "method": "xattention:threshold=0.9", "ttft_s": dense / 3,
-                  "prefill_attended_fraction": 0.41},
+                  "prefill_attended_fraction": 0.41, "decode_tokens_per_s": 99.0},
                  {"tokens": L, "method": "xattention:threshold=0.5", "ttft_s": dense / 5,
-                  "prefill_attended_fraction": 0.24}]
-    rows.append({"tokens": 131072, "method": "quest:budget=4096", "error": "OOM: out of memory"})
+                  "prefill_attended_fraction": 0.24, "decode_tokens_per_s": 98.0},
+                 {"tokens": L, "method": "quest:budget=4096", "ttft_s": dense, "prefill_attended_fraction": 1.0,
+                  "decode_attended_fraction": 0.24, "decode_tokens_per_s": 120.0}]
+    rows[-1] = {"tokens": 131072, "method": "quest:budget=4096", "error": "OOM: out of memory"}
     path.write_text(json.dumps({"meta": {"device": "NVIDIA H100", "model": {"shape": "Llama-3.1-8B"},
                                          "command": "tca bench methods ..."}, "rows": rows}))
     return path
 
 
 def test_timings_matched_to_the_targets(tmp_path: Path) -> None:
+    """Prefill time is matched on the prefill fraction (lower is better), decode speed on the decode
+    fraction (bytes read; higher is better); a method's options name their own row (tca[last_q=16])."""
     data = load_timings(_bench_json(tmp_path / "bench.json"))
     t = summarize_timings(data, [0.25, 0.4, 0.6], 0.1, source="bench.json")
+    assert t["matched_on"] == "prefill_attended_fraction" and not t["higher_is_better"]
     c = t["lengths"]["131072"]
-    assert c["dense_s"] == 10.0 and c["errors"] == {"quest:budget=4096": "OOM: out of memory"}
+    assert c["dense_s"] == c["dense"] == 10.0 and c["errors"] == {"quest:budget=4096": "OOM: out of memory"}
     at25, at40, at60 = c["matched"]
-    assert at25["chosen"]["tca"]["method"] == "tca:tau=0.5"  # attended 0.27 (the smaller of its shares)
+    assert at25["chosen"]["tca"]["method"] == "tca:tau=0.5"  # prefill attended 0.3
     assert at25["chosen"]["tca"]["speedup"] == pytest.approx(4.0) and at25["fastest"] == ["xattention"]
     assert at25["chosen"]["xattention"]["method"] == "xattention:threshold=0.5"
     assert at40["chosen"]["xattention"]["speedup"] == pytest.approx(3.0)
-    assert at40["chosen"]["tca"] is None  # 0.27 and 0.6 are 0.13 and 0.2 away
+    assert at40["chosen"]["tca"]["method"] == "tca:tau=0.5"  # 0.3 is 0.1 from 0.4: within the tolerance
     assert at60["chosen"]["tca"]["method"] == "tca:tau=0.9" and at60["fastest"] == ["tca"]
-    assert at25["chosen"]["quest"] is None  # only an error row
-    assert t["findings"] == [f"{k}K tokens, 25% kept: tca {250 * d:.1f} ms (tca:tau=0.5, 27.0%) vs xattention "
+    assert at60["chosen"]["tca[last_q=16]"]["speedup"] == pytest.approx(1.5)
+    assert at25["chosen"]["quest"] is None  # only an error row at 128K
+    assert t["lengths"]["32768"]["matched"][0]["chosen"]["quest"] is None  # it prefills densely: 100%
+    assert t["findings"] == [f"{k}K tokens, 25% attended: tca {250 * d:.1f} ms (tca:tau=0.5, 30.0%) vs xattention "
                              f"{200 * d:.1f} ms (xattention:threshold=0.5, 24.0%)" for k, d in ((32, 1), (64, 3), (128, 10))]
+    d = summarize_timings(data, [0.25, 0.4, 0.6], 0.1, key="decode_tokens_per_s")
+    assert d["matched_on"] == "decode_attended_fraction" and d["higher_is_better"]
+    d25 = d["lengths"]["32768"]["matched"][0]
+    assert d25["chosen"]["quest"]["speedup"] == pytest.approx(1.2) and d25["fastest"] == ["tca"]
+    assert d25["chosen"]["tca"]["value"] == 300.0 and d25["chosen"]["xattention"] is None  # it reads everything
+    assert d["findings"] == []  # tca decodes fastest at every matched fraction here
     with pytest.raises(ValueError, match="no row of the timings has it"):
         summarize_timings(data, [0.25], 0.1, key="attention_s")
     bad = tmp_path / "bad.json"
@@ -164,14 +181,17 @@ def test_timings_matched_to_the_targets(tmp_path: Path) -> None:
 def test_timings_of_the_committed_gpu_bench_run() -> None:
     """The real `tca bench methods` JSON of an H100 run (docs/results/gpu_2026-12-06)."""
     path = Path(__file__).resolve().parent.parent / "docs/results/gpu_2026-12-06/methods_8b.json"
-    t = summarize_timings(load_timings(path), [0.25, 0.4, 0.6], 0.1)
+    data = load_timings(path)
+    t = summarize_timings(data, [0.25, 0.4, 0.6], 0.1)
     c = t["lengths"]["131072"]
     assert c["dense_s"] == pytest.approx(11.71, abs=0.01) and c["errors"] == {}
     at25 = c["matched"][0]["chosen"]
     assert at25["head-split"]["method"] == "head-split:retrieval_fraction=0.25"
     assert at25["head-split"]["speedup"] == pytest.approx(11.7127 / 6.0004, rel=1e-3)
     assert at25["tca"] is None  # tca attended 12.7% there: 12.3 points from 25%
-    assert at25["quest"]["method"] == "quest:budget=4096"  # its decode share, 15.9%; prefill is dense
+    assert at25["quest"] is None  # quest prefills densely (100%)
+    d = summarize_timings(data, [0.25, 0.4, 0.6], 0.1, key="decode_tokens_per_s")
+    assert d["lengths"]["131072"]["matched"][0]["chosen"]["quest"]["method"] == "quest:budget=4096"  # reads 15.9%
     assert len(t["rows"]) == 18
 
 
@@ -223,8 +243,10 @@ def test_leaderboard_end_to_end_resumes_without_work(tiny_dir: Path, tmp_path: P
     at25 = cell["matched"][0]
     assert at25["chosen"]["streaming"]["method"] == "streaming:block_size=16@kept=0.25"
     assert set(at25["chosen"]) == {"tca", "streaming"}
-    assert board["timings"]["lengths"]["131072"]["dense_s"] == 10.0
-    for name in ("leaderboard.md", f"leaderboard_pareto_{Path(model).name}.png", "leaderboard_prefill_time.png"):
+    assert [t["key"] for t in board["timings"]] == ["ttft_s", "decode_tokens_per_s"]
+    assert board["timings"][0]["lengths"]["131072"]["dense_s"] == 10.0
+    for name in ("leaderboard.md", f"leaderboard_pareto_{Path(model).name}.png", "leaderboard_prefill_time.png",
+                 "leaderboard_decode_speed.png"):
         assert (out / name).exists(), name
     assert "> tiny test" in (out / "leaderboard.md").read_text()
     [run_dir] = list(runs.iterdir())
@@ -261,3 +283,35 @@ def test_bad_input_is_a_clear_error_before_any_work(extra, error, tmp_path: Path
     monkeypatch.setattr(ModelBackend, "load", lambda self: pytest.fail("loaded a model"))
     rc = main(["leaderboard", "--model", "nope", "--results-dir", str(tmp_path), "--out", str(tmp_path), *extra])
     assert rc != 0 and error in capsys.readouterr().err
+
+
+def test_variants_name_a_methods_options_but_not_its_sweep_knob() -> None:
+    from tca_attention.eval.leaderboard.variants import variants
+
+    labels = ["full", "tca:tau=0.5", "tca:tau=0.9", "tca:tau=0.9,last_q=16", "tca:tau=0.7,gqa=union",
+              "tca:tau=0.7+zerotuning", "streaming:block_size=16@kept=0.25", "streaming:block_size=16@kept=0.6",
+              "hip@kept=0.4", "xattention:threshold=0.5", "xattention:threshold=0.9,stride=16", "tca@0.7"]
+    assert variants(labels) == {
+        "full": "full", "tca:tau=0.5": "tca", "tca:tau=0.9": "tca", "tca:tau=0.9,last_q=16": "tca[last_q=16]",
+        "tca:tau=0.7,gqa=union": "tca[gqa=union]", "tca:tau=0.7+zerotuning": "tca+zerotuning",
+        "streaming:block_size=16@kept=0.25": "streaming", "streaming:block_size=16@kept=0.6": "streaming",
+        "hip@kept=0.4": "hip", "xattention:threshold=0.5": "xattention",
+        "xattention:threshold=0.9,stride=16": "xattention[stride=16]", "tca@0.7": "tca"}
+    assert registry.sweep_param("tca") == "tau" and registry.sweep_param("hip") == "k"
+    assert registry.sweep_param("full") is None
+
+
+def test_timings_baseline_is_the_better_dense_row(tmp_path: Path) -> None:
+    """With a keep-all row (the engine's dense graph decode), speed-ups are over the better dense row."""
+    path = _bench_json(tmp_path / "bench.json")
+    data = json.loads(path.read_text())
+    data["rows"].append({"tokens": 32768, "method": "full-budget", "ttft_s": 1.2, "prefill_attended_fraction": 1.0,
+                         "decode_attended_fraction": 1.0, "decode_tokens_per_s": 200.0})
+    path.write_text(json.dumps(data))
+    data = load_timings(path)
+    d = summarize_timings(data, [0.25], 0.1, key="decode_tokens_per_s")["lengths"]["32768"]
+    assert d["dense"] == 200.0 and d["dense_method"] == "full-budget"
+    assert d["matched"][0]["chosen"]["tca"]["speedup"] == pytest.approx(1.5)  # 300 / 200, not 300 / 100
+    assert "full-budget" not in d["matched"][0]["chosen"]  # a baseline, not a contender
+    t = summarize_timings(data, [0.25], 0.1)["lengths"]["32768"]
+    assert t["dense_s"] == 1.0 and t["dense_method"] == "full"  # SDPA's prefill is the faster one

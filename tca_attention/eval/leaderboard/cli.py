@@ -17,7 +17,7 @@ from ...clihelp import HelpFormatter
 from ..cli import add_run_options, run_models
 from ..methods import KEPT, SEPARATOR, split_methods
 from .matching import DEFAULT_FOCUS, DEFAULT_TARGETS, DEFAULT_TOLERANCE
-from .timings import DEFAULT_KEY
+from .timings import DEFAULT_KEYS
 
 if TYPE_CHECKING:
     from ..runner import EvalConfig
@@ -52,7 +52,9 @@ def add_leaderboard_parser(subparsers) -> argparse.ArgumentParser:
                    help="the method whose losses to a peer the report lists (a registry name)")
     p.add_argument("--timings", type=Path, default=None,
                    help="JSON of `tca bench methods` (GPU prefill times at 32K-128K; default: none, no timing section)")
-    p.add_argument("--timing-key", default=DEFAULT_KEY, help="the timing rows' field of seconds to report")
+    p.add_argument("--timing-key", default=",".join(DEFAULT_KEYS),
+                   help="the timing rows' fields to report, a comma list (ttft_s: prefill time matched on the prefill "
+                   "fraction; decode_tokens_per_s: decode speed matched on the decode fraction, i.e. bytes read)")
     p.add_argument("--out", type=Path, default=Path("results/leaderboard"),
                    help="folder of leaderboard.json, leaderboard.md and the PNGs")
     p.add_argument("--title", default="Leaderboard", help="title of leaderboard.md")
@@ -90,8 +92,9 @@ def run_leaderboard(args: argparse.Namespace) -> int:
         raise ValueError(f"--tolerance {args.tolerance}: a fraction in (0, 1)")
     timings = None
     if args.timings is not None:  # read before any run: a bad file fails now, not after hours
-        timings = summarize_timings(load_timings(args.timings), targets, args.tolerance, args.timing_key,
-                                    source=str(args.timings), focus=args.focus)
+        data = load_timings(args.timings)
+        timings = [summarize_timings(data, targets, args.tolerance, key.strip(), source=str(args.timings),
+                                     focus=args.focus) for key in args.timing_key.split(",") if key.strip()]
     results, run_info = [], {}
     if args.report_only:
         results = load_results(args.report_only)

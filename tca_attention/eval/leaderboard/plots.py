@@ -70,13 +70,16 @@ def plot_pareto(board: dict, model: str, path: Path) -> Path | None:
 
 
 def plot_timings(t: dict, path: Path) -> Path | None:
-    """Prefill time (ms) vs attended fraction, one panel per length, one line per method; dense dashed."""
+    """A timing section's figure (prefill ms, or decode tokens/s) vs attended fraction, one panel per
+    length, one line per method; dense dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = [L for L, c in t["lengths"].items() if c["points"] or c.get("dense_s")]
+    rate = t["key"].endswith("_per_s")
+    scale, unit = (1.0, "tokens/s") if rate else (1000.0, "ms")
+    lengths = [L for L, c in t["lengths"].items() if c["points"] or c.get("dense", c.get("dense_s"))]
     if not lengths:
         return None
     families = list(dict.fromkeys(p["family"] for c in t["lengths"].values() for p in c["points"]))
@@ -86,22 +89,23 @@ def plot_timings(t: dict, path: Path) -> Path | None:
         for k, fam in enumerate(families):
             pts = sorted((p for p in c["points"] if p["family"] == fam), key=lambda p: p["attended_fraction"])
             if pts:
-                ax.plot([100 * p["attended_fraction"] for p in pts], [1000 * p["seconds"] for p in pts],
+                ax.plot([100 * p["attended_fraction"] for p in pts], [scale * p.get("value", p.get("seconds")) for p in pts],
                         marker=MARKERS[k % len(MARKERS)], label=fam)
-        if c.get("dense_s"):
-            ax.axhline(1000 * c["dense_s"], color="grey", ls="--", lw=1, label="dense")
+        dense = c.get("dense", c.get("dense_s"))
+        if dense:
+            ax.axhline(scale * dense, color="grey", ls="--", lw=1, label="dense")
         for target in (m["target"] for m in c["matched"]):
             ax.axvline(100 * target, color="tab:red", lw=0.6, alpha=0.3)
         ax.set_title(f"{int(L) // 1024}K tokens", fontsize=9)
-        ax.set_xlabel("attended fraction (%)")
-        ax.set_ylabel("prefill time (ms)")
+        ax.set_xlabel(f"{t.get('matched_on', 'attended fraction').replace('_', ' ')} (%)")
+        ax.set_ylabel(f"{t.get('what', 'prefill time')} ({unit})")
         ax.set_xlim(0, 102)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     meta = t["meta"]
-    fig.suptitle(f"Prefill time ({t['key']}, selection included) vs attended fraction, {meta.get('device', '?')}",
-                 fontsize=10)
+    fig.suptitle(f"{t.get('what', 'prefill time').capitalize()} ({t['key']}) vs attended fraction, "
+                 f"{meta.get('device', '?')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

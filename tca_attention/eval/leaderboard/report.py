@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from ... import registry
 from ..report import _slug, display_name, family, summarize
+from .variants import variants
 from ..schema import Result
 from ..tasks import TASKS
 from .matching import DEFAULT_FOCUS, DEFAULT_TARGETS, DEFAULT_TOLERANCE, Match, Point, match_at, pareto
@@ -27,6 +28,7 @@ def task_family(task: str) -> str:
 def _cell_points(methods: dict, length: str) -> list[dict[str, Any]]:
     """Every method's point at one length: fractions, headline accuracy, accuracy per task family."""
     out = []
+    variant = variants(methods)
     for method, m in methods.items():
         c = m["lengths"].get(length)
         if c is None or c.get("accuracy") is None:
@@ -34,7 +36,7 @@ def _cell_points(methods: dict, length: str) -> list[dict[str, Any]]:
         fams: dict[str, list[float]] = {}
         for t in c["accuracy_tasks"]:
             fams.setdefault(task_family(t), []).append(c["tasks"][t]["score"])
-        out.append({"method": method, "family": family(method),
+        out.append({"method": method, "family": variant[method],
                     "attended_fraction": c.get("attended_fraction", c["kept_fraction"]),
                     "kept_fraction": c["kept_fraction"], "accuracy": c["accuracy"], "n": c["n"],
                     "tasks": c["accuracy_tasks"], "task_families": {f: mean(v) for f, v in fams.items()}})
@@ -59,7 +61,7 @@ def _match_json(m: Match, focus: str) -> dict[str, Any]:
 
 
 def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tolerance: float = DEFAULT_TOLERANCE,
-          focus: str = DEFAULT_FOCUS, timings: dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> dict:
+          focus: str = DEFAULT_FOCUS, timings: list[dict[str, Any]] | dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> dict:
     """The leaderboard as plain data (what leaderboard.json holds)."""
     targets = list(targets)
     summary = summarize(results)
@@ -71,7 +73,7 @@ def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tol
     }
     for model, msum in summary["models"].items():
         methods = msum["methods"]
-        families = [f for f in dict.fromkeys(family(m) for m in methods) if f != registry.FULL]
+        families = [f for f in dict.fromkeys(variants(methods).values()) if f != registry.FULL]
         lengths = sorted({int(L) for m in methods.values() for L in m["lengths"]})
         mboard: dict[str, Any] = {"lengths": {}, "findings": []}
         for L in lengths:
@@ -180,47 +182,67 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
                   "higher or equal accuracy (all tasks); full attention is the reference, not a contender.", ""]
         if f"pareto_{model}" in images:
             lines += [f"![accuracy vs attended fraction, {name}]({images[f'pareto_{model}']})", ""]
-    lines += _timing_markdown(board.get("timings"), board["tolerance"], images.get("timings"))
+    for i, t in enumerate(_timing_list(board.get("timings")) or [None]):
+        lines += _timing_markdown(t, board["tolerance"], images.get(f"timings{i}"))
     return "\n".join(lines) + "\n"
 
 
 def _timing_markdown(t: dict | None, tolerance: float, image: str | None) -> list[str]:
-    lines = ["## Prefill time at matched kept fraction", ""]
+    """One timing section (a `summarize_timings` result: prefill time or decode speed)."""
+    from .timings import figure
+
+    what = (t or {}).get("what", "prefill time")
+    lines = [f"## {what[0].upper() + what[1:]} at matched attended fraction", ""]
     if not t:
         return lines + ["No timings given (`--timings FILE`, the JSON of `tca bench methods` on a GPU).", ""]
-    meta = t["meta"]
+    meta, key = t["meta"], t["key"]
     shape = meta.get("model", {})
-    lines += [f"From `{t.get('source') or 'tca bench methods'}`: {t['key']} (the prefill forward, the method's selection "
-              f"included) on {meta.get('device', '?')}, {shape.get('shape', '?')}-shaped model "
-              f"({shape.get('num_hidden_layers', '?')} layers, {shape.get('weights', '?')}), {meta.get('dtype', '?')}, "
-              f"batch {meta.get('batch', '?')}. Each method's row nearest each target fraction (attended fraction, "
-              f"±{100 * tolerance:g} points), its time in ms and speed-up over dense attention in the same run.", ""]
+    figure_text = ("the prefill forward, the method's selection included" if key == "ttft_s" else
+                   "decode steps per second, batch 1; `decode` of each row: CUDA-graph replay or eager"
+                   if key == "decode_tokens_per_s" else key)
+    lines += [f"From `{t.get('source') or 'tca bench methods'}`: {key} ({figure_text}) on {meta.get('device', '?')}, "
+              f"{shape.get('shape', '?')}-shaped model ({shape.get('num_hidden_layers', '?')} layers, "
+              f"{shape.get('weights', '?')}), {meta.get('dtype', '?')}, batch {meta.get('batch', '?')}. Each method's "
+              f"row nearest each target, matched on its {t.get('matched_on', 'attended fraction')} "
+              f"(±{100 * tolerance:g} points), with its speed-up over dense attention in the same run (the better of "
+              f"transformers' SDPA, `full`, and the engine keeping every token, `full-budget`, where listed).", ""]
     if meta.get("command"):
         lines += [f"Command: `{meta['command']}`", ""]
+    best = "best" if t.get("higher_is_better") else "fastest"
     for L, c in t["lengths"].items():
-        dense = ("error: " + c["dense_error"] if c.get("dense_error") else "not measured" if c["dense_s"] is None
-                 else f"{1000 * c['dense_s']:.1f} ms")
+        dense_v = c.get("dense", c.get("dense_s"))
+        dense = ("error: " + c["dense_error"] if c.get("dense_error") else "not measured" if dense_v is None
+                 else f"{figure(key, dense_v)}, {c.get('dense_method', registry.FULL)}")
         families = list(dict.fromkeys(f for m in c["matched"] for f in m["chosen"]))
         lines += [f"### {int(L) // 1024}K tokens (dense: {dense})", "",
-                  "| kept | fastest | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
+                  f"| attended | {best} | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
         for m in c["matched"]:
             cells = []
             for f in families:
                 p = m["chosen"].get(f)
                 failed = any(k.partition(":")[0] == f for k in c["errors"])
-                cells.append(("error (below)" if failed else "no row near") if p is None else
-                             f"{1000 * p['seconds']:.1f} ms, {p['speedup']:.2f}x ({p['method']}, "
-                             f"{_pct(p['attended_fraction'])}%)" if p["speedup"] else f"{1000 * p['seconds']:.1f} ms")
+                value = None if p is None else p.get("value", p.get("seconds"))
+                cells.append(("error (below)" if failed else "-") if p is None else
+                             f"{figure(key, value)}, {p['speedup']:.2f}x ({p['method']}, "
+                             f"{_pct(p['attended_fraction'])}%)" if p["speedup"] else figure(key, value))
             lines.append(f"| {100 * m['target']:g}% | {', '.join(m['fastest']) or '-'} | " + " | ".join(cells) + " |")
         if c["errors"]:
             lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in c["errors"].items())]
         lines.append("")
+    lines += ["-: no row within the tolerance of that target.", ""]
     if t.get("findings"):
-        lines += [f"Where {t['focus']} is slower than a peer at a matched fraction:", ""]
+        lines += [f"Where {t['focus']} is behind a peer at a matched fraction:", ""]
         lines += [f"- {f}" for f in t["findings"]] + [""]
     if image:
-        lines += [f"![prefill time vs attended fraction]({image})", ""]
+        lines += [f"![{what} vs attended fraction]({image})", ""]
     return lines
+
+
+def _timing_list(timings: Any) -> list[dict]:
+    """The board's timing sections: a list (one per key), or one dict (boards written before)."""
+    if not timings:
+        return []
+    return [timings] if isinstance(timings, dict) else list(timings)
 
 
 def write(board: dict, out_dir: Path, title: str = "Leaderboard", note: str | None = None) -> dict[str, Path]:
@@ -235,11 +257,12 @@ def write(board: dict, out_dir: Path, title: str = "Leaderboard", note: str | No
         if p is not None:
             files[f"pareto_{model}"] = p
             images[f"pareto_{model}"] = p.name
-    if board.get("timings"):
-        p = plot_timings(board["timings"], out_dir / "leaderboard_prefill_time.png")
+    for i, t in enumerate(_timing_list(board.get("timings"))):
+        name = "prefill_time" if t["key"] == "ttft_s" else "decode_speed" if t["key"] == "decode_tokens_per_s" else t["key"]
+        p = plot_timings(t, out_dir / f"leaderboard_{name}.png")
         if p is not None:
-            files["timings"] = p
-            images["timings"] = p.name
+            files[f"timings{i}"] = p
+            images[f"timings{i}"] = p.name
     files["json"] = out_dir / "leaderboard.json"
     files["json"].write_text(json.dumps(board, indent=1, sort_keys=False) + "\n")
     files["md"] = out_dir / "leaderboard.md"
