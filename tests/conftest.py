@@ -19,11 +19,13 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _no_measured_crossover(monkeypatch):
     """TCA(dense_below="auto") measures a crossover on a GPU; tests pin it to 0 (never dense) so that
-    they test the sparse path they mean to. tests/test_crossover.py tests the policy itself."""
+    they test the sparse path they mean to. tests/test_crossover.py and tests/test_crossover_model.py
+    test the policy itself."""
     from tca_attention.methods.tca.method import TCA
 
     resolve = TCA._dense_below
     monkeypatch.setattr(TCA, "_dense_below", lambda self, q: 0 if self.dense_below == "auto" else resolve(self, q))
+    monkeypatch.setattr(TCA, "model_crossover_pending", lambda self, device: False)  # nor the model-level one
 
 
 @pytest.fixture(scope="session")

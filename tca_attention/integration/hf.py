@@ -112,6 +112,7 @@ class Session:
         if self._active:
             return self
         adapter.check_version()
+        self._resolve_model_crossover()  # before the model is patched: it runs plain forwards too
         adapter.register(ATTN_NAME, tca_attention_forward)
         modules = attention_modules(self.model)
         for m in modules:
@@ -125,6 +126,18 @@ class Session:
         self._hooks.append(self.model.register_forward_hook(self._after_forward))
         self._active = True
         return self
+
+    def _resolve_model_crossover(self) -> None:
+        """Measure (once, cached) the prompt length from which the method's prefill pays off through
+        this whole model, when the method asks for it (TCA's dense_below="auto" on a GPU). Not on a
+        tensor-parallel rank: its forwards are collective and the timer's repetitions are chosen per
+        rank, so the ranks keep the per-layer crossover (methods/tca/crossover.py)."""
+        param = next(self.model.parameters(), None)
+        if param is None or self.shard is not None or not self.method.model_crossover_pending(param.device):
+            return
+        from .crossover_model import model_crossover
+
+        self.method.use_model_crossover(param.device, model_crossover(self.model, self.method))
 
     def disable(self) -> None:
         if not self._active:

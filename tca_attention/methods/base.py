@@ -156,6 +156,15 @@ class Method(ABC):
         positions in layer.t_pos); by default it is refused with a clear error, never run wrongly."""
         return type(self).select_decode is Method.select_decode
 
+    def model_crossover_pending(self, device: torch.device) -> bool:
+        """Whether this method wants its model-level crossover measured on `device` (the prompt
+        length from which its prefill beats plain attention through the whole model; the session
+        measures it when enabled, integration/crossover_model.py). Default: no."""
+        return False
+
+    def use_model_crossover(self, device: torch.device, tokens: int) -> None:
+        """Receive the model-level crossover measured for `device` (see model_crossover_pending)."""
+
     def check_model(self, model) -> None:
         """Raise if this method cannot run on `model` (e.g. state calibrated on another model)."""
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...engine import dispatch
 from ...engine.dispatch import resolve
 from ...engine.plan import TokenPlan, band_start, pack_mask
 from ..base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
@@ -86,10 +87,23 @@ class TCA(Method):
         adaptive mode on it; not last_q > 1, gqa="union" or sink tokens (PyTorch reference)."""
         return self.last_q == 1 and self.gqa == "shared" and not self.budgets.config.sink_tokens
 
+    def model_crossover_pending(self, device: torch.device) -> bool:
+        """dense_below="auto" on a GPU with the Triton kernels, not yet measured on this model."""
+        return (self.dense_below == "auto" and device.type == "cuda" and dispatch.triton_available()
+                and ("model_crossover", str(device)) not in self._per_layer)
+
+    def use_model_crossover(self, device: torch.device, tokens: int) -> None:
+        self._per_layer[("model_crossover", str(device))] = tokens
+
     def _dense_below(self, q: torch.Tensor) -> int:
-        """dense_below resolved for q's device and head shape (cached: one look-up per device)."""
+        """dense_below resolved for q's device: the model-level crossover when the session measured
+        one, else the per-layer one of this head shape (cached: one look-up per device)."""
         if self.dense_below != "auto":
             return self.dense_below
+        model_level = self._per_layer.get(("model_crossover", str(q.device)))
+        if model_level is not None:
+            self._per_layer["dense_below_used"] = model_level
+            return model_level
         key = ("dense_below", str(q.device), q.shape[1], q.shape[-1], q.dtype)
         if key not in self._per_layer:
             from .crossover import crossover
