@@ -1,0 +1,167 @@
+"""Triton column mass: the attention probability each key receives (engine/column_mass.py's semantics).
+
+Two passes, one (row, KV head) per program column, the g query heads of the KV head together
+(rows = g_pad x BLOCK_P positions, as in the prefill kernel):
+  1. `_row_lse_kernel`, per query tile: each query's log-sum-exp over the keys it sees (log2 domain;
+     +inf for a query that sees none, so its probabilities are 0);
+  2. `_column_mass_kernel`, per key tile: walks the query tiles at or after the tile, adds
+     weight[j] x exp2(s - lse_j) over the visible (query, key) pairs into the tile's column sums.
+     No atomics: each key tile is owned by one program, so the result is deterministic.
+Visibility: key_start[b] <= s <= j, and with a plan (HAS_PLAN) s kept or in query j's band (band_lo).
+Work: two q.k passes over the causal triangle (no P.V), about one dense attention's dot products.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .column_mass import check_plan, kept_keys
+from .plan import TokenPlan
+from .triton_common import LOG2E, band_lo, block_scores, check_head_dim, check_heads, load_rows, next_pow2, precision, upcast
+
+
+@dataclass(frozen=True)
+class ColumnMassConfig:
+    """Tiles: block_m query rows (g_pad heads x block_m / g_pad positions) x block_n keys."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def default_config(head_dim: int) -> ColumnMassConfig:
+    return ColumnMassConfig(64, 32, 4, 2) if head_dim > 128 else ColumnMassConfig()
+
+
+@triton.jit
+def _visible(k_idx, prow, ks, kept, lo_row, HAS_PLAN: tl.constexpr):
+    """(rows, keys) bool: real causal keys, and with a plan kept or in the row's band."""
+    vis = (k_idx[None, :] >= ks) & (k_idx[None, :] <= prow[:, None])
+    if HAS_PLAN:
+        vis = vis & (kept[None, :] | (k_idx[None, :] >= lo_row[:, None]))
+    return vis
+
+
+@triton.jit
+def _row_lse_kernel(
+    Q, K, KEEP, KEY_START, LOCAL_START, WINDOW, LSE,
+    s_qb, s_qh, s_ql, L, KV, n_tiles, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_PLAN: tl.constexpr,
+):
+    """Pass 1. K (B*KV*L, D); KEEP (B*KV, L) int8; WINDOW (B*KV,); LSE (B, H, L) fp32 out (log2)."""
+    BM: tl.constexpr = GP * BLOCK_P
+    tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles first
+    bh = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    m0 = tile * BLOCK_P
+    rows = tl.arange(0, BM)
+    hrow = rows // BLOCK_P
+    prow = m0 + rows % BLOCK_P
+    row_ok = (hrow < G) & (prow < L)
+    qh = h * G + hrow
+    d = tl.arange(0, HEAD_D)
+    cols = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + qh[:, None] * s_qh + prow[:, None] * s_ql + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    ks = tl.load(KEY_START + b).to(tl.int32)
+    lo_row = band_lo(prow, tl.load(WINDOW + bh).to(tl.int32), tl.load(LOCAL_START + b).to(tl.int32))
+    k_src = K + bh.to(tl.int64) * L * HEAD_D
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    for kk in range(ks // BLOCK_N * BLOCK_N, tl.minimum(m0 + BLOCK_P, L), BLOCK_N):
+        k_idx = kk + cols
+        ld = k_idx < L
+        k = load_rows(k_src, kk, cols, d, ld, False, True, False)
+        kept = tl.load(KEEP + bh.to(tl.int64) * L + k_idx, mask=ld & HAS_PLAN, other=0) != 0
+        s = block_scores(q, k, qk_scale, UPCAST, PREC)
+        s = tl.where(_visible(k_idx, prow, ks, kept, lo_row, HAS_PLAN), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet: no NaN
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    tl.store(LSE + (b * KV * G + qh).to(tl.int64) * L + prow, lse, mask=row_ok)
+
+
+@triton.jit
+def _column_mass_kernel(
+    Q, K, KEEP, KEY_START, LOCAL_START, WINDOW, LSE, WEIGHT, OUT,
+    s_qb, s_qh, s_ql, L, KV, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_PLAN: tl.constexpr,
+):
+    """Pass 2. WEIGHT (B, L) fp32 per query; OUT (B*KV, L) fp32: the tile's column sums."""
+    BM: tl.constexpr = GP * BLOCK_P
+    k0 = tl.program_id(0) * BLOCK_N  # early key tiles (the heaviest) first
+    bh = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_D)
+    k_idx = k0 + cols
+    ld = k_idx < L
+    k = load_rows(K + bh.to(tl.int64) * L * HEAD_D, k0, cols, d, ld, False, True, False)
+    kept = tl.load(KEEP + bh.to(tl.int64) * L + k_idx, mask=ld & HAS_PLAN, other=0) != 0
+    ks = tl.load(KEY_START + b).to(tl.int32)
+    window = tl.load(WINDOW + bh).to(tl.int32)
+    local_start = tl.load(LOCAL_START + b).to(tl.int32)
+    rows = tl.arange(0, BM)
+    hrow = rows // BLOCK_P
+    qh = h * G + hrow
+    q_base = Q + b.to(tl.int64) * s_qb + qh[:, None] * s_qh + d[None, :]
+    lse_base = LSE + (b * KV * G + qh).to(tl.int64) * L
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(tl.maximum(k0, ks), L, BLOCK_P):
+        prow = m0 + rows % BLOCK_P
+        row_ok = (hrow < G) & (prow < L)
+        q = tl.load(q_base + prow[:, None] * s_ql, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + prow, mask=row_ok, other=float("inf"))
+        w = tl.load(WEIGHT + b.to(tl.int64) * L + prow, mask=row_ok, other=0.0)
+        s = block_scores(q, k, qk_scale, UPCAST, PREC)
+        vis = _visible(k_idx, prow, ks, kept, band_lo(prow, window, local_start), HAS_PLAN) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        acc += tl.sum(p * w[:, None], 0)
+    tl.store(OUT + bh.to(tl.int64) * L + k_idx, acc, mask=ld)
+
+
+def column_mass_triton(q: torch.Tensor, k: torch.Tensor, scaling: float, key_start: torch.Tensor,
+                       weight: torch.Tensor, plan: TokenPlan | None = None,
+                       config: ColumnMassConfig | None = None) -> torch.Tensor:
+    """q (B, H, L, D), k (B, KV, L, D), key_start (B,), weight (B, L) -> (B, KV, L) fp32 (column_mass_ref)."""
+    B, H, L, D = q.shape
+    KV = k.shape[1]
+    check_heads(H, KV)
+    check_head_dim(D)
+    g = H // KV
+    cfg = config or default_config(D)
+    gp = next_pow2(g)
+    block_p = max(cfg.block_m, gp) // gp
+    dev = q.device
+    plan = check_plan(plan)
+    q, k = q.contiguous(), k.contiguous()
+    ks = key_start.to(device=dev, dtype=torch.int64).contiguous()
+    w = weight.to(device=dev, dtype=torch.float32).contiguous()
+    if plan is None:
+        keep = torch.zeros(1, dtype=torch.int8, device=dev)
+        local, window = ks, torch.ones(B * KV, dtype=torch.int64, device=dev)  # unused without a plan
+    else:
+        keep = kept_keys(plan, L).to(device=dev, dtype=torch.int8).contiguous()
+        local = plan.local_starts().to(device=dev, dtype=torch.int64).contiguous()
+        window = plan.window_of(B, KV, dev).reshape(-1).contiguous()
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=dev)
+    out = torch.empty(B, KV, L, dtype=torch.float32, device=dev)
+    n_tiles = triton.cdiv(L, block_p)
+    meta = dict(G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=upcast(q), PREC=precision(q),
+                HAS_PLAN=plan is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    strides = (q.stride(0), q.stride(1), q.stride(2))
+    _row_lse_kernel[(n_tiles, B * KV)](q, k, keep, ks, local, window, lse, *strides, L, KV, n_tiles,
+                                       scaling * LOG2E, **meta)
+    _column_mass_kernel[(triton.cdiv(L, cfg.block_n), B * KV)](q, k, keep, ks, local, window, lse, w, out, *strides,
+                                                               L, KV, scaling * LOG2E, **meta)
+    return out
