@@ -82,6 +82,19 @@ def test_kernel_matches_reference(case):
                                              rel=1e-4)  # each counted query hands out H units (one per head)
 
 
+@pytest.mark.parametrize("planned", [False, True])
+def test_kernel_with_few_weighted_queries(planned):
+    """Whole tiles of zero-weight queries (skipped by the kernel), a row with none at all."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, kst, _, plan = random_case(gen, 3, 6, 2, 61, 16, torch.float32, [0, 4, 0], planned, True)
+    w = torch.zeros(3, 61, device=DEV)
+    w[0, [5, 6, 40, 60]] = torch.tensor([1.0, 0.5, 2.0, 1.0], device=DEV)
+    w[2, 2] = 1.0
+    got = column_mass_triton(q, k, 0.3, kst, w, plan, config=SMALL)
+    torch.testing.assert_close(got, column_mass_ref(q, k, 0.3, kst, w, plan), atol=1e-5, rtol=1e-5)
+    assert float(got[1].abs().sum()) == 0 and float(got[2].sum()) == pytest.approx(6.0)
+
+
 def test_dispatch_and_plan_kinds():
     gen = torch.Generator().manual_seed(3)
     q, k, kst, w, plan = random_case(gen, 2, 4, 2, 40, 16, torch.float32, [0, 3], True)

@@ -2,13 +2,16 @@
 
 Two passes, one (row, KV head) per program column, the g query heads of the KV head together
 (rows = g_pad x BLOCK_P positions, as in the prefill kernel):
-  1. `_row_lse_kernel`, per query tile: each query's log-sum-exp over the keys it sees (log2 domain;
+  1. `_row_lse_kernel`, per tile of weighted queries: each query's log-sum-exp over the keys it sees (log2 domain;
      +inf for a query that sees none, so its probabilities are 0);
   2. `_column_mass_kernel`, per key tile: walks the query tiles at or after the tile, adds
      weight[j] x exp2(s - lse_j) over the visible (query, key) pairs into the tile's column sums.
      No atomics: each key tile is owned by one program, so the result is deterministic.
-Visibility: key_start[b] <= s <= j, and with a plan (HAS_PLAN) s kept or in query j's band (band_lo).
-Work: two q.k passes over the causal triangle (no P.V), about one dense attention's dot products.
+Only the queries of nonzero weight are visited (compacted on the device, no host sync: SpAtten's
+pruned tokens' queries cost nothing). Visibility: key_start[b] <= s <= j, and with a plan
+(HAS_PLAN) s kept or in query j's band (band_lo).
+Work: two q.k passes over the causal triangle of the weighted queries (no P.V), about one dense
+attention's dot products when every query counts.
 """
 from __future__ import annotations
 
@@ -48,21 +51,22 @@ def _visible(k_idx, prow, ks, kept, lo_row, HAS_PLAN: tl.constexpr):
 
 @triton.jit
 def _row_lse_kernel(
-    Q, K, KEEP, KEY_START, LOCAL_START, WINDOW, LSE,
+    Q, K, KEEP, KEY_START, LOCAL_START, WINDOW, QPOS, NQ, LSE,
     s_qb, s_qh, s_ql, L, KV, n_tiles, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_PLAN: tl.constexpr,
 ):
-    """Pass 1. K (B*KV*L, D); KEEP (B*KV, L) int8; WINDOW (B*KV,); LSE (B, H, L) fp32 out (log2)."""
+    """Pass 1 over the weighted queries QPOS[b, :NQ[b]] (B, L) int32, padding L. K (B*KV*L, D);
+    KEEP (B*KV, L) int8; WINDOW (B*KV,); LSE (B, H, L) fp32 out (log2), at the queries' compact index."""
     BM: tl.constexpr = GP * BLOCK_P
     tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles first
     bh = tl.program_id(1)
     b = bh // KV
     h = bh % KV
-    m0 = tile * BLOCK_P
     rows = tl.arange(0, BM)
     hrow = rows // BLOCK_P
-    prow = m0 + rows % BLOCK_P
+    c = tile * BLOCK_P + rows % BLOCK_P  # compact query index
+    prow = tl.load(QPOS + b.to(tl.int64) * L + c, mask=c < tl.load(NQ + b), other=L)
     row_ok = (hrow < G) & (prow < L)
     qh = h * G + hrow
     d = tl.arange(0, HEAD_D)
@@ -74,7 +78,7 @@ def _row_lse_kernel(
     k_src = K + bh.to(tl.int64) * L * HEAD_D
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
-    for kk in range(ks // BLOCK_N * BLOCK_N, tl.minimum(m0 + BLOCK_P, L), BLOCK_N):
+    for kk in range(ks // BLOCK_N * BLOCK_N, tl.max(tl.where(row_ok, prow, -1)) + 1, BLOCK_N):
         k_idx = kk + cols
         ld = k_idx < L
         k = load_rows(k_src, kk, cols, d, ld, False, True, False)
@@ -86,17 +90,18 @@ def _row_lse_kernel(
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
-    tl.store(LSE + (b * KV * G + qh).to(tl.int64) * L + prow, lse, mask=row_ok)
+    tl.store(LSE + (b * KV * G + qh).to(tl.int64) * L + c, lse, mask=row_ok)
 
 
 @triton.jit
 def _column_mass_kernel(
-    Q, K, KEEP, KEY_START, LOCAL_START, WINDOW, LSE, WEIGHT, OUT,
-    s_qb, s_qh, s_ql, L, KV, qk_scale,
+    Q, K, KEEP, KEY_START, LOCAL_START, WINDOW, QPOS, NQ, QFIRST, LSE, WEIGHT, OUT,
+    s_qb, s_qh, s_ql, L, KV, n_ktiles, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_PLAN: tl.constexpr,
 ):
-    """Pass 2. WEIGHT (B, L) fp32 per query; OUT (B*KV, L) fp32: the tile's column sums."""
+    """Pass 2. QFIRST (B, n_ktiles): the compact index of a key tile's first query at or after it;
+    WEIGHT (B, L) fp32 per query; OUT (B*KV, L) fp32: the tile's column sums."""
     BM: tl.constexpr = GP * BLOCK_P
     k0 = tl.program_id(0) * BLOCK_N  # early key tiles (the heaviest) first
     bh = tl.program_id(1)
@@ -117,17 +122,32 @@ def _column_mass_kernel(
     q_base = Q + b.to(tl.int64) * s_qb + qh[:, None] * s_qh + d[None, :]
     lse_base = LSE + (b * KV * G + qh).to(tl.int64) * L
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for m0 in range(tl.maximum(k0, ks), L, BLOCK_P):
-        prow = m0 + rows % BLOCK_P
+    nq = tl.load(NQ + b)
+    for c0 in range(tl.load(QFIRST + b * n_ktiles + tl.program_id(0)), nq, BLOCK_P):
+        c = c0 + rows % BLOCK_P
+        prow = tl.load(QPOS + b.to(tl.int64) * L + c, mask=c < nq, other=L)
         row_ok = (hrow < G) & (prow < L)
         q = tl.load(q_base + prow[:, None] * s_ql, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_base + prow, mask=row_ok, other=float("inf"))
+        lse = tl.load(lse_base + c, mask=row_ok, other=float("inf"))
         w = tl.load(WEIGHT + b.to(tl.int64) * L + prow, mask=row_ok, other=0.0)
         s = block_scores(q, k, qk_scale, UPCAST, PREC)
         vis = _visible(k_idx, prow, ks, kept, band_lo(prow, window, local_start), HAS_PLAN) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         acc += tl.sum(p * w[:, None], 0)
     tl.store(OUT + bh.to(tl.int64) * L + k_idx, acc, mask=ld)
+
+
+def weighted_queries(weight: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries of nonzero weight, compacted without a host sync: positions (B, L) int32 ascending
+    (padding L), their count (B,) int32, and per key tile of block_n keys the compact index of its
+    first query at or after the tile (B, n_ktiles) int32."""
+    B, L = weight.shape
+    ar = torch.arange(L, device=weight.device)
+    pos = torch.where(weight != 0, ar, L + ar).sort(-1).values
+    pos = pos.clamp(max=L).to(torch.int32).contiguous()
+    tiles = (torch.arange(triton.cdiv(L, block_n), device=weight.device, dtype=torch.int32) * block_n).expand(B, -1)
+    first = torch.searchsorted(pos, tiles.contiguous()).to(torch.int32).contiguous()
+    return pos, (weight != 0).sum(-1).to(torch.int32).contiguous(), first
 
 
 def column_mass_triton(q: torch.Tensor, k: torch.Tensor, scaling: float, key_start: torch.Tensor,
@@ -154,14 +174,15 @@ def column_mass_triton(q: torch.Tensor, k: torch.Tensor, scaling: float, key_sta
         keep = kept_keys(plan, L).to(device=dev, dtype=torch.int8).contiguous()
         local = plan.local_starts().to(device=dev, dtype=torch.int64).contiguous()
         window = plan.window_of(B, KV, dev).reshape(-1).contiguous()
+    qpos, nq, qfirst = weighted_queries(w, cfg.block_n)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=dev)
     out = torch.empty(B, KV, L, dtype=torch.float32, device=dev)
-    n_tiles = triton.cdiv(L, block_p)
+    n_tiles, n_ktiles = triton.cdiv(L, block_p), triton.cdiv(L, cfg.block_n)
     meta = dict(G=g, GP=gp, BLOCK_P=block_p, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=upcast(q), PREC=precision(q),
                 HAS_PLAN=plan is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), q.stride(2))
-    _row_lse_kernel[(n_tiles, B * KV)](q, k, keep, ks, local, window, lse, *strides, L, KV, n_tiles,
+    _row_lse_kernel[(n_tiles, B * KV)](q, k, keep, ks, local, window, qpos, nq, lse, *strides, L, KV, n_tiles,
                                        scaling * LOG2E, **meta)
-    _column_mass_kernel[(triton.cdiv(L, cfg.block_n), B * KV)](q, k, keep, ks, local, window, lse, w, out, *strides,
-                                                               L, KV, scaling * LOG2E, **meta)
+    _column_mass_kernel[(n_ktiles, B * KV)](q, k, keep, ks, local, window, qpos, nq, qfirst, lse, w, out, *strides,
+                                            L, KV, n_ktiles, scaling * LOG2E, **meta)
     return out
