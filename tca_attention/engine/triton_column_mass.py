@@ -41,6 +41,15 @@ def default_config(head_dim: int) -> ColumnMassConfig:
 
 
 @triton.jit
+def _kept(KEEP, bh, k_idx, ld, L, HAS_PLAN: tl.constexpr):
+    """(keys,) bool: the plan keeps the key (without a plan: unused)."""
+    if HAS_PLAN:
+        return tl.load(KEEP + bh.to(tl.int64) * L + k_idx, mask=ld, other=0) != 0
+    else:
+        return ld
+
+
+@triton.jit
 def _visible(k_idx, prow, ks, kept, lo_row, HAS_PLAN: tl.constexpr):
     """(rows, keys) bool: real causal keys, and with a plan kept or in the row's band."""
     vis = (k_idx[None, :] >= ks) & (k_idx[None, :] <= prow[:, None])
@@ -82,7 +91,7 @@ def _row_lse_kernel(
         k_idx = kk + cols
         ld = k_idx < L
         k = load_rows(k_src, kk, cols, d, ld, False, True, False)
-        kept = tl.load(KEEP + bh.to(tl.int64) * L + k_idx, mask=ld & HAS_PLAN, other=0) != 0
+        kept = _kept(KEEP, bh, k_idx, ld, L, HAS_PLAN)
         s = block_scores(q, k, qk_scale, UPCAST, PREC)
         s = tl.where(_visible(k_idx, prow, ks, kept, lo_row, HAS_PLAN), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,7 +121,7 @@ def _column_mass_kernel(
     k_idx = k0 + cols
     ld = k_idx < L
     k = load_rows(K + bh.to(tl.int64) * L * HEAD_D, k0, cols, d, ld, False, True, False)
-    kept = tl.load(KEEP + bh.to(tl.int64) * L + k_idx, mask=ld & HAS_PLAN, other=0) != 0
+    kept = _kept(KEEP, bh, k_idx, ld, L, HAS_PLAN)
     ks = tl.load(KEY_START + b).to(tl.int32)
     window = tl.load(WINDOW + bh).to(tl.int32)
     local_start = tl.load(LOCAL_START + b).to(tl.int32)
