@@ -23,7 +23,9 @@ import triton.language as tl
 
 from .column_mass import check_plan, kept_keys
 from .plan import TokenPlan
-from .triton_common import LOG2E, band_lo, block_scores, check_head_dim, check_heads, load_rows, next_pow2, precision, upcast
+from .triton_common import (
+    LOG2E, band_lo, block_scores, check_head_dim, check_heads, load_rows, next_pow2, precision, upcast,
+)
 
 
 @dataclass(frozen=True)
