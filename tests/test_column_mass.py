@@ -139,23 +139,24 @@ def test_spatten_kept_sets_equal_on_both_backends():
     assert int(ref[-1][1][0].sum()) < int(ref[1][1][0].sum())  # it did prune
 
 
-# -- GPU: realistic sizes, the default tiles ---------------------------------------------------------
-def gpu_fuzz(n: int, seed: int, shard: tuple[int, int]) -> None:
+# -- fuzz: GPU sizes with the default tiles, or interpreter sizes -------------------------------------
+def fuzz(n: int, seed: int, shard: tuple[int, int] = (0, 1), gpu: bool = True) -> None:
     rnd = random.Random(seed)
     failed = []
     for it in range(n):
         g, KV = rnd.choice([1, 2, 4, 7, 8]), rnd.choice([1, 2, 4])
-        B, L, D = rnd.randint(1, 3), rnd.choice([rnd.randint(1, 300), rnd.randint(300, 5000)]), rnd.choice([64, 128])
-        dtype = rnd.choice([torch.bfloat16, torch.float16, torch.float32])
+        long = rnd.randint(300, 5000) if gpu else rnd.randint(40, 90)
+        B, L, D = rnd.randint(1, 3), rnd.choice([rnd.randint(1, 300 if gpu else 40), long]), rnd.choice([64, 128])
+        dtype = rnd.choice([torch.bfloat16, torch.float16, torch.float32] if gpu else [torch.bfloat16, torch.float32])
         ks = [rnd.choice([0, 0, rnd.randint(0, L - 1)]) for _ in range(B)]
         planned, per_row, hw = rnd.random() < 0.7, rnd.random() < 0.5, rnd.random() < 0.3
         if it % shard[1] != shard[0]:
             continue
         gen = torch.Generator().manual_seed(seed * 1000 + it)
         q, k, kst, w, plan = random_case(gen, B, g * KV, KV, L, D, dtype, ks, planned, per_row, hw)
-        if plan is not None:  # the GPU-sized window of a real method
-            plan = dataclasses.replace(plan, window=rnd.choice([8, 64, 512]))
-        got = column_mass_triton(q, k, D**-0.5, kst, w, plan)
+        if plan is not None:  # windows of real methods on the GPU
+            plan = dataclasses.replace(plan, window=rnd.choice([8, 64, 512] if gpu else [1, 8, 20]))
+        got = column_mass_triton(q, k, D**-0.5, kst, w, plan, config=None if gpu else SMALL)
         want = column_mass_ref(q, k, D**-0.5, kst, w, plan)
         try:  # fp32 inputs: tf32 dots; low precision: exact products, fp32 sums in another order
             tol = 2e-2 if dtype == torch.float32 else 2e-3
@@ -165,11 +166,15 @@ def gpu_fuzz(n: int, seed: int, shard: tuple[int, int]) -> None:
     assert not failed, "\n".join(failed)
 
 
+def test_column_mass_fuzz_interpreter_sizes():
+    fuzz(10, seed=5, gpu=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shard", range(GPU_FUZZ_SHARDS))
 def test_gpu_column_mass_fuzz(shard):
-    gpu_fuzz(80, seed=17, shard=(shard, GPU_FUZZ_SHARDS))
+    fuzz(80, seed=17, shard=(shard, GPU_FUZZ_SHARDS))
 
 
 @pytest.mark.gpu
