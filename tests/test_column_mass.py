@@ -125,9 +125,9 @@ def spatten_log(model, ids, mask, backend: str) -> list[tuple[int, torch.Tensor,
 
 
 def test_spatten_kept_sets_equal_on_both_backends():
-    model = tiny("llama", num_hidden_layers=4).float()
+    model = tiny("llama", num_hidden_layers=4).float().to(DEV)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 97, (2, 150), generator=gen)
+    ids = torch.randint(1, 97, (2, 150), generator=gen).to(DEV)
     mask = torch.ones_like(ids)
     mask[1, :23] = 0  # a left-padded row
     ref = spatten_log(model, ids, mask, "reference")
