@@ -13,7 +13,9 @@ from kernel_helpers import CUDA, DEV, GPU_FUZZ_SHARDS, make_qkv  # noqa: I001 - 
 
 from tca_attention.engine import dispatch
 from tca_attention.engine.column_mass import column_mass_ref
-from tca_attention.engine.triton_column_mass import ColumnMassConfig, column_mass_triton
+from tca_attention.engine.column_mass import kept_keys
+from tca_attention.engine.plan import TokenPlan, pack_mask
+from tca_attention.engine.triton_column_mass import ColumnMassConfig, column_mass_triton, key_tile_spans, weighted_queries
 from tca_attention.integration import enable
 from tca_attention.methods.spatten import SpAtten
 from test_triton_kernels import plan_mask, random_plan
@@ -93,6 +95,28 @@ def test_kernel_with_few_weighted_queries(planned):
     got = column_mass_triton(q, k, 0.3, kst, w, plan, config=SMALL)
     torch.testing.assert_close(got, column_mass_ref(q, k, 0.3, kst, w, plan), atol=1e-5, rtol=1e-5)
     assert float(got[1].abs().sum()) == 0 and float(got[2].sum()) == pytest.approx(6.0)
+
+
+def test_kernel_skips_the_key_tiles_a_plan_keeps_nothing_of():
+    """A plan keeping 3 far keys: most key tiles are seen by their band's queries only (pass 2 walks
+    just those; pass 1 skips the blocks before each tile's band)."""
+    gen = torch.Generator().manual_seed(4)
+    B, H, KV, L, D = 2, 4, 2, 97, 16
+    q, k, _ = make_qkv(gen, B, H, KV, L, D, torch.float32)
+    kst = torch.tensor([0, 6], device=DEV)
+    keep = torch.zeros(B, KV, L, dtype=torch.bool, device=DEV)
+    keep[:, :, [7, 40]] = True
+    keep[1, 1, 70] = True
+    idx, lens = pack_mask(keep)
+    plan = TokenPlan(idx, lens, 80, 9, 4, kst, torch.ones(KV, dtype=torch.long, device=DEV),
+                     row_local_start=torch.tensor([80, 82], device=DEV))
+    w = torch.ones(B, L, device=DEV)
+    qpos, nq = weighted_queries(w)
+    spans = key_tile_spans(qpos, nq, KV, 16, plan, kept_keys(plan, L)).view(B, KV, -1, 2)
+    assert spans[0, 0, 1].tolist() == [16, 16 + 15 + 9] and spans[0, 0, 0, 1] == L  # tile 0 keeps key 7
+    assert spans[1, 1, 4, 1] == L and spans[1, 0, 4, 1] < L  # key 70: only (row 1, KV head 1) keeps it
+    got = column_mass_triton(q, k, 0.3, kst, w, plan, config=SMALL)
+    torch.testing.assert_close(got, column_mass_ref(q, k, 0.3, kst, w, plan), atol=1e-5, rtol=1e-5)
 
 
 def test_dispatch_and_plan_kinds():
