@@ -2,15 +2,15 @@
 
 Two passes, one (row, KV head) per program column, the g query heads of the KV head together
 (rows = g_pad x BLOCK_P positions, as in the prefill kernel):
-  1. `_row_lse_kernel`, per tile of weighted queries: each query's log-sum-exp over the keys it sees (log2 domain;
-     +inf for a query that sees none, so its probabilities are 0);
+  1. `_row_lse_kernel`, per tile of weighted queries: each query's log-sum-exp over the keys it
+     sees (log2 domain; +inf for a query that sees none, so its probabilities are 0);
   2. `_column_mass_kernel`, per key tile: walks the query tiles at or after the tile, adds
      weight[j] x exp2(s - lse_j) over the visible (query, key) pairs into the tile's column sums.
      No atomics: each key tile is owned by one program, so the result is deterministic.
 Only the queries of nonzero weight are visited (compacted on the device, no host sync: SpAtten's
 pruned tokens' queries cost nothing), and with a plan only the key blocks that keep a key or reach
-a query's band (pass 1: `_block_needed`; pass 2: `key_tile_spans`). Visibility: key_start[b] <= s <= j, and with a plan
-(HAS_PLAN) s kept or in query j's band (band_lo).
+a query's band (pass 1: `_block_needed`; pass 2: `key_tile_spans`).
+Visibility: key_start[b] <= s <= j, and with a plan (HAS_PLAN) s kept or in query j's band (band_lo).
 Work: two q.k passes over the causal triangle of the weighted queries (no P.V), about one dense
 attention's dot products when every query counts.
 """
@@ -195,7 +195,7 @@ def key_tile_spans(qpos: torch.Tensor, nq: torch.Tensor, KV: int, block_n: int, 
         w = plan.window_of(B, KV, qpos.device)  # (B, KV)
         band_end = torch.searchsorted(qpos, (k_last + w[..., None]).reshape(B, -1).to(torch.int32).contiguous())
         only_band = ~tile_kept(keep, block_n) & (k_last < plan.local_starts().to(qpos.device)[:, None, None])
-        end = torch.where(only_band, band_end.view(B, KV, -1), end)
+        end = torch.where(only_band, torch.minimum(band_end.view(B, KV, -1), end), end)  # padding holds L: clamp
     return torch.stack([first, torch.maximum(first, end)], -1).reshape(B * KV, -1, 2).to(torch.int32).contiguous()
 
 
