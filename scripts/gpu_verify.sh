@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call after a kernel change: carried wheels (.whl: the locked transformers and what it
 # needs beyond the GPU image) on PYTHONPATH, the CUDA test suites (kernels, decode page selection,
-# fused selection, block-sparse prefill, batch invariance, full budget equals dense, adapter), then a short kernel
+# fused selection, block-sparse prefill, column mass, batch invariance, full budget equals dense, adapter), then a short kernel
 # benchmark. Logs/JSON in $OUT.
 # Usage (repo root, on the GPU machine): bash scripts/gpu_verify.sh [tca bench kernels args]
 set -o pipefail
@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$STAGE/site"
 TESTS=${TESTS:-$(ls tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py \
   tests/test_block_sparse.py tests/test_batch_invariance.py tests/test_full_budget_equals_dense.py tests/test_adapter.py \
   tests/test_xattention.py tests/test_quest.py tests/test_head_split.py tests/test_static_decode.py \
-  tests/test_flexprefill.py tests/test_minference.py 2>/dev/null)}
+  tests/test_flexprefill.py tests/test_minference.py tests/test_column_mass.py tests/test_spatten.py 2>/dev/null)}
 # one pytest per file, each with its own time limit and -rf: a file cut off by its limit loses
 # only itself, and every failure is named (2026-12-06: one run over all files hit the call's
 # limit and its 4 failures were never named)

@@ -23,7 +23,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in ("tca_attention.engine.triton_common", "tca_attention.engine.triton_prefill",
-                  "tca_attention.engine.triton_decode", "tca_attention.engine.triton_block"):
+                  "tca_attention.engine.triton_decode", "tca_attention.engine.triton_block",
+                  "tca_attention.engine.triton_column_mass"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 

@@ -1,6 +1,8 @@
 """Explicit backend dispatch: Triton on CUDA tensors, the PyTorch reference elsewhere.
 
 backend: "auto" (Triton when the tensors are on CUDA and Triton imports), "triton", "reference".
+column_mass: the attention probability each key receives, summed over queries and query heads
+(engine/column_mass.py; SpAtten's token importance).
 key_bias (plan.KeyBias, optional on every executor): the key logit bias, added to the logits of a
 few listed keys per (row, query head) before the softmax; `dense_prefill` is the dense path with one.
 """
@@ -13,6 +15,7 @@ from typing import Literal
 import torch
 
 from . import block_reference, compensation, reference, subset
+from .column_mass import column_mass_ref
 from .plan import BlockPlan, DecodeSelection, KeyBias, RaggedCacheView, SubsetPlan, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
@@ -102,6 +105,17 @@ def dense_prefill(
     at a time, on any device (reference.dense_biased). -> (B, L, H, D)."""
     return reference.dense_biased(q, k, v, scaling, key_bias, key_start)
 
+
+def column_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, key_start: torch.Tensor, weight: torch.Tensor,
+                plan: TokenPlan | None = None, backend: Backend = "auto") -> torch.Tensor:
+    """Per key, the attention probability it receives under the plan's mask (None: dense causal),
+    summed over the query heads of its KV head and over the queries, each times weight (B, L).
+    q (B, H, L, D), k (B, KV, L, D) -> (B, KV, L) fp32; see column_mass.column_mass_ref."""
+    if resolve(backend, q.device) == "triton":
+        from .triton_column_mass import column_mass_triton
+
+        return column_mass_triton(q, k, scaling, key_start, weight, plan)
+    return column_mass_ref(q, k, scaling, key_start, weight, plan)
 
 
 def block_sparse_prefill(

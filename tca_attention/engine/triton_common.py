@@ -2,8 +2,8 @@
 
 Host: `upcast`, `precision`, `interpreted`, `next_pow2`, the shape checks and `kv_sources` (K/V
 matrices as pointers or TMA descriptors). Device (`@triton.jit`, inlined into the calling
-kernels): `load_rows` (a tile of rows of a (rows, D) matrix) and `attend_block` (one
-online-softmax step of flash attention = `block_scores` then `online_update`, also callable apart
+kernels): `band_lo` (plan.band_start), `load_rows` (a tile of rows of a (rows, D) matrix) and
+`attend_block` (one online-softmax step of flash attention = `block_scores` then `online_update`, also callable apart
 by a kernel that decides between the two, e.g. block skipping), used by the prefill and the decode kernels.
 The key logit bias (plan.KeyBias): `add_key_bias`, `attend_block_kb`, host `bias_args`.
 Only the kernel modules import this one (it imports triton; the reference path must not need it).
@@ -83,6 +83,13 @@ def load_rows(src, row0, cols, d, ld, USE_TMA: tl.constexpr, MASKED: tl.constexp
             return tl.load(ptrs, mask=ld[:, None], other=0.0)
         else:
             return tl.load(ptrs)
+
+
+@triton.jit
+def band_lo(j, window, local_start):
+    """First key of query j's dense band (plan.band_start): its window, extended to the local start."""
+    lo = j - window + 1
+    return tl.where(j >= local_start, tl.minimum(lo, local_start), lo)
 
 
 @triton.jit

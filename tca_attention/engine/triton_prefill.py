@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .plan import KeyBias, TokenPlan, band_start
 from .triton_common import (
-    LOG2E, attend_block_kb, bias_args, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast,
+    LOG2E, attend_block_kb, band_lo, bias_args, check_head_dim, check_heads, kv_sources, load_rows, next_pow2, precision, upcast,
 )
 
 
@@ -60,12 +60,6 @@ def default_config(head_dim: int, device: torch.device | None = None) -> Prefill
     if head_dim in DEFAULT_CONFIGS:
         return DEFAULT_CONFIGS[head_dim]
     return PrefillConfig(64, 32, 4, 2)
-
-
-@triton.jit
-def _band_start(j, window, local_start):
-    lo = j - window + 1
-    return tl.where(j >= local_start, tl.minimum(lo, local_start), lo)
 
 
 @triton.jit
@@ -114,7 +108,7 @@ def _prefill_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BM, D)
     local_start = tl.load(LOCAL_START + b).to(tl.int32)
     window = tl.load(WINDOW + bh).to(tl.int32)
-    lo_row = _band_start(prow, window, local_start)  # (BM,)
+    lo_row = band_lo(prow, window, local_start)  # (BM,)
     rbase = ((b * KV * G + qh) * NB).to(tl.int64)  # this row's key-bias slots
 
     acc = tl.zeros([BM, HEAD_D], dtype=tl.float32)
@@ -167,8 +161,8 @@ def _prefill_kernel(
     ks = tl.load(KEY_START + b).to(tl.int32)
     j_min = m0
     j_max = tl.minimum(m0 + BLOCK_P - 1, L - 1)
-    lo_min = _band_start(j_min, window, local_start)
-    lo_max = _band_start(j_max, window, local_start)
+    lo_min = band_lo(j_min, window, local_start)
+    lo_max = band_lo(j_max, window, local_start)
     s0 = tl.maximum(tl.maximum(lo_min, ks), 0)
     a = tl.maximum(lo_max, s0)
     left_end = tl.minimum(s0 + (a - s0 + BLOCK_N - 1) // BLOCK_N * BLOCK_N, j_max + 1)

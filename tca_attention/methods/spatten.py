@@ -16,7 +16,8 @@ f_l = keep ** ((l - s0 + 1) / (N - s0)) (s0: the first pruning layer, N: the mod
 the last layer keeps `keep`. Each layer's kept set is a TokenPlan shared by its KV heads (the
 importance is summed over heads): the ragged cache keeps just those tokens, the KV saving.
 The probabilities accumulated are those of the attention each layer runs (its plan's mask), from
-the queries of tokens not pruned; computing them is one extra q.k pass per layer (chunked).
+the queries of tokens not pruned: the engine's column mass (dispatch.column_mass; a Triton kernel
+on CUDA), two extra q.k passes per layer without the P.V.
 
 Per-prefill state (the cumulative scores and the kept set) lives on the method object, reset when
 a forward starts again (a layer index not above the last one seen, or a new batch shape); a
@@ -32,16 +33,14 @@ the cache are unaffected (every head attends in decode).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
 
-from ..engine.plan import TokenPlan, band_start, pack_mask
+from ..engine import dispatch
+from ..engine.plan import TokenPlan, pack_mask
 from .base import ONE_PROCESS, HeadGroup, Method, first_at_depth, global_region, key_validity, local_geometry, model_depth, row_geometry
-
-# Attention probabilities computed at once (per chunk of queries), fp32.
-_SCORE_ELEMENTS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -101,22 +100,24 @@ class SpAtten(Method):
         _, row_ls = row_geometry(L, ks, self.block_size, self.window) if padded else (None, None)
         ls = row_ls if row_ls is not None else torch.full_like(ks, geo[1])
         st = self._begin(layer_idx, ks, ls, L, H, heads)
+        real = key_validity(L, ks)
         if layer_idx < self.first_pruning_layer() or st["scored"] == 0:  # no importance yet: dense
-            self._accumulate(q, k, ks, ls, st["kept"], scaling, dense=True, heads=heads)
+            self._accumulate(q, k, ks, real, None, scaling, backend, heads)
             st["scored"] += 1
             return None
         kept = self.prune(st["score"], st["kept"], ks, ls, L, self.fraction(layer_idx))
         st["kept"] = kept
-        self._accumulate(q, k, ks, ls, kept, scaling, dense=False, heads=heads)
+        kept_idx, kept_len = pack_mask(kept[:, None, :].expand(B, KV, L))
+        plan = TokenPlan(kept_idx, kept_len, geo[1], self.window, self.block_size, ks,
+                         self.decode_keep(layer_idx, KV), row_local_start=row_ls)
+        local = torch.arange(L, device=q.device)[None, :] >= ls[:, None]
+        self._accumulate(q, k, ks, real & (kept | local), plan, scaling, backend, heads)  # queries still present
         st["scored"] += 1
-        head_keep = None
         if self.heads < 1:  # cascade head pruning: the heads of lowest cumulative output magnitude, of every head
             want = max(1, math.ceil(self.fraction(layer_idx, self.heads) * H * heads.world))
             st["heads"] = self.prune_heads(heads.gather(st["head_mag"], 1), st["heads"], want)
-            head_keep = heads.own(st["heads"], 1)  # (B, H) this process's heads
-        kept_idx, kept_len = pack_mask(kept[:, None, :].expand(B, KV, L))
-        return TokenPlan(kept_idx, kept_len, geo[1], self.window, self.block_size, ks,
-                         self.decode_keep(layer_idx, KV), row_local_start=row_ls, head_keep=head_keep)
+            plan = replace(plan, head_keep=heads.own(st["heads"], 1))  # (B, H) this process's heads
+        return plan
 
     @staticmethod
     def prune_heads(magnitude: torch.Tensor, kept: torch.Tensor, want: int) -> torch.Tensor:
@@ -166,32 +167,14 @@ class SpAtten(Method):
         rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
         return kept & (rank < want[:, None])
 
-    def _accumulate(self, q, k, ks, ls, kept, scaling, *, dense: bool, heads: HeadGroup = ONE_PROCESS) -> None:
-        """Add this layer's attention probabilities (its plan's mask), summed over every head (this
-        process's, then over the processes) and the queries of unpruned tokens, to the cumulative score."""
-        B, H, L, D = q.shape
-        KV = k.shape[1]
-        g = H // KV
-        pos = torch.arange(L, device=q.device)
-        real = key_validity(L, ks)  # (B, L)
-        local = pos[None, :] >= ls[:, None]
-        counted = real if dense else real & (kept | local)  # queries of tokens still present
-        C = max(1, _SCORE_ELEMENTS // max(1, B * H * L))
-        layer = torch.zeros_like(self._state["score"])
+    def _accumulate(self, q, k, ks, counted, plan: TokenPlan | None, scaling, backend,
+                    heads: HeadGroup = ONE_PROCESS) -> None:
+        """Add this layer's attention probabilities (its plan's mask; None: dense causal), summed over
+        every head (this process's, then over the processes) and the `counted` queries (B, L), to the
+        cumulative score (the engine's column mass)."""
         self._state["counted"] = counted
-        kf = k.float().transpose(-1, -2)  # (B, KV, D, L)
-        for c0 in range(0, L, C):
-            j = pos[c0:c0 + C]  # (C,)
-            vis = real[:, None, :] & (pos[None, None, :] <= j[None, :, None])  # (B, C, L)
-            if not dense:
-                vis &= kept[:, None, :] | (pos[None, None, :] >= band_start(j[None, :], self.window, ls[:, None])[..., None])
-            qc = q[:, :, c0:c0 + C].float().reshape(B, KV, g * j.numel(), D)
-            s = torch.matmul(qc, kf).view(B, KV, g, j.numel(), L) * scaling
-            s.masked_fill_(~vis[:, None, None], float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # padding queries see no key
-            w = counted[:, c0:c0 + C].float()  # (B, C)
-            layer += torch.einsum("bkgcl,bc->bl", p, w)
-        self._state["score"] += heads.sum(layer)
+        mass = dispatch.column_mass(q, k, scaling, ks, counted.float(), plan, backend)  # (B, KV, L)
+        self._state["score"] += heads.sum(mass.sum(1))
 
 
 def keep_for(kept_fraction: float, prompt_tokens: int, params: Mapping[str, Any]) -> float:
