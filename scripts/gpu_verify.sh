@@ -20,7 +20,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$STAGE/site"
 TESTS=${TESTS:-$(ls tests/test_triton_kernels.py tests/test_decode_select.py tests/test_triton_select.py \
   tests/test_block_sparse.py tests/test_batch_invariance.py tests/test_full_budget_equals_dense.py tests/test_adapter.py \
   tests/test_xattention.py tests/test_quest.py tests/test_head_split.py tests/test_static_decode.py \
-  tests/test_flexprefill.py tests/test_minference.py tests/test_column_mass.py tests/test_spatten.py 2>/dev/null)}
+  tests/test_flexprefill.py tests/test_minference.py tests/test_column_mass.py tests/test_spatten.py \
+  tests/test_key_bias.py tests/test_block_skip.py tests/test_blasst.py tests/test_crossover_model.py tests/test_crossover.py \
+  tests/test_tokenselect.py tests/test_tidaldecode.py tests/test_recycled.py tests/test_eval_batching.py 2>/dev/null)}
 # one pytest per file, each with its own time limit and -rf: a file cut off by its limit loses
 # only itself, and every failure is named (2026-12-06: one run over all files hit the call's
 # limit and its 4 failures were never named)
