@@ -23,6 +23,22 @@ per rank, so a left-padded row selects what it selects alone. Per layer:
                         tokens at offset + prefix in kept_idx (pre-filled with L).
 No host synchronisation: the output width M (max_kept) is given by the caller, who knows it from
 the layer's budgets (exact without padding, an upper bound with it), and n_max is keep_rank's width.
+
+Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semantics exactly
+`select.select_and_pack_window_ref`): A and B become
+  A' `_window_stats_kernel` grid (B*KV, L-splits, row tiles): per-chunk softmax max and sum of exp
+                        of the causal rows of the last r queries of the g query heads (query
+                        L - r + i sees the valid keys <= L - r + i), from a dot (only the stats
+                        leave the kernel);
+  B' `_window_importance_kernel` grid (selection rows, cdiv(L, b)): per block of keys, each of its
+                        rows' r * (g or 1) softmax rows recomputed (one reduction over D per key,
+                        as A) and pooled: s = the mean over the real queries (and, shared, the
+                        query heads); with r > 1 also the same mean over each query's own band
+                        (what it attends besides the kept keys, for the retained mass);
+  C' `_window_select_kernel` as C over the selection rows of a KV head (one, or g with union: each
+                        selects with its keep counts, the KV head keeps the union); the block's
+                        retained mass adds the band mass of the tokens not kept.
+Nothing of size r * L is stored; with r = 1 and "shared" it is the paper's rule path above.
 """
 from __future__ import annotations
 
