@@ -498,6 +498,33 @@ def test_window_padded_row_selects_what_it_selects_alone():
     del spec
 
 
+@pytest.mark.parametrize("union", [False, True])
+def test_window_ties_break_like_stable_argsort(union):
+    """Pairwise duplicated keys: the window path's pooled rows give bit-equal s to both keys of a
+    pair (one reduction over D per key), and of a tied pair the earlier token is kept."""
+    B, H, KV, L, D, b, w, r = 2, 4, 2, 300, 32, 16, 32, 5
+    gen = torch.Generator().manual_seed(12)
+    key_start = torch.tensor([0, 40])  # even: pairs never straddle a block
+    spec = window_spec(ladder_p(KV, b, gen), L, key_start, b, w, union, H // KV, 0.5, "sum")
+    q = torch.randn(B, H, r, D, generator=gen)
+    k = torch.randn(B, KV, L // 2, D, generator=gen).repeat_interleave(2, dim=2)
+    (idx, ln, _, s), _ = run_window(q, k, spec, 0.125, w, union)
+    e = (L - r) // 2 * 2  # keys every pooled query sees: pairs [0, e)
+    if union:
+        s_heads = union_heads_triton(q.to(DEV), k.to(DEV), on_dev(spec), 0.125, w).cpu()
+        assert torch.equal(s_heads[..., :e:2], s_heads[..., 1:e:2]), "duplicated keys must give equal s"
+        mask = TS.union_mask_ref(s_heads, spec)
+    else:
+        assert torch.equal(s[..., :e:2], s[..., 1:e:2]), "duplicated keys must give equal s"
+        mask = TS.select_mask_ref(s, spec)
+    idx_r, ln_r = TS.pack_to_width(mask, spec.max_kept)
+    assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
+    for bi in range(B):
+        for h in range(KV):
+            kept = set(idx[bi, h, : ln[bi, h]].tolist())
+            assert all(t - 1 in kept for t in kept if t % 2 and t - 1 >= int(key_start[bi])), (bi, h)
+
+
 @pytest.mark.parametrize("gqa", ["shared", "union"])
 def test_tca_last_q_on_a_tiny_model_triton_equals_reference(gqa, monkeypatch):
     """TCA(last_q=16) in a tiny random model's prefill (left-padded batch; 2 layers, 1 with union:

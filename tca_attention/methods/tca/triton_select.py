@@ -243,22 +243,28 @@ def _window_stats_kernel(
 
 
 @triton.jit
-def _row_stats(PMAX, PSUM, st, sp, n_splits):
-    """A softmax row's (max, sum of exp) from its per-chunk statistics at st + sp (sp < n_splits)."""
-    pm = tl.load(PMAX + st + sp, mask=sp < n_splits, other=float("-inf"))
-    ps = tl.load(PSUM + st + sp, mask=sp < n_splits, other=0.0)
-    m = tl.max(pm, 0)
+def _row_lse_kernel(PMAX, PSUM, M, LS, n_rows, n_splits, ROWS: tl.constexpr, SPLITS_P: tl.constexpr):
+    """M, LS (n_rows,) fp32: each softmax row's max and sum of exp from its per-chunk statistics
+    (PMAX/PSUM (n_rows, n_splits)); a row with no key gets (0, 1): it contributes nothing."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    sp = tl.arange(0, SPLITS_P)
+    st = rows[:, None].to(tl.int64) * n_splits + sp[None, :]
+    ok = (rows < n_rows)[:, None] & (sp < n_splits)[None, :]
+    pm = tl.load(PMAX + st, mask=ok, other=float("-inf"))
+    ps = tl.load(PSUM + st, mask=ok, other=0.0)
+    m = tl.max(pm, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(ps * tl.exp(pm - m), 0)
-    return m, tl.where(l > 0, l, 1.0)
+    l = tl.sum(ps * tl.exp(pm - m[:, None]), 1)
+    tl.store(M + rows, m, mask=rows < n_rows)
+    tl.store(LS + rows, tl.where(l > 0, l, 1.0), mask=rows < n_rows)
 
 
 @triton.jit
 def _window_importance_kernel(
-    Q, K, KEY_START, NB, PMAX, PSUM, S, MASS, H, SB,
+    Q, K, KEY_START, NB, M, LS, S, MASS, H, SB,
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
-    L, KV, n_max, n_splits, scaling, window, w_mass, w_conc,
-    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK: tl.constexpr,
+    L, KV, n_max, scaling, window, w_mass, w_conc,
+    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
     HEAD_D: tl.constexpr, BAND: tl.constexpr,
 ):
     """Selection row sr = (b, KV head, part) pools the HP query heads hq0 .. hq0 + HP - 1 of its
@@ -275,25 +281,25 @@ def _window_importance_kernel(
     hq0 = (sr % (G // HP)) * HP
     b = bh // KV
     h = bh % KV
-    ks = tl.load(KEY_START + b)
-    nb = tl.load(NB + b)
+    ks = tl.load(KEY_START + b).to(tl.int32)
+    nb = tl.load(NB + b).to(tl.int32)
     ar = tl.arange(0, BLOCK)
     pad = j * BLOCK + ar  # program j also zeroes its share of the padding [0, key_start)
     tl.store(S + sr.to(tl.int64) * L + pad, tl.zeros([BLOCK], dtype=tl.float32), mask=pad < ks)
-    cols = ks + j * BLOCK + ar  # the row's block j
+    cols = ks + j * BLOCK + ar  # the row's block j (int32: L < 2^31)
     in_l = cols < L
     d = tl.arange(0, HEAD_D)
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     k = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0).to(tl.float32)
     local_start = ks + nb * BLOCK
-    sp = tl.arange(0, SPLITS_P)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     band = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(HP * R):
         hq = hq0 + t // R
         i = t % R
         qpos = L - R + i
-        m, l = _row_stats(PMAX, PSUM, (bh * G * R + hq * R + i) * n_splits, sp, n_splits)
+        m = tl.load(M + bh * G * R + hq * R + i)  # the row's softmax max and sum of exp
+        l = tl.load(LS + bh * G * R + hq * R + i)
         q = tl.load(Q + b.to(tl.int64) * s_qb + (h * G + hq).to(tl.int64) * s_qh + i * s_ql + d).to(tl.float32)
         x = tl.sum(k * q[None, :], 1) * scaling  # (BLOCK,) one reduction over D per key
         p = tl.where(in_l & (cols <= qpos), tl.exp(x - m) / l, 0.0)  # a query on padding sees no key: 0
@@ -547,13 +553,14 @@ def step_window_stats(q_win: torch.Tensor, k: torch.Tensor, key_start: torch.Ten
     B, H, r, D = q_win.shape
     _, KV, L, _ = k.shape
     n = (H // KV) * r
-    rows = min(max(16, next_pow2(n)), max(16, 8192 // D))  # a (rows, D) query tile
+    up, prec = _dot_args(q_win, k)
+    fp32 = prec == "ieee"  # an fp32 dot runs on FMAs: smaller tiles (no register spills on sm_90)
+    rows = min(max(16, next_pow2(n)), max(16, (2048 if fp32 else 8192) // D))  # a (rows, D) query tile
     tiles = triton.cdiv(n, rows)
-    block_n = 128 if interpreted() else 64
+    block_n = 128 if interpreted() else (32 if fp32 and D >= 128 else 64)
     chunk, n_splits = _splits(L, block_n, B * KV * tiles)
     pmax = torch.empty(B * KV, n, n_splits, dtype=torch.float32, device=k.device)
     psum = torch.empty_like(pmax)
-    up, prec = _dot_args(q_win, k)
     _window_stats_kernel[(B * KV, n_splits, tiles)](
         q_win, k, key_start, pmax, psum,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -561,6 +568,18 @@ def step_window_stats(q_win: torch.Tensor, k: torch.Tensor, key_start: torch.Ten
         G=H // KV, R=r, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, PREC=prec, UPCAST=up, num_warps=4,
     )
     return pmax, psum
+
+
+def row_lse(pmax: torch.Tensor, psum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1's per-chunk statistics (..., n_splits) combined -> each row's max and sum of exp (...)."""
+    n_splits = pmax.shape[-1]
+    n = pmax.numel() // n_splits
+    m = torch.empty(pmax.shape[:-1], dtype=torch.float32, device=pmax.device)
+    ls = torch.empty_like(m)
+    sp = max(2, next_pow2(n_splits))
+    rows = max(2, min(64, 4096 // sp))
+    _row_lse_kernel[(triton.cdiv(n, rows),)](pmax, psum, m, ls, n, n_splits, ROWS=rows, SPLITS_P=sp, num_warps=4)
+    return m, ls
 
 
 def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows: torch.Tensor, n_blocks: int,
@@ -578,12 +597,12 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
     mass = torch.empty(rows, nb_all, dtype=torch.float32, device=dev)
     h = torch.empty(rows, n_blocks, dtype=torch.float32, device=dev)
     band = torch.empty(rows, n_blocks * block_size, dtype=torch.float32, device=dev) if r > 1 else None
-    n_splits = pmax.shape[-1]
+    m, ls = row_lse(pmax, psum)
     _window_importance_kernel[(rows, nb_all)](
-        q_win, k, key_start, n_rows, pmax, psum, s, mass, h, s if band is None else band,
+        q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        L, KV, n_blocks, n_splits, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
-        G=g, HP=hp, R=r, SPLITS_P=max(2, next_pow2(n_splits)), BLOCK=block_size, HEAD_D=D, BAND=band is not None,
+        L, KV, n_blocks, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
+        G=g, HP=hp, R=r, BLOCK=block_size, HEAD_D=D, BAND=band is not None,
         num_warps=4 if block_size * D <= 8192 else 8,
     )
     if mass_norm == "max":
