@@ -213,19 +213,23 @@ def fake_budgets(config: TCAConfig, KV: int, layers: int, gen: torch.Generator) 
     return Budgets(ident, config, tuple(tuple(r) for r in ladder.tolist()), tuple(heads_per_layer))
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_tca_plan_triton_equals_reference_and_commit(padded):
+@pytest.mark.parametrize("padded,opts", [
+    (False, {}), (True, {}), (False, {"last_q": 8}), (True, {"last_q": 8, "floor": 0.9}), (True, {"gqa": "union"}),
+    (False, {"last_q": 3, "gqa": "union"}),
+])
+def test_tca_plan_triton_equals_reference_and_commit(padded, opts):
     B, KV, g, L, D = 2, 2, 2, 800, 64
     cfg = TCAConfig(block_size=64, window=128, alpha=0.5)
     gen = torch.Generator().manual_seed(7)
     budgets = fake_budgets(cfg, KV, 2, gen)
     q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.float32, gen)
     q = torch.randn(B, KV * g, L, D, generator=gen)
-    q[:, :, -1] = q_last
+    r = opts.get("last_q", 1)
+    q[:, :, -r:] = window_inputs(q_last, r, gen)  # the selection queries: no near-ties
     v = torch.randn(B, KV, L, D, generator=gen)
     key_start = torch.tensor([0, 150]) if padded else torch.zeros(B, dtype=torch.long)
     for layer in range(2):
-        m = TCA(budgets)
+        m = TCA(budgets, **opts)
         tri = m.plan(layer, q.to(DEV), k.to(DEV), key_start.to(DEV), 0.125, backend="triton", padded=padded)
         ref = m.plan(layer, q, k, key_start, 0.125, backend="reference", padded=padded)
         assert torch.equal(tri.kept_idx.cpu(), ref.kept_idx) and torch.equal(tri.kept_len.cpu(), ref.kept_len)
@@ -233,7 +237,7 @@ def test_tca_plan_triton_equals_reference_and_commit(padded):
         assert (tri.local_start, tri.window, tri.block_size, tri.kept_total) == (
             ref.local_start, ref.window, ref.block_size, ref.kept_total)
         assert torch.equal(tri.decode_keep.cpu(), ref.decode_keep)
-        if padded:
+        if padded or opts.get("floor") or opts.get("gqa") == "union":
             assert ref.kept_total is None
         else:
             assert ref.kept_total == int(ref.kept_len.sum())
