@@ -260,11 +260,21 @@ def _row_lse_kernel(PMAX, PSUM, M, LS, n_rows, n_splits, ROWS: tl.constexpr, SPL
 
 
 @triton.jit
+def _window_rows(q_base, M, LS, t, s_qh, s_ql, d, n, R: tl.constexpr):
+    """Rows t (< n) of a selection row: (q (RG, D) fp32, softmax max, sum of exp); row t is query
+    L - R + t % R of the selection row's query head t // R (q_base, M, LS: at its first head)."""
+    ok = t < n
+    q = tl.load(q_base + (t // R)[:, None].to(tl.int64) * s_qh + (t % R)[:, None] * s_ql + d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    return q, tl.load(M + t, mask=ok, other=0.0), tl.load(LS + t, mask=ok, other=1.0)
+
+
+@triton.jit
 def _window_importance_kernel(
     Q, K, KEY_START, NB, M, LS, S, MASS, H, SB,
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
     L, KV, n_max, scaling, window, w_mass, w_conc,
-    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RG: tl.constexpr, BLOCK: tl.constexpr,
     HEAD_D: tl.constexpr, BAND: tl.constexpr,
 ):
     """Selection row sr = (b, KV head, part) pools the HP query heads hq0 .. hq0 + HP - 1 of its
@@ -294,20 +304,23 @@ def _window_importance_kernel(
     local_start = ks + nb * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     band = tl.zeros([BLOCK], dtype=tl.float32)
-    for t in range(HP * R):
-        hq = hq0 + t // R
-        i = t % R
-        qpos = L - R + i
-        m = tl.load(M + bh * G * R + hq * R + i)  # the row's softmax max and sum of exp
-        l = tl.load(LS + bh * G * R + hq * R + i)
-        q = tl.load(Q + b.to(tl.int64) * s_qb + (h * G + hq).to(tl.int64) * s_qh + i * s_ql + d).to(tl.float32)
-        x = tl.sum(k * q[None, :], 1) * scaling  # (BLOCK,) one reduction over D per key
-        p = tl.where(in_l & (cols <= qpos), tl.exp(x - m) / l, 0.0)  # a query on padding sees no key: 0
-        acc += p
+    q_base = Q + b.to(tl.int64) * s_qb + (h * G + hq0).to(tl.int64) * s_qh
+    st_base = bh * G * R + hq0 * R  # the rows' statistics
+    t = tl.arange(0, RG)
+    q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, d, HP * R, R)
+    for t0 in range(0, HP * R, RG):  # RG of the HP * R rows at a time, the next RG loaded meanwhile
+        t = t0 + tl.arange(0, RG)
+        q_n, m_n, l_n = _window_rows(q_base, M + st_base, LS + st_base, t + RG, s_qh, s_ql, d, HP * R, R)
+        qpos = L - R + t % R
+        x = tl.sum(q[:, None, :] * k[None, :, :], 2) * scaling  # (RG, BLOCK) one reduction over D per key
+        ok = (t < HP * R)[:, None] & in_l[None, :] & (cols[None, :] <= qpos[:, None])  # a query on padding: no key
+        p = tl.where(ok, tl.exp(x - m[:, None]) / l[:, None], 0.0)
+        acc += tl.sum(p, 0)
         if BAND:
             lo = qpos - window + 1
             band_lo = tl.where(qpos >= local_start, tl.minimum(lo, local_start), lo)
-            band += tl.where(cols >= band_lo, p, 0.0)
+            band += tl.sum(tl.where(cols[None, :] >= band_lo[:, None], p, 0.0), 0)
+        q, m, l = q_n, m_n, l_n
     n_real = tl.maximum(tl.minimum(L - ks, R), 1)  # queries at or after key_start
     s = acc / n_real.to(tl.float32) / HP
     _store_block(S, MASS, H, sr, j, s, cols, in_l, nb, L, n_max, w_mass, w_conc)
@@ -598,12 +611,14 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
     h = torch.empty(rows, n_blocks, dtype=torch.float32, device=dev)
     band = torch.empty(rows, n_blocks * block_size, dtype=torch.float32, device=dev) if r > 1 else None
     m, ls = row_lse(pmax, psum)
+    # rows per step: an (rg, b, D) product of at most 16K elements (sm_90 ptxas, bf16: no spills)
+    rg = min(4, max(1, 16384 // (block_size * D)), next_pow2(hp * r))
     _window_importance_kernel[(rows, nb_all)](
         q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, KV, n_blocks, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
-        G=g, HP=hp, R=r, BLOCK=block_size, HEAD_D=D, BAND=band is not None,
-        num_warps=4 if block_size * D <= 8192 else 8,
+        G=g, HP=hp, R=r, RG=rg, BLOCK=block_size, HEAD_D=D, BAND=band is not None,
+        num_warps=4 if rg * block_size * D <= 8192 else 8,
     )
     if mass_norm == "max":
         h = _max_mass_term(h, mass, n_rows, alpha)
