@@ -657,10 +657,11 @@ def select_and_pack_window_triton(
     -> as select_and_pack_triton; retained is the window's (selection.window_retained); s (B, KV,
        L) the importance pooled over the r queries and the group's query heads. r = 1 without
        union is select_and_pack_triton itself. Semantics: select.select_and_pack_window_ref.
-    Two passes over the keys: the r queries' row statistics (max, sum of exp per chunk), then per
-    block of keys their softmax rows recomputed and pooled (nothing of size r * L is stored).
-    Launches: 5 kernels, a fill, an argsort + scatter and a cumsum (+ a mean with union, a few
-    elementwise ones for "max"). No host synchronisation.
+    Two passes over the keys: the r queries' row statistics (max, sum of exp per chunk, then
+    folded per row), then per block of keys their softmax rows recomputed and pooled (nothing of
+    size r * L is stored). Launches: 5 Triton kernels, a fill, an argsort + scatter, a cumsum and
+    a sum (+ a mean and a repeat of keep_rank with union, a few elementwise ops for "max"). No
+    host synchronisation.
     """
     B, H, r, D = q_win.shape
     _, KV, L, _ = k.shape
