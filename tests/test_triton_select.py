@@ -595,3 +595,31 @@ def test_gpu_window_select_fuzz(shard):
             continue
         check_window_case(B, g * KV, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed=1000 + i,
                           s_tol=(1e-3, 1e-6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("opts", [{"last_q": 16}, {"gqa": "union"}, {"last_q": 16, "gqa": "union"},
+                                  {"last_q": 16, "floor": 0.9}])
+def test_gpu_window_tca_plan_has_no_host_sync(opts):
+    """TCA.plan with the selection options on a left-padded batch runs the fused window selection
+    without a host sync and keeps what the reference keeps."""
+    B, KV, g, L, D, b, w = 3, 8, 4, 4096 + 333, 128, 128, 1024
+    gen = torch.Generator().manual_seed(2)
+    budgets = fake_budgets(TCAConfig(block_size=b, window=w), KV, 1, gen)
+    q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.bfloat16, gen)
+    r = opts.get("last_q", 1)
+    q = window_inputs(q_last, r, gen)  # TCA.plan reads only the last r queries
+    q, k = q.to(DEV), k.to(DEV)
+    key_start = torch.tensor([0, 700, 3500], device=DEV)  # the last row is dense alone
+    m = TCA(budgets, **opts)
+    m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)  # compile, cache the ladder
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tri = m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = m.plan(0, q, k, key_start, D**-0.5, backend="reference", padded=True)
+    assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
+    torch.testing.assert_close(tri.retained, ref.retained, rtol=1e-4, atol=1e-5)
