@@ -96,7 +96,8 @@ def lumpy_inputs(B, H, KV, L, D, gen):
 # 1. the certificate
 @pytest.mark.parametrize("backend,opts", [
     ("reference", {}), ("reference", {"floor": 0.8}), ("reference", {"gqa": "union"}), ("reference", {"last_q": 6}),
-    ("triton", {}), ("triton", {"floor": 0.8}),
+    ("triton", {}), ("triton", {"floor": 0.8}), ("triton", {"gqa": "union"}), ("triton", {"last_q": 6}),
+    ("triton", {"last_q": 5, "gqa": "union"}), ("triton", {"last_q": 6, "floor": 0.8}),
 ])
 def test_certificate_hand_computed_and_bound_holds(backend, opts):
     B, KV, g, L, D = 2, 2, 2, 640, 64
@@ -210,8 +211,9 @@ def test_floor_shrinks_where_mass_is_concentrated():
 
 # ---------------------------------------------------------------------------------------------
 # 3. selection options
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("opts", [{"last_q": 8}, {"gqa": "union"}, {"last_q": 5, "gqa": "union"}, {"floor": 0.5}])
-def test_full_budget_options_equal_dense(opts):
+def test_full_budget_options_equal_dense(opts, backend):
     B, KV, g, L, D = 2, 2, 2, 400, 32
     cfg = TCAConfig(block_size=16, window=48)
     gen = torch.Generator().manual_seed(1)
@@ -220,7 +222,10 @@ def test_full_budget_options_equal_dense(opts):
     v = torch.randn(B, KV, L, D, generator=gen)
     key_start = torch.tensor([0, 33])
     budgets = budgets_with(cfg, KV, 1, lambda l, h: 0, ladder=one_hot_ladder(16, 16))  # every block keeps all
-    plan = TCA(budgets, **opts).plan(0, q, k, key_start, SCALE, backend="reference")
+    plan = TCA(budgets, **opts).plan(0, q.to(DEV), k.to(DEV), key_start.to(DEV), SCALE, backend=backend)
+    plan = dataclasses.replace(plan, **{f: getattr(plan, f).cpu() for f in ("kept_idx", "kept_len", "key_start",
+                                                                          "decode_keep", "retained")},
+                               row_local_start=plan.row_local_start.cpu())
     n_r = (L - key_start - cfg.window) // cfg.block_size
     assert torch.equal(plan.kept_len.long(), (n_r * cfg.block_size)[:, None].expand(B, KV))
     out = sparse_prefill_ref(q, k, v, plan, SCALE)
@@ -285,7 +290,7 @@ def test_specs_and_validation():
     cfg = TCAConfig(block_size=16, window=32)
     budgets = budgets_with(cfg, 2, 1, lambda l, h: 3)
     m = registry.create("tca:last_q=16,gqa=union", budgets=budgets)
-    assert (m.last_q, m.gqa, m.floor, m.fused) == (16, "union", 0.0, False)
+    assert (m.last_q, m.gqa, m.floor, m.fused) == (16, "union", 0.0, True)  # every option runs fused
     assert registry.normalize("tca:floor=0.9,last_q=4") == "tca:last_q=4,floor=0.9"
     assert registry.create("tca:floor=0.9", budgets=budgets).fused
     assert "selection" in registry.create("tca:last_q=4", budgets=budgets).report()

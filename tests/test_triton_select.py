@@ -35,6 +35,7 @@ from tca_attention.methods.tca.select import SelectionSpec  # noqa: E402
 from tca_attention.methods.tca.triton_select import select_and_pack_triton  # noqa: E402
 from tca_attention.methods.base import row_geometry  # noqa: E402
 from tca_attention.methods.tca.method import TCA  # noqa: E402
+from kernel_helpers import GPU_FUZZ_SHARDS  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 
@@ -212,19 +213,23 @@ def fake_budgets(config: TCAConfig, KV: int, layers: int, gen: torch.Generator) 
     return Budgets(ident, config, tuple(tuple(r) for r in ladder.tolist()), tuple(heads_per_layer))
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_tca_plan_triton_equals_reference_and_commit(padded):
+@pytest.mark.parametrize("padded,opts", [
+    (False, {}), (True, {}), (False, {"last_q": 8}), (True, {"last_q": 8, "floor": 0.9}), (True, {"gqa": "union"}),
+    (False, {"last_q": 3, "gqa": "union"}),
+])
+def test_tca_plan_triton_equals_reference_and_commit(padded, opts):
     B, KV, g, L, D = 2, 2, 2, 800, 64
     cfg = TCAConfig(block_size=64, window=128, alpha=0.5)
     gen = torch.Generator().manual_seed(7)
     budgets = fake_budgets(cfg, KV, 2, gen)
     q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.float32, gen)
     q = torch.randn(B, KV * g, L, D, generator=gen)
-    q[:, :, -1] = q_last
+    r = opts.get("last_q", 1)
+    q[:, :, -r:] = window_inputs(q_last, r, gen)  # the selection queries: no near-ties
     v = torch.randn(B, KV, L, D, generator=gen)
     key_start = torch.tensor([0, 150]) if padded else torch.zeros(B, dtype=torch.long)
     for layer in range(2):
-        m = TCA(budgets)
+        m = TCA(budgets, **opts)
         tri = m.plan(layer, q.to(DEV), k.to(DEV), key_start.to(DEV), 0.125, backend="triton", padded=padded)
         ref = m.plan(layer, q, k, key_start, 0.125, backend="reference", padded=padded)
         assert torch.equal(tri.kept_idx.cpu(), ref.kept_idx) and torch.equal(tri.kept_len.cpu(), ref.kept_len)
@@ -232,7 +237,7 @@ def test_tca_plan_triton_equals_reference_and_commit(padded):
         assert (tri.local_start, tri.window, tri.block_size, tri.kept_total) == (
             ref.local_start, ref.window, ref.block_size, ref.kept_total)
         assert torch.equal(tri.decode_keep.cpu(), ref.decode_keep)
-        if padded:
+        if padded or opts.get("floor") or opts.get("gqa") == "union":
             assert ref.kept_total is None
         else:
             assert ref.kept_total == int(ref.kept_len.sum())
@@ -336,3 +341,285 @@ def test_gpu_padded_tca_plan_has_no_host_sync_and_rows_select_as_alone():
         for h in range(KV):
             got = tri.kept_idx[r, h, : int(tri.kept_len[r, h])] - s
             assert torch.equal(got, alone.kept_idx[0, h, : int(alone.kept_len[0, h])]), (r, h)
+
+
+# -- options last_q = r and gqa="union": the fused window selection against its reference --------
+from tca_attention.methods.tca import triton_select as TT  # noqa: E402
+
+
+def window_inputs(q_last: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, H, r, D) queries: q_last scaled per query by 1, 1.25, 1.5 or 1.75 (exact in every dtype).
+    On separated_inputs' keys every query's logits are increasing in the key's rank, so the pooled
+    importance of the keys every query sees (the global region) keeps the ranks: no near-ties."""
+    c = torch.tensor([1.0, 1.25, 1.5, 1.75])[torch.randint(0, 4, (*q_last.shape[:2], r), generator=gen)]
+    return (q_last.float()[:, :, None] * c[..., None]).to(q_last.dtype)
+
+
+def min_global_gap(s: torch.Tensor, key_start: torch.Tensor, local_start: torch.Tensor) -> float:
+    """Smallest relative gap between sorted importances inside each row's global region."""
+    gaps = []
+    for bi in range(s.shape[0]):
+        srt = s[bi, :, int(key_start[bi]): int(local_start[bi])].sort(-1).values
+        if srt.shape[-1] > 1:
+            gaps.append(((srt[..., 1:] - srt[..., :-1]) / srt[..., 1:]).min())
+    return float(torch.stack(gaps).min()) if gaps else 1.0
+
+
+def union_heads_triton(q_win, k, spec, scaling, w):
+    """The per-query-head importance (B, KV, g, L) the fused union selection ranks with."""
+    B, H, r, D = q_win.shape
+    KV, L = k.shape[1], k.shape[2]
+    ks, nb = TT._rows(spec.n_blocks, spec.key_start, B, k.device)
+    pmax, psum = TT.step_window_stats(q_win, k, ks, scaling)
+    s = TT.step_window_importance(q_win, k, pmax, psum, ks, nb, spec.n_max, spec.block_size, spec.alpha,
+                                  spec.mass_norm, scaling, w, per_head=True)[0]
+    return s.view(B, KV, H // KV, L)
+
+
+def window_spec(p, L, key_start, b, w, union, g, alpha, norm, padded=True):
+    """SelectionSpec as TCA.plan builds it for the options (union: max_kept bounds the union)."""
+    n_max = (L - w) // b
+    if padded:
+        n, keep_rank = row_ranks(p, L, key_start, b, w)
+    else:
+        n, keep_rank = n_max, sel.keep_per_rank(p, n_max, b)
+    M = int(keep_rank.sum(-1).max())
+    if union:
+        M = min(g * M, n_max * b)
+    return SelectionSpec(key_start, keep_rank, n, b, alpha, norm, M)
+
+
+def on_dev(spec: SelectionSpec) -> SelectionSpec:
+    n = spec.n_blocks if isinstance(spec.n_blocks, int) else spec.n_blocks.to(DEV)
+    return dataclasses.replace(spec, key_start=spec.key_start.to(DEV), keep_rank=spec.keep_rank.to(DEV), n_blocks=n)
+
+
+def run_window(q_win, k, spec, scaling, w, union):
+    """Fused and reference window selection (both on DEV), on the CPU at the end."""
+    q_win, k, dspec = q_win.to(DEV), k.to(DEV), on_dev(spec)
+    tri = TT.select_and_pack_window_triton(q_win, k, dspec, scaling, w, union)
+    ref = TS.select_and_pack_window_ref(q_win, k, dspec, scaling, w, union)
+    return [t.cpu() for t in tri], [t.cpu() for t in ref]
+
+
+def check_window_case(B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed, s_tol=(1e-4, 1e-7)):
+    gen = torch.Generator().manual_seed(seed)
+    key_start = torch.tensor(ks)
+    g = H // KV
+    spec = window_spec(ladder_p(KV, b, gen), L, key_start, b, w, union, g, alpha, norm, padded=max(ks) > 0)
+    scaling = D**-0.5
+    # random inputs: s close to the reference; the selection exact given the kernel's own s
+    q = (torch.randn(B, H, r, D, generator=gen) * 2).to(dtype)
+    k = torch.randn(B, KV, L, D, generator=gen).to(dtype)
+    (idx, ln, ret, s), (_, _, ret_ref, s_ref) = run_window(q, k, spec, scaling, w, union)
+    torch.testing.assert_close(s, s_ref, rtol=s_tol[0], atol=s_tol[1])  # fp32 math on both sides
+    for bi, st in enumerate(ks):
+        assert bool((s[bi, :, :st] == 0).all())
+    assert idx.shape == (B, KV, spec.max_kept) and ln.dtype == torch.int32
+    if union:
+        s_heads = union_heads_triton(q.to(DEV), k.to(DEV), on_dev(spec), scaling, w).cpu()
+        torch.testing.assert_close(s_heads.mean(2), s, rtol=1e-5, atol=1e-8)
+        mask = TS.union_mask_ref(s_heads, spec)
+    else:
+        mask = TS.select_mask_ref(s, spec)
+    idx_r, ln_r = TS.pack_to_width(mask, spec.max_kept)
+    assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
+    torch.testing.assert_close(ret, ret_ref, rtol=1e-4, atol=1e-6)
+    # inputs without near-ties in the global region: exact end to end
+    q_last, k = separated_inputs(B, H, KV, L, D, dtype, gen)
+    q = window_inputs(q_last, r, gen)
+    (idx, ln, ret, s), (idx_ref, ln_ref, ret_ref, s_ref) = run_window(q, k, spec, scaling, w, union)
+    if not union:
+        assert min_global_gap(s_ref, key_start, TS.local_starts(spec, B, s.device)) > 1e-3, "near-ties in the inputs"
+    assert torch.equal(ln, ln_ref) and torch.equal(idx, idx_ref)
+    torch.testing.assert_close(ret, ret_ref, rtol=1e-4, atol=1e-6)
+    return idx, ln
+
+
+# (B, H, KV, L, D, b, window, key_start, r, union, alpha, mass_norm, dtype)
+WINDOW_CASES = [
+    (1, 1, 1, 333, 16, 16, 48, [0], 2, False, 0.0, "sum", torch.float32),  # g = 1, odd L
+    (3, 6, 2, 301, 32, 16, 32, [0, 37, 90], 7, False, 0.5, "max", torch.bfloat16),  # g = 3, padding per row
+    (2, 7, 1, 250, 16, 16, 16, [5, 0], 16, False, 0.5, "sum", torch.float16),  # g = 7, r = window
+    (1, 14, 2, 275, 64, 32, 64, [11], 16, False, 0.0, "max", torch.float32),  # g = 7, L % b != 0, D = 64
+    (2, 4, 2, 200, 16, 16, 32, [0, 150], 7, False, 0.5, "sum", torch.float32),  # a row dense alone (50 <= w + b)
+    (2, 6, 2, 301, 32, 16, 32, [0, 37], 1, True, 0.5, "sum", torch.float32),  # union, r = 1
+    (2, 6, 2, 301, 32, 16, 32, [3, 0], 7, True, 0.5, "max", torch.bfloat16),  # union, r = 7
+    (1, 7, 1, 190, 16, 16, 16, [0], 16, True, 0.0, "sum", torch.float16),  # union, g = 7, r = window
+    (2, 2, 2, 181, 16, 16, 32, [0, 21], 2, True, 0.5, "sum", torch.float32),  # union, g = 1
+]
+
+
+@pytest.mark.parametrize("B,H,KV,L,D,b,w,ks,r,union,alpha,norm,dtype", WINDOW_CASES)
+def test_window_select_matches_reference(B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype):
+    check_window_case(B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed=L + H + r)
+
+
+def test_window_r1_is_the_paper_rule_exactly():
+    """last_q = 1 without union is the paper's rule's fused path itself, bit for bit (both
+    backends), and gqa="union" with g = 1 and r = 1 (the window kernels) selects what it selects."""
+    B, H, KV, L, D, b, w = 2, 4, 2, 300, 32, 16, 32
+    gen = torch.Generator().manual_seed(9)
+    key_start = torch.tensor([0, 45])
+    spec = window_spec(ladder_p(KV, b, gen), L, key_start, b, w, False, H // KV, 0.5, "max")
+    q, k = separated_inputs(B, H, KV, L, D, torch.float32, gen)
+    dspec = on_dev(spec)
+    paper = select_and_pack_triton(q.to(DEV), k.to(DEV), dspec, 0.125)
+    for backend in ("triton", "reference"):
+        qd, kd, sp = (q.to(DEV), k.to(DEV), dspec) if backend == "triton" else (q, k, spec)
+        win = TS.select_and_pack_window(qd[:, :, None], kd, sp, 0.125, w, backend=backend)
+        base = paper if backend == "triton" else TS.select_and_pack_ref(q, k, spec, 0.125)
+        assert all(torch.equal(a, c) for a, c in zip(win, base)), backend
+    # union with one query head per KV head: the per-head selection is the shared one
+    q1, k1 = separated_inputs(B, KV, KV, L, D, torch.float32, gen)
+    shared = select_and_pack_triton(q1.to(DEV), k1.to(DEV), dspec, 0.125)
+    union = TT.select_and_pack_window_triton(q1[:, :, None].to(DEV), k1.to(DEV), dspec, 0.125, w, union=True)
+    assert torch.equal(union[0], shared[0]) and torch.equal(union[1], shared[1])
+    torch.testing.assert_close(union[3], shared[3], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(union[2], shared[2], rtol=1e-5, atol=1e-6)
+
+
+def test_window_padded_row_selects_what_it_selects_alone():
+    """Batch invariance of the window selection: a left-padded row keeps what it keeps alone."""
+    B, H, KV, L, D, b, w, r = 3, 4, 2, 300, 32, 16, 32, 9
+    gen = torch.Generator().manual_seed(6)
+    key_start = torch.tensor([0, 49, 100])
+    p = ladder_p(KV, b, gen)
+    spec = window_spec(p, L, key_start, b, w, False, H // KV, 0.5, "sum")
+    q_last, k = separated_inputs(B, H, KV, L, D, torch.float32, gen)
+    q = window_inputs(q_last, r, gen)
+    for union in (False, True):
+        sp = window_spec(p, L, key_start, b, w, union, H // KV, 0.5, "sum")
+        (idx, ln, ret, _), _ = run_window(q, k, sp, 0.125, w, union)
+        for row, st in enumerate(key_start.tolist()):
+            alone = window_spec(p, L - st, torch.zeros(1, dtype=torch.long), b, w, union, H // KV, 0.5, "sum",
+                                padded=False)
+            (a_idx, a_len, a_ret, _), _ = run_window(q[row: row + 1], k[row: row + 1, :, st:], alone, 0.125, w, union)
+            assert torch.equal(ln[row], a_len[0]), (union, row)
+            for h in range(KV):
+                assert torch.equal(idx[row, h, : ln[row, h]] - st, a_idx[0, h, : a_len[0, h]]), (union, row, h)
+            torch.testing.assert_close(ret[row], a_ret[0], rtol=1e-5, atol=1e-6)
+    del spec
+
+
+@pytest.mark.parametrize("union", [False, True])
+def test_window_ties_break_like_stable_argsort(union):
+    """Pairwise duplicated keys: the window path's pooled rows give bit-equal s to both keys of a
+    pair (one reduction over D per key), and of a tied pair the earlier token is kept."""
+    B, H, KV, L, D, b, w, r = 2, 4, 2, 300, 32, 16, 32, 5
+    gen = torch.Generator().manual_seed(12)
+    key_start = torch.tensor([0, 40])  # even: pairs never straddle a block
+    spec = window_spec(ladder_p(KV, b, gen), L, key_start, b, w, union, H // KV, 0.5, "sum")
+    q = torch.randn(B, H, r, D, generator=gen)
+    k = torch.randn(B, KV, L // 2, D, generator=gen).repeat_interleave(2, dim=2)
+    (idx, ln, _, s), _ = run_window(q, k, spec, 0.125, w, union)
+    e = (L - r) // 2 * 2  # keys every pooled query sees: pairs [0, e)
+    if union:
+        s_heads = union_heads_triton(q.to(DEV), k.to(DEV), on_dev(spec), 0.125, w).cpu()
+        assert torch.equal(s_heads[..., :e:2], s_heads[..., 1:e:2]), "duplicated keys must give equal s"
+        mask = TS.union_mask_ref(s_heads, spec)
+    else:
+        assert torch.equal(s[..., :e:2], s[..., 1:e:2]), "duplicated keys must give equal s"
+        mask = TS.select_mask_ref(s, spec)
+    idx_r, ln_r = TS.pack_to_width(mask, spec.max_kept)
+    assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
+    for bi in range(B):
+        for h in range(KV):
+            kept = set(idx[bi, h, : ln[bi, h]].tolist())
+            assert all(t - 1 in kept for t in kept if t % 2 and t - 1 >= int(key_start[bi])), (bi, h)
+
+
+@pytest.mark.parametrize("gqa", ["shared", "union"])
+def test_tca_last_q_on_a_tiny_model_triton_equals_reference(gqa, monkeypatch):
+    """TCA(last_q=16) in a tiny random model's prefill (left-padded batch; 2 layers, 1 with union:
+    the interpreter is slow) on the Triton path: every layer's plan keeps exactly the sets the
+    reference selection keeps on the same q, k."""
+    from tca_attention.integration import enable
+    from tiny_models import tiny
+
+    layers = 2 if gqa == "shared" else 1
+    model = tiny("llama", num_hidden_layers=layers).to(DEV)  # 6 query heads, 2 KV heads (g = 3), head dim 16
+    cfg = TCAConfig(block_size=16, window=32)
+    ident = ModelIdentity.of(model)
+    fake = fake_budgets(cfg, ident.num_kv_heads, ident.num_layers, torch.Generator().manual_seed(4))
+    budgets = Budgets(ident, fake.config, fake.candidates, fake.layers)
+    calls = []
+    plan = TCA.plan
+
+    def recording(self, layer_idx, q, k, key_start, scaling, **kw):
+        out = plan(self, layer_idx, q, k, key_start, scaling, **kw)
+        calls.append((layer_idx, q, k, key_start, scaling, kw, out))
+        return out
+
+    monkeypatch.setattr(TCA, "plan", recording)
+    gen = torch.Generator().manual_seed(8)
+    L, lengths = 150, (150, 117)
+    ids = torch.randint(0, 97, (2, L), generator=gen).to(DEV)
+    mask = torch.ones(2, L, dtype=torch.long, device=DEV)
+    mask[1, : L - lengths[1]] = 0
+    m = TCA(budgets, last_q=16, gqa=gqa)
+    with torch.no_grad(), enable(model, m, backend="triton") as session:
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+              **session.cache_kwargs(session.new_cache()))
+    assert [c[0] for c in calls] == list(range(layers))
+    for layer, q, k, key_start, scaling, kw, tri in calls:
+        assert tri is not None and kw["backend"] == "triton"
+        ref = plan(m, layer, q.cpu(), k.cpu(), key_start.cpu(), scaling, **{**kw, "backend": "reference"})
+        assert torch.equal(tri.kept_len.cpu(), ref.kept_len) and torch.equal(tri.kept_idx.cpu(), ref.kept_idx), layer
+        torch.testing.assert_close(tri.retained.cpu(), ref.retained, rtol=1e-4, atol=1e-6)
+        assert int(ref.kept_len.min()) > 0 and bool((ref.kept_len < 7 * 16).any())  # a real selection
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shard", range(GPU_FUZZ_SHARDS))
+def test_gpu_window_select_fuzz(shard):
+    """200 random shapes (this shard: every GPU_FUZZ_SHARDS-th) at GPU sizes: last_q in 1..window,
+    shared and union, g in 1..8, padding, every dtype, against the reference (check_window_case)."""
+    gen = torch.Generator().manual_seed(21)
+    for i in range(200):
+        B = int(torch.randint(1, 4, (1,), generator=gen))
+        KV = int(torch.randint(1, 5, (1,), generator=gen))
+        g = int(torch.randint(1, 9, (1,), generator=gen))
+        D = [64, 128, 256][int(torch.randint(0, 3, (1,), generator=gen))]
+        b = [32, 64, 128][int(torch.randint(0, 3, (1,), generator=gen))]
+        w = b * int(torch.randint(1, 5, (1,), generator=gen))
+        L = w + b * int(torch.randint(2, 40, (1,), generator=gen)) + int(torch.randint(0, b, (1,), generator=gen))
+        r = [1, 2, 7, 16, w, int(torch.randint(1, w + 1, (1,), generator=gen))][int(torch.randint(0, 6, (1,), generator=gen))]
+        ks = [0] + [int(torch.randint(0, L - 1, (1,), generator=gen)) for _ in range(B - 1)]
+        union = bool(torch.randint(0, 2, (1,), generator=gen))
+        alpha = [0.0, 0.5, 1.0][int(torch.randint(0, 3, (1,), generator=gen))]
+        norm = ["sum", "max"][int(torch.randint(0, 2, (1,), generator=gen))]
+        dtype = [torch.float32, torch.bfloat16, torch.float16][int(torch.randint(0, 3, (1,), generator=gen))]
+        if i % GPU_FUZZ_SHARDS != shard:
+            continue
+        check_window_case(B, g * KV, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed=1000 + i,
+                          s_tol=(1e-3, 1e-6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("opts", [{"last_q": 16}, {"gqa": "union"}, {"last_q": 16, "gqa": "union"},
+                                  {"last_q": 16, "floor": 0.9}])
+def test_gpu_window_tca_plan_has_no_host_sync(opts):
+    """TCA.plan with the selection options on a left-padded batch runs the fused window selection
+    without a host sync and keeps what the reference keeps."""
+    B, KV, g, L, D, b, w = 3, 8, 4, 4096 + 333, 128, 128, 1024
+    gen = torch.Generator().manual_seed(2)
+    budgets = fake_budgets(TCAConfig(block_size=b, window=w), KV, 1, gen)
+    q_last, k = separated_inputs(B, KV * g, KV, L, D, torch.bfloat16, gen)
+    r = opts.get("last_q", 1)
+    q = window_inputs(q_last, r, gen)  # TCA.plan reads only the last r queries
+    q, k = q.to(DEV), k.to(DEV)
+    key_start = torch.tensor([0, 700, 3500], device=DEV)  # the last row is dense alone
+    m = TCA(budgets, **opts)
+    m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)  # compile, cache the ladder
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tri = m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = m.plan(0, q, k, key_start, D**-0.5, backend="reference", padded=True)
+    assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
+    torch.testing.assert_close(tri.retained, ref.retained, rtol=1e-4, atol=1e-5)

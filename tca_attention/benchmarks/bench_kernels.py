@@ -68,15 +68,18 @@ def head_budgets(frac: float, L: int, window: int, block: int, gen: torch.Genera
 
 
 class Selector:
-    """TCA.plan's selection for one layer: TS.select_and_pack with the keep count per rank
+    """TCA.plan's selection for one layer: TS.select_and_pack_window with the keep count per rank
     and the output width built once on the host (as TCA caches them), so timing a call measures
-    exactly what TCA runs per prefill. backend: "triton" (fused, no sync) or "reference"."""
+    exactly what TCA runs per prefill. backend: "triton" (fused, no sync) or "reference";
+    last_q, union: TCA's options last_q and gqa="union" (1, False: the paper's rule)."""
 
-    def __init__(self, p: torch.Tensor, L: int, window: int, block: int, alpha: float, backend: str = "triton"):
+    def __init__(self, p: torch.Tensor, L: int, window: int, block: int, alpha: float, backend: str = "triton",
+                 last_q: int = 1, union: bool = False):
         from tca_attention.methods.tca.selection import keep_per_rank
 
         self.n = (L - window) // block
         self.block, self.window, self.alpha, self.backend = block, window, alpha, backend
+        self.last_q, self.union = last_q, union
         kr = keep_per_rank(p.cpu(), self.n, block)  # (KV, n)
         self.max_kept = int(kr.sum(-1).max())
         self.keep_rank = kr.to(device=p.device, dtype=torch.int32)
@@ -90,10 +93,14 @@ class Selector:
 
         B = q.shape[0]
         key_start = torch.zeros(B, dtype=torch.long, device=q.device)
-        spec = TS.SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", self.max_kept)
-        idx, lens, retained, _ = TS.select_and_pack(q[:, :, -1], k, spec, scaling, backend=self.backend)
+        g = q.shape[1] // k.shape[1]
+        width = min(g * self.max_kept, self.n * self.block) if self.union else self.max_kept
+        spec = TS.SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", width)
+        idx, lens, retained, _ = TS.select_and_pack_window(q[:, :, -self.last_q:], k, spec, scaling, self.window,
+                                                           self.union, backend=self.backend)
+        total = None if self.union else B * int(self.keep_rank.sum())
         return TokenPlan(idx, lens, self.n * self.block, self.window, self.block, key_start, self.decode_keep,
-                         retained, kept_total=B * int(self.keep_rank.sum()))
+                         retained, kept_total=total)
 
 
 def tca_select(q: torch.Tensor, k: torch.Tensor, p: torch.Tensor, window: int, block: int, alpha: float, scaling: float,
@@ -424,6 +431,10 @@ def run(args) -> dict:
             t_sel = bench_ms(sel, target_ms=args.target_ms / 2)
             sel_ref = Selector(p, L, args.window, args.block, 0.5, "reference")
             t_sel_ref = bench_ms(lambda: sel_ref(q, k, scaling), target_ms=args.target_ms / 4)
+            # the selection options on the fused path (TCA's last_q=16, gqa=union)
+            t_opts = {f"select_{name}_ms": bench_ms(lambda s=Selector(p, L, args.window, args.block, 0.5, "triton", r, u):
+                                                    s(q, k, scaling), target_ms=args.target_ms / 4)["median_ms"]
+                      for name, r, u in (("last_q16", 16, False), ("union", 1, True), ("last_q16_union", 16, True))}
             t_att = bench_ms(attn, target_ms=args.target_ms)
             t_all = bench_ms(both, target_ms=args.target_ms)
             t_prep = bench_ms(lambda: prepare_prefill(k, v, plan, cfg.block_m // (H // KV)), target_ms=50)
@@ -432,7 +443,7 @@ def run(args) -> dict:
                 "target_fraction": frac, "kept_fraction": kf,
                 "kept_fraction_per_head": [round(x, 4) for x in plan.kept_fraction(L).flatten().tolist()],
                 "pair_fraction": pairs / dense_pairs,
-                "select_ms": t_sel["median_ms"], "select_reference_ms": t_sel_ref["median_ms"],
+                "select_ms": t_sel["median_ms"], "select_reference_ms": t_sel_ref["median_ms"], **t_opts,
                 "attn_ms": t_att["median_ms"], "total_ms": t_all["median_ms"],
                 "gather_and_bounds_ms": t_prep["median_ms"],
                 "select_share": t_sel["median_ms"] / t_all["median_ms"],

@@ -8,12 +8,12 @@ import torch
 
 from ...engine import dispatch
 from ...engine.dispatch import resolve
-from ...engine.plan import TokenPlan, band_start, pack_mask
-from ..base import Method, global_region, key_validity, local_geometry, row_geometry, sink_mask
+from ...engine.plan import TokenPlan, pack_mask
+from ..base import Method, global_region, local_geometry, row_geometry, sink_mask
 from . import selection as sel
 from .budgets import Budgets
 from .adaptive import FloorChooser
-from .select import SelectionSpec, retained_mass, select_and_pack, select_mask_ref, union_mask_ref
+from .select import SelectionSpec, select_and_pack_window, window_mask_ref, window_retained_ref
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ class TCA(Method):
     floor: adaptive mode when > 0: per request and KV head, the cheapest ladder candidate whose
         selection retains >= floor of the selection queries' attention mass, dense where none
         does (adaptive.py). 0 (off): the calibrated budget.
-    last_q > 1 and gqa="union" have no Triton kernel: they run the PyTorch reference selection
-    (which syncs once per layer to size the plan), as sink tokens do; report() says so.
+    Every option runs the fused selection (Triton on a GPU, no host sync); only sink tokens run
+    the PyTorch reference selection (which syncs once per layer to size the plan); report() says
+    which. With gqa="union" the plan is as wide as g times the largest budget (at most the global
+    region): its kept_len gives each head's count.
     """
 
     budgets: Budgets
@@ -83,9 +85,9 @@ class TCA(Method):
 
     @property
     def fused(self) -> bool:
-        """Whether the selection is the fused one (Triton on a GPU): the paper's rule, or the
-        adaptive mode on it; not last_q > 1, gqa="union" or sink tokens (PyTorch reference)."""
-        return self.last_q == 1 and self.gqa == "shared" and not self.budgets.config.sink_tokens
+        """Whether the selection is the fused one (Triton on a GPU): every option (last_q, gqa,
+        floor); not with sink tokens (PyTorch reference)."""
+        return not self.budgets.config.sink_tokens
 
     def model_crossover_pending(self, device: torch.device) -> bool:
         """dense_below="auto" on a GPU with the Triton kernels, not yet measured on this model."""
@@ -118,7 +120,7 @@ class TCA(Method):
         if (self.last_q, self.gqa, self.floor) != (1, "shared", 0.0):
             out.update(last_q=self.last_q, gqa=self.gqa, floor=self.floor,
                        selection=("fused (Triton on a GPU)" if self.fused else
-                                  "PyTorch reference (no Triton kernel for last_q > 1, gqa=union or sink tokens)"))
+                                  "PyTorch reference (no Triton kernel for sink tokens)"))
         return out
 
     def _chooser(self, device: torch.device) -> FloorChooser | None:
@@ -203,36 +205,25 @@ class TCA(Method):
         choose = self._chooser(k.device)
         if choose is not None:  # any head may grow to dense: the plan is as wide as the global region
             max_kept, total = n_max * b, None
+        r, union = self.last_q, self.gqa == "union"
+        if union:  # the KV head keeps the union of its g query heads' selections
+            max_kept, total = min(q.shape[1] // KV * max_kept, n_max * b), None
         spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept)
         if self.fused:  # fused selection: no host sync on the Triton path
-            kept_idx, kept_len, retained, _ = select_and_pack(q[:, :, -1], k, spec, scaling, backend=backend,
-                                                              choose=choose)
+            kept_idx, kept_len, retained, _ = select_and_pack_window(q[:, :, -r:], k, spec, scaling, w, union,
+                                                                     backend=backend, choose=choose)
             # without padding every head keeps exactly its ladder's count (a permutation of keep_rank)
             return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                              kept_total=None if padded or total is None else B * total, row_local_start=row_ls)
         if "noted" not in self._per_layer and resolve(backend, k.device) == "triton":
             self._per_layer["noted"] = True
-            log.info("TCA selection (last_q=%d, gqa=%s, sink_tokens=%d) runs the PyTorch reference: the Triton "
-                     "selection implements the paper's rule (and floor) only", self.last_q, self.gqa, cfg.sink_tokens)
-        valid = key_validity(L, key_start)
-        r, union = self.last_q, self.gqa == "union"
-        rows = sel.window_rows(q[:, :, -r:], k, valid, scaling) if r > 1 else None  # (B, KV, g, r, L)
-        s_heads = (sel.pool_rows(*rows, per_head=union) if rows is not None
-                   else sel.window_importance(q[:, :, -1:], k, valid, scaling, per_head=union))
-        if union:  # (B, KV, g, L): each query head selects, the KV head keeps the union
-            s = s_heads.mean(2)
-            mask = union_mask_ref(s_heads, spec)
-        else:
-            s = s_heads
-            mask = select_mask_ref(s, spec, choose)
+            log.info("TCA selection with sink_tokens=%d runs the PyTorch reference: the Triton selection has no "
+                     "sink tokens", cfg.sink_tokens)
+        mask, s, rows = window_mask_ref(q[:, :, -r:], k, spec, scaling, union, choose)
         ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
         glob = global_region(L, key_start, ls)  # (B, L)
         mask |= (sink_mask(L, key_start, cfg.sink_tokens) & glob)[:, None, :]
         kept_idx, kept_len = pack_mask(mask)
-        if rows is None:  # the last query's band is the local region: kept + local is what it attends
-            retained = retained_mass(s, mask, ls)
-        else:  # each pooled query also attends its own band, which may reach before the local region
-            j = torch.arange(L - r, L, device=k.device)
-            retained = sel.window_retained(*rows, mask, band_start(j[None, :], w, ls[:, None]))
+        retained = window_retained_ref(s, mask, rows, ls, w)
         return TokenPlan(kept_idx, kept_len, local_start, w, b, key_start, decode_keep, retained,
                          row_local_start=row_ls)

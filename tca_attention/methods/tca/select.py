@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ...engine.dispatch import Backend, resolve
-from ...engine.plan import pack_mask, rows_blocks
+from ...engine.plan import band_start, pack_mask, rows_blocks
 from . import selection as sel
 
 
@@ -115,17 +115,27 @@ def select_from_importance_ref(
        largest kept count); kept_len (B, KV) int32; retained (B, KV) last-query mass on the kept
        global + local keys.
     """
-    B, KV, L = s.shape
     mask = select_mask_ref(s, spec, choose)
+    kept_idx, kept_len = pack_to_width(mask, spec.max_kept)
+    return kept_idx, kept_len, retained_mass(s, mask, local_starts(spec, s.shape[0], s.device))
+
+
+def pack_to_width(mask: torch.Tensor, max_kept: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_mask of a selection mask (B, KV, L), padded with L to max_kept columns when given
+    (ValueError if a head keeps more)."""
+    L = mask.shape[-1]
     kept_idx, kept_len = pack_mask(mask)  # padded with L
-    max_kept = spec.max_kept
     if max_kept is not None:
         M = kept_idx.shape[-1]
         if M > max_kept:
             raise ValueError(f"a head keeps {M} tokens, more than max_kept={max_kept}")
         kept_idx = torch.nn.functional.pad(kept_idx, (0, max_kept - M), value=L)
-    local_start = spec.key_start.to(s.device).long() + spec.rows_blocks(B, s.device) * spec.block_size
-    return kept_idx, kept_len, retained_mass(s, mask, local_start)
+    return kept_idx, kept_len
+
+
+def local_starts(spec: SelectionSpec, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 first key of each row's local region: key_start + n_r * b."""
+    return spec.key_start.to(device).long() + spec.rows_blocks(batch, device) * spec.block_size
 
 
 def select_and_pack_ref(
@@ -140,6 +150,69 @@ def select_and_pack_ref(
     valid = torch.arange(L, device=k.device)[None, :] >= spec.key_start.to(k.device)[:, None]
     s = sel.last_query_importance(q_last, k, valid, scaling)
     return (*select_from_importance_ref(s, spec, choose), s)
+
+
+def window_mask_ref(
+    q_win: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, union: bool = False,
+    choose: KeepChooser | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Options last_q = r and gqa="union" (docs/method.md): the selection from the importance of
+    the last r queries q_win (B, H, r, D) (positions L - r .. L - 1, each seeing the valid keys up
+    to itself), pooled over the r queries and, unless union, over the group's query heads; with
+    union every query head selects with its own importance and its KV head's keep counts and the
+    KV head keeps the union. -> mask (B, KV, L) bool, s (B, KV, L) fp32 (the pooled importance,
+    with union the mean over the group), rows: selection.window_rows for r > 1, else None."""
+    if union and choose is not None:
+        raise ValueError("keep counts chosen per request (floor) and gqa='union' do not combine")
+    L = k.shape[2]
+    valid = torch.arange(L, device=k.device)[None, :] >= spec.key_start.to(k.device)[:, None]
+    rows = sel.window_rows(q_win, k, valid, scaling) if q_win.shape[2] > 1 else None  # (B, KV, g, r, L)
+    s_heads = (sel.pool_rows(*rows, per_head=union) if rows is not None
+               else sel.window_importance(q_win, k, valid, scaling, per_head=union))
+    if union:  # (B, KV, g, L): each query head selects, the KV head keeps the union
+        return union_mask_ref(s_heads, spec), s_heads.mean(2), rows
+    return select_mask_ref(s_heads, spec, choose), s_heads, rows
+
+
+def window_retained_ref(s: torch.Tensor, mask: torch.Tensor, rows, local_start: torch.Tensor, window: int
+                        ) -> torch.Tensor:
+    """Retained mass (B, KV) of window_mask_ref's selection `mask` (B, KV, L) (+ whatever else the
+    plan keeps); local_start (B,). r = 1: the last query's (its band is the local region); r > 1:
+    each pooled query also attends its own band, which may reach before the local region."""
+    if rows is None:
+        return retained_mass(s, mask, local_start)
+    L, r = s.shape[-1], rows[0].shape[3]
+    j = torch.arange(L - r, L, device=s.device)
+    return sel.window_retained(*rows, mask, band_start(j[None, :], window, local_start.to(s.device)[:, None]))
+
+
+def select_and_pack_window_ref(
+    q_win: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, window: int, union: bool = False,
+    choose: KeepChooser | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TCA Phase 2 selection (no sink tokens) with options last_q = r = q_win.shape[2] and gqa
+    ("union" if union) of the last r queries q_win (B, H, r, D) over k (B, KV, L, D) (see
+    window_mask_ref); window: the local window w (the pooled queries' bands).
+    -> kept_idx (B, KV, M), kept_len (B, KV) int32, retained (B, KV), s (B, KV, L) fp32."""
+    mask, s, rows = window_mask_ref(q_win, k, spec, scaling, union, choose)
+    kept_idx, kept_len = pack_to_width(mask, spec.max_kept)
+    retained = window_retained_ref(s, mask, rows, local_starts(spec, s.shape[0], s.device), window)
+    return kept_idx, kept_len, retained, s
+
+
+def select_and_pack_window(
+    q_win: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, window: int, union: bool = False,
+    backend: Backend = "auto", choose: KeepChooser | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_and_pack_window_ref on the chosen backend (the Triton path never syncs: it needs
+    spec.max_kept, with union a bound of the union). r = 1 without union: select_and_pack."""
+    if q_win.shape[2] == 1 and not union:
+        return select_and_pack(q_win[:, :, 0], k, spec, scaling, backend, choose)
+    if resolve(backend, k.device) == "triton":
+        from .triton_select import select_and_pack_window_triton
+
+        return select_and_pack_window_triton(q_win, k, spec, scaling, window, union, choose)
+    return select_and_pack_window_ref(q_win, k, spec, scaling, window, union, choose)
 
 
 def select_and_pack(

@@ -23,6 +23,22 @@ per rank, so a left-padded row selects what it selects alone. Per layer:
                         tokens at offset + prefix in kept_idx (pre-filled with L).
 No host synchronisation: the output width M (max_kept) is given by the caller, who knows it from
 the layer's budgets (exact without padding, an upper bound with it), and n_max is keep_rank's width.
+
+Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semantics exactly
+`select.select_and_pack_window_ref`): A and B become
+  A' `_window_stats_kernel` grid (B*KV, L-splits, row tiles): per-chunk softmax max and sum of exp
+                        of the causal rows of the last r queries of the g query heads (query
+                        L - r + i sees the valid keys <= L - r + i), from a dot (only the stats
+                        leave the kernel);
+  B' `_window_importance_kernel` grid (selection rows, cdiv(L, b)): per block of keys, each of its
+                        rows' r * (g or 1) softmax rows recomputed (one reduction over D per key,
+                        as A) and pooled: s = the mean over the real queries (and, shared, the
+                        query heads); with r > 1 also the same mean over each query's own band
+                        (what it attends besides the kept keys, for the retained mass);
+  C' `_window_select_kernel` as C over the selection rows of a KV head (one, or g with union: each
+                        selects with its keep counts, the KV head keeps the union); the block's
+                        retained mass adds the band mass of the tokens not kept.
+Nothing of size r * L is stored; with r = 1 and "shared" it is the paper's rule path above.
 """
 from __future__ import annotations
 
@@ -111,16 +127,30 @@ def _importance_kernel(
                 mask=row_ok[:, None] & in_l[None, :], other=float("-inf"))
     p = tl.exp(x - m[:, None]) / l[:, None]
     s = tl.sum(p, 0) / G  # (BLOCK,)
-    tl.store(S + bh.to(tl.int64) * L + cols, s, mask=in_l)
+    _store_block(S, MASS, H, bh, j, s, cols, in_l, nb, L, n_max, w_mass, w_conc)
+
+
+@triton.jit
+def _store_block(S, MASS, H, row, j, s, cols, in_l, nb, L, n_max, w_mass, w_conc):
+    """Row `row`'s block j: s at cols, its mass, and h of Eq. 6 for j < nb (-inf for nb <= j < n_max)."""
+    tl.store(S + row.to(tl.int64) * L + cols, s, mask=in_l)
     mass = tl.sum(s, 0)
-    tl.store(MASS + bh * tl.num_programs(1) + j, mass)
+    tl.store(MASS + row * tl.num_programs(1) + j, mass)
     if j < n_max:
         sq = tl.sum(s * s, 0)
         mc = tl.maximum(mass, 1e-30)
         den = tl.where(mass > 0, mc * mc, 1.0)  # as the reference where mass > 0; no 0/0 elsewhere
         conc = tl.where(mass > 0, 1.0 - sq / den, 0.0)
         hj = tl.where(j < nb, w_mass * mass + w_conc * conc, float("-inf"))
-        tl.store(H + bh * n_max + j, hj)
+        tl.store(H + row * n_max + j, hj)
+
+
+@triton.jit
+def _block_rank(s_i, ar):
+    """Stable descending rank of each token of a block: #{s_j > s_i} + #{j < i, s_j == s_i}
+    (a b x b comparison tile; exactly the rank of a stable descending argsort)."""
+    before = (s_i[None, :] > s_i[:, None]) | ((s_i[None, :] == s_i[:, None]) & (ar[None, :] < ar[:, None]))
+    return tl.sum(before.to(tl.int32), 1)
 
 
 @triton.jit
@@ -140,9 +170,7 @@ def _select_kernel(
     glob = (j * BLOCK + ar) < nb * BLOCK  # (BLOCK,) all True iff block j is one of the row's global blocks
     idx = ks + j * BLOCK + ar  # absolute positions of the row's block j
     s_i = tl.load(S + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)  # (needs s_r + n_r b <= L)
-    # stable descending rank of token i (rows): tokens j (columns) strictly larger, or equal and earlier
-    before = (s_i[None, :] > s_i[:, None]) | ((s_i[None, :] == s_i[:, None]) & (ar[None, :] < ar[:, None]))
-    rank = tl.sum(before.to(tl.int32), 1)
+    rank = _block_rank(s_i, ar)
     keep = tl.load(KEEP + bh * n_max + j)
     sel = (rank < keep) & glob
     tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -163,6 +191,187 @@ def _pack_kernel(SEL, CSUM, COUNT, KEY_START, KEPT_IDX, KV, n_max, M, BLOCK: tl.
     pos = off + tl.cumsum(sel, 0) - sel
     ks = tl.load(KEY_START + bh // KV)
     tl.store(KEPT_IDX + bh.to(tl.int64) * M + pos, (ks + rel).to(tl.int64), mask=(sel > 0) & (pos < M))
+
+
+# -- option last_q = r (and gqa="union"): the causal softmax rows of the last r queries ---------
+@triton.jit
+def _window_stats_kernel(
+    Q, K, KEY_START, PMAX, PSUM,
+    s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
+    L, KV, n_splits, chunk, scaling,
+    G: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """PMAX/PSUM (B*KV, G*R, n_splits) fp32: each chunk's softmax max and sum of exp of the causal
+    row of query L - R + i of query head hq (row hq * R + i): keys in [key_start, L - R + i].
+    Only these statistics leave the kernel, so its logits may come from a dot (any summation order)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    rows = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < G * R
+    qpos = L - R + rows % R
+    d = tl.arange(0, HEAD_D)
+    q_ptr = Q + b.to(tl.int64) * s_qb + (h * G + rows // R).to(tl.int64) * s_qh + (rows % R) * s_ql
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)  # (ROWS, D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    ks = tl.load(KEY_START + b)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    cols = tl.arange(0, BLOCK_N)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    for k0 in range(start, end, BLOCK_N):
+        kid = k0 + cols
+        in_l = kid < end
+        k = tl.load(k_base + kid[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        x = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling  # (ROWS, BLOCK_N)
+        ok = (in_l & (kid >= ks))[None, :] & (kid[None, :] <= qpos[:, None])
+        x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: no NaN
+        l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(x - m_use[:, None]), 1)
+        m_i = m_new
+    st = (bh * G * R + rows) * n_splits + split
+    tl.store(PMAX + st, m_i, mask=row_ok)
+    tl.store(PSUM + st, l_i, mask=row_ok)
+
+
+@triton.jit
+def _row_lse_kernel(PMAX, PSUM, M, LS, n_rows, n_splits, ROWS: tl.constexpr, SPLITS_P: tl.constexpr):
+    """M, LS (n_rows,) fp32: each softmax row's max and sum of exp from its per-chunk statistics
+    (PMAX/PSUM (n_rows, n_splits)); a row with no key gets (0, 1): it contributes nothing."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    sp = tl.arange(0, SPLITS_P)
+    st = rows[:, None].to(tl.int64) * n_splits + sp[None, :]
+    ok = (rows < n_rows)[:, None] & (sp < n_splits)[None, :]
+    pm = tl.load(PMAX + st, mask=ok, other=float("-inf"))
+    ps = tl.load(PSUM + st, mask=ok, other=0.0)
+    m = tl.max(pm, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(ps * tl.exp(pm - m[:, None]), 1)
+    tl.store(M + rows, m, mask=rows < n_rows)
+    tl.store(LS + rows, tl.where(l > 0, l, 1.0), mask=rows < n_rows)
+
+
+@triton.jit
+def _window_rows(q_base, M, LS, t, s_qh, s_ql, d, n, R: tl.constexpr):
+    """Rows t (< n) of a selection row: (q (RG, D) fp32, softmax max, sum of exp); row t is query
+    L - R + t % R of the selection row's query head t // R (q_base, M, LS: at its first head)."""
+    ok = t < n
+    q = tl.load(q_base + (t // R)[:, None].to(tl.int64) * s_qh + (t % R)[:, None] * s_ql + d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    return q, tl.load(M + t, mask=ok, other=0.0), tl.load(LS + t, mask=ok, other=1.0)
+
+
+@triton.jit
+def _window_importance_kernel(
+    Q, K, KEY_START, NB, M, LS, S, MASS, H, SB,
+    s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
+    L, KV, n_max, scaling, window, w_mass, w_conc,
+    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RG: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_D: tl.constexpr, BAND: tl.constexpr,
+):
+    """Selection row sr = (b, KV head, part) pools the HP query heads hq0 .. hq0 + HP - 1 of its
+    KV head (HP = G: one row per KV head; HP = 1: one per query head, gqa="union"). Its block j
+    of keys (from key_start, as _importance_kernel) gets s = the mean over the real ones of the R
+    queries and over the HP heads of their causal softmax rows, recomputed per key with one
+    reduction over D (equal keys: equal s). Stores as _importance_kernel (S, MASS, H per selection
+    row), and with BAND, SB (rows, n_max*b) block-relative over the row's global blocks: the same
+    mean restricted to each query's dense band [band_lo_i, itself] (engine.plan.band_start), what
+    each query attends besides the kept keys (the window retained mass)."""
+    sr = tl.program_id(0)
+    j = tl.program_id(1)
+    bh = sr // (G // HP)
+    hq0 = (sr % (G // HP)) * HP
+    b = bh // KV
+    h = bh % KV
+    ks = tl.load(KEY_START + b).to(tl.int32)
+    nb = tl.load(NB + b).to(tl.int32)
+    ar = tl.arange(0, BLOCK)
+    pad = j * BLOCK + ar  # program j also zeroes its share of the padding [0, key_start)
+    tl.store(S + sr.to(tl.int64) * L + pad, tl.zeros([BLOCK], dtype=tl.float32), mask=pad < ks)
+    cols = ks + j * BLOCK + ar  # the row's block j (int32: L < 2^31)
+    in_l = cols < L
+    d = tl.arange(0, HEAD_D)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0).to(tl.float32)
+    local_start = ks + nb * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    band = tl.zeros([BLOCK], dtype=tl.float32)
+    q_base = Q + b.to(tl.int64) * s_qb + (h * G + hq0).to(tl.int64) * s_qh
+    st_base = bh * G * R + hq0 * R  # the rows' statistics
+    t = tl.arange(0, RG)
+    q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, d, HP * R, R)
+    for t0 in range(0, HP * R, RG):  # RG of the HP * R rows at a time, the next RG loaded meanwhile
+        t = t0 + tl.arange(0, RG)
+        q_n, m_n, l_n = _window_rows(q_base, M + st_base, LS + st_base, t + RG, s_qh, s_ql, d, HP * R, R)
+        qpos = L - R + t % R
+        x = tl.sum(q[:, None, :] * k[None, :, :], 2) * scaling  # (RG, BLOCK) one reduction over D per key
+        ok = (t < HP * R)[:, None] & in_l[None, :] & (cols[None, :] <= qpos[:, None])  # a query on padding: no key
+        p = tl.where(ok, tl.exp(x - m[:, None]) / l[:, None], 0.0)
+        acc += tl.sum(p, 0)
+        if BAND:
+            lo = qpos - window + 1
+            band_lo = tl.where(qpos >= local_start, tl.minimum(lo, local_start), lo)
+            band += tl.sum(tl.where(cols[None, :] >= band_lo[:, None], p, 0.0), 0)
+        q, m, l = q_n, m_n, l_n
+    n_real = tl.maximum(tl.minimum(L - ks, R), 1)  # queries at or after key_start
+    s = acc / n_real.to(tl.float32) / HP
+    _store_block(S, MASS, H, sr, j, s, cols, in_l, nb, L, n_max, w_mass, w_conc)
+    if BAND:
+        if j < nb:
+            tl.store(SB + sr.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, band / n_real.to(tl.float32) / HP)
+
+
+@triton.jit
+def _window_select_kernel(
+    S, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
+    L, KV, n_max, n_mass,
+    GS: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr, BAND: tl.constexpr,
+):
+    """_select_kernel over the GS selection rows of a KV head (GS = 1: shared; g: gqa="union",
+    one per query head): each row selects its top keep[row, j] of block j, the KV head keeps the
+    union -> SEL, COUNT per KV head. MASS (B*KV, n_mass)[j] for the row's global blocks: the mean
+    over its rows of s on the kept keys (+ SB on the others with BAND); with GS > 1 also its local
+    blocks, j >= nb: the mean of the rows' block masses MASS_IN (GS = 1: MASS_IN is MASS, left as is)."""
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = bh // KV
+    ks = tl.load(KEY_START + b)
+    nb = tl.load(NB + b)
+    ar = tl.arange(0, BLOCK)
+    if j < n_max:
+        glob = (j * BLOCK + ar) < nb * BLOCK
+        idx = ks + j * BLOCK + ar
+        sel = ar < 0  # nothing yet
+        for t in range(GS):
+            row = bh * GS + t
+            s_i = tl.load(S + row.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)
+            keep = tl.load(KEEP + row * n_max + j)
+            sel = sel | ((_block_rank(s_i, ar) < keep) & glob)
+        tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
+        tl.store(COUNT + bh * n_max + j, tl.sum(sel.to(tl.int32), 0))
+        if j < nb:
+            kept = tl.zeros([BLOCK], dtype=tl.float32)
+            for t in range(GS):
+                row = bh * GS + t
+                s_i = tl.load(S + row.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)
+                part = tl.where(sel, s_i, 0.0)
+                if BAND:  # what each query sees of the tokens not kept: its band
+                    part += tl.where(sel, 0.0, tl.load(SB + row.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar))
+                kept += part
+            tl.store(MASS + bh * n_mass + j, tl.sum(kept, 0) / GS)
+    if GS > 1:
+        if j >= nb:
+            t = tl.arange(0, GSP)
+            local = tl.load(MASS_IN + (bh * GS + t) * n_mass + j, mask=t < GS, other=0.0)
+            tl.store(MASS + bh * n_mass + j, tl.sum(local, 0) / GS)
 
 
 def _splits(L: int, block_n: int, programs: int) -> tuple[int, int]:
@@ -225,11 +434,18 @@ def step_importance(logits, pmax, psum, n_blocks: int, block_size: int, alpha: f
         logits, pmax, psum, key_start, nb, s, mass, h, L, KV, n, n_splits, w_mass, alpha,
         G=g, GP=max(2, next_pow2(g)), SPLITS_P=max(2, next_pow2(n_splits)), BLOCK=bs, num_warps=4,
     )
-    if mass_norm == "max":  # mass over the largest mass of the row's own global blocks
-        own = torch.arange(n, device=dev)[None, :] < nb.repeat_interleave(KV)[:, None]  # (B*KV, n)
-        gm = torch.where(own, mass[:, :n], torch.zeros_like(h))
-        h = h + (1.0 - alpha) * (gm / gm.amax(-1, keepdim=True).clamp_min(1e-30))
+    if mass_norm == "max":
+        h = _max_mass_term(h, mass, nb, alpha)
     return s, mass, h
+
+
+def _max_mass_term(h: torch.Tensor, mass: torch.Tensor, nb: torch.Tensor, alpha: float) -> torch.Tensor:
+    """h (rows, n) + (1 - alpha) * the mass of each of the row's own global blocks over their
+    largest (mass_norm "max"); the rows of batch row b are consecutive, nb (B,) their block counts."""
+    n = h.shape[-1]
+    own = torch.arange(n, device=h.device)[None, :] < nb.repeat_interleave(h.shape[0] // nb.shape[0])[:, None]
+    gm = torch.where(own, mass[:, :n], torch.zeros_like(h))
+    return h + (1.0 - alpha) * (gm / gm.amax(-1, keepdim=True).clamp_min(1e-30))
 
 
 def step_keep(h: torch.Tensor, keep_rank: torch.Tensor) -> torch.Tensor:
@@ -275,6 +491,28 @@ def step_pack(sel, count, csum, n_blocks: int, block_size: int, max_kept: int,
     return kept_idx
 
 
+def _check(B: int, H: int, D: int, k: torch.Tensor, spec: SelectionSpec) -> None:
+    """The shapes and options the fused selection supports (ValueError otherwise)."""
+    _, KV, L, _ = k.shape
+    n_max, block_size = spec.keep_rank.shape[-1], spec.block_size
+    check_heads(H, KV)
+    check_head_dim(D)
+    if spec.max_kept is None:
+        raise ValueError("the Triton selection needs spec.max_kept (the output width, without a host sync)")
+    if block_size & (block_size - 1) or not 0 < n_max * block_size <= L:
+        raise ValueError(f"bad geometry: n_max={n_max}, block_size={block_size}, L={L}")
+    if isinstance(spec.n_blocks, int) and spec.n_blocks != n_max:
+        raise ValueError(f"n_blocks={spec.n_blocks} but keep_rank has {n_max} ranks")
+    if spec.keep_rank.dim() == 3 and spec.keep_rank.shape[0] != B:
+        raise ValueError(f"per-row keep_rank has {spec.keep_rank.shape[0]} rows for a batch of {B}")
+    if spec.mass_norm not in ("sum", "max"):
+        raise ValueError(f"mass_norm must be 'sum' or 'max', got {spec.mass_norm!r}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def select_and_pack_triton(
     q_last: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, choose: KeepChooser | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,22 +535,8 @@ def select_and_pack_triton(
     B, H, D = q_last.shape
     _, KV, L, _ = k.shape
     n_max = keep_rank.shape[-1]
-    check_heads(H, KV)
-    check_head_dim(D)
-    if max_kept is None:
-        raise ValueError("the Triton selection needs spec.max_kept (the output width, without a host sync)")
-    if block_size & (block_size - 1) or not 0 < n_max * block_size <= L:
-        raise ValueError(f"bad geometry: n_max={n_max}, block_size={block_size}, L={L}")
-    if isinstance(n_blocks, int) and n_blocks != n_max:
-        raise ValueError(f"n_blocks={n_blocks} but keep_rank has {n_max} ranks")
-    if keep_rank.dim() == 3 and keep_rank.shape[0] != B:
-        raise ValueError(f"per-row keep_rank has {keep_rank.shape[0]} rows for a batch of {B}")
-    if mass_norm not in ("sum", "max"):
-        raise ValueError(f"mass_norm must be 'sum' or 'max', got {mass_norm!r}")
-    if q_last.stride(-1) != 1:
-        q_last = q_last.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    _check(B, H, D, k, spec)
+    q_last, k = _last_dim_contiguous(q_last), _last_dim_contiguous(k)
     key_start, n_rows = _rows(n_blocks, key_start, B, k.device)
     logits, pmax, psum = step_logits(q_last, k, key_start, scaling)
     s, mass, h = step_importance(logits, pmax, psum, n_max, block_size, alpha, mass_norm, key_start, n_rows)
@@ -324,3 +548,144 @@ def select_and_pack_triton(
     kept_len = csum[:, -1].reshape(B, KV)
     retained = mass.sum(-1).reshape(B, KV)  # kept global mass + local region mass
     return kept_idx.view(B, KV, max_kept), kept_len, retained, s.view(B, KV, L)
+
+
+# -- options last_q = r and gqa="union" (semantics: select.select_and_pack_window_ref) ----------
+def _dot_args(q: torch.Tensor, k: torch.Tensor) -> tuple[bool, str]:
+    """(upcast, input_precision) of the stats kernel's dot: fp32 operands an exact fp32 dot
+    ("ieee", not tf32); bf16/fp16 a native one (exact products, fp32 sums), upcast to fp32 under
+    the interpreter (whose bf16 dot is wrong) or when q and k differ in dtype."""
+    up = q.dtype != k.dtype or (interpreted() and q.dtype != torch.float32)
+    return up, "ieee" if up or q.dtype == torch.float32 else "tf32"
+
+
+def step_window_stats(q_win: torch.Tensor, k: torch.Tensor, key_start: torch.Tensor, scaling: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: q_win (B, H, r, D) the last r queries. -> per-chunk max and sum of exp of their
+    causal softmax rows, (B*KV, g*r, n_splits) fp32 each (row hq * r + i: query head hq, query L - r + i)."""
+    B, H, r, D = q_win.shape
+    _, KV, L, _ = k.shape
+    n = (H // KV) * r
+    up, prec = _dot_args(q_win, k)
+    fp32 = prec == "ieee"  # an fp32 dot runs on FMAs: smaller tiles (no register spills on sm_90)
+    rows = min(max(16, next_pow2(n)), max(16, (2048 if fp32 else 8192) // D))  # a (rows, D) query tile
+    tiles = triton.cdiv(n, rows)
+    block_n = 128 if interpreted() else (32 if fp32 and D >= 128 else 64)
+    chunk, n_splits = _splits(L, block_n, B * KV * tiles)
+    pmax = torch.empty(B * KV, n, n_splits, dtype=torch.float32, device=k.device)
+    psum = torch.empty_like(pmax)
+    _window_stats_kernel[(B * KV, n_splits, tiles)](
+        q_win, k, key_start, pmax, psum,
+        q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        L, KV, n_splits, chunk, scaling,
+        G=H // KV, R=r, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, PREC=prec, UPCAST=up, num_warps=4,
+    )
+    return pmax, psum
+
+
+def row_lse(pmax: torch.Tensor, psum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1's per-chunk statistics (..., n_splits) combined -> each row's max and sum of exp (...)."""
+    n_splits = pmax.shape[-1]
+    n = pmax.numel() // n_splits
+    m = torch.empty(pmax.shape[:-1], dtype=torch.float32, device=pmax.device)
+    ls = torch.empty_like(m)
+    sp = max(2, next_pow2(n_splits))
+    rows = max(2, min(64, 4096 // sp))
+    _row_lse_kernel[(triton.cdiv(n, rows),)](pmax, psum, m, ls, n, n_splits, ROWS=rows, SPLITS_P=sp, num_warps=4)
+    return m, ls
+
+
+def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows: torch.Tensor, n_blocks: int,
+                           block_size: int, alpha: float, mass_norm: str, scaling: float, window: int,
+                           per_head: bool = False):
+    """Pass 2 (+ the "max" mass term) on pass 1's statistics; key_start, n_rows (B,) int64.
+    -> s (rows, L), block masses (rows, cdiv(L, b)), h (rows, n_max), and for r > 1 the band
+    importance (rows, n_max*b) (else None); rows = B*KV selection rows, B*KV*g with per_head."""
+    B, H, r, D = q_win.shape
+    _, KV, L, _ = k.shape
+    g = H // KV
+    hp = 1 if per_head else g
+    rows, nb_all, dev = B * KV * (g // hp), triton.cdiv(L, block_size), k.device
+    s = torch.empty(rows, L, dtype=torch.float32, device=dev)
+    mass = torch.empty(rows, nb_all, dtype=torch.float32, device=dev)
+    h = torch.empty(rows, n_blocks, dtype=torch.float32, device=dev)
+    band = torch.empty(rows, n_blocks * block_size, dtype=torch.float32, device=dev) if r > 1 else None
+    m, ls = row_lse(pmax, psum)
+    # rows per step: an (rg, b, D) product of at most 16K elements (sm_90 ptxas, bf16: no spills)
+    rg = min(4, max(1, 16384 // (block_size * D)), next_pow2(hp * r))
+    _window_importance_kernel[(rows, nb_all)](
+        q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
+        q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        L, KV, n_blocks, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
+        G=g, HP=hp, R=r, RG=rg, BLOCK=block_size, HEAD_D=D, BAND=band is not None,
+        num_warps=4 if rg * block_size * D <= 8192 else 8,
+    )
+    if mass_norm == "max":
+        h = _max_mass_term(h, mass, n_rows, alpha)
+    return s, mass, h, band
+
+
+def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Tensor, mass, n_blocks: int,
+                       block_size: int, kv_heads: int, rows_per_kv: int = 1):
+    """Kernel C over rows_per_kv selection rows per KV head (1, or g for gqa="union": the union).
+    -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32, and the
+    block masses (B*KV, cdiv(L, b)) whose sum is the retained mass (rows_per_kv = 1: `mass`
+    itself, its global blocks overwritten)."""
+    rows, L = s.shape
+    bkv, n, n_mass = rows // rows_per_kv, n_blocks, mass.shape[1]
+    sel = torch.empty(bkv, n * block_size, dtype=torch.int8, device=s.device)
+    count = torch.empty(bkv, n, dtype=torch.int32, device=s.device)
+    out = mass if rows_per_kv == 1 else torch.empty(bkv, n_mass, dtype=torch.float32, device=s.device)
+    _window_select_kernel[(bkv, n if rows_per_kv == 1 else n_mass)](
+        s, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out, L, kv_heads, n, n_mass,
+        GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None,
+        num_warps=4 if block_size <= 64 else 8,
+    )
+    return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32), out
+
+
+def select_and_pack_window_triton(
+    q_win: torch.Tensor, k: torch.Tensor, spec: SelectionSpec, scaling: float, window: int,
+    union: bool = False, choose: KeepChooser | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Options last_q = r and gqa="union" of the fused selection: q_win (B, H, r, D) the last r
+    queries (positions L - r .. L - 1), k (B, KV, L, D), spec as select_and_pack_triton; window:
+    the local window w (each pooled query's band, for the retained mass). union: every query head
+    selects with its own importance and its KV head's keep counts, the KV head keeps the union
+    (spec.max_kept must then bound the union, e.g. min(g * max_kept, n_max * b)).
+
+    -> as select_and_pack_triton; retained is the window's (selection.window_retained); s (B, KV,
+       L) the importance pooled over the r queries and the group's query heads. r = 1 without
+       union is select_and_pack_triton itself. Semantics: select.select_and_pack_window_ref.
+    Two passes over the keys: the r queries' row statistics (max, sum of exp per chunk, then
+    folded per row), then per block of keys their softmax rows recomputed and pooled (nothing of
+    size r * L is stored). Launches: 5 Triton kernels, a fill, an argsort + scatter, a cumsum and
+    a sum (+ a mean and a repeat of keep_rank with union, a few elementwise ops for "max"). No
+    host synchronisation.
+    """
+    B, H, r, D = q_win.shape
+    _, KV, L, _ = k.shape
+    if r == 1 and not union:
+        return select_and_pack_triton(q_win[:, :, 0], k, spec, scaling, choose)
+    _check(B, H, D, k, spec)
+    if not 1 <= r <= L:
+        raise ValueError(f"last_q={r} must be in [1, L={L}]")
+    if union and choose is not None:
+        raise ValueError("keep counts chosen per request (floor) and gqa='union' do not combine")
+    g, n_max, b = H // KV, spec.n_max, spec.block_size
+    q_win, k = _last_dim_contiguous(q_win), _last_dim_contiguous(k)
+    key_start, n_rows = _rows(spec.n_blocks, spec.key_start, B, k.device)
+    pmax, psum = step_window_stats(q_win, k, key_start, scaling)
+    s, mass, h, band = step_window_importance(q_win, k, pmax, psum, key_start, n_rows, n_max, b, spec.alpha,
+                                              spec.mass_norm, scaling, window, per_head=union)
+    s_kv = s.view(B, KV, g, L).mean(2) if union else s.view(B, KV, L)
+    keep_rank = spec.keep_rank
+    if choose is not None:  # keep counts from this request's importance (adaptive.py), on the device
+        keep_rank = choose(s_kv, h.view(B, KV, n_max), spec)
+    if union:  # each query head its KV head's keep counts
+        keep_rank = keep_rank.repeat_interleave(g, dim=-2)
+    keep = step_keep(h, keep_rank)
+    sel, count, csum, mass = step_window_select(s, band, keep, key_start, n_rows, mass, n_max, b, KV,
+                                                g if union else 1)
+    kept_idx = step_pack(sel, count, csum, n_max, b, spec.max_kept, key_start, pad=L)
+    return kept_idx.view(B, KV, spec.max_kept), csum[:, -1].reshape(B, KV), mass.sum(-1).reshape(B, KV), s_kv
