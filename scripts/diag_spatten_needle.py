@@ -20,40 +20,12 @@ import torch
 
 from tca_attention.engine.column_mass import column_mass_ref
 from tca_attention.eval.prompt import PromptFormat
-from tca_attention.eval.tasks import TaskContext, generate
-from tca_attention.integration import enable
+from tca_attention.eval.tasks import TaskContext
 from tca_attention.methods.spatten import SpAtten, keep_for
 from tca_attention.models import load_model
+from needle_diag import answer, needle_prompt, rotated_qk_hook  # scripts/needle_diag.py (run from scripts/ or the repo root)
 
 LENGTH = 2048
-
-
-def needle_prompt(tok, fmt, ctx, i: int) -> tuple[list[int], list[int], list[int], object]:
-    """ids, the needle sentence's tokens, the value's tokens, the sample."""
-    s = generate(ctx, "niah_single", LENGTH, i)
-    text = fmt.render(s)
-    enc = tok(text, add_special_tokens=fmt._special(s.use_template), return_offsets_mapping=True)
-    ids, offs = enc["input_ids"], enc["offset_mapping"]
-    needle = s.metadata["needles"][0]
-    c0 = text.index(needle)
-    v0 = text.index(s.answers[0], c0)
-
-    def covering(a: int, n: int) -> list[int]:
-        return [t for t, (x, y) in enumerate(offs) if x < a + n and y > a]
-
-    return ids, covering(c0, len(needle)), covering(v0, len(s.answers[0])), s
-
-
-def answer(model, tok, ids, s, method=None) -> str:
-    x = torch.tensor([ids])
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        if method is None:
-            g = model.generate(x, **kw)
-        else:
-            with enable(model, method) as session:
-                g = session.generate(x, **kw)
-    return tok.decode(g[0, len(ids):], skip_special_tokens=True)
 
 
 def logged_spatten(log: list, **params) -> SpAtten:
@@ -87,7 +59,7 @@ def layer_rows(log: list, value: list[int], needle: list[int]) -> list[dict]:
 def probe(model, tok, fmt, ctx, args) -> None:
     keep = keep_for(args.kept, LENGTH, {})
     for i in range(args.start, args.start + args.samples):
-        ids, needle, value, s = needle_prompt(tok, fmt, ctx, i)
+        ids, needle, value, s = needle_prompt(tok, fmt, ctx, i, LENGTH)
         log: list = []
         res = dict(i=i, kept_target=args.kept, keep=keep, L=len(ids), depth=s.metadata["depths"][0],
                    value_toks=value, want=s.answers[0], full=answer(model, tok, ids, s),
@@ -115,30 +87,19 @@ def force(model, tok, fmt, ctx, args) -> None:
 
     keep = keep_for(args.kept, LENGTH, {})
     for i in range(args.start, args.start + args.samples):
-        ids, needle, _, s = needle_prompt(tok, fmt, ctx, i)
+        ids, needle, _, s = needle_prompt(tok, fmt, ctx, i, LENGTH)
         forced[:] = needle
         print(i, "forced-needle spatten", repr(answer(model, tok, ids, s, Forced(keep=keep))), "want", s.answers[0],
               flush=True)
 
 
 def ranks(model, tok, fmt, ctx, args, layers: int = 6, last: int = 64, local: int = 192) -> None:
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     caps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def capture(i):
-        def hook(mod, a, kwargs, out):
-            hs, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
-            B, L, _ = hs.shape
-            q = mod.q_proj(hs).view(B, L, -1, mod.head_dim).transpose(1, 2)
-            k = mod.k_proj(hs).view(B, L, -1, mod.head_dim).transpose(1, 2)
-            caps[i] = apply_rotary_pos_emb(q, k, cos, sin)
-        return hook
-
-    hooks = [layer.self_attn.register_forward_hook(capture(i), with_kwargs=True)
+    hooks = [layer.self_attn.register_forward_hook(rotated_qk_hook(caps, i), with_kwargs=True)
              for i, layer in enumerate(model.model.layers[:layers])]
     for i in range(args.start, args.start + args.samples):
-        ids, _, value, s = needle_prompt(tok, fmt, ctx, i)
+        ids, _, value, s = needle_prompt(tok, fmt, ctx, i, LENGTH)
         L, glob = len(ids), len(ids) - local
         with torch.no_grad():
             model(torch.tensor([ids]))

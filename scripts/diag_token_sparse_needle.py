@@ -18,6 +18,7 @@ reference executor.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -26,40 +27,14 @@ import torch.nn.functional as F
 
 from tca_attention.engine import dispatch
 from tca_attention.eval.prompt import PromptFormat
-from tca_attention.eval.tasks import TaskContext, generate
-from tca_attention.integration import enable
+from tca_attention.eval.tasks import TaskContext
 from tca_attention.methods.token_sparse import TokenSparse
 from tca_attention.models import load_model
+from needle_diag import answer as _answer, needle_prompt, rotated_qk_hook  # scripts/needle_diag.py (run from scripts/ or the repo root)
+
+answer = functools.partial(_answer, backend="reference")  # the PyTorch reference executor
 
 LENGTH = 2048  # --length
-
-
-def needle_prompt(tok, fmt, ctx, i: int):
-    """ids, the needle sentence's tokens, the value's tokens, the sample (as diag_spatten_needle.py)."""
-    s = generate(ctx, "niah_single", LENGTH, i)
-    text = fmt.render(s)
-    enc = tok(text, add_special_tokens=fmt._special(s.use_template), return_offsets_mapping=True)
-    ids, offs = enc["input_ids"], enc["offset_mapping"]
-    needle = s.metadata["needles"][0]
-    c0 = text.index(needle)
-    v0 = text.index(s.answers[0], c0)
-
-    def covering(a: int, n: int) -> list[int]:
-        return [t for t, (x, y) in enumerate(offs) if x < a + n and y > a]
-
-    return ids, covering(c0, len(needle)), covering(v0, len(s.answers[0])), s
-
-
-def answer(model, tok, ids, s, method=None) -> str:
-    x = torch.tensor([ids])
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        if method is None:
-            g = model.generate(x, **kw)
-        else:
-            with enable(model, method, backend="reference") as session:
-                g = session.generate(x, **kw)
-    return tok.decode(g[0, len(ids):], skip_special_tokens=True)
 
 
 def parse(spec: str) -> dict:
@@ -114,7 +89,7 @@ def layer_rows(log: list, model_layers: int, start: float, value: list[int], nee
 def probe(model, tok, fmt, ctx, args) -> None:
     n_layers = model.config.num_hidden_layers
     for i in range(args.start, args.start + args.samples):
-        ids, needle, value, s = needle_prompt(tok, fmt, ctx, i)
+        ids, needle, value, s = needle_prompt(tok, fmt, ctx, i, LENGTH)
         res = dict(i=i, L=len(ids), depth=s.metadata["depths"][0], value_toks=value, want=s.answers[0],
                    full=answer(model, tok, ids, s))
         forced = f"keep={args.keep:g}"
@@ -150,7 +125,7 @@ def control(model, tok, fmt, ctx, args) -> None:
     kw = parse(args.spec)
     orig = dispatch.subset_prefill
     for i in range(args.start, args.start + args.samples):
-        ids, needle, value, s = needle_prompt(tok, fmt, ctx, i)
+        ids, needle, value, s = needle_prompt(tok, fmt, ctx, i, LENGTH)
         res = dict(i=i, spec=args.spec or "default", want=s.answers[0])
         res["plain"] = answer(model, tok, ids, s, TokenSparse(**kw))
         res["forced_needle"] = answer(model, tok, ids, s, Logged(forced=needle, **kw))
@@ -192,27 +167,16 @@ def official_index(q, k, coverage, min_tokens, window, kernel):
 
 
 def official(model, tok, fmt, ctx, args) -> None:
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     m = TokenSparse(**parse(args.spec))
     if m.keep:
         raise SystemExit("official: the official code has the coverage rule only (keep=0)")
     m.check_model(model)
     caps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def capture(i):
-        def hook(mod, a, kwargs, out):
-            hs, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
-            B, L, _ = hs.shape
-            q = mod.q_proj(hs).view(B, L, -1, mod.head_dim).transpose(1, 2)
-            k = mod.k_proj(hs).view(B, L, -1, mod.head_dim).transpose(1, 2)
-            caps[i] = apply_rotary_pos_emb(q, k, cos, sin)
-        return hook
-
-    hooks = [layer.self_attn.register_forward_hook(capture(i), with_kwargs=True)
+    hooks = [layer.self_attn.register_forward_hook(rotated_qk_hook(caps, i), with_kwargs=True)
              for i, layer in enumerate(model.model.layers) if m.sparse_layer(i)]
     for i in range(args.start, args.start + args.samples):
-        ids, _, _, s = needle_prompt(tok, fmt, ctx, i)
+        ids, _, _, s = needle_prompt(tok, fmt, ctx, i, LENGTH)
         with torch.no_grad():
             model(torch.tensor([ids]))
         for layer, (q, k) in sorted(caps.items()):

@@ -307,6 +307,19 @@ def test_gpu_select_has_no_host_sync():
     torch.testing.assert_close(out[3], ref[3], rtol=1e-3, atol=1e-6)
 
 
+def plans_without_host_sync(m: TCA, q, k, key_start, scaling):
+    """TCA.plan on the Triton path (compiled first, then run under CUDA sync debug mode "error",
+    so a host sync raises) and on the reference, for the same padded batch."""
+    m.plan(0, q, k, key_start, scaling, backend="triton", padded=True)  # compile, cache the ladder
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tri = m.plan(0, q, k, key_start, scaling, backend="triton", padded=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return tri, m.plan(0, q, k, key_start, scaling, backend="reference", padded=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_padded_tca_plan_has_no_host_sync_and_rows_select_as_alone():
@@ -321,14 +334,7 @@ def test_gpu_padded_tca_plan_has_no_host_sync_and_rows_select_as_alone():
     q, k = q_last[:, :, None].to(DEV), k.to(DEV)  # TCA.plan reads only the last query
     key_start = torch.tensor([0, 700, 3500], device=DEV)  # the last row is dense alone (829 <= w + b)
     m = TCA(budgets)
-    m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)  # compile, cache the ladder
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        tri = m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    ref = m.plan(0, q, k, key_start, D**-0.5, backend="reference", padded=True)
+    tri, ref = plans_without_host_sync(m, q, k, key_start, D**-0.5)
     assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
     assert torch.equal(tri.row_local_start, ref.row_local_start)
     for r, s in enumerate(key_start.tolist()):
@@ -613,13 +619,6 @@ def test_gpu_window_tca_plan_has_no_host_sync(opts):
     q, k = q.to(DEV), k.to(DEV)
     key_start = torch.tensor([0, 700, 3500], device=DEV)  # the last row is dense alone
     m = TCA(budgets, **opts)
-    m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)  # compile, cache the ladder
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        tri = m.plan(0, q, k, key_start, D**-0.5, backend="triton", padded=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    ref = m.plan(0, q, k, key_start, D**-0.5, backend="reference", padded=True)
+    tri, ref = plans_without_host_sync(m, q, k, key_start, D**-0.5)
     assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
     torch.testing.assert_close(tri.retained, ref.retained, rtol=1e-4, atol=1e-5)
