@@ -96,6 +96,39 @@ def test_a_session_measures_it_when_the_method_asks(monkeypatch):
     assert calls == [False] and m._per_layer[("model_crossover", "cpu")] == 123
 
 
+def test_a_session_really_measures_before_it_patches(tmp_path, monkeypatch):
+    """The real path on the CPU (a timer that runs each forward once): the measurement's own
+    sessions come and go inside enable(), and the session then runs with the value."""
+    from tca_attention.integration import enable
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path))
+    # the CPU stands in for a GPU: "auto", not yet measured (the measurement's own TCA has dense_below=0)
+    monkeypatch.setattr(TCA, "model_crossover_pending", lambda self, device: (
+        self.dense_below == "auto" and ("model_crossover", str(device)) not in self._per_layer))
+    monkeypatch.setattr(cm, "ladder", lambda model: (64, 128))
+    forwards = []
+
+    def once(fn):
+        out = fn()
+        forwards.append(type(out.past_key_values).__name__)
+        return {1: 2.0, 2: 1.0, 3: 2.0, 4: 1.0}[len(forwards)]  # tca faster at both lengths
+
+    monkeypatch.setattr(cm, "_default_timer", once)
+    model = tiny("llama")
+    m = _tca(model)
+    ids = torch.randint(0, 97, (1, 100))
+    with enable(model, m) as session, torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, **session.cache_kwargs(session.new_cache()))
+    assert forwards == ["DynamicCache", "RaggedCache"] * 2
+    assert m._per_layer[("model_crossover", "cpu")] == 64 and m.report()["dense_below_used"] == 64
+    assert type(out.past_key_values).__name__ == "RaggedCache"  # 100 >= 64: the prompt ran sparse
+    # a method whose measuring copy would ask again gets a clear error, not a recursion
+    monkeypatch.setattr(TCA, "model_crossover_pending", lambda self, device: True)
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "empty"))  # nothing cached: it would measure
+    with pytest.raises(RuntimeError, match="asked for a model crossover again"):
+        cm.measure_model(model, _tca(model), lengths=(64,), timer=lambda fn: (fn(), 1.0)[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_session_measures_the_model_crossover_once(tmp_path, monkeypatch):

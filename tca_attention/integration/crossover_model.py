@@ -34,6 +34,7 @@ from ..paths import cache_root
 
 log = logging.getLogger(__name__)
 Timer = Callable[[Callable[[], object]], float]
+_MEASURING: set[int] = set()  # models being measured (a method whose measuring copy asks again would recurse)
 
 
 def _default_timer(fn: Callable[[], object]) -> float:
@@ -56,23 +57,29 @@ def measure_model(model: nn.Module, method: Method, lengths: tuple[int, ...] | N
     the ladder (the longer ones are not measured)."""
     from .hf import enable
 
+    if id(model) in _MEASURING:
+        raise RuntimeError(f"{method.name}: its measuring copy (dense_below=0) asked for a model crossover again")
     timer = timer or _default_timer
     sparse_method = dataclasses.replace(method, dense_below=0)
     device = next(model.parameters()).device
     vocab = text_config(model).vocab_size
     rows = []
-    for L in lengths or ladder(model):
-        ids = torch.randint(0, vocab, (1, L), device=device)
-        try:
-            dense_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
-            with enable(model, sparse_method) as session:
-                tca_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                             **session.cache_kwargs(session.new_cache())))
-        except torch.OutOfMemoryError:
-            log.warning("model crossover: out of memory at %d tokens; longer prompts not measured", L)
-            torch.cuda.empty_cache()
-            break
-        rows.append({"length": L, "dense_ms": dense_ms, "tca_ms": tca_ms})
+    _MEASURING.add(id(model))
+    try:
+        for L in lengths or ladder(model):
+            ids = torch.randint(0, vocab, (1, L), device=device)
+            try:
+                dense_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+                with enable(model, sparse_method) as session:
+                    tca_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                                 **session.cache_kwargs(session.new_cache())))
+            except torch.OutOfMemoryError:
+                log.warning("model crossover: out of memory at %d tokens; longer prompts not measured", L)
+                torch.cuda.empty_cache()
+                break
+            rows.append({"length": L, "dense_ms": dense_ms, "tca_ms": tca_ms})
+    finally:
+        _MEASURING.discard(id(model))
     return rows
 
 
