@@ -65,6 +65,10 @@ class RaggedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Prefill: hold k/v until the attention function commits a plan. Later: append to the tail."""
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            # the cache gathers into preallocated storage (out= ops), which autograd cannot follow
+            raise RuntimeError("the ragged cache is for inference: run the model under torch.no_grad() or "
+                               "torch.inference_mode() (model.generate() and session.generate() do)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.calls.updates += 1

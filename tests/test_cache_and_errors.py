@@ -167,3 +167,19 @@ def test_layer_cannot_be_cropped_or_reordered():
         layer.crop(-1)
     with pytest.raises(NotImplementedError):
         layer.reorder_cache(torch.tensor([0]))
+
+
+def test_a_forward_with_autograd_gets_a_clear_error():
+    """The ragged cache gathers into preallocated storage; a forward with autograd on is refused
+    with what to do, not with torch's message about out= arguments."""
+    import tca_attention as tca
+    from tiny_models import tiny
+
+    model = tiny("llama")
+    with tca.enable(model, tca.create("streaming:window=32,sinks=4,block_size=16")) as session:
+        with pytest.raises(RuntimeError, match=r"torch.no_grad\(\)"):
+            model(input_ids=torch.randint(0, 97, (1, 100)), use_cache=True,
+                  **session.cache_kwargs(session.new_cache()))
+        with torch.no_grad():  # the same call for inference runs
+            model(input_ids=torch.randint(0, 97, (1, 100)), use_cache=True,
+                  **session.cache_kwargs(session.new_cache()))
