@@ -269,7 +269,8 @@ def test_attention_with_other_heads_than_the_shard_raises(monkeypatch) -> None:
     monkeypatch.setattr(adapter, "tensor_parallel_layout", lambda m: layout)
     with enable(model, StreamingLLM(sinks=4, window=16, block_size=16)) as session:
         assert session.shard == shard(1)
-        with pytest.raises(AdapterError, match="got 6 query and 2 KV heads; .* holds query heads \\[3, 6\\]"):
+        with pytest.raises(AdapterError, match="got 6 query and 2 KV heads; .* holds query heads \\[3, 6\\]"), \
+                torch.no_grad():
             model(torch.randint(0, 97, (1, 20)), **session.cache_kwargs(session.new_cache()))
 
 
