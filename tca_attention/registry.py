@@ -82,7 +82,7 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
 
 
 # TCA's selection options: fields of methods.tca.method.TCA, set per run (no recalibration)
-_TCA_RUNTIME = ("last_q", "gqa", "floor")
+_TCA_RUNTIME = ("last_q", "gqa", "floor", "span")
 
 
 def _state(method: str, param: str, what: str, params: dict[str, Any], model, tokenizer, extra: dict[str, Any],
@@ -220,7 +220,7 @@ ENTRIES: dict[str, Entry] = {
         Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
-               "dense_below": str, "last_q": int, "gqa": str, "floor": float},
+               "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int},
               _tca, sweep="tau"),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),

@@ -98,6 +98,8 @@ def lumpy_inputs(B, H, KV, L, D, gen):
     ("reference", {}), ("reference", {"floor": 0.8}), ("reference", {"gqa": "union"}), ("reference", {"last_q": 6}),
     ("triton", {}), ("triton", {"floor": 0.8}), ("triton", {"gqa": "union"}), ("triton", {"last_q": 6}),
     ("triton", {"last_q": 5, "gqa": "union"}), ("triton", {"last_q": 6, "floor": 0.8}),
+    ("reference", {"span": 5}), ("triton", {"span": 5}), ("triton", {"last_q": 6, "span": 3}),
+    ("triton", {"gqa": "union", "span": 3}),
 ])
 def test_certificate_hand_computed_and_bound_holds(backend, opts):
     B, KV, g, L, D = 2, 2, 2, 640, 64
@@ -212,7 +214,8 @@ def test_floor_shrinks_where_mass_is_concentrated():
 # ---------------------------------------------------------------------------------------------
 # 3. selection options
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("opts", [{"last_q": 8}, {"gqa": "union"}, {"last_q": 5, "gqa": "union"}, {"floor": 0.5}])
+@pytest.mark.parametrize("opts", [{"last_q": 8}, {"gqa": "union"}, {"last_q": 5, "gqa": "union"}, {"floor": 0.5},
+                                  {"span": 7}, {"last_q": 4, "span": 15}])
 def test_full_budget_options_equal_dense(opts, backend):
     B, KV, g, L, D = 2, 2, 2, 400, 32
     cfg = TCAConfig(block_size=16, window=48)
@@ -274,6 +277,31 @@ def test_gqa_union_keeps_each_query_heads_key():
     assert {9, 12} <= union and shared <= union
 
 
+def test_span_keeps_the_neighbours_of_a_peak():
+    """Every block of 16 keeps 4 tokens: the paper's rule keeps the peak (key 20) and the three
+    isolated lesser keys (24, 26, 29) of block 1; span=3 keeps the peak with its two neighbours
+    (19, 21), whose own importance is small but whose neighbourhood holds the peak, and the
+    strongest lesser key. The budget, and the other blocks' counts, do not change."""
+    L, D = 80, 16
+    cfg = TCAConfig(block_size=16, window=16)
+    e = torch.eye(D)
+    q = torch.zeros(1, 2, L, D)
+    q[0, :, -1] = e[0]
+    k = torch.zeros(1, 1, L, D)
+    k[0, 0, 20], k[0, 0, 26], k[0, 0, 29] = 6 * e[0], 3 * e[0], 3 * e[0]
+    k[0, 0, 19], k[0, 0, 21], k[0, 0, 24] = 0.3 * e[0], 0.5 * e[0], 2 * e[0]
+    budgets = budgets_with(cfg, 1, 1, lambda l, h: 0, ladder=one_hot_ladder(16, 4), heads=2)
+    ks = torch.zeros(1, dtype=torch.long)
+    for backend in ("reference", "triton"):
+        paper = TCA(budgets).plan(0, q.to(DEV), k.to(DEV), ks.to(DEV), 1.0, backend=backend)
+        span = TCA(budgets, span=3).plan(0, q.to(DEV), k.to(DEV), ks.to(DEV), 1.0, backend=backend)
+        assert _kept(paper) & set(range(16, 32)) == {20, 24, 26, 29}
+        assert _kept(span) & set(range(16, 32)) == {19, 20, 21, 26}
+        assert torch.equal(paper.kept_len, span.kept_len)  # same budget: 4 tokens in each of 4 blocks
+        assert int(span.kept_len[0, 0]) == 16
+        assert float(span.retained[0, 0]) < float(paper.retained[0, 0])  # what the last query loses, reported
+
+
 def test_last_q_one_is_the_paper_rule_bit_for_bit():
     B, KV, g, L, D = 2, 2, 2, 300, 32
     cfg = TCAConfig(block_size=16, window=32)
@@ -309,6 +337,12 @@ def test_specs_and_validation():
         TCA(budgets, gqa="mean")
     with pytest.raises(ValueError, match="floor"):
         TCA(budgets, floor=1.5)
+    assert registry.create("tca:span=7,last_q=4", budgets=budgets).span == 7
+    for bad in (2, 0, 17, True):
+        with pytest.raises(ValueError, match="span must be an odd int"):
+            TCA(budgets, span=bad)
+    with pytest.raises(ValueError, match="floor .* and span do not combine"):
+        TCA(budgets, span=3, floor=0.9)
 
 
 def test_eval_summary_carries_the_certificate():
@@ -337,7 +371,7 @@ def _model_budgets(model, ladder: torch.Tensor | None, choice) -> Budgets:
     return Budgets(ident, b.config, b.candidates, b.layers)
 
 
-OPTIONS = [{"last_q": 8}, {"gqa": "union"}, {"floor": 0.9}]
+OPTIONS = [{"last_q": 8}, {"gqa": "union"}, {"floor": 0.9}, {"span": 5}]
 
 
 @pytest.mark.parametrize("opts", OPTIONS)
@@ -348,7 +382,7 @@ def test_options_keeping_everything_equal_dense_on_a_model(opts):
     assert_full_density_equals_dense("llama", TCA(budgets, **opts))
 
 
-@pytest.mark.parametrize("opts", [*OPTIONS[:2], {"floor": 0.5}])  # 0.9 keeps all on a random model
+@pytest.mark.parametrize("opts", [*OPTIONS[:2], {"floor": 0.5}, {"span": 5}])  # 0.9 keeps all on a random model
 def test_options_alone_equals_batched(opts):
     from method_checks import assert_alone_equals_batched
 

@@ -461,6 +461,46 @@ def test_window_select_matches_reference(B, H, KV, L, D, b, w, ks, r, union, alp
     check_window_case(B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed=L + H + r)
 
 
+# (B, H, KV, L, D, b, window, key_start, r, union, span): option span on both fused paths
+SPAN_CASES = [
+    (2, 6, 2, 301, 32, 16, 32, [0, 37], 1, False, 3),  # the paper's-rule kernels, padding
+    (3, 6, 2, 301, 32, 16, 32, [0, 37, 90], 7, False, 5),  # window path
+    (2, 7, 1, 250, 16, 16, 16, [5, 0], 16, False, 15),  # span = block size - 1, g = 7
+    (2, 6, 2, 301, 32, 16, 32, [3, 0], 7, True, 3),  # union
+]
+
+
+@pytest.mark.parametrize("B,H,KV,L,D,b,w,ks,r,union,span", SPAN_CASES)
+def test_span_select_matches_reference(B, H, KV, L, D, b, w, ks, r, union, span):
+    """Option span: the fused selection keeps exactly what the reference keeps from the kernel's
+    own importance (ranking by selection.span_scores), with the same retained mass, and the
+    option is live (it changes the kept set of the same inputs)."""
+    gen = torch.Generator().manual_seed(L + span)
+    key_start = torch.tensor(ks)
+    spec = window_spec(ladder_p(KV, b, gen), L, key_start, b, w, union, H // KV, 0.5, "sum")
+    spec = dataclasses.replace(spec, span=span)
+    scaling = D**-0.5
+    q = torch.randn(B, H, r, D, generator=gen) * 2
+    k = torch.randn(B, KV, L, D, generator=gen)
+    (idx, ln, ret, s), (idx_ref, ln_ref, ret_ref, s_ref) = run_window(q, k, spec, scaling, w, union)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-7)
+    if union:
+        mask = TS.union_mask_ref(union_heads_triton(q.to(DEV), k.to(DEV), on_dev(spec), scaling, w).cpu(), spec)
+    else:
+        mask = TS.select_mask_ref(s, spec)
+    idx_r, ln_r = TS.pack_to_width(mask, spec.max_kept)
+    assert torch.equal(ln, ln_r) and torch.equal(idx, idx_r)
+    torch.testing.assert_close(ret, ret_ref, rtol=1e-4, atol=1e-6)
+    (idx1, _, _, _), _ = run_window(q, k, dataclasses.replace(spec, span=1), scaling, w, union)
+    assert not torch.equal(idx1, idx)
+
+
+def test_span_scores_by_hand():
+    s = torch.tensor([[0.0, 0.1, 0.5, 0.2, 0.0, 0.0, 0.3]])
+    torch.testing.assert_close(sel.span_scores(s, 3), torch.tensor([[0.1, 0.6, 1.0, 0.7, 0.2, 0.3, 0.6]]))
+    assert sel.span_scores(s, 1) is s
+
+
 def test_window_r1_is_the_paper_rule_exactly():
     """last_q = 1 without union is the paper's rule's fused path itself, bit for bit (both
     backends), and gqa="union" with g = 1 and r = 1 (the window kernels) selects what it selects."""

@@ -53,6 +53,10 @@ class TCA(Method):
     floor: adaptive mode when > 0: per request and KV head, the cheapest ladder candidate whose
         selection retains >= floor of the selection queries' attention mass, dense where none
         does (adaptive.py). 0 (off): the calibrated budget.
+    span: tokens rank inside their block by their importance plus the largest importance within
+        span // 2 positions (selection.span_scores, an odd width; 1: the paper's rule), so the
+        neighbours of a strongly attended token are kept with it (a multi-token value stays
+        whole); the budgets, block ranking and kept counts do not change.
     Every option runs the fused selection (Triton on a GPU, no host sync); only sink tokens run
     the PyTorch reference selection (which syncs once per layer to size the plan); report() says
     which. With gqa="union" the plan is as wide as g times the largest budget (at most the global
@@ -64,6 +68,7 @@ class TCA(Method):
     last_q: int = 1
     gqa: str = "shared"
     floor: float = 0.0
+    span: int = 1
     name: str = "tca"
     # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
     _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -82,11 +87,17 @@ class TCA(Method):
         if self.floor > 0 and self.gqa == "union":
             raise ValueError("floor (adaptive mode) and gqa='union' do not combine: the floor is reached on the "
                              "shared selection")
+        if (isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1 or self.span % 2 == 0
+                or self.span > self.block_size):
+            raise ValueError(f"span must be an odd int in [1, block_size={self.block_size}], got {self.span!r}")
+        if self.floor > 0 and self.span > 1:
+            raise ValueError("floor (adaptive mode) and span do not combine: the floor's retained mass assumes the "
+                             "tokens are kept in order of importance")
 
     @property
     def fused(self) -> bool:
         """Whether the selection is the fused one (Triton on a GPU): every option (last_q, gqa,
-        floor); not with sink tokens (PyTorch reference)."""
+        floor, span); not with sink tokens (PyTorch reference)."""
         return not self.budgets.config.sink_tokens
 
     def model_crossover_pending(self, device: torch.device) -> bool:
@@ -117,8 +128,8 @@ class TCA(Method):
     def report(self) -> dict:
         """dense_below as configured and as last resolved ("auto": the measured crossover)."""
         out = {"dense_below": self.dense_below, "dense_below_used": self._per_layer.get("dense_below_used")}
-        if (self.last_q, self.gqa, self.floor) != (1, "shared", 0.0):
-            out.update(last_q=self.last_q, gqa=self.gqa, floor=self.floor,
+        if (self.last_q, self.gqa, self.floor, self.span) != (1, "shared", 0.0, 1):
+            out.update(last_q=self.last_q, gqa=self.gqa, floor=self.floor, span=self.span,
                        selection=("fused (Triton on a GPU)" if self.fused else
                                   "PyTorch reference (no Triton kernel for sink tokens)"))
         return out
@@ -208,7 +219,7 @@ class TCA(Method):
         r, union = self.last_q, self.gqa == "union"
         if union:  # the KV head keeps the union of its g query heads' selections
             max_kept, total = min(q.shape[1] // KV * max_kept, n_max * b), None
-        spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept)
+        spec = SelectionSpec(key_start, keep_rank, n_rows, b, cfg.alpha, cfg.mass_norm, max_kept, self.span)
         if self.fused:  # fused selection: no host sync on the Triton path
             kept_idx, kept_len, retained, _ = select_and_pack_window(q[:, :, -r:], k, spec, scaling, w, union,
                                                                      backend=backend, choose=choose)

@@ -23,7 +23,9 @@ class SelectionSpec:
     own block count (selection.keep_per_rank(p, n_r, b), or keep_per_rank_rows; ranks >= n_r are
     ignored); alpha, mass_norm ("sum" or "max"): Eq. 6's block score; max_kept: the width of
     kept_idx, >= every head's kept count (the Triton path needs it: no host sync; the reference
-    uses the largest kept count when it is None).
+    uses the largest kept count when it is None); span (odd, >= 1): tokens rank inside their
+    block by selection.span_scores(s, span) (option span; 1: by s, the paper's rule), blocks by
+    Eq. 6 of s either way.
     """
 
     key_start: torch.Tensor  # (B,) int64
@@ -33,6 +35,7 @@ class SelectionSpec:
     alpha: float
     mass_norm: str
     max_kept: int | None = None
+    span: int = 1
 
     @property
     def n_max(self) -> int:
@@ -83,6 +86,8 @@ def select_mask_ref(s: torch.Tensor, spec: SelectionSpec, choose: KeepChooser | 
     h = block_scores(sb, spec, nr)
     keep_rank = spec.keep_rank if choose is None else choose(s, h, spec)
     keep = sel.keep_per_block(h, keep_rank.to(s.device).expand(B, KV, n_max))
+    if spec.span > 1:  # rank inside blocks by the span scores; blocks stay ranked by s
+        sb = row_blocks(sel.span_scores(s, spec.span), spec)[0]
     chosen = sel.topk_within_blocks(sb, keep).view(B, KV, -1) & in_glob[:, None, :]
     mask = torch.zeros(B, KV, L + n_max * block_size, dtype=torch.bool, device=s.device)
     mask.scatter_(2, pos[:, None, :].expand(B, KV, -1), chosen)  # positions are distinct per row

@@ -163,6 +163,20 @@ def within_block_rank(s_blocks: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(-1, order, ar)
 
 
+def span_scores(s: torch.Tensor, span: int) -> torch.Tensor:
+    """Option span=k: the in-block ranking score of each token, its importance plus the largest
+    importance within k // 2 positions on either side (a stride-1 max-pool of width k along the
+    last dim, like SnapKV's clustering), so a strongly attended token pulls its neighbours in
+    with it and a multi-token value (digits, a name) is kept whole at the same budget; ties
+    inside a plateau go to the token's own importance. span=1: s itself. (..., L) -> (..., L)."""
+    if span <= 1:
+        return s
+    shape = s.shape
+    flat = s.reshape(-1, 1, shape[-1])
+    pooled = torch.nn.functional.max_pool1d(flat, span, stride=1, padding=span // 2)
+    return (flat + pooled).view(shape)
+
+
 def topk_within_blocks(s_blocks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Eq. 8: keep the top keep[j] tokens of each block by s. (..., n, b), (..., n) -> bool mask."""
     return within_block_rank(s_blocks) < keep[..., None]

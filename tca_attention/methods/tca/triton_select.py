@@ -49,6 +49,7 @@ import triton.language as tl
 from ...engine.plan import rows_blocks
 from ...engine.triton_common import check_head_dim, check_heads, interpreted, next_pow2
 from .select import KeepChooser, SelectionSpec
+from .selection import span_scores
 
 
 @triton.jit
@@ -155,12 +156,13 @@ def _block_rank(s_i, ar):
 
 @triton.jit
 def _select_kernel(
-    S, KEEP, KEY_START, NB, SEL, COUNT, MASS,
+    S, RANK, KEEP, KEY_START, NB, SEL, COUNT, MASS,
     L, KV, n_max, n_mass,
     BLOCK: tl.constexpr,
 ):
     """SEL (B*KV, n_max*b) int8, block-relative; COUNT (B*KV, n_max) int32; MASS[:, j] <- kept mass
-    of global block j (j < n_r; the masses of the row's local blocks are left as they are)."""
+    of global block j (j < n_r; the masses of the row's local blocks are left as they are).
+    Tokens rank by RANK (S itself, or its span scores), the mass is S's."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = bh // KV
@@ -170,7 +172,7 @@ def _select_kernel(
     glob = (j * BLOCK + ar) < nb * BLOCK  # (BLOCK,) all True iff block j is one of the row's global blocks
     idx = ks + j * BLOCK + ar  # absolute positions of the row's block j
     s_i = tl.load(S + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)  # (needs s_r + n_r b <= L)
-    rank = _block_rank(s_i, ar)
+    rank = _block_rank(tl.load(RANK + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0), ar)
     keep = tl.load(KEEP + bh * n_max + j)
     sel = (rank < keep) & glob
     tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -331,7 +333,7 @@ def _window_importance_kernel(
 
 @triton.jit
 def _window_select_kernel(
-    S, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
+    S, RANK, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
     L, KV, n_max, n_mass,
     GS: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr, BAND: tl.constexpr,
 ):
@@ -339,7 +341,8 @@ def _window_select_kernel(
     one per query head): each row selects its top keep[row, j] of block j, the KV head keeps the
     union -> SEL, COUNT per KV head. MASS (B*KV, n_mass)[j] for the row's global blocks: the mean
     over its rows of s on the kept keys (+ SB on the others with BAND); with GS > 1 also its local
-    blocks, j >= nb: the mean of the rows' block masses MASS_IN (GS = 1: MASS_IN is MASS, left as is)."""
+    blocks, j >= nb: the mean of the rows' block masses MASS_IN (GS = 1: MASS_IN is MASS, left as is).
+    Tokens rank by RANK (S itself, or its span scores)."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = bh // KV
@@ -352,7 +355,7 @@ def _window_select_kernel(
         sel = ar < 0  # nothing yet
         for t in range(GS):
             row = bh * GS + t
-            s_i = tl.load(S + row.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)
+            s_i = tl.load(RANK + row.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)
             keep = tl.load(KEEP + row * n_max + j)
             sel = sel | ((_block_rank(s_i, ar) < keep) & glob)
         tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -459,9 +462,10 @@ def step_keep(h: torch.Tensor, keep_rank: torch.Tensor) -> torch.Tensor:
 
 
 def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_heads: int,
-                n_rows: torch.Tensor | None = None):
+                n_rows: torch.Tensor | None = None, rank: torch.Tensor | None = None):
     """Kernel C (+ cumsum). Overwrites mass[:, j] (j < n_r) with the kept mass of each global block.
-    n_blocks: n_max; n_rows (B,): per-row block counts (default n_blocks).
+    n_blocks: n_max; n_rows (B,): per-row block counts (default n_blocks); rank: the in-block
+    ranking scores, shaped as s (default s itself; option span: selection.span_scores(s)).
 
     -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32."""
     BKV, L = s.shape
@@ -470,7 +474,7 @@ def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_hea
     sel = torch.empty(BKV, n * bs, dtype=torch.int8, device=s.device)
     count = torch.empty(BKV, n, dtype=torch.int32, device=s.device)
     _select_kernel[(BKV, n)](
-        s, keep, key_start, nb, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs,
+        s, s if rank is None else rank, keep, key_start, nb, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs,
         num_warps=4 if bs <= 64 else 8,
     )
     return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32)
@@ -543,7 +547,8 @@ def select_and_pack_triton(
     if choose is not None:  # keep counts from this request's importance (adaptive.py), on the device
         keep_rank = choose(s.view(B, KV, L), h.view(B, KV, n_max), spec)
     keep = step_keep(h, keep_rank)
-    sel, count, csum = step_select(s, keep, key_start, mass, n_max, block_size, KV, n_rows)
+    rank = span_scores(s, spec.span) if spec.span > 1 else None  # option span: in-block ranking only
+    sel, count, csum = step_select(s, keep, key_start, mass, n_max, block_size, KV, n_rows, rank)
     kept_idx = step_pack(sel, count, csum, n_max, block_size, max_kept, key_start, pad=L)
     kept_len = csum[:, -1].reshape(B, KV)
     retained = mass.sum(-1).reshape(B, KV)  # kept global mass + local region mass
@@ -626,8 +631,9 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
 
 
 def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Tensor, mass, n_blocks: int,
-                       block_size: int, kv_heads: int, rows_per_kv: int = 1):
-    """Kernel C over rows_per_kv selection rows per KV head (1, or g for gqa="union": the union).
+                       block_size: int, kv_heads: int, rows_per_kv: int = 1, rank: torch.Tensor | None = None):
+    """Kernel C over rows_per_kv selection rows per KV head (1, or g for gqa="union": the union);
+    rank: the in-block ranking scores, shaped as s (default s; option span: its span scores).
     -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32, and the
     block masses (B*KV, cdiv(L, b)) whose sum is the retained mass (rows_per_kv = 1: `mass`
     itself, its global blocks overwritten)."""
@@ -637,7 +643,7 @@ def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Ten
     count = torch.empty(bkv, n, dtype=torch.int32, device=s.device)
     out = mass if rows_per_kv == 1 else torch.empty(bkv, n_mass, dtype=torch.float32, device=s.device)
     _window_select_kernel[(bkv, n if rows_per_kv == 1 else n_mass)](
-        s, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out, L, kv_heads, n, n_mass,
+        s, s if rank is None else rank, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out, L, kv_heads, n, n_mass,
         GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None,
         num_warps=4 if block_size <= 64 else 8,
     )
@@ -685,7 +691,8 @@ def select_and_pack_window_triton(
     if union:  # each query head its KV head's keep counts
         keep_rank = keep_rank.repeat_interleave(g, dim=-2)
     keep = step_keep(h, keep_rank)
+    rank = span_scores(s, spec.span) if spec.span > 1 else None  # option span: in-block ranking only
     sel, count, csum, mass = step_window_select(s, band, keep, key_start, n_rows, mass, n_max, b, KV,
-                                                g if union else 1)
+                                                g if union else 1, rank)
     kept_idx = step_pack(sel, count, csum, n_max, b, spec.max_kept, key_start, pad=L)
     return kept_idx.view(B, KV, spec.max_kept), csum[:, -1].reshape(B, KV), mass.sum(-1).reshape(B, KV), s_kv
