@@ -21,4 +21,6 @@ while IFS= read -r group; do
   echo "   rc=$? $(grep -c . "$RESULTS"/*/results.jsonl | tr '\n' ' ')"
 done < "$1"
 tar -C "$RESULTS" -czf "$OUT/leaderboard_runs.tar.gz" .
+# the calibrated states (budgets, gates, profiles, head scores) of this model, to commit: not the converted weights
+[ -d "$STAGE/cache" ] && tar -C "$STAGE/cache" --exclude=./models -czf "$OUT/calibration_cache.tar.gz" .
 grep -E "WARNING|Error|error" "$OUT/leaderboard_runs.log" | tail -20
