@@ -10,7 +10,7 @@ import pytest
 
 from tca_attention import registry
 from tca_attention.eval.methods import EvalMethod, Outcome, expand_method, split_methods
-from tca_attention.eval.report import family, summarize, write_report
+from tca_attention.eval.report import family, markdown, summarize, write_report
 from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate
 from tca_attention.eval.schema import Result, Sample
 
@@ -204,8 +204,17 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     summary = summarize(rs)
     tca = summary["models"]["m"]["methods"]["tca"]["lengths"]["4096"]
     assert tca["tasks"]["niah_single"]["score"] == 0.5
-    # streaming did not run qa: the headline compares methods on the tasks they all ran
-    assert tca["accuracy_tasks"] == ["niah_single"] and tca["accuracy"] == 0.5
+    # streaming did not run qa: the headline compares methods on full attention's tasks, and a
+    # method missing one of them has no headline accuracy (it does not shrink everyone's tasks)
+    assert tca["accuracy_tasks"] == ["niah_single", "qa"] and tca["accuracy"] == 0.5
+    stream = summary["models"]["m"]["methods"]["streaming@match=tca"]["lengths"]["4096"]
+    assert stream["accuracy"] is None and stream["accuracy_missing"] == ["qa"]
+    assert stream["tasks"]["niah_single"]["score"] == 0.0
+    assert "streaming@match=tca at 4096 (no qa)" in markdown(summary)
+    # no method ran every task (and no full attention): the tasks every method ran
+    only = summarize([r for r in rs if r.method != "full"])["models"]["m"]["methods"]
+    assert only["tca"]["lengths"]["4096"]["accuracy_tasks"] == ["niah_single", "qa"]
+    assert only["streaming@match=tca"]["lengths"]["4096"]["accuracy"] is None
     full4 = summary["models"]["m"]["methods"]["full"]["lengths"]["4096"]
     assert full4["accuracy"] == 1.0 and full4["tasks"]["qa"]["score"] == 1.0
     assert tca["kept_fraction"] == pytest.approx((4 * 0.3 + 2 * 0.4) / 6)

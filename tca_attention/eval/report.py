@@ -16,6 +16,7 @@ from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 NEEDLE_TASK = "niah_single"
+FULL = "full"  # the reference method's label (registry.FULL)
 NLL_SCORER = "nll"
 LEGEND = (
     "Methods are registry specs (`tca methods`): `full` plain attention; `tca` TCA at the calibrated tau, "
@@ -112,15 +113,27 @@ def attended_fraction(r: Result) -> float:
 
 
 def _common_accuracy(msum: dict) -> None:
-    """Headline accuracy per length over the accuracy tasks that every method ran there,
-    so methods are compared on the same tasks."""
+    """Headline accuracy per length over one task set, so methods are compared on the same tasks:
+    full attention's accuracy tasks there (else every task any method ran). A cell missing some
+    of them (a run cut short, a method run on fewer tasks) gets no headline accuracy and lists
+    what it misses (`accuracy_missing`) instead of shrinking everyone's task set; only when no
+    cell has them all do the methods fall back to the tasks every one of them ran."""
     lengths = {L for m in msum["methods"].values() for L in m["lengths"]}
     for L in lengths:
-        cells = [m["lengths"][L] for m in msum["methods"].values() if L in m["lengths"]]
-        common = set.intersection(*({t for t, c in cell["tasks"].items() if "score" in c} for cell in cells))
-        for cell in cells:
-            cell["accuracy_tasks"] = sorted(common)
-            cell["accuracy"] = mean(cell["tasks"][t]["score"] for t in common) if common else None
+        ran = {name: {t for t, c in m["lengths"][L]["tasks"].items() if "score" in c}
+               for name, m in msum["methods"].items() if L in m["lengths"]}
+        full = ran.get(FULL)
+        target = full if full else set().union(*ran.values())
+        if not any(tasks >= target for tasks in ran.values()):
+            target = set.intersection(*ran.values())
+        for name, tasks in ran.items():
+            cell = msum["methods"][name]["lengths"][L]
+            cell["accuracy_tasks"] = sorted(target)
+            missing = target - tasks
+            if missing:
+                cell["accuracy_missing"] = sorted(missing)
+            cell["accuracy"] = (mean(cell["tasks"][t]["score"] for t in target)
+                                if target and not missing else None)
 
 
 def family(method: str) -> str:
@@ -159,7 +172,10 @@ def markdown(summary: dict) -> str:
                    + [_fmt(c.get("attended_fraction", c.get("kept_fraction"))) for c in cells])
             row += [_fmt(c.get("ppl"), pct=False) for c in cells]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "acc: mean score (%) over the accuracy tasks every method ran at that length; "
+        incomplete = [f"{method} at {L} (no {', '.join(c['accuracy_missing'])})" for method, m in methods.items()
+                      for L, c in sorted(m["lengths"].items(), key=lambda x: int(x[0])) if c.get("accuracy_missing")]
+        lines += ["", "acc: mean score (%) over full attention's accuracy tasks at that length (a method that "
+                  "misses one of them has no acc: " + ("; ".join(incomplete) if incomplete else "none here") + "); "
                   "gap: acc minus full attention's acc, in points; "
                   "kept: mean KV kept fraction (%); attended: mean attended fraction (%), the smaller of the "
                   "prefill's and the decode's share (docs/eval.md); ppl: perplexity of the last tokens of long essays.", ""]

@@ -68,7 +68,7 @@ def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tol
     board: dict[str, Any] = {
         "targets": targets, "tolerance": tolerance, "focus": focus,
         "fraction": "attended fraction: the share of the work a method sparsifies that it still does (docs/eval.md)",
-        "accuracy": "mean score over the accuracy tasks every method ran at that length",
+        "accuracy": "mean score over full attention's accuracy tasks at that length (a method missing one has none)",
         "run": run or {}, "models": {}, "findings": [], "timings": timings,
     }
     for model, msum in summary["models"].items():
@@ -136,7 +136,7 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
         "fraction); a method is a registry name and its sweep points are its result labels. The attended "
         "fraction is the share of the work a method sparsifies that it still does (KV kept for the evicting "
         "methods, the prefill share for a prefill-only one, the decode share for a decode-only one; "
-        "docs/eval.md). Accuracy is the mean score over the accuracy tasks every method ran at that length. "
+        "docs/eval.md). Accuracy is the mean score over full attention's accuracy tasks at that length (a sweep point missing one of them is left out: a run cut short). "
         "\"best\" is the method with the highest accuracy there and \"margin\" its lead in points over the next one.",
         "",
     ]
