@@ -87,8 +87,8 @@ class BatchingFake:
 
     model_name = "fake"
 
-    def __init__(self, tokenizer: Any, crash_after: int | None = None) -> None:
-        self.tokenizer, self.crash_after = tokenizer, crash_after
+    def __init__(self, tokenizer: Any, crash_after: int | None = None, fits: int | None = None) -> None:
+        self.tokenizer, self.crash_after, self.fits = tokenizer, crash_after, fits
         self.batches: list[list[str]] = []
 
     def load(self) -> Any:
@@ -103,6 +103,8 @@ class BatchingFake:
     def run_batch(self, spec, samples, ids_list, matched) -> list[Outcome]:
         if self.crash_after is not None and len(self.batches) >= self.crash_after:
             raise RuntimeError("simulated crash")
+        if self.fits is not None and len(samples) > self.fits:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         self.batches.append([s.id for s in samples])
         return [Outcome(" ".join(s.answers), 1.0 if s.kind == "nll" else None, 0.5 if spec.label != "full" else 1.0,
                         500, 1000, 0.01, {}) for s in samples]
@@ -124,6 +126,22 @@ def test_runner_batches_fixed_chunks_and_resumes(tmp_path: Path, smol_tokenizer)
     # the unfinished chunks run whole and in the same composition: [4], then tca's three chunks
     assert resumed.batches[0] == ["niah_single-512-0004"]
     assert [len(b) for b in resumed.batches] == [1, 2, 2, 1]
+
+
+def test_a_batch_out_of_memory_runs_as_halves(tmp_path: Path, smol_tokenizer, caplog) -> None:
+    """A batch that runs out of GPU memory is split in halves until it fits; every sample gets its
+    result, the same as with a batch that fits; a single sample out of memory is an error."""
+    cfg = EvalConfig(model="fake", methods=("full",), tasks=("niah_single",), lengths=(512,), samples=5,
+                     batch_size=5)
+    small = BatchingFake(smol_tokenizer, fits=2)
+    with caplog.at_level("WARNING"):
+        results = evaluate(cfg, small, tmp_path / "a", progress=False)
+    assert [len(b) for b in small.batches] == [2, 1, 2]  # 5 -> 2 + 3 -> 2 + (1 + 2)
+    assert "out of GPU memory on a batch of 5" in caplog.text
+    roomy = evaluate(cfg, BatchingFake(smol_tokenizer), tmp_path / "b", progress=False)
+    assert sorted((r.key, r.prediction) for r in results) == sorted((r.key, r.prediction) for r in roomy)
+    with pytest.raises(torch.OutOfMemoryError):
+        evaluate(cfg, BatchingFake(smol_tokenizer, fits=0), tmp_path / "c", progress=False)
 
 
 def test_bad_batch_size_is_an_error() -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from tqdm.auto import tqdm
 
 from .methods import DEFAULT_METHODS, SDPA_BACKENDS, Backend, EvalMethod, expand_method, resolve_tca_config
@@ -196,10 +197,31 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
 
 def _run_chunk(config: EvalConfig, backend: Backend, spec: EvalMethod, pairs: list[tuple[Sample, list[int]]],
                matched: float | None) -> list[Result]:
+    """The chunk's samples as one batch; a batch that runs out of GPU memory runs again as two
+    halves (down to single samples, whose out-of-memory error is raised): a row's answer does not
+    depend on its batch neighbours, so the results are those of the whole batch."""
     if len(pairs) == 1 or not hasattr(backend, "run_batch"):
         return [_result(config, spec, s, ids, backend.run(spec, s, ids, matched)) for s, ids in pairs]
-    outs = backend.run_batch(spec, [s for s, _ in pairs], [ids for _, ids in pairs], matched)
+    try:
+        outs = backend.run_batch(spec, [s for s, _ in pairs], [ids for _, ids in pairs], matched)
+    except torch.OutOfMemoryError:
+        _release_gpu_memory()
+        half = len(pairs) // 2
+        log.warning("%s, %s: out of GPU memory on a batch of %d (%d tokens); running it as batches of %d and %d",
+                    spec.label, pairs[0][0].task, len(pairs), max(len(ids) for _, ids in pairs), half,
+                    len(pairs) - half)
+        return (_run_chunk(config, backend, spec, pairs[:half], matched)
+                + _run_chunk(config, backend, spec, pairs[half:], matched))
     return [_result(config, spec, s, ids, out) for (s, ids), out in zip(pairs, outs, strict=True)]
+
+
+def _release_gpu_memory() -> None:
+    """What the failed batch left cached, back to the allocator (its tensors are gone with its frames)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _result(config: EvalConfig, spec: EvalMethod, sample: Sample, ids: list[int], out: Any) -> Result:
