@@ -28,6 +28,16 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList holding the decoder layers (the parents of the attention modules, in order)."""
+    attn = {id(m) for m in attention_modules(model)}
+    for m in model.modules():
+        if (isinstance(m, nn.ModuleList) and len(m) == len(attn)
+                and all(any(id(c) in attn for c in layer.children()) for layer in m)):
+            return m
+    raise UnsupportedModelError(f"{type(model).__name__}: no ModuleList of decoder layers holding the attention modules")
+
+
 def key_projection_weight(module: nn.Module):
     """The weight that produces the keys (k_proj, or the fused qkv_proj)."""
     for name in ("k_proj", "qkv_proj", "query_key_value"):

@@ -163,6 +163,40 @@ def test_session_generate_cuda_graph_runs_the_static_path_on_the_cpu():
     assert out.shape == (2, 210) and torch.equal(out[:, 200:-1], want)
 
 
+@pytest.mark.parametrize("arch,name", [("llama", "tca"), ("llama", None), ("gemma3", "tca")])
+def test_compiled_layers_decode_the_same_tokens_and_put_everything_back(arch, name, caplog):
+    """compile_layers=True: the decode steps run through torch.compile'd decoder layers (more
+    layers than dynamo's default recompile limit, so none may fall back to eager), with the same
+    greedy tokens as the plain static steps; afterwards the model's layers, the registered
+    attention function and the cache's update are the originals again."""
+    import torch._dynamo
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tca_attention.integration.adapter import attention_implementation
+
+    layers = 10 if arch == "llama" else 3
+    extra = {} if arch == "llama" else {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    model = tiny(arch, num_hidden_layers=layers, **extra)
+    ids, mask = left_padded((300, 251, 45))
+    before = list(model.model.layers)
+    with torch.no_grad(), (enable(model, method(name, model), backend="reference") if name
+                           else contextlib.nullcontext()) as session:
+        impl = attention_implementation(model)
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
+        want = greedy_static(model, ids, mask, max_new_tokens=8, session=session)
+        torch._dynamo.utils.counters.clear()
+        with caplog.at_level("WARNING", logger="torch._dynamo"):
+            run = greedy_static(model, ids, mask, max_new_tokens=8, session=session, compile_layers=True)
+        assert run.compiled_layers and torch.equal(run.sequences, want.sequences)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # compiled code ran
+        assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
+        assert all(a is b for a, b in zip(before, model.model.layers)) and len(before) == layers
+        assert ALL_ATTENTION_FUNCTIONS[impl] is fn and "update" not in vars(run.cache)
+        if session is not None:
+            with pytest.raises(ValueError, match="needs cuda_graph=True"):
+                session.generate(input_ids=ids, max_new_tokens=4, compile_layers=True)
+
+
 def test_model_generate_runs_on_the_static_cache_eagerly():
     """transformers' own generate() with session.new_cache(max_new_tokens=N): the same tokens as
     the dynamic cache and as the graph runner (every step runs the masked compression pass)."""
@@ -497,3 +531,29 @@ def test_graph_replay_equals_eager_on_the_default_model():
     with torch.no_grad():
         _, step = _cuda_step(model, None, ids, mask, 24)
         _no_sync_and_no_allocation(step)
+
+
+@pytest.mark.gpu
+def test_graph_replay_with_compiled_layers_equals_eager_on_the_default_model():
+    """compile_layers=True on the GPU: the compiled layers are captured in the graphs and the
+    replays give the eager static steps' tokens (bf16: inductor's fused kernels may round
+    differently, so the tokens are compared for TCA and dense, where greedy decoding of this
+    model is stable over 24 steps), with decode compression inside the replays."""
+    from tca_attention import calibrate
+    from tca_attention.data.passkey import passkey_prompt
+    from tca_attention.methods.tca.config import SMALL_CONTEXT
+    from tca_attention.models import load_model
+
+    assert torch.cuda.is_available()
+    model, tok = load_model("smollm2", device="cuda")
+    budgets = calibrate(model, tok, SMALL_CONTEXT, length=2048, progress=False)
+    ids = tok([passkey_prompt(tok, 3000, seed=3).text], return_tensors="pt").input_ids.to("cuda")
+    n = SMALL_CONTEXT.block_size + 24
+    with torch.no_grad(), enable(model, TCA(budgets, dense_below=0)) as session:
+        eager = greedy_static(model, ids, max_new_tokens=n, session=session, cuda_graph=False)
+        graph = greedy_static(model, ids, max_new_tokens=n, session=session, compile_layers=True)
+        assert graph.graphs == 2 and graph.compiled_layers and torch.equal(graph.sequences, eager.sequences)
+        assert any(l.compresses for l in graph.cache.tca_layers())
+    dense_eager = greedy_static(model, ids, max_new_tokens=24, cuda_graph=False)
+    dense_graph = greedy_static(model, ids, max_new_tokens=24, compile_layers=True)
+    assert dense_graph.graphs == 1 and torch.equal(dense_graph.sequences, dense_eager.sequences)

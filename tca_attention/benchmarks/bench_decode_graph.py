@@ -29,6 +29,13 @@ from ..engine.timing import bench_ms
 from . import require_cuda
 
 CELLS = ("dense-eager", "dense-graph", "keep-all-graph", "tca-eager", "tca-graph")
+# --compile-layers: the three graph cells again with the decoder layers compiled (torch.compile;
+# integration/compiled_layers.py), norms/rotary/MLP fused, attention and cache eager
+COMPILED_CELLS = ("dense-graph-compiled", "keep-all-graph-compiled", "tca-graph-compiled")
+RATIOS = (("tca-graph", "dense-graph"), ("tca-graph", "keep-all-graph"), ("tca-eager", "dense-eager"),
+          ("tca-graph", "tca-eager"), ("dense-graph", "dense-eager"), ("keep-all-graph", "dense-graph"),
+          ("tca-graph-compiled", "keep-all-graph-compiled"), ("tca-graph-compiled", "dense-graph-compiled"),
+          ("tca-graph-compiled", "tca-graph"), ("keep-all-graph-compiled", "keep-all-graph"))
 # keep-all-graph: the engine with nothing dropped (FullBudget) in the same graph runner: a dense
 # split-K flash-decoding over a GQA cache, no repeat_kv and no mask, so the graph-captured dense
 # figure does not rest on transformers' SDPA path alone (which expands KV heads under a mask)
@@ -52,6 +59,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--decode-steps", type=int, default=64, help="decode steps timed per cell (after warm-up)")
     ap.add_argument("--dense-below", default="0",
                     help="TCA's dense_below: a token count or 'auto' (0: TCA always sparse, what is timed)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="also time the graph cells with the decoder layers compiled by torch.compile "
+                    "(cells *-graph-compiled; the compilation is outside the timed steps)")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
@@ -118,11 +128,12 @@ def eager_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
 
 
 @torch.no_grad()
-def graph_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
-    """greedy_static with CUDA graphs: 1 eager step, 1 warm-up, capture, then `steps` replays."""
+def graph_cell(model, ids: torch.Tensor, steps: int, session=None, compile_layers: bool = False) -> dict:
+    """greedy_static with CUDA graphs: 1 eager step, 1 warm-up, capture, then `steps` replays
+    (compile_layers: the decoder layers compiled, during the eager steps)."""
     from ..integration.static_decode import greedy_static
 
-    run = greedy_static(model, ids, max_new_tokens=steps + 3, session=session)
+    run = greedy_static(model, ids, max_new_tokens=steps + 3, session=session, compile_layers=compile_layers)
     assert run.graphs >= 1 and run.steady_steps >= steps, (run.graphs, run.steady_steps)
     return {"ttft_s": run.prefill_s, "decode_tokens_per_s": run.decode_tokens_per_s, "kv_bytes": _kv_bytes(run.cache),
             "graphs": run.graphs}
@@ -135,15 +146,16 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
+    compiled = {"compile_layers": True} if cell.endswith("-compiled") else {}
     fn = eager_cell if cell.endswith("eager") else graph_cell
     try:
         if cell.startswith("dense"):
-            r = fn(model, ids, steps)
+            r = fn(model, ids, steps, **compiled)
         else:
             if cell.startswith("keep-all"):
                 method = FullBudget(window=method.window, block_size=method.block_size)
             with enable(model, method) as session:
-                r = fn(model, ids, steps, session)
+                r = fn(model, ids, steps, session, **compiled)
     except torch.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         return {"error": f"OOM: {e}".splitlines()[0]}
@@ -161,21 +173,20 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 
 
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
-               vocab: int) -> list[dict]:
+               vocab: int, cells: tuple[str, ...] = CELLS) -> list[dict]:
     weights = _weight_bytes(model)
     warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
-    for cell in CELLS:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
+    for cell in cells:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
         run_cell(cell, model, warm, 4, method, weights, bw_tbs)
     rows = []
     for L in lengths:
         for B in batches:
             ids = torch.randint(0, vocab, (B, L), device="cuda")
             row = {"model": label, "tokens": L, "batch": B}
-            for cell in CELLS:
+            for cell in cells:
                 row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs)
-            for a, b in (("tca-graph", "dense-graph"), ("tca-graph", "keep-all-graph"), ("tca-eager", "dense-eager"),
-                         ("tca-graph", "tca-eager"), ("dense-graph", "dense-eager"), ("keep-all-graph", "dense-graph")):
-                if "decode_tokens_per_s" in row[a] and "decode_tokens_per_s" in row[b]:
+            for a, b in RATIOS:
+                if "decode_tokens_per_s" in row.get(a, {}) and "decode_tokens_per_s" in row.get(b, {}):
                     row[f"{a} / {b}"] = row[a]["decode_tokens_per_s"] / row[b]["decode_tokens_per_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -212,11 +223,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if bw is None:
         ap.error(f"no bandwidth known for {name!r}: pass --bandwidth-tbs")
     rows, models = [], {}
+    cells = CELLS + (COMPILED_CELLS if args.compile_layers else ())
     if lengths:
         model = build_model(args.layers)
         budgets = Budgets.load(args.budgets).mapped_onto(model)
         rows += time_model("llama-3.1-8b-shape", model, TCA(budgets, dense_below=dense_below), lengths, batches,
-                           args.decode_steps, bw, LLAMA_8B["vocab_size"])
+                           args.decode_steps, bw, LLAMA_8B["vocab_size"], cells)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
                                         "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
         del model
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         method = registry.create("tca", model=model, tokenizer=tok)  # calibrates once, then cached
         method = TCA(method.budgets, dense_below=dense_below)
         rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
-                           model.config.get_text_config().vocab_size)
+                           model.config.get_text_config().vocab_size, cells)
         cfg = model.config.get_text_config()
         models[args.model] = {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
                               "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
@@ -245,7 +257,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                   "keep-all-graph": "FullBudget (every token kept) + StaticRaggedCache, CUDA-graph replay: "
                                     "dense split-K decode over the GQA cache, no mask",
                   "tca-eager": "TCA + RaggedCache (dynamic), a Python forward per token",
-                  "tca-graph": "TCA + StaticRaggedCache, CUDA-graph replay"},
+                  "tca-graph": "TCA + StaticRaggedCache, CUDA-graph replay",
+                  **({c: c.removesuffix("-compiled") + " with the decoder layers compiled (torch.compile): norms, "
+                      "rotary, MLP and residual adds fused; attention and cache eager" for c in COMPILED_CELLS}
+                     if args.compile_layers else {})},
         "command": "tca bench decode-graph " + " ".join(argv),
     }
     with open(args.out, "w") as f:
@@ -266,9 +281,10 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (model, B) in zip(axes[0], panels):
         sub = [r for r in rows if r["model"] == model and r["batch"] == B]
-        w = 0.8 / len(CELLS)
-        for i, cell in enumerate(CELLS):
-            xs = [j + (i - (len(CELLS) - 1) / 2) * w for j in range(len(sub))]
+        cells = [c for c in CELLS + COMPILED_CELLS if any(c in r for r in sub)]
+        w = 0.8 / len(cells)
+        for i, cell in enumerate(cells):
+            xs = [j + (i - (len(cells) - 1) / 2) * w for j in range(len(sub))]
             ys = [r[cell].get("batch_tokens_per_s", 0.0) for r in sub]
             bars = ax.bar(xs, ys, w, label=cell)
             lim = [r[cell].get("bandwidth_limit_tokens_per_s", 0.0) * B for r in sub]

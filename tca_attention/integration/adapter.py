@@ -172,6 +172,26 @@ def register(name: str, fn: Callable) -> None:
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation the model's text config runs (e.g. "sdpa", or ours)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return cfg._attn_implementation
+
+
+def swap_attention_function(name: str, wrap: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Register wrap(f) under `name`, f being the function registered there now (transformers'
+    own for "sdpa"); return a function that registers f again."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = ALL_ATTENTION_FUNCTIONS[name]
+    AttentionInterface.register(name, wrap(before))
+
+    def restore() -> None:
+        AttentionInterface.register(name, before)
+
+    return restore
+
+
 def set_attention(model: torch.nn.Module, name: str) -> Callable[[], None]:
     """Switch `model` to attention implementation `name`; return a function that puts back
     exactly what every (sub)config had, without re-validating it (a model may run an

@@ -229,14 +229,17 @@ class Session:
         """{keyword: cache} under the name the installed transformers expects."""
         return adapter.cache_kwargs(cache)
 
-    def generate(self, *args, cuda_graph: bool = False, **kwargs):
+    def generate(self, *args, cuda_graph: bool = False, compile_layers: bool = False, **kwargs):
         """model.generate() with a new cache of this session (kept as `session.cache`).
 
         cuda_graph=True: greedy decoding of exactly max_new_tokens tokens (no stop at EOS) with
         static decode steps captured in CUDA graphs and replayed (integration/static_decode.py; on
         the CPU the same static steps run eagerly). Takes input_ids, attention_mask (left padding)
         and max_new_tokens; returns the sequences (prompt + new tokens), the run is kept as
-        `session.last_run` (timings)."""
+        `session.last_run` (timings). compile_layers (with cuda_graph): the decode steps run with
+        the decoder layers compiled by torch.compile (integration/compiled_layers.py)."""
+        if compile_layers and not cuda_graph:
+            raise ValueError("compile_layers=True needs cuda_graph=True: it compiles the static decode steps")
         if not cuda_graph:
             self.cache = self.new_cache()
             return self.model.generate(*args, **kwargs, **self.cache_kwargs(self.cache))
@@ -251,7 +254,8 @@ class Session:
             _refuse(f"arguments {sorted(kwargs) or 'positional'} (it takes input_ids, attention_mask, max_new_tokens)")
         if input_ids is None or max_new_tokens is None:
             _refuse("a call without input_ids and max_new_tokens")
-        run = greedy_static(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, session=self)
+        run = greedy_static(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, session=self,
+                            compile_layers=compile_layers)
         self.cache, self.last_run = run.cache, run
         return run.sequences
 

@@ -14,6 +14,10 @@ which no row of any layer can compress skips that work. The first step runs eage
 catch-up compression of a long dense prompt tail may take several passes), and one warm-up step
 on a side stream before a capture. Without CUDA (or cuda_graph=False) the very same
 steps run eagerly, following the same schedule: that is what the CPU tests check.
+
+compile_layers=True: the decode steps run with every decoder layer compiled by torch.compile
+(integration/compiled_layers.py: norms, rotary, MLP and residual adds fused; attention and the
+cache eager), compiled during the eager steps, before any capture; the prefill stays eager.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch import nn
 from ..introspect import layer_kinds
 from ..static_cache import StaticRaggedCache
 from . import adapter
+from .compiled_layers import compiled_decoder_layers
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class StaticRun:
     steady_steps: int
     eager_steps: int
     graphs: int  # CUDA graphs captured (0: eager)
+    compiled_layers: bool = False  # decode steps ran with the decoder layers compiled
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -88,10 +94,12 @@ def _new_cache(model: nn.Module, session, prompt_len: int, max_new_tokens: int) 
 
 @torch.no_grad()
 def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  max_new_tokens: int, session=None, cuda_graph: bool = True) -> StaticRun:
+                  max_new_tokens: int, session=None, cuda_graph: bool = True,
+                  compile_layers: bool = False) -> StaticRun:
     """Greedy decoding of max_new_tokens tokens with static decode steps (CUDA graphs on a GPU
     when cuda_graph). session: an enabled Session (its method's static ragged cache), or None for
-    plain attention over transformers' StaticCache. attention_mask: left padding only."""
+    plain attention over transformers' StaticCache. attention_mask: left padding only.
+    compile_layers: decode steps with the decoder layers compiled (torch.compile)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -118,6 +126,19 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     need = cache.compress_steps(steps) if ragged else [False] * steps  # host schedule, one read
     step = StaticStep(model, cache, tokens[:, 0], key_start, pos_ids[:, -1:] + 1, L, tokens)
     capture = cuda_graph and dev.type == "cuda"
+    with compiled_decoder_layers(model, cache) if compile_layers else nullcontext():
+        t2, t3, eager, rest, graphs = _decode(step, cache, ragged, need, steps, capture, dev)
+    _set_pass(cache, ragged, True)
+    _resync(cache, ragged)
+    return StaticRun(torch.cat([input_ids, tokens], 1), cache, t1 - t0, t3 - t1, t3 - t2, len(rest), eager,
+                     len(graphs), compile_layers)
+
+
+def _decode(step: StaticStep, cache: Any, ragged: bool, need: list[bool], steps: int, capture: bool,
+            dev: torch.device) -> tuple[float, float, int, list[bool], dict]:
+    """The decode steps: eager ones, then captured graphs replayed (or eager steps) by the
+    schedule `need`. -> (time before the steady steps, time after them, eager steps, the steady
+    steps' schedule, the graphs)."""
     # eager: the first step (its catch-up compression), and one warm-up step before a capture
     eager = min(steps, 2 if capture else 1)
     stream = torch.cuda.Stream(dev) if capture else None
@@ -149,10 +170,7 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             step()
     _sync(dev)
     t3 = time.perf_counter()
-    _set_pass(cache, ragged, True)
-    _resync(cache, ragged)
-    return StaticRun(torch.cat([input_ids, tokens], 1), cache, t1 - t0, t3 - t1, t3 - t2, len(rest), eager,
-                     len(graphs))
+    return t2, t3, eager, rest, graphs
 
 
 def _set_pass(cache: Any, ragged: bool, on: bool) -> None:

@@ -1,0 +1,64 @@
+"""Decode steps with every decoder layer compiled by torch.compile (inductor), attention and the
+cache left eager.
+
+A batch-1 decode step of a large model on a fast GPU spends milliseconds in small kernels around
+the weights and the attention: RMSNorm's casts and reductions, rotary's rotate-half and
+concatenations, SiLU times up, residual adds (`benchmarks/profile_step.py`). Compiling each
+decoder layer fuses them into a few kernels. The attention function and the cache's `update`
+run behind `torch.compiler.disable` (a graph break), so the cache's host counters never become
+guards and the method's kernels run as they do eagerly; the compiled parts are plain tensor code
+of fixed shapes, which a CUDA graph then captures like any other kernel.
+
+`compiled_decoder_layers(model, cache)` swaps each layer of the model's ModuleList for its
+compiled wrapper (the same module inside: parameters, hooks and state are shared), registers a
+disabled wrapper of the model's attention function and wraps the cache's `update`; leaving the
+context puts every one of them back. Dynamo's recompile limit is raised inside it so that a
+model's layers never run past it back into eager code. The first decode steps pay the compilation
+(in StaticRun.decode_s, not in its steady steps); later runs in the same process reuse it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..introspect import decoder_layers
+from . import adapter
+
+
+def _dynamo_settings(n_layers: int) -> dict[str, Any]:
+    """Config patch: room for one compiled entry per layer and cache type. The layer's forward
+    hands its layer_idx to the (disabled) cache update, which specialises the entry on it: a
+    model compiles its layer code once per layer (inductor's graph cache makes the repeats
+    cheap); with the default limit (8) the later layers would silently run eagerly."""
+    import torch._dynamo.config as cfg
+
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return {limit: max(getattr(cfg, limit), 4 * n_layers + 8)}
+
+
+@contextmanager
+def compiled_decoder_layers(model: nn.Module, cache: Any) -> Iterator[None]:
+    """Within: the model's decoder layers compiled (torch.compile, dynamic=False), its attention
+    function and `cache.update` eager behind torch.compiler.disable. Everything is put back on exit."""
+    import torch._dynamo
+
+    layers = decoder_layers(model)
+    originals = list(layers)
+    restore_attention = adapter.swap_attention_function(adapter.attention_implementation(model),
+                                                        torch.compiler.disable)
+    had_update = "update" in vars(cache)
+    cache.update = torch.compiler.disable(cache.update)
+    try:
+        with torch._dynamo.config.patch(**_dynamo_settings(len(originals))):
+            for i, layer in enumerate(originals):
+                layers[i] = torch.compile(layer, dynamic=False)
+            yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        if not had_update:
+            del cache.update
+        restore_attention()

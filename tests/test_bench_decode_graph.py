@@ -1,0 +1,24 @@
+"""`tca bench decode-graph` on the CPU: its options and its plot (the timing itself needs CUDA)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tca_attention.benchmarks import bench_decode_graph as bench
+
+
+def _row(cells, tokens: int) -> dict:
+    return {"model": "m", "tokens": tokens, "batch": 1,
+            **{c: {"batch_tokens_per_s": 10.0 + i, "bandwidth_limit_tokens_per_s": 50.0} for i, c in enumerate(cells)}}
+
+
+def test_compile_layers_option_and_plot(tmp_path: Path) -> None:
+    assert bench.build_parser().parse_args(["--out", "x", "--compile-layers"]).compile_layers
+    assert not bench.build_parser().parse_args(["--out", "x"]).compile_layers
+    assert set(bench.COMPILED_CELLS).isdisjoint(bench.CELLS)
+    assert all(a in bench.CELLS + bench.COMPILED_CELLS and b in bench.CELLS + bench.COMPILED_CELLS
+               for a, b in bench.RATIOS)
+    meta = {"device": "cpu", "bandwidth_tbs": 1.0, "torch": "x"}
+    for cells in (bench.CELLS, bench.CELLS + bench.COMPILED_CELLS):  # a run without and with the option
+        out = tmp_path / f"p{len(cells)}.png"
+        bench.plot([_row(cells, 8192), _row(cells, 32768)], meta, str(out))
+        assert out.stat().st_size > 1000
