@@ -39,6 +39,10 @@ Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semanti
                         selects with its keep counts, the KV head keeps the union); the block's
                         retained mass adds the band mass of the tokens not kept.
 Nothing of size r * L is stored; with r = 1 and "shared" it is the paper's rule path above.
+
+Option span = k > 1 (both paths): kernels C / C' rank the tokens of a block by
+selection.span_scores(s, k) (s plus its stride-1 max-pool of width k: one pool and one add in
+torch between B and C, on the device) instead of s; the kept mass is still summed from s.
 """
 from __future__ import annotations
 
