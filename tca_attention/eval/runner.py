@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 from tqdm.auto import tqdm
 
 from .methods import DEFAULT_METHODS, SDPA_BACKENDS, Backend, EvalMethod, expand_method, resolve_tca_config
@@ -202,6 +201,8 @@ def _run_chunk(config: EvalConfig, backend: Backend, spec: EvalMethod, pairs: li
     depend on its batch neighbours, so the results are those of the whole batch."""
     if len(pairs) == 1 or not hasattr(backend, "run_batch"):
         return [_result(config, spec, s, ids, backend.run(spec, s, ids, matched)) for s, ids in pairs]
+    import torch  # here: the command line's parser is built without torch
+
     try:
         outs = backend.run_batch(spec, [s for s, _ in pairs], [ids for _, ids in pairs], matched)
     except torch.OutOfMemoryError:
@@ -218,6 +219,8 @@ def _run_chunk(config: EvalConfig, backend: Backend, spec: EvalMethod, pairs: li
 def _release_gpu_memory() -> None:
     """What the failed batch left cached, back to the allocator (its tensors are gone with its frames)."""
     import gc
+
+    import torch
 
     gc.collect()
     if torch.cuda.is_available():
