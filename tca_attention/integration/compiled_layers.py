@@ -31,8 +31,8 @@ from . import adapter
 def _dynamo_settings(n_layers: int) -> dict[str, Any]:
     """Config patch: room for one compiled entry per layer and cache type. The layer's forward
     hands its layer_idx to the (disabled) cache update, which specialises the entry on it: a
-    model compiles its layer code once per layer (inductor's graph cache makes the repeats
-    cheap); with the default limit (8) the later layers would silently run eagerly."""
+    model compiles its layer code once per layer (inductor's FX graph cache may serve the
+    repeats); with the default limit (8) the later layers would silently run eagerly."""
     import torch._dynamo.config as cfg
 
     limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
