@@ -162,7 +162,7 @@ def test_config_validation_and_run_name() -> None:
         _config(methods=("full", "streaming@match=tca:tau=0.5"))
     with pytest.raises(ValueError, match="duplicate methods"):
         _config(methods=("tca:tau=0.5", "tca:tau=0.50"))
-    with pytest.raises(KeyError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task"):
         _config(tasks=("nope",))
     a, b = _config(), _config(samples=20, lengths=(8192,), methods=("full",))
     assert a.run_name() == b.run_name()  # more samples / lengths / methods extend one folder

@@ -47,8 +47,9 @@ class EvalConfig:
     sdpa_backend: str = "auto"  # torch SDPA kernel for the layers transformers runs (auto = torch's choice)
 
     def __post_init__(self) -> None:
-        for t in self.tasks:
-            TASKS.get(t)
+        unknown = [t for t in self.tasks if t not in TASKS.names()]
+        if unknown:  # a usage error: the CLI prints it without a traceback
+            raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(TASKS.names())}")
         specs = [m for text in self.methods for m in expand_method(text)]
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
