@@ -1,6 +1,8 @@
 """Where a decode step's GPU time goes: the static step's kernels (the ones a CUDA graph replays),
 profiled eagerly with torch.profiler and summed by kind, for dense (keep-all, the engine's split-K
-decode) and TCA on the Llama-3.1-8B shape with random weights.
+decode) and TCA on the Llama-3.1-8B shape with random weights. The prefill's kernels come with it
+(`prefill_*`: the profiled run with one decode step, by kind and the top kernels), so a time to
+first token can be read the same way.
 
 python -m tca_attention.benchmarks.profile_step --budgets docs/results/budgets/smollm2-default-8k.json \
     --tokens 131072 --out profile_step.json
@@ -20,6 +22,8 @@ from . import require_cuda
 # kernel name substrings -> kind (first match wins)
 KINDS = (
     ("attention decode", ("_decode_split", "_decode_combine")),
+    ("attention prefill", ("_prefill_kernel", "flash", "fmha", "attention", "cudnn")),
+    ("prefill selection", ("_logits_kernel", "_importance_kernel", "_window_", "_row_lse", "_select_kernel", "_pack_kernel", "softmax")),
     ("decode compression / selection", ("select", "compress", "_pack", "topk", "sort", "scatter", "gather", "index")),
     ("weights (GEMM/GEMV)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
     ("norms / rotary / elementwise", ("elementwise", "reduce", "norm", "mul", "add", "copy", "cat", "pow", "rsqrt",
@@ -69,13 +73,24 @@ def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
             totals.append(per)
             torch.cuda.empty_cache()
     step = {k: (totals[1][k] - totals[0].get(k, 0.0)) / steps for k in totals[1]}
-    by_kind: dict[str, float] = defaultdict(float)
-    for k, us in step.items():
-        by_kind[kind_of(k)] += us / 1e3
-    top = sorted(((us, k) for k, us in step.items()), reverse=True)[:25]
+    prefill = totals[0]  # the prefill and one decode step (a step is ~1e-3 of a long prefill)
     return {"graph_step_ms": graph_ms, "kernel_ms_per_step": sum(step.values()) / 1e3,
-            "kernel_ms_per_step_by_kind": dict(by_kind),
-            "top_kernels": [{"us_per_step": u, "name": n[:120]} for u, n in top]}
+            "kernel_ms_per_step_by_kind": _by_kind(step),
+            "top_kernels": [{"us_per_step": u, "name": n[:120]} for u, n in _top(step, 25)],
+            "prefill_kernel_ms": sum(prefill.values()) / 1e3, "prefill_kernel_ms_by_kind": _by_kind(prefill),
+            "prefill_top_kernels": [{"ms": u / 1e3, "name": n[:120]} for u, n in _top(prefill, 15)]}
+
+
+def _by_kind(us_by_kernel: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per kind."""
+    out: dict[str, float] = defaultdict(float)
+    for k, us in us_by_kernel.items():
+        out[kind_of(k)] += us / 1e3
+    return dict(out)
+
+
+def _top(us_by_kernel: dict[str, float], n: int) -> list[tuple[float, str]]:
+    return sorted(((us, k) for k, us in us_by_kernel.items()), reverse=True)[:n]
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -99,6 +114,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(label, json.dumps({k: v for k, v in result[label].items() if k != "top_kernels"}), flush=True)
         for t in result[label]["top_kernels"][:12]:
             print(f"  {t['us_per_step']:9.1f} us/step  {t['name']}", flush=True)
+        for t in result[label]["prefill_top_kernels"][:10]:
+            print(f"  {t['ms']:9.1f} ms/prefill  {t['name']}", flush=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 0
