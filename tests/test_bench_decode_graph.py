@@ -22,3 +22,15 @@ def test_compile_layers_option_and_plot(tmp_path: Path) -> None:
         out = tmp_path / f"p{len(cells)}.png"
         bench.plot([_row(cells, 8192), _row(cells, 32768)], meta, str(out))
         assert out.stat().st_size > 1000
+
+
+def test_compile_prefill_option_needs_compile_layers(capsys) -> None:
+    import pytest
+
+    args = bench.build_parser().parse_args(["--out", "x", "--compile-layers", "--compile-prefill"])
+    assert args.compile_prefill and args.compile_layers
+    assert all(a in bench.CELLS + bench.COMPILED_CELLS and b in bench.CELLS + bench.COMPILED_CELLS
+               for a, b in bench.TTFT_RATIOS)
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--compile-prefill"])
+    assert "--compile-prefill needs --compile-layers" in capsys.readouterr().err

@@ -197,6 +197,38 @@ def test_compiled_layers_decode_the_same_tokens_and_put_everything_back(arch, na
                 session.generate(input_ids=ids, max_new_tokens=4, compile_layers=True)
 
 
+@pytest.mark.parametrize("arch,name", [("llama", "tca"), ("llama", None), ("gemma3", "tca")])
+def test_compiled_prefill_decodes_the_same_tokens_and_compiles_once_for_every_length(arch, name, caplog):
+    """compile_prefill=True: the prompt's forward runs through a dynamic-shape compilation of each
+    decoder layer, the decode steps through the static one; the greedy tokens equal the plain
+    static run's, and a second prompt of another length (same cache capacity) compiles nothing new."""
+    import torch._dynamo
+
+    layers = 10 if arch == "llama" else 3
+    extra = {} if arch == "llama" else {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    model = tiny(arch, num_hidden_layers=layers, **extra)
+    before = list(model.model.layers)
+    with torch.no_grad(), (enable(model, method(name, model), backend="reference") if name
+                           else contextlib.nullcontext()) as session:
+        with pytest.raises(ValueError, match="needs compile_layers"):
+            greedy_static(model, *left_padded((60,)), max_new_tokens=2, session=session, compile_prefill=True)
+        for lengths, new, fresh in (((300, 251, 45), 8, True), ((290, 200, 77), 18, False)):
+            ids, mask = left_padded(lengths, seed=len(lengths) + new)
+            want = greedy_static(model, ids, mask, max_new_tokens=new, session=session)
+            torch._dynamo.utils.counters.clear()
+            with caplog.at_level("WARNING", logger="torch._dynamo"):
+                run = greedy_static(model, ids, mask, max_new_tokens=new, session=session, compile_layers=True,
+                                    compile_prefill=True)
+            assert run.compiled_prefill and torch.equal(run.sequences, want.sequences)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            assert graphs >= 2 if fresh else graphs == 0, (lengths, graphs)
+            assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
+        assert all(a is b for a, b in zip(before, model.model.layers))
+        if session is not None:
+            with pytest.raises(ValueError, match="needs cuda_graph=True"):
+                session.generate(input_ids=ids, max_new_tokens=4, compile_prefill=True)
+
+
 def test_model_generate_runs_on_the_static_cache_eagerly():
     """transformers' own generate() with session.new_cache(max_new_tokens=N): the same tokens as
     the dynamic cache and as the graph runner (every step runs the masked compression pass)."""
@@ -534,11 +566,13 @@ def test_graph_replay_equals_eager_on_the_default_model():
 
 
 @pytest.mark.gpu
-def test_graph_replay_with_compiled_layers_equals_eager_on_the_default_model():
+@pytest.mark.parametrize("compile_prefill", [False, True])
+def test_graph_replay_with_compiled_layers_equals_eager_on_the_default_model(compile_prefill):
     """compile_layers=True on the GPU: the compiled layers are captured in the graphs and the
     replays give the eager static steps' tokens (bf16: inductor's fused kernels may round
     differently, so the tokens are compared for TCA and dense, where greedy decoding of this
-    model is stable over 24 steps), with decode compression inside the replays."""
+    model is stable over 24 steps), with decode compression inside the replays; compile_prefill:
+    the prompt's forward compiled too, same tokens."""
     from tca_attention import calibrate
     from tca_attention.data.passkey import passkey_prompt
     from tca_attention.methods.tca.config import SMALL_CONTEXT
@@ -551,9 +585,11 @@ def test_graph_replay_with_compiled_layers_equals_eager_on_the_default_model():
     n = SMALL_CONTEXT.block_size + 24
     with torch.no_grad(), enable(model, TCA(budgets, dense_below=0)) as session:
         eager = greedy_static(model, ids, max_new_tokens=n, session=session, cuda_graph=False)
-        graph = greedy_static(model, ids, max_new_tokens=n, session=session, compile_layers=True)
+        graph = greedy_static(model, ids, max_new_tokens=n, session=session, compile_layers=True,
+                              compile_prefill=compile_prefill)
         assert graph.graphs == 2 and graph.compiled_layers and torch.equal(graph.sequences, eager.sequences)
+        assert graph.compiled_prefill == compile_prefill
         assert any(l.compresses for l in graph.cache.tca_layers())
     dense_eager = greedy_static(model, ids, max_new_tokens=24, cuda_graph=False)
-    dense_graph = greedy_static(model, ids, max_new_tokens=24, compile_layers=True)
+    dense_graph = greedy_static(model, ids, max_new_tokens=24, compile_layers=True, compile_prefill=compile_prefill)
     assert dense_graph.graphs == 1 and torch.equal(dense_graph.sequences, dense_eager.sequences)

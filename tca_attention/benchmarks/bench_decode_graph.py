@@ -36,6 +36,8 @@ RATIOS = (("tca-graph", "dense-graph"), ("tca-graph", "keep-all-graph"), ("tca-e
           ("tca-graph", "tca-eager"), ("dense-graph", "dense-eager"), ("keep-all-graph", "dense-graph"),
           ("tca-graph-compiled", "keep-all-graph-compiled"), ("tca-graph-compiled", "dense-graph-compiled"),
           ("tca-graph-compiled", "tca-graph"), ("keep-all-graph-compiled", "keep-all-graph"))
+# time-to-first-token speed-ups (dense TTFT / TCA TTFT); with --compile-prefill the compiled cells' prefill is compiled
+TTFT_RATIOS = (("dense-eager", "tca-eager"), ("dense-graph-compiled", "tca-graph-compiled"))
 # keep-all-graph: the engine with nothing dropped (FullBudget) in the same graph runner: a dense
 # split-K flash-decoding over a GQA cache, no repeat_kv and no mask, so the graph-captured dense
 # figure does not rest on transformers' SDPA path alone (which expands KV heads under a mask)
@@ -62,6 +64,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--compile-layers", action="store_true",
                     help="also time the graph cells with the decoder layers compiled by torch.compile "
                     "(cells *-graph-compiled; the compilation is outside the timed steps)")
+    ap.add_argument("--compile-prefill", action="store_true",
+                    help="with --compile-layers: the compiled cells compile the prefill too (dynamic shapes, "
+                    "compiled in the warm-up cells), so their TTFT shows it")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
@@ -128,25 +133,29 @@ def eager_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
 
 
 @torch.no_grad()
-def graph_cell(model, ids: torch.Tensor, steps: int, session=None, compile_layers: bool = False) -> dict:
+def graph_cell(model, ids: torch.Tensor, steps: int, session=None, compile_layers: bool = False,
+               compile_prefill: bool = False) -> dict:
     """greedy_static with CUDA graphs: 1 eager step, 1 warm-up, capture, then `steps` replays
-    (compile_layers: the decoder layers compiled, during the eager steps)."""
+    (compile_layers: the decoder layers compiled, during the eager steps; compile_prefill: the
+    prompt's forward too)."""
     from ..integration.static_decode import greedy_static
 
-    run = greedy_static(model, ids, max_new_tokens=steps + 3, session=session, compile_layers=compile_layers)
+    run = greedy_static(model, ids, max_new_tokens=steps + 3, session=session, compile_layers=compile_layers,
+                        compile_prefill=compile_prefill)
     assert run.graphs >= 1 and run.steady_steps >= steps, (run.graphs, run.steady_steps)
     return {"ttft_s": run.prefill_s, "decode_tokens_per_s": run.decode_tokens_per_s, "kv_bytes": _kv_bytes(run.cache),
             "graphs": run.graphs}
 
 
-def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: int, bw_tbs: float) -> dict:
+def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: int, bw_tbs: float,
+             compile_prefill: bool = False) -> dict:
     from ..integration import enable
     from ..methods.full_budget import FullBudget
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    compiled = {"compile_layers": True} if cell.endswith("-compiled") else {}
+    compiled = {"compile_layers": True, "compile_prefill": compile_prefill} if cell.endswith("-compiled") else {}
     fn = eager_cell if cell.endswith("eager") else graph_cell
     try:
         if cell.startswith("dense"):
@@ -173,21 +182,24 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 
 
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
-               vocab: int, cells: tuple[str, ...] = CELLS) -> list[dict]:
+               vocab: int, cells: tuple[str, ...] = CELLS, compile_prefill: bool = False) -> list[dict]:
     weights = _weight_bytes(model)
     warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
     for cell in cells:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
-        run_cell(cell, model, warm, 4, method, weights, bw_tbs)
+        run_cell(cell, model, warm, 4, method, weights, bw_tbs, compile_prefill)
     rows = []
     for L in lengths:
         for B in batches:
             ids = torch.randint(0, vocab, (B, L), device="cuda")
             row = {"model": label, "tokens": L, "batch": B}
             for cell in cells:
-                row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs)
+                row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs, compile_prefill)
             for a, b in RATIOS:
                 if "decode_tokens_per_s" in row.get(a, {}) and "decode_tokens_per_s" in row.get(b, {}):
                     row[f"{a} / {b}"] = row[a]["decode_tokens_per_s"] / row[b]["decode_tokens_per_s"]
+            for a, b in TTFT_RATIOS:
+                if "ttft_s" in row.get(a, {}) and "ttft_s" in row.get(b, {}):
+                    row[f"ttft {a} / {b}"] = row[a]["ttft_s"] / row[b]["ttft_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -208,6 +220,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ap.error("nothing to time: give --lengths (8B shape) and/or --model")
     if not batches:
         ap.error("--batch needs at least one batch size")
+    if args.compile_prefill and not args.compile_layers:
+        ap.error("--compile-prefill needs --compile-layers")
     dense_below = args.dense_below if args.dense_below == "auto" else int(args.dense_below)
     if (rc := require_cuda("tca bench decode-graph")) is not None:
         return rc
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         model = build_model(args.layers)
         budgets = Budgets.load(args.budgets).mapped_onto(model)
         rows += time_model("llama-3.1-8b-shape", model, TCA(budgets, dense_below=dense_below), lengths, batches,
-                           args.decode_steps, bw, LLAMA_8B["vocab_size"], cells)
+                           args.decode_steps, bw, LLAMA_8B["vocab_size"], cells, args.compile_prefill)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
                                         "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
         del model
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         method = registry.create("tca", model=model, tokenizer=tok)  # calibrates once, then cached
         method = TCA(method.budgets, dense_below=dense_below)
         rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
-                           model.config.get_text_config().vocab_size, cells)
+                           model.config.get_text_config().vocab_size, cells, args.compile_prefill)
         cfg = model.config.get_text_config()
         models[args.model] = {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
                               "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "device": name, "torch": torch.__version__, "transformers": transformers.__version__,
         "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
         "bandwidth_tbs": bw, "models": models, "decode_steps": args.decode_steps, "dense_below": dense_below,
+        "compile_prefill": args.compile_prefill,
         "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
                   "dense-graph": "SDPA + StaticCache, CUDA-graph replay (integration/static_decode.py)",
                   "keep-all-graph": "FullBudget (every token kept) + StaticRaggedCache, CUDA-graph replay: "
@@ -259,7 +274,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                   "tca-eager": "TCA + RaggedCache (dynamic), a Python forward per token",
                   "tca-graph": "TCA + StaticRaggedCache, CUDA-graph replay",
                   **({c: c.removesuffix("-compiled") + " with the decoder layers compiled (torch.compile): norms, "
-                      "rotary, MLP and residual adds fused; attention and cache eager" for c in COMPILED_CELLS}
+                      "rotary, MLP and residual adds fused; attention and cache eager"
+                      + ("; the prefill compiled too (dynamic shapes)" if args.compile_prefill else "")
+                      for c in COMPILED_CELLS}
                      if args.compile_layers else {})},
         "command": "tca bench decode-graph " + " ".join(argv),
     }

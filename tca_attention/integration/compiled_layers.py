@@ -12,7 +12,10 @@ of fixed shapes, which a CUDA graph then captures like any other kernel.
 `compiled_decoder_layers(model, cache)` swaps each layer of the model's ModuleList for its
 compiled wrapper (the same module inside: parameters, hooks and state are shared), registers a
 disabled wrapper of the model's attention function and wraps the cache's `update`; leaving the
-context puts every one of them back. Dynamo's recompile limit is raised inside it so that a
+context puts every one of them back. With prefill=True a multi-token forward (the prompt) runs
+the layer compiled a second time with dynamic shapes (one graph for every prompt length and
+batch), one-token forwards the static decode entry: at 128K a quarter of a prefill's kernel time
+is the elementwise code around attention and weights (`benchmarks/profile_step.py`). Dynamo's recompile limit is raised inside it so that a
 model's layers never run past it back into eager code. The first decode steps pay the compilation
 (in StaticRun.decode_s, not in its steady steps); later runs in the same process reuse it.
 """
@@ -39,10 +42,33 @@ def _dynamo_settings(n_layers: int) -> dict[str, Any]:
     return {limit: max(getattr(cfg, limit), 4 * n_layers + 8)}
 
 
+class PhaseCompiledLayer(nn.Module):
+    """A decoder layer compiled twice: one-token forwards (decode) with static shapes, longer ones
+    (prefill) with dynamic shapes. Attributes the model reads from its layers (e.g. attention_type)
+    come from the original layer."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self._decode = torch.compile(layer, dynamic=False)
+        self._prefill = torch.compile(layer, dynamic=True)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        fn = self._decode if hidden_states.shape[1] == 1 else self._prefill
+        return fn(hidden_states, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+
 @contextmanager
-def compiled_decoder_layers(model: nn.Module, cache: Any) -> Iterator[None]:
-    """Within: the model's decoder layers compiled (torch.compile, dynamic=False), its attention
-    function and `cache.update` eager behind torch.compiler.disable. Everything is put back on exit."""
+def compiled_decoder_layers(model: nn.Module, cache: Any, prefill: bool = False) -> Iterator[None]:
+    """Within: the model's decoder layers compiled (torch.compile, dynamic=False; with prefill,
+    multi-token forwards through a second, dynamic-shape compilation), its attention function and
+    `cache.update` eager behind torch.compiler.disable. Everything is put back on exit."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -52,9 +78,9 @@ def compiled_decoder_layers(model: nn.Module, cache: Any) -> Iterator[None]:
     had_update = "update" in vars(cache)
     cache.update = torch.compiler.disable(cache.update)
     try:
-        with torch._dynamo.config.patch(**_dynamo_settings(len(originals))):
+        with torch._dynamo.config.patch(**_dynamo_settings(len(originals) * (2 if prefill else 1))):
             for i, layer in enumerate(originals):
-                layers[i] = torch.compile(layer, dynamic=False)
+                layers[i] = PhaseCompiledLayer(layer) if prefill else torch.compile(layer, dynamic=False)
             yield
     finally:
         for i, layer in enumerate(originals):

@@ -229,7 +229,8 @@ class Session:
         """{keyword: cache} under the name the installed transformers expects."""
         return adapter.cache_kwargs(cache)
 
-    def generate(self, *args, cuda_graph: bool = False, compile_layers: bool = False, **kwargs):
+    def generate(self, *args, cuda_graph: bool = False, compile_layers: bool = False, compile_prefill: bool = False,
+                 **kwargs):
         """model.generate() with a new cache of this session (kept as `session.cache`).
 
         cuda_graph=True: greedy decoding of exactly max_new_tokens tokens (no stop at EOS) with
@@ -237,8 +238,10 @@ class Session:
         the CPU the same static steps run eagerly). Takes input_ids, attention_mask (left padding)
         and max_new_tokens; returns the sequences (prompt + new tokens), the run is kept as
         `session.last_run` (timings). compile_layers (with cuda_graph): the decode steps run with
-        the decoder layers compiled by torch.compile (integration/compiled_layers.py)."""
-        if compile_layers and not cuda_graph:
+        the decoder layers compiled by torch.compile (integration/compiled_layers.py);
+        compile_prefill (with compile_layers): the prompt's forward too (dynamic shapes: compiled
+        on the first prompt, reused for any later length)."""
+        if (compile_layers or compile_prefill) and not cuda_graph:
             raise ValueError("compile_layers=True needs cuda_graph=True: it compiles the static decode steps")
         if not cuda_graph:
             self.cache = self.new_cache()
@@ -255,7 +258,7 @@ class Session:
         if input_ids is None or max_new_tokens is None:
             _refuse("a call without input_ids and max_new_tokens")
         run = greedy_static(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, session=self,
-                            compile_layers=compile_layers)
+                            compile_layers=compile_layers, compile_prefill=compile_prefill)
         self.cache, self.last_run = run.cache, run
         return run.sequences
 

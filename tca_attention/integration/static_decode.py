@@ -17,12 +17,14 @@ steps run eagerly, following the same schedule: that is what the CPU tests check
 
 compile_layers=True: the decode steps run with every decoder layer compiled by torch.compile
 (integration/compiled_layers.py: norms, rotary, MLP and residual adds fused; attention and the
-cache eager), compiled during the eager steps, before any capture; the prefill stays eager.
+cache eager), compiled during the eager steps, before any capture; the prefill stays eager unless
+compile_prefill=True too (a second, dynamic-shape compilation: the first prompt pays it, later
+prompts of any length reuse it).
 """
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,7 @@ class StaticRun:
     eager_steps: int
     graphs: int  # CUDA graphs captured (0: eager)
     compiled_layers: bool = False  # decode steps ran with the decoder layers compiled
+    compiled_prefill: bool = False  # and the prompt's forward (prefill_s includes a first compilation)
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -95,11 +98,14 @@ def _new_cache(model: nn.Module, session, prompt_len: int, max_new_tokens: int) 
 @torch.no_grad()
 def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   max_new_tokens: int, session=None, cuda_graph: bool = True,
-                  compile_layers: bool = False) -> StaticRun:
+                  compile_layers: bool = False, compile_prefill: bool = False) -> StaticRun:
     """Greedy decoding of max_new_tokens tokens with static decode steps (CUDA graphs on a GPU
     when cuda_graph). session: an enabled Session (its method's static ragged cache), or None for
     plain attention over transformers' StaticCache. attention_mask: left padding only.
-    compile_layers: decode steps with the decoder layers compiled (torch.compile)."""
+    compile_layers: decode steps with the decoder layers compiled (torch.compile); with
+    compile_prefill the prompt's forward too."""
+    if compile_prefill and not compile_layers:
+        raise ValueError("compile_prefill=True needs compile_layers=True")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -112,26 +118,30 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     cache = _new_cache(model, session, L, max_new_tokens)
     steps = max_new_tokens - 1  # decode forwards: the last token is never fed
 
-    _sync(dev)
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos_ids, use_cache=True,
-                logits_to_keep=1, **adapter.cache_kwargs(cache))
-    tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-    tokens[:, :1] = out.logits[:, -1].argmax(-1, keepdim=True)
-    del out
-    _sync(dev)
-    t1 = time.perf_counter()
+    with ExitStack() as compiled:
+        if compile_prefill:
+            compiled.enter_context(compiled_decoder_layers(model, cache, prefill=True))
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos_ids, use_cache=True,
+                    logits_to_keep=1, **adapter.cache_kwargs(cache))
+        tokens = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+        tokens[:, :1] = out.logits[:, -1].argmax(-1, keepdim=True)
+        del out
+        _sync(dev)
+        t1 = time.perf_counter()
 
-    ragged = isinstance(cache, StaticRaggedCache)
-    need = cache.compress_steps(steps) if ragged else [False] * steps  # host schedule, one read
-    step = StaticStep(model, cache, tokens[:, 0], key_start, pos_ids[:, -1:] + 1, L, tokens)
-    capture = cuda_graph and dev.type == "cuda"
-    with compiled_decoder_layers(model, cache) if compile_layers else nullcontext():
+        ragged = isinstance(cache, StaticRaggedCache)
+        need = cache.compress_steps(steps) if ragged else [False] * steps  # host schedule, one read
+        step = StaticStep(model, cache, tokens[:, 0], key_start, pos_ids[:, -1:] + 1, L, tokens)
+        capture = cuda_graph and dev.type == "cuda"
+        if compile_layers and not compile_prefill:
+            compiled.enter_context(compiled_decoder_layers(model, cache))
         t2, t3, eager, rest, graphs = _decode(step, cache, ragged, need, steps, capture, dev)
     _set_pass(cache, ragged, True)
     _resync(cache, ragged)
     return StaticRun(torch.cat([input_ids, tokens], 1), cache, t1 - t0, t3 - t1, t3 - t2, len(rest), eager,
-                     len(graphs), compile_layers)
+                     len(graphs), compile_layers, compile_prefill)
 
 
 def _decode(step: StaticStep, cache: Any, ragged: bool, need: list[bool], steps: int, capture: bool,
