@@ -667,3 +667,18 @@ def test_gpu_window_tca_plan_has_no_host_sync(opts):
     tri, ref = plans_without_host_sync(m, q, k, key_start, D**-0.5)
     assert torch.equal(tri.kept_idx, ref.kept_idx) and torch.equal(tri.kept_len, ref.kept_len)
     torch.testing.assert_close(tri.retained, ref.retained, rtol=1e-4, atol=1e-5)
+
+
+def test_window_selection_below_the_dot_tile_runs_the_reference():
+    """Blocks of fewer than 16 keys: backend="auto" runs the reference selection (the fused
+    kernels' dot tiles need 16), an explicit Triton backend refuses with a clear error."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, KV, L, D, b, w, r = 1, 4, 2, 200, 16, 8, 16, 4
+    spec = window_spec(ladder_p(KV, b, gen), L, torch.tensor([0]), b, w, False, H // KV, 0.5, "sum")
+    q = torch.randn(B, H, r, D, generator=gen)
+    k = torch.randn(B, KV, L, D, generator=gen)
+    got = TS.select_and_pack_window(q, k, spec, D**-0.5, w, backend="auto")
+    want = TS.select_and_pack_window_ref(q, k, spec, D**-0.5, w)
+    assert all(torch.equal(a, c) for a, c in zip(got, want))
+    with pytest.raises(ValueError, match="block_size >= 16"):
+        TT.select_and_pack_window_triton(q.to(DEV), k.to(DEV), on_dev(spec), D**-0.5, w)

@@ -51,6 +51,9 @@ class SelectionSpec:
 KeepChooser = Callable[[torch.Tensor, torch.Tensor, "SelectionSpec"], torch.Tensor]
 
 
+# the fused last_q / union selection computes logits as dots of 16+ rows by a block of keys
+WINDOW_MIN_BLOCK = 16
+
 def row_blocks(s: torch.Tensor, spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's global blocks of s (B, KV, L): -> sb (B, KV, n_max, b) (0 past the row's n_r
     blocks), pos (B, n_max*b) absolute position of each slot, in_glob (B, n_max*b), n_r (B,)."""
@@ -213,6 +216,8 @@ def select_and_pack_window(
     spec.max_kept, with union a bound of the union). r = 1 without union: select_and_pack."""
     if q_win.shape[2] == 1 and not union:
         return select_and_pack(q_win[:, :, 0], k, spec, scaling, backend, choose)
+    if backend == "auto" and spec.block_size < WINDOW_MIN_BLOCK:  # the fused kernels' dot tiles
+        backend = "reference"
     if resolve(backend, k.device) == "triton":
         from .triton_select import select_and_pack_window_triton
 

@@ -31,8 +31,8 @@ Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semanti
                         L - r + i sees the valid keys <= L - r + i), from a dot (only the stats
                         leave the kernel);
   B' `_window_importance_kernel` grid (selection rows, cdiv(L, b)): per block of keys, each of its
-                        rows' r * (g or 1) softmax rows recomputed (one reduction over D per key,
-                        as A) and pooled: s = the mean over the real queries (and, shared, the
+                        rows' r * (g or 1) softmax rows recomputed (a dot of 16-64 rows against
+                        the block, as A; equal keys get equal logits) and pooled: s = the mean over the real queries (and, shared, the
                         query heads); with r > 1 also the same mean over each query's own band
                         (what it attends besides the kept keys, for the retained mass);
   C' `_window_select_kernel` as C over the selection rows of a KV head (one, or g with union: each
@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ...engine.plan import rows_blocks
 from ...engine.triton_common import check_head_dim, check_heads, interpreted, next_pow2
-from .select import KeepChooser, SelectionSpec
+from .select import WINDOW_MIN_BLOCK, KeepChooser, SelectionSpec
 from .selection import span_scores
 
 
@@ -266,12 +266,14 @@ def _row_lse_kernel(PMAX, PSUM, M, LS, n_rows, n_splits, ROWS: tl.constexpr, SPL
 
 
 @triton.jit
-def _window_rows(q_base, M, LS, t, s_qh, s_ql, d, n, R: tl.constexpr):
-    """Rows t (< n) of a selection row: (q (RG, D) fp32, softmax max, sum of exp); row t is query
+def _window_rows(q_base, M, LS, t, s_qh, s_ql, d, n, R: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows t (< n) of a selection row: (q (RD, D), softmax max, sum of exp); row t is query
     L - R + t % R of the selection row's query head t // R (q_base, M, LS: at its first head)."""
     ok = t < n
     q = tl.load(q_base + (t // R)[:, None].to(tl.int64) * s_qh + (t % R)[:, None] * s_ql + d[None, :],
-                mask=ok[:, None], other=0.0).to(tl.float32)
+                mask=ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     return q, tl.load(M + t, mask=ok, other=0.0), tl.load(LS + t, mask=ok, other=1.0)
 
 
@@ -280,14 +282,15 @@ def _window_importance_kernel(
     Q, K, KEY_START, NB, M, LS, S, MASS, H, SB,
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
     L, KV, n_max, scaling, window, w_mass, w_conc,
-    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RG: tl.constexpr, BLOCK: tl.constexpr,
-    HEAD_D: tl.constexpr, BAND: tl.constexpr,
+    G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_D: tl.constexpr, BAND: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Selection row sr = (b, KV head, part) pools the HP query heads hq0 .. hq0 + HP - 1 of its
     KV head (HP = G: one row per KV head; HP = 1: one per query head, gqa="union"). Its block j
     of keys (from key_start, as _importance_kernel) gets s = the mean over the real ones of the R
-    queries and over the HP heads of their causal softmax rows, recomputed per key with one
-    reduction over D (equal keys: equal s). Stores as _importance_kernel (S, MASS, H per selection
+    queries and over the HP heads of their causal softmax rows, recomputed per key: logits by a
+    dot of RD rows at a time against the block (exact products, fp32 sums in an order that does
+    not depend on the key's place: equal keys, equal s). Stores as _importance_kernel (S, MASS, H per selection
     row), and with BAND, SB (rows, n_max*b) block-relative over the row's global blocks: the same
     mean restricted to each query's dense band [band_lo_i, itself] (engine.plan.band_start), what
     each query attends besides the kept keys (the window retained mass)."""
@@ -306,19 +309,19 @@ def _window_importance_kernel(
     in_l = cols < L
     d = tl.arange(0, HEAD_D)
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0).to(tl.float32)
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
     local_start = ks + nb * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     band = tl.zeros([BLOCK], dtype=tl.float32)
     q_base = Q + b.to(tl.int64) * s_qb + (h * G + hq0).to(tl.int64) * s_qh
     st_base = bh * G * R + hq0 * R  # the rows' statistics
-    t = tl.arange(0, RG)
-    q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, d, HP * R, R)
-    for t0 in range(0, HP * R, RG):  # RG of the HP * R rows at a time, the next RG loaded meanwhile
-        t = t0 + tl.arange(0, RG)
-        q_n, m_n, l_n = _window_rows(q_base, M + st_base, LS + st_base, t + RG, s_qh, s_ql, d, HP * R, R)
+    for t0 in range(0, HP * R, RD):  # RD of the HP * R rows at a time
+        t = t0 + tl.arange(0, RD)
+        q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, d, HP * R, R, UPCAST)
         qpos = L - R + t % R
-        x = tl.sum(q[:, None, :] * k[None, :, :], 2) * scaling  # (RG, BLOCK) one reduction over D per key
+        x = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling  # (RD, BLOCK)
         ok = (t < HP * R)[:, None] & in_l[None, :] & (cols[None, :] <= qpos[:, None])  # a query on padding: no key
         p = tl.where(ok, tl.exp(x - m[:, None]) / l[:, None], 0.0)
         acc += tl.sum(p, 0)
@@ -326,7 +329,6 @@ def _window_importance_kernel(
             lo = qpos - window + 1
             band_lo = tl.where(qpos >= local_start, tl.minimum(lo, local_start), lo)
             band += tl.sum(tl.where(cols[None, :] >= band_lo[:, None], p, 0.0), 0)
-        q, m, l = q_n, m_n, l_n
     n_real = tl.maximum(tl.minimum(L - ks, R), 1)  # queries at or after key_start
     s = acc / n_real.to(tl.float32) / HP
     _store_block(S, MASS, H, sr, j, s, cols, in_l, nb, L, n_max, w_mass, w_conc)
@@ -620,14 +622,15 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
     h = torch.empty(rows, n_blocks, dtype=torch.float32, device=dev)
     band = torch.empty(rows, n_blocks * block_size, dtype=torch.float32, device=dev) if r > 1 else None
     m, ls = row_lse(pmax, psum)
-    # rows per step: an (rg, b, D) product of at most 16K elements (sm_90 ptxas, bf16: no spills)
-    rg = min(4, max(1, 16384 // (block_size * D)), next_pow2(hp * r))
+    # rows per dot: at least 16 (tl.dot), an (rd, b) fp32 tile of at most 8K elements
+    up, prec = _dot_args(q_win, k)
+    rd = max(16, min(next_pow2(hp * r), 8192 // block_size))
     _window_importance_kernel[(rows, nb_all)](
         q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, KV, n_blocks, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
-        G=g, HP=hp, R=r, RG=rg, BLOCK=block_size, HEAD_D=D, BAND=band is not None,
-        num_warps=4 if rg * block_size * D <= 8192 else 8,
+        G=g, HP=hp, R=r, RD=rd, BLOCK=block_size, HEAD_D=D, BAND=band is not None, PREC=prec, UPCAST=up,
+        num_warps=4 if rd * block_size <= 4096 else 8,
     )
     if mass_norm == "max":
         h = _max_mass_term(h, mass, n_rows, alpha)
@@ -680,6 +683,9 @@ def select_and_pack_window_triton(
     _check(B, H, D, k, spec)
     if not 1 <= r <= L:
         raise ValueError(f"last_q={r} must be in [1, L={L}]")
+    if spec.block_size < WINDOW_MIN_BLOCK:
+        raise ValueError(f"the fused last_q/union selection needs block_size >= {WINDOW_MIN_BLOCK} (a dot tile), "
+                         f"got {spec.block_size}; backend='auto' runs the reference for smaller blocks")
     if union and choose is not None:
         raise ValueError("keep counts chosen per request (floor) and gqa='union' do not combine")
     g, n_max, b = H // KV, spec.n_max, spec.block_size
