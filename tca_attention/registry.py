@@ -73,12 +73,27 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
             raise ValueError(f"unknown TCA preset {preset!r}; known: {', '.join(PRESETS)}")
         cfg = PRESETS[preset].with_(**{k: params[k] for k in ("window", "tau", "score", "alpha") if k in params})
         key = getattr(model, "name_or_path", None) or type(model).__name__
-        budgets = load_or_calibrate(model, tokenizer, str(key), cfg, params.get("budgets"))
+        plan = _calibration_set(params)
+        if plan is not None and "budgets" in params:
+            raise ValueError("tca: calib_* set how to calibrate, but budgets= hands in calibrated budgets")
+        budgets = load_or_calibrate(model, tokenizer, str(key), cfg, params.get("budgets"), plan=plan)
     if "dense_below" in params:  # "auto" or a length
         text = params["dense_below"]
         extra["dense_below"] = text if text == "auto" else _convert("tca", "dense_below", text, int)
     extra.update({k: params[k] for k in _TCA_RUNTIME if k in params})  # selection options (method.TCA)
     return TCA(budgets, **extra)
+
+
+def _calibration_set(params: dict[str, Any]):
+    """TCA's calib_samples / calib_lengths (token counts joined by '/') / calib_combine -> a
+    CalibrationSet, or None when none is given (the paper's single pass)."""
+    if not any(k in params for k in ("calib_samples", "calib_lengths", "calib_combine")):
+        return None
+    from .methods.tca.calibration import CalibrationSet
+
+    lengths = CalibrationSet.parse_lengths(params["calib_lengths"]) if "calib_lengths" in params else ()
+    return CalibrationSet(samples=params.get("calib_samples", 1), lengths=lengths,
+                          combine=params.get("calib_combine", "mean"))
 
 
 # TCA's selection options: fields of methods.tca.method.TCA, set per run (no recalibration)
@@ -220,7 +235,8 @@ ENTRIES: dict[str, Entry] = {
         Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
-               "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int},
+               "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int,
+               "calib_samples": int, "calib_lengths": str, "calib_combine": str},
               _tca, sweep="tau"),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),

@@ -6,6 +6,7 @@ calibrations). `calibrate` and `load_or_calibrate` take a model, as users do.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -71,14 +72,18 @@ class ModelProbe:
         return {"nll": float(nll), "entropy": float(entropy)}
 
 
-def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | None = None,
-              length: int | None = None, progress: bool = True) -> Budgets:
-    """TCA's calibration of `model` on real text (once; see methods/tca/calibration.py) -> Budgets."""
-    return tca_calibration.calibrate(ModelProbe(model), tokenizer, config, text=text, length=length, progress=progress)
+def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | Sequence[str] | None = None,
+              length: int | None = None, progress: bool = True,
+              plan: tca_calibration.CalibrationSet = tca_calibration.CalibrationSet()) -> Budgets:
+    """TCA's calibration of `model` on real text (once; see methods/tca/calibration.py) -> Budgets.
+    plan: several samples and lengths, their retained scores combined (CalibrationSet)."""
+    return tca_calibration.calibrate(ModelProbe(model), tokenizer, config, text=text, length=length, progress=progress,
+                                     plan=plan)
 
 
 def load_or_calibrate(model: nn.Module, tokenizer, model_key: str, config: TCAConfig, budgets: str | None = None,
-                      length: int | None = None, announce: bool = True) -> Budgets:
+                      length: int | None = None, announce: bool = True,
+                      plan: tca_calibration.CalibrationSet | None = None) -> Budgets:
     """TCA budgets from a file or the per-model cache, calibrating once if needed (budget_cache.py)."""
     return budget_cache.load_or_calibrate(ModelProbe(model), tokenizer, model_key, config, budgets=budgets,
-                                          length=length, announce=announce)
+                                          length=length, announce=announce, plan=plan)

