@@ -73,7 +73,7 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
             raise ValueError(f"unknown TCA preset {preset!r}; known: {', '.join(PRESETS)}")
         cfg = PRESETS[preset].with_(**{k: params[k] for k in ("window", "tau", "score", "alpha") if k in params})
         key = getattr(model, "name_or_path", None) or type(model).__name__
-        plan = _calibration_set(params)
+        plan = calibration_set(params)
         if plan is not None and "budgets" in params:
             raise ValueError("tca: calib_* set how to calibrate, but budgets= hands in calibrated budgets")
         budgets = load_or_calibrate(model, tokenizer, str(key), cfg, params.get("budgets"), plan=plan)
@@ -84,10 +84,10 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     return TCA(budgets, **extra)
 
 
-def _calibration_set(params: dict[str, Any]):
+def calibration_set(params: Mapping[str, Any]):
     """TCA's calib_samples / calib_lengths (token counts joined by '/') / calib_combine -> a
     CalibrationSet, or None when none is given (the paper's single pass)."""
-    if not any(k in params for k in ("calib_samples", "calib_lengths", "calib_combine")):
+    if not any(k in params for k in CALIBRATION_PARAMS):
         return None
     from .methods.tca.calibration import CalibrationSet
 
@@ -96,6 +96,8 @@ def _calibration_set(params: dict[str, Any]):
                           combine=params.get("calib_combine", "mean"))
 
 
+# TCA's calibration-set parameters (how the budgets are calibrated: a separate calibration each)
+CALIBRATION_PARAMS = ("calib_samples", "calib_lengths", "calib_combine")
 # TCA's selection options: fields of methods.tca.method.TCA, set per run (no recalibration)
 _TCA_RUNTIME = ("last_q", "gqa", "floor", "span")
 

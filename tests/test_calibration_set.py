@@ -106,3 +106,24 @@ def test_registry_spec_caches_the_variant_apart(tmp_path, monkeypatch):
         registry.create("tca:calib_samples=2", budgets=single.budgets)
     with pytest.raises(ValueError, match="token counts separated by '/'"):
         registry.create("tca:calib_lengths=2k", model=model, tokenizer=CharTok())
+
+
+def test_eval_runs_calibration_sets(tmp_path, smol_tokenizer, monkeypatch):
+    """`tca eval` with tca:calib_*: the set is calibrated once (the core's cache), its budgets go to
+    the spec (stacked with a calibrator too), the run's own budgets to the others."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer,
+                           tca_config=TCAConfig(block_size=16, window=64, tau=0.9), calibration_length=256)
+    methods = ("tca:tau=0.5", "tca:tau=0.5,calib_samples=2,calib_combine=min",
+               "tca:tau=0.5,calib_samples=2,calib_combine=min+zerotuning:scale=1.5")
+    cfg = EvalConfig(model="tiny-llama", methods=methods, tasks=("perplexity",), lengths=(384,), samples=1)
+    results = evaluate(cfg, backend, tmp_path / "run", progress=False)
+    assert {r.method for r in results} == set(methods)
+    assert all(0 < r.kept_fraction < 1 and r.nll is not None for r in results)
+    assert len(list((tmp_path / "cache" / "budgets").glob("*.json"))) == 2  # the run's and the set's
+    (plan, budgets), = backend._plan_budgets.items()
+    assert plan.samples == 2 and budgets.calibration["combine"] == "min"

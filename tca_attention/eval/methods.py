@@ -182,6 +182,7 @@ class ModelBackend:
         self.tca_tau = tca_tau
         self.calibration_length = calibration_length
         self.backend = backend
+        self._plan_budgets: dict[Any, Any] = {}  # TCA budgets per calibration set (tca:calib_*)
         self.model: Any = model
         self.tokenizer: Any = tokenizer
         self._tca_config = tca_config
@@ -263,11 +264,28 @@ class ModelBackend:
             name, params = registry.parse_spec(registry.split(spec)[0])
             knob = registry.density_param(name)
             record[knob] = params[knob]
-        name, params = registry.parse_spec(registry.split(spec)[0])  # the base gets the run's budgets
+        base, calibrator = registry.split(spec)
+        name, params = registry.parse_spec(base)  # the base gets the run's budgets
         prepared: dict[str, Any] = {}
         if name == "tca":  # the run's budgets; accuracy is of the selection, not the short-prompt policy
-            prepared = {"budgets": self.budgets, **({} if "dense_below" in params else {"dense_below": 0})}
+            budgets = self.budgets
+            calib = {k: params.pop(k) for k in registry.CALIBRATION_PARAMS if k in params}
+            if calib:  # a calibration set of its own (cached per model and setting), then the spec without it
+                budgets = self._calibration_set_budgets(registry.calibration_set(calib))
+                spec = registry.format_spec(name, params) + (f"{registry.COMPOSE}{calibrator}" if calibrator else "")
+            prepared = {"budgets": budgets, **({} if "dense_below" in params else {"dense_below": 0})}
         return registry.create(spec, model=self.model, tokenizer=self.tokenizer, **prepared), record
+
+    def _calibration_set_budgets(self, plan: Any) -> Any:
+        """TCA budgets calibrated with `plan` (a CalibrationSet) under the run's config, once per
+        setting (the core's cache, then memoised here)."""
+        from ..integration.probe import load_or_calibrate
+
+        if plan not in self._plan_budgets:
+            self._plan_budgets[plan] = self._checked(
+                load_or_calibrate(self.model, self.tokenizer, self.model_name, self.tca_config(),
+                                  length=self.calibration_length, plan=plan), f"for {plan}")
+        return self._plan_budgets[plan]
 
     def run(self, method: EvalMethod, sample: Sample, ids: list[int], matched_fraction: float | None) -> Outcome:
         """One sample: a batch of one (no padding, so exactly the method's own semantics)."""
