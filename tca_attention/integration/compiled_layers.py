@@ -15,8 +15,9 @@ disabled wrapper of the model's attention function and wraps the cache's `update
 context puts every one of them back. With prefill=True a multi-token forward (the prompt) runs
 the layer compiled a second time with dynamic shapes (one graph for every prompt length and
 batch), one-token forwards the static decode entry: at 128K a quarter of a prefill's kernel time
-is the elementwise code around attention and weights (`benchmarks/profile_step.py`). Dynamo's recompile limit is raised inside it so that a
-model's layers never run past it back into eager code. The first decode steps pay the compilation
+is the elementwise code around attention and weights (`benchmarks/profile_step.py`). Dynamo's
+recompile limit is raised inside it so that a model's layers never run past it back into eager
+code. The first decode steps pay the compilation
 (in StaticRun.decode_s, not in its steady steps); later runs in the same process reuse it.
 """
 from __future__ import annotations
