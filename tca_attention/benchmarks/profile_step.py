@@ -23,7 +23,8 @@ from . import require_cuda
 KINDS = (
     ("attention decode", ("_decode_split", "_decode_combine")),
     ("attention prefill", ("_prefill_kernel", "flash", "fmha", "attention", "cudnn")),
-    ("prefill selection", ("_logits_kernel", "_importance_kernel", "_window_", "_row_lse", "_select_kernel", "_pack_kernel", "softmax")),
+    ("prefill selection", ("_logits_kernel", "_importance_kernel", "_window_", "_row_lse", "_select_kernel",
+                           "_pack_kernel", "softmax")),
     ("decode compression / selection", ("select", "compress", "_pack", "topk", "sort", "scatter", "gather", "index")),
     ("weights (GEMM/GEMV)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
     ("norms / rotary / elementwise", ("elementwise", "reduce", "norm", "mul", "add", "copy", "cat", "pow", "rsqrt",

@@ -32,8 +32,8 @@ Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semanti
                         leave the kernel);
   B' `_window_importance_kernel` grid (selection rows, cdiv(L, b)): per block of keys, each of its
                         rows' r * (g or 1) softmax rows recomputed (a dot of 16-64 rows against
-                        the block, as A; equal keys get equal logits) and pooled: s = the mean over the real queries (and, shared, the
-                        query heads); with r > 1 also the same mean over each query's own band
+                        the block, as A; equal keys get equal logits) and pooled: s = the mean
+                        over the real queries (and, shared, the query heads); with r > 1 also the same mean over each query's own band
                         (what it attends besides the kept keys, for the retained mass);
   C' `_window_select_kernel` as C over the selection rows of a KV head (one, or g with union: each
                         selects with its keep counts, the KV head keeps the union); the block's
