@@ -67,6 +67,22 @@ def test_calibrate_then_generate_json(tiny_dir, tmp_path, capsys):
     assert f"Using budgets {budgets}" in captured.err
 
 
+def test_calibrate_several_texts_and_lengths(tiny_dir, tmp_path, capsys):
+    """--samples/--lengths/--combine: one budget file from every (window, length), recorded; its
+    notice says how many forwards; bad settings stop before the model loads."""
+    budgets = tmp_path / "b.json"
+    args = ["--model", str(tiny_dir), *TINY]
+    assert main(["calibrate", *args, "--lengths", "300/400", "--samples", "2", "--combine", "min",
+                 "--out", str(budgets)]) == 0
+    captured = capsys.readouterr()
+    assert "4 dense forwards (2 x 300/400 tokens)" in captured.err
+    calib = json.loads(budgets.read_text())["calibration"]
+    assert calib["combine"] == "min"
+    assert [(s["tokens"], s["offset"]) for s in calib["samples"]] == [(300, 0), (300, 300), (400, 0), (400, 400)]
+    assert main(["calibrate", *args, "--lengths", "300/300"]) == 2
+    assert "distinct positive" in capsys.readouterr().err
+
+
 def test_generate_selection_options_print_the_certificate(tiny_dir, tmp_path, capsys):
     budgets = tmp_path / "b.json"
     args = ["--model", str(tiny_dir), *TINY]
