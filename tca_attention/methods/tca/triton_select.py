@@ -622,9 +622,10 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
     h = torch.empty(rows, n_blocks, dtype=torch.float32, device=dev)
     band = torch.empty(rows, n_blocks * block_size, dtype=torch.float32, device=dev) if r > 1 else None
     m, ls = row_lse(pmax, psum)
-    # rows per dot: at least 16 (tl.dot), an (rd, b) fp32 tile of at most 8K elements
+    # rows per dot: at least 16 (tl.dot), at most 64 (the (rd, D) query tile), an (rd, b) fp32
+    # tile of at most 8K elements
     up, prec = _dot_args(q_win, k)
-    rd = max(16, min(next_pow2(hp * r), 8192 // block_size))
+    rd = max(16, min(next_pow2(hp * r), 64, 8192 // block_size))
     _window_importance_kernel[(rows, nb_all)](
         q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
