@@ -35,7 +35,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if (isinstance(m, nn.ModuleList) and len(m) == len(attn)
                 and all(any(id(c) in attn for c in layer.children()) for layer in m)):
             return m
-    raise UnsupportedModelError(f"{type(model).__name__}: no ModuleList of decoder layers holding the attention modules")
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: no ModuleList of decoder layers holding the attention modules")
 
 
 def key_projection_weight(module: nn.Module):

@@ -669,9 +669,11 @@ def test_gpu_window_tca_plan_has_no_host_sync(opts):
     torch.testing.assert_close(tri.retained, ref.retained, rtol=1e-4, atol=1e-5)
 
 
-def test_window_selection_below_the_dot_tile_runs_the_reference():
-    """Blocks of fewer than 16 keys: backend="auto" runs the reference selection (the fused
-    kernels' dot tiles need 16), an explicit Triton backend refuses with a clear error."""
+def test_window_selection_below_the_dot_tile_runs_the_reference(monkeypatch):
+    """Blocks of fewer than 16 keys: backend="auto" runs the reference selection even where auto
+    means Triton (the fused kernels' dot tiles need 16), an explicit Triton backend refuses with a
+    clear error."""
+    monkeypatch.setattr(TS, "resolve", lambda backend, device: "reference" if backend == "reference" else "triton")
     gen = torch.Generator().manual_seed(3)
     B, H, KV, L, D, b, w, r = 1, 4, 2, 200, 16, 8, 16, 4
     spec = window_spec(ladder_p(KV, b, gen), L, torch.tensor([0]), b, w, False, H // KV, 0.5, "sum")

@@ -136,7 +136,8 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
         "fraction); a method is a registry name and its sweep points are its result labels. The attended "
         "fraction is the share of the work a method sparsifies that it still does (KV kept for the evicting "
         "methods, the prefill share for a prefill-only one, the decode share for a decode-only one; "
-        "docs/eval.md). Accuracy is the mean score over full attention's accuracy tasks at that length (a sweep point missing one of them is left out: a run cut short). "
+        "docs/eval.md). Accuracy is the mean score over full attention's accuracy tasks at that length (a "
+        "sweep point missing one of them is left out: a run cut short). "
         "\"best\" is the method with the highest accuracy there and \"margin\" its lead in points over the next one.",
         "",
     ]

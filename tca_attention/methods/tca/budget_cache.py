@@ -81,7 +81,7 @@ def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budg
     long it roughly takes and where the result is cached.
     """
     from .budgets import Budgets
-    from .calibration import calibrate
+    from .calibration import CalibrationSet, calibrate
 
     model = probe.model
     if budgets:
@@ -94,7 +94,7 @@ def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budg
                        "delete the file to calibrate again).")
         return Budgets.load(path, model=model).at(tau=config.tau, score=config.score)
     _say(announce, calibration_notice(model, config, length, path, plan))
-    b = calibrate(probe, tok, config, length=length, **({} if plan is None else {"plan": plan}))
+    b = calibrate(probe, tok, config, length=length, plan=plan or CalibrationSet())
     b.save(path)
     _say(announce, f"Budgets saved to {path}.")
     return b

@@ -54,6 +54,7 @@ KeepChooser = Callable[[torch.Tensor, torch.Tensor, "SelectionSpec"], torch.Tens
 # the fused last_q / union selection computes logits as dots of 16+ rows by a block of keys
 WINDOW_MIN_BLOCK = 16
 
+
 def row_blocks(s: torch.Tensor, spec: SelectionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's global blocks of s (B, KV, L): -> sb (B, KV, n_max, b) (0 past the row's n_r
     blocks), pos (B, n_max*b) absolute position of each slot, in_glob (B, n_max*b), n_r (B,)."""

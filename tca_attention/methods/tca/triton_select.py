@@ -33,8 +33,9 @@ Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semanti
   B' `_window_importance_kernel` grid (selection rows, cdiv(L, b)): per block of keys, each of its
                         rows' r * (g or 1) softmax rows recomputed (a dot of 16-64 rows against
                         the block, as A; equal keys get equal logits) and pooled: s = the mean
-                        over the real queries (and, shared, the query heads); with r > 1 also the same mean over each query's own band
-                        (what it attends besides the kept keys, for the retained mass);
+                        over the real queries (and, shared, the query heads); with r > 1 also
+                        the same mean over each query's own band (what it attends besides the
+                        kept keys, for the retained mass);
   C' `_window_select_kernel` as C over the selection rows of a KV head (one, or g with union: each
                         selects with its keep counts, the KV head keeps the union); the block's
                         retained mass adds the band mass of the tokens not kept.
@@ -290,8 +291,8 @@ def _window_importance_kernel(
     of keys (from key_start, as _importance_kernel) gets s = the mean over the real ones of the R
     queries and over the HP heads of their causal softmax rows, recomputed per key: logits by a
     dot of RD rows at a time against the block (exact products, fp32 sums in an order that does
-    not depend on the key's place: equal keys, equal s). Stores as _importance_kernel (S, MASS, H per selection
-    row), and with BAND, SB (rows, n_max*b) block-relative over the row's global blocks: the same
+    not depend on the key's place: equal keys, equal s). Stores as _importance_kernel (S, MASS, H
+    per selection row), and with BAND, SB (rows, n_max*b) block-relative over the row's global blocks: the same
     mean restricted to each query's dense band [band_lo_i, itself] (engine.plan.band_start), what
     each query attends besides the kept keys (the window retained mass)."""
     sr = tl.program_id(0)
@@ -651,7 +652,8 @@ def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Ten
     count = torch.empty(bkv, n, dtype=torch.int32, device=s.device)
     out = mass if rows_per_kv == 1 else torch.empty(bkv, n_mass, dtype=torch.float32, device=s.device)
     _window_select_kernel[(bkv, n if rows_per_kv == 1 else n_mass)](
-        s, s if rank is None else rank, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out, L, kv_heads, n, n_mass,
+        s, s if rank is None else rank, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out,
+        L, kv_heads, n, n_mass,
         GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None,
         num_warps=4 if block_size <= 64 else 8,
     )
