@@ -569,17 +569,18 @@ def test_graph_replay_equals_eager_on_the_default_model():
 @pytest.mark.parametrize("compile_prefill", [False, True])
 def test_graph_replay_with_compiled_layers_equals_eager_on_the_default_model(compile_prefill):
     """compile_layers=True on the GPU: the compiled layers are captured in the graphs and the
-    replays give the eager static steps' tokens (bf16: inductor's fused kernels may round
-    differently, so the tokens are compared for TCA and dense, where greedy decoding of this
-    model is stable over 24 steps), with decode compression inside the replays; compile_prefill:
-    the prompt's forward compiled too, same tokens."""
+    replays give the eager static steps' tokens, with decode compression inside the replays;
+    compile_prefill: the prompt's forward compiled too, same tokens. float32: inductor's fused
+    kernels round differently from eager ones, and in bf16 that flipped a greedy token after
+    about 140 of the 152 TCA steps (H100, 2026-12-06), so equality is asked where rounding
+    cannot decide a token."""
     from tca_attention import calibrate
     from tca_attention.data.passkey import passkey_prompt
     from tca_attention.methods.tca.config import SMALL_CONTEXT
     from tca_attention.models import load_model
 
     assert torch.cuda.is_available()
-    model, tok = load_model("smollm2", device="cuda")
+    model, tok = load_model("smollm2", device="cuda", dtype=torch.float32)
     budgets = calibrate(model, tok, SMALL_CONTEXT, length=2048, progress=False)
     ids = tok([passkey_prompt(tok, 3000, seed=3).text], return_tensors="pt").input_ids.to("cuda")
     n = SMALL_CONTEXT.block_size + 24

@@ -464,6 +464,24 @@ def test_window_select_matches_reference(B, H, KV, L, D, b, w, ks, r, union, alp
     check_window_case(B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed=L + H + r)
 
 
+def test_dot_chunk_splits_only_tiles_that_overflow():
+    """The window importance dot's D chunk: whole D while a (b, D) key tile fits, else halved
+    (the H100 refused fp32 b = 128, D = 256: 260 KiB of shared memory)."""
+    assert TT.dot_chunk(128, 256, 4) == 128 and TT.dot_chunk(256, 128, 4) == 64
+    assert TT.dot_chunk(128, 256, 2) == 256 and TT.dot_chunk(64, 128, 4) == 128
+    assert TT.dot_chunk(4096, 64, 4) == 16  # never below tl.dot's 16
+
+
+@pytest.mark.parametrize("case", [WINDOW_CASES[3], WINDOW_CASES[6]])
+def test_window_select_with_the_dot_over_head_dim_chunks_matches_reference(case, monkeypatch):
+    """The chunked dot (DK < D) selects what the reference selects (a small tile limit forces
+    it at interpreter sizes)."""
+    monkeypatch.setattr(TT, "DOT_TILE_BYTES", 1024)
+    B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype = case
+    assert TT.dot_chunk(b, D, 4) < D
+    check_window_case(B, H, KV, L, D, b, w, ks, r, union, alpha, norm, dtype, seed=L + H + r)
+
+
 # (B, H, KV, L, D, b, window, key_start, r, union, span): option span on both fused paths
 SPAN_CASES = [
     (2, 6, 2, 301, 32, 16, 32, [0, 37], 1, False, 3),  # the paper's-rule kernels, padding

@@ -284,7 +284,7 @@ def _window_importance_kernel(
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
     L, KV, n_max, scaling, window, w_mass, w_conc,
     G: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RD: tl.constexpr, BLOCK: tl.constexpr,
-    HEAD_D: tl.constexpr, BAND: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_D: tl.constexpr, DK: tl.constexpr, BAND: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Selection row sr = (b, KV head, part) pools the HP query heads hq0 .. hq0 + HP - 1 of its
     KV head (HP = G: one row per KV head; HP = 1: one per query head, gqa="union"). Its block j
@@ -294,7 +294,9 @@ def _window_importance_kernel(
     not depend on the key's place: equal keys, equal s). Stores as _importance_kernel (S, MASS, H
     per selection row), and with BAND, SB (rows, n_max*b) block-relative over the row's global blocks: the same
     mean restricted to each query's dense band [band_lo_i, itself] (engine.plan.band_start), what
-    each query attends besides the kept keys (the window retained mass)."""
+    each query attends besides the kept keys (the window retained mass). DK < HEAD_D: the dot
+    runs over D in chunks of DK (a (BLOCK, D) fp32 key tile and its transpose overflow shared
+    memory at D = 256, b = 128); the chunk sums are in the same order for every key."""
     sr = tl.program_id(0)
     j = tl.program_id(1)
     bh = sr // (G // HP)
@@ -310,9 +312,10 @@ def _window_importance_kernel(
     in_l = cols < L
     d = tl.arange(0, HEAD_D)
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
+    if DK == HEAD_D:  # the whole key tile once, reused by every row tile
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + d[None, :], mask=in_l[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
     local_start = ks + nb * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     band = tl.zeros([BLOCK], dtype=tl.float32)
@@ -320,9 +323,20 @@ def _window_importance_kernel(
     st_base = bh * G * R + hq0 * R  # the rows' statistics
     for t0 in range(0, HP * R, RD):  # RD of the HP * R rows at a time
         t = t0 + tl.arange(0, RD)
-        q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, d, HP * R, R, UPCAST)
         qpos = L - R + t % R
-        x = tl.dot(q, tl.trans(k), input_precision=PREC) * scaling  # (RD, BLOCK)
+        if DK == HEAD_D:
+            q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, d, HP * R, R, UPCAST)
+            x = tl.dot(q, tl.trans(k), input_precision=PREC)  # (RD, BLOCK)
+        else:
+            x = tl.zeros([RD, BLOCK], dtype=tl.float32)
+            for c in tl.static_range(HEAD_D // DK):
+                dc = c * DK + tl.arange(0, DK)
+                q, m, l = _window_rows(q_base, M + st_base, LS + st_base, t, s_qh, s_ql, dc, HP * R, R, UPCAST)
+                kc = tl.load(k_base + cols[:, None].to(tl.int64) * s_kl + dc[None, :], mask=in_l[:, None], other=0.0)
+                if UPCAST:
+                    kc = kc.to(tl.float32)
+                x += tl.dot(q, tl.trans(kc), input_precision=PREC)
+        x = x * scaling
         ok = (t < HP * R)[:, None] & in_l[None, :] & (cols[None, :] <= qpos[:, None])  # a query on padding: no key
         p = tl.where(ok, tl.exp(x - m[:, None]) / l[:, None], 0.0)
         acc += tl.sum(p, 0)
@@ -607,6 +621,20 @@ def row_lse(pmax: torch.Tensor, psum: torch.Tensor) -> tuple[torch.Tensor, torch
     return m, ls
 
 
+# bytes of one (BLOCK, DK) key tile of the window importance dot: its transpose for tl.dot is a
+# second copy in shared memory (H100, fp32, b = 128, D = 256: 260 KiB asked, 227 KiB there)
+DOT_TILE_BYTES = 64 * 1024
+
+
+def dot_chunk(block_size: int, head_dim: int, elt_bytes: int) -> int:
+    """The D chunk of the window importance dot: head_dim when a (block_size, head_dim) tile of
+    elt_bytes elements fits DOT_TILE_BYTES, else the largest power-of-two divisor that does (>= 16)."""
+    dk = head_dim
+    while dk > 16 and dk % 2 == 0 and block_size * dk * elt_bytes > DOT_TILE_BYTES:
+        dk //= 2
+    return dk
+
+
 def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows: torch.Tensor, n_blocks: int,
                            block_size: int, alpha: float, mass_norm: str, scaling: float, window: int,
                            per_head: bool = False):
@@ -627,11 +655,12 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
     # tile of at most 8K elements
     up, prec = _dot_args(q_win, k)
     rd = max(16, min(next_pow2(hp * r), 64, 8192 // block_size))
+    dk = dot_chunk(block_size, D, 4 if prec == "ieee" else q_win.element_size())
     _window_importance_kernel[(rows, nb_all)](
         q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, KV, n_blocks, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
-        G=g, HP=hp, R=r, RD=rd, BLOCK=block_size, HEAD_D=D, BAND=band is not None, PREC=prec, UPCAST=up,
+        G=g, HP=hp, R=r, RD=rd, BLOCK=block_size, HEAD_D=D, DK=dk, BAND=band is not None, PREC=prec, UPCAST=up,
         num_warps=4 if rd * block_size <= 4096 else 8,
     )
     if mass_norm == "max":
