@@ -34,3 +34,17 @@ def test_compile_prefill_option_needs_compile_layers(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--compile-prefill"])
     assert "--compile-prefill needs --compile-layers" in capsys.readouterr().err
+
+
+def test_ttft_repeats_take_the_median_and_refuse_zero(capsys) -> None:
+    import pytest
+
+    one = {"ttft_s": 5.0, "decode_tokens_per_s": 10.0}
+    assert bench.median_ttft(one, []) is one
+    r = bench.median_ttft(one, [4.0, 9.0])
+    assert r["ttft_s"] == 5.0 and r["ttft_s_all"] == [5.0, 4.0, 9.0] and r["decode_tokens_per_s"] == 10.0
+    assert bench.median_ttft(one, [4.0])["ttft_s"] == 4.5
+    assert bench.build_parser().parse_args(["--out", "x"]).ttft_repeats == 1
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--ttft-repeats", "0"])
+    assert "--ttft-repeats must be >= 1" in capsys.readouterr().err
