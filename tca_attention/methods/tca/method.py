@@ -57,6 +57,8 @@ class TCA(Method):
         span // 2 positions (selection.span_scores, an odd width; 1: the paper's rule), so the
         neighbours of a strongly attended token are kept with it (a multi-token value stays
         whole); the budgets, block ranking and kept counts do not change.
+    dense_layers: the first n decoder layers keep everything (prefill and decode), whatever their
+        budgets (0: the budgets decide every layer).
     Every option runs the fused selection (Triton on a GPU, no host sync); only sink tokens run
     the PyTorch reference selection (which syncs once per layer to size the plan); report() says
     which. With gqa="union" the plan is as wide as g times the largest budget (at most the global
@@ -69,6 +71,7 @@ class TCA(Method):
     gqa: str = "shared"
     floor: float = 0.0
     span: int = 1
+    dense_layers: int = 0
     name: str = "tca"
     # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
     _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -90,6 +93,8 @@ class TCA(Method):
         if (isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1 or self.span % 2 == 0
                 or self.span > self.block_size):
             raise ValueError(f"span must be an odd int in [1, block_size={self.block_size}], got {self.span!r}")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
         if self.floor > 0 and self.span > 1:
             raise ValueError("floor (adaptive mode) and span do not combine: the floor's retained mass assumes the "
                              "tokens are kept in order of importance")
@@ -128,6 +133,8 @@ class TCA(Method):
     def report(self) -> dict:
         """dense_below as configured and as last resolved ("auto": the measured crossover)."""
         out = {"dense_below": self.dense_below, "dense_below_used": self._per_layer.get("dense_below_used")}
+        if self.dense_layers:
+            out["dense_layers"] = self.dense_layers
         if (self.last_q, self.gqa, self.floor, self.span) != (1, "shared", 0.0, 1):
             out.update(last_q=self.last_q, gqa=self.gqa, floor=self.floor, span=self.span,
                        selection=("fused (Triton on a GPU)" if self.fused else
@@ -147,8 +154,10 @@ class TCA(Method):
     def _layer(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer_idx, str(device))
         if key not in self._per_layer:
-            self._per_layer[key] = (self.budgets.layer_p(layer_idx).to(device),
-                                    self.budgets.layer_decode_keep(layer_idx).to(device))
+            keep = self.budgets.layer_decode_keep(layer_idx)
+            if layer_idx < self.dense_layers:  # a dense layer keeps whole blocks in decode
+                keep = torch.full_like(keep, self.block_size)
+            self._per_layer[key] = (self.budgets.layer_p(layer_idx).to(device), keep.to(device))
         return self._per_layer[key]
 
     def _all_dense(self, layer_idx: int) -> bool:
@@ -203,7 +212,8 @@ class TCA(Method):
         dense_below = self._dense_below(q)
         # every row is at most L long: if even an unpadded row stays dense, the whole batch does
         # (the adaptive mode may compress a layer whose budgets are all dense)
-        if geo is None or L < dense_below or (self._all_dense(layer_idx) and self.floor <= 0):
+        if (geo is None or L < dense_below or layer_idx < self.dense_layers
+                or (self._all_dense(layer_idx) and self.floor <= 0)):
             return None
         n_max, local_start = geo
         decode_keep = self._layer(layer_idx, k.device)[1]
