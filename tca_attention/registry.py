@@ -81,6 +81,9 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         text = params["dense_below"]
         extra["dense_below"] = text if text == "auto" else _convert("tca", "dense_below", text, int)
     extra.update({k: params[k] for k in _TCA_RUNTIME if k in params})  # selection options (method.TCA)
+    if "dense_at" in params:  # layer indices joined by '/': 7/18
+        extra["dense_at"] = tuple(_convert("tca", "dense_at", v, int) for v in str(params["dense_at"]).split("/")
+                                  if v.strip())
     return TCA(budgets, **extra)
 
 
@@ -99,7 +102,7 @@ def calibration_set(params: Mapping[str, Any]):
 # TCA's calibration-set parameters (how the budgets are calibrated: a separate calibration each)
 CALIBRATION_PARAMS = ("calib_samples", "calib_lengths", "calib_combine")
 # TCA's selection options: fields of methods.tca.method.TCA, set per run (no recalibration)
-_TCA_RUNTIME = ("last_q", "gqa", "floor", "span", "dense_layers")
+_TCA_RUNTIME = ("last_q", "gqa", "floor", "span", "dense_layers", "dense_at")
 
 
 def _state(method: str, param: str, what: str, params: dict[str, Any], model, tokenizer, extra: dict[str, Any],
@@ -237,7 +240,7 @@ ENTRIES: dict[str, Entry] = {
         Entry(FULL, "full attention (SDPA, dense cache): the reference", {}, _dataclass_build("dense.Dense")),
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
-               "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int, "dense_layers": int,
+               "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int, "dense_layers": int, "dense_at": str,
                "calib_samples": int, "calib_lengths": str, "calib_combine": str},
               _tca, sweep="tau"),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",

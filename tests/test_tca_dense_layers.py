@@ -67,3 +67,38 @@ def test_dense_layers_is_a_spec_option():
     assert name == "tca" and params["dense_layers"] == 2
     assert dataclasses.fields(TCA)  # the option is a field of the method
     assert "dense_layers" in {f.name for f in dataclasses.fields(TCA)}
+
+
+def test_dense_at_keeps_the_named_layers_only():
+    torch.manual_seed(0)
+    model = tiny("llama", num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 97, (2, 300), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0
+    held = {}
+    for at in ((), (1, 3)):
+        with torch.no_grad(), enable(model, _tca(model, dense_at=at), backend="reference") as session:
+            *_, cache = greedy(model, ids, mask, B_ + 2, session)
+        held[at] = [(layer.kept_tokens_per_row().tolist(), layer.dense_tokens_per_row().tolist())
+                    for layer in cache.layers]
+    assert all(held[(1, 3)][i][0] == held[(1, 3)][i][1] for i in (1, 3))
+    assert all(held[()][i][0] != held[()][i][1] for i in (1, 3))
+    assert [held[(1, 3)][i] for i in (0, 2)] == [held[()][i] for i in (0, 2)]
+
+
+@pytest.mark.parametrize("bad,match", [((4,), "does not have"), ((1, 1), "distinct"), ((-1,), "dense_at"),
+                                       ([1], "dense_at")])
+def test_dense_at_refuses_bad_layers(bad, match):
+    model = tiny("llama", num_hidden_layers=4)
+    with pytest.raises(ValueError, match=match):
+        _tca(model, dense_at=bad)
+
+
+def test_dense_at_spec_parses_slash_lists():
+    model = tiny("llama", num_hidden_layers=4)
+    budgets = mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model))
+    m = registry.create("tca:dense_at=1/3,dense_layers=1", budgets=budgets)
+    assert m.dense_at == (1, 3) and m.dense_layers == 1 and m.report()["dense_at"] == [1, 3]
+    with pytest.raises(ValueError, match="dense_at"):
+        registry.create("tca:dense_at=1/x", budgets=budgets)

@@ -59,6 +59,8 @@ class TCA(Method):
         whole); the budgets, block ranking and kept counts do not change.
     dense_layers: the first n decoder layers keep everything (prefill and decode), whatever their
         budgets (0: the budgets decide every layer).
+    dense_at: decoder layers (indices) that keep everything likewise, e.g. the few layers where
+        a model is most sensitive to sparsity (scripts/probe_tau.py --per-layer finds them).
     Every option runs the fused selection (Triton on a GPU, no host sync); only sink tokens run
     the PyTorch reference selection (which syncs once per layer to size the plan); report() says
     which. With gqa="union" the plan is as wide as g times the largest budget (at most the global
@@ -72,6 +74,7 @@ class TCA(Method):
     floor: float = 0.0
     span: int = 1
     dense_layers: int = 0
+    dense_at: tuple[int, ...] = ()
     name: str = "tca"
     # per-(layer, device) ladders and decode counts, built once: no host work or copies per prefill
     _per_layer: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -95,6 +98,13 @@ class TCA(Method):
             raise ValueError(f"span must be an odd int in [1, block_size={self.block_size}], got {self.span!r}")
         if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise ValueError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
+        at = self.dense_at
+        if (not isinstance(at, tuple) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in at)
+                or len(set(at)) != len(at)):
+            raise ValueError(f"dense_at must be a tuple of distinct layer indices >= 0, got {at!r}")
+        n_layers = len(self.budgets.layers)
+        if any(i >= n_layers for i in at):
+            raise ValueError(f"dense_at {at} names a layer the model does not have ({n_layers} layers)")
         if self.floor > 0 and self.span > 1:
             raise ValueError("floor (adaptive mode) and span do not combine: the floor's retained mass assumes the "
                              "tokens are kept in order of importance")
@@ -135,6 +145,8 @@ class TCA(Method):
         out = {"dense_below": self.dense_below, "dense_below_used": self._per_layer.get("dense_below_used")}
         if self.dense_layers:
             out["dense_layers"] = self.dense_layers
+        if self.dense_at:
+            out["dense_at"] = list(self.dense_at)
         if (self.last_q, self.gqa, self.floor, self.span) != (1, "shared", 0.0, 1):
             out.update(last_q=self.last_q, gqa=self.gqa, floor=self.floor, span=self.span,
                        selection=("fused (Triton on a GPU)" if self.fused else
@@ -155,10 +167,14 @@ class TCA(Method):
         key = (layer_idx, str(device))
         if key not in self._per_layer:
             keep = self.budgets.layer_decode_keep(layer_idx)
-            if layer_idx < self.dense_layers:  # a dense layer keeps whole blocks in decode
+            if self._forced_dense(layer_idx):  # a dense layer keeps whole blocks in decode
                 keep = torch.full_like(keep, self.block_size)
             self._per_layer[key] = (self.budgets.layer_p(layer_idx).to(device), keep.to(device))
         return self._per_layer[key]
+
+    def _forced_dense(self, layer_idx: int) -> bool:
+        """The options make this layer dense (dense_layers, dense_at), whatever its budgets."""
+        return layer_idx < self.dense_layers or layer_idx in self.dense_at
 
     def _all_dense(self, layer_idx: int) -> bool:
         """Every KV head of the layer is dense in the budgets: plan nothing, keep a dense cache."""
@@ -212,7 +228,7 @@ class TCA(Method):
         dense_below = self._dense_below(q)
         # every row is at most L long: if even an unpadded row stays dense, the whole batch does
         # (the adaptive mode may compress a layer whose budgets are all dense)
-        if (geo is None or L < dense_below or layer_idx < self.dense_layers
+        if (geo is None or L < dense_below or self._forced_dense(layer_idx)
                 or (self._all_dense(layer_idx) and self.floor <= 0)):
             return None
         n_max, local_start = geo
