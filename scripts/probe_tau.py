@@ -8,6 +8,9 @@ with TCA at each tau, the answer is teacher-forced token by token through TCA's 
 answer position's prediction is compared with dense attention's: argmax agreement and KL(dense||TCA).
 
   python scripts/probe_tau.py --model smollm2 --length 4096 --prompts 4 --out probe.json
+
+--per-layer TAU: instead of sweeping tau, TCA at TAU in one layer at a time (every other layer
+dense): which layers carry the loss (candidates for the method's dense_at option).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="last_q=16,span=7", help="TCA options (comma list of k=v), '' for the paper's rule")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--per-layer", type=float, default=None, metavar="TAU",
+                    help="TCA at TAU in one layer at a time, the others dense")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -74,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     truth = [torch.tensor(p.ids[p.answer[0]:p.answer[1]]) for p in prompts]
     dense_acc = sum(int((d.argmax(-1).cpu() == t).sum()) for (d, _), t in zip(dense, truth)) / sum(len(t) for t in truth)
     rows = []
-    for tau in [float(x) for x in args.taus.split(",")]:
-        res = answer_logits(TCA(budgets.at_tau(tau), dense_below=0, **opts))
+    if args.per_layer is None:
+        runs = [({"tau": float(x)}, TCA(budgets.at_tau(float(x)), dense_below=0, **opts)) for x in args.taus.split(",")]
+    else:  # the other layers made dense by the method's own option (dense_at)
+        at = budgets.at_tau(args.per_layer)
+        tca_layers = [i for i, heads in enumerate(at.layers) if heads is not None]
+        runs = [({"tau": args.per_layer, "layer": i},
+                 TCA(at, dense_below=0, dense_at=tuple(j for j in tca_layers if j != i), **opts)) for i in tca_layers]
+    for label, method in runs:
+        res = answer_logits(method)
         agree = n = correct = 0
         kl = 0.0
         for (d, _), (s, _), t in zip(dense, res, truth):
@@ -84,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             kl += float(torch.nn.functional.kl_div(s.log_softmax(-1), d.log_softmax(-1), log_target=True,
                                                    reduction="sum"))
             n += len(t)
-        row = {"tau": tau, "kept": sum(k for _, k in res) / len(res), "agreement": agree / n,
+        row = {**label, "kept": sum(k for _, k in res) / len(res), "agreement": agree / n,
                "answer_accuracy": correct / n, "kl_per_token": kl / n}
         rows.append(row)
         print(json.dumps(row), flush=True)
