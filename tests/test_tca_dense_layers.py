@@ -19,21 +19,28 @@ def _tca(model, **kw) -> TCA:
     return TCA(mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)), dense_below=0, **kw)
 
 
+def _held(model, ids, mask, steps: int, **options) -> list[tuple[list[int], list[int]]]:
+    """Per layer after prefill and `steps` greedy steps: (slots held, slots a dense cache holds) per row."""
+    with torch.no_grad(), enable(model, _tca(model, **options), backend="reference") as session:
+        *_, cache = greedy(model, ids, mask, steps, session)
+    return [(layer.kept_tokens_per_row().tolist(), layer.dense_tokens_per_row().tolist()) for layer in cache.layers]
+
+
+def _batch(seed: int, padded_row: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (2, 300), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[padded_row, :pad] = 0
+    return ids, mask
+
+
 def test_dense_layers_keep_everything_and_the_rest_is_unchanged():
     """dense_layers=2: layers 0-1 hold every token after prefill and decode, the others hold exactly
     what they hold without the option; the plain TCA run really drops tokens in layers 0-1."""
     torch.manual_seed(0)
     model = tiny("llama", num_hidden_layers=4)
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 97, (2, 300), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :40] = 0
-    held = {}
-    for n in (0, 2):
-        with torch.no_grad(), enable(model, _tca(model, dense_layers=n), backend="reference") as session:
-            _, _, toks, cache = greedy(model, ids, mask, 2 * B_ + 3, session)
-        held[n] = [(layer.kept_tokens_per_row().tolist(), layer.dense_tokens_per_row().tolist())
-                   for layer in cache.layers]
+    ids, mask = _batch(3, 1, 40)
+    held = {n: _held(model, ids, mask, 2 * B_ + 3, dense_layers=n) for n in (0, 2)}
     for kept, dense in held[2][:2]:  # layers 0 and 1: every token of every row
         assert kept == dense
     assert all(kept != dense for kept, dense in held[0][:2])  # without the option they drop tokens
@@ -72,16 +79,8 @@ def test_dense_layers_is_a_spec_option():
 def test_dense_at_keeps_the_named_layers_only():
     torch.manual_seed(0)
     model = tiny("llama", num_hidden_layers=4)
-    gen = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 97, (2, 300), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :30] = 0
-    held = {}
-    for at in ((), (1, 3)):
-        with torch.no_grad(), enable(model, _tca(model, dense_at=at), backend="reference") as session:
-            *_, cache = greedy(model, ids, mask, B_ + 2, session)
-        held[at] = [(layer.kept_tokens_per_row().tolist(), layer.dense_tokens_per_row().tolist())
-                    for layer in cache.layers]
+    ids, mask = _batch(4, 0, 30)
+    held = {at: _held(model, ids, mask, B_ + 2, dense_at=at) for at in ((), (1, 3))}
     assert all(held[(1, 3)][i][0] == held[(1, 3)][i][1] for i in (1, 3))
     assert all(held[()][i][0] != held[()][i][1] for i in (1, 3))
     assert [held[(1, 3)][i] for i in (0, 2)] == [held[()][i] for i in (0, 2)]
