@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--taus", default="0.6,0.7,0.75,0.8,0.85,0.9,0.95")
-    ap.add_argument("--options", default="last_q=16,span=7", help="TCA options (comma list of k=v), '' for the paper's rule")
+    ap.add_argument("--options", default="last_q=16,span=7",
+                    help="TCA options (comma list of k=v), '' for the paper's rule")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--per-layer", type=float, default=None, metavar="TAU",
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     dense_acc = sum(int((d.argmax(-1).cpu() == t).sum()) for (d, _), t in zip(dense, truth)) / sum(len(t) for t in truth)
     rows = []
     if args.per_layer is None:
-        runs = [({"tau": float(x)}, TCA(budgets.at_tau(float(x)), dense_below=0, **opts)) for x in args.taus.split(",")]
+        runs = [({"tau": float(x)}, TCA(budgets.at_tau(float(x)), dense_below=0, **opts))
+                for x in args.taus.split(",")]
     else:  # the other layers made dense by the method's own option (dense_at)
         at = budgets.at_tau(args.per_layer)
         tca_layers = [i for i, heads in enumerate(at.layers) if heads is not None]

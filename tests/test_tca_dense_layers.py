@@ -94,6 +94,15 @@ def test_dense_at_refuses_bad_layers(bad, match):
         _tca(model, dense_at=bad)
 
 
+def test_dense_at_refuses_a_sliding_layer():
+    model = tiny("llama", num_hidden_layers=4)
+    budgets = mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model))
+    budgets = dataclasses.replace(budgets, layers=(None,) + budgets.layers[1:])  # layer 0: sliding
+    with pytest.raises(ValueError, match="sliding-window layer"):
+        TCA(budgets, dense_at=(0, 2))
+    assert TCA(budgets, dense_at=(2,)).dense_at == (2,)
+
+
 def test_dense_at_spec_parses_slash_lists():
     model = tiny("llama", num_hidden_layers=4)
     budgets = mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model))

@@ -105,6 +105,9 @@ class TCA(Method):
         n_layers = len(self.budgets.layers)
         if any(i >= n_layers for i in at):
             raise ValueError(f"dense_at {at} names a layer the model does not have ({n_layers} layers)")
+        sliding = [i for i in at if self.budgets.layers[i] is None]
+        if sliding:
+            raise ValueError(f"dense_at names sliding-window layer(s) {sliding}: TCA leaves those alone")
         if self.floor > 0 and self.span > 1:
             raise ValueError("floor (adaptive mode) and span do not combine: the floor's retained mass assumes the "
                              "tokens are kept in order of importance")
