@@ -1,11 +1,10 @@
 """Compare two tca eval results roots: same predictions per method, and summed seconds (a device check of --cuda-graph)."""
-import json, sys, glob, collections
-def load(root):
-    out = {}
-    for f in glob.glob(root + "/*/results.jsonl"):
-        for l in open(f):
-            r = json.loads(l); out[(r["method"], r["sample_id"])] = r
-    return out
+import sys, glob, collections
+from dataclasses import asdict
+from pathlib import Path
+from tca_attention.eval.report import load_results
+def load(root):  # archived (results.jsonl.gz) and plain lines alike
+    return {(r.method, r.sample_id): asdict(r) for r in load_results([Path(d) for d in glob.glob(root + "/*/")])}
 a, b = load(sys.argv[1]), load(sys.argv[2])
 same = collections.Counter(); n = collections.Counter(); sa = collections.Counter(); sb = collections.Counter()
 for k in a:

@@ -18,7 +18,7 @@ while IFS= read -r group; do
   timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.cli eval --model "${MODEL:-smollm2}" --device cuda \
     --cuda-graph --batch-size "${BATCH:-20}" --lengths "${LENGTHS:-4096}" --samples "${SAMPLES:-20}" \
     --methods "$group" --results-dir "$RESULTS" --no-progress ${EXTRA:-} >> "$OUT/leaderboard_runs.log" 2>&1
-  echo "   rc=$? $(grep -c . "$RESULTS"/*/results.jsonl | tr '\n' ' ')"
+  rc=$?; echo "   rc=$rc $(for d in "$RESULTS"/*/; do echo -n "$(zcat -f "$d"results.jsonl* 2>/dev/null | grep -c .) "; done)"
 done < "$1"
 tar -C "$RESULTS" -czf "$OUT/leaderboard_runs.tar.gz" .
 # the calibrated states (budgets, gates, profiles, head scores) of this model, to commit: not the converted weights

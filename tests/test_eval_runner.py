@@ -307,3 +307,28 @@ def test_attended_fraction_is_the_sparsified_phase_share() -> None:
                       res("quest", 1.0, prefill_kept_fraction=1.0, decode_attended_fraction=0.4)])
     got = cell["models"]["m"]["methods"]["quest"]["lengths"]["4096"]
     assert got["kept_fraction"] == 1.0 and abs(got["attended_fraction"] - 0.3) < 1e-12
+
+
+def test_archived_results_are_read_first_and_new_lines_append_to_the_plain_log(tmp_path: Path) -> None:
+    """archive(): every line moves into results.jsonl.gz (the same results back, byte-identical on
+    a second archive); later appends go to the plain file and load() returns both, in order; a
+    torn last plain line is still dropped; the report reads archived runs."""
+    from tca_attention.eval.report import load_results
+
+    log = ResultLog(tmp_path / RESULTS_FILE)
+    first = [_result("full", "niah_single", 4096, i, 1.0, 1.0, 0.5) for i in range(3)]
+    for r in first:
+        log.append(r)
+    path = log.archive()
+    assert path.name == RESULTS_FILE + ".gz" and not log.path.exists()
+    assert log.load() == first
+    data = path.read_bytes()
+    assert log.archive().read_bytes() == data  # deterministic: nothing changed, nothing differs
+    later = _result("tca", "niah_single", 4096, 0, 0.0, 0.25, 0.5)
+    log.append(later)
+    with open(log.path, "a", encoding="utf-8") as f:
+        f.write('{"method": "tca", "tor')  # a torn last line
+    assert log.load() == first + [later]
+    assert load_results([tmp_path]) == first + [later]
+    log.archive()
+    assert not log.path.exists() and log.load() == first + [later] and path.read_bytes() != data

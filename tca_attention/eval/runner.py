@@ -6,6 +6,7 @@ fraction run after the others), for each task, for each sample. A restart reads 
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -92,15 +93,23 @@ class EvalConfig:
 
 
 class ResultLog:
-    """Append-only JSONL of Results, fsynced line by line."""
+    """Append-only JSONL of Results, fsynced line by line. A run's earlier lines may sit gzip'd
+    next to it (`results.jsonl.gz`, written by archive(): large runs are committed that way); they
+    are read first, new lines still go to the plain file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.archive_path = path.with_name(path.name + ".gz")
+
+    def _archived_lines(self) -> list[str]:
+        if not self.archive_path.exists():
+            return []
+        return [l for l in gzip.decompress(self.archive_path.read_bytes()).decode("utf-8").splitlines() if l.strip()]
 
     def load(self) -> list[Result]:
+        out = [Result.from_json(line) for line in self._archived_lines()]
         if not self.path.exists():
-            return []
-        out: list[Result] = []
+            return out
         lines = self.path.read_text(encoding="utf-8").splitlines()
         for i, line in enumerate(lines):
             if not line.strip():
@@ -120,6 +129,23 @@ class ResultLog:
         cut = data.rstrip(b"\n").rfind(b"\n") + 1
         with open(self.path, "r+b") as f:
             f.truncate(cut)
+
+    def archive(self) -> Path:
+        """Move every line (archived and plain, in order) into the gzip archive and remove the plain
+        file. The bytes depend only on the lines (no file name, mtime 0), so re-archiving what did
+        not change changes nothing."""
+        self.load()  # validates every line (and drops a torn last one)
+        plain = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        lines = self._archived_lines() + [l for l in plain if l.strip()]
+        tmp = self.archive_path.with_name(self.archive_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as z:
+                z.write(("\n".join(lines) + "\n").encode("utf-8") if lines else b"")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.archive_path)
+        self.path.unlink(missing_ok=True)
+        return self.archive_path
 
     def append(self, result: Result) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
