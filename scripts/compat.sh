@@ -5,6 +5,8 @@
 # prints "[compat] FAILED with transformers X" and the script exits non-zero at the end.
 #   bash scripts/compat.sh [VERSION...]      (make compat)
 # TCA_COMPAT_DIR: where the venvs go (default .compat/; deleted and rebuilt on every run).
+# Each venv (~2.4 GiB: torch and triton) is deleted once its version is done, logs kept, so the
+# stage never holds more than one; TCA_KEEP_COMPAT=1 keeps them for debugging.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -64,7 +66,10 @@ run_one() {  # run_one VERSION; returns non-zero after printing the failure line
   esac
 }
 
-for v in "${VERSIONS[@]}"; do run_one "$v" || true; done
+for v in "${VERSIONS[@]}"; do
+  run_one "$v" || true
+  [[ ${TCA_KEEP_COMPAT:-0} == 1 ]] || rm -rf "$WORK/transformers-$v"
+done
 if ((${#failed[@]})); then
   echo "[compat] FAILED with transformers ${failed[*]}" >&2
   exit 1
