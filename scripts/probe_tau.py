@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--per-layer", type=float, default=None, metavar="TAU",
                     help="TCA at TAU in one layer at a time, the others dense")
+    ap.add_argument("--budgets", default=None, metavar="JSON",
+                    help="stored budgets (tca calibrate) instead of calibrating at 2048 with the small-context preset")
+    ap.add_argument("--layers", default=None, metavar="I/J/...",
+                    help="with --per-layer: only these layers (default: every TCA layer)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -48,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = load_model(args.model, device=args.device)
     model.eval()
-    budgets = calibrate(model, tok, SMALL_CONTEXT, length=2048, progress=False)
+    if args.budgets:
+        from tca_attention.methods.tca.budgets import Budgets
+        budgets = Budgets.load(args.budgets, model)
+    else:
+        budgets = calibrate(model, tok, SMALL_CONTEXT, length=2048, progress=False)
     rng = random.Random(args.seed)
     hay = _ids(tok, essay_text())
     depths = [(i + 0.5) / args.prompts for i in range(args.prompts)]
@@ -86,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     else:  # the other layers made dense by the method's own option (dense_at)
         at = budgets.at_tau(args.per_layer)
         tca_layers = [i for i, heads in enumerate(at.layers) if heads is not None]
+        probed = [int(x) for x in args.layers.split("/")] if args.layers else tca_layers
         runs = [({"tau": args.per_layer, "layer": i},
-                 TCA(at, dense_below=0, dense_at=tuple(j for j in tca_layers if j != i), **opts)) for i in tca_layers]
+                 TCA(at, dense_below=0, dense_at=tuple(j for j in tca_layers if j != i), **opts)) for i in probed]
     for label, method in runs:
         res = answer_logits(method)
         agree = n = correct = 0
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                "answer_accuracy": correct / n, "kl_per_token": kl / n}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"model": args.model, "length": args.length, "prompts": args.prompts, "options": opts,
+    meta = {"model": args.model, "length": args.length, "budgets": args.budgets or "calibrated at 2048, small-context", "prompts": args.prompts, "options": opts,
             "dense_answer_accuracy": dense_acc, "seconds": time.perf_counter() - t0,
             "torch": torch.__version__, "device": args.device}
     print(json.dumps(meta))
