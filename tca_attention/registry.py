@@ -53,7 +53,7 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
     from .methods.tca.method import TCA
 
     if "budgets" in extra:  # a Budgets object handed in by the caller
-        fixed = sorted(set(params) - {"tau", "score", "dense_below", *_TCA_RUNTIME})
+        fixed = sorted(set(params) - {"tau", "score", "dense_below", *_TCA_RUNTIME, *_PROBE_PARAMS})
         if fixed:
             raise ValueError(f"tca: {', '.join(fixed)} cannot change with budgets handed in (their calibration "
                              f"fixes them; only tau, score, dense_below and {', '.join(_TCA_RUNTIME)} can)")
@@ -81,10 +81,37 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         text = params["dense_below"]
         extra["dense_below"] = text if text == "auto" else _convert("tca", "dense_below", text, int)
     extra.update({k: params[k] for k in _TCA_RUNTIME if k in params})  # selection options (method.TCA)
-    if "dense_at" in params:  # layer indices joined by '/': 7/18
+    probe_keys = sorted(k for k in _PROBE_PARAMS if k in params)
+    if str(params.get("dense_at", "")).strip() == "auto":  # the layers the per-layer probe finds
+        extra["dense_at"] = _probed_dense_layers(params, budgets, model, tokenizer)
+    elif probe_keys:
+        raise ValueError(f"tca: {', '.join(probe_keys)} only apply with dense_at=auto")
+    elif "dense_at" in params:  # layer indices joined by '/': 7/18
         extra["dense_at"] = tuple(_convert("tca", "dense_at", v, int) for v in str(params["dense_at"]).split("/")
                                   if v.strip())
     return TCA(budgets, **extra)
+
+
+# dense_at=auto: the per-layer probe's settings (methods/tca/layer_probe.py)
+_PROBE_PARAMS = ("probe_min", "probe_length", "probe_prompts")
+
+
+def _probed_dense_layers(params: dict[str, Any], budgets, model, tokenizer) -> tuple[int, ...]:
+    """dense_at=auto: TCA's layers whose answers, probed one layer at a time at the budgets' tau,
+    agree with dense attention's less than probe_min (cached per model, budgets and options)."""
+    from .methods.tca.layer_probe import DEFAULT_MIN_AGREEMENT, ProbeSettings, load_or_probe
+
+    if model is None or tokenizer is None:
+        raise ValueError("tca: dense_at=auto probes the model: pass model= and tokenizer=")
+    if "dense_layers" in params:
+        raise ValueError("tca: dense_at=auto chooses the dense layers itself; drop dense_layers")
+    from .integration.probe import ModelProbe
+
+    settings = ProbeSettings(length=params.get("probe_length"), prompts=params.get("probe_prompts", 4))
+    options = {k: params[k] for k in _TCA_RUNTIME if k in params and k not in ("dense_at", "dense_layers")}
+    key = str(getattr(model, "name_or_path", None) or type(model).__name__)
+    probe = load_or_probe(ModelProbe(model), tokenizer, key, budgets, options, settings)
+    return probe.dense_layers(params.get("probe_min", DEFAULT_MIN_AGREEMENT))
 
 
 def calibration_set(params: Mapping[str, Any]):
@@ -241,7 +268,8 @@ ENTRIES: dict[str, Entry] = {
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
                "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int, "dense_layers": int,
-               "dense_at": str, "calib_samples": int, "calib_lengths": str, "calib_combine": str},
+               "dense_at": str, "probe_min": float, "probe_length": int, "probe_prompts": int,
+               "calib_samples": int, "calib_lengths": str, "calib_combine": str},
               _tca, sweep="tau"),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",
               {"sinks": int, "window": int, "block_size": int}, _dataclass_build("streaming.StreamingLLM"),

@@ -71,6 +71,23 @@ class ModelProbe:
         entropy = -(logp.exp() * logp).sum(-1).mean()
         return {"nll": float(nll), "entropy": float(entropy)}
 
+    @torch.no_grad()
+    def answer_logits(self, input_ids: torch.Tensor, answer_start: int, method: Method | None) -> torch.Tensor:
+        """input_ids (1, L): the prompt ids[:answer_start] prefilled under `method` (None: dense) into
+        its cache, then the answer teacher-forced one token at a time -> (L - answer_start, V)."""
+        n = input_ids.shape[1]
+        if input_ids.shape[0] != 1 or not 0 < answer_start < n:
+            raise ValueError(f"answer_logits needs ids (1, L) and 0 < answer_start < L, got {tuple(input_ids.shape)} "
+                             f"and {answer_start}")
+        with Session(self.model, method) as session:
+            cache = session.new_cache()
+            out = self.model(input_ids[:, :answer_start], use_cache=True, logits_to_keep=1, **session.cache_kwargs(cache))
+            rows = [out.logits[0, -1]]
+            for t in range(answer_start, n - 1):
+                out = self.model(input_ids[:, t:t + 1], use_cache=True, **session.cache_kwargs(cache))
+                rows.append(out.logits[0, -1])
+        return torch.stack(rows)
+
 
 def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | Sequence[str] | None = None,
               length: int | None = None, progress: bool = True,

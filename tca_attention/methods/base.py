@@ -60,6 +60,11 @@ class Probe(Protocol):
         """One forward of input_ids (1, L) under `method` (no cache): {"nll": mean next-token negative
         log-likelihood, "entropy": mean entropy of the next-token distributions} (calibrations that search)."""
 
+    def answer_logits(self, input_ids: torch.Tensor, answer_start: int, method: "Method | None") -> torch.Tensor:
+        """input_ids (1, L) under `method` (None: dense) with its cache, as generation runs it: the
+        prompt ids[:answer_start] prefilled, then the answer teacher-forced one token at a time.
+        -> (L - answer_start, V) logits predicting each answer token (TCA's layer probe)."""
+
 
 @dataclass(frozen=True)
 class HeadGroup:
