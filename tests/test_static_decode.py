@@ -32,6 +32,9 @@ def method(name: str, model) -> object:
         return TCA(mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)), dense_below=0)
     if name == "tca-dense-below":  # the 90-token row stays dense, then compresses its long tail at step 1
         return TCA(mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)), dense_below=100)
+    if name == "tca-dense-at":  # layer 1 keeps everything (dense_at, dense_at=auto's output)
+        return TCA(mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)), dense_below=0,
+                   dense_at=(1,))
     if name == "streaming":
         return StreamingLLM(sinks=4, window=W_, block_size=B_)
     if name == "xattention":  # block-sparse prefill, the cache keeps everything
@@ -69,7 +72,7 @@ STEPS = 26  # > 1.5 blocks: every row compresses at least once, at its own phase
 
 @pytest.mark.parametrize("name,lengths", [
     (name, lengths) for name in ("tca", "streaming", "full-budget") for lengths in ((300,), (300, 251, 45))
-] + [("xattention", (300, 251, 45))], ids=lambda x: x if isinstance(x, str) else "padded" if len(x) > 1 else "alone")
+] + [("xattention", (300, 251, 45)), ("tca-dense-at", (300, 251, 45))], ids=lambda x: x if isinstance(x, str) else "padded" if len(x) > 1 else "alone")
 def test_static_equals_dynamic(name, lengths):
     """Same greedy tokens and, after the same tokens, the same kept positions per (row, head)."""
     model = tiny("llama")
