@@ -160,3 +160,35 @@ def test_registry_dense_at_auto_takes_the_probed_layers(tmp_path, monkeypatch):
         registry.create("tca:dense_at=auto", model=model, budgets=b)
     with pytest.raises(ValueError, match="drop dense_layers"):
         registry.create("tca:dense_at=auto,dense_layers=1", model=model, tokenizer=CharTok(), budgets=b)
+
+
+def test_eval_summary_and_report_name_the_chosen_layers():
+    from tca_attention.eval.report import markdown, summarize
+    from tca_attention.eval.schema import Result
+
+    def res(method, sid, **meta):
+        return Result(sid, "niah", 4096, method, "m", 1.0, "exact", "x", ("x",), 4096, 0.5, 10, 20, 0.1,
+                      metadata=meta)
+
+    auto = "tca:dense_at=auto"
+    rs = [res(auto, "a", dense_at=[18]), res(auto, "b", dense_at=[18]), res("tca", "a"), res("full", "a")]
+    summary = summarize(rs)
+    cells = summary["models"]["m"]["methods"]
+    assert cells[auto]["lengths"]["4096"]["dense_at"] == [18]
+    assert "dense_at" not in cells["tca"]["lengths"]["4096"]
+    assert "(dense_at=auto): tca:dense_at=auto at 4096: 18." in markdown(summary)
+
+
+def test_the_eval_records_the_dense_layers(tmp_path, smol_tokenizer, monkeypatch):
+    """A TCA run with dense layers writes them into its result rows (and none without)."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from test_eval_pipeline import tiny_llama
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", device="cpu", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    cfg = EvalConfig(model="tiny-llama", methods=("tca:tau=0.5,dense_at=1", "tca:tau=0.5"), tasks=("niah_single",),
+                     lengths=(512,), samples=1)
+    by = {r.method: r for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    assert by["tca:tau=0.5,dense_at=1"].metadata["dense_at"] == [1]
+    assert "dense_at" not in by["tca:tau=0.5"].metadata

@@ -383,6 +383,9 @@ class ModelBackend:
             extra["error_bound"] = report.get("error_bound")
             # a decode-time selection reads less than the cache keeps (None: it reads everything)
             extra["decode_attended_fraction"] = report.get("decode_kept_fraction")
+            dense_at = getattr(core, "dense_at", ())
+            if dense_at:  # TCA's dense layers (dense_at=auto: the layer probe's choice)
+                extra["dense_at"] = list(dense_at)
         return [Outcome(preds[r], nlls[r], float(rows[r]["kept_fraction"]), int(rows[r]["kv_bytes"]),
                         int(rows[r]["dense_kv_bytes"]), seconds,
                         dict(extra) | ({"retrieval": retrieved[r]} if retrieved else {})) for r in range(B)]

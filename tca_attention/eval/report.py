@@ -78,6 +78,7 @@ def summarize(results: list[Result]) -> dict:
                     "n": len(lr),
                     "tasks": tasks,
                     **certificate_summary(lr),
+                    **dense_layers_summary(lr),
                 }
             msum["methods"][method] = {"lengths": lens}
         _common_accuracy(msum)
@@ -99,6 +100,15 @@ def certificate_summary(results: list[Result]) -> dict:
     if bound:
         out.update(error_bound_mean=mean(bound), error_bound_max=max(bound))
     return out
+
+
+def dense_layers_summary(results: list[Result]) -> dict:
+    """TCA's dense layers (dense_at; with dense_at=auto, the layer probe's choice) as the rows
+    recorded them: {"dense_at": [...]}, or empty when none was dense."""
+    seen = {tuple(m["dense_at"]) for m in (r.metadata or {} for r in results) if m.get("dense_at")}
+    if not seen:
+        return {}
+    return {"dense_at": sorted(set().union(*seen))}
 
 
 def attended_fraction(r: Result) -> float:
@@ -179,6 +189,11 @@ def markdown(summary: dict) -> str:
                   "gap: acc minus full attention's acc, in points; "
                   "kept: mean KV kept fraction (%); attended: mean attended fraction (%), the smaller of the "
                   "prefill's and the decode's share (docs/eval.md); ppl: perplexity of the last tokens of long essays.", ""]
+        chosen = [f"{method} at {L}: {'/'.join(map(str, c['dense_at']))}" for method, m in methods.items()
+                  if "dense_at=auto" in method for L, c in sorted(m["lengths"].items(), key=lambda x: int(x[0]))
+                  if c.get("dense_at")]
+        if chosen:  # what the layer probe chose (methods/tca/layer_probe.py)
+            lines += ["Dense layers chosen by the layer probe (dense_at=auto): " + "; ".join(chosen) + ".", ""]
         for L in lengths:
             tasks = _ordered(t for m in methods.values() for t in m["lengths"].get(str(L), {}).get("tasks", {}))
             tasks.sort(key=lambda t: TASKS.names().index(t) if t in TASKS.names() else len(TASKS.names()))
