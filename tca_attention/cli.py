@@ -117,6 +117,41 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_probe_layers(args) -> int:
+    """The per-layer probe behind dense_at=auto: a table per layer and the layers it keeps dense."""
+    from . import registry
+    from .integration.probe import ModelProbe, load_or_calibrate
+    from .methods.tca.layer_probe import ProbeSettings, load_or_probe
+
+    settings = ProbeSettings(length=args.length, prompts=args.prompts)  # checked before the model loads
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise ValueError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
+    _, options = registry.parse_spec("tca:" + args.options) if args.options else ("tca", {})
+    if bad := sorted(set(options) - {"last_q", "gqa", "floor", "span"}):
+        raise ValueError(f"--options takes TCA's selection options (last_q, gqa, floor, span), not {', '.join(bad)}")
+    model, tok = _load(args)
+    config = _config_from(args, model)
+    budgets = load_or_calibrate(model, tok, args.model, config, args.budgets, args.calibration_length)
+    result = load_or_probe(ModelProbe(model), tok, args.model, budgets, options, settings)
+    chosen = result.dense_layers(args.min_agreement)
+    print(f"TCA in one layer at a time (tau {budgets.config.tau}, {result.settings['prompts']} needle prompts of "
+          f"{result.settings['length']} tokens, {result.settings['answer_tokens']} answer tokens); dense attention "
+          f"answers {100 * result.settings['dense_answer_accuracy']:.0f}% of them")
+    print(f"{'layer':>5}  {'agreement':>9}  {'KL/token':>8}  {'kept':>5}")
+    for i, (a, k, f) in enumerate(zip(result.agreement, result.kl, result.kept)):
+        if a is None:
+            print(f"{i:>5}  {'(not a TCA layer)':>24}")
+            continue
+        flag = "  <- dense" if i in chosen else ""
+        print(f"{i:>5}  {a:>9.3f}  {k:>8.4f}  {100 * f:>4.0f}%{flag}")
+    spec = "/".join(map(str, chosen)) if chosen else "none"
+    print(f"\ndense_at=auto with probe_min={args.min_agreement} keeps dense: {spec}")
+    if args.out:
+        result.save(args.out)
+        print(f"wrote {args.out} (plot: python scripts/plot_layer_probe.py OUT.png label={args.out})")
+    return 0
+
+
 def _read_prompt(args) -> str:
     if args.prompt_file == "-":
         context = sys.stdin.read()
@@ -396,6 +431,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "--samples/--lengths/--combine the cache entry of the matching tca:calib_* spec: hand it to "
                    "generate with --budgets)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("probe-layers", formatter_class=HelpFormatter,
+                       help="which layers TCA should leave dense (the probe behind tca:dense_at=auto)",
+                       description="Dense attention once, then TCA in one layer at a time (every other layer "
+                       "dense) on needle prompts, the answers teacher-forced: per layer, the agreement of the "
+                       "answer predictions with dense attention's and the KL per token. Layers below "
+                       "--min-agreement are the ones dense_at=auto keeps dense. Cached like the budgets.")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--budgets", help="budget file from `tca calibrate` (default: the per-model cache, calibrating once)")
+    p.add_argument("--calibration-length", type=int, help="calibration tokens when calibrating")
+    p.add_argument("--options", default="", metavar="K=V,...",
+                   help="TCA selection options the probe runs with, as in a spec (e.g. last_q=16,span=7)")
+    p.add_argument("--length", type=int, help="tokens per probe prompt (default: the budgets' calibration length; "
+                   "the verdict depends on it: probe at the length you serve)")
+    p.add_argument("--prompts", type=int, default=4, help="needle prompts, at evenly spread depths")
+    p.add_argument("--min-agreement", type=float, default=0.9, help="the floor (the spec's probe_min)")
+    p.add_argument("--out", help="also write the probe's state file here")
+    p.set_defaults(func=cmd_probe_layers)
 
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",
                        description="Every method the library, `tca eval` and the API know, one line each. A spec is "

@@ -260,3 +260,25 @@ def test_generate_tca_spec_sets_the_tca_options(tiny_dir, tmp_path, capsys):
     assert [r["method"] for r in data["runs"]] == ["tca"]
     assert main([*args, "--method", f"tca:window=128,budgets={budgets}"]) == 2
     assert "--window 128 (file: 64)" in capsys.readouterr().err
+
+
+def test_probe_layers_prints_every_layer_and_its_choice(tiny_dir, tmp_path, capsys):
+    budgets, state = tmp_path / "b.json", tmp_path / "probe.json"
+    args = ["--model", str(tiny_dir), *TINY]
+    assert main(["calibrate", *args, "--length", "300", "--out", str(budgets)]) == 0
+    capsys.readouterr()
+    assert main(["probe-layers", *args, "--budgets", str(budgets), "--tau", "0.5", "--options", "last_q=4,span=3",
+                 "--length", "300", "--prompts", "1", "--out", str(state)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"] and all(0.0 <= float(r[1]) <= 1.0 for r in rows)
+    assert "dense_at=auto with probe_min=0.9 keeps dense:" in out
+    from tca_attention.methods.tca.layer_probe import LayerProbe
+
+    saved = LayerProbe.load(state)
+    assert saved.settings["options"] == {"last_q": 4, "span": 3} and saved.settings["tau"] == 0.5
+    want = "/".join(map(str, saved.dense_layers(0.9))) or "none"
+    assert out.strip().splitlines()[-2].endswith(want)
+    assert main(["probe-layers", *args, "--budgets", str(budgets), "--min-agreement", "2"]) == 2
+    assert main(["probe-layers", *args, "--budgets", str(budgets), "--options", "dense_at=1"]) == 2
+    assert main(["probe-layers", *args, "--budgets", str(budgets), "--prompts", "0"]) == 2

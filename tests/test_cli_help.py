@@ -129,7 +129,7 @@ def test_readme_command_table_matches_the_parser():
     rows = _readme_rows()
     seen = set()
     for command, what in rows:
-        m = re.match(r"`tca (\w+)", command)
+        m = re.match(r"`tca ([\w-]+)", command)
         names = [m.group(1)] if m else re.findall(r"`(\w+)`", command)
         assert names, command
         for name in names:
