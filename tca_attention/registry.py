@@ -56,7 +56,8 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
         fixed = sorted(set(params) - {"tau", "score", "dense_below", *_TCA_RUNTIME, *_PROBE_PARAMS})
         if fixed:
             raise ValueError(f"tca: {', '.join(fixed)} cannot change with budgets handed in (their calibration "
-                             f"fixes them; only tau, score, dense_below and {', '.join(_TCA_RUNTIME)} can)")
+                             f"fixes them; only tau, score, dense_below, {', '.join(_TCA_RUNTIME)} and "
+                             f"{', '.join(_PROBE_PARAMS)} can)")
         budgets = extra.pop("budgets")
         if "tau" in params or "score" in params:
             budgets = budgets.at(**{k: params[k] for k in ("tau", "score") if k in params})
