@@ -148,7 +148,14 @@ def cmd_probe_layers(args) -> int:
     print(f"\ndense_at=auto with probe_min={args.min_agreement} keeps dense: {spec}")
     if args.out:
         result.save(args.out)
-        print(f"wrote {args.out} (plot: python scripts/plot_layer_probe.py OUT.png label={args.out})")
+        print(f"wrote {args.out}")
+    if args.plot:
+        from .layer_probe_plot import plot_layer_probes
+
+        title = (f"{Path(args.model).name}, tau {budgets.config.tau}, {result.settings['length']} tokens, "
+                 f"{result.settings['prompts']} prompts")
+        rows = [(i, a) for i, a in enumerate(result.agreement) if a is not None]
+        print(f"wrote {plot_layer_probes([(title, rows)], args.plot, args.min_agreement)}")
     return 0
 
 
@@ -449,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="needle prompts, at evenly spread depths")
     p.add_argument("--min-agreement", type=float, default=0.9, help="the floor (the spec's probe_min)")
     p.add_argument("--out", help="also write the probe's state file here")
+    p.add_argument("--plot", metavar="PNG", help="also draw the agreement per layer (bars, the floor, dense layers in red)")
     p.set_defaults(func=cmd_probe_layers)
 
     p = sub.add_parser("methods", formatter_class=HelpFormatter, help="list the methods and their spec parameters",

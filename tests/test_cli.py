@@ -268,7 +268,7 @@ def test_probe_layers_prints_every_layer_and_its_choice(tiny_dir, tmp_path, caps
     assert main(["calibrate", *args, "--length", "300", "--out", str(budgets)]) == 0
     capsys.readouterr()
     assert main(["probe-layers", *args, "--budgets", str(budgets), "--tau", "0.5", "--options", "last_q=4,span=3",
-                 "--length", "300", "--prompts", "1", "--out", str(state)]) == 0
+                 "--length", "300", "--prompts", "1", "--out", str(state), "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1"] and all(0.0 <= float(r[1]) <= 1.0 for r in rows)
@@ -278,7 +278,8 @@ def test_probe_layers_prints_every_layer_and_its_choice(tiny_dir, tmp_path, caps
     saved = LayerProbe.load(state)
     assert saved.settings["options"] == {"last_q": 4, "span": 3} and saved.settings["tau"] == 0.5
     want = "/".join(map(str, saved.dense_layers(0.9))) or "none"
-    assert out.strip().splitlines()[-2].endswith(want)
+    assert next(l for l in out.splitlines() if "keeps dense:" in l).endswith(want)
+    assert (tmp_path / "p.png").stat().st_size > 1000
     assert main(["probe-layers", *args, "--budgets", str(budgets), "--min-agreement", "2"]) == 2
     assert main(["probe-layers", *args, "--budgets", str(budgets), "--options", "dense_at=1"]) == 2
     assert main(["probe-layers", *args, "--budgets", str(budgets), "--prompts", "0"]) == 2
