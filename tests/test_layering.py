@@ -10,7 +10,7 @@ import tca_attention
 ROOT = Path(tca_attention.__file__).parent
 # rank of each top-level part; a module may import only parts of lower or equal rank
 RANK = {
-    "paths": 0, "introspect": 0, "clihelp": 0, "data": 0,
+    "paths": 0, "introspect": 0, "clihelp": 0, "data": 0, "layer_probe_plot": 0,
     "engine": 1,
     "ragged_cache": 2, "static_cache": 2,
     "methods": 3,
