@@ -10,7 +10,8 @@ answer position's prediction is compared with dense attention's: argmax agreemen
   python scripts/probe_tau.py --model smollm2 --length 4096 --prompts 4 --out probe.json
 
 --per-layer TAU: instead of sweeping tau, TCA at TAU in one layer at a time (every other layer
-dense): which layers carry the loss (candidates for the method's dense_at option).
+dense): which layers carry the loss. This is the library's layer probe (methods/tca/layer_probe.py,
+what `tca:dense_at=auto` and `tca probe-layers` run); --out then gets its state file.
 """
 from __future__ import annotations
 
@@ -34,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--per-layer", type=float, default=None, metavar="TAU",
-                    help="TCA at TAU in one layer at a time, the others dense")
+                    help="TCA at TAU in one layer at a time, the others dense (the library's layer probe)")
     ap.add_argument("--budgets", default=None, metavar="JSON",
                     help="stored budgets (tca calibrate) instead of calibrating at 2048 with the small-context preset")
-    ap.add_argument("--layers", default=None, metavar="I/J/...",
-                    help="with --per-layer: only these layers (default: every TCA layer)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -84,19 +83,24 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     t0 = time.perf_counter()
+    if args.per_layer is not None:  # the library's layer probe (what dense_at=auto runs)
+        from tca_attention.integration.probe import ModelProbe
+        from tca_attention.methods.tca.layer_probe import ProbeSettings, probe_layers
+
+        result = probe_layers(ModelProbe(model), tok, budgets.at_tau(args.per_layer), opts,
+                              ProbeSettings(args.length, args.prompts, args.seed))
+        result.save(args.out)
+        for i, (a, k) in enumerate(zip(result.agreement, result.kl)):
+            if a is not None:
+                print(json.dumps({"tau": args.per_layer, "layer": i, "agreement": a, "kl_per_token": k}))
+        print(f"{args.out}: dense_at=auto (floor 0.9) keeps {result.dense_layers() or 'none'} dense; "
+              f"{time.perf_counter() - t0:.0f} s")
+        return 0
     dense = answer_logits(None)
     truth = [torch.tensor(p.ids[p.answer[0]:p.answer[1]]) for p in prompts]
     dense_acc = sum(int((d.argmax(-1).cpu() == t).sum()) for (d, _), t in zip(dense, truth)) / sum(len(t) for t in truth)
     rows = []
-    if args.per_layer is None:
-        runs = [({"tau": float(x)}, TCA(budgets.at_tau(float(x)), dense_below=0, **opts))
-                for x in args.taus.split(",")]
-    else:  # the other layers made dense by the method's own option (dense_at)
-        at = budgets.at_tau(args.per_layer)
-        tca_layers = [i for i, heads in enumerate(at.layers) if heads is not None]
-        probed = [int(x) for x in args.layers.split("/")] if args.layers else tca_layers
-        runs = [({"tau": args.per_layer, "layer": i},
-                 TCA(at, dense_below=0, dense_at=tuple(j for j in tca_layers if j != i), **opts)) for i in probed]
+    runs = [({"tau": float(x)}, TCA(budgets.at_tau(float(x)), dense_below=0, **opts)) for x in args.taus.split(",")]
     for label, method in runs:
         res = answer_logits(method)
         agree = n = correct = 0

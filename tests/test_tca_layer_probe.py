@@ -18,6 +18,7 @@ from tca_attention.methods.tca.budgets import Budgets, HeadBudget
 from tca_attention.methods.tca.candidates import candidate_ladder
 from tca_attention.methods.tca.config import TCAConfig
 from tca_attention.methods.tca.layer_probe import LayerProbe, ProbeSettings, load_or_probe, probe_layers
+from tca_attention.methods.tca.method import TCA
 from test_batch_invariance import B_, W_, mixed_budgets
 from test_head_split import CharTok
 from tiny_models import tiny
@@ -36,17 +37,35 @@ def full_budgets(model) -> Budgets:
     return Budgets(ident, cfg, tuple(tuple(r) for r in ladder.tolist()), layers)
 
 
-def test_answer_logits_equal_a_plain_forward():
-    """Prefill then one token at a time through the cache = the logits of one forward over the whole sequence."""
+def test_answer_logits_equal_a_plain_forward_each():
+    """Two prompts of different lengths and answer starts in one left-padded batch: each row's
+    teacher-forced logits = one plain forward over that prompt alone."""
     model = tiny("llama")
-    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(2))
-    got = ModelProbe(model).answer_logits(ids, 70, None)
-    with torch.no_grad():
-        want = model(ids).logits[0, 69:89]
-    assert got.shape == (20, 97)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 97, (90,), generator=gen).tolist(), torch.randint(0, 97, (75,), generator=gen).tolist()]
+    starts = [70, 62]  # answers of 20 and 13 tokens
+    got = ModelProbe(model).answer_logits(prompts, starts, None)
+    assert [g.shape for g in got] == [(20, 97), (13, 97)]
+    for ids, s, g in zip(prompts, starts, got):
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0, s - 1:len(ids) - 1]
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="answer_start"):
-        ModelProbe(model).answer_logits(ids, 90, None)
+        ModelProbe(model).answer_logits(prompts, [90, 10], None)
+    with pytest.raises(ValueError, match="as many"):
+        ModelProbe(model).answer_logits(prompts, [10], None)
+
+
+def test_answer_logits_batched_equal_alone_under_tca():
+    model = tiny("llama")
+    tca = TCA(mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)), dense_below=0)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (300, 260)]
+    starts = [280, 249]
+    probe = ModelProbe(model)
+    batched = probe.answer_logits(prompts, starts, tca)
+    for ids, s, b in zip(prompts, starts, batched):
+        torch.testing.assert_close(b, probe.answer_logits([ids], [s], tca)[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -69,14 +88,16 @@ class OneLayerMatters:
         self.model = model
         self.calls: list[tuple[int, ...] | None] = []
 
-    def answer_logits(self, ids, start, method):
-        n = ids.shape[1] - start
-        logits = torch.zeros(n, 97)
-        logits[:, 5] = 10.0
+    def answer_logits(self, prompts, starts, method):
         self.calls.append(None if method is None else method.dense_at)
-        if method is not None and 1 not in method.dense_at:
-            logits[::2, 7] = 20.0
-        return logits
+        out = []
+        for ids, start in zip(prompts, starts):
+            logits = torch.zeros(len(ids) - start, 97)
+            logits[:, 5] = 10.0
+            if method is not None and 1 not in method.dense_at:
+                logits[::2, 7] = 20.0
+            out.append(logits)
+        return out
 
 
 def test_the_layer_that_changes_answers_is_found():
@@ -84,7 +105,7 @@ def test_the_layer_that_changes_answers_is_found():
     probe = OneLayerMatters(model)
     result = probe_layers(probe, CharTok(), mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)),
                           {}, SETTINGS, progress=False)
-    assert probe.calls == [None] * 2 + [(1, 2)] * 2 + [(0, 2)] * 2 + [(0, 1)] * 2  # dense, then one layer at a time
+    assert probe.calls == [None, (1, 2), (0, 2), (0, 1)]  # dense, then one layer at a time (the prompts batched)
     assert result.agreement[1] < 0.6 and result.agreement[0] == result.agreement[2] == 1.0
     assert result.kl[1] > 0.1 and result.kl[0] == 0.0
     assert result.dense_layers() == (1,)

@@ -72,21 +72,46 @@ class ModelProbe:
         return {"nll": float(nll), "entropy": float(entropy)}
 
     @torch.no_grad()
-    def answer_logits(self, input_ids: torch.Tensor, answer_start: int, method: Method | None) -> torch.Tensor:
-        """input_ids (1, L): the prompt ids[:answer_start] prefilled under `method` (None: dense) into
-        its cache, then the answer teacher-forced one token at a time -> (L - answer_start, V)."""
-        n = input_ids.shape[1]
-        if input_ids.shape[0] != 1 or not 0 < answer_start < n:
-            raise ValueError(f"answer_logits needs ids (1, L) and 0 < answer_start < L, got {tuple(input_ids.shape)} "
-                             f"and {answer_start}")
+    def answer_logits(self, prompts: Sequence[Sequence[int]], answer_starts: Sequence[int],
+                      method: Method | None) -> list[torch.Tensor]:
+        """Each prompt's ids[:start] prefilled under `method` (None: dense) into its cache, then its
+        answer ids[start:] teacher-forced one token at a time -> per prompt (len - start, V) logits
+        predicting each answer token. One left-padded batch: the prompts are aligned on their answer
+        start (position ids from the mask, as generate() does); a row whose answer is shorter than
+        the longest is fed a filler token afterwards, whose logits are dropped."""
+        if len(prompts) != len(answer_starts) or not prompts:
+            raise ValueError(f"answer_logits needs as many answer starts as prompts (>= 1), got "
+                             f"{len(prompts)} and {len(answer_starts)}")
+        for ids, start in zip(prompts, answer_starts):
+            if not 0 < start < len(ids):
+                raise ValueError(f"answer_logits needs 0 < answer_start < len(ids), got {start} for {len(ids)} tokens")
+        device = next(self.model.parameters()).device
+        B, P = len(prompts), max(answer_starts)
+        n_answer = [len(ids) - s for ids, s in zip(prompts, answer_starts)]
+        A = max(n_answer)
+        ids = torch.zeros(B, P + A - 1, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.long)
+        for r, (row, s) in enumerate(zip(prompts, answer_starts)):
+            ids[r, P - s:P] = torch.as_tensor(row[:s])
+            mask[r, P - s:] = 1
+            answer = torch.as_tensor(row[s:-1])  # the tokens fed back (the last one predicts nothing)
+            ids[r, P:P + len(answer)] = answer
+            ids[r, P + len(answer):] = row[-1]  # filler
+        ids, mask = ids.to(device), mask.to(device)
         with Session(self.model, method) as session:
             cache = session.new_cache()
-            out = self.model(input_ids[:, :answer_start], use_cache=True, logits_to_keep=1, **session.cache_kwargs(cache))
-            rows = [out.logits[0, -1]]
-            for t in range(answer_start, n - 1):
-                out = self.model(input_ids[:, t:t + 1], use_cache=True, **session.cache_kwargs(cache))
-                rows.append(out.logits[0, -1])
-        return torch.stack(rows)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            out = self.model(input_ids=ids[:, :P], attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **session.cache_kwargs(cache))
+            steps = [out.logits[:, -1]]
+            for t in range(P, P + A - 1):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+                out = self.model(input_ids=ids[:, t:t + 1], attention_mask=mask, position_ids=pos, use_cache=True,
+                                 **session.cache_kwargs(cache))
+                steps.append(out.logits[:, -1])
+        logits = torch.stack(steps, 1)  # (B, A, V)
+        return [logits[r, :n] for r, n in enumerate(n_answer)]
 
 
 def calibrate(model: nn.Module, tokenizer, config: TCAConfig = TCAConfig(), text: str | Sequence[str] | None = None,

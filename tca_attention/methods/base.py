@@ -14,6 +14,7 @@ and optionally calibrates once, through a Probe, into plain JSON state tied to t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Union
@@ -60,10 +61,11 @@ class Probe(Protocol):
         """One forward of input_ids (1, L) under `method` (no cache): {"nll": mean next-token negative
         log-likelihood, "entropy": mean entropy of the next-token distributions} (calibrations that search)."""
 
-    def answer_logits(self, input_ids: torch.Tensor, answer_start: int, method: "Method | None") -> torch.Tensor:
-        """input_ids (1, L) under `method` (None: dense) with its cache, as generation runs it: the
-        prompt ids[:answer_start] prefilled, then the answer teacher-forced one token at a time.
-        -> (L - answer_start, V) logits predicting each answer token (TCA's layer probe)."""
+    def answer_logits(self, prompts: Sequence[Sequence[int]], answer_starts: Sequence[int],
+                      method: "Method | None") -> list[torch.Tensor]:
+        """Prompts under `method` (None: dense) with its cache, as generation runs them: each prompt's
+        ids[:start] prefilled, then its answer teacher-forced one token at a time; -> per prompt the
+        (len - start, V) logits predicting each answer token (TCA's layer probe)."""
 
 
 @dataclass(frozen=True)

@@ -145,14 +145,13 @@ def probe_layers(probe: Probe, tokenizer, budgets: Budgets, options: Mapping[str
     if bad := sorted(set(options) & {"dense_at", "dense_layers", "dense_below"}):
         raise ValueError(f"the layer probe sets {', '.join(bad)} itself")
     model = probe.model
-    device = next(model.parameters()).device
     length = settings.resolved_length(budgets)
     prompts = needle_prompts(tokenizer, settings, length)
     tca_layers = [i for i, heads in enumerate(budgets.layers) if heads is not None]
 
-    def logits_under(method) -> list[torch.Tensor]:
-        return [probe.answer_logits(torch.tensor([p.ids], device=device), p.answer[0], method).float().cpu()
-                for p in prompts]
+    def logits_under(method) -> list[torch.Tensor]:  # the prompts as one batch
+        out = probe.answer_logits([p.ids for p in prompts], [p.answer[0] for p in prompts], method)
+        return [x.float().cpu() for x in out]
 
     runs: list[tuple[int | None, Any]] = [(None, None)] + [
         (i, TCA(budgets, dense_below=0, dense_at=tuple(j for j in tca_layers if j != i), **options))
