@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 
@@ -42,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tca_attention import calibrate
-    from tca_attention.data.corpus import essay_text
-    from tca_attention.data.needle import _ids, needle_prompt
     from tca_attention.integration import enable
+    from tca_attention.integration.probe import ModelProbe
+    from tca_attention.methods.tca.layer_probe import ProbeSettings, needle_prompts, probe_layers
     from tca_attention.methods.tca.config import SMALL_CONTEXT
     from tca_attention.methods.tca.method import TCA
     from tca_attention.models import load_model
@@ -56,14 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         budgets = Budgets.load(args.budgets, model)
     else:
         budgets = calibrate(model, tok, SMALL_CONTEXT, length=2048, progress=False)
-    rng = random.Random(args.seed)
-    hay = _ids(tok, essay_text())
-    depths = [(i + 0.5) / args.prompts for i in range(args.prompts)]
-    prompts = [needle_prompt(tok, hay, args.length, d, rng) for d in depths]
     opts = {}
     for kv in filter(None, args.options.split(",")):
         k, v = kv.split("=")
         opts[k] = int(v)
+    t0 = time.perf_counter()
+    if args.per_layer is not None:  # the library's layer probe (what dense_at=auto runs)
+        result = probe_layers(ModelProbe(model), tok, budgets.at_tau(args.per_layer), opts,
+                              ProbeSettings(args.length, args.prompts, args.seed))
+        result.save(args.out)
+        for i, (a, k) in enumerate(zip(result.agreement, result.kl)):
+            if a is not None:
+                print(json.dumps({"tau": args.per_layer, "layer": i, "agreement": a, "kl_per_token": k}))
+        print(f"{args.out}: dense_at=auto (floor 0.9) keeps {result.dense_layers() or 'none'} dense; "
+              f"{time.perf_counter() - t0:.0f} s")
+        return 0
+    prompts = needle_prompts(tok, ProbeSettings(args.length, args.prompts, args.seed), args.length)
 
     def answer_logits(method) -> list[torch.Tensor]:
         """Per prompt: logits (n_answer, V) predicting each answer token, prefill then one token at a time."""
@@ -82,20 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             out.append((torch.stack(rows), kept))
         return out
 
-    t0 = time.perf_counter()
-    if args.per_layer is not None:  # the library's layer probe (what dense_at=auto runs)
-        from tca_attention.integration.probe import ModelProbe
-        from tca_attention.methods.tca.layer_probe import ProbeSettings, probe_layers
-
-        result = probe_layers(ModelProbe(model), tok, budgets.at_tau(args.per_layer), opts,
-                              ProbeSettings(args.length, args.prompts, args.seed))
-        result.save(args.out)
-        for i, (a, k) in enumerate(zip(result.agreement, result.kl)):
-            if a is not None:
-                print(json.dumps({"tau": args.per_layer, "layer": i, "agreement": a, "kl_per_token": k}))
-        print(f"{args.out}: dense_at=auto (floor 0.9) keeps {result.dense_layers() or 'none'} dense; "
-              f"{time.perf_counter() - t0:.0f} s")
-        return 0
     dense = answer_logits(None)
     truth = [torch.tensor(p.ids[p.answer[0]:p.answer[1]]) for p in prompts]
     dense_acc = sum(int((d.argmax(-1).cpu() == t).sum()) for (d, _), t in zip(dense, truth)) / sum(len(t) for t in truth)

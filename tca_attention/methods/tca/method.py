@@ -60,7 +60,8 @@ class TCA(Method):
     dense_layers: the first n decoder layers keep everything (prefill and decode), whatever their
         budgets (0: the budgets decide every layer).
     dense_at: decoder layers (indices) that keep everything likewise, e.g. the few layers where
-        a model is most sensitive to sparsity (scripts/probe_tau.py --per-layer finds them).
+        a model is most sensitive to sparsity (layer_probe.py finds them: `dense_at=auto` in a spec,
+        `tca probe-layers`).
     Every option runs the fused selection (Triton on a GPU, no host sync); only sink tokens run
     the PyTorch reference selection (which syncs once per layer to size the plan); report() says
     which. With gqa="union" the plan is as wide as g times the largest budget (at most the global
