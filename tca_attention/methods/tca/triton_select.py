@@ -295,8 +295,8 @@ def _window_importance_kernel(
     per selection row), and with BAND, SB (rows, n_max*b) block-relative over the row's global blocks: the same
     mean restricted to each query's dense band [band_lo_i, itself] (engine.plan.band_start), what
     each query attends besides the kept keys (the window retained mass). DK < HEAD_D: the dot
-    runs over D in chunks of DK (a (BLOCK, D) fp32 key tile and its transpose overflow shared
-    memory at D = 256, b = 128); the chunk sums are in the same order for every key."""
+    runs over D in chunks of DK (with one pipeline stage: shared memory, see DOT_TILE_BYTES); the
+    chunk sums are in the same order for every key."""
     sr = tl.program_id(0)
     j = tl.program_id(1)
     bh = sr // (G // HP)
@@ -621,9 +621,14 @@ def row_lse(pmax: torch.Tensor, psum: torch.Tensor) -> tuple[torch.Tensor, torch
     return m, ls
 
 
-# bytes of one (BLOCK, DK) key tile of the window importance dot: its transpose for tl.dot is a
-# second copy in shared memory (H100, fp32, b = 128, D = 256: 260 KiB asked, 227 KiB there)
+# bytes of one (BLOCK, DK) key tile of the window importance dot. Shared memory of the kernel
+# compiled for sm_90 (fp32, D = 256, b = 128, 64 dot rows): triton 3.6 asks 266240 bytes with its
+# default 3 pipeline stages (H100/H200 have 232448), whatever the D chunk (the key chunks are loop
+# invariant, hoisted out of the row loop, and the row loads are pipelined); 163840 with one stage
+# and D chunks of 128, 196608 with one stage unchunked; triton 3.9 asks 98304 (tests/test_triton_select.py
+# compiles these shapes for sm_90 on the CPU). So a tile above DOT_TILE_BYTES runs chunked, unpipelined.
 DOT_TILE_BYTES = 64 * 1024
+DEFAULT_STAGES = 3  # triton's default num_stages on NVIDIA
 
 
 def dot_chunk(block_size: int, head_dim: int, elt_bytes: int) -> int:
@@ -633,6 +638,12 @@ def dot_chunk(block_size: int, head_dim: int, elt_bytes: int) -> int:
     while dk > 16 and dk % 2 == 0 and block_size * dk * elt_bytes > DOT_TILE_BYTES:
         dk //= 2
     return dk
+
+
+def window_importance_stages(block_size: int, head_dim: int, elt_bytes: int) -> int:
+    """Pipeline stages of the window importance kernel: one where a (block_size, head_dim) key
+    tile exceeds DOT_TILE_BYTES (fp32, b = 128, D = 256: shared memory above, measured), else triton's default."""
+    return 1 if block_size * head_dim * elt_bytes > DOT_TILE_BYTES else DEFAULT_STAGES
 
 
 def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows: torch.Tensor, n_blocks: int,
@@ -655,13 +666,14 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
     # tile of at most 8K elements
     up, prec = _dot_args(q_win, k)
     rd = max(16, min(next_pow2(hp * r), 64, 8192 // block_size))
-    dk = dot_chunk(block_size, D, 4 if prec == "ieee" else q_win.element_size())
+    elt = 4 if prec == "ieee" else q_win.element_size()
+    dk = dot_chunk(block_size, D, elt)
     _window_importance_kernel[(rows, nb_all)](
         q_win, k, key_start, n_rows, m, ls, s, mass, h, s if band is None else band,
         q_win.stride(0), q_win.stride(1), q_win.stride(2), k.stride(0), k.stride(1), k.stride(2),
         L, KV, n_blocks, scaling, window, 0.0 if mass_norm == "max" else 1.0 - alpha, alpha,
         G=g, HP=hp, R=r, RD=rd, BLOCK=block_size, HEAD_D=D, DK=dk, BAND=band is not None, PREC=prec, UPCAST=up,
-        num_warps=4 if rd * block_size <= 4096 else 8,
+        num_warps=4 if rd * block_size <= 4096 else 8, num_stages=window_importance_stages(block_size, D, elt),
     )
     if mass_norm == "max":
         h = _max_mass_term(h, mass, n_rows, alpha)
