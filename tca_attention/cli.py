@@ -126,6 +126,8 @@ def cmd_probe_layers(args) -> int:
     settings = ProbeSettings(length=args.length, prompts=args.prompts)  # checked before the model loads
     if not 0.0 <= args.min_agreement <= 1.0:
         raise ValueError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
+    if not args.max_kl >= 0.0:
+        raise ValueError(f"--max-kl must be >= 0 (inf: agreement only), got {args.max_kl}")
     _, options = registry.parse_spec("tca:" + args.options) if args.options else ("tca", {})
     if bad := sorted(set(options) - {"last_q", "gqa", "floor", "span"}):
         raise ValueError(f"--options takes TCA's selection options (last_q, gqa, floor, span), not {', '.join(bad)}")
@@ -133,7 +135,7 @@ def cmd_probe_layers(args) -> int:
     config = _config_from(args, model)
     budgets = load_or_calibrate(model, tok, args.model, config, args.budgets, args.calibration_length)
     result = load_or_probe(ModelProbe(model), tok, args.model, budgets, options, settings)
-    chosen = result.dense_layers(args.min_agreement)
+    chosen = result.dense_layers(args.min_agreement, args.max_kl)
     print(f"TCA in one layer at a time (tau {budgets.config.tau}, {result.settings['prompts']} needle prompts of "
           f"{result.settings['length']} tokens, {result.settings['answer_tokens']} answer tokens); dense attention "
           f"answers {100 * result.settings['dense_answer_accuracy']:.0f}% of them")
@@ -145,7 +147,7 @@ def cmd_probe_layers(args) -> int:
         flag = "  <- dense" if i in chosen else ""
         print(f"{i:>5}  {a:>9.3f}  {k:>8.4f}  {100 * f:>4.0f}%{flag}")
     spec = "/".join(map(str, chosen)) if chosen else "none"
-    print(f"\ndense_at=auto with probe_min={args.min_agreement} keeps dense: {spec}")
+    print(f"\ndense_at=auto with probe_min={args.min_agreement}, probe_max_kl={args.max_kl} keeps dense: {spec}")
     if args.out:
         result.save(args.out)
         print(f"wrote {args.out}")
@@ -454,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, help="tokens per probe prompt (default: the budgets' calibration length; "
                    "the verdict depends on it: probe at the length you serve)")
     p.add_argument("--prompts", type=int, default=4, help="needle prompts, at evenly spread depths")
-    p.add_argument("--min-agreement", type=float, default=0.9, help="the floor (the spec's probe_min)")
+    p.add_argument("--min-agreement", type=float, default=0.9, help="the agreement floor (the spec's probe_min)")
+    p.add_argument("--max-kl", type=float, default=0.05,
+                   help="the KL ceiling in nats per answer token (the spec's probe_max_kl; inf: agreement only)")
     p.add_argument("--out", help="also write the probe's state file here")
     p.add_argument("--plot", metavar="PNG", help="also draw the agreement per layer (bars, the floor, dense layers in red)")
     p.set_defaults(func=cmd_probe_layers)

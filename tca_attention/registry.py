@@ -94,13 +94,14 @@ def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
 
 
 # dense_at=auto: the per-layer probe's settings (methods/tca/layer_probe.py)
-_PROBE_PARAMS = ("probe_min", "probe_length", "probe_prompts")
+_PROBE_PARAMS = ("probe_min", "probe_max_kl", "probe_length", "probe_prompts")
 
 
 def _probed_dense_layers(params: dict[str, Any], budgets, model, tokenizer) -> tuple[int, ...]:
     """dense_at=auto: TCA's layers whose answers, probed one layer at a time at the budgets' tau,
-    agree with dense attention's less than probe_min (cached per model, budgets and options)."""
-    from .methods.tca.layer_probe import DEFAULT_MIN_AGREEMENT, ProbeSettings, load_or_probe
+    agree with dense attention's less than probe_min or differ by more than probe_max_kl nats per
+    answer token (cached per model, budgets and options)."""
+    from .methods.tca.layer_probe import DEFAULT_MAX_KL, DEFAULT_MIN_AGREEMENT, ProbeSettings, load_or_probe
 
     if model is None or tokenizer is None:
         raise ValueError("tca: dense_at=auto probes the model: pass model= and tokenizer=")
@@ -112,7 +113,7 @@ def _probed_dense_layers(params: dict[str, Any], budgets, model, tokenizer) -> t
     options = {k: params[k] for k in _TCA_RUNTIME if k in params and k not in ("dense_at", "dense_layers")}
     key = str(getattr(model, "name_or_path", None) or type(model).__name__)
     probe = load_or_probe(ModelProbe(model), tokenizer, key, budgets, options, settings)
-    return probe.dense_layers(params.get("probe_min", DEFAULT_MIN_AGREEMENT))
+    return probe.dense_layers(params.get("probe_min", DEFAULT_MIN_AGREEMENT), params.get("probe_max_kl", DEFAULT_MAX_KL))
 
 
 def calibration_set(params: Mapping[str, Any]):
@@ -269,7 +270,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("tca", "TCA-Attention: calibrated per-head budgets + last-query adaptive token selection",
               {"tau": float, "score": str, "preset": str, "window": int, "alpha": float, "budgets": str,
                "dense_below": str, "last_q": int, "gqa": str, "floor": float, "span": int, "dense_layers": int,
-               "dense_at": str, "probe_min": float, "probe_length": int, "probe_prompts": int,
+               "dense_at": str, "probe_min": float, "probe_max_kl": float, "probe_length": int, "probe_prompts": int,
                "calib_samples": int, "calib_lengths": str, "calib_combine": str},
               _tca, sweep="tau"),
         Entry("streaming", "StreamingLLM: attention sinks + a recent window (constant KV)",

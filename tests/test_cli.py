@@ -272,7 +272,7 @@ def test_probe_layers_prints_every_layer_and_its_choice(tiny_dir, tmp_path, caps
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1"] and all(0.0 <= float(r[1]) <= 1.0 for r in rows)
-    assert "dense_at=auto with probe_min=0.9 keeps dense:" in out
+    assert "dense_at=auto with probe_min=0.9, probe_max_kl=0.05 keeps dense:" in out
     from tca_attention.methods.tca.layer_probe import LayerProbe
 
     saved = LayerProbe.load(state)

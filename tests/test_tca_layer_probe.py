@@ -5,6 +5,7 @@ registry turns it into the method's dense_at."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -109,9 +110,12 @@ def test_the_layer_that_changes_answers_is_found():
     assert result.agreement[1] < 0.6 and result.agreement[0] == result.agreement[2] == 1.0
     assert result.kl[1] > 0.1 and result.kl[0] == 0.0
     assert result.dense_layers() == (1,)
-    assert result.dense_layers(min_agreement=0.4) == ()
+    assert result.dense_layers(min_agreement=0.4, max_kl=math.inf) == ()
+    assert result.dense_layers(min_agreement=0.4) == (1,)  # its KL alone is above the ceiling
     with pytest.raises(ValueError, match="min_agreement"):
         result.dense_layers(1.5)
+    with pytest.raises(ValueError, match="max_kl"):
+        result.dense_layers(0.9, -0.1)
     with pytest.raises(ValueError, match="sets dense_at"):
         probe_layers(probe, CharTok(), full_budgets(model), {"dense_at": (1,)}, SETTINGS, progress=False)
 
@@ -174,7 +178,11 @@ def test_registry_dense_at_auto_takes_the_probed_layers(tmp_path, monkeypatch):
     assert m.dense_at == (1, 2)  # below the default floor 0.9
     assert seen["options"] == {"last_q": 8, "span": 3} and seen["settings"] == ProbeSettings(300, 1)
     m = registry.create(spec + ",probe_min=0.8", model=model, tokenizer=CharTok(), budgets=b)
+    assert m.dense_at == (1, 2)  # layer 2 agrees 0.85 >= 0.8 but its KL 0.1 is above the default ceiling
+    m = registry.create(spec + ",probe_min=0.8,probe_max_kl=0.2", model=model, tokenizer=CharTok(), budgets=b)
     assert m.dense_at == (1,)
+    with pytest.raises(ValueError, match="only apply with dense_at=auto"):
+        registry.create("tca:probe_max_kl=0.2", model=model, tokenizer=CharTok(), budgets=b)
     with pytest.raises(ValueError, match="only apply with dense_at=auto"):
         registry.create("tca:probe_min=0.8", model=model, tokenizer=CharTok(), budgets=b)
     with pytest.raises(ValueError, match="tokenizer"):

@@ -6,7 +6,8 @@ in ONE layer at a time, every other TCA layer dense, on needle prompts (real ess
 with three secret words and a number, the question; data/needle.py). The answer is teacher-forced
 through the method's cache and each answer position's prediction is compared with dense
 attention's (argmax agreement, KL(dense || TCA) per token). Layers whose agreement alone falls
-below a floor keep their whole KV (TCA's `dense_at`; `dense_at=auto` in a spec).
+below a floor, or whose KL alone exceeds a ceiling, keep their whole KV (TCA's `dense_at`;
+`dense_at=auto` in a spec).
 
 Measured at the suite's lengths and budgets (CPU): SmolLM2-135M's multi-item retrieval is lost in
 two of its 30 layers; Gemma3-270M's three global layers each keep agreement >= 0.96 at 16K.
@@ -30,6 +31,11 @@ from .budgets import Budgets
 FORMAT = "tca-attention/layer-probe"
 VERSION = 1
 DEFAULT_MIN_AGREEMENT = 0.9  # between SmolLM2's two culprits (0.73, 0.86 at 4K) and every other layer seen (>= 0.96)
+# KL(dense || TCA) per answer token: the culprits the suite confirmed are >= 0.099 (SmolLM2 at
+# 8K, 4 prompts: layer 18 0.22 at tau 0.8 with agreement 0.92, which the floor alone let through
+# and the suite scored 8.1 of 24.9; layer 7 0.10-0.12 at tau 0.7-0.75), every other layer seen <= 0.046
+# (SmolLM2 <= 0.026, Gemma3 <= 0.046, Qwen <= 0.001; docs/results/leaderboard_smollm2/calibration/layer_probes)
+DEFAULT_MAX_KL = 0.05
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,16 @@ class LayerProbe:
     kept: tuple[float | None, ...]
     settings: dict[str, Any] = field(default_factory=dict)  # tau, options, length, prompts, seed, dense accuracy
 
-    def dense_layers(self, min_agreement: float = DEFAULT_MIN_AGREEMENT) -> tuple[int, ...]:
-        """The layers whose agreement alone is below min_agreement, in order."""
+    def dense_layers(self, min_agreement: float = DEFAULT_MIN_AGREEMENT,
+                     max_kl: float = DEFAULT_MAX_KL) -> tuple[int, ...]:
+        """The layers whose agreement alone is below min_agreement or whose KL per answer token
+        alone exceeds max_kl (math.inf: agreement only), in order."""
         if not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement!r}")
-        return tuple(i for i, a in enumerate(self.agreement) if a is not None and a < min_agreement)
+        if not max_kl >= 0.0:
+            raise ValueError(f"max_kl must be >= 0 (inf: agreement only), got {max_kl!r}")
+        return tuple(i for i, (a, k) in enumerate(zip(self.agreement, self.kl))
+                     if a is not None and (a < min_agreement or k > max_kl))
 
     def check_model(self, model) -> None:
         why = self.model.mismatch(ModelIdentity.of(model))
