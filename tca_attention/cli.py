@@ -156,8 +156,8 @@ def cmd_probe_layers(args) -> int:
 
         title = (f"{Path(args.model).name}, tau {budgets.config.tau}, {result.settings['length']} tokens, "
                  f"{result.settings['prompts']} prompts")
-        rows = [(i, a) for i, a in enumerate(result.agreement) if a is not None]
-        print(f"wrote {plot_layer_probes([(title, rows)], args.plot, args.min_agreement)}")
+        rows = [(i, a, k) for i, (a, k) in enumerate(zip(result.agreement, result.kl)) if a is not None]
+        print(f"wrote {plot_layer_probes([(title, rows)], args.plot, args.min_agreement, args.max_kl)}")
     return 0
 
 
