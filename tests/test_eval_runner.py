@@ -332,3 +332,29 @@ def test_archived_results_are_read_first_and_new_lines_append_to_the_plain_log(t
     assert load_results([tmp_path]) == first + [later]
     log.archive()
     assert not log.path.exists() and log.load() == first + [later] and path.read_bytes() != data
+
+
+class DenseLayersBackend(FakeBackend):
+    """Records `dense` as the dense layers of every TCA row (what dense_at=auto resolved to)."""
+
+    def __init__(self, tokenizer: Any, dense: list[int], crash_after: int | None = None) -> None:
+        super().__init__(tokenizer, crash_after)
+        self.dense = dense
+
+    def run(self, spec: EvalMethod, sample: Sample, ids: list[int], matched: float | None) -> Outcome:
+        out = super().run(spec, sample, ids, matched)
+        return Outcome(out.prediction, out.nll, out.kept_fraction, out.kv_bytes, out.dense_kv_bytes, out.seconds,
+                       {"dense_at": self.dense} if self.dense else {})
+
+
+def test_resume_refuses_to_mix_two_resolutions_of_the_dense_layers(tmp_path: Path, smol_tokenizer) -> None:
+    """A run folder whose dense_at=auto rows kept layers 18 dense is not resumed by a run whose
+    probe now keeps 7/18 (or none): the error names both; the same layers resume."""
+    cfg = _config(methods=("tca",), tasks=("qa",), lengths=(512,), samples=4)
+    with pytest.raises(Crash):
+        evaluate(cfg, DenseLayersBackend(smol_tokenizer, [18], crash_after=2), tmp_path, progress=False)
+    for other, name in (([7, 18], "7/18"), ([], "none")):
+        with pytest.raises(RuntimeError, match=f"keeps layers {name} dense, the results already .* kept 18"):
+            evaluate(cfg, DenseLayersBackend(smol_tokenizer, other), tmp_path, progress=False)
+    assert len(ResultLog(tmp_path / RESULTS_FILE).load()) == 2  # nothing of the refused runs was written
+    assert len(evaluate(cfg, DenseLayersBackend(smol_tokenizer, [18]), tmp_path, progress=False)) == 4

@@ -178,6 +178,9 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
     ]
     remaining = sum(k not in done for k in todo_keys)
     log.info("%s: %d of %d samples already done", run_dir, len(todo_keys) - remaining, len(todo_keys))
+    dense_layers = {}  # (method, length) -> the dense layers its recorded rows ran with
+    for r in results:
+        dense_layers.setdefault((r.method, r.length), _dense_at(r))
     if remaining == 0:
         return results
     tokenizer = backend.load()
@@ -212,6 +215,7 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
                         for result in _run_chunk(config, backend, spec, pairs, matched):
                             if result.key in done:
                                 continue
+                            _check_same_dense_layers(dense_layers, result, run_dir)
                             results_log.append(result)
                             results.append(result)
                             done.add(result.key)
@@ -219,6 +223,24 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
     finally:
         bar.close()
     return results
+
+
+def _dense_at(result: Result) -> tuple[int, ...]:
+    return tuple((result.metadata or {}).get("dense_at") or ())
+
+
+def _check_same_dense_layers(seen: dict[tuple[str, int], tuple[int, ...]], result: Result, run_dir: Path) -> None:
+    """A spec whose dense layers are resolved at run time (TCA's dense_at=auto) must not mix two
+    resolutions in one run folder (the probe's rule or cache changed between runs): refuse."""
+    now, before = _dense_at(result), seen.setdefault((result.method, result.length), _dense_at(result))
+    if now != before:
+        def name(layers: tuple[int, ...]) -> str:
+            return "/".join(map(str, layers)) or "none"
+        raise RuntimeError(
+            f"{result.method} at {result.length} tokens: this run keeps layers {name(now)} dense, the results already "
+            f"in {run_dir} kept {name(before)} (the layer probe's choice changed since); resuming would mix the two. "
+            "Use another --results-dir, or name the layers (dense_at=...) or the rule (probe_min=, probe_max_kl=) "
+            "in the spec")
 
 
 def _run_chunk(config: EvalConfig, backend: Backend, spec: EvalMethod, pairs: list[tuple[Sample, list[int]]],
