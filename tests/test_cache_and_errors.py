@@ -183,3 +183,18 @@ def test_a_forward_with_autograd_gets_a_clear_error():
         with torch.no_grad():  # the same call for inference runs
             model(input_ids=torch.randint(0, 97, (1, 100)), use_cache=True,
                   **session.cache_kwargs(session.new_cache()))
+
+
+def test_a_cached_state_is_named_once_per_process(tmp_path, capsys):
+    """announce(..., once=path): the first notice for a path goes to stderr, repeats only to the
+    log (an eval creates its methods per batch); a silent call does not use up the notice."""
+    from tca_attention.methods.state import announce
+
+    path = tmp_path / "state.json"
+    announce(False, "Using cached x", once=path)
+    announce(True, "Using cached x", once=path)
+    announce(True, "Using cached x", once=path)
+    announce(True, "Using cached y", once=tmp_path / "other.json")
+    announce(True, "Calibrating z")
+    announce(True, "Calibrating z")
+    assert capsys.readouterr().err.splitlines() == ["Using cached x", "Using cached y", "Calibrating z", "Calibrating z"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..introspect import layer_kinds, text_config
 from .base import Method, Probe
 from .dense import Dense
 from .state import HeadTable, ModelIdentity
+from .state import announce as state_announce
 
 DENSE_GEOMETRY = (256, 256)  # (block_size, window) of the cache over plain attention: keeps every token
 OBJECTIVES = ("nll", "entropy")  # supervised on the calibration text itself / the unsupervised mode
@@ -181,7 +181,7 @@ def cached_table(probe: Probe, model_key: str, method: str, settings: dict[str, 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_key).name) or "model"
     path = cache_root() / "calibrators" / f"{safe}-{method}-{digest}.json"
     if path.exists():
-        _say(announce, f"Using cached {method} state {path} (delete the file to calibrate again).")
+        _say(announce, f"Using cached {method} state {path} (delete the file to calibrate again).", path)
         return HeadTable.load(path, method, model=model)
     _say(announce, f"Calibrating {method} ONCE for this model; its state will be cached in {path}.")
     state = run()
@@ -190,6 +190,5 @@ def cached_table(probe: Probe, model_key: str, method: str, settings: dict[str, 
     return state
 
 
-def _say(announce: bool, line: str) -> None:
-    if announce:
-        print(line, file=sys.stderr, flush=True)
+def _say(show: bool, line: str, once: Path | None = None) -> None:
+    state_announce(show, line, None, once)

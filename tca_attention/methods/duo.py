@@ -233,7 +233,7 @@ def load_or_optimise(probe: Probe, tokenizer, model_key: str, opt: Optimisation 
     model = probe.model
     path = gates_path_for(model, model_key, opt)
     if path.exists():
-        say(announce, f"Using cached duo gates {path} (delete the file to optimise again).")
+        say(announce, f"Using cached duo gates {path} (delete the file to optimise again).", once=path)
         return DuoGates.load(path, model=model)
     say(announce, f"Optimising DuoAttention's gates ONCE for this model: {opt.steps} steps on "
                       f"{opt.length}-token passkey prompts; the gates will be cached in {path}.")

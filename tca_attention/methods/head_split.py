@@ -249,8 +249,8 @@ def scores_path_for(model, model_key: str, calibration: Calibration) -> Path:
     return cache_root() / "head_scores" / f"{safe}-{digest}.json"
 
 
-def _say(show: bool, line: str) -> None:
-    announce(show, line, log)
+def _say(show: bool, line: str, once: Path | None = None) -> None:
+    announce(show, line, log, once)
 
 
 def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Calibration = Calibration(),
@@ -259,7 +259,7 @@ def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Cali
     model = probe.model
     path = scores_path_for(model, model_key, calibration)
     if path.exists():
-        _say(announce, f"Using cached head scores {path} (delete the file to calibrate again).")
+        _say(announce, f"Using cached head scores {path} (delete the file to calibrate again).", path)
         return HeadScores.load(path, model=model)
     n = len(calibration.depths) * calibration.samples
     _say(announce, f"Calibrating head-split ONCE for this model: {n} dense forwards of "

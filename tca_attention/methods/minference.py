@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..engine.plan import BlockPlan
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe, check_key_block
 from .state import ModelIdentity, StateError, check_header, json_type, per_head, save_json
+from .state import announce as state_announce
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +352,11 @@ def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Cali
     model = probe.model
     path = state_path_for(model, model_key, calibration)
 
-    def say(line: str) -> None:
-        log.info(line)
-        if announce:
-            print(line, file=sys.stderr, flush=True)
+    def say(line: str, once: Path | None = None) -> None:
+        state_announce(announce, line, log, once)
 
     if path.exists():
-        say(f"Using cached MInference patterns {path} (delete the file to search again).")
+        say(f"Using cached MInference patterns {path} (delete the file to search again).", path)
         return PatternState.load(path, model=model)
     say(f"Searching MInference head patterns ONCE for this model: one dense forward of "
         f"{calibration.resolved_length(model)} tokens; the patterns will be cached in {path}.")

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -40,6 +39,7 @@ from ..engine.plan import TokenPlan, pack_mask
 from ..introspect import layer_kinds, text_config
 from .base import Method, Probe, global_region, local_geometry, row_geometry, sink_mask
 from .state import ModelIdentity, StateError, check_header, json_type, per_head, save_json
+from .state import announce as state_announce
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Cali
     model = probe.model
     path = profile_path_for(model, model_key, calibration)
     if path.exists():
-        _say(announce, f"Using cached MoA profile {path} (delete the file to profile again).")
+        _say(announce, f"Using cached MoA profile {path} (delete the file to profile again).", path)
         return MoAProfile.load(path, model=model)
     n = len(calibration.lengths) * calibration.samples
     _say(announce, f"Profiling MoA ONCE for this model: {n} forward + backward passes at lengths "
@@ -279,10 +279,8 @@ def load_or_calibrate(probe: Probe, tokenizer, model_key: str, calibration: Cali
     return profile
 
 
-def _say(announce: bool, line: str) -> None:
-    log.info(line)
-    if announce:
-        print(line, file=sys.stderr, flush=True)
+def _say(show: bool, line: str, once: Path | None = None) -> None:
+    state_announce(show, line, log, once)
 
 
 # -- the search: one elastic rule per head under a density budget --------------------------------

@@ -209,7 +209,7 @@ def load_or_calibrate(probe: Probe, model_key: str, probing: Probing = Probing()
     model = probe.model
     path = scores_path_for(model, model_key, probing)
     if path.exists():
-        say(announce, f"Using cached razor scores {path} (delete the file to calibrate again).")
+        say(announce, f"Using cached razor scores {path} (delete the file to calibrate again).", once=path)
         return RazorScores.load(path, model=model)
     say(announce, f"Calibrating RazorAttention ONCE for this model: {probing.samples} dense forwards of "
                       f"{probing.period} random tokens x {probing.repeats}; the scores will be cached in {path}.")

@@ -224,8 +224,16 @@ def is_numbers(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
 
 
-def announce(show: bool, line: str, logger: logging.Logger | None = None) -> None:
-    """A calibration's one-line notice: logged, and printed on stderr when `show`."""
+_SAID_ONCE: set[str] = set()  # the cached state files this process has named on stderr
+
+
+def announce(show: bool, line: str, logger: logging.Logger | None = None, once: str | Path | None = None) -> None:
+    """A calibration's one-line notice: logged, and printed on stderr when `show`; with `once`
+    (a cached state's path) printed only the first time this process names it (an eval creates
+    its methods per batch and would repeat "Using cached ..." dozens of times)."""
     (logger or logging.getLogger(__name__)).info(line)
-    if show:
-        print(line, file=sys.stderr, flush=True)
+    if not show or (once is not None and str(once) in _SAID_ONCE):
+        return
+    if once is not None:
+        _SAID_ONCE.add(str(once))
+    print(line, file=sys.stderr, flush=True)

@@ -9,11 +9,11 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from ..base import Probe
+from ..state import announce as state_announce
 from .config import TCAConfig
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,8 @@ def calibration_notice(model, config: TCAConfig, length: int | None, path: Path 
             f"{what} and scoring of {layers} layers, {how_long}; {where}.")
 
 
-def _say(announce: bool, line: str) -> None:
-    log.info(line)
-    if announce:
-        print(line, file=sys.stderr, flush=True)
+def _say(show: bool, line: str, once: Path | None = None) -> None:
+    state_announce(show, line, log, once)
 
 
 def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budgets: str | None = None,
@@ -91,7 +89,7 @@ def load_or_calibrate(probe: Probe, tok, model_key: str, config: TCAConfig, budg
     path = budgets_path_for(model_key, config, length, plan)
     if path.exists():
         _say(announce, f"Using cached budgets {path} (calibrated once for this model and config; "
-                       "delete the file to calibrate again).")
+                       "delete the file to calibrate again).", path)
         return Budgets.load(path, model=model).at(tau=config.tau, score=config.score)
     _say(announce, calibration_notice(model, config, length, path, plan))
     b = calibrate(probe, tok, config, length=length, plan=plan or CalibrationSet())

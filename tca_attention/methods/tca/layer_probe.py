@@ -223,7 +223,7 @@ def load_or_probe(probe: Probe, tokenizer, model_key: str, budgets: Budgets, opt
     options = dict(options or {})
     path = probe_path_for(probe.model, model_key, budgets, options, settings)
     if path.exists():
-        announce(show, f"Using cached layer probe {path} (delete the file to probe again).")
+        announce(show, f"Using cached layer probe {path} (delete the file to probe again).", once=path)
         return LayerProbe.load(path, model=probe.model)
     n = sum(h is not None for h in budgets.layers)
     announce(show, f"Probing TCA layer by layer ONCE for this model and tau {budgets.config.tau}: "
