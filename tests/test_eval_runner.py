@@ -227,7 +227,8 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
         assert files[key].exists() and files[key].stat().st_size > 0
     assert files["needle_m"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["report"].read_text()
-    assert "| tca | 50.0 | 50.0 | -50.0 | -50.0 | 33.3 | 33.3 |" in md  # acc, gap to full (points), kept
+    # acc, gap to full (points) with its paired bootstrap interval (niah: 0/-1 per sample, qa -0.5), kept
+    assert "| tca | 50.0 | 50.0 | -50.0 [-75.0, -25.0] | -50.0 [-75.0, -25.0] | 33.3 | 33.3 |" in md
     assert json.loads(files["summary"].read_text())["models"]["m"]["methods"]["full"]["lengths"]["4096"]["n"] == 8
 
 
@@ -248,7 +249,7 @@ def test_cli_rebuilds_a_prefixed_report_from_run_folders(tmp_path: Path) -> None
                               "--report-prefix", "eval_"])
     assert args.func(args) == 0
     md = (tmp_path / "docs" / "eval_report.md").read_text()
-    assert "| full | 100.0 | +0.0 | 100.0 | 100.0 | - |" in md and "| tca | 0.0 | -100.0 | 25.0 | 25.0 | - |" in md
+    assert "| full | 100.0 | +0.0 | 100.0 | 100.0 | - |" in md and "| tca | 0.0 | -100.0 [-100.0, -100.0] | 25.0 | 25.0 | - |" in md
     assert (tmp_path / "docs" / "eval_needle_m.png").exists()
 
 
@@ -358,3 +359,27 @@ def test_resume_refuses_to_mix_two_resolutions_of_the_dense_layers(tmp_path: Pat
             evaluate(cfg, DenseLayersBackend(smol_tokenizer, other), tmp_path, progress=False)
     assert len(ResultLog(tmp_path / RESULTS_FILE).load()) == 2  # nothing of the refused runs was written
     assert len(evaluate(cfg, DenseLayersBackend(smol_tokenizer, [18]), tmp_path, progress=False)) == 4
+
+
+def test_gap_interval_is_a_paired_bootstrap_over_the_samples() -> None:
+    """The gap's interval: a constant paired difference gives exactly that constant; a task
+    whose differences vary widens it around the point gap; a task without pairs is an error."""
+    from tca_attention.eval.report import gap_interval
+
+    assert gap_interval({"a": [(0.5, 1.0)] * 7, "b": [(1.0, 1.0)] * 5}) == pytest.approx((-0.25, -0.25))
+    pairs = {"a": [(1.0, 0.0), (0.0, 1.0)] * 10, "b": [(1.0, 1.0)] * 20}  # point gap 0, spread in a
+    lo, hi = gap_interval(pairs)
+    assert -0.5 < lo < -0.05 and 0.05 < hi < 0.5
+    assert gap_interval(pairs) == (lo, hi)  # a fixed seed: the report is reproducible
+    with pytest.raises(ValueError, match="paired"):
+        gap_interval({"a": [(1.0, 1.0)], "b": []})
+
+
+def test_report_shows_the_gap_with_its_interval(tmp_path: Path, smol_tokenizer) -> None:
+    cfg = _config(methods=("full", "tca"), tasks=("niah_single", "qa"), lengths=(512,), samples=3)
+    results = evaluate(cfg, FakeBackend(smol_tokenizer), tmp_path, progress=False)
+    summary = summarize(results)
+    cell = summary["models"]["fake"]["methods"]["tca"]["lengths"]["512"]
+    assert cell["gap_ci"] == pytest.approx([-1.0, -1.0])  # every answer lost on every sample
+    assert "gap_ci" not in summary["models"]["fake"]["methods"]["full"]["lengths"]["512"]
+    assert "| -100.0 [-100.0, -100.0] |" in markdown(summary)

@@ -82,8 +82,55 @@ def summarize(results: list[Result]) -> dict:
                 }
             msum["methods"][method] = {"lengths": lens}
         _common_accuracy(msum)
+        _gap_intervals(msum, rs)
         summary["models"][model] = msum
     return summary
+
+
+GAP_BOOTSTRAP_REPS = 2000
+GAP_LEVEL = 0.95
+
+
+def gap_interval(pairs: dict[str, list[tuple[float, float]]], reps: int = GAP_BOOTSTRAP_REPS,
+                 level: float = GAP_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """A paired bootstrap interval of the gap to full attention: pairs[task] = (method score,
+    full score) per sample, the same prompt for both; the gap is the mean over tasks of the mean
+    difference. Samples are resampled within each task (the tasks are fixed), `reps` times with a
+    fixed seed (a report is reproducible); -> the (1 - level) / 2 and (1 + level) / 2 quantiles."""
+    import numpy as np
+
+    if not pairs or any(not p for p in pairs.values()):
+        raise ValueError("every task needs at least one paired sample")
+    rng = np.random.default_rng(seed)
+    gaps = np.zeros(reps)
+    for task in sorted(pairs):
+        d = np.array([m - f for m, f in pairs[task]], dtype=float)
+        gaps += d[rng.integers(0, len(d), size=(reps, len(d)))].mean(axis=1)
+    gaps /= len(pairs)
+    lo, hi = np.quantile(gaps, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _gap_intervals(msum: dict, results: list[Result]) -> None:
+    """`gap_ci` per method and length next to full attention: the paired bootstrap interval of
+    its accuracy gap over the headline tasks, from the samples both ran (absent when a task has
+    none in common, or for full itself)."""
+    scores = {(r.method, r.length, r.task, r.sample_id): r.score for r in results if r.scorer != NLL_SCORER}
+    for method, m in msum["methods"].items():
+        if method == FULL:
+            continue
+        for L, cell in m["lengths"].items():
+            if cell.get("accuracy") is None or msum["methods"].get(FULL, {}).get("lengths", {}).get(L, {}).get(
+                    "accuracy") is None:
+                continue
+            pairs: dict[str, list[tuple[float, float]]] = {}
+            for (meth, length, task, sid), score in scores.items():
+                if meth == method and str(length) == L and task in cell["accuracy_tasks"]:
+                    ref = scores.get((FULL, length, task, sid))
+                    if ref is not None:
+                        pairs.setdefault(task, []).append((score, ref))
+            if set(pairs) == set(cell["accuracy_tasks"]):
+                cell["gap_ci"] = list(gap_interval(pairs))
 
 
 def certificate_summary(results: list[Result]) -> dict:
@@ -176,7 +223,9 @@ def markdown(summary: dict) -> str:
             for L, c in zip(lengths, cells):
                 ref = full.get(str(L), {}).get("accuracy")
                 acc = c.get("accuracy")
-                gaps.append("-" if ref is None or acc is None else f"{100 * (acc - ref):+.1f}")
+                ci = c.get("gap_ci")
+                gaps.append("-" if ref is None or acc is None else f"{100 * (acc - ref):+.1f}" + (
+                    f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""))
             row = ([method] + [_fmt(c.get("accuracy")) for c in cells] + gaps
                    + [_fmt(c.get("kept_fraction")) for c in cells]
                    + [_fmt(c.get("attended_fraction", c.get("kept_fraction"))) for c in cells])
@@ -186,7 +235,8 @@ def markdown(summary: dict) -> str:
                       for L, c in sorted(m["lengths"].items(), key=lambda x: int(x[0])) if c.get("accuracy_missing")]
         lines += ["", "acc: mean score (%) over full attention's accuracy tasks at that length (a method that "
                   "misses one of them has no acc: " + ("; ".join(incomplete) if incomplete else "none here") + "); "
-                  "gap: acc minus full attention's acc, in points; "
+                  "gap: acc minus full attention's acc, in points, with its 95% interval [lo, hi] from a paired "
+                  "bootstrap over the samples (the same prompts for every method, resampled within each task); "
                   "kept: mean KV kept fraction (%); attended: mean attended fraction (%), the smaller of the "
                   "prefill's and the decode's share (docs/eval.md); ppl: perplexity of the last tokens of long essays.", ""]
         chosen = [f"{method} at {L}: {'/'.join(map(str, c['dense_at']))}" for method, m in methods.items()
