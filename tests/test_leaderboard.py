@@ -97,7 +97,10 @@ def test_board_states_best_margin_and_where_tca_loses(tmp_path: Path) -> None:
     assert at25["chosen"]["tca"]["method"] == "tca:tau=0.5"
     assert at25["best"] == ["streaming"] and at25["margin"] == pytest.approx(0.5) and at25["runner_up"] == ["tca"]
     assert at25["chosen"]["xattention"] is None and "xattention" in at25["no_point_near"]
-    assert at25["tca_behind"] == [{"family": "streaming", "points": pytest.approx(50.0)}]
+    # streaming answers every sample tca:tau=0.5 misses (a constant paired difference): a tight interval
+    assert at25["tca_behind"] == [{"family": "streaming", "points": pytest.approx(50.0),
+                                   "points_ci": pytest.approx([50.0, 50.0])}]
+    assert at25["margin_ci"] == pytest.approx([0.5, 0.5])
     assert at40["best"] == [] and sorted(at40["no_point_near"]) == ["streaming", "tca", "xattention"]
     assert at60["best"] == ["streaming", "tca"] and at60["margin"] is None  # a tie, nobody else near
     # per task family: niah and qa separately
@@ -105,12 +108,12 @@ def test_board_states_best_margin_and_where_tca_loses(tmp_path: Path) -> None:
     assert tca9["task_families"] == {"niah": 1.0, "qa": 0.5} and tca9["accuracy"] == 0.75
     # xattention 0.9 ties streaming@0.25 on accuracy at a larger fraction: dominated
     assert cell["pareto"]["all"] == ["tca:tau=0.5", "streaming:block_size=16@kept=0.25"]
-    assert any("tca loses to streaming by 50.0 points" in f and "25% kept" in f for f in board["findings"])
+    assert any("tca loses to streaming by 50.0 points [+50.0, +50.0]" in f and "25% kept" in f for f in board["findings"])
     assert any("40% kept: tca has no sweep point within ±10" in f for f in board["findings"])
     assert not any("60% kept: tca loses" in f for f in board["findings"])  # a tie is no loss
     files = report.write(board, tmp_path, note="synthetic")
     md = files["md"].read_text()
-    assert "> synthetic" in md and "| 4096 | 25% | 100.0 | streaming | +50.0 over tca |" in md
+    assert "> synthetic" in md and "| 4096 | 25% | 100.0 | streaming | +50.0 [+50.0, +50.0] over tca |" in md
     assert "no point near" in md and "tca loses to streaming" in md and "No timings given" in md
     assert json.loads(files["json"].read_text())["findings"] == board["findings"]
     assert (tmp_path / "leaderboard_pareto_m.png").exists()

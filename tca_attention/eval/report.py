@@ -111,26 +111,44 @@ def gap_interval(pairs: dict[str, list[tuple[float, float]]], reps: int = GAP_BO
     return float(lo), float(hi)
 
 
+ScoreIndex = dict[tuple[str, str], dict[str, dict[str, float]]]  # (method, length) -> task -> sample id -> score
+
+
+def score_index(results: Iterable[Result]) -> ScoreIndex:
+    """Per-sample accuracy scores by (method, length as str), task and sample id (perplexity left out)."""
+    index: ScoreIndex = {}
+    for r in results:
+        if r.scorer != NLL_SCORER:
+            index.setdefault((r.method, str(r.length)), {}).setdefault(r.task, {})[r.sample_id] = r.score
+    return index
+
+
+def interval_between(index: ScoreIndex, a: str, b: str, length: str, tasks: Iterable[str]
+                     ) -> tuple[float, float] | None:
+    """The paired bootstrap interval (gap_interval) of method a's accuracy minus method b's over
+    `tasks` at `length`, from the samples both ran; None when a task has none in common."""
+    sa, sb = index.get((a, length), {}), index.get((b, length), {})
+    pairs = {t: [(sa[t][i], sb[t][i]) for i in sa.get(t, {}) if i in sb.get(t, {})] for t in tasks}
+    if not pairs or not all(pairs.values()):
+        return None
+    return gap_interval(pairs)
+
+
 def _gap_intervals(msum: dict, results: list[Result]) -> None:
     """`gap_ci` per method and length next to full attention: the paired bootstrap interval of
     its accuracy gap over the headline tasks, from the samples both ran (absent when a task has
     none in common, or for full itself)."""
-    scores = {(r.method, r.length, r.task, r.sample_id): r.score for r in results if r.scorer != NLL_SCORER}
+    index = score_index(results)
     for method, m in msum["methods"].items():
         if method == FULL:
             continue
         for L, cell in m["lengths"].items():
-            if cell.get("accuracy") is None or msum["methods"].get(FULL, {}).get("lengths", {}).get(L, {}).get(
-                    "accuracy") is None:
+            full = msum["methods"].get(FULL, {}).get("lengths", {}).get(L, {})
+            if cell.get("accuracy") is None or full.get("accuracy") is None:
                 continue
-            pairs: dict[str, list[tuple[float, float]]] = {}
-            for (meth, length, task, sid), score in scores.items():
-                if meth == method and str(length) == L and task in cell["accuracy_tasks"]:
-                    ref = scores.get((FULL, length, task, sid))
-                    if ref is not None:
-                        pairs.setdefault(task, []).append((score, ref))
-            if set(pairs) == set(cell["accuracy_tasks"]):
-                cell["gap_ci"] = list(gap_interval(pairs))
+            ci = interval_between(index, method, FULL, L, cell["accuracy_tasks"])
+            if ci is not None:
+                cell["gap_ci"] = list(ci)
 
 
 def certificate_summary(results: list[Result]) -> dict:

@@ -12,7 +12,7 @@ from statistics import mean
 from typing import Any, Iterable
 
 from ... import registry
-from ..report import _slug, display_name, family, summarize
+from ..report import ScoreIndex, _slug, display_name, family, interval_between, score_index, summarize
 from .variants import variants
 from ..schema import Result
 from ..tasks import TASKS
@@ -50,13 +50,26 @@ def points_of(rows: list[dict], task_fam: str = ALL) -> list[Point]:
             for r in rows if r["family"] != registry.FULL and (task_fam == ALL or task_fam in r["task_families"])]
 
 
-def _match_json(m: Match, focus: str) -> dict[str, Any]:
+def _between(index: ScoreIndex, a: Point | None, b: Point | None, length: str, tasks: list[str]) -> list[float] | None:
+    """The paired bootstrap 95% interval of point a's accuracy minus point b's (the same prompts)."""
+    if a is None or b is None or not tasks:
+        return None
+    ci = interval_between(index, a.method, b.method, length, tasks)
+    return None if ci is None else list(ci)
+
+
+def _match_json(m: Match, focus: str, index: ScoreIndex, length: str, tasks: list[str]) -> dict[str, Any]:
+    margin_ci = (_between(index, m.chosen[m.best[0]], m.chosen[m.runner_up[0]], length, tasks)
+                 if len(m.best) == 1 and m.runner_up else None)
     return {
         "target": m.target, "best": list(m.best), "margin": m.margin, "runner_up": list(m.runner_up),
+        "margin_ci": margin_ci,
         "chosen": {f: (None if p is None else {"method": p.method, "attended_fraction": p.fraction, "accuracy": p.value})
                    for f, p in m.chosen.items()},
         "no_point_near": list(m.missing),
-        f"{focus}_behind": [{"family": f, "points": 100 * gap} for f, gap in m.behind(focus)],
+        f"{focus}_behind": [{"family": f, "points": 100 * gap,
+                             "points_ci": _pct_pair(_between(index, m.chosen[f], m.chosen[focus], length, tasks))}
+                            for f, gap in m.behind(focus)],
     }
 
 
@@ -65,6 +78,7 @@ def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tol
     """The leaderboard as plain data (what leaderboard.json holds)."""
     targets = list(targets)
     summary = summarize(results)
+    index = score_index(results)
     board: dict[str, Any] = {
         "targets": targets, "tolerance": tolerance, "focus": focus,
         "fraction": "attended fraction: the share of the work a method sparsifies that it still does (docs/eval.md)",
@@ -86,9 +100,10 @@ def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tol
                                                    "task_families": full["task_families"]},
                 "points": rows,
                 "pareto": {tf: [p.method for p in pareto(points_of(rows, tf))] for tf in [ALL, *task_fams]},
-                "matched": [_match_json(m, focus) for m in matches],
+                "matched": [_match_json(m, focus, index, str(L), _headline_tasks(full)) for m in matches],
             }
-            mboard["findings"] += _findings(display_name(model), L, matches, focus, tolerance)
+            mboard["findings"] += _findings(display_name(model), L, mboard["lengths"][str(L)]["matched"], matches,
+                                            focus, tolerance)
         board["findings"] += mboard["findings"]
         board["models"][model] = mboard
     return board
@@ -98,10 +113,25 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _findings(model: str, length: int, matches: list[Match], focus: str, tolerance: float) -> list[str]:
-    """Where `focus` loses to a peer at a matched fraction, or has no point to compare."""
+def _pct_pair(ci: list[float] | None) -> list[float] | None:
+    return None if ci is None else [100 * ci[0], 100 * ci[1]]
+
+
+def _ci_text(ci: list[float] | None, scale: float = 100.0) -> str:
+    return "" if ci is None else f" [{scale * ci[0]:+.1f}, {scale * ci[1]:+.1f}]"
+
+
+def _headline_tasks(full: dict | None) -> list[str]:
+    return list(full["tasks"]) if full else []
+
+
+def _findings(model: str, length: int, matched: list[dict[str, Any]], matches: list[Match], focus: str,
+              tolerance: float) -> list[str]:
+    """Where `focus` loses to a peer at a matched fraction (with the loss's 95% interval), or has
+    no point to compare."""
     out = []
-    for m in matches:
+    for mj, m in zip(matched, matches):
+        cis = {b["family"]: b["points_ci"] for b in mj.get(f"{focus}_behind", [])}
         where = f"{model}, {length} tokens, {100 * m.target:g}% kept"
         if focus not in m.chosen:
             continue
@@ -111,7 +141,7 @@ def _findings(model: str, length: int, matches: list[Match], focus: str, toleran
             continue
         for peer, gap in m.behind(focus):
             q = m.chosen[peer]
-            out.append(f"{where}: {focus} loses to {peer} by {100 * gap:.1f} points "
+            out.append(f"{where}: {focus} loses to {peer} by {100 * gap:.1f} points{_ci_text(cis.get(peer), 1.0)} "
                        f"({p.method} {_pct(p.value)} at {_pct(p.fraction)}% vs {q.method} {_pct(q.value)} "
                        f"at {_pct(q.fraction)}%)")
     return out
@@ -138,7 +168,9 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
         "methods, the prefill share for a prefill-only one, the decode share for a decode-only one; "
         "docs/eval.md). Accuracy is the mean score over full attention's accuracy tasks at that length (a "
         "sweep point missing one of them is left out: a run cut short). "
-        "\"best\" is the method with the highest accuracy there and \"margin\" its lead in points over the next one.",
+        "\"best\" is the method with the highest accuracy there and \"margin\" its lead in points over the next one, "
+        "with its 95% interval [lo, hi] from a paired bootstrap over the samples (the same prompts for every method, "
+        "resampled within each task; docs/eval.md): a margin whose interval holds 0 is not a measured lead.",
         "",
     ]
     run = board.get("run") or {}
@@ -156,7 +188,8 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
             for m in c["matched"]:
                 best = " = ".join(m["best"]) + (" (tie)" if len(m["best"]) > 1 else "") if m["best"] else "none"
                 margin = ("-" if not m["best"] else "only one near" if len(m["best"]) == 1 and m["margin"] is None
-                          else "-" if m["margin"] is None else f"+{100 * m['margin']:.1f} over {', '.join(m['runner_up'])}")
+                          else "-" if m["margin"] is None
+                          else f"+{100 * m['margin']:.1f}{_ci_text(m.get('margin_ci'))} over {', '.join(m['runner_up'])}")
                 cells = [_fmt_choice(m["chosen"].get(f)) if f in m["chosen"] else "-" for f in families]
                 lines.append(f"| {L} | {100 * m['target']:g}% | {full} | {best} | {margin} | " + " | ".join(cells) + " |")
         lines += ["", f"Cells: accuracy (the sweep point, its attended fraction %); \"no point near\": no sweep point "
