@@ -68,9 +68,8 @@ def run_models(args: argparse.Namespace, methods: list[str]) -> Iterator[tuple[E
     """Run (or resume) `methods` for each model of `args` (add_run_options), one run folder per
     configuration under --results-dir; yields (config, run folder, every result of it) per model."""
     from .methods import ModelBackend
-    from .runner import EvalConfig, evaluate
+    from .runner import evaluate
 
-    tasks = TASKS.names() if args.tasks == "all" else _csv(args.tasks)
     if args.dtype == "float16" and args.device == "cpu":
         # the loader would upcast anyway; the run's records must name the dtype that ran
         print("note: float16 on the CPU is not supported (it was seen answering empty strings); "
@@ -78,12 +77,7 @@ def run_models(args: argparse.Namespace, methods: list[str]) -> Iterator[tuple[E
         args.dtype = "float32"
     if args.budgets is not None and len(args.model or []) > 1:
         raise SystemExit("--budgets belongs to one model; run the models one at a time")
-    configs = [EvalConfig(
-        model=model, methods=tuple(methods), tasks=tuple(tasks),
-        lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
-        chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
-        tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,
-    ) for model in args.model or ["smollm2"]]  # every configuration checked before any work
+    configs = configs_of(args, methods)  # every configuration checked before any work
     for config in configs:
         backend = ModelBackend(config.model, device=args.device, dtype=args.dtype, tca_preset=args.tca_preset,
                                tca_score=args.tca_score, tca_tau=args.tau,
@@ -92,6 +86,19 @@ def run_models(args: argparse.Namespace, methods: list[str]) -> Iterator[tuple[E
                                cuda_graph=args.cuda_graph)
         run_dir = args.results_dir / config.run_name()
         yield config, run_dir, evaluate(config, backend, run_dir, progress=not args.no_progress)
+
+
+def configs_of(args: argparse.Namespace, methods: list[str]) -> list:
+    """One EvalConfig per model of `args` (add_run_options) with these methods."""
+    from .runner import EvalConfig
+
+    tasks = TASKS.names() if args.tasks == "all" else _csv(args.tasks)
+    return [EvalConfig(
+        model=model, methods=tuple(methods), tasks=tuple(tasks),
+        lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
+        chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
+        tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,
+    ) for model in args.model or ["smollm2"]]
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

@@ -164,6 +164,18 @@ def _sample_meta(sample: Sample) -> dict:
     return {k: sample.metadata[k] for k in keep if k in sample.metadata}
 
 
+def _todo_keys(config: EvalConfig) -> list[tuple[str, str]]:
+    """Every (method label, sample id) the configuration asks for."""
+    return [(s.label, f"{t}-{L}-{i:04d}")
+            for L in config.lengths for s in config.specs() for t in config.tasks for i in range(config.samples)]
+
+
+def pending(config: EvalConfig, run_dir: Path) -> int:
+    """How many of the configuration's samples run_dir does not hold yet (no model is loaded)."""
+    done = {r.key for r in ResultLog(run_dir / RESULTS_FILE).load()}
+    return sum(k not in done for k in _todo_keys(config))
+
+
 def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool = True) -> list[Result]:
     """Run (or resume) `config` into run_dir; returns every result of the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,10 +184,7 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
     results = results_log.load()
     done = {r.key for r in results}
     specs = config.specs()
-    todo_keys = [
-        (s.label, f"{t}-{L}-{i:04d}")
-        for L in config.lengths for s in specs for t in config.tasks for i in range(config.samples)
-    ]
+    todo_keys = _todo_keys(config)
     remaining = sum(k not in done for k in todo_keys)
     log.info("%s: %d of %d samples already done", run_dir, len(todo_keys) - remaining, len(todo_keys))
     dense_layers = {}  # (method, length) -> the dense layers its recorded rows ran with
