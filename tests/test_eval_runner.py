@@ -11,7 +11,7 @@ import pytest
 from tca_attention import registry
 from tca_attention.eval.methods import EvalMethod, Outcome, expand_method, split_methods
 from tca_attention.eval.report import family, markdown, summarize, write_report
-from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate
+from tca_attention.eval.runner import RESULTS_FILE, EvalConfig, ResultLog, evaluate, pending
 from tca_attention.eval.schema import Result, Sample
 
 TASKS = ("niah_single", "qa", "perplexity")
@@ -66,6 +66,7 @@ def test_crash_loses_no_finished_sample_and_resume_skips_them(tmp_path: Path, sm
     saved = ResultLog(tmp_path / RESULTS_FILE).load()
     assert [r.key for r in saved] == [(m, s) for m, s, _ in crashing.calls]
     assert len(saved) == 7
+    assert pending(cfg, tmp_path) == total - 7 and pending(cfg, tmp_path / "elsewhere") == total
 
     resumed = FakeBackend(smol_tokenizer)
     results = evaluate(cfg, resumed, tmp_path, progress=False)
