@@ -111,6 +111,11 @@ def gap_interval(pairs: dict[str, list[tuple[float, float]]], reps: int = GAP_BO
     return float(lo), float(hi)
 
 
+def ci_text(ci: list[float] | tuple[float, float] | None, scale: float = 100.0) -> str:
+    """An interval as the tables print it after its value: ' [lo, hi]' in points (scale: to points), or ''."""
+    return "" if ci is None else f" [{scale * ci[0]:+.1f}, {scale * ci[1]:+.1f}]"
+
+
 ScoreIndex = dict[tuple[str, str], dict[str, dict[str, float]]]  # (method, length) -> task -> sample id -> score
 
 
@@ -241,9 +246,7 @@ def markdown(summary: dict) -> str:
             for L, c in zip(lengths, cells):
                 ref = full.get(str(L), {}).get("accuracy")
                 acc = c.get("accuracy")
-                ci = c.get("gap_ci")
-                gaps.append("-" if ref is None or acc is None else f"{100 * (acc - ref):+.1f}" + (
-                    f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""))
+                gaps.append("-" if ref is None or acc is None else f"{100 * (acc - ref):+.1f}{ci_text(c.get('gap_ci'))}")
             row = ([method] + [_fmt(c.get("accuracy")) for c in cells] + gaps
                    + [_fmt(c.get("kept_fraction")) for c in cells]
                    + [_fmt(c.get("attended_fraction", c.get("kept_fraction"))) for c in cells])

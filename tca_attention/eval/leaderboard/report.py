@@ -12,7 +12,7 @@ from statistics import mean
 from typing import Any, Iterable
 
 from ... import registry
-from ..report import ScoreIndex, _slug, display_name, family, interval_between, score_index, summarize
+from ..report import ScoreIndex, _slug, ci_text, display_name, family, interval_between, score_index, summarize
 from .variants import variants
 from ..schema import Result
 from ..tasks import TASKS
@@ -117,10 +117,6 @@ def _pct_pair(ci: list[float] | None) -> list[float] | None:
     return None if ci is None else [100 * ci[0], 100 * ci[1]]
 
 
-def _ci_text(ci: list[float] | None, scale: float = 100.0) -> str:
-    return "" if ci is None else f" [{scale * ci[0]:+.1f}, {scale * ci[1]:+.1f}]"
-
-
 def _headline_tasks(full: dict | None) -> list[str]:
     return list(full["tasks"]) if full else []
 
@@ -141,7 +137,7 @@ def _findings(model: str, length: int, matched: list[dict[str, Any]], matches: l
             continue
         for peer, gap in m.behind(focus):
             q = m.chosen[peer]
-            out.append(f"{where}: {focus} loses to {peer} by {100 * gap:.1f} points{_ci_text(cis.get(peer), 1.0)} "
+            out.append(f"{where}: {focus} loses to {peer} by {100 * gap:.1f} points{ci_text(cis.get(peer), 1.0)} "
                        f"({p.method} {_pct(p.value)} at {_pct(p.fraction)}% vs {q.method} {_pct(q.value)} "
                        f"at {_pct(q.fraction)}%)")
     return out
@@ -189,7 +185,7 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
                 best = " = ".join(m["best"]) + (" (tie)" if len(m["best"]) > 1 else "") if m["best"] else "none"
                 margin = ("-" if not m["best"] else "only one near" if len(m["best"]) == 1 and m["margin"] is None
                           else "-" if m["margin"] is None
-                          else f"+{100 * m['margin']:.1f}{_ci_text(m.get('margin_ci'))} over {', '.join(m['runner_up'])}")
+                          else f"+{100 * m['margin']:.1f}{ci_text(m.get('margin_ci'))} over {', '.join(m['runner_up'])}")
                 cells = [_fmt_choice(m["chosen"].get(f)) if f in m["chosen"] else "-" for f in families]
                 lines.append(f"| {L} | {100 * m['target']:g}% | {full} | {best} | {margin} | " + " | ".join(cells) + " |")
         lines += ["", f"Cells: accuracy (the sweep point, its attended fraction %); \"no point near\": no sweep point "
