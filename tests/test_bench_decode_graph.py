@@ -48,3 +48,15 @@ def test_ttft_repeats_take_the_median_and_refuse_zero(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--ttft-repeats", "0"])
     assert "--ttft-repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_cells_option_refuses_unknown_cells(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--cells", "tca-graph-compiled"])
+    err = capsys.readouterr().err
+    assert "unknown ['tca-graph-compiled']" in err and "need --compile-layers" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--cells", "dense-graph,tca-grap"])
+    assert "unknown ['tca-grap']" in capsys.readouterr().err

@@ -359,3 +359,17 @@ def test_gpu_decode_realistic(NQ, use_tma):
     q, cache = random_cache(gen, 2, 32, 8, NQ, 128, 600, 3000, torch.bfloat16)
     out, lse = run_decode(q, cache, 128**-0.5, use_tma=use_tma)
     check_decode(q, cache, 128**-0.5, out, lse)
+
+
+def test_prefill_config_env_override(monkeypatch) -> None:
+    from tca_attention.engine.triton_prefill import CONFIG_ENV, config_text, parse_config
+
+    cfg = PrefillConfig(256, 64, 8, 2, use_tma=True)
+    assert parse_config(config_text(cfg)) == cfg and parse_config("128, 64, 4, 3") == PrefillConfig(128, 64, 4, 3)
+    monkeypatch.setenv(CONFIG_ENV, "256,64,8,2,tma")
+    assert default_config(128) == cfg and default_config(64) == cfg
+    for bad in ("128,64,8", "128,64,8,3,tmx", "96,64,8,3", "128,64,8,0", "a,b,c,d"):
+        with pytest.raises(ValueError, match=CONFIG_ENV):
+            parse_config(bad)
+    monkeypatch.delenv(CONFIG_ENV)
+    assert default_config(128) == PrefillConfig(128, 64, 8, 3)

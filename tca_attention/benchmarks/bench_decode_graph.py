@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -68,6 +69,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--compile-prefill", action="store_true",
                     help="with --compile-layers: the compiled cells compile the prefill too (dynamic shapes, "
                     "compiled in the warm-up cells), so their TTFT shows it")
+    ap.add_argument("--cells", default="",
+                    help="comma list of the cells to time (default: all; e.g. 'dense-graph-compiled,"
+                         "tca-graph-compiled' for the TTFT ratio alone)")
     ap.add_argument("--ttft-repeats", type=int, default=1,
                     help="prefills timed per cell: TTFT is their median (the first comes with the decode run; "
                     "each further one is a prefill and one step)")
@@ -241,6 +245,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.ttft_repeats < 1:
         ap.error("--ttft-repeats must be >= 1")
     dense_below = args.dense_below if args.dense_below == "auto" else int(args.dense_below)
+    cells = CELLS + (COMPILED_CELLS if args.compile_layers else ())
+    if args.cells:
+        wanted = [c.strip() for c in args.cells.split(",") if c.strip()]
+        if unknown := [c for c in wanted if c not in cells]:
+            ap.error(f"--cells: unknown {unknown}; available {list(cells)}"
+                     + ("" if args.compile_layers else " (the *-compiled cells need --compile-layers)"))
+        cells = tuple(c for c in cells if c in wanted)
     if (rc := require_cuda("tca bench decode-graph")) is not None:
         return rc
     import transformers
@@ -255,7 +266,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if bw is None:
         ap.error(f"no bandwidth known for {name!r}: pass --bandwidth-tbs")
     rows, models = [], {}
-    cells = CELLS + (COMPILED_CELLS if args.compile_layers else ())
     if lengths:
         model = build_model(args.layers)
         budgets = Budgets.load(args.budgets).mapped_onto(model)
@@ -287,6 +297,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
         "bandwidth_tbs": bw, "models": models, "decode_steps": args.decode_steps, "dense_below": dense_below,
         "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
+        "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"),
         "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
                   "dense-graph": "SDPA + StaticCache, CUDA-graph replay (integration/static_decode.py)",
                   "keep-all-graph": "FullBudget (every token kept) + StaticRaggedCache, CUDA-graph replay: "

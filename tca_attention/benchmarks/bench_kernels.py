@@ -261,6 +261,7 @@ def env_info() -> dict:
         "memory_gib": round(p.total_memory / 2**30, 1), "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
         "shapes": {"batch": 1, "q_heads": H, "kv_heads": KV, "head_dim": D, "dtype": "bfloat16"},
+        "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"),
     }
 
 
@@ -317,7 +318,9 @@ def sweep_decode(q1, cache, scaling, settings, results: dict) -> dict:
 
 def run(args) -> dict:
     from tca_attention.engine.triton_decode import ragged_decode_triton
-    from tca_attention.engine.triton_prefill import PrefillConfig, default_config, prepare_prefill, sparse_prefill_triton
+    from tca_attention.engine.triton_prefill import (
+        PrefillConfig, config_text, default_config, prepare_prefill, sparse_prefill_triton,
+    )
 
     t_start = time.time()
     out_dir = Path(args.out)
@@ -347,19 +350,24 @@ def run(args) -> dict:
     if args.sweep and not args.decode_only:
         L = args.sweep_len
         q, k, v = inputs(L)
-        p = head_budgets(0.39, L, args.window, args.block, gen).to(dev)
+        p = head_budgets(args.sweep_fraction, L, args.window, args.block, gen).to(dev)
         plan = tca_select(q, k, p, args.window, args.block, 0.5, scaling)
         configs = [cfg] + [c for c in [
             PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 64, 8, 4),
             PrefillConfig(128, 128, 8, 2), PrefillConfig(64, 64, 4, 3),
             PrefillConfig(128, 64, 8, 3, True), PrefillConfig(128, 128, 8, 3, True), PrefillConfig(128, 64, 4, 3, True),
-            PrefillConfig(128, 128, 8, 2, True),
+            PrefillConfig(128, 128, 8, 2, True), PrefillConfig(128, 128, 8, 4, True), PrefillConfig(128, 64, 8, 4, True),
+            PrefillConfig(256, 64, 8, 3, True), PrefillConfig(256, 64, 8, 2, True), PrefillConfig(256, 128, 8, 2, True),
+            PrefillConfig(64, 128, 4, 3, True), PrefillConfig(64, 64, 4, 4, True),
         ] if c != cfg]
         cfg = sweep_prefill(q, k, v, plan, scaling, configs, res)
         res["prefill_config"] = asdict(cfg)
+        res["prefill_config_text"] = config_text(cfg)  # the TCA_PREFILL_CONFIG form
+        res["prefill_sweep_shape"] = {"L": L, "fraction": args.sweep_fraction,
+                                      "pair_fraction": kept_pairs(plan, L) * (H // KV) / (H * L * (L + 1) / 2)}
         log.info("prefill config %s", cfg)
         del q, k, v, plan
-    if args.sweep:
+    if args.sweep and args.decode_sweep_len > 0:
         # 2) decode settings sweep on a 39% cache of decode_sweep_len tokens
         L = args.decode_sweep_len
         q, k, v = inputs(L)
@@ -606,7 +614,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="skip the kernel launch-config sweeps (use the default configs)")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill timings (plans are still built)")
     ap.add_argument("--sweep-len", type=int, default=32768, help="context length of the prefill config sweep")
-    ap.add_argument("--decode-sweep-len", type=int, default=131072, help="context length of the decode config sweep")
+    ap.add_argument("--sweep-fraction", type=float, default=0.39, help="TCA kept fraction of the prefill config sweep's plan")
+    ap.add_argument("--decode-sweep-len", type=int, default=131072,
+                    help="context length of the decode config sweep (0: no decode sweep)")
     ap.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")
     ap.add_argument("--efficient-max", type=int, default=131072,
                     help="longest context timed with the memory-efficient SDPA backend")

@@ -104,38 +104,45 @@ def attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, UP
     UPCAST: the interpreter's bf16 dot is wrong, so the same bf16 values are multiplied in fp32.
     PREC: the dots' input precision ("ieee" for fp32 inputs).
     """
-    s = block_scores(q, k, qk_scale, UPCAST, PREC)
+    s = block_scores(q, k, 1.0, UPCAST, PREC, SCALED=False)
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
-    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC)
+    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC, qk_scale)
 
 
 @triton.jit
-def block_scores(q, k, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """q (R, D) . k (BLOCK_N, D)^T x qk_scale -> (R, BLOCK_N) fp32 logits in the log2 domain."""
+def block_scores(q, k, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr = True):
+    """q (R, D) . k (BLOCK_N, D)^T x qk_scale -> (R, BLOCK_N) fp32 logits in the log2 domain
+    (SCALED=False: the raw dot products, for online_update to scale inside its exponent's FMA)."""
     if UPCAST:
-        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
-        return tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if SCALED:
+        s = s * qk_scale
+    return s
 
 
 @triton.jit
-def online_update(acc, m_i, l_i, s, v, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def online_update(acc, m_i, l_i, s, v, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  s_scale=1.0):
     """The online-softmax update of attend_block given the block's logits s (R, BLOCK_N) (-inf on keys
-    a row does not see; MASKED: some row may see none and keep m_i = -inf)."""
+    a row does not see; MASKED: some row may see none and keep m_i = -inf), in the log2 domain once
+    multiplied by s_scale (> 0): raw dot products with s_scale = qk_scale let the scale ride in the
+    exponent's FMA (s * scale - m) instead of a separate pass. P.V accumulates into acc in the dot."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
     if MASKED:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows: no NaN
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
     alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(s * s_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
     return acc, m_new, l_i
 
 
@@ -156,12 +163,15 @@ def attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, k_pos, BPOS, BVAL, rb
                     MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, NB: tl.constexpr):
     """attend_block with the key logit bias when HAS_BIAS (add_key_bias's arguments; unused otherwise)."""
-    s = block_scores(q, k, qk_scale, UPCAST, PREC)
-    if HAS_BIAS:
-        s = add_key_bias(s, BPOS, BVAL, rbase, row_ok, k_pos, NB)
+    if HAS_BIAS:  # the bias is in the scaled (log2) domain: scale first
+        s = add_key_bias(block_scores(q, k, qk_scale, UPCAST, PREC), BPOS, BVAL, rbase, row_ok, k_pos, NB)
+        s_scale = 1.0
+    else:
+        s = block_scores(q, k, qk_scale, UPCAST, PREC, SCALED=False)
+        s_scale = qk_scale
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
-    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC)
+    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC, s_scale)
 
 
 def bias_args(key_bias, B: int, H: int, device: torch.device, dummy: torch.Tensor) -> tuple:

@@ -18,6 +18,7 @@ to the logits (triton_common.attend_block_kb); the compact kept keys' positions 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,39 @@ DEFAULT_CONFIGS: dict[int, PrefillConfig] = {
 HOPPER_CONFIGS: dict[int, PrefillConfig] = {128: PrefillConfig(128, 128, 8, 3, use_tma=True)}
 
 
+CONFIG_ENV = "TCA_PREFILL_CONFIG"
+
+
+def parse_config(text: str) -> PrefillConfig:
+    """'block_m,block_n,num_warps,num_stages[,tma]' (the form `tca bench kernels` reports) -> PrefillConfig."""
+    parts = [x.strip() for x in text.split(",")]
+    tma = len(parts) == 5 and parts[4].lower() == "tma"
+    try:
+        if len(parts) not in (4, 5) or (len(parts) == 5 and not tma):
+            raise ValueError
+        bm, bn, warps, stages = (int(x) for x in parts[:4])
+    except ValueError:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: expected 'block_m,block_n,num_warps,num_stages[,tma]', "
+                         "e.g. '128,128,8,3,tma'") from None
+    for name, val in (("block_m", bm), ("block_n", bn), ("num_warps", warps)):
+        if val < 1 or val & (val - 1):
+            raise ValueError(f"{CONFIG_ENV}={text!r}: {name} must be a power of two, got {val}")
+    if stages < 1:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: num_stages must be >= 1, got {stages}")
+    return PrefillConfig(bm, bn, warps, stages, tma)
+
+
+def config_text(cfg: PrefillConfig) -> str:
+    """The inverse of parse_config."""
+    return f"{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages}" + (",tma" if cfg.use_tma else "")
+
+
 def default_config(head_dim: int, device: torch.device | None = None) -> PrefillConfig:
-    """Tile config for a head dim; Hopper+ GPUs get the TMA variant where it was measured faster."""
+    """Tile config for a head dim; Hopper+ GPUs get the TMA variant where it was measured faster.
+    The environment variable TCA_PREFILL_CONFIG (parse_config's form) overrides it for every head
+    dim: a tile sweep's winner tried in a whole model without editing the table."""
+    if text := os.environ.get(CONFIG_ENV):
+        return parse_config(text)
     if device is not None and device.type == "cuda" and head_dim in HOPPER_CONFIGS:
         if torch.cuda.get_device_capability(device) >= (9, 0):
             return HOPPER_CONFIGS[head_dim]
