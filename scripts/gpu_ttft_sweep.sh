@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call for issue 15's TTFT after a prefill-kernel change (no model needed):
+#   1. the changed kernels' GPU tests (TESTS, in parallel; failures in $OUT/failures.log);
+#   2. the prefill tile sweep at the TTFT's shape (128K, 10% kept per head; `prefill_config_text`);
+#   3. TTFT of the 8B-shaped model at 128K, dense compiled vs TCA compiled (median of 3), with the
+#      sweep's winner through TCA_PREFILL_CONFIG.
+# Usage: bash scripts/gpu_ttft_sweep.sh   (wheels in .whl/ installed first by scripts/gpu_run.sh env)
+set -uo pipefail
+OUT=${OUT:-/tmp/tca_gpu_out}; STAGE=${STAGE:-/tmp/tca_stage}
+mkdir -p "$OUT"
+end=$((SECONDS + ${SECONDS_BUDGET:-585}))
+echo "== $(date +%T) tests"
+PARALLEL=1 BENCH=0 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-200} bash scripts/gpu_verify.sh > /dev/null
+cat "$OUT/gpu_tests.log"
+echo "== $(date +%T) prefill tile sweep [$((end - SECONDS)) s left]"
+timeout 260 bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_kernels --out "$OUT/kernels" \
+  --contexts 131072 --fractions 0.10 --sweep-len 131072 --sweep-fraction 0.10 --decode-sweep-len 0 \
+  --flex-max 0 --efficient-max 0 --time-budget 200 --target-ms 200 > "$OUT/kernels.log" 2>&1
+grep -E "sweep|prefill config|dense|TCA" "$OUT/kernels.log" | cut -c1-260 | tail -30
+CFG=$(python3 -c "import json; print(json.load(open('$OUT/kernels/kernels_bench.json')).get('prefill_config_text', ''))" 2>/dev/null)
+echo "== $(date +%T) TTFT with TCA_PREFILL_CONFIG=${CFG:-default} [$((end - SECONDS)) s left]"
+left=$((end - SECONDS - 5))
+[ "$left" -lt 60 ] && { echo "no time left for the TTFT"; exit 0; }
+TCA_PREFILL_CONFIG=$CFG timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_decode_graph \
+  --lengths 131072 --budgets docs/results/budgets/smollm2-default-8k.json --batch 1 --decode-steps 32 \
+  --compile-layers --compile-prefill --ttft-repeats 3 --cells dense-graph-compiled,tca-graph-compiled \
+  --out "$OUT/ttft_8b_128k.json" > "$OUT/ttft.log" 2>&1
+echo "rc=$?"; grep -E '^\{' "$OUT/ttft.log" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print({k: (v.get('ttft_s'), v.get('ttft_s_all'), v.get('decode_tokens_per_s')) if isinstance(v, dict) else v for k, v in r.items()})
+"
+tail -5 "$OUT/ttft.log"
