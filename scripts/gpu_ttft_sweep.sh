@@ -4,20 +4,29 @@
 #   2. the prefill tile sweep at the TTFT's shape (128K, 10% kept per head; `prefill_config_text`);
 #   3. TTFT of the 8B-shaped model at 128K, dense compiled vs TCA compiled (median of 3), with the
 #      sweep's winner through TCA_PREFILL_CONFIG.
-# Usage: bash scripts/gpu_ttft_sweep.sh   (wheels in .whl/ installed first by scripts/gpu_run.sh env)
+# Usage: bash scripts/gpu_ttft_sweep.sh [tests|sweep|ttft ...]   (default all three; wheels in .whl/
+# installed first by scripts/gpu_run.sh env). The steps may go in separate calls of one warm
+# machine (e.g. alongside model parts being staged): the sweep's JSON is kept in $STAGE.
 set -uo pipefail
 OUT=${OUT:-/tmp/tca_gpu_out}; STAGE=${STAGE:-/tmp/tca_stage}
 mkdir -p "$OUT"
 end=$((SECONDS + ${SECONDS_BUDGET:-585}))
+steps=" ${*:-tests sweep ttft} "
+if [[ $steps == *" tests "* ]]; then
 echo "== $(date +%T) tests"
 PARALLEL=1 BENCH=0 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-200} bash scripts/gpu_verify.sh > /dev/null
 cat "$OUT/gpu_tests.log"
+fi
+if [[ $steps == *" sweep "* ]]; then
 echo "== $(date +%T) prefill tile sweep [$((end - SECONDS)) s left]"
 timeout 260 bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_kernels --out "$OUT/kernels" \
   --contexts 131072 --fractions 0.10 --sweep-len 131072 --sweep-fraction 0.10 --decode-sweep-len 0 \
   --flex-max 0 --efficient-max 0 --time-budget 200 --target-ms 200 > "$OUT/kernels.log" 2>&1
 grep -E "sweep|prefill config|dense|TCA" "$OUT/kernels.log" | cut -c1-260 | tail -30
-CFG=$(python3 -c "import json; print(json.load(open('$OUT/kernels/kernels_bench.json')).get('prefill_config_text', ''))" 2>/dev/null)
+cp "$OUT/kernels/kernels_bench.json" "$STAGE/kernels_bench.json"
+fi
+[[ $steps == *" ttft "* ]] || exit 0
+CFG=$(python3 -c "import json; print(json.load(open('$STAGE/kernels_bench.json')).get('prefill_config_text', ''))" 2>/dev/null)
 echo "== $(date +%T) TTFT with TCA_PREFILL_CONFIG=${CFG:-default} [$((end - SECONDS)) s left]"
 left=$((end - SECONDS - 5))
 [ "$left" -lt 60 ] && { echo "no time left for the TTFT"; exit 0; }
