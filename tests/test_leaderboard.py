@@ -318,3 +318,30 @@ def test_timings_baseline_is_the_better_dense_row(tmp_path: Path) -> None:
     assert "full-budget" not in d["matched"][0]["chosen"]  # a baseline, not a contender
     t = summarize_timings(data, [0.25], 0.1)["lengths"]["32768"]
     assert t["dense_s"] == 1.0 and t["dense_method"] == "full"  # SDPA's prefill is the faster one
+
+
+def test_least_kv_within_a_bound_of_full(tmp_path: Path) -> None:
+    board = report.build(_synthetic(), targets=[0.25], tolerance=0.1, within=[0.01, 0.3])
+    w1, w30 = board["models"]["m"]["lengths"]["4096"]["least_kv_within"]
+    assert w1["bound"] == 0.01 and w1["families"]["tca"] is None  # tca's best (0.75) is 25 points below
+    s = w1["families"]["streaming"]
+    assert s["method"] == "streaming:block_size=16@kept=0.25" and s["gap"] == 0.0 and s["gap_ci"] == [0.0, 0.0]
+    t = w30["families"]["tca"]
+    assert t["method"] == "tca:tau=0.9" and t["gap"] == pytest.approx(-0.25)
+    assert w30["families"]["streaming"]["method"] == "streaming:block_size=16@kept=0.25"  # the least KV, not the best
+    assert w30["families"]["xattention"]["method"] == "xattention:threshold=0.9"
+    md = report.write(board, tmp_path)["md"].read_text()
+    assert "### Least KV within a few points of full attention" in md and "| within 1 point | within 30 points |" in md
+    assert "| 4096 | tca | none | 62.0% KV, 62.0% attended (tca:tau=0.9, -25.0" in md
+    # no full attention at a length: no section rather than a wrong one
+    nofull = report.build([r for r in _synthetic() if r.method != "full"], targets=[0.25], tolerance=0.1)
+    assert nofull["models"]["m"]["lengths"]["4096"]["least_kv_within"] == []
+
+
+@pytest.mark.parametrize("text", ["", "a", "-1", "100", "1;2"])
+def test_within_option_refuses_bad_bounds(text: str) -> None:
+    from tca_attention.eval.leaderboard.cli import parse_within
+
+    with pytest.raises(ValueError, match="--within"):
+        parse_within(text)
+    assert parse_within("1, 2.5") == [0.01, 0.025]

@@ -48,6 +48,9 @@ def add_leaderboard_parser(subparsers) -> argparse.ArgumentParser:
                    help="matched kept fractions, a comma list in (0, 1]")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="a method's sweep point counts at a target only within this distance (fraction units)")
+    p.add_argument("--within", default="1,2",
+                   help="accuracy bounds in points below full attention, a comma list: the report gives each method's "
+                   "least KV within each")
     p.add_argument("--focus", default=DEFAULT_FOCUS,
                    help="the method whose losses to a peer the report lists (a registry name)")
     p.add_argument("--timings", type=Path, default=None,
@@ -76,6 +79,17 @@ def parse_targets(text: str) -> list[float]:
     return targets
 
 
+def parse_within(text: str) -> list[float]:
+    """--within: points (e.g. '1,2') -> fraction units."""
+    try:
+        points = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        points = []
+    if not points or not all(0.0 <= x < 100.0 for x in points):
+        raise ValueError(f"--within {text!r}: a comma list of points in [0, 100), e.g. 1,2")
+    return [x / 100.0 for x in points]
+
+
 def leaderboard_methods(text: str, targets: list[float]) -> list[str]:
     """The methods of the command line, NAME@kept spelled out at the targets."""
     values = "|".join(repr(t) for t in targets)
@@ -88,6 +102,7 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     from .timings import load_timings, summarize_timings
 
     targets = parse_targets(args.targets)
+    within = parse_within(args.within)
     if not 0.0 < args.tolerance < 1.0:
         raise ValueError(f"--tolerance {args.tolerance}: a fraction in (0, 1)")
     timings = None
@@ -116,7 +131,7 @@ def run_leaderboard(args: argparse.Namespace) -> int:
                     "run folders": dirs}
     if not results:
         raise ValueError("no results to rank (empty run folders?)")
-    board = report.build(results, targets, args.tolerance, args.focus, timings, run_info)
+    board = report.build(results, targets, args.tolerance, args.focus, timings, run_info, within)
     files = report.write(board, args.out, title=args.title, note=args.note)
     print(f"leaderboard: {files['md']}")
     for line in board["findings"]:

@@ -73,14 +73,41 @@ def _match_json(m: Match, focus: str, index: ScoreIndex, length: str, tasks: lis
     }
 
 
+DEFAULT_WITHIN = (0.01, 0.02)  # accuracy bounds below full attention (fraction units): 1 and 2 points
+
+
+def least_kv_within(rows: list[dict], index: ScoreIndex, length: str, bounds: Iterable[float]) -> list[dict[str, Any]]:
+    """For each bound: per method family, the sweep point that holds the least KV (then does the least
+    attended work) among those whose accuracy is at most `bound` below full attention's, with its gap and
+    the gap's paired 95% interval; None for a family with no such point. [] without full attention."""
+    full = next((r for r in rows if r["family"] == registry.FULL), None)
+    if full is None:
+        return []
+    families = list(dict.fromkeys(r["family"] for r in rows if r["family"] != registry.FULL))
+    out = []
+    for bound in bounds:
+        chosen: dict[str, dict[str, Any] | None] = {}
+        for fam in families:
+            ok = [r for r in rows if r["family"] == fam and r["accuracy"] >= full["accuracy"] - bound - 1e-12]
+            r = min(ok, key=lambda r: (r["kept_fraction"], r["attended_fraction"], -r["accuracy"]), default=None)
+            ci = None if r is None else interval_between(index, r["method"], full["method"], length, full["tasks"])
+            chosen[fam] = None if r is None else {
+                "method": r["method"], "kept_fraction": r["kept_fraction"], "attended_fraction": r["attended_fraction"],
+                "accuracy": r["accuracy"], "gap": r["accuracy"] - full["accuracy"],
+                "gap_ci": None if ci is None else list(ci)}
+        out.append({"bound": bound, "families": chosen})
+    return out
+
+
 def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tolerance: float = DEFAULT_TOLERANCE,
-          focus: str = DEFAULT_FOCUS, timings: list[dict[str, Any]] | dict[str, Any] | None = None, run: dict[str, Any] | None = None) -> dict:
+          focus: str = DEFAULT_FOCUS, timings: list[dict[str, Any]] | dict[str, Any] | None = None, run: dict[str, Any] | None = None,
+          within: Iterable[float] = DEFAULT_WITHIN) -> dict:
     """The leaderboard as plain data (what leaderboard.json holds)."""
-    targets = list(targets)
+    targets, within = list(targets), list(within)
     summary = summarize(results)
     index = score_index(results)
     board: dict[str, Any] = {
-        "targets": targets, "tolerance": tolerance, "focus": focus,
+        "targets": targets, "tolerance": tolerance, "focus": focus, "within": within,
         "fraction": "attended fraction: the share of the work a method sparsifies that it still does (docs/eval.md)",
         "accuracy": "mean score over full attention's accuracy tasks at that length (a method missing one has none)",
         "run": run or {}, "models": {}, "findings": [], "timings": timings,
@@ -101,6 +128,7 @@ def build(results: list[Result], targets: Iterable[float] = DEFAULT_TARGETS, tol
                 "points": rows,
                 "pareto": {tf: [p.method for p in pareto(points_of(rows, tf))] for tf in [ALL, *task_fams]},
                 "matched": [_match_json(m, focus, index, str(L), _headline_tasks(full)) for m in matches],
+                "least_kv_within": least_kv_within(rows, index, str(L), within),
             }
             mboard["findings"] += _findings(display_name(model), L, mboard["lengths"][str(L)]["matched"], matches,
                                             focus, tolerance)
@@ -190,6 +218,7 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
                 lines.append(f"| {L} | {100 * m['target']:g}% | {full} | {best} | {margin} | " + " | ".join(cells) + " |")
         lines += ["", f"Cells: accuracy (the sweep point, its attended fraction %); \"no point near\": no sweep point "
                   f"within ±{tol:g} points of the target.", ""]
+        lines += _within_markdown(mb)
         focus = board["focus"]
         lines += [f"### Where {focus} loses", ""]
         if mb["findings"]:
@@ -215,6 +244,31 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
     for i, t in enumerate(_timing_list(board.get("timings")) or [None]):
         lines += _timing_markdown(t, board["tolerance"], images.get(f"timings{i}"))
     return "\n".join(lines) + "\n"
+
+
+def _within_markdown(mb: dict) -> list[str]:
+    """The least KV each method keeps within each bound of full attention's accuracy (a model's section)."""
+    cells = {L: c["least_kv_within"] for L, c in mb["lengths"].items() if c.get("least_kv_within")}
+    if not cells:
+        return []
+    bounds = [w["bound"] for w in next(iter(cells.values()))]
+    head = ["length", "method", *[f"within {100 * b:g} point{'s' if b != 0.01 else ''}" for b in bounds]]
+    lines = ["### Least KV within a few points of full attention", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for L, within in cells.items():
+        for fam in within[0]["families"]:
+            row = []
+            for w in within:
+                p = w["families"][fam]
+                row.append("none" if p is None else
+                           f"{_pct(p['kept_fraction'])}% KV, {_pct(p['attended_fraction'])}% attended "
+                           f"({p['method']}, {100 * p['gap']:+.1f}{ci_text(p['gap_ci'])})")
+            lines.append(f"| {L} | {fam} | " + " | ".join(row) + " |")
+    lines += ["", "Each method's sweep point holding the least KV (then doing the least attended work) whose "
+              "accuracy is at most that many points below full attention's at that length, with its gap and the "
+              "gap's paired 95% interval; \"none\": no sweep point that close. A bound met by a point whose interval "
+              "reaches below it is met on these samples, not with confidence.", ""]
+    return lines
 
 
 def _timing_markdown(t: dict | None, tolerance: float, image: str | None) -> list[str]:
