@@ -373,3 +373,24 @@ def test_prefill_config_env_override(monkeypatch) -> None:
             parse_config(bad)
     monkeypatch.delenv(CONFIG_ENV)
     assert default_config(128) == PrefillConfig(128, 64, 8, 3)
+
+
+@pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1)])
+def test_kernels_lower_for_hopper(kernel, bias):
+    """The prefill and block kernels compile for sm_90 with the installed triton (no GPU needed): they
+    use wgmma and fit the H100's shared memory; without a key bias the prefill's logit scale rides in
+    the exponent's FMA (one FMA per exponential at least; before: a separate multiply pass)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
+    run = subprocess.run([sys.executable, script, kernel, str(bias)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["wgmma"] > 0 and 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block
+    if kernel == "prefill" and not bias:
+        assert info["fma"] >= info["ex2"] > 0
