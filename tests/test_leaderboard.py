@@ -333,6 +333,9 @@ def test_least_kv_within_a_bound_of_full(tmp_path: Path) -> None:
     md = report.write(board, tmp_path)["md"].read_text()
     assert "### Least KV within a few points of full attention" in md and "| within 1 point | within 30 points |" in md
     assert "| 4096 | tca | none | 62.0% KV, 62.0% attended (tca:tau=0.9, -25.0" in md
+    lines = report.least_kv_lines(board)
+    assert lines[0] == "m, 4096 tokens, within 1 point of full: no tca run"
+    assert lines[1].startswith("m, 4096 tokens, within 30 points of full: least KV of a tca run 62.0% (tca:tau=0.9, -25.0")
     # no full attention at a length: no section rather than a wrong one
     nofull = report.build([r for r in _synthetic() if r.method != "full"], targets=[0.25], tolerance=0.1)
     assert nofull["models"]["m"]["lengths"]["4096"]["least_kv_within"] == []

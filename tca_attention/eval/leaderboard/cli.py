@@ -134,6 +134,8 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     board = report.build(results, targets, args.tolerance, args.focus, timings, run_info, within)
     files = report.write(board, args.out, title=args.title, note=args.note)
     print(f"leaderboard: {files['md']}")
+    for line in report.least_kv_lines(board):
+        print(f"  {line}")
     for line in board["findings"]:
         print(f"  {line}")
     return 0

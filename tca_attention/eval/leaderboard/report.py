@@ -7,6 +7,7 @@ ran at that length, `report.summarize`); the fraction is the attended fraction (
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from statistics import mean
 from typing import Any, Iterable
@@ -244,6 +245,28 @@ def markdown(board: dict, title: str = "Leaderboard", note: str | None = None,
     for i, t in enumerate(_timing_list(board.get("timings")) or [None]):
         lines += _timing_markdown(t, board["tolerance"], images.get(f"timings{i}"))
     return "\n".join(lines) + "\n"
+
+
+def _base(method: str) -> str:
+    """A leaderboard method's registry name: 'tca[last_q=16]' and 'tca+zerotuning' are variants of 'tca'."""
+    return re.match(r"[^\[+:@=]*", method).group(0)
+
+
+def least_kv_lines(board: dict) -> list[str]:
+    """One line per model, length and bound: the least KV any variant of the focus method keeps
+    within that bound of full attention (what `tca leaderboard` prints after the report path)."""
+    focus, out = board["focus"], []
+    for model, mb in board["models"].items():
+        for L, c in mb["lengths"].items():
+            for w in c.get("least_kv_within", []):
+                mine = [p for f, p in w["families"].items() if p is not None and _base(f) == focus]
+                best = min(mine, key=lambda p: (p["kept_fraction"], p["attended_fraction"]), default=None)
+                pts = 100 * w["bound"]
+                where = f"{display_name(model)}, {L} tokens, within {pts:g} point{'' if pts == 1 else 's'} of full"
+                out.append(f"{where}: least KV of a {focus} run {_pct(best['kept_fraction'])}% ({best['method']}, "
+                           f"{100 * best['gap']:+.1f}{ci_text(best['gap_ci'])})" if best else
+                           f"{where}: no {focus} run")
+    return out
 
 
 def _within_markdown(mb: dict) -> list[str]:
