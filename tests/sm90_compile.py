@@ -1,4 +1,4 @@
-"""The TCA prefill and block-sparse kernels compiled for sm_90 (H100/H200) by the installed triton,
+"""The TCA prefill, block-sparse and ragged decode kernels compiled for sm_90 (H100/H200) by the installed triton,
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
 subprocess). Usage: python tests/sm90_compile.py prefill|block HAS_BIAS(0/1)
@@ -43,8 +43,21 @@ def compile_block(bias: bool):
     return _compile(TB._block_prefill_kernel, const, types, 8, 2)
 
 
+def compile_decode(bias: bool):
+    """_decode_split_kernel with the default launch (block_n 32, 4 warps, 4 stages), 8B shape (g = 4)."""
+    from tca_attention.engine import triton_decode as TD
+
+    const = dict(G=4, ROWS=16, BLOCK_N=32, HEAD_D=128, BKV_P=8, UPCAST=False, PREC="tf32", USE_TMA=False,
+                 SELECTED=False, PAGE=16, HAS_BIAS=bias, NB=2)
+    types = {**dict.fromkeys(("Q", "GK", "GV", "TK", "TV"), "*bf16"),
+             **dict.fromkeys(("QPOS", "GPOS", "GOFF", "TPOS"), "*i64"),
+             **dict.fromkeys(("PAGES", "NSEL", "BPOS"), "*i32"),
+             **dict.fromkeys(("PACC", "PML", "BVAL"), "*fp32"), "qk_scale": "fp32"}
+    return _compile(TD._decode_split_kernel, const, types, 4, 4)
+
+
 if __name__ == "__main__":
-    kernel = {"prefill": compile_prefill, "block": compile_block}[sys.argv[1]](sys.argv[2] == "1")
+    kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]
     print(json.dumps({"shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
                       "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx")}))

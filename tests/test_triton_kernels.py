@@ -375,11 +375,14 @@ def test_prefill_config_env_override(monkeypatch) -> None:
     assert default_config(128) == PrefillConfig(128, 64, 8, 3)
 
 
-@pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1)])
+@pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1),
+                                          ("decode", 0), ("decode", 1)])
 def test_kernels_lower_for_hopper(kernel, bias):
-    """The prefill and block kernels compile for sm_90 with the installed triton (no GPU needed): they
-    use wgmma and fit the H100's shared memory; without a key bias the prefill's logit scale rides in
-    the exponent's FMA (one FMA per exponential at least; before: a separate multiply pass)."""
+    """The prefill, block and decode kernels (all three run triton_common's online-softmax step)
+    compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
+    the prefill and block kernels' tiles use wgmma (decode's 16-row tiles are too small for it);
+    without a key bias the prefill's logit scale rides in the exponent's FMA (one FMA per
+    exponential at least; before: a separate multiply pass)."""
     import json
     import os
     import subprocess
@@ -391,6 +394,7 @@ def test_kernels_lower_for_hopper(kernel, bias):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])
-    assert info["wgmma"] > 0 and 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block
+    assert 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block
+    assert info["ex2"] > 0 and (info["wgmma"] > 0 or kernel == "decode")
     if kernel == "prefill" and not bias:
         assert info["fma"] >= info["ex2"] > 0

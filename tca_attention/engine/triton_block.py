@@ -10,7 +10,7 @@ one query block, so each K/V tile is loaded once for the whole group.
      binary searches over the list find the bounds.
   2. Extra columns, BLOCK_N at a time, K/V rows gathered; a column inside a listed key block is
      dropped (binary search of its block in the list), so it counts once.
-Online softmax in fp32 (exp2 domain) through triton_common.attend_block; rows that see no key
+Online softmax in fp32 (exp2 domain) through triton_common.attend_block_kb; rows that see no key
 give zeros. Padding queries belong to no query block: the output starts as zeros.
 In-loop skipping (SKIP, the plan's skip_threshold; BLASST): a step is one whole key block
 (BLOCK_N = BLOCK_K). After its logits, each row whose block maximum is below its running maximum +

@@ -3,9 +3,9 @@
 Host: `upcast`, `precision`, `interpreted`, `next_pow2`, the shape checks and `kv_sources` (K/V
 matrices as pointers or TMA descriptors). Device (`@triton.jit`, inlined into the calling
 kernels): `band_lo` (plan.band_start), `load_rows` (a tile of rows of a (rows, D) matrix) and
-`attend_block` (one online-softmax step of flash attention = `block_scores` then `online_update`, also callable apart
-by a kernel that decides between the two, e.g. block skipping), used by the prefill and the decode kernels.
-The key logit bias (plan.KeyBias): `add_key_bias`, `attend_block_kb`, host `bias_args`.
+`attend_block_kb` (one online-softmax step of flash attention = `raw_scores`, the optional key logit
+bias (plan.KeyBias, `add_key_bias`, host `bias_args`), then `online_update`; the pieces are also
+callable apart by a kernel that decides between them, e.g. block skipping with `block_scores`).
 Only the kernel modules import this one (it imports triton; the reference path must not need it).
 """
 from __future__ import annotations
@@ -93,40 +93,26 @@ def band_lo(j, window, local_start):
 
 
 @triton.jit
-def attend_block(acc, m_i, l_i, q, k, v, vis, qk_scale, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step of flash attention over a (BLOCK_N, D) key/value block.
-
-    acc (R, D) fp32, m_i/l_i (R,) fp32 running max and sum (log2 domain: qk_scale includes
-    LOG2E), q (R, D), k/v (BLOCK_N, D) -> updated (acc, m_i, l_i).
-    MASKED: vis (R, BLOCK_N) says which keys each row sees; a row that has seen no key yet keeps
-    m_i = -inf, l_i = 0, acc = 0 (never NaN). Without MASKED every key is visible (vis unused) and
-    the step does no masking work: the blocks every row sees fully.
+def raw_scores(q, k, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """q (R, D) . k (BLOCK_N, D)^T -> (R, BLOCK_N) fp32 dot products, unscaled.
     UPCAST: the interpreter's bf16 dot is wrong, so the same bf16 values are multiplied in fp32.
-    PREC: the dots' input precision ("ieee" for fp32 inputs).
-    """
-    s = block_scores(q, k, 1.0, UPCAST, PREC, SCALED=False)
-    if MASKED:
-        s = tl.where(vis, s, float("-inf"))
-    return online_update(acc, m_i, l_i, s, v, MASKED, UPCAST, PREC, qk_scale)
+    PREC: the dots' input precision ("ieee" for fp32 inputs)."""
+    if UPCAST:
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        return tl.dot(q, tl.trans(k), input_precision=PREC)
 
 
 @triton.jit
-def block_scores(q, k, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr = True):
-    """q (R, D) . k (BLOCK_N, D)^T x qk_scale -> (R, BLOCK_N) fp32 logits in the log2 domain
-    (SCALED=False: the raw dot products, for online_update to scale inside its exponent's FMA)."""
-    if UPCAST:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    if SCALED:
-        s = s * qk_scale
-    return s
+def block_scores(q, k, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """q (R, D) . k (BLOCK_N, D)^T x qk_scale -> (R, BLOCK_N) fp32 logits in the log2 domain."""
+    return raw_scores(q, k, UPCAST, PREC) * qk_scale
 
 
 @triton.jit
 def online_update(acc, m_i, l_i, s, v, MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   s_scale=1.0):
-    """The online-softmax update of attend_block given the block's logits s (R, BLOCK_N) (-inf on keys
+    """One online-softmax step of flash attention given the block's logits s (R, BLOCK_N) (-inf on keys
     a row does not see; MASKED: some row may see none and keep m_i = -inf), in the log2 domain once
     multiplied by s_scale (> 0): raw dot products with s_scale = qk_scale let the scale ride in the
     exponent's FMA (s * scale - m) instead of a separate pass. P.V accumulates into acc in the dot."""
@@ -162,12 +148,17 @@ def add_key_bias(s, BPOS, BVAL, rbase, row_ok, k_pos, NB: tl.constexpr):
 def attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, k_pos, BPOS, BVAL, rbase, row_ok,
                     MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, NB: tl.constexpr):
-    """attend_block with the key logit bias when HAS_BIAS (add_key_bias's arguments; unused otherwise)."""
+    """One online-softmax step of flash attention over a (BLOCK_N, D) key/value block: acc (R, D) fp32,
+    m_i/l_i (R,) fp32 running max and sum (log2 domain: qk_scale includes LOG2E), q (R, D), k/v
+    (BLOCK_N, D) -> updated (acc, m_i, l_i). MASKED: vis (R, BLOCK_N) says which keys each row sees
+    (a row that has seen no key keeps m_i = -inf, l_i = 0, acc = 0, never NaN); without it every key
+    is visible and no masking work is done. HAS_BIAS: the key logit bias (add_key_bias's arguments;
+    unused otherwise)."""
     if HAS_BIAS:  # the bias is in the scaled (log2) domain: scale first
         s = add_key_bias(block_scores(q, k, qk_scale, UPCAST, PREC), BPOS, BVAL, rbase, row_ok, k_pos, NB)
         s_scale = 1.0
-    else:
-        s = block_scores(q, k, qk_scale, UPCAST, PREC, SCALED=False)
+    else:  # the scale rides in online_update's exponent
+        s = raw_scores(q, k, UPCAST, PREC)
         s_scale = qk_scale
     if MASKED:
         s = tl.where(vis, s, float("-inf"))

@@ -58,15 +58,12 @@ CONFIG_ENV = "TCA_PREFILL_CONFIG"
 
 def parse_config(text: str) -> PrefillConfig:
     """'block_m,block_n,num_warps,num_stages[,tma]' (the form `tca bench kernels` reports) -> PrefillConfig."""
-    parts = [x.strip() for x in text.split(",")]
-    tma = len(parts) == 5 and parts[4].lower() == "tma"
-    try:
-        if len(parts) not in (4, 5) or (len(parts) == 5 and not tma):
-            raise ValueError
-        bm, bn, warps, stages = (int(x) for x in parts[:4])
-    except ValueError:
+    parts = [x.strip().lower() for x in text.split(",")]
+    if len(parts) not in (4, 5) or parts[4:] not in ([], ["tma"]) or not all(x.isdigit() for x in parts[:4]):
         raise ValueError(f"{CONFIG_ENV}={text!r}: expected 'block_m,block_n,num_warps,num_stages[,tma]', "
-                         "e.g. '128,128,8,3,tma'") from None
+                         "e.g. '128,128,8,3,tma'")
+    bm, bn, warps, stages = (int(x) for x in parts[:4])
+    tma = len(parts) == 5
     for name, val in (("block_m", bm), ("block_n", bn), ("num_warps", warps)):
         if val < 1 or val & (val - 1):
             raise ValueError(f"{CONFIG_ENV}={text!r}: {name} must be a power of two, got {val}")
