@@ -4,7 +4,9 @@
 #   2. the prefill tile sweep at the TTFT's shape (128K, 10% kept per head; `prefill_config_text`);
 #   3. TTFT of the 8B-shaped model at 128K, dense compiled vs TCA compiled (median of 3), with the
 #      sweep's winner through TCA_PREFILL_CONFIG.
-# Usage: bash scripts/gpu_ttft_sweep.sh [tests|sweep|ttft ...]   (default all three; wheels in .whl/
+#   4. (step ttft-options, not in the default) the same TTFT with TCA's selection options TTFT_OPTIONS
+#      (default last_q=16,span=7: a candidate default of issue 13).
+# Usage: bash scripts/gpu_ttft_sweep.sh [tests|sweep|ttft|ttft-options ...]   (default the first three; wheels in .whl/
 # installed first by scripts/gpu_run.sh env). The steps may go in separate calls of one warm
 # machine (e.g. alongside model parts being staged): the sweep's JSON is kept in $STAGE.
 set -uo pipefail
@@ -25,19 +27,25 @@ timeout 260 bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_kernels
 grep -E "sweep|prefill config|dense|TCA" "$OUT/kernels.log" | cut -c1-260 | tail -30
 cp "$OUT/kernels/kernels_bench.json" "$STAGE/kernels_bench.json"
 fi
-[[ $steps == *" ttft "* ]] || exit 0
 CFG=$(python3 -c "import json; print(json.load(open('$STAGE/kernels_bench.json')).get('prefill_config_text', ''))" 2>/dev/null)
-echo "== $(date +%T) TTFT with TCA_PREFILL_CONFIG=${CFG:-default} [$((end - SECONDS)) s left]"
-left=$((end - SECONDS - 5))
-[ "$left" -lt 60 ] && { echo "no time left for the TTFT"; exit 0; }
-TCA_PREFILL_CONFIG=$CFG timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_decode_graph \
-  --lengths 131072 --budgets docs/results/budgets/smollm2-default-8k.json --batch 1 --decode-steps 32 \
-  --compile-layers --compile-prefill --ttft-repeats 3 --cells dense-graph-compiled,tca-graph-compiled \
-  --out "$OUT/ttft_8b_128k.json" > "$OUT/ttft.log" 2>&1
-echo "rc=$?"; grep -E '^\{' "$OUT/ttft.log" | python3 -c "
+# ttft NAME [TCA options]: dense compiled vs TCA compiled at 128K (median of 3), the sweep's winner
+ttft() {
+  local name=$1 opts=${2:-} left=$((end - SECONDS - 5))
+  echo "== $(date +%T) TTFT ($name, options '${opts}') with TCA_PREFILL_CONFIG=${CFG:-default} [$left s left]"
+  [ "$left" -lt 60 ] && { echo "no time left for the TTFT"; return 0; }
+  TCA_PREFILL_CONFIG=$CFG timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_decode_graph \
+    --lengths 131072 --budgets docs/results/budgets/smollm2-default-8k.json --batch 1 --decode-steps 32 \
+    --compile-layers --compile-prefill --ttft-repeats 3 --cells dense-graph-compiled,tca-graph-compiled \
+    --tca-options "$opts" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "rc=$?"; grep -E '^\{' "$OUT/$name.log" | python3 -c "
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
     print({k: (v.get('ttft_s'), v.get('ttft_s_all'), v.get('decode_tokens_per_s')) if isinstance(v, dict) else v for k, v in r.items()})
 "
-tail -5 "$OUT/ttft.log"
+  tail -5 "$OUT/$name.log"
+}
+[[ $steps == *" ttft "* ]] && ttft ttft_8b_128k
+# ttft-options: the same with the selection options of a candidate default (TTFT_OPTIONS)
+[[ $steps == *" ttft-options "* ]] && ttft ttft_8b_128k_options "${TTFT_OPTIONS:-last_q=16,span=7}"
+exit 0

@@ -60,3 +60,16 @@ def test_cells_option_refuses_unknown_cells(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--cells", "dense-graph,tca-grap"])
     assert "unknown ['tca-grap']" in capsys.readouterr().err
+
+
+def test_tca_options_are_typed_selection_options(capsys) -> None:
+    import pytest
+
+    assert bench._tca_options("last_q=16,span=7") == {"last_q": 16, "span": 7}
+    assert bench._tca_options("") == {}
+    with pytest.raises(SystemExit):  # tau sets the budgets (calibration), not the timed selection
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--tca-options", "tau=0.7"])
+    assert "['tau'] are not selection options" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--tca-options", "span=x"])
+    assert "span='x' is not a valid int" in capsys.readouterr().err

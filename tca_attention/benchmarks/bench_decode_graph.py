@@ -75,6 +75,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--ttft-repeats", type=int, default=1,
                     help="prefills timed per cell: TTFT is their median (the first comes with the decode run; "
                     "each further one is a prefill and one step)")
+    ap.add_argument("--tca-options", default="",
+                    help="TCA selection options of the timed method, as in a spec (e.g. 'last_q=16,span=7'; "
+                    "default: the library's defaults); budgets and dense_below come from the other flags")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
@@ -225,6 +228,20 @@ def time_model(label: str, model, method, lengths: list[int], batches: list[int]
     return rows
 
 
+# spec parameters that describe the timed TCA's selection (budgets, dense_below: other flags)
+SELECTION_OPTIONS = ("last_q", "gqa", "floor", "span", "dense_layers")
+
+
+def _tca_options(text: str) -> dict:
+    """'last_q=16,span=7' -> typed TCA selection options (the spec parser's types and errors)."""
+    from .. import registry
+
+    _, params = registry.parse_spec(f"tca:{text}")
+    if bad := [k for k in params if k not in SELECTION_OPTIONS]:
+        raise ValueError(f"{bad} are not selection options ({', '.join(SELECTION_OPTIONS)} are)")
+    return params
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -245,6 +262,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.ttft_repeats < 1:
         ap.error("--ttft-repeats must be >= 1")
     dense_below = args.dense_below if args.dense_below == "auto" else int(args.dense_below)
+    try:
+        tca_options = _tca_options(args.tca_options)
+    except (KeyError, ValueError) as err:
+        ap.error(f"--tca-options: {err}")
     cells = CELLS + (COMPILED_CELLS if args.compile_layers else ())
     if args.cells:
         wanted = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if lengths:
         model = build_model(args.layers)
         budgets = Budgets.load(args.budgets).mapped_onto(model)
-        rows += time_model("llama-3.1-8b-shape", model, TCA(budgets, dense_below=dense_below), lengths, batches,
+        rows += time_model("llama-3.1-8b-shape", model, TCA(budgets, dense_below=dense_below, **tca_options), lengths, batches,
                            args.decode_steps, bw, LLAMA_8B["vocab_size"], cells, args.compile_prefill,
                            args.ttft_repeats)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
@@ -282,7 +303,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         model, tok = load_model(args.model, device="cuda")
         method = registry.create("tca", model=model, tokenizer=tok)  # calibrates once, then cached
-        method = TCA(method.budgets, dense_below=dense_below)
+        method = TCA(method.budgets, dense_below=dense_below, **tca_options)
         rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
                            model.config.get_text_config().vocab_size, cells, args.compile_prefill,
                            args.ttft_repeats)
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
         "bandwidth_tbs": bw, "models": models, "decode_steps": args.decode_steps, "dense_below": dense_below,
         "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
-        "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"),
+        "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"), "tca_options": tca_options,
         "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
                   "dense-graph": "SDPA + StaticCache, CUDA-graph replay (integration/static_decode.py)",
                   "keep-all-graph": "FullBudget (every token kept) + StaticRaggedCache, CUDA-graph replay: "
