@@ -3,10 +3,10 @@
 #   1. the changed kernels' GPU tests (TESTS, in parallel; failures in $OUT/failures.log);
 #   2. the prefill tile sweep at the TTFT's shape (128K, 10% kept per head; `prefill_config_text`);
 #   3. TTFT of the 8B-shaped model at 128K, dense compiled vs TCA compiled (median of 3), with the
-#      sweep's winner through TCA_PREFILL_CONFIG.
-#   4. (step ttft-options, not in the default) the same TTFT with TCA's selection options TTFT_OPTIONS
-#      (default last_q=16,span=7: a candidate default of issue 13).
-# Usage: bash scripts/gpu_ttft_sweep.sh [tests|sweep|ttft|ttft-options ...]   (default the first three; wheels in .whl/
+#      sweep's winner through TCA_PREFILL_CONFIG
+#      (TCA in the library's default configuration, last_q=16,span=7);
+#   4. (step ttft-paper, not in the default) the same TTFT with the paper's rule (last_q=1,span=1).
+# Usage: bash scripts/gpu_ttft_sweep.sh [tests|sweep|ttft|ttft-paper ...]   (default the first three; wheels in .whl/
 # installed first by scripts/gpu_run.sh env). The steps may go in separate calls of one warm
 # machine (e.g. alongside model parts being staged): the sweep's JSON is kept in $STAGE.
 set -uo pipefail
@@ -45,7 +45,7 @@ for line in sys.stdin:
 "
   tail -5 "$OUT/$name.log"
 }
-[[ $steps == *" ttft "* ]] && ttft ttft_8b_128k
-# ttft-options: the same with the selection options of a candidate default (TTFT_OPTIONS)
-[[ $steps == *" ttft-options "* ]] && ttft ttft_8b_128k_options "${TTFT_OPTIONS:-last_q=16,span=7}"
+[[ $steps == *" ttft "* ]] && ttft ttft_8b_128k "last_q=16,span=7"
+# ttft-paper: the same with the paper's selection rule (the last query alone; the earlier figures')
+[[ $steps == *" ttft-paper "* ]] && ttft ttft_8b_128k_paper "last_q=1,span=1"
 exit 0

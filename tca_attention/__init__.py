@@ -3,7 +3,7 @@ for HuggingFace transformers causal LMs.
 
     import tca_attention as tca
     model, tok = tca.load_model("smollm2")                    # packaged model, .gguf or HF dir
-    method = tca.create("tca", model=model, tokenizer=tok)    # calibrates once, then cached
+    method = tca.create(tca.DEFAULT_METHOD, model=model, tokenizer=tok)  # calibrates once, then cached
     with tca.enable(model, method) as session:               # reversible
         out = session.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
     print(tok.decode(out[0, -32:]), session.cache.kv_bytes(), session.prefill_report())
@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "Dense": "methods.dense",
     "Method": "methods.base",
     "create": "registry",
+    "DEFAULT_METHOD": "registry",
+    "PAPER_METHOD": "registry",
     "describe": "registry",
     "RaggedCache": "ragged_cache",
     "run_prompt": "generation",

@@ -18,6 +18,7 @@ from typing import Any
 
 from .clihelp import HelpFormatter
 from .methods.tca.config import AUTO, PRESETS, TCAConfig, auto_preset
+from .registry import DEFAULT_METHOD
 
 log = logging.getLogger("tca")
 CONFIG_KEYS = ("block_size", "window", "tau", "alpha", "score", "mass_norm")
@@ -378,9 +379,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="calibration tokens when calibrating (default: min(8192, the model's trained length))")
     p.add_argument("--depth", type=float, default=0.5, help="where the passkey sits in the prompt, 0 = start, 1 = end")
     p.add_argument("--seed", type=int, default=0, help="seed of the passkey and of the essay excerpt")
-    p.add_argument("--method", default="tca", metavar="SPEC",
-                   help="the method to run: a registry spec, e.g. tca, tca:tau=0.7, streaming:window=1024 "
-                   "(`tca methods` lists them); the TCA options above apply to tca only")
+    p.add_argument("--method", default=DEFAULT_METHOD, metavar="SPEC",
+                   help="the method to run: a registry spec, e.g. tca:last_q=16,span=7 (the default "
+                   "configuration), tca (the paper's rule), tca:tau=0.7, streaming:window=1024 (`tca methods` "
+                   "lists them); the TCA options above apply to tca only")
     p.add_argument("--mode", choices=["both", "method", "full", "tca"], default="both",
                    help="full attention, the --method, or both on the same prompt (tca: the former name of method)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated (greedy) after the prompt")

@@ -26,6 +26,13 @@ from importlib import import_module
 from typing import Any, Callable, Mapping
 
 FULL = "full"  # plain attention (Dense): the reference every method is compared to
+# The library's default configuration (what `tca demo`, `tca generate`, `tca eval` and the examples
+# run): TCA with importance pooled over the last 16 queries and a strongly attended token's
+# neighbours kept with it, chosen by the accuracy measurements (docs/method.md, "The default
+# configuration"). A spec means the same thing forever: the bare `tca` stays the paper's rule
+# (the last query alone), so results labelled `tca:...` keep their meaning.
+DEFAULT_METHOD = "tca:last_q=16,span=7"
+PAPER_METHOD = "tca"
 
 
 @dataclass(frozen=True)

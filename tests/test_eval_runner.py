@@ -170,7 +170,7 @@ def test_config_validation_and_run_name() -> None:
     assert _config(seed=1).run_name() != a.run_name()
     assert a.run_name().startswith("fake_small-context_tau0.9_seed0_")
     assert [m.label for m in EvalConfig(model="fake").specs()] == [
-        "full", "tca", "streaming:block_size=16@match=tca"]
+        "full", "tca:last_q=16,span=7", "tca", "streaming:block_size=16@match=tca:last_q=16,span=7"]
 
 
 def test_matched_window_keeps_the_target_tokens() -> None:

@@ -28,6 +28,7 @@ import torch
 
 from ..clihelp import HelpFormatter
 from ..engine.timing import bench_ms
+from ..registry import DEFAULT_METHOD
 from . import require_cuda
 
 CELLS = ("dense-eager", "dense-graph", "keep-all-graph", "tca-eager", "tca-graph")
@@ -75,9 +76,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--ttft-repeats", type=int, default=1,
                     help="prefills timed per cell: TTFT is their median (the first comes with the decode run; "
                     "each further one is a prefill and one step)")
-    ap.add_argument("--tca-options", default="",
-                    help="TCA selection options of the timed method, as in a spec (e.g. 'last_q=16,span=7'; "
-                    "default: the library's defaults); budgets and dense_below come from the other flags")
+    ap.add_argument("--tca-options", default=DEFAULT_METHOD.partition(":")[2],
+                    help="TCA selection options of the timed method, as in a spec (default: those of the "
+                    "library's default configuration, %(default)s; 'last_q=1,span=1' or '' for the paper's "
+                    "rule); budgets and dense_below come from the other flags")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")

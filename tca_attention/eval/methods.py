@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import registry
+from ..registry import DEFAULT_METHOD, PAPER_METHOD
 from .schema import Sample
 
 log = logging.getLogger(__name__)
 SEPARATOR = ";"  # between methods on the command line
 MATCH = "@match="
 KEPT = "@kept="
-# full attention, TCA at the calibrated tau, and StreamingLLM at TCA's KV (a small block lets its
-# window match a budget to 8 tokens: its kept tokens move in steps of the block size)
-DEFAULT_METHODS = ("full", "tca", "streaming:block_size=16@match=tca")
+# full attention, TCA's default configuration and the paper's rule at the calibrated tau, and
+# StreamingLLM at the default's KV (a small block lets its window match a budget to 8 tokens: its
+# kept tokens move in steps of the block size)
+DEFAULT_METHODS = ("full", DEFAULT_METHOD, PAPER_METHOD, f"streaming:block_size=16{MATCH}{DEFAULT_METHOD}")
 
 
 @dataclass(frozen=True)
