@@ -3,7 +3,9 @@ import tca_attention as tca
 from tca_attention.data.passkey import passkey_prompt
 
 model, tok = tca.load_model("smollm2")  # packaged real model; also a .gguf file or a HF directory
-method = tca.create("tca", model=model, tokenizer=tok)  # calibrates once, then loads the cached budgets
+# the default configuration, "tca:last_q=16,span=7" ("tca" alone: the paper's rule); calibrates
+# once, then loads the cached budgets
+method = tca.create(tca.DEFAULT_METHOD, model=model, tokenizer=tok)
 inputs = tok(passkey_prompt(tok, 4096).text, return_tensors="pt")  # a needle in 4K tokens of essays
 
 with tca.enable(model, method) as session:  # reversible: leaving restores the model

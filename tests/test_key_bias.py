@@ -77,8 +77,11 @@ def test_zero_bias_is_unbiased():
     plan = random_plan(gen, B, KV, L, 8, 8, 0.5, [0, 5])
     torch.testing.assert_close(R.sparse_prefill_ref(q, k, v, plan, 0.25, key_bias=zero),
                                R.sparse_prefill_ref(q, k, v, plan, 0.25), atol=0, rtol=0)
+    # the kernel scales biased logits before the exponent and folds the scale into the exponent's
+    # FMA without a bias: on a GPU the two roundings differ by ~1 ulp (H100: 4.8e-7 at most), so
+    # equal up to float rounding, not bit for bit (the interpreter's numpy does not fuse: equal there)
     torch.testing.assert_close(sparse_prefill_triton(q, k, v, plan, 0.25, SMALL, key_bias=zero),
-                               sparse_prefill_triton(q, k, v, plan, 0.25, SMALL), atol=0, rtol=0)
+                               sparse_prefill_triton(q, k, v, plan, 0.25, SMALL), atol=2e-6, rtol=1e-5)
     ks = torch.tensor([0, 5], device=DEV)
     torch.testing.assert_close(dispatch.dense_prefill(q, k, v, 0.25, zero, ks),
                                R.dense_causal_ref(q, k, v, 0.25, ks.to(DEV)), atol=1e-5, rtol=1e-5)
