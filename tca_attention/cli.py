@@ -453,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--budgets", help="budget file from `tca calibrate` (default: the per-model cache, calibrating once)")
     p.add_argument("--calibration-length", type=int, help="calibration tokens when calibrating")
-    p.add_argument("--options", default="", metavar="K=V,...",
-                   help="TCA selection options the probe runs with, as in a spec (e.g. last_q=16,span=7)")
+    p.add_argument("--options", default=DEFAULT_METHOD.partition(":")[2], metavar="K=V,...",
+                   help="TCA selection options the probe runs with, as in a spec (default: the default "
+                   "configuration's, %(default)s; '' for the paper's rule)")
     p.add_argument("--length", type=int, help="tokens per probe prompt (default: the budgets' calibration length; "
                    "the verdict depends on it: probe at the length you serve)")
     p.add_argument("--prompts", type=int, default=4, help="needle prompts, at evenly spread depths")
