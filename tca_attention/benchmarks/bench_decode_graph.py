@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if lengths:
         model = build_model(args.layers)
         budgets = Budgets.load(args.budgets).mapped_onto(model)
-        rows += time_model("llama-3.1-8b-shape", model, TCA(budgets, dense_below=dense_below, **tca_options), lengths, batches,
-                           args.decode_steps, bw, LLAMA_8B["vocab_size"], cells, args.compile_prefill,
-                           args.ttft_repeats)
+        method = TCA(budgets, dense_below=dense_below, **tca_options)
+        rows += time_model("llama-3.1-8b-shape", model, method, lengths, batches, args.decode_steps, bw,
+                           LLAMA_8B["vocab_size"], cells, args.compile_prefill, args.ttft_repeats)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
                                         "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
         del model
