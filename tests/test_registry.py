@@ -107,3 +107,23 @@ def test_tca_with_budgets_refuses_calibration_params():
     with pytest.raises(ValueError, match="tca: alpha, window cannot change with budgets handed in"):
         registry.create("tca:window=64,alpha=0.5,tau=0.8", budgets=budgets)
     assert registry.create("tca:dense_below=128,score=observation", budgets=budgets).dense_below == 128
+
+
+def test_default_configuration_and_the_papers_rule():
+    """DEFAULT_METHOD is TCA with last_q=16 and span=7 (what the CLI, the eval and the examples run);
+    the bare `tca` stays the paper's rule (one last query, no span), so a spec keeps its meaning."""
+    import tca_attention
+    from tca_attention.cli import build_parser
+    from tca_attention.eval.methods import DEFAULT_METHODS
+
+    assert tca_attention.DEFAULT_METHOD == registry.DEFAULT_METHOD == "tca:last_q=16,span=7"
+    budgets = fake_budgets(tiny("llama"), TCAConfig(block_size=16, window=32))
+    default = registry.create(registry.DEFAULT_METHOD, budgets=budgets)
+    paper = registry.create(registry.PAPER_METHOD, budgets=budgets)
+    assert (default.last_q, default.span) == (16, 7)
+    assert (paper.last_q, paper.span, paper.gqa, paper.floor) == (1, 1, "shared", 0.0)
+    assert default.budgets is paper.budgets  # the options change the selection, not the calibration
+    for command in ("demo", "generate"):
+        args = build_parser().parse_args([command] + (["--passkey", "64"] if command == "generate" else []))
+        assert args.method == registry.DEFAULT_METHOD
+    assert DEFAULT_METHODS[:3] == ("full", registry.DEFAULT_METHOD, registry.PAPER_METHOD)
