@@ -232,9 +232,11 @@ def prepare_prefill(
     kidx = torch.where(ar_m < kept_len[..., None], plan.kept_idx.to(dev), torch.full_like(plan.kept_idx, L).to(dev))
     if M == 0:  # nothing kept anywhere: one dummy entry that no row sees
         kidx = torch.full((B, KV, 1), L, dtype=torch.long, device=dev)
-    gidx = kidx.clamp(max=L - 1)[..., None].expand(B, KV, kidx.shape[-1], D)  # (B, KV, M, D)
-    kc = torch.gather(k, 2, gidx)
-    vc = torch.gather(v, 2, gidx)
+    # whole rows by a flat row index (index_select copies D-contiguous rows; a gather with the index
+    # expanded over D reads an index per element: 7x slower on the CPU at 32K)
+    rows = (kidx.clamp(max=L - 1) + torch.arange(B * KV, device=dev).view(B, KV, 1) * L).reshape(-1)
+    kc = k.reshape(B * KV * L, D).index_select(0, rows).view(B, KV, -1, D)
+    vc = v.reshape(B * KV * L, D).index_select(0, rows).view(B, KV, -1, D)
 
     n_tiles = triton.cdiv(L, block_p)
     m0 = torch.arange(n_tiles, device=dev) * block_p
