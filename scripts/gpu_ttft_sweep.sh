@@ -4,7 +4,7 @@
 #   2. the prefill tile sweep at the TTFT's shape (128K, 10% kept per head; `prefill_config_text`);
 #   3. TTFT of the 8B-shaped model at 128K, dense compiled vs TCA compiled (median of 3), with the
 #      sweep's winner through TCA_PREFILL_CONFIG
-#      (TCA in the library's default configuration, last_q=16,span=7);
+#      (TCA in the library's default configuration, the benchmark's default options);
 #   4. (step ttft-paper, not in the default) the same TTFT with the paper's rule (last_q=1,span=1).
 # Usage: bash scripts/gpu_ttft_sweep.sh [tests|sweep|ttft|ttft-paper ...]   (default the first three; wheels in .whl/
 # installed first by scripts/gpu_run.sh env). The steps may go in separate calls of one warm
@@ -28,15 +28,17 @@ grep -E "sweep|prefill config|dense|TCA" "$OUT/kernels.log" | cut -c1-260 | tail
 cp "$OUT/kernels/kernels_bench.json" "$STAGE/kernels_bench.json"
 fi
 CFG=$(python3 -c "import json; print(json.load(open('$STAGE/kernels_bench.json')).get('prefill_config_text', ''))" 2>/dev/null)
-# ttft NAME [TCA options]: dense compiled vs TCA compiled at 128K (median of 3), the sweep's winner
+# ttft NAME [TCA options]: dense compiled vs TCA compiled at 128K (median of 3), the sweep's winner;
+# without options the benchmark's default (the library's default configuration)
 ttft() {
-  local name=$1 opts=${2:-} left=$((end - SECONDS - 5))
-  echo "== $(date +%T) TTFT ($name, options '${opts}') with TCA_PREFILL_CONFIG=${CFG:-default} [$left s left]"
+  local name=$1 left=$((end - SECONDS - 5)) opts=()
+  [ $# -ge 2 ] && opts=(--tca-options "$2")
+  echo "== $(date +%T) TTFT ($name, ${opts[*]:-default options}) with TCA_PREFILL_CONFIG=${CFG:-default} [$left s left]"
   [ "$left" -lt 60 ] && { echo "no time left for the TTFT"; return 0; }
   TCA_PREFILL_CONFIG=$CFG timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.benchmarks.bench_decode_graph \
     --lengths 131072 --budgets docs/results/budgets/smollm2-default-8k.json --batch 1 --decode-steps 32 \
     --compile-layers --compile-prefill --ttft-repeats 3 --cells dense-graph-compiled,tca-graph-compiled \
-    --tca-options "$opts" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+    "${opts[@]}" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   echo "rc=$?"; grep -E '^\{' "$OUT/$name.log" | python3 -c "
 import json, sys
 for line in sys.stdin:
@@ -45,7 +47,7 @@ for line in sys.stdin:
 "
   tail -5 "$OUT/$name.log"
 }
-[[ $steps == *" ttft "* ]] && ttft ttft_8b_128k "last_q=16,span=7"
+[[ $steps == *" ttft "* ]] && ttft ttft_8b_128k
 # ttft-paper: the same with the paper's selection rule (the last query alone; the earlier figures')
 [[ $steps == *" ttft-paper "* ]] && ttft ttft_8b_128k_paper "last_q=1,span=1"
 exit 0
