@@ -71,15 +71,15 @@ class Selector:
     """TCA.plan's selection for one layer: TS.select_and_pack_window with the keep count per rank
     and the output width built once on the host (as TCA caches them), so timing a call measures
     exactly what TCA runs per prefill. backend: "triton" (fused, no sync) or "reference";
-    last_q, union: TCA's options last_q and gqa="union" (1, False: the paper's rule)."""
+    last_q, union, span: TCA's options last_q, gqa="union" and span (1, False, 1: the paper's rule)."""
 
     def __init__(self, p: torch.Tensor, L: int, window: int, block: int, alpha: float, backend: str = "triton",
-                 last_q: int = 1, union: bool = False):
+                 last_q: int = 1, union: bool = False, span: int = 1):
         from tca_attention.methods.tca.selection import keep_per_rank
 
         self.n = (L - window) // block
         self.block, self.window, self.alpha, self.backend = block, window, alpha, backend
-        self.last_q, self.union = last_q, union
+        self.last_q, self.union, self.span = last_q, union, span
         kr = keep_per_rank(p.cpu(), self.n, block)  # (KV, n)
         self.max_kept = int(kr.sum(-1).max())
         self.keep_rank = kr.to(device=p.device, dtype=torch.int32)
@@ -95,7 +95,7 @@ class Selector:
         key_start = torch.zeros(B, dtype=torch.long, device=q.device)
         g = q.shape[1] // k.shape[1]
         width = min(g * self.max_kept, self.n * self.block) if self.union else self.max_kept
-        spec = TS.SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", width)
+        spec = TS.SelectionSpec(key_start, self.keep_rank, self.n, self.block, self.alpha, "sum", width, self.span)
         idx, lens, retained, _ = TS.select_and_pack_window(q[:, :, -self.last_q:], k, spec, scaling, self.window,
                                                            self.union, backend=self.backend)
         total = None if self.union else B * int(self.keep_rank.sum())
