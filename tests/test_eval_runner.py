@@ -336,6 +336,31 @@ def test_archived_results_are_read_first_and_new_lines_append_to_the_plain_log(t
     assert not log.path.exists() and log.load() == first + [later] and path.read_bytes() != data
 
 
+
+def test_a_sample_in_two_run_folders_counts_once_from_the_first(tmp_path: Path, caplog) -> None:
+    """A group re-run at another batch size lands in its own folder: the report takes each
+    (model, method, length, sample) once, from the first folder given, and warns how many it dropped;
+    samples only the second folder holds still count."""
+    import logging
+
+    from tca_attention.eval.report import load_results
+
+    a, b = ResultLog(tmp_path / "a" / RESULTS_FILE), ResultLog(tmp_path / "b" / RESULTS_FILE)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    old = [_result("tca", "niah_single", 4096, i, 1.0, 0.25, 0.5) for i in range(2)]
+    rerun = [_result("tca", "niah_single", 4096, i, 0.0, 0.25, 0.5) for i in range(3)]  # 2 repeats, 1 new
+    other = _result("tca", "niah_single", 8192, 0, 0.0, 0.25, 0.5)  # another length: not a repeat
+    for r in old:
+        a.append(r)
+    for r in rerun + [other]:
+        b.append(r)
+    with caplog.at_level(logging.WARNING, logger="tca_attention.eval.report"):
+        got = load_results([tmp_path / "a", tmp_path / "b"])
+    assert got == old + [rerun[2], other]
+    assert "2 results in" in caplog.text
+    assert load_results([tmp_path / "b", tmp_path / "a"]) == rerun + [other]
+
 class DenseLayersBackend(FakeBackend):
     """Records `dense` as the dense layers of every TCA row (what dense_at=auto resolved to)."""
 

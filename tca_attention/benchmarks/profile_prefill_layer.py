@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     k_bytes = k.numel() * k.element_size()
     kept = int(plan.kept_len.sum())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": L,
-              "fraction": args.fraction, "kept_fraction": kept / (KV * L), "last_q": args.last_q, "span": args.span,
+              "fraction": args.fraction, "kept_global_fraction": kept / (KV * L), "last_q": args.last_q, "span": args.span,
               "window": args.window, "block": args.block, "prefill_config": str(cfg), "bandwidth_gbps": gbps,
               "command": "profile_prefill_layer " + " ".join(argv)}
     # selection: two passes over K (the stats, the importance); compaction: kept K and V read and written

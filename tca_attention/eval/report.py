@@ -27,9 +27,24 @@ LEGEND = (
 
 
 def load_results(run_dirs: Iterable[Path]) -> list[Result]:
+    """The results of the run folders, in order. A sample that more than one folder holds for the
+    same model, method and length (e.g. a group re-run at another batch size, which gets its own
+    folder) counts once, from the first folder that has it (pooling both would weigh it twice); a
+    warning says how many were dropped."""
     out: list[Result] = []
+    seen: dict[tuple, str] = {}
+    dropped: dict[tuple[str, str], int] = defaultdict(int)
     for d in run_dirs:
-        out.extend(ResultLog(Path(d) / RESULTS_FILE).load())
+        for r in ResultLog(Path(d) / RESULTS_FILE).load():
+            key = (r.model, r.method, r.length, r.task, r.sample_id)
+            first = seen.setdefault(key, str(d))
+            if first != str(d):
+                dropped[(str(d), first)] += 1
+                continue
+            out.append(r)
+    for (d, first), n in dropped.items():
+        log.warning("%d results in %s are also in %s (same model, method, length, sample): the latter's are used",
+                    n, d, first)
     return out
 
 
