@@ -1,7 +1,7 @@
 """The TCA prefill, block-sparse and ragged decode kernels compiled for sm_90 (H100/H200) by the installed triton,
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
-subprocess). Usage: python tests/sm90_compile.py prefill|block HAS_BIAS(0/1)
+subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction HAS_BIAS(0/1)
 -> one line of JSON: shared memory bytes and counts of PTX instructions (wgmma, fma, ex2)."""
 from __future__ import annotations
 
@@ -56,8 +56,20 @@ def compile_decode(bias: bool):
     return _compile(TD._decode_split_kernel, const, types, 4, 4)
 
 
+def compile_compaction(bias: bool):
+    """prepare_prefill's _compact_kernel (head dim 128, bf16) and _bounds_kernel; -> the latter."""
+    from tca_attention.engine import triton_prefill as TP
+
+    types = {**dict.fromkeys(("K", "V", "KC", "VC"), "*bf16"), "KEPT_IDX": "*i64", "KEPT_LEN": "*i32", "KIDX": "*i32"}
+    _compile(TP._compact_kernel, dict(HEAD_D=128, ROWS=32), types, 4, 3)
+    types = {**dict.fromkeys(("KIDX", "KEPT_LEN", "KSTART", "NFAR"), "*i32"),
+             **dict.fromkeys(("KEY_START", "LOCAL_START", "WINDOW"), "*i64")}
+    return _compile(TP._bounds_kernel, dict(TILES=1024), types, 4, 3)
+
+
 if __name__ == "__main__":
-    kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode}[sys.argv[1]](sys.argv[2] == "1")
+    kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode,
+              "compaction": compile_compaction}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]
     print(json.dumps({"shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
                       "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx")}))

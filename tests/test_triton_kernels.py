@@ -196,6 +196,42 @@ def test_prefill_short_prompt_is_dense_and_empty_kept_set():
     torch.testing.assert_close(out, R.dense_causal_ref(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
 
 
+COMPACTION_CASES = [
+    # B, KV, L, D, window, block, key_start, frac, per-row geometry, padding = local start, block_p, head windows
+    (2, 2, 97, 64, 24, 16, [0, 7], 0.4, False, False, 16, False),
+    (1, 3, 333, 128, 40, 16, [5], 0.05, False, True, 32, False),  # sparse; padding at local_start
+    (3, 2, 201, 32, 24, 16, [0, 37, 170], 0.4, True, False, 8, False),  # per-row starts, one row dense
+    (2, 3, 200, 256, 24, 16, [0, 9], 1.0, True, False, 64, True),  # everything kept, head windows
+    (1, 2, 40, 16, 32, 16, [0], 0.5, False, False, 16, False),  # short: nothing global, width 0
+    (2, 1, 150, 64, 24, 32, [3, 70], 0.0, True, False, 128, False),  # nothing kept, wide tiles
+]
+
+
+@pytest.mark.parametrize("case", COMPACTION_CASES, ids=lambda c: f"B{c[0]}KV{c[1]}L{c[2]}D{c[3]}p{c[10]}")
+def test_compaction_kernels_equal_the_reference(case):
+    """prepare_prefill's two kernels (compaction + per-tile bounds) give exactly what the PyTorch
+    reference gives: the compact K/V rows, their positions (padding L), kstart and the bounds."""
+    from tca_attention.engine.triton_prefill import prepare_prefill, prepare_prefill_ref
+
+    B, KV, L, D, w, bs, ks, frac, per_row, pad_ls, block_p, head_windows = case
+    gen = torch.Generator().manual_seed(L * D + KV)
+    _, k, v = make_qkv(gen, B, KV, KV, L, D, torch.bfloat16)
+    plan = random_plan(gen, B, KV, L, w, bs, frac, ks, pad_with_local_start=pad_ls, per_row=per_row)
+    if head_windows:
+        plan = dataclasses.replace(plan, head_window=torch.randint(w, L + 1, (B, KV), generator=gen).to(DEV))
+    got = prepare_prefill(k.contiguous(), v.contiguous(), plan, block_p)
+    want = prepare_prefill_ref(k, v, plan, block_p)
+    for name, g, r in zip(("kc", "vc", "kidx", "kstart", "nfar"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        assert torch.equal(g, r), name
+    assert int(got[4].max()) <= max(int(plan.kept_len.max()), 0)
+    if frac > 0 and plan.kept_idx.shape[-1]:
+        assert int(got[4].max()) > 0 and int(got[2].min()) < L  # something kept and seen: a real check
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+
 # ---------------------------------------------------------------------------------------------
 # decode
 def random_cache(gen, B, H, KV, NQ, D, T, max_g, dtype):
@@ -376,10 +412,10 @@ def test_prefill_config_env_override(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1),
-                                          ("decode", 0), ("decode", 1)])
+                                          ("decode", 0), ("decode", 1), ("compaction", 0)])
 def test_kernels_lower_for_hopper(kernel, bias):
     """The prefill, block and decode kernels (all three run triton_common's online-softmax step)
-    compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
+    and the prefill's compaction kernels compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
     the prefill and block kernels' tiles use wgmma (decode's 16-row tiles are too small for it);
     without a key bias the prefill's logit scale rides in the exponent's FMA (one FMA per
     exponential at least; before: a separate multiply pass)."""
@@ -394,6 +430,9 @@ def test_kernels_lower_for_hopper(kernel, bias):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])
+    if kernel == "compaction":  # prepare_prefill's copy and binary-search kernels: no softmax, no dot
+        assert info["shared"] <= 232448 and info["wgmma"] == 0
+        return
     assert 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block
     assert info["ex2"] > 0 and (info["wgmma"] > 0 or kernel == "decode")
     if kernel == "prefill" and not bias:

@@ -214,15 +214,107 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _compact_kernel(K, V, KEPT_IDX, KEPT_LEN, KC, VC, KIDX, L, M_in, M,
+                    HEAD_D: tl.constexpr, ROWS: tl.constexpr):
+    """Rows [r0, r0 + ROWS) of (b, KV head) bh's compact list: KIDX (B*KV, M) int32 the kept
+    position (L past kept_len), KC/VC (B*KV*M, D) the key/value row at it (row L - 1 for padding);
+    K/V (B*KV*L, D), KEPT_IDX (B*KV, M_in) with M_in <= M (M_in = 0: nothing kept anywhere)."""
+    bh = tl.program_id(0)
+    r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    in_m = r < M
+    real = r < tl.load(KEPT_LEN + bh)
+    idx = tl.load(KEPT_IDX + bh.to(tl.int64) * M_in + r, mask=real & (r < M_in), other=0)
+    idx = tl.where(real, idx, L)
+    tl.store(KIDX + bh.to(tl.int64) * M + r, idx.to(tl.int32), mask=in_m)
+    d = tl.arange(0, HEAD_D)
+    src = (bh.to(tl.int64) * L + tl.minimum(idx, L - 1))[:, None] * HEAD_D + d[None, :]
+    dst = (bh.to(tl.int64) * M + r)[:, None] * HEAD_D + d[None, :]
+    tl.store(KC + dst, tl.load(K + src, mask=in_m[:, None]), mask=in_m[:, None])
+    tl.store(VC + dst, tl.load(V + src, mask=in_m[:, None]), mask=in_m[:, None])
+
+
+@triton.jit
+def _count_below(base, M, x, steps):
+    """Entries of the ascending list base[0:M] below x (vector x): torch.searchsorted's left side."""
+    lo = tl.zeros_like(x)
+    hi = tl.zeros_like(x) + M
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        a = tl.load(base + mid, mask=active, other=0)
+        right = active & (a < x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (a >= x), mid, hi)
+    return lo
+
+
+@triton.jit
+def _bounds_kernel(KIDX, KEPT_LEN, KEY_START, LOCAL_START, WINDOW, KSTART, NFAR,
+                   L, M, KV, n_tiles, block_p, steps, TILES: tl.constexpr):
+    """NFAR (B*KV, 2 * n_tiles) and KSTART (B*KV,) int32 of prepare_prefill from KIDX (_compact_kernel's)."""
+    bh = tl.program_id(0)
+    b = bh // KV
+    t = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    t_ok = t < n_tiles
+    n = tl.load(KEPT_LEN + bh)
+    ls = tl.load(LOCAL_START + b).to(tl.int32)
+    w = tl.load(WINDOW + bh).to(tl.int32)
+    base = KIDX + bh.to(tl.int64) * M
+    m0 = t * block_p
+    lo0 = band_lo(m0, w, ls)
+    lo1 = band_lo(tl.minimum(m0 + block_p - 1, L - 1), w, ls)
+    ks = tl.zeros_like(t) + tl.load(KEY_START + b).to(tl.int32)
+    kstart = _count_below(base, M, ks, steps)  # entries before the row's first real key
+    c0 = tl.minimum(tl.maximum(_count_below(base, M, lo0, steps), kstart), n)
+    c1 = tl.minimum(tl.maximum(_count_below(base, M, lo1, steps), kstart), n)
+    out = NFAR + (bh.to(tl.int64) * n_tiles + t) * 2
+    tl.store(out, c0, mask=t_ok)
+    tl.store(out + 1, c1, mask=t_ok)
+    tl.store(KSTART + bh + t * 0, tl.minimum(kstart, n), mask=t == 0)
+
+
 def prepare_prefill(
     k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, block_p: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact kept K/V and per-tile prefix bounds.
+    """Compact kept K/V and per-tile prefix bounds in two kernels (`prepare_prefill_ref` in
+    PyTorch, ~39 launches, is the reference: equal outputs). k, v contiguous (B, KV, L, D).
 
     -> kc/vc (B, KV, M, D), kidx (B, KV, M) int32 (padding = L), kstart (B*KV,) int32,
-       nfar (B*KV, n_tiles, 2) int32: [count of kept < band_start(tile's first row),
-       count of kept < band_start(tile's last row)], clamped to [kstart, kept_len].
+       nfar (B*KV, 2 * n_tiles) int32, per tile: [count of kept < band_start(tile's first row),
+       count of kept < band_start(tile's last row)], clamped to [kstart, kept_len]. M = the plan's
+       width, 1 when it is 0 (one entry no row sees).
     """
+    B, KV, L, D = k.shape
+    if not (k.is_contiguous() and v.is_contiguous()) or D & (D - 1):
+        return prepare_prefill_ref(k, v, plan, block_p)
+    dev = k.device
+    m_in = plan.kept_idx.shape[-1]
+    M = max(m_in, 1)
+    kept_idx = plan.kept_idx.to(dev).contiguous() if m_in else torch.zeros(B, KV, 1, dtype=torch.long, device=dev)
+    kept_len = plan.kept_len.to(device=dev, dtype=torch.int32).contiguous()
+    kc = torch.empty(B, KV, M, D, dtype=k.dtype, device=dev)
+    vc = torch.empty_like(kc)
+    kidx = torch.empty(B, KV, M, dtype=torch.int32, device=dev)
+    rows = 32 if D <= 128 else 16
+    _compact_kernel[(B * KV, triton.cdiv(M, rows))](k, v, kept_idx, kept_len, kc, vc, kidx, L, m_in, M,
+                                                    HEAD_D=D, ROWS=rows, num_warps=4)
+    n_tiles = triton.cdiv(L, block_p)
+    kstart = torch.empty(B * KV, dtype=torch.int32, device=dev)
+    nfar = torch.empty(B * KV, 2 * n_tiles, dtype=torch.int32, device=dev)
+    tiles = min(1024, max(16, next_pow2(n_tiles)))
+    _bounds_kernel[(B * KV, triton.cdiv(n_tiles, tiles))](
+        kidx, kept_len, plan.key_start.to(dev).contiguous(), plan.local_starts().to(dev).contiguous(),
+        plan.window_of(B, KV, dev).contiguous(), kstart, nfar, L, M, KV, n_tiles, block_p, M.bit_length(),
+        TILES=tiles, num_warps=4,
+    )
+    return kc, vc, kidx, kstart, nfar
+
+
+def prepare_prefill_ref(
+    k: torch.Tensor, v: torch.Tensor, plan: TokenPlan, block_p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prepare_prefill in plain PyTorch (the reference; also the path for a non-contiguous k/v)."""
     B, KV, L, D = k.shape
     dev = k.device
     M = plan.kept_idx.shape[-1]
