@@ -1,7 +1,7 @@
 """The TCA prefill, block-sparse and ragged decode kernels compiled for sm_90 (H100/H200) by the installed triton,
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
-subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction HAS_BIAS(0/1)
+subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select HAS_BIAS(0/1)
 -> one line of JSON: shared memory bytes and counts of PTX instructions (wgmma, fma, ex2)."""
 from __future__ import annotations
 
@@ -67,9 +67,22 @@ def compile_compaction(bias: bool):
     return _compile(TP._bounds_kernel, dict(TILES=1024), types, 4, 3)
 
 
+def compile_select(bias: bool):
+    """The fused selection's in-block ranking kernels (block 128, option span 7 computed inside):
+    _select_kernel and _window_select_kernel (GS 1, with the band); -> the latter."""
+    from tca_attention.methods.tca import triton_select as TT
+
+    types = {**dict.fromkeys(("S", "MASS"), "*fp32"), **dict.fromkeys(("KEEP", "COUNT"), "*i32"),
+             **dict.fromkeys(("KEY_START", "NB"), "*i64"), "SEL": "*i8"}
+    _compile(TT._select_kernel, dict(BLOCK=128, HALF=3), types, 8, 3)
+    types = {**dict.fromkeys(("S", "SB", "MASS_IN", "MASS"), "*fp32"), **dict.fromkeys(("KEEP", "COUNT"), "*i32"),
+             **dict.fromkeys(("KEY_START", "NB"), "*i64"), "SEL": "*i8"}
+    return _compile(TT._window_select_kernel, dict(GS=1, GSP=1, BLOCK=128, BAND=True, HALF=3), types, 8, 3)
+
+
 if __name__ == "__main__":
     kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode,
-              "compaction": compile_compaction}[sys.argv[1]](sys.argv[2] == "1")
+              "compaction": compile_compaction, "select": compile_select}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]
     print(json.dumps({"shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
                       "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx")}))

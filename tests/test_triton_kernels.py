@@ -412,10 +412,10 @@ def test_prefill_config_env_override(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1),
-                                          ("decode", 0), ("decode", 1), ("compaction", 0)])
+                                          ("decode", 0), ("decode", 1), ("compaction", 0), ("select", 0)])
 def test_kernels_lower_for_hopper(kernel, bias):
     """The prefill, block and decode kernels (all three run triton_common's online-softmax step)
-    and the prefill's compaction kernels compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
+    and the prefill's compaction and the selection's ranking kernels compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
     the prefill and block kernels' tiles use wgmma (decode's 16-row tiles are too small for it);
     without a key bias the prefill's logit scale rides in the exponent's FMA (one FMA per
     exponential at least; before: a separate multiply pass)."""
@@ -430,7 +430,7 @@ def test_kernels_lower_for_hopper(kernel, bias):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])
-    if kernel == "compaction":  # prepare_prefill's copy and binary-search kernels: no softmax, no dot
+    if kernel in ("compaction", "select"):  # prepare_prefill's copy/search kernels, the selection's ranking: no dot
         assert info["shared"] <= 232448 and info["wgmma"] == 0
         return
     assert 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block

@@ -42,8 +42,9 @@ Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semanti
 Nothing of size r * L is stored; with r = 1 and "shared" it is the paper's rule path above.
 
 Option span = k > 1 (both paths): kernels C / C' rank the tokens of a block by
-selection.span_scores(s, k) (s plus its stride-1 max-pool of width k: one pool and one add in
-torch between B and C, on the device) instead of s; the kept mass is still summed from s.
+selection.span_scores(s, k) (s plus its stride-1 max-pool of width k, computed inside C / C'
+from s and its k // 2 neighbours on either side: no launch of its own) instead of s; the kept
+mass is still summed from s.
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ import triton.language as tl
 from ...engine.plan import rows_blocks
 from ...engine.triton_common import check_head_dim, check_heads, interpreted, next_pow2
 from .select import WINDOW_MIN_BLOCK, KeepChooser, SelectionSpec
-from .selection import span_scores
 
 
 @triton.jit
@@ -160,14 +160,30 @@ def _block_rank(s_i, ar):
 
 
 @triton.jit
+def _rank_scores(s_row, idx, ok, L, HALF: tl.constexpr):
+    """The in-block ranking score of positions idx (mask ok, others 0) of one row of S: s itself
+    (HALF = 0), or option span = 2 HALF + 1: s plus the largest s within HALF positions on either
+    side inside [0, L) (selection.span_scores: a stride-1 max-pool padded with -inf, then s + pool,
+    the same fp32 add: equal bit for bit)."""
+    s = tl.load(s_row + idx, mask=ok, other=0.0)
+    if HALF > 0:
+        pool = tl.full(s.shape, float("-inf"), tl.float32)
+        for o in tl.static_range(2 * HALF + 1):
+            p = idx + (o - HALF)
+            pool = tl.maximum(pool, tl.load(s_row + p, mask=ok & (p >= 0) & (p < L), other=float("-inf")))
+        s = tl.where(ok, s + pool, 0.0)
+    return s
+
+
+@triton.jit
 def _select_kernel(
-    S, RANK, KEEP, KEY_START, NB, SEL, COUNT, MASS,
+    S, KEEP, KEY_START, NB, SEL, COUNT, MASS,
     L, KV, n_max, n_mass,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HALF: tl.constexpr,
 ):
     """SEL (B*KV, n_max*b) int8, block-relative; COUNT (B*KV, n_max) int32; MASS[:, j] <- kept mass
     of global block j (j < n_r; the masses of the row's local blocks are left as they are).
-    Tokens rank by RANK (S itself, or its span scores), the mass is S's."""
+    Tokens rank by S itself, or with HALF > 0 by its span scores (_rank_scores); the mass is S's."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = bh // KV
@@ -177,7 +193,7 @@ def _select_kernel(
     glob = (j * BLOCK + ar) < nb * BLOCK  # (BLOCK,) all True iff block j is one of the row's global blocks
     idx = ks + j * BLOCK + ar  # absolute positions of the row's block j
     s_i = tl.load(S + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)  # (needs s_r + n_r b <= L)
-    rank = _block_rank(tl.load(RANK + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0), ar)
+    rank = _block_rank(_rank_scores(S + bh.to(tl.int64) * L, idx, glob & (idx < L), L, HALF), ar)
     keep = tl.load(KEEP + bh * n_max + j)
     sel = (rank < keep) & glob
     tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -354,16 +370,16 @@ def _window_importance_kernel(
 
 @triton.jit
 def _window_select_kernel(
-    S, RANK, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
+    S, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
     L, KV, n_max, n_mass,
-    GS: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr, BAND: tl.constexpr,
+    GS: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr, BAND: tl.constexpr, HALF: tl.constexpr,
 ):
     """_select_kernel over the GS selection rows of a KV head (GS = 1: shared; g: gqa="union",
     one per query head): each row selects its top keep[row, j] of block j, the KV head keeps the
     union -> SEL, COUNT per KV head. MASS (B*KV, n_mass)[j] for the row's global blocks: the mean
     over its rows of s on the kept keys (+ SB on the others with BAND); with GS > 1 also its local
     blocks, j >= nb: the mean of the rows' block masses MASS_IN (GS = 1: MASS_IN is MASS, left as is).
-    Tokens rank by RANK (S itself, or its span scores)."""
+    Tokens rank by S itself, or with HALF > 0 by its span scores (_rank_scores)."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = bh // KV
@@ -376,7 +392,7 @@ def _window_select_kernel(
         sel = ar < 0  # nothing yet
         for t in range(GS):
             row = bh * GS + t
-            s_i = tl.load(RANK + row.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)
+            s_i = _rank_scores(S + row.to(tl.int64) * L, idx, glob & (idx < L), L, HALF)
             keep = tl.load(KEEP + row * n_max + j)
             sel = sel | ((_block_rank(s_i, ar) < keep) & glob)
         tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -483,10 +499,10 @@ def step_keep(h: torch.Tensor, keep_rank: torch.Tensor) -> torch.Tensor:
 
 
 def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_heads: int,
-                n_rows: torch.Tensor | None = None, rank: torch.Tensor | None = None):
+                n_rows: torch.Tensor | None = None, span: int = 1):
     """Kernel C (+ cumsum). Overwrites mass[:, j] (j < n_r) with the kept mass of each global block.
-    n_blocks: n_max; n_rows (B,): per-row block counts (default n_blocks); rank: the in-block
-    ranking scores, shaped as s (default s itself; option span: selection.span_scores(s)).
+    n_blocks: n_max; n_rows (B,): per-row block counts (default n_blocks); span (odd): tokens rank
+    inside their block by selection.span_scores(s, span), computed in the kernel (1: by s).
 
     -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32."""
     BKV, L = s.shape
@@ -495,7 +511,7 @@ def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_hea
     sel = torch.empty(BKV, n * bs, dtype=torch.int8, device=s.device)
     count = torch.empty(BKV, n, dtype=torch.int32, device=s.device)
     _select_kernel[(BKV, n)](
-        s, s if rank is None else rank, keep, key_start, nb, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs,
+        s, keep, key_start, nb, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs, HALF=span // 2,
         num_warps=4 if bs <= 64 else 8,
     )
     return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32)
@@ -568,8 +584,7 @@ def select_and_pack_triton(
     if choose is not None:  # keep counts from this request's importance (adaptive.py), on the device
         keep_rank = choose(s.view(B, KV, L), h.view(B, KV, n_max), spec)
     keep = step_keep(h, keep_rank)
-    rank = span_scores(s, spec.span) if spec.span > 1 else None  # option span: in-block ranking only
-    sel, count, csum = step_select(s, keep, key_start, mass, n_max, block_size, KV, n_rows, rank)
+    sel, count, csum = step_select(s, keep, key_start, mass, n_max, block_size, KV, n_rows, spec.span)
     kept_idx = step_pack(sel, count, csum, n_max, block_size, max_kept, key_start, pad=L)
     kept_len = csum[:, -1].reshape(B, KV)
     retained = mass.sum(-1).reshape(B, KV)  # kept global mass + local region mass
@@ -681,9 +696,9 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
 
 
 def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Tensor, mass, n_blocks: int,
-                       block_size: int, kv_heads: int, rows_per_kv: int = 1, rank: torch.Tensor | None = None):
+                       block_size: int, kv_heads: int, rows_per_kv: int = 1, span: int = 1):
     """Kernel C over rows_per_kv selection rows per KV head (1, or g for gqa="union": the union);
-    rank: the in-block ranking scores, shaped as s (default s; option span: its span scores).
+    span (odd): tokens rank inside their block by selection.span_scores(s, span), in the kernel.
     -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32, and the
     block masses (B*KV, cdiv(L, b)) whose sum is the retained mass (rows_per_kv = 1: `mass`
     itself, its global blocks overwritten)."""
@@ -693,9 +708,9 @@ def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Ten
     count = torch.empty(bkv, n, dtype=torch.int32, device=s.device)
     out = mass if rows_per_kv == 1 else torch.empty(bkv, n_mass, dtype=torch.float32, device=s.device)
     _window_select_kernel[(bkv, n if rows_per_kv == 1 else n_mass)](
-        s, s if rank is None else rank, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out,
+        s, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out,
         L, kv_heads, n, n_mass,
-        GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None,
+        GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None, HALF=span // 2,
         num_warps=4 if block_size <= 64 else 8,
     )
     return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32), out
@@ -745,8 +760,7 @@ def select_and_pack_window_triton(
     if union:  # each query head its KV head's keep counts
         keep_rank = keep_rank.repeat_interleave(g, dim=-2)
     keep = step_keep(h, keep_rank)
-    rank = span_scores(s, spec.span) if spec.span > 1 else None  # option span: in-block ranking only
     sel, count, csum, mass = step_window_select(s, band, keep, key_start, n_rows, mass, n_max, b, KV,
-                                                g if union else 1, rank)
+                                                g if union else 1, spec.span)
     kept_idx = step_pack(sel, count, csum, n_max, b, spec.max_kept, key_start, pad=L)
     return kept_idx.view(B, KV, spec.max_kept), csum[:, -1].reshape(B, KV), mass.sum(-1).reshape(B, KV), s_kv
