@@ -229,6 +229,46 @@ def test_compaction_kernels_equal_the_reference(case):
         assert int(got[4].max()) > 0 and int(got[2].min()) < L  # something kept and seen: a real check
 
 
+
+def test_compaction_launches_two_kernels_and_no_torch_work(monkeypatch):
+    """Issue 15's "prefill without per-layer overhead": prepare_prefill launches its two kernels
+    once each and, besides allocating, runs no torch op but the plan's two fills (local starts,
+    windows) where the plan has none stored (the reference ran ~39 launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import tca_attention.engine.triton_prefill as TP
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Launches:
+        def __init__(self) -> None:
+            self.grids: list[tuple] = []
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: self.grids.append(grid)
+
+    gen = torch.Generator().manual_seed(11)
+    _, k, v = make_qkv(gen, 2, 2, 2, 200, 64, torch.bfloat16)
+    k, v = k.contiguous(), v.contiguous()
+    for per_row in (False, True):
+        plan = random_plan(gen, 2, 2, 200, 24, 16, 0.3, [0, 9], per_row=per_row)
+        compact, bounds = Launches(), Launches()
+        monkeypatch.setattr(TP, "_compact_kernel", compact)
+        monkeypatch.setattr(TP, "_bounds_kernel", bounds)
+        ops = Ops()
+        with ops:
+            TP.prepare_prefill(k, v, plan, 16)
+        assert len(compact.grids) == 1 and len(bounds.grids) == 1
+        work = [n for n in ops.names if not n.startswith(("aten.empty", "aten.view", "aten.alias"))]
+        assert len(work) <= 2 and all(n.startswith("aten.full") for n in work), work
+
 # ---------------------------------------------------------------------------------------------
 # decode
 
