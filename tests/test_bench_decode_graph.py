@@ -73,3 +73,18 @@ def test_tca_options_are_typed_selection_options(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--tca-options", "span=x"])
     assert "span='x' is not a valid int" in capsys.readouterr().err
+
+
+def test_kernel_times_counts_kernels_not_the_ops_that_launch_them() -> None:
+    """The profilers' kernel filter (profile_step, profile_prefill_layer): device kernels keep their
+    time and launches, summed by name; aten ops (which report their kernels' time again) and host-only
+    events drop out."""
+    from types import SimpleNamespace as Event
+
+    from tca_attention.benchmarks.profile_step import kernel_times
+
+    events = [Event(key="aten::mm", self_device_time_total=5.0, count=1),
+              Event(key="gemm_kernel", self_device_time_total=3.0, count=2),
+              Event(key="gemm_kernel", self_device_time_total=1.0, count=1),
+              Event(key="cudaLaunchKernel", self_device_time_total=0.0, count=4)]
+    assert kernel_times(Event(key_averages=lambda: events)) == {"gemm_kernel": (4.0, 3)}

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
-
 import torch
 
 from ..clihelp import HelpFormatter
 from . import require_cuda
+from .profile_step import kernel_times
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -30,6 +29,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--last-q", type=int, default=16, help="TCA option last_q (1: the paper's rule)")
     ap.add_argument("--span", type=int, default=7, help="TCA option span (1: the paper's rule)")
     ap.add_argument("--reps", type=int, default=5, help="profiled calls of each step")
+    ap.add_argument("--bandwidth-tbs", type=float, default=None,
+                    help="device memory bandwidth for the bounds (default: bench_decode_graph's table by device name)")
     ap.add_argument("--out", required=True, help="result JSON path")
     return ap
 
@@ -42,14 +43,8 @@ def kernel_us(fn, reps: int) -> tuple[dict[str, float], dict[str, int]]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    us: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)
-    for e in prof.key_averages():  # kernels carry their own device time; CPU ops report their kernels' too
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        if t > 0 and not e.key.startswith(("aten::", "autograd::")):
-            us[e.key] += t / reps
-            calls[e.key] += e.count
-    return dict(us), {k: max(1, c // reps) for k, c in calls.items()}
+    times = kernel_times(prof)
+    return {k: us / reps for k, (us, _) in times.items()}, {k: max(1, n // reps) for k, (_, n) in times.items()}
 
 
 def step_report(name: str, fn, reps: int, bound_us: float | None) -> dict:
@@ -78,7 +73,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return rc
     from ..engine.triton_common import next_pow2
     from ..engine.triton_prefill import default_config, prepare_prefill, sparse_prefill_triton
+    from .bench_decode_graph import BANDWIDTH_TBS
     from .bench_kernels import D, KV, H, Selector, head_budgets
+
+    name = torch.cuda.get_device_name()
+    tbs = args.bandwidth_tbs or next((v for key, v in BANDWIDTH_TBS if key in name), None)
+    if tbs is None:
+        build_parser(prog).error(f"no bandwidth known for {name!r}: pass --bandwidth-tbs")
 
     L, dev, dt = args.tokens, torch.device("cuda"), torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -91,10 +92,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     plan = sel(q, k, scaling)
     cfg = default_config(D, dev)
     block_p = max(cfg.block_m, next_pow2(H // KV)) // next_pow2(H // KV)
-    gbps = float(getattr(torch.cuda.get_device_properties(dev), "memory_bandwidth_gbps", 0) or 3350.0)
+    gbps = 1e3 * tbs
     k_bytes = k.numel() * k.element_size()
     kept = int(plan.kept_len.sum())
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": L,
+    result = {"device": name, "torch": torch.__version__, "tokens": L,
               "fraction": args.fraction, "kept_global_fraction": kept / (KV * L), "last_q": args.last_q, "span": args.span,
               "window": args.window, "block": args.block, "prefill_config": str(cfg), "bandwidth_gbps": gbps,
               "command": "profile_prefill_layer " + " ".join(argv)}

@@ -66,12 +66,7 @@ def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=acts) as prof:
                 greedy_static(model, ids, max_new_tokens=n + 1, session=session, cuda_graph=False)
-            per = defaultdict(float)
-            for e in prof.key_averages():  # kernels carry their own (self) device time, CPU ops none
-                us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                if us > 0 and not e.key.startswith(("aten::", "autograd::")):  # ops report their kernels' time too
-                    per[e.key] += us
-            totals.append(per)
+            totals.append({k: us for k, (us, _) in kernel_times(prof).items()})
             torch.cuda.empty_cache()
     step = {k: (totals[1][k] - totals[0].get(k, 0.0)) / steps for k in totals[1]}
     prefill = totals[0]  # the prefill and one decode step (a step is ~1e-3 of a long prefill)
@@ -80,6 +75,18 @@ def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
             "top_kernels": [{"us_per_step": u, "name": n[:120]} for u, n in _top(step, 25)],
             "prefill_kernel_ms": sum(prefill.values()) / 1e3, "prefill_kernel_ms_by_kind": _by_kind(prefill),
             "prefill_top_kernels": [{"ms": u / 1e3, "name": n[:120]} for u, n in _top(prefill, 15)]}
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """A torch.profiler run's device kernels: name -> (self device microseconds, launches).
+    Kernels carry their own (self) device time; aten/autograd ops report their kernels' too: left out."""
+    out: dict[str, tuple[float, int]] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0 and not e.key.startswith(("aten::", "autograd::")):
+            t, n = out.get(e.key, (0.0, 0))
+            out[e.key] = (t + us, n + e.count)
+    return out
 
 
 def _by_kind(us_by_kernel: dict[str, float]) -> dict[str, float]:

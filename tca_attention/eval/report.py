@@ -43,8 +43,8 @@ def load_results(run_dirs: Iterable[Path]) -> list[Result]:
                 continue
             out.append(r)
     for (d, first), n in dropped.items():
-        log.warning("%d results in %s are also in %s (same model, method, length, sample): the latter's are used",
-                    n, d, first)
+        log.warning("%d results in %s are also in %s (same model, method, length, sample): %s's are used",
+                    n, d, first, first)
     return out
 
 

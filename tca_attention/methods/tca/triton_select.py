@@ -160,12 +160,11 @@ def _block_rank(s_i, ar):
 
 
 @triton.jit
-def _rank_scores(s_row, idx, ok, L, HALF: tl.constexpr):
-    """The in-block ranking score of positions idx (mask ok, others 0) of one row of S: s itself
-    (HALF = 0), or option span = 2 HALF + 1: s plus the largest s within HALF positions on either
-    side inside [0, L) (selection.span_scores: a stride-1 max-pool padded with -inf, then s + pool,
-    the same fp32 add: equal bit for bit)."""
-    s = tl.load(s_row + idx, mask=ok, other=0.0)
+def _rank_scores(s, s_row, idx, ok, L, HALF: tl.constexpr):
+    """The in-block ranking score of positions idx (mask ok, others 0) of one row of S, given
+    s = S there (0 off the mask): s itself (HALF = 0), or option span = 2 HALF + 1: s plus the
+    largest s within HALF positions on either side inside [0, L) (selection.span_scores: a
+    stride-1 max-pool padded with -inf, then s + pool, the same fp32 add: equal bit for bit)."""
     if HALF > 0:
         pool = tl.full(s.shape, float("-inf"), tl.float32)
         for o in tl.static_range(2 * HALF + 1):
@@ -193,7 +192,7 @@ def _select_kernel(
     glob = (j * BLOCK + ar) < nb * BLOCK  # (BLOCK,) all True iff block j is one of the row's global blocks
     idx = ks + j * BLOCK + ar  # absolute positions of the row's block j
     s_i = tl.load(S + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)  # (needs s_r + n_r b <= L)
-    rank = _block_rank(_rank_scores(S + bh.to(tl.int64) * L, idx, glob & (idx < L), L, HALF), ar)
+    rank = _block_rank(_rank_scores(s_i, S + bh.to(tl.int64) * L, idx, glob & (idx < L), L, HALF), ar)
     keep = tl.load(KEEP + bh * n_max + j)
     sel = (rank < keep) & glob
     tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -392,7 +391,8 @@ def _window_select_kernel(
         sel = ar < 0  # nothing yet
         for t in range(GS):
             row = bh * GS + t
-            s_i = _rank_scores(S + row.to(tl.int64) * L, idx, glob & (idx < L), L, HALF)
+            s_row = S + row.to(tl.int64) * L
+            s_i = _rank_scores(tl.load(s_row + idx, mask=glob & (idx < L), other=0.0), s_row, idx, glob & (idx < L), L, HALF)
             keep = tl.load(KEEP + row * n_max + j)
             sel = sel | ((_block_rank(s_i, ar) < keep) & glob)
         tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
