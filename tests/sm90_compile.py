@@ -2,11 +2,17 @@
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
 subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select HAS_BIAS(0/1)
--> one line of JSON: shared memory bytes and counts of PTX instructions (wgmma, fma, ex2)."""
+-> one line of JSON: shared memory bytes, counts of PTX instructions (wgmma, fma, ex2), and the
+registers and stack bytes per thread of the cubin (cuobjdump, bundled with triton; -1 without it):
+stack beyond a few bytes means register spills.)"""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 
 def _compile(fn, const: dict, types: dict[str, str], num_warps: int, num_stages: int):
@@ -68,21 +74,41 @@ def compile_compaction(bias: bool):
 
 
 def compile_select(bias: bool):
-    """The fused selection's in-block ranking kernels (block 128, option span 7 computed inside):
-    _select_kernel and _window_select_kernel (GS 1, with the band); -> the latter."""
+    """The fused selection's option-span kernel (span 7) and in-block ranking kernels (block 128):
+    _span_kernel, _select_kernel and _window_select_kernel (GS 1, with the band); -> the latter."""
     from tca_attention.methods.tca import triton_select as TT
 
-    types = {**dict.fromkeys(("S", "MASS"), "*fp32"), **dict.fromkeys(("KEEP", "COUNT"), "*i32"),
+    _compile(TT._span_kernel, dict(HALF=3, BLOCK=1024), {"S": "*fp32", "RANK": "*fp32"}, 4, 3)
+    types = {**dict.fromkeys(("S", "RANK", "MASS"), "*fp32"), **dict.fromkeys(("KEEP", "COUNT"), "*i32"),
              **dict.fromkeys(("KEY_START", "NB"), "*i64"), "SEL": "*i8"}
-    _compile(TT._select_kernel, dict(BLOCK=128, HALF=3), types, 8, 3)
-    types = {**dict.fromkeys(("S", "SB", "MASS_IN", "MASS"), "*fp32"), **dict.fromkeys(("KEEP", "COUNT"), "*i32"),
+    _compile(TT._select_kernel, dict(BLOCK=128), types, 8, 3)
+    types = {**dict.fromkeys(("S", "RANK", "SB", "MASS_IN", "MASS"), "*fp32"), **dict.fromkeys(("KEEP", "COUNT"), "*i32"),
              **dict.fromkeys(("KEY_START", "NB"), "*i64"), "SEL": "*i8"}
-    return _compile(TT._window_select_kernel, dict(GS=1, GSP=1, BLOCK=128, BAND=True, HALF=3), types, 8, 3)
+    _compile(TT._window_select_kernel, dict(GS=1, GSP=1, BLOCK=128, BAND=True), types, 8, 3)
+    # gqa="union" at g = 4 (the default options on the 8B shape): computing the span scores in
+    # here spilled 464 bytes a thread and ran 4x slower on an H100 (239 -> 1030 us at 128K)
+    return _compile(TT._window_select_kernel, dict(GS=4, GSP=4, BLOCK=128, BAND=True), types, 8, 3)
+
+
+def resource_usage(kernel) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of the compiled cubin, or (-1, -1) without cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)), int(stack.group(1))) if reg and stack else (-1, -1)
 
 
 if __name__ == "__main__":
     kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode,
               "compaction": compile_compaction, "select": compile_select}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]
+    reg, stack = resource_usage(kernel)
     print(json.dumps({"shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                      "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx")}))
+                      "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx"), "reg": reg, "stack": stack}))

@@ -541,6 +541,20 @@ def test_span_scores_by_hand():
     assert sel.span_scores(s, 1) is s
 
 
+@pytest.mark.parametrize("rows,L,span", [(1, 7, 3), (3, 200, 7), (2, 1, 5), (5, 130, 9)])
+def test_span_kernel_equals_span_scores(rows, L, span):
+    """step_span (one launch of _span_kernel) is selection.span_scores bit for bit, padding zeros,
+    ties and row edges included (L not a multiple of the kernel's block; rows never mix)."""
+    from tca_attention.methods.tca.triton_select import step_span
+
+    gen = torch.Generator().manual_seed(rows * 1000 + L)
+    s = torch.rand(rows, L, generator=gen)
+    s[:, : L // 3] = 0.0  # a padded row start
+    s[:, L // 2 :: 5] = s[:, L // 2 : L // 2 + 1].clone()  # ties
+    assert torch.equal(step_span(s, span), sel.span_scores(s, span))
+    assert step_span(s, 1) is s
+
+
 def test_window_r1_is_the_paper_rule_exactly():
     """last_q = 1 without union is the paper's rule's fused path itself, bit for bit (both
     backends), and gqa="union" with g = 1 and r = 1 (the window kernels) selects what it selects."""

@@ -42,9 +42,10 @@ Options last_q = r > 1 and gqa="union" (`select_and_pack_window_triton`, semanti
 Nothing of size r * L is stored; with r = 1 and "shared" it is the paper's rule path above.
 
 Option span = k > 1 (both paths): kernels C / C' rank the tokens of a block by
-selection.span_scores(s, k) (s plus its stride-1 max-pool of width k, computed inside C / C'
-from s and its k // 2 neighbours on either side: no launch of its own) instead of s; the kept
-mass is still summed from s.
+selection.span_scores(s, k) (s plus its stride-1 max-pool of width k: one launch of
+_span_kernel between B and C, writing a (rows, L) fp32 score) instead of s; the kept mass is
+still summed from s. (Computing it inside C / C' instead made C' 4x slower on an H100: 239 ->
+1030 us at 128K, twelfth session.)
 """
 from __future__ import annotations
 
@@ -160,29 +161,30 @@ def _block_rank(s_i, ar):
 
 
 @triton.jit
-def _rank_scores(s, s_row, idx, ok, L, HALF: tl.constexpr):
-    """The in-block ranking score of positions idx (mask ok, others 0) of one row of S, given
-    s = S there (0 off the mask): s itself (HALF = 0), or option span = 2 HALF + 1: s plus the
-    largest s within HALF positions on either side inside [0, L) (selection.span_scores: a
-    stride-1 max-pool padded with -inf, then s + pool, the same fp32 add: equal bit for bit)."""
-    if HALF > 0:
-        pool = tl.full(s.shape, float("-inf"), tl.float32)
-        for o in tl.static_range(2 * HALF + 1):
-            p = idx + (o - HALF)
-            pool = tl.maximum(pool, tl.load(s_row + p, mask=ok & (p >= 0) & (p < L), other=float("-inf")))
-        s = tl.where(ok, s + pool, 0.0)
-    return s
+def _span_kernel(S, RANK, L, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """Option span = 2 HALF + 1: RANK = S plus the largest S within HALF positions on either side
+    inside [0, L), row by row (selection.span_scores: a stride-1 max-pool padded with -inf, then
+    s + pool, the same fp32 add: equal bit for bit). One launch for all rows."""
+    row = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < L
+    s_row = S + row.to(tl.int64) * L
+    pool = tl.full([BLOCK], float("-inf"), tl.float32)
+    for o in tl.static_range(2 * HALF + 1):
+        p = idx + (o - HALF)
+        pool = tl.maximum(pool, tl.load(s_row + p, mask=ok & (p >= 0) & (p < L), other=float("-inf")))
+    tl.store(RANK + row.to(tl.int64) * L + idx, tl.load(s_row + idx, mask=ok, other=0.0) + pool, mask=ok)
 
 
 @triton.jit
 def _select_kernel(
-    S, KEEP, KEY_START, NB, SEL, COUNT, MASS,
+    S, RANK, KEEP, KEY_START, NB, SEL, COUNT, MASS,
     L, KV, n_max, n_mass,
-    BLOCK: tl.constexpr, HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """SEL (B*KV, n_max*b) int8, block-relative; COUNT (B*KV, n_max) int32; MASS[:, j] <- kept mass
     of global block j (j < n_r; the masses of the row's local blocks are left as they are).
-    Tokens rank by S itself, or with HALF > 0 by its span scores (_rank_scores); the mass is S's."""
+    Tokens rank by RANK (S itself, or its span scores: _span_kernel), the mass is S's."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = bh // KV
@@ -192,7 +194,7 @@ def _select_kernel(
     glob = (j * BLOCK + ar) < nb * BLOCK  # (BLOCK,) all True iff block j is one of the row's global blocks
     idx = ks + j * BLOCK + ar  # absolute positions of the row's block j
     s_i = tl.load(S + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)  # (needs s_r + n_r b <= L)
-    rank = _block_rank(_rank_scores(s_i, S + bh.to(tl.int64) * L, idx, glob & (idx < L), L, HALF), ar)
+    rank = _block_rank(tl.load(RANK + bh.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0), ar)
     keep = tl.load(KEEP + bh * n_max + j)
     sel = (rank < keep) & glob
     tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -369,16 +371,16 @@ def _window_importance_kernel(
 
 @triton.jit
 def _window_select_kernel(
-    S, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
+    S, RANK, SB, KEEP, KEY_START, NB, SEL, COUNT, MASS_IN, MASS,
     L, KV, n_max, n_mass,
-    GS: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr, BAND: tl.constexpr, HALF: tl.constexpr,
+    GS: tl.constexpr, GSP: tl.constexpr, BLOCK: tl.constexpr, BAND: tl.constexpr,
 ):
     """_select_kernel over the GS selection rows of a KV head (GS = 1: shared; g: gqa="union",
     one per query head): each row selects its top keep[row, j] of block j, the KV head keeps the
     union -> SEL, COUNT per KV head. MASS (B*KV, n_mass)[j] for the row's global blocks: the mean
     over its rows of s on the kept keys (+ SB on the others with BAND); with GS > 1 also its local
     blocks, j >= nb: the mean of the rows' block masses MASS_IN (GS = 1: MASS_IN is MASS, left as is).
-    Tokens rank by S itself, or with HALF > 0 by its span scores (_rank_scores)."""
+    Tokens rank by RANK (S itself, or its span scores: _span_kernel)."""
     bh = tl.program_id(0)
     j = tl.program_id(1)
     b = bh // KV
@@ -391,8 +393,7 @@ def _window_select_kernel(
         sel = ar < 0  # nothing yet
         for t in range(GS):
             row = bh * GS + t
-            s_row = S + row.to(tl.int64) * L
-            s_i = _rank_scores(tl.load(s_row + idx, mask=glob & (idx < L), other=0.0), s_row, idx, glob & (idx < L), L, HALF)
+            s_i = tl.load(RANK + row.to(tl.int64) * L + idx, mask=glob & (idx < L), other=0.0)
             keep = tl.load(KEEP + row * n_max + j)
             sel = sel | ((_block_rank(s_i, ar) < keep) & glob)
         tl.store(SEL + bh.to(tl.int64) * n_max * BLOCK + j * BLOCK + ar, sel.to(tl.int8))
@@ -498,11 +499,23 @@ def step_keep(h: torch.Tensor, keep_rank: torch.Tensor) -> torch.Tensor:
     return keep.scatter_(-1, order, keep_rank.to(device=h.device, dtype=torch.int32).expand(hv.shape))
 
 
+def step_span(s: torch.Tensor, span: int) -> torch.Tensor:
+    """The in-block ranking scores of s (rows, L): s itself (span 1), else selection.span_scores(s,
+    span) in one kernel launch."""
+    if span <= 1:
+        return s
+    rows, L = s.shape
+    block = 128 if interpreted() else 1024
+    rank = torch.empty_like(s)
+    _span_kernel[(rows, triton.cdiv(L, block))](s, rank, L, HALF=span // 2, BLOCK=block, num_warps=4)
+    return rank
+
+
 def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_heads: int,
                 n_rows: torch.Tensor | None = None, span: int = 1):
     """Kernel C (+ cumsum). Overwrites mass[:, j] (j < n_r) with the kept mass of each global block.
     n_blocks: n_max; n_rows (B,): per-row block counts (default n_blocks); span (odd): tokens rank
-    inside their block by selection.span_scores(s, span), computed in the kernel (1: by s).
+    inside their block by selection.span_scores(s, span) (step_span; 1: by s).
 
     -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32."""
     BKV, L = s.shape
@@ -511,7 +524,7 @@ def step_select(s, keep, key_start, mass, n_blocks: int, block_size: int, kv_hea
     sel = torch.empty(BKV, n * bs, dtype=torch.int8, device=s.device)
     count = torch.empty(BKV, n, dtype=torch.int32, device=s.device)
     _select_kernel[(BKV, n)](
-        s, keep, key_start, nb, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs, HALF=span // 2,
+        s, step_span(s, span), keep, key_start, nb, sel, count, mass, L, kv_heads, n, mass.shape[1], BLOCK=bs,
         num_warps=4 if bs <= 64 else 8,
     )
     return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32)
@@ -698,7 +711,7 @@ def step_window_importance(q_win, k, pmax, psum, key_start: torch.Tensor, n_rows
 def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Tensor, mass, n_blocks: int,
                        block_size: int, kv_heads: int, rows_per_kv: int = 1, span: int = 1):
     """Kernel C over rows_per_kv selection rows per KV head (1, or g for gqa="union": the union);
-    span (odd): tokens rank inside their block by selection.span_scores(s, span), in the kernel.
+    span (odd): tokens rank inside their block by selection.span_scores(s, span) (step_span).
     -> selection (B*KV, n_max*b) int8, counts and inclusive cumsum (B*KV, n_max) int32, and the
     block masses (B*KV, cdiv(L, b)) whose sum is the retained mass (rows_per_kv = 1: `mass`
     itself, its global blocks overwritten)."""
@@ -708,9 +721,9 @@ def step_window_select(s, band, keep, key_start: torch.Tensor, n_rows: torch.Ten
     count = torch.empty(bkv, n, dtype=torch.int32, device=s.device)
     out = mass if rows_per_kv == 1 else torch.empty(bkv, n_mass, dtype=torch.float32, device=s.device)
     _window_select_kernel[(bkv, n if rows_per_kv == 1 else n_mass)](
-        s, s if band is None else band, keep, key_start, n_rows, sel, count, mass, out,
+        s, step_span(s, span), s if band is None else band, keep, key_start, n_rows, sel, count, mass, out,
         L, kv_heads, n, n_mass,
-        GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None, HALF=span // 2,
+        GS=rows_per_kv, GSP=next_pow2(rows_per_kv), BLOCK=block_size, BAND=band is not None,
         num_warps=4 if block_size <= 64 else 8,
     )
     return sel, count, torch.cumsum(count, dim=-1, dtype=torch.int32), out
