@@ -548,7 +548,7 @@ def test_span_kernel_equals_span_scores(rows, L, span):
     from tca_attention.methods.tca.triton_select import step_span
 
     gen = torch.Generator().manual_seed(rows * 1000 + L)
-    s = torch.rand(rows, L, generator=gen)
+    s = torch.rand(rows, L, generator=gen).to(DEV)
     s[:, : L // 3] = 0.0  # a padded row start
     s[:, L // 2 :: 5] = s[:, L // 2 : L // 2 + 1].clone()  # ties
     assert torch.equal(step_span(s, span), sel.span_scores(s, span))
