@@ -88,3 +88,19 @@ def test_kernel_times_counts_kernels_not_the_ops_that_launch_them() -> None:
               Event(key="gemm_kernel", self_device_time_total=1.0, count=1),
               Event(key="cudaLaunchKernel", self_device_time_total=0.0, count=4)]
     assert kernel_times(Event(key_averages=lambda: events)) == {"gemm_kernel": (4.0, 3)}
+
+
+def test_profile_step_kinds_and_flags() -> None:
+    """profile_step files inductor's fused kernels (compiled layers) under their own kind, not by
+    the op names inside theirs (an index_copy fusion is not decode selection), and takes the
+    compiled / graph-replay flags."""
+    from tca_attention.benchmarks.profile_step import build_parser, kind_of
+
+    assert kind_of("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled (inductor) fusions"
+    assert kind_of("triton_poi_fused_index_copy_1") == "compiled (inductor) fusions"
+    assert kind_of("_decode_split_kernel") == "attention decode"
+    assert kind_of("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "weights (GEMM/GEMV)"
+    args = build_parser().parse_args(["--budgets", "b.json", "--out", "o.json", "--compile-layers", "--graph"])
+    assert args.compile_layers and args.graph
+    args = build_parser().parse_args(["--budgets", "b.json", "--out", "o.json"])
+    assert not args.compile_layers and not args.graph

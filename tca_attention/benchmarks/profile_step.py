@@ -5,7 +5,12 @@ decode) and TCA on the Llama-3.1-8B shape with random weights. The prefill's ker
 first token can be read the same way.
 
 python -m tca_attention.benchmarks.profile_step --budgets docs/results/budgets/smollm2-default-8k.json \
-    --tokens 131072 --out profile_step.json
+    --tokens 131072 --out profile_step.json [--compile-layers] [--graph]
+
+--compile-layers profiles the steps the compiled graph runs (`tca bench decode-graph
+--compile-layers`: inductor's fused kernels instead of the eager norms and rotary); --graph
+profiles the CUDA-graph replays themselves instead of eager steps (the same kernels, without the
+host's launch gaps between them).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from . import require_cuda
 # kernel name substrings -> kind (first match wins)
 KINDS = (
     ("attention decode", ("_decode_split", "_decode_combine")),
+    ("compiled (inductor) fusions", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
     ("attention prefill", ("_prefill_kernel", "flash", "fmha", "attention", "cudnn")),
     ("prefill selection", ("_logits_kernel", "_importance_kernel", "_window_", "_row_lse", "_select_kernel",
                            "_pack_kernel", "softmax")),
@@ -46,18 +52,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=131072, help="prompt tokens")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers")
     ap.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="decoder layers compiled (torch.compile), as `tca bench decode-graph --compile-layers`")
+    ap.add_argument("--graph", action="store_true",
+                    help="profile the CUDA-graph replays (default: the same static steps run eagerly)")
     ap.add_argument("--out", required=True, help="result JSON path")
     return ap
 
 
 @torch.no_grad()
-def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
+def profile(model, method, ids: torch.Tensor, steps: int, compile_layers: bool = False, graph: bool = False) -> dict:
     from ..integration import enable
     from ..integration.static_decode import greedy_static
 
     with enable(model, method) as session:
-        greedy_static(model, ids[:, :8192], max_new_tokens=4, session=session, cuda_graph=False)  # compile, warm
-        run = greedy_static(model, ids, max_new_tokens=steps + 2, session=session, cuda_graph=True)
+        kw = dict(session=session, compile_layers=compile_layers)
+        greedy_static(model, ids[:, :8192], max_new_tokens=4, cuda_graph=graph, **kw)  # compile, warm
+        run = greedy_static(model, ids, max_new_tokens=steps + 2, cuda_graph=True, **kw)
         graph_ms = 1e3 * run.steady_s / max(run.steady_steps, 1)
         del run
         torch.cuda.empty_cache()
@@ -65,7 +76,7 @@ def profile(model, method, ids: torch.Tensor, steps: int) -> dict:
         for n in (1, 1 + steps):  # the same prefill twice: the difference is `steps` decode steps
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=acts) as prof:
-                greedy_static(model, ids, max_new_tokens=n + 1, session=session, cuda_graph=False)
+                greedy_static(model, ids, max_new_tokens=n + 1, cuda_graph=graph, **kw)
             totals.append({k: us for k, (us, _) in kernel_times(prof).items()})
             torch.cuda.empty_cache()
     step = {k: (totals[1][k] - totals[0].get(k, 0.0)) / steps for k in totals[1]}
@@ -116,9 +127,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     tca = TCA(budgets, dense_below=0)
     ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, args.tokens), device="cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
-              "steps": args.steps, "command": "profile_step " + " ".join(argv)}
+              "steps": args.steps, "compile_layers": args.compile_layers, "graph": args.graph,
+              "command": "profile_step " + " ".join(argv)}
     for label, method in (("tca", tca), ("keep-all", FullBudget(window=tca.window, block_size=tca.block_size))):
-        result[label] = profile(model, method, ids, args.steps)
+        result[label] = profile(model, method, ids, args.steps, args.compile_layers, args.graph)
         print(label, json.dumps({k: v for k, v in result[label].items() if k != "top_kernels"}), flush=True)
         for t in result[label]["top_kernels"][:12]:
             print(f"  {t['us_per_step']:9.1f} us/step  {t['name']}", flush=True)
