@@ -4,7 +4,7 @@ GPU session. Run as a script (the Triton interpreter must be off, so the tests c
 subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select HAS_BIAS(0/1)
 -> one line of JSON: shared memory bytes, counts of PTX instructions (wgmma, fma, ex2), and the
 registers and stack bytes per thread of the cubin (cuobjdump, bundled with triton; -1 without it):
-stack beyond a few bytes means register spills.)"""
+stack beyond a few bytes means register spills)."""
 from __future__ import annotations
 
 import json
@@ -75,7 +75,8 @@ def compile_compaction(bias: bool):
 
 def compile_select(bias: bool):
     """The fused selection's option-span kernel (span 7) and in-block ranking kernels (block 128):
-    _span_kernel, _select_kernel and _window_select_kernel (GS 1, with the band); -> the latter."""
+    _span_kernel, _select_kernel and _window_select_kernel (GS 1 and 4, with the band); -> the
+    latter at GS 4."""
     from tca_attention.methods.tca import triton_select as TT
 
     _compile(TT._span_kernel, dict(HALF=3, BLOCK=1024), {"S": "*fp32", "RANK": "*fp32"}, 4, 3)

@@ -472,8 +472,8 @@ def test_kernels_lower_for_hopper(kernel, bias):
     info = json.loads(run.stdout.strip().splitlines()[-1])
     if kernel in ("compaction", "select"):  # prepare_prefill's copy/search kernels, the selection's ranking: no dot
         assert info["shared"] <= 232448 and info["wgmma"] == 0
-        if kernel == "select" and info["stack"] >= 0:  # the ranking at g = 4 does not spill (it did: 4x slower)
-            assert info["stack"] <= 64, info
+        if kernel == "select":  # the ranking at g = 4 does not spill (it did: 4x slower on an H100)
+            assert info["reg"] > 0 and 0 <= info["stack"] <= 64, info  # (reg -1: triton ships no cuobjdump)
         return
     assert 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block
     assert info["ex2"] > 0 and (info["wgmma"] > 0 or kernel == "decode")
