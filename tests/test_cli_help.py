@@ -258,3 +258,31 @@ def test_bench_methods_graph_row_on_the_cpu(spec):
     else:  # 4 sinks + a 64-token window (+ a partial block) out of 303
         assert 0.1 < row["kept_fraction"] < 0.5 and row["kv_gib"] < row["dense_kv_gib"]
         assert row["prefill_attended_fraction"] < 0.6
+
+
+def test_bench_methods_infiniretri_row_on_the_cpu():
+    """`tca bench methods` times InfiniRetri as the eval runs it: its chunk forwards, then dense
+    attention over the rewritten prompt (CPU: static steps run eagerly). The row holds less KV than
+    the dense prompt would (exactly the dropped tokens' K and V less), decodes over the shorter
+    prompt, and counts the chunk forwards' causal pairs against one dense prefill's."""
+    from tca_attention import registry
+    from tca_attention.benchmarks import bench_methods as BM
+
+    from tiny_models import tiny
+
+    model = tiny("llama").eval()
+    method = registry.create("infiniretri:chunk=64,topk=4,phrase=3")
+    L = 400
+    ids = torch.randint(0, 97, (1, L))
+    row = BM.time_row(model, ids, method, 3, "graph")
+    context = L - BM.PREFIX_TOKENS - BM.SUFFIX_TOKENS
+    assert row["chunk_steps"] == -(-context // 64) and 0 < row["retained_tokens"] < context
+    n = BM.PREFIX_TOKENS + row["retained_tokens"] + BM.SUFFIX_TOKENS
+    assert row["decode_attended_fraction"] == n / L and 0 < row["kept_fraction"] < 1
+    dense = BM.time_row(model, ids, None, 3, "graph")
+    assert row["dense_kv_gib"] == pytest.approx(dense["kv_gib"], rel=1e-6)  # the same static capacity, L + steps
+    assert row["ttft_s"] == pytest.approx(row["retain_s"] + row["final_prefill_s"])
+    assert row["prefill_attended_fraction"] > n * (n + 1) / (L * (L + 1))  # the chunk forwards count
+    with pytest.raises(ValueError, match="one prompt of more than"):
+        BM.time_row(model, ids[:, :50], method, 3, "graph")
+    assert "infiniretri:topk=300" in BM.parse_args(["--methods", "peers", "--out", "r.json"]).specs

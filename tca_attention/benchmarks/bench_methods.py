@@ -17,6 +17,10 @@ dense attention with CUDA-graph-captured static steps (integration/static_decode
 then fills the static cache, one prefill per row); the others decode eagerly, and each row says
 which (`decode`). List `full-budget` too for the engine's dense graph decode (every token kept):
 rows then carry `decode_speedup_vs_keep_all` as well.
+A method that reads the prompt in chunks and rewrites it (InfiniRetri, `reads_in_chunks`) is timed
+as the eval runs it (`time_read_in_chunks`): its chunk forwards, then dense attention over the
+rewritten prompt; its TTFT is both, its decode the dense decode of the shorter prompt. On random
+token ids the context has no sentences, so one is marked every SENTENCE_TOKENS tokens.
 """
 from __future__ import annotations
 
@@ -54,7 +58,13 @@ PEER_SWEEPS: dict[str, str] = {
     "tidaldecode": "tidaldecode:budget=2048|4096",  # the paper's token budgets
     "recycled": "recycled:budget=2048|8192",  # stride 10
     "moa": "moa:density=0.25|0.5",  # mean kept KV fraction (the paper evaluates at 0.5)
+    "infiniretri": "infiniretri:topk=300",  # the authors' default (chunk 1024, phrase 8)
 }
+
+# time_read_in_chunks' synthetic prompt: a short prefix (the template before the context), the
+# context with a sentence end every SENTENCE_TOKENS tokens (English prose: ~20-30 tokens a
+# sentence), then a suffix holding a QUESTION_TOKENS-token question and the answer opener
+PREFIX_TOKENS, SUFFIX_TOKENS, QUESTION_TOKENS, SENTENCE_TOKENS = 16, 48, 32, 24
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -134,6 +144,66 @@ def time_graph(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
         "prefill_attended_fraction": report.get("kept_fraction", 1.0),
         "decode_attended_fraction": report.get("decode_kept_fraction", kept),
     }
+
+
+@torch.no_grad()
+def time_read_in_chunks(model, ids: torch.Tensor, method, decode_steps: int, graph: bool) -> dict:
+    """A row for a method that rewrites the prompt (`reads_in_chunks`: InfiniRetri): its chunk
+    forwards (`retain`, timed), then dense attention over prefix + retained + suffix (time_graph
+    with graph, else bench_e2e.time_one). TTFT = both; decode = dense over the rewritten cache;
+    kept fraction = rewritten / original prompt (the eval's accounting: what the generation
+    holds); prefill attended fraction = the causal pairs of every chunk forward and the final
+    prefill over the original prompt's (chunked reading can do more work than one dense pass)."""
+    import time
+
+    from ..integration.probe import ModelProbe
+    from ..methods.infiniretri import retain
+
+    B, L = ids.shape
+    if B != 1 or L < PREFIX_TOKENS + SUFFIX_TOKENS + 1:
+        raise ValueError(f"{method.name} is timed on one prompt of more than {PREFIX_TOKENS + SUFFIX_TOKENS} "
+                         f"tokens, got {tuple(ids.shape)}")
+    row_ids = ids[0].tolist()
+    prefix, context, suffix = row_ids[:PREFIX_TOKENS], row_ids[PREFIX_TOKENS:L - SUFFIX_TOKENS], row_ids[L - SUFFIX_TOKENS:]
+    ends = [(i + 1) % SENTENCE_TOKENS == 0 for i in range(len(context))]
+    q0 = (SUFFIX_TOKENS - QUESTION_TOKENS) // 2
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    kept, info = retain(ModelProbe(model), method, prefix, context, ends, suffix, (q0, q0 + QUESTION_TOKENS))
+    sync()
+    retain_s = time.perf_counter() - t0
+    rewritten = torch.tensor([prefix + kept + suffix], device=ids.device)
+    row = time_row(model, rewritten, None, decode_steps, "graph" if graph else "eager")
+    n = rewritten.shape[1]
+    pairs = sum((PREFIX_TOKENS + s["read"] + SUFFIX_TOKENS) * (PREFIX_TOKENS + s["read"] + SUFFIX_TOKENS + 1) / 2
+                for s in info["steps"]) + n * (n + 1) / 2
+    dense_kv = row["kv_gib"] + _full_layer_kv_bytes_per_token(model) * (L - n) / 2**30  # + the tokens dropped
+    return {**row, "ttft_s": retain_s + row["ttft_s"], "retain_s": retain_s, "final_prefill_s": row["ttft_s"],
+            "dense_kv_gib": dense_kv, "kept_fraction": row["kv_gib"] / dense_kv,
+            "prefill_attended_fraction": pairs / (L * (L + 1) / 2), "decode_attended_fraction": n / L,
+            "chunk_steps": len(info["steps"]), "retained_tokens": info["retained_tokens"],
+            "synthetic_sentences": f"one every {SENTENCE_TOKENS} context tokens"}
+
+
+def _full_layer_kv_bytes_per_token(model) -> int:
+    """K and V bytes one token adds to a dense cache over the full-attention layers (sliding layers
+    hold their window whatever the prompt)."""
+    from ..introspect import layer_kinds, text_config
+
+    cfg = text_config(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = next(model.parameters()).element_size()
+    return sum(kind == "full" for kind in layer_kinds(model)) * 2 * cfg.num_key_value_heads * head_dim * size
+
+
+def time_row(model, ids: torch.Tensor, method, decode_steps: int, decode: str) -> dict:
+    """One row: dense (method None) or a method, graph-decoded where it can be and asked for."""
+    if getattr(method, "reads_in_chunks", False):
+        return time_read_in_chunks(model, ids, method, decode_steps, graph=decode == "graph")
+    if decode == "graph" and _graph_safe(method):
+        return time_graph(model, ids, method, decode_steps)
+    return {**time_one(model, ids, method, decode_steps), "decode": "eager"}
 
 
 def build_method(spec: str, model, args: argparse.Namespace):
@@ -227,7 +297,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     failed: dict[str, str] = {}
     for spec, m in ((registry.FULL, None), *methods.items()):  # kernel compilation, cuBLAS handles
         try:
-            time_graph(model, warm, m, 2) if args.decode == "graph" and _graph_safe(m) else time_one(model, warm, m, 2)
+            time_row(model, warm, m, 2, args.decode)
         except Exception as e:  # noqa: BLE001 - one broken method must not lose the others' figures
             failed[spec] = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"warm-up of {spec} failed: {failed[spec]}", file=sys.stderr, flush=True)
@@ -249,8 +319,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             try:
                 if spec in failed:
                     raise RuntimeError(failed[spec])
-                row.update(time_graph(model, ids, m, args.decode_steps) if args.decode == "graph" and _graph_safe(m)
-                           else {**time_one(model, ids, m, args.decode_steps), "decode": "eager"})
+                row.update(time_row(model, ids, m, args.decode_steps, args.decode))
             except torch.OutOfMemoryError as e:
                 row["error"] = f"OOM: {e}".splitlines()[0]
                 torch.cuda.empty_cache()
