@@ -286,3 +286,29 @@ def test_bench_methods_infiniretri_row_on_the_cpu():
     with pytest.raises(ValueError, match="one prompt of more than"):
         BM.time_row(model, ids[:, :50], method, 3, "graph")
     assert "infiniretri:topk=300" in BM.parse_args(["--methods", "peers", "--out", "r.json"]).specs
+
+
+def test_bench_methods_times_stacked_calibrators():
+    """ZeroTuning and ACT run through `tca bench methods` stacked on a method (`calibrators`: on
+    TCA, so --budgets is asked for), build as the composite on the model, and plot as their own
+    line (`tca+zerotuning`); a row of one runs on the CPU with its bias applied."""
+    from tca_attention import registry
+    from tca_attention.benchmarks import bench_methods as BM
+    from tca_attention.methods.compose import Calibrated
+
+    from tiny_models import tiny
+
+    with pytest.raises(SystemExit):
+        BM.parse_args(["--methods", "calibrators", "--out", "r.json"])  # tca without --budgets
+    args = BM.parse_args(["--methods", "calibrators; streaming:window=64,sinks=4,block_size=16+act:heads=all",
+                          "--budgets", "b.json", "--out", "r.json"])
+    assert args.specs == ["tca+zerotuning:scale=1.5", "tca+act:heads=all",
+                          "streaming:sinks=4,window=64,block_size=16+act:heads=all"]
+    assert BM.family("tca:tau=0.7+zerotuning:scale=1.5") == "tca+zerotuning" and BM.family("hip:k=8") == "hip"
+    model = tiny("llama").eval()
+    method = BM.build_method(args.specs[2], model, args)
+    assert isinstance(method, Calibrated) and method.base.name == "streaming"
+    ids = torch.randint(0, 97, (1, 300))
+    row = BM.time_row(model, ids, method, 3, "graph")
+    assert row["decode_tokens_per_s"] > 0 and 0.1 < row["kept_fraction"] < 0.5
+    assert registry.split(args.specs[0])[1] == "zerotuning:scale=1.5"

@@ -11,7 +11,8 @@ seeded random head scores (gates): fine for timing (its cost depends only on how
 everything), never for accuracy.
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9; spatten:keep=0.25|0.5" --out r.json
 Usage: tca bench methods --budgets B.json --methods "tca; xattention:threshold=0.8|0.9" --out r.json
-`--methods peers` (alone or in the list) stands for every peer's density sweep in PEER_SWEEPS.
+`--methods peers` (alone or in the list) stands for every peer's density sweep in PEER_SWEEPS;
+`calibrators` for ZeroTuning and ACT stacked on TCA (CALIBRATOR_SWEEPS; needs --budgets).
 `--decode graph` decodes each method whose decode is graph-safe (`supports_static_decode()`) and
 dense attention with CUDA-graph-captured static steps (integration/static_decode.py; the prefill
 then fills the static cache, one prefill per row); the others decode eagerly, and each row says
@@ -61,6 +62,15 @@ PEER_SWEEPS: dict[str, str] = {
     "infiniretri": "infiniretri:topk=300",  # the authors' default (chunk 1024, phrase 8)
 }
 
+# `--methods calibrators`: the attention calibrators stacked on TCA (so they need --budgets), in their
+# state-free forms: a calibrated state belongs to a real model, and the cost is one key bias per head
+# either way (ACT on every head: an upper bound on its cost)
+CALIBRATOR_SWEEPS: dict[str, str] = {
+    "zerotuning": "tca+zerotuning:scale=1.5",
+    "act": "tca+act:heads=all",
+}
+KEYWORDS = {"peers": PEER_SWEEPS, "calibrators": CALIBRATOR_SWEEPS}
+
 # time_read_in_chunks' synthetic prompt: a short prefix (the template before the context), the
 # context with a sentence end every SENTENCE_TOKENS tokens (English prose: ~20-30 tokens a
 # sentence), then a suffix holding a QUESTION_TOKENS-token question and the answer opener
@@ -71,7 +81,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--methods", required=True,
                     help="registry specs separated by ';' with sweeps key=a|b (see `tca methods`); `peers` = every "
-                         "peer's sweep; required")
+                         "peer's sweep, `calibrators` = ZeroTuning and ACT stacked on tca; required")
     ap.add_argument("--budgets", default=None, help="TCA budget file mapped onto the model (needed when tca is listed)")
     ap.add_argument("--lengths", default="32768,131072", help="comma list of prompt lengths in tokens")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
@@ -92,13 +102,13 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     specs: list[str] = []
     try:
         for text in filter(None, (t.strip() for t in args.methods.split(";"))):
-            for sweep in PEER_SWEEPS.values() if text == "peers" else (text,):
+            for sweep in KEYWORDS[text].values() if text in KEYWORDS else (text,):
                 specs += [registry.normalize(s) for s in registry.expand(sweep)]
     except (KeyError, ValueError) as e:
         ap.error(f"--methods: {e.args[0]}")
     if registry.FULL in specs:
         ap.error("--methods: full is the dense attention every method is timed against; leave it out")
-    if any(registry.parse_spec(s)[0] == "tca" for s in specs) and not args.budgets:
+    if any(registry.parse_spec(registry.split(s)[0])[0] == "tca" for s in specs) and not args.budgets:
         ap.error("--methods lists tca: it needs --budgets FILE")
     try:
         args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
@@ -208,14 +218,18 @@ def time_row(model, ids: torch.Tensor, method, decode_steps: int, decode: str) -
 
 def build_method(spec: str, model, args: argparse.Namespace):
     """The method a spec names, for `model`: tca from the budget file (re-selected at the spec's
-    tau/score, dense_below 0 unless set), others through the registry."""
-    name, params = registry.parse_spec(spec)
+    tau/score, dense_below 0 unless set), others through the registry; a stacked calibrator
+    (`base+zerotuning:scale=1.5`, `base+act:heads=all`) on top of either (on random weights only
+    its state-free forms: a calibrated state belongs to a real model)."""
+    base, cal = registry.split(spec)
+    stack = "" if cal is None else registry.COMPOSE + cal
+    name, params = registry.parse_spec(base)
     if name == "tca":
         budgets = Budgets.load(args.budgets)
         changes = {k: params.pop(k) for k in ("tau", "score") if k in params}
         budgets = (budgets.at(**changes) if changes else budgets).mapped_onto(model)
         params.setdefault("dense_below", "0")
-        return registry.create(registry.format_spec(name, params), budgets=budgets)
+        return registry.create(registry.format_spec(name, params) + stack, budgets=budgets)
     if name in SYNTHETIC and args.synthetic_state:
         return registry.create(spec, model=model, **SYNTHETIC[name](model))
     return registry.create(spec, model=model)
@@ -350,6 +364,13 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}
 
 
+def family(spec: str) -> str:
+    """A row's plot line: the method's name, with its stacked calibrator's (`tca+zerotuning`)."""
+    base, cal = registry.split(spec)
+    name = registry.parse_spec(base)[0]
+    return name if cal is None else name + registry.COMPOSE + registry.parse_spec(cal)[0]
+
+
 def attended(row: dict) -> float:
     """The smaller of a row's prefill and decode attended fractions: the work a method sparsifies
     (a prefill-only method reads its whole cache in decode, a decode-only one prefills densely)."""
@@ -370,7 +391,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
         fams: dict[str, list[dict]] = {}
         for r in rows:
             if r["tokens"] == L and "ttft_speedup" in r:
-                fams.setdefault(registry.parse_spec(r["method"])[0], []).append(r)
+                fams.setdefault(family(r["method"]), []).append(r)
         for i, key in enumerate(("ttft_speedup", "decode_speedup")):
             ax = axes[i][j]
             for fam, rs in sorted(fams.items()):
