@@ -161,9 +161,10 @@ def time_read_in_chunks(model, ids: torch.Tensor, method, decode_steps: int, gra
     """A row for a method that rewrites the prompt (`reads_in_chunks`: InfiniRetri): its chunk
     forwards (`retain`, timed), then dense attention over prefix + retained + suffix (time_graph
     with graph, else bench_e2e.time_one). TTFT = both; decode = dense over the rewritten cache;
-    kept fraction = rewritten / original prompt (the eval's accounting: what the generation
-    holds); prefill attended fraction = the causal pairs of every chunk forward and the final
-    prefill over the original prompt's (chunked reading can do more work than one dense pass)."""
+    kept fraction = the KV the generation holds over what the whole prompt's would (the eval's
+    accounting); decode attended fraction = rewritten / original prompt; prefill attended fraction =
+    the causal pairs of every chunk forward and the final prefill over the original prompt's
+    (chunked reading can do more work than one dense pass)."""
     import time
 
     from ..integration.probe import ModelProbe
