@@ -157,10 +157,10 @@ def time_graph(model, ids: torch.Tensor, method, decode_steps: int) -> dict:
 
 
 @torch.no_grad()
-def time_read_in_chunks(model, ids: torch.Tensor, method, decode_steps: int, graph: bool) -> dict:
+def time_read_in_chunks(model, ids: torch.Tensor, method, decode_steps: int, decode: str) -> dict:
     """A row for a method that rewrites the prompt (`reads_in_chunks`: InfiniRetri): its chunk
-    forwards (`retain`, timed), then dense attention over prefix + retained + suffix (time_graph
-    with graph, else bench_e2e.time_one). TTFT = both; decode = dense over the rewritten cache;
+    forwards (`retain`, timed), then dense attention over prefix + retained + suffix (time_row
+    with `decode`: "graph" or "eager"). TTFT = both; decode = dense over the rewritten cache;
     kept fraction = the KV the generation holds over what the whole prompt's would (the eval's
     accounting); decode attended fraction = rewritten / original prompt; prefill attended fraction =
     the causal pairs of every chunk forward and the final prefill over the original prompt's
@@ -185,7 +185,7 @@ def time_read_in_chunks(model, ids: torch.Tensor, method, decode_steps: int, gra
     sync()
     retain_s = time.perf_counter() - t0
     rewritten = torch.tensor([prefix + kept + suffix], device=ids.device)
-    row = time_row(model, rewritten, None, decode_steps, "graph" if graph else "eager")
+    row = time_row(model, rewritten, None, decode_steps, decode)
     n = rewritten.shape[1]
     pairs = sum((PREFIX_TOKENS + s["read"] + SUFFIX_TOKENS) * (PREFIX_TOKENS + s["read"] + SUFFIX_TOKENS + 1) / 2
                 for s in info["steps"]) + n * (n + 1) / 2
@@ -211,7 +211,7 @@ def _full_layer_kv_bytes_per_token(model) -> int:
 def time_row(model, ids: torch.Tensor, method, decode_steps: int, decode: str) -> dict:
     """One row: dense (method None) or a method, graph-decoded where it can be and asked for."""
     if getattr(method, "reads_in_chunks", False):
-        return time_read_in_chunks(model, ids, method, decode_steps, graph=decode == "graph")
+        return time_read_in_chunks(model, ids, method, decode_steps, decode)
     if decode == "graph" and _graph_safe(method):
         return time_graph(model, ids, method, decode_steps)
     return {**time_one(model, ids, method, decode_steps), "decode": "eager"}
