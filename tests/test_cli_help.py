@@ -224,6 +224,35 @@ def test_bench_methods_expands_and_checks_specs_before_gpu_work(capsys):
         assert why in capsys.readouterr().err
 
 
+def test_bench_methods_warms_each_row_up_at_its_length(monkeypatch):
+    """Each row runs untimed at the same length before it is timed (unless --no-length-warmup); a
+    failed warm-up or a failing row leaves its error in the row and the others are timed."""
+    from tca_attention import registry
+    from tca_attention.benchmarks import bench_methods as BM
+
+    calls = []
+
+    def fake_row(model, ids, method, steps, decode):
+        calls.append((method, ids.shape[1], steps))
+        if method == "broken":
+            raise ValueError("no such kernel")
+        return {"ttft_s": 1.0, "decode_tokens_per_s": float(steps)}
+
+    monkeypatch.setattr(BM, "time_row", fake_row)
+    ids = torch.zeros(1, 96, dtype=torch.long)
+    methods = {"streaming:window=64": "m1", "quest:budget=32": "broken", "tidaldecode:budget=32": "m3"}
+    args = BM.parse_args(["--methods", "streaming", "--decode-steps", "5", "--out", "r.json"])
+    rows = BM.time_length(None, ids, methods, {"tidaldecode:budget=32": "RuntimeError: warm-up"}, args)
+    assert [r["method"] for r in rows] == [registry.FULL, *methods]
+    assert calls == [(None, 96, 2), (None, 96, 5), ("m1", 96, 2), ("m1", 96, 5), ("broken", 96, 2)]
+    assert rows[1]["decode_tokens_per_s"] == 5.0 and rows[2]["error"] == "ValueError: no such kernel"
+    assert rows[3]["error"] == "RuntimeError: RuntimeError: warm-up"
+    calls.clear()
+    args = BM.parse_args(["--methods", "streaming", "--decode-steps", "5", "--no-length-warmup", "--out", "r.json"])
+    BM.time_length(None, ids, {"streaming:window=64": "m1"}, {}, args)
+    assert calls == [(None, 96, 5), ("m1", 96, 5)]
+
+
 def test_bench_methods_attended_fraction_is_the_sparsified_phase():
     from tca_attention.benchmarks.bench_methods import attended
 

@@ -22,6 +22,9 @@ A method that reads the prompt in chunks and rewrites it (InfiniRetri, `reads_in
 as the eval runs it (`time_read_in_chunks`): its chunk forwards, then dense attention over the
 rewritten prompt; its TTFT is both, its decode the dense decode of the shorter prompt. On random
 token ids the context has no sentences, so one is marked every SENTENCE_TOKENS tokens.
+Each row runs once untimed at its length before it is timed (`--no-length-warmup` skips that):
+some kernels specialise on the length (split counts rounded to powers of two), and without the
+warm-up the first row to use one at a new length paid its compile (up to 0.2 s of a 0.7 s TTFT).
 """
 from __future__ import annotations
 
@@ -89,6 +92,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--decode", choices=("eager", "graph"), default="eager",
                     help="eager: a Python forward per token for every method; graph: CUDA-graph replay for dense "
                     "and every method that supports static decode (the others eager)")
+    ap.add_argument("--no-length-warmup", dest="length_warmup", action="store_false",
+                    help="time each row without first running it once, untimed, at the same length (the warm-up "
+                    "compiles the kernels whose specialisation depends on the length: without it the first row of a "
+                    "kernel at each length pays its compile)")
     ap.add_argument("--synthetic-state", action="store_true",
                     help="methods calibrated on real text get seeded random state (timing only)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
@@ -301,6 +308,28 @@ SYNTHETIC = {"head-split": _random_head_scores, "duo": _random_gates, "razor": _
              "moa": _random_moa_profile}
 
 
+def time_length(model, ids: torch.Tensor, methods: dict, failed: dict[str, str], args: argparse.Namespace) -> list[dict]:
+    """The rows of one prompt (`ids`): dense attention, then each method; a method that fails (or
+    failed its warm-up: `failed`) gets its error in its row and the others go on. With
+    `args.length_warmup` each row runs once untimed (2 decode steps) before it is timed."""
+    rows = []
+    for spec, m in ((registry.FULL, None), *methods.items()):
+        row = {"tokens": ids.shape[1], "method": spec}
+        try:
+            if spec in failed:
+                raise RuntimeError(failed[spec])
+            if args.length_warmup:
+                time_row(model, ids, m, 2, args.decode)
+            row.update(time_row(model, ids, m, args.decode_steps, args.decode))
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"OOM: {e}".splitlines()[0]
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, prog)
@@ -324,23 +353,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "dense_attention": "transformers sdpa (torch's default backend choice), " + (
             "StaticCache, CUDA-graph decode" if args.decode == "graph" else "DynamicCache, eager decode"),
         "decode_steps": args.decode_steps,
+        "length_warmup": args.length_warmup,
         "command": "tca bench methods " + " ".join(argv),
     }
     rows = []
     for L in args.lengths:
         ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, L), device="cuda")
-        for spec, m in ((registry.FULL, None), *methods.items()):
-            row = {"tokens": L, "method": spec}
-            try:
-                if spec in failed:
-                    raise RuntimeError(failed[spec])
-                row.update(time_row(model, ids, m, args.decode_steps, args.decode))
-            except torch.OutOfMemoryError as e:
-                row["error"] = f"OOM: {e}".splitlines()[0]
-                torch.cuda.empty_cache()
-            except Exception as e:  # noqa: BLE001 - recorded in the row, the run goes on
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-            rows.append(row)
+        rows += time_length(model, ids, methods, failed, args)
         dense = rows[-len(methods) - 1]
         keep_all = next((r for r in rows[-len(methods):] if r["method"] == "full-budget" and "ttft_s" in r), None)
         for row in rows[-len(methods):]:
