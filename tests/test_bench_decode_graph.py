@@ -104,3 +104,22 @@ def test_profile_step_kinds_and_flags() -> None:
     assert args.compile_layers and args.graph
     args = build_parser().parse_args(["--budgets", "b.json", "--out", "o.json"])
     assert not args.compile_layers and not args.graph
+
+
+def test_profile_step_profiles_the_steady_steps_on_the_cpu(monkeypatch) -> None:
+    """profile() runs its three static decodes on the CPU (no device kernels there: empty sums) and
+    profiles exactly the steady steps it asked for."""
+    import torch
+    from tiny_models import tiny
+
+    from tca_attention.benchmarks import profile_step
+    from tca_attention.methods.full_budget import FullBudget
+
+    events = []
+    monkeypatch.setattr(profile_step, "kernel_times", lambda prof: events.append(prof) or {"k": (6.0, 3)})
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(0))
+    out = profile_step.profile(model, FullBudget(window=32, block_size=16), ids, steps=3)
+    assert out["steady_steps_profiled"] == 3 and len(events) == 2  # the prefill run, then the steady steps
+    assert out["top_kernels"] == [{"us_per_step": 2.0, "name": "k"}] and out["kernel_launches_per_step"] == 1.0
+    assert out["prefill_kernel_ms"] == 0.006

@@ -122,6 +122,35 @@ def test_full_budget_static_equals_dense_static_and_the_ring_is_not_used():
         assert not layer.compresses and layer.n_global == int(layer.g_fill.sum())  # no room: nothing is dropped
 
 
+@pytest.mark.parametrize("name", [None, "tca"])
+def test_steady_context_wraps_the_steady_steps_only(name):
+    """greedy_static's steady_context (profile_step's profiler) is entered once, around the steady
+    steps: it sees their forwards and no prefill or first-step forward."""
+    model = tiny("llama")
+    ids, mask = left_padded((150,), seed=4)
+    seen: list[int] = []
+    active = [False]
+
+    @contextlib.contextmanager
+    def steady():
+        active[0] = True
+        yield
+        active[0] = False
+
+    hook = model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].shape[1]) if active[0] else None, with_kwargs=True)
+    try:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            session = None if name is None else stack.enter_context(
+                enable(model, method(name, model), backend="reference"))
+            run = greedy_static(model, ids, mask, max_new_tokens=9, session=session, steady_context=steady())
+            plain = greedy_static(model, ids, mask, max_new_tokens=9, session=session)
+    finally:
+        hook.remove()
+    assert not active[0] and run.steady_steps == 7 and seen == [1] * 7  # 8 decode forwards, 1 eager
+    assert torch.equal(run.sequences, plain.sequences)
+
+
 @pytest.mark.parametrize("lengths", [(120,), (120, 90)], ids=["alone", "padded"])
 def test_dense_static_runner_equals_model_generate(lengths):
     model = tiny("llama")

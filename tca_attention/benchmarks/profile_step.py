@@ -1,8 +1,8 @@
 """Where a decode step's GPU time goes: the static step's kernels (the ones a CUDA graph replays),
-profiled eagerly with torch.profiler and summed by kind, for dense (keep-all, the engine's split-K
-decode) and TCA on the Llama-3.1-8B shape with random weights. The prefill's kernels come with it
-(`prefill_*`: the profiled run with one decode step, by kind and the top kernels), so a time to
-first token can be read the same way.
+profiled with torch.profiler around the steady decode steps only and summed by kind, for dense
+(keep-all, the engine's split-K decode) and TCA on the Llama-3.1-8B shape with random weights. The prefill's kernels come with it
+(`prefill_*`: a profiled run of the prefill and one decode step, by kind and the top kernels), so a
+time to first token can be read the same way.
 
 python -m tca_attention.benchmarks.profile_step --budgets docs/results/budgets/smollm2-default-8k.json \
     --tokens 131072 --out profile_step.json [--compile-layers] [--graph]
@@ -72,18 +72,25 @@ def profile(model, method, ids: torch.Tensor, steps: int, compile_layers: bool =
         graph_ms = 1e3 * run.steady_s / max(run.steady_steps, 1)
         del run
         torch.cuda.empty_cache()
-        totals = []
-        for n in (1, 1 + steps):  # the same prefill twice: the difference is `steps` decode steps
-            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=acts) as prof:
-                greedy_static(model, ids, max_new_tokens=n + 1, cuda_graph=graph, **kw)
-            totals.append({k: us for k, (us, _) in kernel_times(prof).items()})
-            torch.cuda.empty_cache()
-    step = {k: (totals[1][k] - totals[0].get(k, 0.0)) / steps for k in totals[1]}
-    prefill = totals[0]  # the prefill and one decode step (a step is ~1e-3 of a long prefill)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:  # the prefill and one decode step
+            greedy_static(model, ids, max_new_tokens=2, cuda_graph=graph, **kw)
+        prefill = {k: us for k, (us, _) in kernel_times(prof).items()}
+        torch.cuda.empty_cache()
+        # the steady decode steps alone (replays, or eager steps): no prefill kernel in the sums
+        steady = torch.profiler.profile(activities=acts)
+        eager = 2 if graph and ids.is_cuda else 1  # greedy_static's eager steps (+1 warm-up before a capture)
+        run = greedy_static(model, ids, max_new_tokens=steps + 1 + eager, cuda_graph=graph, steady_context=steady, **kw)
+        n_steady = run.steady_steps
+        del run
+        torch.cuda.empty_cache()
+    times = kernel_times(steady)
+    step = {k: us / n_steady for k, (us, _) in times.items()}
+    launches = sum(n for _, n in times.values()) / n_steady
     return {"graph_step_ms": graph_ms, "kernel_ms_per_step": sum(step.values()) / 1e3,
+            "kernel_launches_per_step": launches, "steady_steps_profiled": n_steady,
             "kernel_ms_per_step_by_kind": _by_kind(step),
-            "top_kernels": [{"us_per_step": u, "name": n[:120]} for u, n in _top(step, 25)],
+            "top_kernels": [{"us_per_step": u, "name": n[:120]} for u, n in _top(step, 80)],
             "prefill_kernel_ms": sum(prefill.values()) / 1e3, "prefill_kernel_ms_by_kind": _by_kind(prefill),
             "prefill_top_kernels": [{"ms": u / 1e3, "name": n[:120]} for u, n in _top(prefill, 15)]}
 

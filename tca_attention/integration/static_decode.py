@@ -24,7 +24,7 @@ prompts of any length reuse it).
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,12 +98,15 @@ def _new_cache(model: nn.Module, session, prompt_len: int, max_new_tokens: int) 
 @torch.no_grad()
 def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   max_new_tokens: int, session=None, cuda_graph: bool = True,
-                  compile_layers: bool = False, compile_prefill: bool = False) -> StaticRun:
+                  compile_layers: bool = False, compile_prefill: bool = False,
+                  steady_context: AbstractContextManager | None = None) -> StaticRun:
     """Greedy decoding of max_new_tokens tokens with static decode steps (CUDA graphs on a GPU
     when cuda_graph). session: an enabled Session (its method's static ragged cache), or None for
     plain attention over transformers' StaticCache. attention_mask: left padding only.
     compile_layers: decode steps with the decoder layers compiled (torch.compile); with
-    compile_prefill the prompt's forward too."""
+    compile_prefill the prompt's forward too. steady_context: entered around the steady steps only
+    (the graph replays, or the eager steps after the first), e.g. a torch.profiler.profile that
+    should see a decode step's kernels and nothing of the prefill or the capture."""
     if compile_prefill and not compile_layers:
         raise ValueError("compile_prefill=True needs compile_layers=True")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -137,7 +140,8 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         capture = cuda_graph and dev.type == "cuda"
         if compile_layers and not compile_prefill:
             compiled.enter_context(compiled_decoder_layers(model, cache))
-        t2, t3, eager, rest, graphs = _decode(step, cache, ragged, need, steps, capture, dev)
+        t2, t3, eager, rest, graphs = _decode(step, cache, ragged, need, steps, capture, dev,
+                                               steady_context or nullcontext())
     _set_pass(cache, ragged, True)
     _resync(cache, ragged)
     return StaticRun(torch.cat([input_ids, tokens], 1), cache, t1 - t0, t3 - t1, t3 - t2, len(rest), eager,
@@ -145,7 +149,7 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def _decode(step: StaticStep, cache: Any, ragged: bool, need: list[bool], steps: int, capture: bool,
-            dev: torch.device) -> tuple[float, float, int, list[bool], dict]:
+            dev: torch.device, steady: AbstractContextManager) -> tuple[float, float, int, list[bool], dict]:
     """The decode steps: eager ones, then captured graphs replayed (or eager steps) by the
     schedule `need`. -> (time before the steady steps, time after them, eager steps, the steady
     steps' schedule, the graphs)."""
@@ -171,15 +175,16 @@ def _decode(step: StaticStep, cache: Any, ragged: bool, need: list[bool], steps:
             graphs[variant] = g
         _resync(cache, ragged)
     _sync(dev)
-    t2 = time.perf_counter()
-    for variant in rest:
-        if graphs:
-            graphs[variant].replay()
-        else:
-            _set_pass(cache, ragged, variant)
-            step()
-    _sync(dev)
-    t3 = time.perf_counter()
+    with steady:
+        t2 = time.perf_counter()
+        for variant in rest:
+            if graphs:
+                graphs[variant].replay()
+            else:
+                _set_pass(cache, ragged, variant)
+                step()
+        _sync(dev)
+        t3 = time.perf_counter()
     return t2, t3, eager, rest, graphs
 
 
