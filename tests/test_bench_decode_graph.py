@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tca_attention.benchmarks import bench_decode_graph as bench
 
 
@@ -25,7 +27,7 @@ def test_compile_layers_option_and_plot(tmp_path: Path) -> None:
 
 
 def test_compile_prefill_option_needs_compile_layers(capsys) -> None:
-    import pytest
+
 
     args = bench.build_parser().parse_args(["--out", "x", "--compile-layers", "--compile-prefill"])
     assert args.compile_prefill and args.compile_layers
@@ -37,7 +39,7 @@ def test_compile_prefill_option_needs_compile_layers(capsys) -> None:
 
 
 def test_ttft_repeats_take_the_median_and_refuse_zero(capsys) -> None:
-    import pytest
+
 
     one = {"ttft_s": 5.0, "decode_tokens_per_s": 10.0}
     assert bench.median_ttft(one, []) is one
@@ -51,7 +53,7 @@ def test_ttft_repeats_take_the_median_and_refuse_zero(capsys) -> None:
 
 
 def test_cells_option_refuses_unknown_cells(capsys) -> None:
-    import pytest
+
 
     with pytest.raises(SystemExit):
         bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--cells", "tca-graph-compiled"])
@@ -63,7 +65,7 @@ def test_cells_option_refuses_unknown_cells(capsys) -> None:
 
 
 def test_tca_options_are_typed_selection_options(capsys) -> None:
-    import pytest
+
 
     assert bench._tca_options("last_q=16,span=7") == {"last_q": 16, "span": 7}
     assert bench._tca_options("") == {}
@@ -123,3 +125,38 @@ def test_profile_step_profiles_the_steady_steps_on_the_cpu(monkeypatch) -> None:
     assert out["steady_steps_profiled"] == 3 and len(events) == 2  # the prefill run, then the steady steps
     assert out["top_kernels"] == [{"us_per_step": 2.0, "name": "k"}] and out["kernel_launches_per_step"] == 1.0
     assert out["prefill_kernel_ms"] == 0.006
+
+
+@pytest.mark.parametrize("dense_below,sparse", [(0, True), (10**6, False)])
+def test_tca_cells_record_the_prefill_policy(monkeypatch, dense_below, sparse) -> None:
+    """A TCA cell's row says what the policy did with its prompt: the prefill's kept fraction and
+    the dense_below it used (the measured crossover under "auto"); keep-all cells do not."""
+    import torch
+    from test_batch_invariance import B_, W_, mixed_budgets
+    from tiny_models import tiny
+
+    from tca_attention.integration.adapter import cache_kwargs
+    from tca_attention.methods.state import ModelIdentity
+    from tca_attention.methods.tca.config import TCAConfig
+    from tca_attention.methods.tca.method import TCA
+
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+
+    def prefill_only(model, ids, steps, session=None, **kw):  # graph_cell's prefill, on the CPU
+        cache = session.new_cache()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        return {"ttft_s": 1.0, "decode_tokens_per_s": 1.0, "kv_bytes": 0, "graphs": 1}
+
+    monkeypatch.setattr(bench, "graph_cell", prefill_only)
+    model = tiny("llama")
+    tca = TCA(mixed_budgets(TCAConfig(block_size=B_, window=W_), ModelIdentity.of(model)), dense_below=dense_below)
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        row = bench.run_cell("tca-graph", model, ids, 2, tca, weights=1, bw_tbs=1.0)
+        keep_all = bench.run_cell("keep-all-graph", model, ids, 2, tca, weights=1, bw_tbs=1.0)
+    assert row["dense_below_used"] == dense_below
+    assert (row["prefill_kept_fraction"] < 0.99) == sparse and (sparse or row["prefill_kept_fraction"] == 1.0)
+    assert "dense_below_used" not in keep_all and "error" not in keep_all

@@ -188,6 +188,11 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
             with enable(model, method) as session:
                 r = fn(model, ids, steps, session, **compiled)
                 more = [fn(model, ids, 1, session, **compiled)["ttft_s"] for _ in range(ttft_repeats - 1)]
+                if not cell.startswith("keep-all"):  # the policy's choice for this prompt, visible in the row
+                    report = session.prefill_report()
+                    r["prefill_kept_fraction"] = report.get("kept_fraction")
+                    used = report.get("dense_below_used")  # set under "auto": the measured crossover
+                    r["dense_below_used"] = report.get("dense_below") if used is None else used
         r = median_ttft(r, more)
     except torch.OutOfMemoryError as e:
         torch.cuda.empty_cache()
