@@ -16,10 +16,10 @@ buffer is sized once, at commit_prefill, for the whole request (prompt + max_new
                the ring into one of window + block_size slots), or the
                whole prompt tail + max_new_tokens when no head ever drops a token (full budget).
 
-A decode step (one token) writes k/v at the slot of a device position counter (index_copy_), runs
-the decode kernel over the whole preallocated buffers (q positions from the counter), then one
-masked compression pass: rows whose tail is full compress (torch.where/scatter into the room, a
-dump slot for the others). Nothing is allocated for the cache, nothing syncs with the host, no
+A decode step (one token) writes k/v at the slot of a device position counter (engine/ring_append:
+one Triton launch on a GPU), runs the decode kernel over the whole preallocated buffers (q
+positions from the counter), then one masked compression pass: rows whose tail is full compress
+(torch.where/scatter into the room, a dump slot for the others). Nothing is allocated for the cache, nothing syncs with the host, no
 branch reads a tensor. Host-side, the step reads only values that stay fixed across the steps a
 graph replays: the first decode step (run eagerly) may compress several blocks of a long dense
 prompt tail at once, and `compress_pass` (default on) lets a runner capture a second graph without
@@ -39,7 +39,7 @@ from .ragged_cache import RaggedCache, RaggedLayer, _global_store
 class StaticRaggedLayer(RaggedLayer):
     """One attention layer's ragged cache with storage for prompt + max_new_tokens, static decode."""
 
-    _INDEX_TENSORS = RaggedLayer._INDEX_TENSORS + ("t_pos", "g_fill", "next_pos")
+    _INDEX_TENSORS = RaggedLayer._INDEX_TENSORS + ("t_pos", "g_fill", "next_pos", "q_pos")
     is_static = True
 
     def __init__(self, block_size: int, window: int, backend: dispatch.Backend = "auto", max_new_tokens: int = 1) -> None:
@@ -49,6 +49,7 @@ class StaticRaggedLayer(RaggedLayer):
         self.max_new_tokens = max_new_tokens
         self.prompt_len = 0
         self.next_pos: torch.Tensor | None = None  # (1,) int64: tokens given so far = next position
+        self.q_pos: torch.Tensor | None = None  # (1,) int64: the position of the step's token (its query's)
         self.t_pos: torch.Tensor | None = None  # (B, T) int64 position of each tail slot per row, -1 = none
         self.g_fill: torch.Tensor | None = None  # (B*KV,) int64 slots in use of each global segment
         self.n_global = 0  # global slots, room included (= g_offsets[-1]); slot n_global is a dump slot
@@ -123,6 +124,7 @@ class StaticRaggedLayer(RaggedLayer):
         self.t_fill, self.t_pos0 = T, local_start
         self.prompt_len = L
         self.next_pos = torch.full((1,), L, dtype=torch.long, device=k.device)
+        self.q_pos = torch.full((1,), L - 1, dtype=torch.long, device=k.device)
 
     # -- decode -----------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -133,12 +135,9 @@ class StaticRaggedLayer(RaggedLayer):
         if self.seen >= self.prompt_len + self.max_new_tokens:
             raise RuntimeError(f"the static cache holds a prompt + {self.max_new_tokens} new tokens; it is full")
         self.calls.updates += 1
-        B = key_states.shape[0]
-        slot = torch.remainder(self.next_pos - self.t_pos0, self.t_keys.shape[2])  # (1,)
-        self.t_keys.index_copy_(2, slot, key_states)
-        self.t_values.index_copy_(2, slot, value_states)
-        self.t_pos.index_copy_(1, slot, self.next_pos.view(1, 1).expand(B, 1))
-        self.next_pos.add_(1)
+        # k/v and the position into the ring's slot, q_pos <- next_pos, next_pos += 1 (one launch on a GPU)
+        dispatch.ring_append(self.t_keys, self.t_values, key_states, value_states, self.next_pos, self.t_pos0,
+                             self.t_pos, self.q_pos, backend=self.backend)
         self.seen += 1
         return key_states, value_states
 
@@ -151,7 +150,7 @@ class StaticRaggedLayer(RaggedLayer):
         B, _, Q, _ = q.shape
         if Q != 1:
             raise ValueError(f"a static ragged cache decodes one token per step, got {Q} queries")
-        q_pos = (self.next_pos - 1).view(1, 1).expand(B, 1)
+        q_pos = self.q_pos.view(1, 1).expand(B, 1)
         out, lse = dispatch.ragged_decode(q, self.view(q_pos), scaling, backend=self.backend, selection=selection,
                                           key_bias=self.key_bias)
         if self.compresses and (self.compress_pass or not self.decoded):
@@ -244,7 +243,7 @@ class StaticWindowLayer(StaticLayer):
 
     transformers' StaticSlidingWindowLayer rolls its buffer every decode step with an index tensor
     made on the host (a host-to-device copy a CUDA graph cannot capture) and branches on a host
-    count; a ring writes one slot in place (index_copy_ at a device counter) and needs no branch.
+    count; a ring writes one slot in place (engine/ring_append at a device counter) and needs no branch.
     Decode masks must come from the static runner (adapter.static_decode_mask), which knows the
     ring: transformers' own mask for a decode step would assume slot j holds position offset + j.
     size: the window, or less when the whole request fits (prompt + new tokens < window).
@@ -273,10 +272,7 @@ class StaticWindowLayer(StaticLayer):
             self.values.index_copy_(2, slots, value_states[:, :, n_new - n :])
             self.cumulative_length.add_(n_new)
             return key_states, value_states
-        slot = torch.remainder(self.cumulative_length, size).view(1)
-        self.keys.index_copy_(2, slot, key_states)
-        self.values.index_copy_(2, slot, value_states)
-        self.cumulative_length.add_(1)
+        dispatch.ring_append(self.keys, self.values, key_states, value_states, self.cumulative_length)  # slot p % size
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

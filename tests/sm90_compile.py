@@ -1,7 +1,7 @@
 """The TCA prefill, block-sparse and ragged decode kernels compiled for sm_90 (H100/H200) by the installed triton,
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
-subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select HAS_BIAS(0/1)
+subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select|ring_append HAS_BIAS(0/1)
 -> one line of JSON: shared memory bytes, counts of PTX instructions (wgmma, fma, ex2), and the
 registers and stack bytes per thread of the cubin (cuobjdump, bundled with triton; -1 without it):
 stack beyond a few bytes means register spills)."""
@@ -91,6 +91,16 @@ def compile_select(bias: bool):
     return _compile(TT._window_select_kernel, dict(GS=4, GSP=4, BLOCK=128, BAND=True), types, 8, 3)
 
 
+def compile_ring_append(bias: bool):
+    """The static caches' one-token ring append (bf16 ring, head dim 128), with the tail's
+    positions and the query position (StaticRaggedLayer) and without (StaticWindowLayer); -> the former."""
+    from tca_attention.engine import triton_ring_append as TR
+
+    types = {**dict.fromkeys(("K", "V", "TK", "TV"), "*bf16"), **dict.fromkeys(("TPOS", "COUNTER", "QPOS"), "*i64")}
+    _compile(TR._ring_append_kernel, dict(HAS_TPOS=False, HAS_QPOS=False, BLOCK_D=128), types, 1, 1)
+    return _compile(TR._ring_append_kernel, dict(HAS_TPOS=True, HAS_QPOS=True, BLOCK_D=128), types, 1, 1)
+
+
 def resource_usage(kernel) -> tuple[int, int]:
     """(registers, stack bytes) per thread of the compiled cubin, or (-1, -1) without cuobjdump."""
     import triton
@@ -108,7 +118,8 @@ def resource_usage(kernel) -> tuple[int, int]:
 
 if __name__ == "__main__":
     kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode,
-              "compaction": compile_compaction, "select": compile_select}[sys.argv[1]](sys.argv[2] == "1")
+              "compaction": compile_compaction, "select": compile_select,
+              "ring_append": compile_ring_append}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]
     reg, stack = resource_usage(kernel)
     print(json.dumps({"shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),

@@ -305,7 +305,7 @@ def _buffers(cache) -> dict[str, int]:
     out = {}
     for i, layer in enumerate(cache.layers):
         for name in ("t_keys", "t_values", "t_pos", "t_first", "g_keys", "g_values", "g_pos", "g_offsets", "g_fill",
-                     "next_pos", "keys", "values", "cumulative_length"):
+                     "next_pos", "q_pos", "keys", "values", "cumulative_length"):
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor):
                 out[f"{i}.{name}"] = t.data_ptr()

@@ -451,8 +451,46 @@ def test_prefill_config_env_override(monkeypatch) -> None:
     assert default_config(128) == PrefillConfig(128, 64, 8, 3)
 
 
+@pytest.mark.parametrize("B,KV,T,D,t_pos0,start,steps", [
+    (3, 2, 7, 48, 35, 40, 9),  # the ring wraps twice; D not a power of two
+    (1, 1, 1, 16, 0, 0, 3),  # one slot
+    (2, 3, 5, 128, 10, 8, 4),  # counter below t_pos0: the floor modulo (torch.remainder)
+])
+@pytest.mark.parametrize("tail", [True, False], ids=["ragged-tail", "window"])
+def test_ring_append_equals_the_reference(B, KV, T, D, t_pos0, start, steps, tail):
+    """The one-launch ring append (static caches' decode steps) writes what the PyTorch reference
+    writes, step after step: k/v rows (from a transposed, non-contiguous projection), every row's
+    tail position, the query position and the counter; the window form (0-dim counter, no
+    positions) too; bad shapes are refused by both backends."""
+    from tca_attention.engine import dispatch
+
+    gen = torch.Generator().manual_seed(B * 100 + T)
+    ring = [torch.randn(B, KV, T, D, generator=gen).to(DEV, torch.bfloat16) for _ in range(2)]
+    t_pos = torch.randint(-1, 50, (B, T), generator=gen).to(DEV) if tail else None
+    counter = torch.tensor([start] if tail else start, device=DEV)
+    q_pos = torch.tensor([-7], device=DEV) if tail else None
+    state = {name: [x.clone() if x is not None else None for x in (*ring, t_pos, counter, q_pos)]
+             for name in ("triton", "reference")}
+    for _ in range(steps):
+        k, v = (torch.randn(B, 1, KV, D, generator=gen).to(DEV, torch.bfloat16).transpose(1, 2) for _ in range(2))
+        for backend, (tk, tv, tp, c, qp) in state.items():
+            dispatch.ring_append(tk, tv, k, v, c, t_pos0 if tail else 0, tp, qp, backend=backend)
+        for a, b in zip(state["triton"], state["reference"]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    tk, tv, tp, c, qp = state["triton"]
+    assert int(c) == start + steps and (not tail or int(qp) == start + steps - 1)
+    slot = (start + steps - 1 - (t_pos0 if tail else 0)) % T
+    assert torch.equal(tk[:, :, slot], k[:, :, 0]) and (not tail or bool((tp[:, slot] == start + steps - 1).all()))
+    for backend in ("triton", "reference"):
+        with pytest.raises(ValueError, match="ring_append"):
+            dispatch.ring_append(tk, tv, k[:, :1] if KV > 1 else k[:1, :, :, :8], v, c, 0, tp, qp, backend=backend)
+        with pytest.raises(ValueError, match="counter"):
+            dispatch.ring_append(tk, tv, k, v, c.float(), 0, tp, qp, backend=backend)
+
+
 @pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1),
-                                          ("decode", 0), ("decode", 1), ("compaction", 0), ("select", 0)])
+                                          ("decode", 0), ("decode", 1), ("compaction", 0), ("select", 0),
+                                          ("ring_append", 0)])
 def test_kernels_lower_for_hopper(kernel, bias):
     """The prefill, block and decode kernels (all three run triton_common's online-softmax step)
     and the prefill's compaction and the selection's ranking kernels compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
@@ -470,6 +508,9 @@ def test_kernels_lower_for_hopper(kernel, bias):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])
+    if kernel == "ring_append":  # the static caches' one-token append: copies, no shared memory, no spill
+        assert info["shared"] == 0 and info["wgmma"] == 0 and info["stack"] <= 0, info
+        return
     if kernel in ("compaction", "select"):  # prepare_prefill's copy/search kernels, the selection's ranking: no dot
         assert info["shared"] <= 232448 and info["wgmma"] == 0
         if kernel == "select":  # the ranking at g = 4 does not spill (it did: 4x slower on an H100)

@@ -16,6 +16,8 @@ import torch
 
 from . import block_reference, compensation, reference, subset
 from .column_mass import column_mass_ref
+from .ring_append import check as ring_append_check
+from .ring_append import ring_append_ref
 from .plan import BlockPlan, DecodeSelection, KeyBias, RaggedCacheView, SubsetPlan, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
@@ -95,6 +97,19 @@ def ragged_decode(
             out, lse = compensation.merge(q, out, lse, cache.c_keys, cache.c_values, cache.c_logw, scaling)
         return out, lse
     return reference.ragged_decode_ref(q, cache, scaling, selection, key_bias)
+
+
+def ring_append(t_keys: torch.Tensor, t_values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                counter: torch.Tensor, t_pos0: int = 0, t_pos: torch.Tensor | None = None,
+                q_pos: torch.Tensor | None = None, backend: Backend = "auto") -> None:
+    """One decode token into a static ring (the static caches' decode steps), in place: see
+    ring_append.ring_append_ref. Triton: one launch (the reference: up to seven)."""
+    if resolve(backend, k.device) == "triton":
+        from .triton_ring_append import ring_append_triton
+
+        return ring_append_triton(t_keys, t_values, k, v, counter, t_pos0, t_pos, q_pos)
+    ring_append_check(t_keys, t_values, k, v, counter, t_pos, q_pos)
+    return ring_append_ref(t_keys, t_values, k, v, counter, t_pos0, t_pos, q_pos)
 
 
 def dense_prefill(
