@@ -17,14 +17,14 @@ buffer is sized once, at commit_prefill, for the whole request (prompt + max_new
                whole prompt tail + max_new_tokens when no head ever drops a token (full budget).
 
 A decode step (one token) writes k/v at the slot of a device position counter (engine/ring_append:
-one Triton launch on a GPU), runs the decode kernel over the whole preallocated buffers (q
-positions from the counter), then one masked compression pass: rows whose tail is full compress
-(torch.where/scatter into the room, a dump slot for the others). Nothing is allocated for the cache, nothing syncs with the host, no
-branch reads a tensor. Host-side, the step reads only values that stay fixed across the steps a
-graph replays: the first decode step (run eagerly) may compress several blocks of a long dense
-prompt tail at once, and `compress_pass` (default on) lets a runner capture a second graph without
-the compression pass, for the steps at which the host schedule (`compress_steps`) says no row of
-any layer compresses. See docs/decode.md.
+one Triton launch on a GPU), runs the decode kernel over the whole preallocated buffers (q positions
+from the counter), then one masked compression pass: rows whose tail is full compress
+(torch.where/scatter into the room, a dump slot for the others). Nothing is allocated for the cache,
+nothing syncs with the host, no branch reads a tensor. Host-side, the step reads only values that
+stay fixed across the steps a graph replays: the first decode step (run eagerly) may compress
+several blocks of a long dense prompt tail at once, and `compress_pass` (default on) lets a runner
+capture a second graph without the compression pass, for the steps at which the host schedule
+(`compress_steps`) says no row of any layer compresses. See docs/decode.md.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ import torch
 
 from . import block_reference, compensation, reference, subset
 from .column_mass import column_mass_ref
+from .plan import BlockPlan, DecodeSelection, KeyBias, RaggedCacheView, SubsetPlan, TokenPlan
 from .ring_append import check as ring_append_check
 from .ring_append import ring_append_ref
-from .plan import BlockPlan, DecodeSelection, KeyBias, RaggedCacheView, SubsetPlan, TokenPlan
 
 Backend = Literal["auto", "triton", "reference"]
 
