@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -346,34 +347,41 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
-    """Batch decode tokens/s per cell (bars) with each cell's bandwidth limit (dashes), one panel
-    per (model, batch size), prompt lengths along x."""
+    """One column per (model, batch size), prompt lengths along x: batch decode tokens/s per cell
+    (bars) with each cell's bandwidth limit (dashes) on top, time to first token per cell below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], r["batch"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (model, B) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 7.6), squeeze=False)
+    for col, (model, B) in enumerate(panels):
         sub = [r for r in rows if r["model"] == model and r["batch"] == B]
         cells = [c for c in CELLS + COMPILED_CELLS if any(c in r for r in sub)]
         w = 0.8 / len(cells)
+        top, bottom = axes[0][col], axes[1][col]
         for i, cell in enumerate(cells):
             xs = [j + (i - (len(cells) - 1) / 2) * w for j in range(len(sub))]
-            ys = [r[cell].get("batch_tokens_per_s", 0.0) for r in sub]
-            bars = ax.bar(xs, ys, w, label=cell)
-            lim = [r[cell].get("bandwidth_limit_tokens_per_s", 0.0) * B for r in sub]
-            ax.scatter(xs, lim, marker="_", s=200, color=bars.patches[0].get_facecolor() if bars.patches else None)
-        ax.set_xticks(range(len(sub)), [f"{r['tokens'] / 1024:g}K" for r in sub])
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("decode tokens/s (batch, log)")
-        ax.set_yscale("log")
-        ax.set_title(f"{model}, batch {B} (dashes: bandwidth limit)", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Decode, {meta['device']} ({meta['bandwidth_tbs']} TB/s), torch {meta['torch']}", fontsize=10)
-    fig.tight_layout()
+            ys = [r.get(cell, {}).get("batch_tokens_per_s", 0.0) for r in sub]
+            bars = top.bar(xs, ys, w, label=cell)
+            color = bars.patches[0].get_facecolor() if bars.patches else None
+            lim = [r.get(cell, {}).get("bandwidth_limit_tokens_per_s", 0.0) * B for r in sub]
+            top.scatter(xs, lim, marker="_", s=200, color=color)
+            bottom.bar(xs, [1e3 * r.get(cell, {}).get("ttft_s", 0.0) for r in sub], w, color=color, label=cell)
+        name = Path(model).name if "/" in model else model
+        for ax, ylabel in ((top, "decode tokens/s (batch, log)"), (bottom, "time to first token, ms (log)")):
+            ax.set_xticks(range(len(sub)), [f"{r['tokens'] / 1024:g}K" for r in sub])
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, axis="y")
+        top.set_title(f"{name}, batch {B}: decode (dashes: bandwidth limit)", fontsize=9)
+        bottom.set_title(f"{name}, batch {B}: prefill", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"{meta['device']} ({meta['bandwidth_tbs']} TB/s), torch {meta['torch']}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
 
 
