@@ -60,7 +60,7 @@ _GROWING = ["BKV", "KV", "T", "P", "chunk", "n_gw", "n_tw"]
 def _decode_split_kernel(
     Q, QPOS, GK, GV, GPOS, GOFF, TK, TV, TPOS, PAGES, NSEL, PACC, PML, BPOS, BVAL,
     s_qb, s_qh, s_qq,
-    s_pos_b,
+    s_pos_b, s_qpos_b, s_qpos_q,
     BKV, KV, T, P, NQ, qk_scale, chunk, n_gw, n_tw,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     BKV_P: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
@@ -99,7 +99,7 @@ def _decode_split_kernel(
     d = tl.arange(0, HEAD_D)
     q_ptrs = Q + b * s_qb + (h * G + hrow)[:, None] * s_qh + qi[:, None] * s_qq + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (ROWS, D)
-    qpos = tl.load(QPOS + b * NQ + qi, mask=row_ok, other=-1)  # (ROWS,)
+    qpos = tl.load(QPOS + b * s_qpos_b + qi * s_qpos_q, mask=row_ok, other=-1)  # (ROWS,) (a broadcast view: stride 0)
     rbase = ((b * KV * G + h * G + hrow) * NB).to(tl.int64)  # this row's key-bias slots
 
     acc = tl.zeros([ROWS, HEAD_D], dtype=tl.float32)
@@ -255,7 +255,9 @@ def ragged_decode_triton(
     if T == 0:
         t_keys = torch.zeros(B, KV, 1, D, dtype=q.dtype, device=dev)
         t_values = torch.zeros(B, KV, 1, D, dtype=q.dtype, device=dev)
-    q_pos = q_pos.to(device=dev, dtype=torch.int64).contiguous()
+    if tuple(q_pos.shape) != (B, NQ):
+        raise ValueError(f"q_pos must be (B, Q) = {(B, NQ)}, got {tuple(q_pos.shape)}")
+    q_pos = q_pos.to(device=dev, dtype=torch.int64)  # read through its strides: a static step's is an expand
     g_pos = g_pos.to(device=dev, dtype=torch.int64).contiguous()
     t_pos = t_pos.to(device=dev, dtype=torch.int64).reshape(B, -1).contiguous()  # (B, T)
     g_offsets = g_offsets.to(device=dev, dtype=torch.int64).contiguous()
@@ -291,7 +293,7 @@ def ragged_decode_triton(
     _decode_split_kernel[(n_items,)](
         q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pages, nsel, pacc, pml, bpos, bval,
         q.stride(0), q.stride(1), q.stride(2),
-        t_pos.stride(0),
+        t_pos.stride(0), q_pos.stride(0), q_pos.stride(1),
         BKV, KV, T, pages.shape[-1], NQ, scaling * LOG2E, chunk, n_gw, n_tw,
         G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
         USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb,
