@@ -182,7 +182,8 @@ def time_read_in_chunks(model, ids: torch.Tensor, method, decode_steps: int, dec
         raise ValueError(f"{method.name} is timed on one prompt of more than {PREFIX_TOKENS + SUFFIX_TOKENS} "
                          f"tokens, got {tuple(ids.shape)}")
     row_ids = ids[0].tolist()
-    prefix, context, suffix = row_ids[:PREFIX_TOKENS], row_ids[PREFIX_TOKENS:L - SUFFIX_TOKENS], row_ids[L - SUFFIX_TOKENS:]
+    prefix, suffix = row_ids[:PREFIX_TOKENS], row_ids[L - SUFFIX_TOKENS:]
+    context = row_ids[PREFIX_TOKENS:L - SUFFIX_TOKENS]
     ends = [(i + 1) % SENTENCE_TOKENS == 0 for i in range(len(context))]
     q0 = (SUFFIX_TOKENS - QUESTION_TOKENS) // 2
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
@@ -308,7 +309,8 @@ SYNTHETIC = {"head-split": _random_head_scores, "duo": _random_gates, "razor": _
              "moa": _random_moa_profile}
 
 
-def time_length(model, ids: torch.Tensor, methods: dict, failed: dict[str, str], args: argparse.Namespace) -> list[dict]:
+def time_length(model, ids: torch.Tensor, methods: dict, failed: dict[str, str],
+                args: argparse.Namespace) -> list[dict]:
     """The rows of one prompt (`ids`): dense attention, then each method; a method that fails (or
     failed its warm-up: `failed`) gets its error in its row and the others go on. With
     `args.length_warmup` each row runs once untimed (2 decode steps) before it is timed."""

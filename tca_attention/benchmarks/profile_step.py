@@ -1,8 +1,8 @@
 """Where a decode step's GPU time goes: the static step's kernels (the ones a CUDA graph replays),
 profiled with torch.profiler around the steady decode steps only and summed by kind, for dense
-(keep-all, the engine's split-K decode) and TCA on the Llama-3.1-8B shape with random weights. The prefill's kernels come with it
-(`prefill_*`: a profiled run of the prefill and one decode step, by kind and the top kernels), so a
-time to first token can be read the same way.
+(keep-all, the engine's split-K decode) and TCA on the Llama-3.1-8B shape with random weights.
+The prefill's kernels come with it (`prefill_*`: a profiled run of the prefill and one decode
+step, by kind and the top kernels), so a time to first token can be read the same way.
 
 python -m tca_attention.benchmarks.profile_step --budgets docs/results/budgets/smollm2-default-8k.json \
     --tokens 131072 --out profile_step.json [--compile-layers] [--graph]
