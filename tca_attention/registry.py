@@ -54,6 +54,7 @@ class Entry:
     density: Density | None = None  # the knob `at_density` sets (None: the method cannot be matched)
     calibrator: bool = False  # an attention calibrator: builds a compose.Calibrator, stacked with '+'
     sweep: str | None = None  # without a density knob: the parameter a sweep trades work for accuracy with
+    questions_only: bool = False  # answers a question about a context: tasks without one (perplexity) do not apply
 
 
 def _tca(params: dict[str, Any], model, tokenizer, extra: dict[str, Any]):
@@ -364,7 +365,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("infiniretri", "InfiniRetri: reads the context in chunks, keeps the sentences the question's "
               "last-layer attention ranks highest (phrase-smoothed top-k), answers from them (eval only)",
               {"chunk": int, "topk": int, "phrase": int, "layer": int},
-              _dataclass_build("infiniretri.InfiniRetri")),
+              _dataclass_build("infiniretri.InfiniRetri"), questions_only=True),
     )
 }
 COMPOSE = "+"  # base+calibrator
@@ -383,6 +384,13 @@ def _convert(name: str, key: str, text: str, kind: type) -> Any:
         return kind(text)
     except ValueError:
         raise ValueError(f"{name}: {key}={text!r} is not a valid {kind.__name__}") from None
+
+
+def questions_only(spec: str) -> bool:
+    """Whether a spec's method (or its base, for 'base+calibrator') only answers questions about a
+    context, so that a task without one (perplexity) does not apply to it."""
+    base, _ = split(spec)
+    return ENTRIES[parse_spec(base)[0]].questions_only
 
 
 def calibrators() -> list[str]:

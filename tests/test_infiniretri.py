@@ -152,3 +152,23 @@ def test_eval_batch_equals_single_runs(tmp_path, smol_tokenizer, monkeypatch):
         runs[bs] = sorted(evaluate(cfg, backend, tmp_path / f"b{bs}", progress=False), key=lambda r: r.sample_id)
     for one, two in zip(runs[1], runs[2]):
         assert one.prediction == two.prediction and one.kept_fraction == two.kept_fraction < 1
+
+
+def test_perplexity_does_not_apply_and_the_run_completes(tmp_path, smol_tokenizer, monkeypatch):
+    """A perplexity sample has no question to retrieve for: the run leaves that task out for
+    InfiniRetri (not an error after every other task ran), and counts nothing left to do."""
+    from test_eval_pipeline import tiny_llama
+
+    from tca_attention import registry
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate, pending
+
+    assert registry.questions_only("infiniretri:topk=8") and not registry.questions_only("tca:tau=0.7+zerotuning")
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    backend = ModelBackend("tiny-llama", model=tiny_llama(len(smol_tokenizer)), tokenizer=smol_tokenizer)
+    spec = "infiniretri:chunk=128,topk=8,phrase=4"
+    cfg = EvalConfig(model="tiny-llama", methods=("full", spec), tasks=("niah_single", "perplexity"),
+                     lengths=(512,), samples=1)
+    tasks = {(r.method, r.task) for r in evaluate(cfg, backend, tmp_path, progress=False)}
+    assert tasks == {("full", "niah_single"), ("full", "perplexity"), (spec, "niah_single")}
+    assert pending(cfg, tmp_path) == 0

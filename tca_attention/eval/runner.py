@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
+from .. import registry
 from .methods import DEFAULT_METHODS, SDPA_BACKENDS, Backend, EvalMethod, expand_method, resolve_tca_config
 from .prompt import PromptFormat
 from .schema import Result, Sample
@@ -164,10 +165,16 @@ def _sample_meta(sample: Sample) -> dict:
     return {k: sample.metadata[k] for k in keep if k in sample.metadata}
 
 
+def applies(spec: EvalMethod, task: str) -> bool:
+    """Whether a task applies to a method: one that only answers questions about a context
+    (InfiniRetri) has nothing to read in a perplexity sample."""
+    return not (TASKS.get(task).scorer == "nll" and registry.questions_only(spec.spec))
+
+
 def _todo_keys(config: EvalConfig) -> list[tuple[str, str]]:
-    """Every (method label, sample id) the configuration asks for."""
-    return [(s.label, f"{t}-{L}-{i:04d}")
-            for L in config.lengths for s in config.specs() for t in config.tasks for i in range(config.samples)]
+    """Every (method label, sample id) the configuration asks for (tasks that do not apply left out)."""
+    return [(s.label, f"{t}-{L}-{i:04d}") for L in config.lengths for s in config.specs()
+            for t in config.tasks if applies(s, t) for i in range(config.samples)]
 
 
 def pending(config: EvalConfig, run_dir: Path) -> int:
@@ -190,6 +197,11 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
     dense_layers = {}  # (method, length) -> the dense layers its recorded rows ran with
     for r in results:
         dense_layers.setdefault((r.method, r.length), _dense_at(r))
+    for spec in specs:
+        skipped = [t for t in config.tasks if not applies(spec, t)]
+        if skipped:
+            log.info("%s: %s skipped (it answers questions about a context; these samples have none)",
+                     spec.label, ", ".join(skipped))
     if remaining == 0:
         return results
     tokenizer = backend.load()
@@ -212,7 +224,7 @@ def evaluate(config: EvalConfig, backend: Backend, run_dir: Path, progress: bool
             for spec in specs:
                 matched = spec.kept if spec.kept is not None else (
                     mean_kept_fraction(results, spec.match, length) if spec.match else None)
-                for task in config.tasks:
+                for task in [t for t in config.tasks if applies(spec, t)]:
                     # fixed chunks of sample indices, so a resumed run batches the same samples
                     for lo in range(0, config.samples, config.batch_size):
                         chunk = list(range(lo, min(lo + config.batch_size, config.samples)))
