@@ -8,8 +8,10 @@ set -uo pipefail
 OUT=${OUT:-/tmp/tca_gpu_out}; STAGE=${STAGE:-/tmp/tca_stage}
 RESULTS=${RESULTS:-$STAGE/lb}; SEED_FROM=${SEED_FROM:-}
 mkdir -p "$OUT" "$RESULTS"
+# copy without overwriting (coreutils >= 9.5 warns that -n is "non-portable" on every call: dropped)
+cp_new() { cp -n "$@" 2> >(grep -v "non-portable" >&2); }
 # earlier results (committed run folders carried in the tree) so a run resumes where the last stopped
-[ -n "$SEED_FROM" ] && [ -d "$SEED_FROM" ] && cp -rn "$SEED_FROM"/. "$RESULTS"/
+[ -n "$SEED_FROM" ] && [ -d "$SEED_FROM" ] && cp_new -r "$SEED_FROM"/. "$RESULTS"/
 # the calibrated states committed beside them (CALIB_FROM, default SEED_FROM/../calibration: files
 # KIND-NAME or folders KIND/NAME, KIND a cache folder such as duo_gates) into the cache, so a resumed
 # run uses the gates, scores and probes its earlier rows used instead of calibrating again
@@ -17,8 +19,8 @@ CALIB_FROM=${CALIB_FROM:-${SEED_FROM:+$(dirname "$SEED_FROM")/calibration}}
 if [ -n "$CALIB_FROM" ] && [ -d "$CALIB_FROM" ]; then
   for f in "$CALIB_FROM"/*; do
     b=$(basename "$f")
-    if [ -d "$f" ]; then mkdir -p "$STAGE/cache/$b" && cp -n "$f"/* "$STAGE/cache/$b/"
-    elif [[ $b == *-* ]]; then mkdir -p "$STAGE/cache/${b%%-*}" && cp -n "$f" "$STAGE/cache/${b%%-*}/${b#*-}"; fi
+    if [ -d "$f" ]; then mkdir -p "$STAGE/cache/$b" && cp_new "$f"/* "$STAGE/cache/$b/"
+    elif [[ $b == *-* ]]; then mkdir -p "$STAGE/cache/${b%%-*}" && cp_new "$f" "$STAGE/cache/${b%%-*}/${b#*-}"; fi
   done
   echo "calibration seeded from $CALIB_FROM: $(find "$STAGE/cache" -name '*.json' -not -path '*/models/*' | wc -l) files"
 fi
