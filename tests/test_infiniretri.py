@@ -172,3 +172,6 @@ def test_perplexity_does_not_apply_and_the_run_completes(tmp_path, smol_tokenize
     tasks = {(r.method, r.task) for r in evaluate(cfg, backend, tmp_path, progress=False)}
     assert tasks == {("full", "niah_single"), ("full", "perplexity"), (spec, "niah_single")}
     assert pending(cfg, tmp_path) == 0
+    only_ppl = EvalConfig(model="tiny-llama", methods=(spec,), tasks=("perplexity",), lengths=(512,), samples=1)
+    with pytest.raises(ValueError, match="none of the tasks perplexity applies"):
+        pending(only_ppl, tmp_path)

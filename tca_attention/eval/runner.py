@@ -172,8 +172,14 @@ def applies(spec: EvalMethod, task: str) -> bool:
 
 
 def _todo_keys(config: EvalConfig) -> list[tuple[str, str]]:
-    """Every (method label, sample id) the configuration asks for (tasks that do not apply left out)."""
-    return [(s.label, f"{t}-{L}-{i:04d}") for L in config.lengths for s in config.specs()
+    """Every (method label, sample id) the configuration asks for (tasks that do not apply left out;
+    a method that no task applies to is an error, not an empty row)."""
+    specs = config.specs()
+    for s in specs:
+        if not any(applies(s, t) for t in config.tasks):
+            raise ValueError(f"{s.label}: none of the tasks {', '.join(config.tasks)} applies to it (it answers "
+                             "questions about a context; add a question task such as niah_single or qa)")
+    return [(s.label, f"{t}-{L}-{i:04d}") for L in config.lengths for s in specs
             for t in config.tasks if applies(s, t) for i in range(config.samples)]
 
 
