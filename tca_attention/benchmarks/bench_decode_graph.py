@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "bandwidth_tbs": bw, "models": models, "decode_steps": args.decode_steps, "dense_below": dense_below,
         "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
         "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"), "tca_options": tca_options,
+        "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},
         "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
                   "dense-graph": "SDPA + StaticCache, CUDA-graph replay (integration/static_decode.py)",
                   "keep-all-graph": "FullBudget (every token kept) + StaticRaggedCache, CUDA-graph replay: "
