@@ -160,3 +160,42 @@ def test_tca_cells_record_the_prefill_policy(monkeypatch, dense_below, sparse) -
     assert row["dense_below_used"] == dense_below
     assert (row["prefill_kept_fraction"] < 0.99) == sparse and (sparse or row["prefill_kept_fraction"] == 1.0)
     assert "dense_below_used" not in keep_all and "error" not in keep_all
+
+
+def test_prefill_flops_by_hand() -> None:
+    """The prefill's compute limit counts linear layers, causal pairs (sliding layers within their
+    window) and a sparse prefill's share of the full layers' pairs; checked against a hand count."""
+    from types import SimpleNamespace
+
+    import torch
+
+    assert bench._causal_pairs(4) == 10 and bench._causal_pairs(4, window=2) == 3 + 2 * 2
+    assert bench._causal_pairs(3, window=8) == 6
+    cfg = SimpleNamespace(num_attention_heads=2, hidden_size=8, head_dim=4, num_hidden_layers=2, vocab_size=10,
+                          layer_types=["sliding_attention", "full_attention"], sliding_window=2)
+    L, B, lin = 4, 3, 100
+    dense = B * (2 * lin * L + 2 * 8 * 10 + 4 * 2 * 4 * (7 + 10))
+    assert bench.prefill_flops(cfg, lin, B, L) == dense
+    assert bench.prefill_flops(cfg, lin, B, L, attended=0.5) == dense - B * 4 * 2 * 4 * 5
+    plain = SimpleNamespace(num_attention_heads=2, hidden_size=8, num_hidden_layers=3, vocab_size=10)  # no types
+    assert bench.prefill_flops(plain, 0, 1, L) == 2 * 8 * 10 + 3 * 4 * 2 * 4 * 10
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 10, bias=False))
+    model.get_output_embeddings = lambda: model[1]
+    assert bench._linear_params(model) == 32
+    row = {"model": "m", "tokens": L, "batch": B, "dense-graph": {"ttft_s": 2.0},
+           "tca-graph": {"ttft_s": 1.0, "prefill_kept_fraction": 0.5}, "tca-graph / dense-graph": 2.0}
+    bench.add_compute_limits(row, cfg, lin, peak_tflops=1e-12)  # 1 FLOP/s: the limit in seconds is the count
+    assert row["dense-graph"]["ttft_compute_limit_s"] == pytest.approx(dense)
+    assert row["tca-graph"]["ttft_compute_limit_s"] == pytest.approx(dense - B * 4 * 2 * 4 * 5)
+    assert row["tca-graph"]["ttft_fraction_of_limit"] == pytest.approx(row["tca-graph"]["ttft_compute_limit_s"])
+    assert bench.build_parser().parse_args(["--out", "x", "--peak-tflops", "500"]).peak_tflops == 500
+
+
+def test_plot_with_compute_limits(tmp_path: Path) -> None:
+    rows = [_row(bench.CELLS, 8192)]
+    for c in bench.CELLS:
+        rows[0][c].update(ttft_s=0.5, ttft_compute_limit_s=0.1)
+    out = tmp_path / "p.png"
+    bench.plot(rows, {"device": "cpu", "bandwidth_tbs": 1.0, "torch": "x"}, str(out))
+    assert out.stat().st_size > 1000

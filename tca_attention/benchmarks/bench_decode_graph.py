@@ -10,8 +10,9 @@ Models: (a) the Llama-3.1-8B shape with random bf16 weights (bench_e2e.build_mod
 file mapped onto its 32 x 8 heads, at --lengths; (b) a packaged real model (--model), TCA budgets
 calibrated once and cached, at --model-lengths. Each cell records time to first token, decode
 tokens/s (per batch row and for the batch), peak memory, KV held, and the device's memory-bandwidth
-limit of that decode step (weights + KV held, read once per step); eager cells also give the
-median single step (engine/timing.py's CUDA-event timing). JSON + PNG with device, versions,
+limit of that decode step (weights + KV held, read once per step), the compute limit of its prefill
+(the prompt's matmul FLOPs at the device's dense bf16 peak, `prefill_flops`); eager cells also give
+the median single step (engine/timing.py's CUDA-event timing). JSON + PNG with device, versions,
 shapes and command.
 """
 from __future__ import annotations
@@ -48,6 +49,9 @@ TTFT_RATIOS = (("dense-eager", "tca-eager"), ("dense-graph-compiled", "tca-graph
 # HBM bandwidth (TB/s) by device name substring, first match wins (vendor figures; --bandwidth-tbs overrides)
 BANDWIDTH_TBS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100-SXM4-80GB", 2.04), ("A100", 1.56),
                  ("L40S", 0.864), ("4090", 1.01))
+# dense bf16 tensor-core peak (no sparsity), TFLOP/s: the prefill's compute limit
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("4090", 165.0))
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -83,6 +87,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "rule); budgets and dense_below come from the other flags")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense bf16 peak in TFLOP/s for the prefill's compute limit (default: a table "
+                         "by device name; none known: no limit recorded)")
     ap.add_argument("--out", required=True, help="result JSON path (the plot goes next to it as .png); required")
     return ap
 
@@ -161,6 +168,47 @@ def graph_cell(model, ids: torch.Tensor, steps: int, session=None, compile_layer
             "graphs": run.graphs}
 
 
+def _causal_pairs(tokens: int, window: int | None = None) -> int:
+    """Query-key pairs of one causal attention over `tokens` (each query sees at most `window` keys)."""
+    if window is None or window >= tokens:
+        return tokens * (tokens + 1) // 2
+    return window * (window + 1) // 2 + (tokens - window) * window
+
+
+def prefill_flops(config, linear_params: int, batch: int, tokens: int, attended: float = 1.0) -> float:
+    """Matmul FLOPs of one prefill: every decoder linear layer over every prompt token (2 per
+    weight per token; the output head on the last token only) plus attention (QK^T and PV: 4 per
+    head dimension per query-key pair), its full-attention layers' pairs scaled by `attended` (the
+    share a sparse prefill computes; sliding-window layers are dense within their window)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    pairs = sum(_causal_pairs(tokens, window) if t == "sliding_attention" else attended * _causal_pairs(tokens)
+                for t in types)
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    return batch * (2.0 * linear_params * tokens + head + 4.0 * heads * head_dim * pairs)
+
+
+def _linear_params(model) -> int:
+    """Weights of the decoder's linear layers (the output head excluded: prefill computes one row)."""
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def add_compute_limits(row: dict, config, linear_params: int, peak_tflops: float) -> dict:
+    """Each timed cell of `row` with its prefill's compute limit (seconds at the peak) and the share
+    of it its time to first token reached; a sparse cell's attention counts its prefill_kept_fraction."""
+    for cell, r in row.items():
+        if isinstance(r, dict) and "ttft_s" in r:
+            kept = r.get("prefill_kept_fraction")
+            flops = prefill_flops(config, linear_params, row["batch"], row["tokens"], 1.0 if kept is None else kept)
+            r["ttft_compute_limit_s"] = flops / (peak_tflops * 1e12)
+            r["ttft_fraction_of_limit"] = r["ttft_compute_limit_s"] / r["ttft_s"]
+    return row
+
+
 def median_ttft(result: dict, more: list[float]) -> dict:
     """result with ttft_s the median of its own and `more` prefill times (all kept in ttft_s_all)."""
     if not more:
@@ -213,8 +261,8 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
                vocab: int, cells: tuple[str, ...] = CELLS, compile_prefill: bool = False,
-               ttft_repeats: int = 1) -> list[dict]:
-    weights = _weight_bytes(model)
+               ttft_repeats: int = 1, peak_tflops: float | None = None) -> list[dict]:
+    weights, linear = _weight_bytes(model), _linear_params(model)
     warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
     for cell in cells:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
         run_cell(cell, model, warm, 4, method, weights, bw_tbs, compile_prefill)
@@ -231,6 +279,8 @@ def time_model(label: str, model, method, lengths: list[int], batches: list[int]
             for a, b in TTFT_RATIOS:
                 if "ttft_s" in row.get(a, {}) and "ttft_s" in row.get(b, {}):
                     row[f"ttft {a} / {b}"] = row[a]["ttft_s"] / row[b]["ttft_s"]
+            if peak_tflops:
+                add_compute_limits(row, model.config, linear, peak_tflops)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -294,13 +344,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS if k in name), None)
     if bw is None:
         ap.error(f"no bandwidth known for {name!r}: pass --bandwidth-tbs")
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
     rows, models = [], {}
     if lengths:
         model = build_model(args.layers)
         budgets = Budgets.load(args.budgets).mapped_onto(model)
         method = TCA(budgets, dense_below=dense_below, **tca_options)
         rows += time_model("llama-3.1-8b-shape", model, method, lengths, batches, args.decode_steps, bw,
-                           LLAMA_8B["vocab_size"], cells, args.compile_prefill, args.ttft_repeats)
+                           LLAMA_8B["vocab_size"], cells, args.compile_prefill, args.ttft_repeats, peak)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
                                         "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
         del model
@@ -314,7 +365,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         method = TCA(method.budgets, dense_below=dense_below, **tca_options)
         rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
                            model.config.get_text_config().vocab_size, cells, args.compile_prefill,
-                           args.ttft_repeats)
+                           args.ttft_repeats, peak)
         cfg = model.config.get_text_config()
         models[args.model] = {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
                               "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
@@ -324,7 +375,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     meta = {
         "device": name, "torch": torch.__version__, "transformers": transformers.__version__,
         "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
-        "bandwidth_tbs": bw, "models": models, "decode_steps": args.decode_steps, "dense_below": dense_below,
+        "bandwidth_tbs": bw, "peak_bf16_tflops": peak, "models": models, "decode_steps": args.decode_steps,
+        "dense_below": dense_below,
         "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
         "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"), "tca_options": tca_options,
         "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},
@@ -370,6 +422,9 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             lim = [r.get(cell, {}).get("bandwidth_limit_tokens_per_s", 0.0) * B for r in sub]
             top.scatter(xs, lim, marker="_", s=200, color=color)
             bottom.bar(xs, [1e3 * r.get(cell, {}).get("ttft_s", 0.0) for r in sub], w, color=color, label=cell)
+            floor = [1e3 * r.get(cell, {}).get("ttft_compute_limit_s", 0.0) for r in sub]
+            if any(floor):
+                bottom.scatter(xs, floor, marker="_", s=200, color=color)
         name = Path(model).name if "/" in model else model
         for ax, ylabel in ((top, "decode tokens/s (batch, log)"), (bottom, "time to first token, ms (log)")):
             ax.set_xticks(range(len(sub)), [f"{r['tokens'] / 1024:g}K" for r in sub])
@@ -378,7 +433,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             ax.set_yscale("log")
             ax.grid(alpha=0.3, axis="y")
         top.set_title(f"{name}, batch {B}: decode (dashes: bandwidth limit)", fontsize=9)
-        bottom.set_title(f"{name}, batch {B}: prefill", fontsize=9)
+        bottom.set_title(f"{name}, batch {B}: prefill (dashes: compute limit)", fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"{meta['device']} ({meta['bandwidth_tbs']} TB/s), torch {meta['torch']}", fontsize=10)
