@@ -18,6 +18,7 @@ shapes and command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,6 +88,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "rule); budgets and dense_below come from the other flags")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
+    ap.add_argument("--sliding-kernel", action="store_true",
+                    help="every cell (the dense ones included) prefills the model's sliding-window layers with the "
+                         "engine's windowed kernel (exact) instead of transformers' SDPA over an (L, L) mask")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak in TFLOP/s for the prefill's compute limit (default: a table "
                          "by device name; none known: no limit recorded)")
@@ -218,7 +222,7 @@ def median_ttft(result: dict, more: list[float]) -> dict:
 
 
 def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: int, bw_tbs: float,
-             compile_prefill: bool = False, ttft_repeats: int = 1) -> dict:
+             compile_prefill: bool = False, ttft_repeats: int = 1, sliding_kernel: bool = False) -> dict:
     from ..integration import enable
     from ..methods.full_budget import FullBudget
 
@@ -228,13 +232,14 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
     compiled = {"compile_layers": True, "compile_prefill": compile_prefill} if cell.endswith("-compiled") else {}
     fn = eager_cell if cell.endswith("eager") else graph_cell
     try:
-        if cell.startswith("dense"):
-            r = fn(model, ids, steps, **compiled)
-            more = [fn(model, ids, 1, **compiled)["ttft_s"] for _ in range(ttft_repeats - 1)]
+        if cell.startswith("dense"):  # plain transformers; with sliding_kernel, a plain-attention session
+            with enable(model, None, sliding_kernel=True) if sliding_kernel else contextlib.nullcontext():
+                r = fn(model, ids, steps, **compiled)
+                more = [fn(model, ids, 1, **compiled)["ttft_s"] for _ in range(ttft_repeats - 1)]
         else:
             if cell.startswith("keep-all"):
                 method = FullBudget(window=method.window, block_size=method.block_size)
-            with enable(model, method) as session:
+            with enable(model, method, sliding_kernel=sliding_kernel) as session:
                 r = fn(model, ids, steps, session, **compiled)
                 more = [fn(model, ids, 1, session, **compiled)["ttft_s"] for _ in range(ttft_repeats - 1)]
                 if not cell.startswith("keep-all"):  # the policy's choice for this prompt, visible in the row
@@ -261,18 +266,19 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
                vocab: int, cells: tuple[str, ...] = CELLS, compile_prefill: bool = False,
-               ttft_repeats: int = 1, peak_tflops: float | None = None) -> list[dict]:
+               ttft_repeats: int = 1, peak_tflops: float | None = None, sliding_kernel: bool = False) -> list[dict]:
     weights, linear = _weight_bytes(model), _linear_params(model)
     warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
     for cell in cells:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
-        run_cell(cell, model, warm, 4, method, weights, bw_tbs, compile_prefill)
+        run_cell(cell, model, warm, 4, method, weights, bw_tbs, compile_prefill, sliding_kernel=sliding_kernel)
     rows = []
     for L in lengths:
         for B in batches:
             ids = torch.randint(0, vocab, (B, L), device="cuda")
             row = {"model": label, "tokens": L, "batch": B}
             for cell in cells:
-                row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs, compile_prefill, ttft_repeats)
+                row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs, compile_prefill, ttft_repeats,
+                                     sliding_kernel)
             for a, b in RATIOS:
                 if "decode_tokens_per_s" in row.get(a, {}) and "decode_tokens_per_s" in row.get(b, {}):
                     row[f"{a} / {b}"] = row[a]["decode_tokens_per_s"] / row[b]["decode_tokens_per_s"]
@@ -351,7 +357,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         budgets = Budgets.load(args.budgets).mapped_onto(model)
         method = TCA(budgets, dense_below=dense_below, **tca_options)
         rows += time_model("llama-3.1-8b-shape", model, method, lengths, batches, args.decode_steps, bw,
-                           LLAMA_8B["vocab_size"], cells, args.compile_prefill, args.ttft_repeats, peak)
+                           LLAMA_8B["vocab_size"], cells, args.compile_prefill, args.ttft_repeats, peak,
+                           args.sliding_kernel)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
                                         "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
         del model
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         method = TCA(method.budgets, dense_below=dense_below, **tca_options)
         rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
                            model.config.get_text_config().vocab_size, cells, args.compile_prefill,
-                           args.ttft_repeats, peak)
+                           args.ttft_repeats, peak, args.sliding_kernel)
         cfg = model.config.get_text_config()
         models[args.model] = {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
                               "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
@@ -376,7 +383,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "device": name, "torch": torch.__version__, "transformers": transformers.__version__,
         "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
         "bandwidth_tbs": bw, "peak_bf16_tflops": peak, "models": models, "decode_steps": args.decode_steps,
-        "dense_below": dense_below,
+        "dense_below": dense_below, "sliding_kernel": args.sliding_kernel,
         "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
         "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"), "tca_options": tca_options,
         "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},

@@ -77,6 +77,21 @@ class TokenPlan:
         return (self.kept_len.to(torch.float64) + local) / valid
 
 
+def sliding_window_plan(batch: int, num_kv_heads: int, seq_len: int, window: int, key_start: torch.Tensor
+                        ) -> TokenPlan:
+    """Exact causal sliding-window attention as a TokenPlan: no kept global keys, no local region,
+    query j attends to the keys (j - window, j] from its row's key_start on (a model's own
+    sliding-window layers, computed by the sparse prefill kernels instead of a dense (L, L) mask)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    dev = key_start.device
+    return TokenPlan(
+        kept_idx=torch.full((batch, num_kv_heads, 1), seq_len, dtype=torch.long, device=dev),
+        kept_len=torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=dev),
+        local_start=seq_len, window=window, block_size=1, key_start=key_start.to(torch.long),
+        decode_keep=torch.full((num_kv_heads,), window, dtype=torch.long, device=dev), kept_total=0)
+
+
 def band_start(j: torch.Tensor, window: int | torch.Tensor, local_start: int | torch.Tensor) -> torch.Tensor:
     """First key of query j's dense band: its window, extended to the local region's start.
 

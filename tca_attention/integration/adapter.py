@@ -121,9 +121,13 @@ class AttentionCall:
     softcap: float | None
     extra: dict[str, Any]  # everything else, passed through to SDPA untouched
 
+    def unknown_kwargs(self) -> list[str]:
+        """Keywords of this call that the library's executors do not know (SDPA would take them)."""
+        return sorted(set(self.extra) - _KNOWN_KWARGS)
+
     def check_sparse(self) -> None:
         """Raise unless the sparse executors compute what this call asks for."""
-        unknown = sorted(set(self.extra) - _KNOWN_KWARGS)
+        unknown = self.unknown_kwargs()
         if unknown:
             raise AdapterError(f"attention was called with keyword(s) {unknown} that the sparse path does not know")
         if self.softcap is not None:

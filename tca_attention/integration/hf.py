@@ -20,7 +20,7 @@ from torch import nn
 from ..ragged_cache import RaggedCache, RaggedLayer
 from ..static_cache import StaticRaggedCache
 from ..engine import certificate, dispatch
-from ..engine.plan import TokenPlan
+from ..engine.plan import TokenPlan, sliding_window_plan
 from ..methods.base import Method, Observer, Override
 from ..methods.dense import Dense
 from . import adapter, tensor_parallel
@@ -63,12 +63,30 @@ def key_start_from_mask(mask: torch.Tensor | None, batch: int, seq_len: int, dev
     return key_start
 
 
+def key_start_from_diagonal(mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
+    """(B,) count of leading padding keys of a whole-prompt mask, read off its diagonal (each
+    query's own key: masked exactly for the padding queries). The last row, which
+    key_start_from_mask reads, does not do for a sliding-window mask: its window starts late."""
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    diag = (mask[:, 0] if mask.dim() == 4 else mask).diagonal(dim1=-2, dim2=-1)[:, -seq_len:]
+    valid = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    if valid.shape[0] != batch:
+        valid = valid.expand(batch, -1)
+    key_start = (~valid).long().cumprod(-1).sum(-1)
+    holes = (~valid) & (torch.arange(seq_len, device=device)[None, :] >= key_start[:, None])
+    if bool(holes.any()):
+        raise ValueError("the sliding-window kernel supports left padding only (padding_side='left')")
+    return key_start
+
+
 class Session:
     """One model running one method. Build caches with new_cache(); close with disable()."""
 
     def __init__(self, model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto",
                  observer: Observer | None = None, override: Override | None = None,
-                 output_observer: Callable[[int, torch.Tensor], None] | None = None) -> None:
+                 output_observer: Callable[[int, torch.Tensor], None] | None = None,
+                 sliding_kernel: bool = False) -> None:
         self.arch = check_supported(model)
         dispatch.check_name(backend)
         method = Dense() if method is None else method
@@ -95,6 +113,9 @@ class Session:
         self.override = override  # a calibration's replacement of full-attention outputs (methods.base.Override)
         # observing sessions only: output_observer(layer_idx, out (B, L, H, D)) after each full layer's SDPA
         self.output_observer = output_observer
+        # the model's sliding-window layers: a whole prompt's attention through the engine's windowed
+        # kernel (exact; O(L x window)) instead of transformers' SDPA over a dense (L, L) mask
+        self.sliding_kernel = sliding_kernel
         self.kinds = layer_kinds(model)
         self.max_positions = getattr(text_config(model), "max_position_embeddings", None)
         self.last_prefill: dict[int, dict[str, Any]] = {}  # layer -> retained / kept fraction
@@ -267,6 +288,8 @@ class Session:
         idx, q = call.layer_idx, call.query
         if self.shard is not None:
             self.shard.check_call(idx, q, call.key)
+        if self.sliding_kernel and self.kinds[idx] == "sliding" and self.observer is None and _windowed_prompt(call):
+            return self._sliding_prefill(call), None
         if self.kinds[idx] == "sliding" or self.method.is_dense or self.observer is not None:
             observed = self.observer is not None and self.kinds[idx] == "full"
             if observed:
@@ -300,6 +323,15 @@ class Session:
                 raise RuntimeError(f"cache on {layer.device} but queries on {q.device}")
             return layer.attend(q, call.scaling, self.method.select_decode(idx, q, layer)), None
         return self._prefill(call, layer)
+
+    def _sliding_prefill(self, call: adapter.AttentionCall) -> torch.Tensor:
+        """A sliding-window layer's whole-prompt attention, exactly, over (j - window, j] per query
+        (transformers has already written the layer's cache)."""
+        q, k = call.query, call.key
+        B, L = q.shape[0], q.shape[2]
+        key_start = key_start_from_diagonal(call.mask, B, L, q.device)
+        plan = sliding_window_plan(B, k.shape[1], L, int(call.sliding_window), key_start)
+        return dispatch.sparse_prefill(q, k, call.value, plan, call.scaling, backend=self.backend)
 
     def _prefill(self, call: adapter.AttentionCall, layer: RaggedLayer | None):
         idx, q, k, v = call.layer_idx, call.query, call.key, call.value
@@ -418,10 +450,23 @@ def _refuse(what: str) -> None:
     raise TypeError(f"session.generate(cuda_graph=True) does not take {what}")
 
 
-def enable(model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto") -> Session:
+def enable(model: nn.Module, method: Method | None, backend: dispatch.Backend = "auto",
+           sliding_kernel: bool = False) -> Session:
     """Run `model` with `method` until disable() or the end of the `with` block.
 
     method=None is Dense(): plain attention (a session whose new_cache() is a DynamicCache).
+    sliding_kernel: a whole prompt's attention in the model's sliding-window layers (Gemma3's 5 of
+    6) through the engine's windowed flash kernel, exact, instead of transformers' SDPA over a
+    dense (L, L) mask; for every method, plain attention included.
     """
-    return Session(model, method, backend).enable()
+    return Session(model, method, backend, sliding_kernel=sliding_kernel).enable()
+
+
+def _windowed_prompt(call: adapter.AttentionCall) -> bool:
+    """Whether a sliding-window layer's call is a whole prompt longer than its window (no cached
+    keys before it) that the windowed kernel computes exactly; anything else stays with SDPA."""
+    L, Lk = call.query.shape[2], call.key.shape[2]
+    return (call.sliding_window is not None and L == Lk and L > int(call.sliding_window) and call.dropout == 0.0
+            and call.softcap is None
+            and call.extra.get("is_causal", True) is not False and not call.unknown_kwargs())
 
