@@ -53,14 +53,7 @@ def key_start_from_mask(mask: torch.Tensor | None, batch: int, seq_len: int, dev
     if mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     row = mask[:, 0, -1, -seq_len:] if mask.dim() == 4 else mask[:, -seq_len:]
-    valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    if valid.shape[0] != batch:
-        valid = valid.expand(batch, -1)
-    key_start = (~valid).long().cumprod(-1).sum(-1)
-    holes = (~valid) & (torch.arange(seq_len, device=device)[None, :] >= key_start[:, None])
-    if bool(holes.any()):
-        raise ValueError("TCA supports left padding only (pass padding_side='left' to the tokenizer)")
-    return key_start
+    return _leading_padding(row, batch, seq_len, device, "TCA")
 
 
 def key_start_from_diagonal(mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
@@ -70,13 +63,19 @@ def key_start_from_diagonal(mask: torch.Tensor | None, batch: int, seq_len: int,
     if mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     diag = (mask[:, 0] if mask.dim() == 4 else mask).diagonal(dim1=-2, dim2=-1)[:, -seq_len:]
-    valid = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    return _leading_padding(diag, batch, seq_len, device, "the sliding-window kernel")
+
+
+def _leading_padding(allowed: torch.Tensor, batch: int, seq_len: int, device, who: str) -> torch.Tensor:
+    """(B,) leading masked entries of each row of `allowed` (bool, or an additive float mask);
+    a masked entry after the first allowed one (right padding) is an error."""
+    valid = allowed if allowed.dtype == torch.bool else allowed > torch.finfo(allowed.dtype).min / 2
     if valid.shape[0] != batch:
         valid = valid.expand(batch, -1)
     key_start = (~valid).long().cumprod(-1).sum(-1)
     holes = (~valid) & (torch.arange(seq_len, device=device)[None, :] >= key_start[:, None])
     if bool(holes.any()):
-        raise ValueError("the sliding-window kernel supports left padding only (padding_side='left')")
+        raise ValueError(f"{who} supports left padding only (pass padding_side='left' to the tokenizer)")
     return key_start
 
 
