@@ -106,3 +106,27 @@ def test_tca_and_static_decode_with_the_kernel():
                                 session.generate(ids, attention_mask=mask, max_new_tokens=4, cuda_graph=True))
     assert sorted(set(calls)) == [0, 2]
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+
+
+def test_eval_with_the_kernel(tmp_path, smol_tokenizer, monkeypatch):
+    """`tca eval --sliding-kernel`: a run folder of its own, the kernel used, the same answers."""
+    from tca_attention.eval.methods import ModelBackend
+    from tca_attention.eval.runner import EvalConfig, evaluate
+    from tca_attention.integration.hf import Session
+
+    monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = Session._sliding_prefill
+    monkeypatch.setattr(Session, "_sliding_prefill", lambda self, call: calls.append(call.layer_idx) or real(self, call))
+    model = tiny("gemma3", vocab_size=len(smol_tokenizer))
+    preds = {}
+    for kernel in (False, True):
+        cfg = EvalConfig(model="tiny-gemma3", methods=("full",), tasks=("niah_single", "perplexity"), lengths=(256,),
+                         samples=1, sliding_kernel=kernel)
+        backend = ModelBackend("tiny-gemma3", model=model, tokenizer=smol_tokenizer, sliding_kernel=kernel)
+        run_dir = tmp_path / cfg.run_name()
+        preds[kernel] = {(r.task, r.prediction, round(r.nll or 0.0, 4)) for r in evaluate(cfg, backend, run_dir,
+                                                                                             progress=False)}
+        assert ("sliding-kernel" in cfg.run_name()) == kernel
+    assert sorted(set(calls)) == [0, 2]
+    assert preds[True] == preds[False]

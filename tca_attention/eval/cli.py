@@ -40,6 +40,9 @@ def add_run_options(p: argparse.ArgumentParser, methods_default: str, methods_he
                    help="samples of one task run together, left-padded (GPU throughput)")
     p.add_argument("--sdpa-backend", default="auto", choices=SDPA_BACKENDS,
                    help="torch SDPA kernel for the attention transformers runs itself (auto: torch's choice)")
+    p.add_argument("--sliding-kernel", action="store_true",
+                   help="the model's sliding-window layers (Gemma3) prefilled by the engine's windowed kernel, exact, "
+                        "for every method; results go to a run folder of their own")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: the loader's choice, float32 on the CPU and bfloat16 on CUDA; "
@@ -83,7 +86,7 @@ def run_models(args: argparse.Namespace, methods: list[str]) -> Iterator[tuple[E
                                tca_score=args.tca_score, tca_tau=args.tau,
                                calibration_length=args.calibration_length, backend=args.backend,
                                budgets_path=args.budgets, sdpa_backend=args.sdpa_backend,
-                               cuda_graph=args.cuda_graph)
+                               cuda_graph=args.cuda_graph, sliding_kernel=args.sliding_kernel)
         run_dir = args.results_dir / config.run_name()
         yield config, run_dir, evaluate(config, backend, run_dir, progress=not args.no_progress)
 
@@ -98,6 +101,7 @@ def configs_of(args: argparse.Namespace, methods: list[str]) -> list:
         lengths=tuple(int(x) for x in _csv(args.lengths)), samples=args.samples, seed=args.seed,
         chat_template=not args.no_chat_template, tca_preset=args.tca_preset, tca_score=args.tca_score,
         tca_tau=args.tau, dtype=args.dtype, batch_size=args.batch_size, sdpa_backend=args.sdpa_backend,
+        sliding_kernel=args.sliding_kernel,
     ) for model in args.model or ["smollm2"]]
 
 

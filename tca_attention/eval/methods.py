@@ -168,14 +168,17 @@ class ModelBackend:
                  tca_preset: str = "small-context", tca_score: str | None = None,
                  tca_tau: float = 0.9, calibration_length: int | None = None, backend: str = "auto",
                  model: Any = None, tokenizer: Any = None, tca_config: Any = None,
-                 budgets_path: Path | None = None, sdpa_backend: str = "auto", cuda_graph: bool = False) -> None:
+                 budgets_path: Path | None = None, sdpa_backend: str = "auto", cuda_graph: bool = False,
+                 sliding_kernel: bool = False) -> None:
         """model/tokenizer: an already loaded pair (skips load_model); tca_config: a TCAConfig
         used instead of preset/score/tau; budgets_path: an existing budget file of this model
         (copied into the run folder) instead of calibrating; sdpa_backend: the torch SDPA kernel
         for the layers transformers runs itself (see SDPA_BACKENDS); cuda_graph: decode the
         sparse methods that support it with the static steps of `session.generate(cuda_graph=True)`
         (captured in CUDA graphs on a GPU, run eagerly on the CPU; the same greedy tokens as
-        `model.generate()`, each row cut at its first EOS), the others with `model.generate()`."""
+        `model.generate()`, each row cut at its first EOS), the others with `model.generate()`;
+        sliding_kernel: the model's sliding-window layers' prompts through the engine's windowed
+        kernel (`enable(sliding_kernel=True)`), for every method."""
         self.model_name = model_name
         self.device = device
         self.dtype = dtype
@@ -191,6 +194,7 @@ class ModelBackend:
         self.budgets_path = budgets_path
         self.sdpa_backend = sdpa_backend
         self.cuda_graph = cuda_graph
+        self.sliding_kernel = sliding_kernel
         self.budgets: Any = None
 
     # -- loading ------------------------------------------------------------------------------
@@ -330,7 +334,8 @@ class ModelBackend:
             input_ids[r, L - len(ids):] = torch.tensor(ids)
             attn[r, L - len(ids):] = 1
         input_ids, attn = input_ids.to(self.model.device), attn.to(self.model.device)
-        with enable(self.model, core, backend=self.backend) as session, torch.no_grad(), sdpa_kernels(self.sdpa_backend):
+        with enable(self.model, core, backend=self.backend, sliding_kernel=self.sliding_kernel) as session, \
+                torch.no_grad(), sdpa_kernels(self.sdpa_backend):
             cache = session.new_cache()
             nlls: list[float | None] = [None] * B
             preds = [""] * B

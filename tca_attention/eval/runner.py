@@ -47,6 +47,7 @@ class EvalConfig:
     dtype: str | None = None
     batch_size: int = 1  # samples of one (task, length, method) run together, left-padded
     sdpa_backend: str = "auto"  # torch SDPA kernel for the layers transformers runs (auto = torch's choice)
+    sliding_kernel: bool = False  # sliding-window layers' prompts through the engine's windowed kernel
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS.names()]
@@ -82,6 +83,8 @@ class EvalConfig:
             ident["batch_size"] = self.batch_size
         if self.sdpa_backend != "auto":
             ident["sdpa_backend"] = self.sdpa_backend
+        if self.sliding_kernel:  # exact, but bf16 sums in another order: a folder of its own
+            ident["sliding_kernel"] = True
         return ident
 
     def run_name(self) -> str:
@@ -90,6 +93,7 @@ class EvalConfig:
         model = re.sub(r"[^A-Za-z0-9.]+", "-", Path(self.model).name if "/" in self.model else self.model)
         batch = f"_batch{self.batch_size}" if self.batch_size > 1 else ""
         sdpa = f"_sdpa-{self.sdpa_backend}" if self.sdpa_backend != "auto" else ""
+        sdpa += "_sliding-kernel" if self.sliding_kernel else ""
         return f"{model}_{self.tca_preset}_tau{self.tca_tau:g}_seed{self.seed}{batch}{sdpa}_{digest}"
 
 
