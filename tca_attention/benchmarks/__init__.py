@@ -23,6 +23,13 @@ def require_cuda(what: str) -> int | None:
     return 2
 
 
+def inductor_env() -> dict[str, str]:
+    """The TORCHINDUCTOR_* settings of this process (they change compiled timings): recorded in results."""
+    import os
+
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")}
+
+
 def parse_method(ap: argparse.ArgumentParser, spec: str) -> tuple[str, dict[str, Any]]:
     """A --method registry spec as (name, params); a bad one is a usage error (exit status 2),
     found before any GPU work."""

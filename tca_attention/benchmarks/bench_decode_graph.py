@@ -32,7 +32,7 @@ import torch
 from ..clihelp import HelpFormatter
 from ..engine.timing import bench_ms
 from ..registry import DEFAULT_METHOD
-from . import require_cuda
+from . import inductor_env, require_cuda
 
 CELLS = ("dense-eager", "dense-graph", "keep-all-graph", "tca-eager", "tca-graph")
 # --compile-layers: the three graph cells again with the decoder layers compiled (torch.compile;
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "dense_below": dense_below, "sliding_kernel": args.sliding_kernel,
         "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
         "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"), "tca_options": tca_options,
-        "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},
+        "inductor_env": inductor_env(),
         "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
                   "dense-graph": "SDPA + StaticCache, CUDA-graph replay (integration/static_decode.py)",
                   "keep-all-graph": "FullBudget (every token kept) + StaticRaggedCache, CUDA-graph replay: "

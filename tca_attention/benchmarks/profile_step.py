@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 
 import torch
 
 from ..clihelp import HelpFormatter
-from . import require_cuda
+from . import inductor_env, require_cuda
 
 # kernel name substrings -> kind (first match wins)
 KINDS = (
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ids = torch.randint(0, LLAMA_8B["vocab_size"], (1, args.tokens), device="cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
               "steps": args.steps, "compile_layers": args.compile_layers, "graph": args.graph,
-              "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},
+              "inductor_env": inductor_env(),
               "command": "profile_step " + " ".join(argv)}
     for label, method in (("tca", tca), ("keep-all", FullBudget(window=tca.window, block_size=tca.block_size))):
         result[label] = profile(model, method, ids, args.steps, args.compile_layers, args.graph)
