@@ -105,8 +105,13 @@ class RaggedLayer(DynamicLayer):
         raise NotImplementedError("batch selection is not supported with the TCA cache")
 
     # -- prefill ----------------------------------------------------------------------------
-    def commit_prefill(self, plan: TokenPlan | None, key_start: torch.Tensor, decode_keep: torch.Tensor) -> None:
-        """Store what `plan` keeps of the pending prompt k/v (None = keep everything)."""
+    def commit_prefill(self, plan: TokenPlan | None, key_start: torch.Tensor, decode_keep: torch.Tensor,
+                       keep_host: tuple[int, ...] | None = None) -> None:
+        """Store what `plan` keeps of the pending prompt k/v (None = keep everything).
+
+        decode_keep: (KV,) on the cache's device, to commit without a host sync (a host-to-device
+        copy waits for the stream: once per layer it held a prefill back); keep_host: the same
+        counts on the host, where the caller has them (the static cache needs them)."""
         if self.pending is None:
             raise RuntimeError("commit_prefill without a pending prefill")
         k, v = self.pending

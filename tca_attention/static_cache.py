@@ -64,13 +64,14 @@ class StaticRaggedLayer(RaggedLayer):
         self.__init__(self.block_size, self.window, self.backend, self.max_new_tokens)
 
     # -- prefill ----------------------------------------------------------------------------
-    def commit_prefill(self, plan: TokenPlan | None, key_start: torch.Tensor, decode_keep: torch.Tensor) -> None:
+    def commit_prefill(self, plan: TokenPlan | None, key_start: torch.Tensor, decode_keep: torch.Tensor,
+                       keep_host: tuple[int, ...] | None = None) -> None:
         if plan is not None and plan.compensate is not None:
             raise NotImplementedError("the static (graph-captured) cache has no compensation entries "
                                       "(TokenPlan.compensate, RazorAttention): use the dynamic cache")
-        # host copies of the per-head keep counts (one small read per layer and request)
-        self._keep_host = [int(x) for x in decode_keep.tolist()]
-        super().commit_prefill(plan, key_start, decode_keep)
+        # host copies of the per-head keep counts (read from the device only where not given)
+        self._keep_host = [int(x) for x in (decode_keep.tolist() if keep_host is None else keep_host)]
+        super().commit_prefill(plan, key_start, decode_keep, keep_host)
 
     def _commit_global(self, plan: TokenPlan | None, k: torch.Tensor, v: torch.Tensor) -> int:
         B, KV, L, D = k.shape

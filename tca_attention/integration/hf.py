@@ -123,6 +123,7 @@ class Session:
         self._caches: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
         self._tracked: "weakref.WeakSet[RaggedCache]" = weakref.WeakSet()  # ragged caches to check
         self._before: dict[int, list[tuple[int, int, int]]] = {}
+        self._keeps: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, ...]]] = {}  # see _decode_keep
         self._hooks: list = []
         self._restore_impl: Callable[[], None] | None = None
         self._active = False
@@ -358,10 +359,22 @@ class Session:
         self.method.observe_prefill(idx, out)
         if layer is not None:
             evicts = isinstance(plan, TokenPlan)  # a token plan is what the cache keeps; other plans keep all
-            keep = plan.decode_keep if evicts else self.method.decode_keep(idx, k.shape[1])
-            layer.commit_prefill(plan if evicts else None, key_start, keep)
+            layer.commit_prefill(plan if evicts else None, key_start, *self._decode_keep(idx, k))
             layer.key_bias = bias  # applied at every decode step over this cache
         return out, None
+
+    def _decode_keep(self, idx: int, k: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The method's decode keep counts of layer idx (a per-layer constant; a token plan carries
+        the same), on k's device and on the host, made once per session: methods build them on the
+        CPU, and copying them to the GPU at every prefill synchronised the stream once per layer
+        (Qwen2.5-0.5B at 8K, batch 1, H100: the prefill 25-50% slower than plain attention)."""
+        key = (idx, str(k.device))
+        hit = self._keeps.get(key)
+        if hit is None:
+            keep = self.method.decode_keep(idx, k.shape[1])
+            host = tuple(int(x) for x in keep.tolist())
+            hit = self._keeps[key] = (keep.to(device=k.device, dtype=torch.long), host)
+        return hit
 
     def prefill_report(self) -> dict[str, Any]:
         """The last prefill in a few numbers: mean over layers and heads of the kept fraction, and
