@@ -45,6 +45,34 @@ def test_measure_times_the_model_dense_then_with_the_method():
     assert cm.ladder(model, (1024, 4096, 8192)) == (1024, 4096)  # the tiny model's 4096 positions bound it
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_both_timings_take_the_sessions_path_for_sliding_layers(kernel, monkeypatch):
+    """A model with sliding-window layers (Gemma3): the windowed kernel (the session default) runs in
+    the dense timing too, or in neither, so that its gain is not counted as the method's; the
+    choice is part of the cache key."""
+    from tca_attention.integration import hf
+
+    model = tiny("gemma3")
+    windowed = []
+    real = hf.Session._sliding_prefill
+    monkeypatch.setattr(hf.Session, "_sliding_prefill",
+                        lambda self, call: windowed.append(type(self.method).__name__) or real(self, call))
+    timings = []
+
+    def timer(fn):
+        before = len(windowed)
+        fn()
+        timings.append(len(windowed) - before)
+        return 1.0
+
+    cm.measure_model(model, _tca(model), lengths=(200,), timer=timer, sliding_kernel=kernel)
+    sliding = sum(k == "sliding" for k in hf.layer_kinds(model))
+    assert sliding > 0 and timings == ([sliding, sliding] if kernel else [0, 0])
+    assert cm.cache_path(model, _tca(model), kernel) != cm.cache_path(model, _tca(model), not kernel)
+    llama = tiny("llama")  # no sliding layers: the same cache entry either way
+    assert cm.cache_path(llama, _tca(llama), True) == cm.cache_path(llama, _tca(llama), False)
+
+
 def test_model_crossover_is_cached_per_model_and_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("TCA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cm, "ladder", lambda model: (64, 128, 256))
@@ -83,17 +111,19 @@ def test_a_session_measures_it_when_the_method_asks(monkeypatch):
     monkeypatch.setattr(TCA, "model_crossover_pending", lambda self, device: True)
     calls = []
 
-    def fake(model_, method):
+    def fake(model_, method, sliding_kernel):
         from tca_attention.integration.hf import _SESSIONS
         from tca_attention.introspect import attention_modules
 
-        calls.append(any(mod in _SESSIONS for mod in attention_modules(model_)))
+        calls.append((any(mod in _SESSIONS for mod in attention_modules(model_)), sliding_kernel))
         return 123
 
     monkeypatch.setattr(cm, "model_crossover", fake)
     with enable(model, m):
         pass
-    assert calls == [False] and m._per_layer[("model_crossover", "cpu")] == 123
+    with enable(model, m, sliding_kernel=False):  # the session's choice goes with it
+        pass
+    assert calls == [(False, True), (False, False)] and m._per_layer[("model_crossover", "cpu")] == 123
 
 
 def test_a_session_really_measures_before_it_patches(tmp_path, monkeypatch):

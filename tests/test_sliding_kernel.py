@@ -1,6 +1,7 @@
-"""`enable(..., sliding_kernel=True)`: a model's sliding-window layers prefilled by the engine's
-windowed kernel equal transformers' SDPA over its (L, L) sliding mask, padded batches included,
-on both backends (Triton under the interpreter on a CPU); short prompts and decode stay with SDPA."""
+"""`enable(..., sliding_kernel=True)` (the default): a model's sliding-window layers prefilled by
+the engine's windowed kernel equal transformers' SDPA over its (L, L) sliding mask
+(`sliding_kernel=False`), padded batches included, on both backends (Triton under the
+interpreter on a CPU); short prompts and decode stay with SDPA."""
 from __future__ import annotations
 
 import pytest
@@ -51,17 +52,19 @@ def test_right_padding_and_bad_window_are_refused():
 def test_gemma3_with_the_kernel_equals_sdpa(backend):
     """Tiny Gemma3 (window 40, layers sliding / full / sliding), a left-padded batch of prompts
     longer than the window: the same logits, and the same greedy continuation (decode steps and
-    short prompts go through SDPA either way)."""
+    short prompts go through SDPA either way); the kernel is the session's default."""
     model = tiny("gemma3")
     L, pad = 96, [0, 11]
     ids = torch.randint(1, 97, (2, L))
     mask = (torch.arange(L)[None, :] >= torch.tensor(pad)[:, None]).long()
     calls = []
     with torch.no_grad():
-        with enable(model, None):
+        with enable(model, None, sliding_kernel=False) as session:
+            session._sliding_prefill = lambda call: calls.append(("off", call.layer_idx))
             want = model(input_ids=ids, attention_mask=mask).logits
             want_gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        with enable(model, None, backend=backend, sliding_kernel=True) as session:
+        assert calls == []
+        with enable(model, None, backend=backend) as session:
             real = session._sliding_prefill
             session._sliding_prefill = lambda call: calls.append(call.layer_idx) or real(call)
             got = model(input_ids=ids, attention_mask=mask).logits

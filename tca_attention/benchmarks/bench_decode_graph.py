@@ -88,9 +88,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "rule); budgets and dense_below come from the other flags")
     ap.add_argument("--bandwidth-tbs", type=float, default=None,
                     help="the device's memory bandwidth in TB/s for the limits (default: a table by device name)")
-    ap.add_argument("--sliding-kernel", action="store_true",
+    ap.add_argument("--sliding-kernel", action=argparse.BooleanOptionalAction, default=True,
                     help="every cell (the dense ones included) prefills the model's sliding-window layers with the "
-                         "engine's windowed kernel (exact) instead of transformers' SDPA over an (L, L) mask")
+                         "engine's windowed kernel (exact; the library's default, enable(sliding_kernel=True)); "
+                         "--no-sliding-kernel: transformers' SDPA over an (L, L) mask, in every cell")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak in TFLOP/s for the prefill's compute limit (default: a table "
                          "by device name; none known: no limit recorded)")
@@ -222,8 +223,9 @@ def median_ttft(result: dict, more: list[float]) -> dict:
 
 
 def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: int, bw_tbs: float,
-             compile_prefill: bool = False, ttft_repeats: int = 1, sliding_kernel: bool = False) -> dict:
+             compile_prefill: bool = False, ttft_repeats: int = 1, sliding_kernel: bool = True) -> dict:
     from ..integration import enable
+    from ..introspect import layer_kinds
     from ..methods.full_budget import FullBudget
 
     torch.cuda.empty_cache()
@@ -232,8 +234,9 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
     compiled = {"compile_layers": True, "compile_prefill": compile_prefill} if cell.endswith("-compiled") else {}
     fn = eager_cell if cell.endswith("eager") else graph_cell
     try:
-        if cell.startswith("dense"):  # plain transformers; with sliding_kernel, a plain-attention session
-            with enable(model, None, sliding_kernel=True) if sliding_kernel else contextlib.nullcontext():
+        if cell.startswith("dense"):  # plain transformers; with sliding layers and the kernel, a plain-attention session
+            windowed = sliding_kernel and "sliding" in layer_kinds(model)
+            with enable(model, None) if windowed else contextlib.nullcontext():
                 r = fn(model, ids, steps, **compiled)
                 more = [fn(model, ids, 1, **compiled)["ttft_s"] for _ in range(ttft_repeats - 1)]
         else:
@@ -266,7 +269,7 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
                vocab: int, cells: tuple[str, ...] = CELLS, compile_prefill: bool = False,
-               ttft_repeats: int = 1, peak_tflops: float | None = None, sliding_kernel: bool = False) -> list[dict]:
+               ttft_repeats: int = 1, peak_tflops: float | None = None, sliding_kernel: bool = True) -> list[dict]:
     weights, linear = _weight_bytes(model), _linear_params(model)
     warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
     for cell in cells:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)

@@ -15,6 +15,7 @@ method settings) under paths.cache_root()/crossover/.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..introspect import text_config
+from ..introspect import layer_kinds, text_config
 from ..methods.base import Method
 from ..methods.state import ModelIdentity
 from ..methods.tca.crossover import LENGTHS, crossover_of
@@ -51,16 +52,19 @@ def ladder(model: nn.Module, lengths: tuple[int, ...] = LENGTHS) -> tuple[int, .
 
 @torch.no_grad()
 def measure_model(model: nn.Module, method: Method, lengths: tuple[int, ...] | None = None,
-                  timer: Timer | None = None) -> list[dict[str, float]]:
+                  timer: Timer | None = None, sliding_kernel: bool = True) -> list[dict[str, float]]:
     """{"length", "dense_ms", "tca_ms"} per length: the model's prefill forward with plain attention
-    and with `method` (its policy field `dense_below` set to 0). A length that runs out of memory ends
-    the ladder (the longer ones are not measured)."""
+    and with `method` (its policy field `dense_below` set to 0), both with the session's choice for
+    sliding-window layers (`enable(sliding_kernel=...)`: the windowed kernel would otherwise be
+    counted as the method's gain). A length that runs out of memory ends the ladder (the longer
+    ones are not measured)."""
     from .hf import enable
 
     if id(model) in _MEASURING:
         raise RuntimeError(f"{method.name}: its measuring copy (dense_below=0) asked for a model crossover again")
     timer = timer or _default_timer
     sparse_method = dataclasses.replace(method, dense_below=0)
+    windowed = sliding_kernel and "sliding" in layer_kinds(model)  # plain attention with the windowed kernel
     device = next(model.parameters()).device
     vocab = text_config(model).vocab_size
     rows = []
@@ -69,8 +73,9 @@ def measure_model(model: nn.Module, method: Method, lengths: tuple[int, ...] | N
         for L in lengths or ladder(model):
             ids = torch.randint(0, vocab, (1, L), device=device)
             try:
-                dense_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
-                with enable(model, sparse_method) as session:
+                with enable(model, None) if windowed else contextlib.nullcontext():
+                    dense_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+                with enable(model, sparse_method, sliding_kernel=sliding_kernel) as session:
                     tca_ms = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1,
                                                  **session.cache_kwargs(session.new_cache())))
             except torch.OutOfMemoryError:
@@ -83,8 +88,8 @@ def measure_model(model: nn.Module, method: Method, lengths: tuple[int, ...] | N
     return rows
 
 
-def cache_path(model: nn.Module, method: Method) -> Path:
-    """The cache file of this (device, versions, model, dtype, method settings)."""
+def cache_path(model: nn.Module, method: Method, sliding_kernel: bool = True) -> Path:
+    """The cache file of this (device, versions, model, dtype, method settings, sliding-window path)."""
     import transformers
 
     param = next(model.parameters())
@@ -94,6 +99,8 @@ def cache_path(model: nn.Module, method: Method) -> Path:
         "model": dataclasses.asdict(ModelIdentity.of(model)), "dtype": str(param.dtype),
         "method": repr(dataclasses.replace(method, dense_below=0)),
     }
+    if sliding_kernel and "sliding" in layer_kinds(model):  # the windowed kernel in both timings
+        key["sliding_kernel"] = True
     try:
         import triton
 
@@ -104,15 +111,17 @@ def cache_path(model: nn.Module, method: Method) -> Path:
     return cache_root() / "crossover" / f"model-{digest}.json"
 
 
-def model_crossover(model: nn.Module, method: Method, timer: Timer | None = None) -> int:
-    """The cached model-level crossover of `method` on `model`, measuring it once when missing."""
-    path = cache_path(model, method)
+def model_crossover(model: nn.Module, method: Method, timer: Timer | None = None,
+                    sliding_kernel: bool = True) -> int:
+    """The cached model-level crossover of `method` on `model`, measuring it once when missing
+    (sliding_kernel: the session's choice for sliding-window layers, in both timings)."""
+    path = cache_path(model, method, sliding_kernel)
     if path.exists():
         return int(json.loads(path.read_text())["crossover"])
     lengths = ladder(model)
     print(f"Measuring once where {method.name}'s prefill pays off on this model (whole-model prefill, dense vs "
           f"{method.name}, {len(lengths)} lengths up to {max(lengths)}); cached in {path}", file=sys.stderr, flush=True)
-    rows = measure_model(model, method, lengths, timer)
+    rows = measure_model(model, method, lengths, timer, sliding_kernel)
     value = crossover_of(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
