@@ -411,7 +411,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
     """One column per (model, batch size), prompt lengths along x: batch decode tokens/s per cell
-    (bars) with each cell's bandwidth limit (dashes) on top, time to first token per cell below."""
+    (bars) with each cell's bandwidth limit (dashes) on top, time to first token per cell below
+    with its compute limit (black dashes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,8 +434,8 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             top.scatter(xs, lim, marker="_", s=200, color=color)
             bottom.bar(xs, [1e3 * r.get(cell, {}).get("ttft_s", 0.0) for r in sub], w, color=color, label=cell)
             floor = [1e3 * r.get(cell, {}).get("ttft_compute_limit_s", 0.0) for r in sub]
-            if any(floor):
-                bottom.scatter(xs, floor, marker="_", s=200, color=color)
+            if any(floor):  # below the bar's top: drawn over it, in black
+                bottom.scatter(xs, floor, marker="_", s=200, color="black", zorder=3)
         name = Path(model).name if "/" in model else model
         for ax, ylabel in ((top, "decode tokens/s (batch, log)"), (bottom, "time to first token, ms (log)")):
             ax.set_xticks(range(len(sub)), [f"{r['tokens'] / 1024:g}K" for r in sub])
@@ -443,7 +444,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
             ax.set_yscale("log")
             ax.grid(alpha=0.3, axis="y")
         top.set_title(f"{name}, batch {B}: decode (dashes: bandwidth limit)", fontsize=9)
-        bottom.set_title(f"{name}, batch {B}: prefill (dashes: compute limit)", fontsize=9)
+        bottom.set_title(f"{name}, batch {B}: prefill (black dashes: compute limit)", fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"{meta['device']} ({meta['bandwidth_tbs']} TB/s), torch {meta['torch']}", fontsize=10)
