@@ -28,7 +28,9 @@ end=$((SECONDS + ${SECONDS_BUDGET:-520}))
 ARGS=(--model "${MODEL:-smollm2}" --batch-size "${BATCH:-20}" --lengths "${LENGTHS:-4096}" --samples "${SAMPLES:-20}"
       --results-dir "$RESULTS")
 # the groups with samples left, in one process (starting `tca eval` for a finished group cost ~7 s)
-bash scripts/gpu_run.sh py scripts/pending_groups.py "$1" "${ARGS[@]}" > "$STAGE/pending_groups.txt" 2>> "$OUT/leaderboard_runs.log" \
+# (EXTRA: more `tca eval` flags, e.g. --sliding-kernel, which also name the run folder)
+# shellcheck disable=SC2086 - EXTRA is a list of flags
+bash scripts/gpu_run.sh py scripts/pending_groups.py "$1" "${ARGS[@]}" ${EXTRA:-} > "$STAGE/pending_groups.txt" 2>> "$OUT/leaderboard_runs.log" \
   || { echo "pending_groups failed (see leaderboard_runs.log)"; exit 1; }
 while IFS= read -r group; do
   left=$((end - SECONDS)); [ "$left" -lt 20 ] && { echo "budget spent before: $group"; break; }
