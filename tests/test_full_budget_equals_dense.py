@@ -65,3 +65,29 @@ def test_full_budget_matches_sdpa(arch, B, pads):
         bound = 4 * err_sdpa + 64 * eps * float(r.abs().max())
         assert err_tca <= bound, f"{'prefill' if i == 0 else 'decode'}: {err_tca:.2e} > {bound:.2e}"
     assert model.config._attn_implementation == impl, "leaving the session must restore the implementation"
+
+
+def test_the_plan_needs_no_host_read_and_packs_what_pack_mask_finds():
+    """FullBudget's plan gives pack_mask the unpadded row's count (no read of the counts: a host
+    sync per layer on a GPU); the kept sets equal those pack_mask finds by itself, padded rows too;
+    a max_len above the counts only pads."""
+    from tca_attention.engine.plan import pack_mask
+    from tca_attention.methods.base import global_region, row_geometry
+
+    m = FullBudget(window=16, block_size=8)
+    B, KV, L = 3, 2, 70
+    key_start = torch.tensor([0, 9, 30])
+    k = torch.randn(B, KV, L, 4)
+    saved = torch.Tensor.__int__
+    torch.Tensor.__int__ = lambda self: (_ for _ in ()).throw(AssertionError("host read"))
+    try:
+        plan = m.plan(0, torch.randn(B, 4, L, 4), k, key_start, 0.5, padded=True)
+    finally:
+        torch.Tensor.__int__ = saved
+    _, row_ls = row_geometry(L, key_start, 8, 16)
+    idx, lens = pack_mask(global_region(L, key_start, row_ls)[:, None, :].expand(B, KV, L))
+    assert torch.equal(plan.kept_len, lens) and plan.kept_idx.shape[-1] == idx.shape[-1] == int(lens.max())
+    assert torch.equal(plan.kept_idx, idx)
+    few = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    wide, n = pack_mask(few, max_len=5)  # room beyond the counts: padding N
+    assert wide.tolist() == [[0, 2, 6, 6, 6], [1, 2, 3, 6, 6]] and n.tolist() == [2, 3]

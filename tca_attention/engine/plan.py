@@ -136,14 +136,16 @@ class RaggedCacheView:
     c_logw: torch.Tensor | None = None  # (B, KV) fp32
 
 
-def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_mask(mask: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascending indices of True entries, padded: (..., N) bool -> idx (..., M) int64, len (...) int32.
 
-    Padding entries hold N (one past the end) so they sort last and are easy to spot.
+    Padding entries hold N (one past the end) so they sort last and are easy to spot. max_len: the
+    largest count when the caller knows it (M then needs no read of the counts on the host, a
+    sync on a GPU); it must be at least every row's count.
     """
     N = mask.shape[-1]
     lengths = mask.sum(-1)
-    M = int(lengths.max()) if mask.numel() else 0
+    M = max_len if max_len is not None else (int(lengths.max()) if mask.numel() else 0)
     ar = torch.arange(N, device=mask.device)
     key = torch.where(mask, ar, ar + N)
     idx = torch.sort(key, dim=-1).values[..., :M]

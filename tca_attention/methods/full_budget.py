@@ -29,6 +29,6 @@ class FullBudget(Method):
         _, row_ls = row_geometry(L, key_start, self.block_size, self.window) if padded else (None, None)
         ls = row_ls if row_ls is not None else torch.full_like(key_start, local_start)
         mask = global_region(L, key_start, ls)[:, None, :].expand(B, KV, L)  # each row's [key_start, ls)
-        kept_idx, kept_len = pack_mask(mask)
+        kept_idx, kept_len = pack_mask(mask, max_len=local_start)  # the unpadded row's [0, local_start): no sync
         return TokenPlan(kept_idx, kept_len, local_start, self.window, self.block_size, key_start,
                          self.decode_keep(layer_idx, KV), row_local_start=row_ls)
