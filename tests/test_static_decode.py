@@ -229,6 +229,40 @@ def test_compiled_layers_decode_the_same_tokens_and_put_everything_back(arch, na
                 session.generate(input_ids=ids, max_new_tokens=4, compile_layers=True)
 
 
+@pytest.mark.parametrize("prefill", [False, True])
+def test_compile_tuning_hands_inductor_its_tuning_options(prefill, monkeypatch):
+    """compile_tuning=True: every compilation of the decoder layers (decode, and prefill with
+    compile_prefill) gets inductor's GEMM autotuning and coordinate-descent tuning, and none without
+    it; it needs compile_layers, and a session's generate needs cuda_graph for it. torch.compile is
+    recorded, not run (the options are what is under test; compiling is the tests above)."""
+    from tca_attention.integration import compiled_layers
+
+    calls = []
+
+    def record(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(compiled_layers.torch, "compile", record)
+    model = tiny("llama", num_hidden_layers=2)
+    ids, mask = left_padded((60, 41))
+    with torch.no_grad(), enable(model, method("tca", model), backend="reference") as session:
+        want = greedy_static(model, ids, mask, max_new_tokens=4, session=session)
+        for tuning in (False, True):
+            calls.clear()
+            run = greedy_static(model, ids, mask, max_new_tokens=4, session=session, compile_layers=True,
+                                compile_prefill=prefill, compile_tuning=tuning)
+            assert torch.equal(run.sequences, want.sequences)
+            assert len(calls) == 2 * (2 if prefill else 1)
+            assert all(c["options"] == (compiled_layers.TUNED_OPTIONS if tuning else None) for c in calls)
+            assert sorted(c["dynamic"] for c in calls) == ([False, False, True, True] if prefill else [False, False])
+        with pytest.raises(ValueError, match="compile_tuning=True needs compile_layers"):
+            greedy_static(model, ids, mask, max_new_tokens=2, session=session, compile_tuning=True)
+        with pytest.raises(ValueError, match="needs cuda_graph=True"):
+            session.generate(input_ids=ids, max_new_tokens=2, compile_layers=True, compile_tuning=True)
+    assert compiled_layers.TUNED_OPTIONS == {"max_autotune_gemm": True, "coordinate_descent_tuning": True}
+
+
 @pytest.mark.parametrize("arch,name", [("llama", "tca"), ("llama", None), ("gemma3", "tca")])
 def test_compiled_prefill_decodes_the_same_tokens_and_compiles_once_for_every_length(arch, name, caplog):
     """compile_prefill=True: the prompt's forward runs through a dynamic-shape compilation of each

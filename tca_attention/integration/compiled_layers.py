@@ -23,7 +23,7 @@ code. The first decode steps pay the compilation
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,16 +43,27 @@ def _dynamo_settings(n_layers: int) -> dict[str, Any]:
     return {limit: max(getattr(cfg, limit), 4 * n_layers + 8)}
 
 
+# inductor's tuning for the decode steps (gpt-fast's settings): GEMM autotuning picks faster kernels
+# for the weight GEMVs every step reads, coordinate descent tunes the fused kernels' launch
+# parameters. Compiles take longer (minutes on an 8B model); measured on an H100 at 128K, 8B shape:
+# TCA's compiled graph step 7.54 -> 6.75 ms, keep-all's 12.6 -> 11.7 ms (docs/results/gpu_2026-12-07g/).
+TUNED_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": True}
+
+
+def _compile(layer: nn.Module, dynamic: bool, tuned: bool) -> Callable[..., Any]:
+    return torch.compile(layer, dynamic=dynamic, options=dict(TUNED_OPTIONS) if tuned else None)
+
+
 class PhaseCompiledLayer(nn.Module):
     """A decoder layer compiled twice: one-token forwards (decode) with static shapes, longer ones
     (prefill) with dynamic shapes. Attributes the model reads from its layers (e.g. attention_type)
     come from the original layer."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, tuned: bool = False) -> None:
         super().__init__()
         self.layer = layer
-        self._decode = torch.compile(layer, dynamic=False)
-        self._prefill = torch.compile(layer, dynamic=True)
+        self._decode = _compile(layer, False, tuned)
+        self._prefill = _compile(layer, True, tuned)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         fn = self._decode if hidden_states.shape[1] == 1 else self._prefill
@@ -66,10 +77,12 @@ class PhaseCompiledLayer(nn.Module):
 
 
 @contextmanager
-def compiled_decoder_layers(model: nn.Module, cache: Any, prefill: bool = False) -> Iterator[None]:
+def compiled_decoder_layers(model: nn.Module, cache: Any, prefill: bool = False, tuned: bool = False
+                            ) -> Iterator[None]:
     """Within: the model's decoder layers compiled (torch.compile, dynamic=False; with prefill,
-    multi-token forwards through a second, dynamic-shape compilation), its attention function and
-    `cache.update` eager behind torch.compiler.disable. Everything is put back on exit."""
+    multi-token forwards through a second, dynamic-shape compilation; tuned: with TUNED_OPTIONS),
+    its attention function and `cache.update` eager behind torch.compiler.disable. Everything is
+    put back on exit."""
     import torch._dynamo
 
     layers = decoder_layers(model)
@@ -81,7 +94,7 @@ def compiled_decoder_layers(model: nn.Module, cache: Any, prefill: bool = False)
     try:
         with torch._dynamo.config.patch(**_dynamo_settings(len(originals) * (2 if prefill else 1))):
             for i, layer in enumerate(originals):
-                layers[i] = PhaseCompiledLayer(layer) if prefill else torch.compile(layer, dynamic=False)
+                layers[i] = PhaseCompiledLayer(layer, tuned) if prefill else _compile(layer, False, tuned)
             yield
     finally:
         for i, layer in enumerate(originals):

@@ -98,17 +98,20 @@ def _new_cache(model: nn.Module, session, prompt_len: int, max_new_tokens: int) 
 @torch.no_grad()
 def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   max_new_tokens: int, session=None, cuda_graph: bool = True,
-                  compile_layers: bool = False, compile_prefill: bool = False,
+                  compile_layers: bool = False, compile_prefill: bool = False, compile_tuning: bool = False,
                   steady_context: AbstractContextManager | None = None) -> StaticRun:
     """Greedy decoding of max_new_tokens tokens with static decode steps (CUDA graphs on a GPU
     when cuda_graph). session: an enabled Session (its method's static ragged cache), or None for
     plain attention over transformers' StaticCache. attention_mask: left padding only.
     compile_layers: decode steps with the decoder layers compiled (torch.compile); with
-    compile_prefill the prompt's forward too. steady_context: entered around the steady steps only
+    compile_prefill the prompt's forward too; compile_tuning: with inductor's GEMM autotuning and
+    coordinate-descent tuning (compiled_layers.TUNED_OPTIONS; longer compiles). steady_context: entered around the steady steps only
     (the graph replays, or the eager steps after the first), e.g. a torch.profiler.profile that
     should see a decode step's kernels and nothing of the prefill or the capture."""
     if compile_prefill and not compile_layers:
         raise ValueError("compile_prefill=True needs compile_layers=True")
+    if compile_tuning and not compile_layers:
+        raise ValueError("compile_tuning=True needs compile_layers=True")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -123,7 +126,7 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     with ExitStack() as compiled:
         if compile_prefill:
-            compiled.enter_context(compiled_decoder_layers(model, cache, prefill=True))
+            compiled.enter_context(compiled_decoder_layers(model, cache, prefill=True, tuned=compile_tuning))
         _sync(dev)
         t0 = time.perf_counter()
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos_ids, use_cache=True,
@@ -139,7 +142,7 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         step = StaticStep(model, cache, tokens[:, 0], key_start, pos_ids[:, -1:] + 1, L, tokens)
         capture = cuda_graph and dev.type == "cuda"
         if compile_layers and not compile_prefill:
-            compiled.enter_context(compiled_decoder_layers(model, cache))
+            compiled.enter_context(compiled_decoder_layers(model, cache, tuned=compile_tuning))
         t2, t3, eager, rest, graphs = _decode(step, cache, ragged, need, steps, capture, dev,
                                                steady_context or nullcontext())
     _set_pass(cache, ragged, True)
