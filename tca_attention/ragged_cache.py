@@ -50,6 +50,7 @@ class RaggedLayer(DynamicLayer):
         self._first_host: list[int] | None = None  # t_first on the host, read once when first needed
         self.key_start: torch.Tensor | None = None  # (B,) first non-padding position
         self.decode_keep: torch.Tensor | None = None  # (KV,)
+        self._keep_host: tuple[int, ...] | None = None  # decode_keep on the host (keep_host())
         self.calls = CallCounts()
         self.compresses: bool | None = None  # False once known that decode keeps whole blocks
         self.method_state: dict = {}  # a method's per-request state for this layer (e.g. page bounds)
@@ -111,7 +112,8 @@ class RaggedLayer(DynamicLayer):
 
         decode_keep: (KV,) on the cache's device, to commit without a host sync (a host-to-device
         copy waits for the stream: once per layer it held a prefill back); keep_host: the same
-        counts on the host, where the caller has them (the static cache needs them)."""
+        counts on the host, where the caller has them (else read from the device when first
+        needed: keep_host())."""
         if self.pending is None:
             raise RuntimeError("commit_prefill without a pending prefill")
         k, v = self.pending
@@ -119,9 +121,16 @@ class RaggedLayer(DynamicLayer):
         self.calls.commits += 1
         self.key_start = key_start.to(k.device)
         self.decode_keep = decode_keep.to(k.device)
+        self._keep_host = None if keep_host is None else tuple(int(x) for x in keep_host)
         self._first_host = None
         self._commit_compensation(plan, k, v)
         self._commit_tail(k, v, self._commit_global(plan, k, v))
+
+    def keep_host(self) -> tuple[int, ...]:
+        """decode_keep on the host: as given to commit_prefill, else read from the device once."""
+        if self._keep_host is None:
+            self._keep_host = tuple(int(x) for x in self.decode_keep.tolist())
+        return self._keep_host
 
     def _commit_compensation(self, plan: TokenPlan | None, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fold each compensating head's dropped prompt tokens (the real tokens of the row's global
@@ -251,7 +260,7 @@ class RaggedLayer(DynamicLayer):
         full = self.window + self.block_size
         if self.compresses is None and self.t_fill >= full:  # t_fill: the longest row tail
             # every head keeping whole blocks gains nothing and would add positions: stay dense
-            self.compresses = bool((self.decode_keep < self.block_size).any())  # once per request
+            self.compresses = any(x < self.block_size for x in self.keep_host())  # once per request
         if self.compresses and self.t_fill >= full:
             firsts = self._tail_firsts()
             while rows := [r for r, f in enumerate(firsts) if self.seen - f >= full]:
@@ -276,7 +285,7 @@ class RaggedLayer(DynamicLayer):
         logits = torch.einsum("bkgd,bknd->bkgn", q_last.view(B, KV, g, D).float(), blk_k.float()) * scaling
         probs = torch.exp(logits - lse_last.view(B, KV, g, 1)).mean(2)  # (B, KV, b) GQA-averaged
         pos = self.t_pos0 + slots  # (B, b): all in the row's tail for the compressing rows
-        t_max = int(self.decode_keep.max()) if self.decode_keep.numel() else 0
+        t_max = max(self.keep_host(), default=0)
         top = torch.topk(probs, t_max, dim=-1).indices  # (B, KV, t_max)
         keep = torch.arange(t_max, device=dev)[None, None, :] < self.decode_keep[None, :, None]
         keep = keep & comp[:, None, None]  # (B, KV, t_max)

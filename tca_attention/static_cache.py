@@ -55,7 +55,6 @@ class StaticRaggedLayer(RaggedLayer):
         self.n_global = 0  # global slots, room included (= g_offsets[-1]); slot n_global is a dump slot
         self.catchup = 0  # compression passes of the first decode step
         self.t_max = 0  # the largest decode_keep
-        self._keep_host: list[int] = []  # decode_keep on the host
         self.decoded = False  # the first decode step ran
         self.compress_pass = True  # run the (masked) compression pass in decode steps after the first
         self._store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # global buffers + dump slot
@@ -69,8 +68,6 @@ class StaticRaggedLayer(RaggedLayer):
         if plan is not None and plan.compensate is not None:
             raise NotImplementedError("the static (graph-captured) cache has no compensation entries "
                                       "(TokenPlan.compensate, RazorAttention): use the dynamic cache")
-        # host copies of the per-head keep counts (read from the device only where not given)
-        self._keep_host = [int(x) for x in (decode_keep.tolist() if keep_host is None else keep_host)]
         super().commit_prefill(plan, key_start, decode_keep, keep_host)
 
     def _commit_global(self, plan: TokenPlan | None, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -78,7 +75,7 @@ class StaticRaggedLayer(RaggedLayer):
         b, w = self.block_size, self.window
         total, local_start, dyn_off, seg, idx = self._kept_slots(plan, k)
         fill = L - local_start  # the longest row tail
-        keep = self._keep_host
+        keep = self.keep_host()
         self.compresses = any(x < b for x in keep)
         self.t_max = max(keep, default=0) if self.compresses else 0
         # blocks a row can compress in the request: its tail tokens ever, a block at a time

@@ -105,9 +105,10 @@ def greedy_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     plain attention over transformers' StaticCache. attention_mask: left padding only.
     compile_layers: decode steps with the decoder layers compiled (torch.compile); with
     compile_prefill the prompt's forward too; compile_tuning: with inductor's GEMM autotuning and
-    coordinate-descent tuning (compiled_layers.TUNED_OPTIONS; longer compiles). steady_context: entered around the steady steps only
-    (the graph replays, or the eager steps after the first), e.g. a torch.profiler.profile that
-    should see a decode step's kernels and nothing of the prefill or the capture."""
+    coordinate-descent tuning (compiled_layers.TUNED_OPTIONS; longer compiles). steady_context:
+    entered around the steady steps only (the graph replays, or the eager steps after the first),
+    e.g. a torch.profiler.profile that should see a decode step's kernels and nothing of the
+    prefill or the capture."""
     if compile_prefill and not compile_layers:
         raise ValueError("compile_prefill=True needs compile_layers=True")
     if compile_tuning and not compile_layers:
