@@ -30,7 +30,9 @@ ARGS=(--model "${MODEL:-smollm2}" --batch-size "${BATCH:-20}" --lengths "${LENGT
 # the groups with samples left, in one process (starting `tca eval` for a finished group cost ~7 s)
 # (EXTRA: more `tca eval` flags, e.g. --sliding-kernel, which also name the run folder)
 # shellcheck disable=SC2086 - EXTRA is a list of flags
-bash scripts/gpu_run.sh py scripts/pending_groups.py "$1" "${ARGS[@]}" ${EXTRA:-} > "$STAGE/pending_groups.txt" 2>> "$OUT/leaderboard_runs.log" \
+# (a file of this run's own: two queues may run side by side on one GPU, each with its OUT and RESULTS)
+pending=$(mktemp "$STAGE/pending_groups.XXXXXX")
+bash scripts/gpu_run.sh py scripts/pending_groups.py "$1" "${ARGS[@]}" ${EXTRA:-} > "$pending" 2>> "$OUT/leaderboard_runs.log" \
   || { echo "pending_groups failed (see leaderboard_runs.log)"; exit 1; }
 while IFS= read -r group; do
   left=$((end - SECONDS)); [ "$left" -lt 20 ] && { echo "budget spent before: $group"; break; }
@@ -38,8 +40,8 @@ while IFS= read -r group; do
   timeout "$left" bash scripts/gpu_run.sh py -m tca_attention.cli eval "${ARGS[@]}" --device cuda --cuda-graph \
     --methods "$group" --no-progress ${EXTRA:-} >> "$OUT/leaderboard_runs.log" 2>&1
   rc=$?; echo "   rc=$rc $(for d in "$RESULTS"/*/; do echo -n "$(zcat -f "$d"results.jsonl* 2>/dev/null | grep -c .) "; done)"
-done < "$STAGE/pending_groups.txt"
-rm -f "$STAGE/pending_groups.txt"
+done < "$pending"
+rm -f "$pending"
 tar -C "$RESULTS" -czf "$OUT/leaderboard_runs.tar.gz" .
 # the calibrated states (budgets, gates, profiles, head scores) of this model, to commit: not the converted weights
 [ -d "$STAGE/cache" ] && tar -C "$STAGE/cache" --exclude=./models -czf "$OUT/calibration_cache.tar.gz" .

@@ -293,6 +293,19 @@ def sweep_prefill(q, k, v, plan, scaling, configs, results: dict) -> object:
     return best[0]
 
 
+# The decode kernel's launch settings swept (ragged_decode_triton keywords; {} = the defaults: block_n 32,
+# num_warps 4, num_stages 4, chunk for about 4 work items per SM). Small caches (TCA at ~10% of 128K:
+# ~70 MB a layer, ~30 us) are where tile size, pipelining depth and items per SM matter most.
+DECODE_SETTINGS: list[dict] = [
+    {}, {"block_n": 64, "num_stages": 3}, {"block_n": 64, "num_stages": 2}, {"block_n": 64, "num_stages": 4},
+    {"num_warps": 8}, {"block_n": 64, "num_warps": 8, "num_stages": 3}, {"num_stages": 2}, {"num_stages": 3},
+    {"use_tma": True}, {"block_n": 64, "num_stages": 3, "use_tma": True},
+    {"chunk": 128}, {"chunk": 256}, {"chunk": 512}, {"chunk": 1024}, {"chunk": 2048},
+    {"chunk": 512, "use_tma": True}, {"block_n": 64, "num_stages": 4, "chunk": 1024},
+    {"block_n": 64, "num_stages": 3, "chunk": 512}, {"merge_block": 64},
+]
+
+
 def sweep_decode(q1, cache, scaling, settings, results: dict) -> dict:
     from tca_attention.engine.triton_decode import ragged_decode_triton
 
@@ -368,19 +381,16 @@ def run(args) -> dict:
         log.info("prefill config %s", cfg)
         del q, k, v, plan
     if args.sweep and args.decode_sweep_len > 0:
-        # 2) decode settings sweep on a 39% cache of decode_sweep_len tokens
+        # 2) decode settings sweep on a cache of decode_sweep_len tokens at decode_sweep_fraction kept
         L = args.decode_sweep_len
         q, k, v = inputs(L)
-        p = head_budgets(0.39, L, args.window, args.block, gen).to(dev)
+        p = head_budgets(args.decode_sweep_fraction, L, args.window, args.block, gen).to(dev)
         qpos = torch.full((1, 1), L - 1, dtype=torch.long, device=dev)
         cache, _ = decode_cache(k, v, tca_select(q, k, p, args.window, args.block, 0.5, scaling), qpos)
         q1 = q[:, :, -1:].contiguous()  # (1, H, 1, D)
-        decode_kw = sweep_decode(q1, cache, scaling, [
-            {}, {"block_n": 64, "num_stages": 3}, {"use_tma": True}, {"block_n": 64, "num_stages": 3, "use_tma": True},
-            {"chunk": 256}, {"chunk": 512}, {"chunk": 1024}, {"chunk": 2048},
-            {"chunk": 512, "use_tma": True}, {"block_n": 64, "num_stages": 4, "chunk": 1024},
-        ], res)
+        decode_kw = sweep_decode(q1, cache, scaling, DECODE_SETTINGS, res)
         res["decode_config"] = decode_kw
+        res["decode_sweep_shape"] = {"L": L, "fraction": args.decode_sweep_fraction}
         del q, k, v, cache, q1
         torch.cuda.empty_cache()
         save()
@@ -617,6 +627,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--sweep-fraction", type=float, default=0.39, help="TCA kept fraction of the prefill config sweep's plan")
     ap.add_argument("--decode-sweep-len", type=int, default=131072,
                     help="context length of the decode config sweep (0: no decode sweep)")
+    ap.add_argument("--decode-sweep-fraction", type=float, default=0.39,
+                    help="TCA kept fraction of the decode config sweep's cache (the 8B decode step keeps ~0.10 at 128K)")
     ap.add_argument("--target-ms", type=float, default=300.0, help="timed milliseconds per measurement")
     ap.add_argument("--efficient-max", type=int, default=131072,
                     help="longest context timed with the memory-efficient SDPA backend")
