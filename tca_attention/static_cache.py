@@ -78,8 +78,10 @@ class StaticRaggedLayer(RaggedLayer):
         keep = self.keep_host()
         self.compresses = any(x < b for x in keep)
         self.t_max = max(keep, default=0) if self.compresses else 0
-        # blocks a row can compress in the request: its tail tokens ever, a block at a time
-        n_comp = (fill + self.max_new_tokens) // b if self.compresses else 0
+        # blocks a row can compress in the request: a row compresses its oldest block whenever its tail
+        # reaches w + b tokens and keeps w, so with at most `fill + max_new_tokens` tail tokens ever it
+        # compresses at most (fill + max_new_tokens - w) // b blocks (the room every segment needs)
+        n_comp = max(0, (fill + self.max_new_tokens - w) // b) if self.compresses else 0
         self.catchup = max(0, (fill + 1 - (w + b)) // b + 1) if self.compresses else 0
         kept = dyn_off[1:] - dyn_off[:-1]  # (B*KV,)
         room = n_comp * self.decode_keep.long().repeat(B)  # (B*KV,) spare slots per segment

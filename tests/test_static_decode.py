@@ -111,6 +111,37 @@ def test_dense_below_row_compresses_its_long_tail_at_the_first_step():
             assert segments(b, r, 300 - n) == segments(a, r, 300 - n) and tail(b, r) == tail(a, r)
 
 
+@pytest.mark.parametrize("name", ["tca", "tca-dense-below"])
+def test_the_global_room_is_exactly_what_compression_can_fill(name):
+    """Each segment's room (n_comp * decode_keep[h]) is never overrun, and it is tight: when the
+    request's last allowed token would not start another compression, the segments of the row with
+    the longest prompt tail end exactly full (the bound (fill + max_new_tokens - window) // block_size
+    is reached; the rows differ by their padding, and with dense_below by a dense prompt)."""
+    model = tiny("llama")
+    ids, mask = left_padded((300, 251, 90))
+
+    def run(max_new: int):
+        with torch.no_grad(), enable(model, method(name, model), backend="reference") as session:
+            return greedy_static(model, ids, mask, max_new_tokens=max_new, session=session).cache.tca_layers()
+
+    first = [l for l in run(20) if l.compresses]
+    assert first
+    fill = first[0].prompt_len - first[0].t_pos0  # the longest row tail of the prompt
+    # greedy_static feeds max_new - 1 tokens; pick max_new so that the last one would not compress
+    max_new = next(n for n in range(20, 20 + B_) if (fill + n - W_) % B_ != 0)
+    for layer in run(max_new):
+        if not layer.compresses:
+            continue
+        KV = layer.t_keys.shape[1]
+        size = (layer.g_offsets[1:] - layer.g_offsets[:-1]).tolist()
+        fill_now = layer.g_fill.tolist()
+        assert all(f <= n for f, n in zip(fill_now, size))  # no segment overran its room
+        assert len(size) == 3 * KV
+        for h, keep in enumerate(layer.keep_host()):
+            if keep:  # the row with the longest prompt tail compressed n_comp blocks: its room is full
+                assert any(fill_now[r * KV + h] == size[r * KV + h] for r in range(3)), (h, fill_now, size)
+
+
 def test_full_budget_static_equals_dense_static_and_the_ring_is_not_used():
     model = tiny("llama")
     ids, mask = left_padded((300, 251, 45), seed=2)
@@ -368,7 +399,8 @@ def test_a_tca_step_reallocates_nothing_and_never_syncs():
     model = tiny("llama", num_hidden_layers=1).to(dev)
     ids, mask = (t.to(dev) for t in left_padded((120, 90), seed=6))
     with torch.no_grad(), enable(model, method("tca", model), backend="triton") as session:
-        cache, step = _prefill_and_step(model, session, ids, mask, 12)
+        # room for 24 new tokens, 11 steps run: part of the global room stays unused (slots at -1)
+        cache, step = _prefill_and_step(model, session, ids, mask, 24)
         step()
         before = _buffers(cache)
         layer = cache.tca_layers()[0]
