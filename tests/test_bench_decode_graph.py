@@ -38,6 +38,30 @@ def test_compile_prefill_option_needs_compile_layers(capsys) -> None:
     assert "--compile-prefill needs --compile-layers" in capsys.readouterr().err
 
 
+def test_compile_tuning_needs_compile_layers_and_reaches_the_compiled_cells(monkeypatch, capsys) -> None:
+    assert bench.build_parser().parse_args(["--out", "x", "--compile-layers", "--compile-tuning"]).compile_tuning
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "x", "--lengths", "", "--model", "smollm2", "--compile-tuning"])
+    assert "--compile-tuning needs --compile-layers" in capsys.readouterr().err
+    import torch
+
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+    seen = []
+
+    def record(model, ids, steps, session=None, **kw):
+        seen.append(kw)
+        return {"ttft_s": 1.0, "decode_tokens_per_s": 1.0, "kv_bytes": 0, "graphs": 1}
+
+    monkeypatch.setattr(bench, "graph_cell", record)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for cell in ("dense-graph-compiled", "dense-graph"):  # (no sliding layers to ask the model about)
+        bench.run_cell(cell, object(), ids, 2, None, weights=1, bw_tbs=1.0, sliding_kernel=False, compile_tuning=True)
+    assert seen == [{"compile_layers": True, "compile_prefill": False, "compile_tuning": True}, {}]
+
+
 def test_ttft_repeats_take_the_median_and_refuse_zero(capsys) -> None:
 
 

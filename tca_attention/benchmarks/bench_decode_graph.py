@@ -76,6 +76,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--compile-prefill", action="store_true",
                     help="with --compile-layers: the compiled cells compile the prefill too (dynamic shapes, "
                     "compiled in the warm-up cells), so their TTFT shows it")
+    ap.add_argument("--compile-tuning", action="store_true",
+                    help="with --compile-layers: compile with inductor's GEMM autotuning and coordinate-descent "
+                    "tuning (greedy_static's compile_tuning; longer compiles), dense and TCA cells alike")
     ap.add_argument("--cells", default="",
                     help="comma list of the cells to time (default: all; e.g. 'dense-graph-compiled,"
                          "tca-graph-compiled' for the TTFT ratio alone)")
@@ -160,14 +163,14 @@ def eager_cell(model, ids: torch.Tensor, steps: int, session=None) -> dict:
 
 @torch.no_grad()
 def graph_cell(model, ids: torch.Tensor, steps: int, session=None, compile_layers: bool = False,
-               compile_prefill: bool = False) -> dict:
+               compile_prefill: bool = False, compile_tuning: bool = False) -> dict:
     """greedy_static with CUDA graphs: 1 eager step, 1 warm-up, capture, then `steps` replays
     (compile_layers: the decoder layers compiled, during the eager steps; compile_prefill: the
-    prompt's forward too)."""
+    prompt's forward too; compile_tuning: with inductor's tuning)."""
     from ..integration.static_decode import greedy_static
 
     run = greedy_static(model, ids, max_new_tokens=steps + 3, session=session, compile_layers=compile_layers,
-                        compile_prefill=compile_prefill)
+                        compile_prefill=compile_prefill, compile_tuning=compile_tuning)
     assert run.graphs >= 1 and run.steady_steps >= steps, (run.graphs, run.steady_steps)
     return {"ttft_s": run.prefill_s, "decode_tokens_per_s": run.decode_tokens_per_s, "kv_bytes": _kv_bytes(run.cache),
             "graphs": run.graphs}
@@ -223,7 +226,8 @@ def median_ttft(result: dict, more: list[float]) -> dict:
 
 
 def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: int, bw_tbs: float,
-             compile_prefill: bool = False, ttft_repeats: int = 1, sliding_kernel: bool = True) -> dict:
+             compile_prefill: bool = False, ttft_repeats: int = 1, sliding_kernel: bool = True,
+             compile_tuning: bool = False) -> dict:
     from ..integration import enable
     from ..introspect import layer_kinds
     from ..methods.full_budget import FullBudget
@@ -231,7 +235,8 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    compiled = {"compile_layers": True, "compile_prefill": compile_prefill} if cell.endswith("-compiled") else {}
+    compiled = ({"compile_layers": True, "compile_prefill": compile_prefill, "compile_tuning": compile_tuning}
+                if cell.endswith("-compiled") else {})
     fn = eager_cell if cell.endswith("eager") else graph_cell
     try:
         if cell.startswith("dense"):  # plain transformers; with sliding layers and the kernel, a plain-attention session
@@ -269,11 +274,13 @@ def run_cell(cell: str, model, ids: torch.Tensor, steps: int, method, weights: i
 
 def time_model(label: str, model, method, lengths: list[int], batches: list[int], steps: int, bw_tbs: float,
                vocab: int, cells: tuple[str, ...] = CELLS, compile_prefill: bool = False,
-               ttft_repeats: int = 1, peak_tflops: float | None = None, sliding_kernel: bool = True) -> list[dict]:
+               ttft_repeats: int = 1, peak_tflops: float | None = None, sliding_kernel: bool = True,
+               compile_tuning: bool = False) -> list[dict]:
     weights, linear = _weight_bytes(model), _linear_params(model)
     warm = torch.randint(0, vocab, (1, min(*lengths, 8192)), device="cuda")
     for cell in cells:  # kernel compilation, cuBLAS handles, allocator (a short prompt: 128K would cost a minute)
-        run_cell(cell, model, warm, 4, method, weights, bw_tbs, compile_prefill, sliding_kernel=sliding_kernel)
+        run_cell(cell, model, warm, 4, method, weights, bw_tbs, compile_prefill, sliding_kernel=sliding_kernel,
+                 compile_tuning=compile_tuning)
     rows = []
     for L in lengths:
         for B in batches:
@@ -281,7 +288,7 @@ def time_model(label: str, model, method, lengths: list[int], batches: list[int]
             row = {"model": label, "tokens": L, "batch": B}
             for cell in cells:
                 row[cell] = run_cell(cell, model, ids, steps, method, weights, bw_tbs, compile_prefill, ttft_repeats,
-                                     sliding_kernel)
+                                     sliding_kernel, compile_tuning)
             for a, b in RATIOS:
                 if "decode_tokens_per_s" in row.get(a, {}) and "decode_tokens_per_s" in row.get(b, {}):
                     row[f"{a} / {b}"] = row[a]["decode_tokens_per_s"] / row[b]["decode_tokens_per_s"]
@@ -326,6 +333,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ap.error("--batch needs at least one batch size")
     if args.compile_prefill and not args.compile_layers:
         ap.error("--compile-prefill needs --compile-layers")
+    if args.compile_tuning and not args.compile_layers:
+        ap.error("--compile-tuning needs --compile-layers")
     if args.ttft_repeats < 1:
         ap.error("--ttft-repeats must be >= 1")
     dense_below = args.dense_below if args.dense_below == "auto" else int(args.dense_below)
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         method = TCA(budgets, dense_below=dense_below, **tca_options)
         rows += time_model("llama-3.1-8b-shape", model, method, lengths, batches, args.decode_steps, bw,
                            LLAMA_8B["vocab_size"], cells, args.compile_prefill, args.ttft_repeats, peak,
-                           args.sliding_kernel)
+                           args.sliding_kernel, args.compile_tuning)
         models["llama-3.1-8b-shape"] = {**LLAMA_8B, "num_hidden_layers": args.layers, "weights": "random bf16",
                                         "budgets": args.budgets, "mean_kept_fraction": budgets.mean_kept_fraction}
         del model
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         method = TCA(method.budgets, dense_below=dense_below, **tca_options)
         rows += time_model(args.model, model, method, model_lengths, batches, args.decode_steps, bw,
                            model.config.get_text_config().vocab_size, cells, args.compile_prefill,
-                           args.ttft_repeats, peak, args.sliding_kernel)
+                           args.ttft_repeats, peak, args.sliding_kernel, args.compile_tuning)
         cfg = model.config.get_text_config()
         models[args.model] = {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
                               "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
@@ -387,7 +396,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
         "bandwidth_tbs": bw, "peak_bf16_tflops": peak, "models": models, "decode_steps": args.decode_steps,
         "dense_below": dense_below, "sliding_kernel": args.sliding_kernel,
-        "compile_prefill": args.compile_prefill, "ttft_repeats": args.ttft_repeats,
+        "compile_prefill": args.compile_prefill, "compile_tuning": args.compile_tuning,
+        "ttft_repeats": args.ttft_repeats,
         "prefill_config_env": os.environ.get("TCA_PREFILL_CONFIG"), "tca_options": tca_options,
         "inductor_env": inductor_env(),
         "cells": {"dense-eager": "SDPA + DynamicCache, a Python forward per token",
@@ -399,6 +409,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                   **({c: c.removesuffix("-compiled") + " with the decoder layers compiled (torch.compile): norms, "
                       "rotary, MLP and residual adds fused; attention and cache eager"
                       + ("; the prefill compiled too (dynamic shapes)" if args.compile_prefill else "")
+                      + ("; inductor's GEMM autotuning and coordinate-descent tuning" if args.compile_tuning else "")
                       for c in COMPILED_CELLS}
                      if args.compile_layers else {})},
         "command": "tca bench decode-graph " + " ".join(argv),
