@@ -324,6 +324,22 @@ def test_decode_many_items_per_head():
     check_decode(q, cache, 0.3, out, lse)
 
 
+@pytest.mark.parametrize("items_per_sm", [1, 3])
+def test_decode_items_per_sm(items_per_sm):
+    """The default chunk at another number of work items per SM (fewer, longer items) agrees, and
+    the setting is checked."""
+    from tca_attention.engine.triton_decode import _pick_chunk
+
+    gen = torch.Generator().manual_seed(41)
+    q, cache = random_cache(gen, 2, 8, 2, 1, 32, 30, 400, torch.float32)
+    out, lse = run_decode(q, cache, 0.2, block_n=16, items_per_sm=items_per_sm)
+    check_decode(q, cache, 0.2, out, lse)
+    cpu = torch.device("cpu")  # 4 "SMs" off CUDA: 1 item per SM makes chunks 3x those of 3 per SM
+    assert _pick_chunk(6000, 16, cpu, 1) == 1504 and _pick_chunk(6000, 16, cpu, 3) == 512
+    with pytest.raises(ValueError, match="items_per_sm"):
+        _pick_chunk(6000, 16, cpu, 0)
+
+
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_decode_tma_variant(use_tma):
     """The TMA-descriptor load path (unmasked tiles, neighbours hidden by vis) agrees too."""

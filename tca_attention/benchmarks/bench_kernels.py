@@ -294,7 +294,7 @@ def sweep_prefill(q, k, v, plan, scaling, configs, results: dict) -> object:
 
 
 # The decode kernel's launch settings swept (ragged_decode_triton keywords; {} = the defaults: block_n 32,
-# num_warps 4, num_stages 4, chunk for about 4 work items per SM). Small caches (TCA at ~10% of 128K:
+# num_warps 4, num_stages 4, chunk for about 4 work items per SM: items_per_sm). Small caches (TCA at ~10% of 128K:
 # ~70 MB a layer, ~30 us) are where tile size, pipelining depth and items per SM matter most.
 DECODE_SETTINGS: list[dict] = [
     {}, {"block_n": 64, "num_stages": 3}, {"block_n": 64, "num_stages": 2}, {"block_n": 64, "num_stages": 4},
@@ -303,6 +303,8 @@ DECODE_SETTINGS: list[dict] = [
     {"chunk": 128}, {"chunk": 256}, {"chunk": 512}, {"chunk": 1024}, {"chunk": 2048},
     {"chunk": 512, "use_tma": True}, {"block_n": 64, "num_stages": 4, "chunk": 1024},
     {"block_n": 64, "num_stages": 3, "chunk": 512}, {"merge_block": 64},
+    {"items_per_sm": 1}, {"items_per_sm": 2}, {"items_per_sm": 3}, {"items_per_sm": 8},
+    {"items_per_sm": 2, "block_n": 64, "num_stages": 3}, {"items_per_sm": 1, "block_n": 64, "num_stages": 4},
 ]
 
 

@@ -202,10 +202,12 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _pick_chunk(total_keys: int, block_n: int, device: torch.device) -> int:
-    """Keys per work item: about 4 items per SM (one wave), at least 4 blocks, a multiple of block_n."""
+def _pick_chunk(total_keys: int, block_n: int, device: torch.device, items_per_sm: int = 4) -> int:
+    """Keys per work item: about `items_per_sm` items per SM, at least 4 blocks, a multiple of block_n."""
+    if items_per_sm < 1:
+        raise ValueError(f"items_per_sm must be >= 1, got {items_per_sm}")
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    c = max(triton.cdiv(max(total_keys, 1), 4 * sms), 4 * block_n)
+    c = max(triton.cdiv(max(total_keys, 1), items_per_sm * sms), 4 * block_n)
     return triton.cdiv(c, block_n) * block_n
 
 
@@ -223,13 +225,14 @@ def ragged_decode_triton(
     lse: torch.Tensor | None = None,
     selection: DecodeSelection | None = None,
     key_bias: KeyBias | None = None,
+    items_per_sm: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D) over the cache (RaggedCacheView: q_pos (B, Q); global (N, D) + g_pos (N,) +
     g_offsets (B*KV+1,); tail (B, KV, T, D) + t_pos (B, T)). -> out (B, Q, H, D) in q's dtype,
     lse (B, H, Q) fp32. selection: attend to only the listed tail pages (DecodeSelection; not
     validated here, that would sync); its tail is read with pointer loads (no TMA).
 
-    chunk: keys per work item (default: about 4 items per SM, from the shapes only); block_n, num_warps,
+    chunk: keys per work item (default: about `items_per_sm` items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
     descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass;
     out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias).
@@ -276,7 +279,7 @@ def ragged_decode_triton(
         (gk, gv), use_tma = kv_sources([g_keys, g_values], block_n, use_tma)
         tk, tv = tails  # gathered rows: pointer loads
     if chunk is None:
-        chunk = _pick_chunk(g_keys.shape[0] + BKV * t_span, block_n, dev)
+        chunk = _pick_chunk(g_keys.shape[0] + BKV * t_span, block_n, dev, items_per_sm)
     n_gw = triton.cdiv(g_keys.shape[0], chunk) + BKV  # >= sum over heads of cdiv(len, chunk)
     n_tw = triton.cdiv(t_span, chunk)
     n_items = n_gw + BKV * n_tw
