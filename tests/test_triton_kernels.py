@@ -340,6 +340,34 @@ def test_decode_items_per_sm(items_per_sm):
         _pick_chunk(6000, 16, cpu, 0)
 
 
+def test_decode_config_env_reaches_the_engine(monkeypatch):
+    """TCA_DECODE_CONFIG sets the launch settings of the engine's decode calls (a sweep's winner in
+    a whole model); the result still equals the reference; malformed settings are errors."""
+    from tca_attention.engine import dispatch, triton_decode
+
+    assert triton_decode.parse_config("items_per_sm=2, block_n=64,num_stages=3") == {
+        "items_per_sm": 2, "block_n": 64, "num_stages": 3}
+    for bad in ("block_n=48", "items_per_sm=0", "chunk=64", "block_n", "num_warps=x"):
+        with pytest.raises(ValueError, match="TCA_DECODE_CONFIG"):
+            triton_decode.parse_config(bad)
+    monkeypatch.delenv(triton_decode.CONFIG_ENV, raising=False)
+    assert triton_decode.env_config() == {}
+    monkeypatch.setenv(triton_decode.CONFIG_ENV, "items_per_sm=1,block_n=16,merge_block=16")
+    seen = {}
+    real = triton_decode.ragged_decode_triton
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(triton_decode, "ragged_decode_triton", spy)
+    gen = torch.Generator().manual_seed(43)
+    q, cache = random_cache(gen, 2, 8, 2, 1, 32, 30, 200, torch.float32)
+    out, lse = dispatch.ragged_decode(q, cache, 0.2, backend="triton")
+    assert seen["items_per_sm"] == 1 and seen["block_n"] == 16 and seen["merge_block"] == 16
+    check_decode(q, cache, 0.2, out, lse)
+
+
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_decode_tma_variant(use_tma):
     """The TMA-descriptor load path (unmasked tiles, neighbours hidden by vis) agrees too."""

@@ -90,9 +90,9 @@ def ragged_decode(
     The view's compensation entries (if any): inside the reference's softmax; on the Triton path
     merged into the kernel's (out, lse) afterwards (compensation.merge)."""
     if resolve(backend, q.device) == "triton":
-        from .triton_decode import ragged_decode_triton
+        from .triton_decode import env_config, ragged_decode_triton
 
-        out, lse = ragged_decode_triton(q, cache, scaling, selection=selection, key_bias=key_bias)
+        out, lse = ragged_decode_triton(q, cache, scaling, selection=selection, key_bias=key_bias, **env_config())
         if cache.c_keys is not None:
             out, lse = compensation.merge(q, out, lse, cache.c_keys, cache.c_values, cache.c_logw, scaling)
         return out, lse

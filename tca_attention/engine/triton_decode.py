@@ -18,6 +18,7 @@ to the logits of every step (triton_common.attend_block_kb), global part and tai
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -195,6 +196,38 @@ def _decode_combine_kernel(
     qh = h * G + hrow
     tl.store(OUT + b * s_ob + qi * s_oq + qh * s_oh + d, out.to(OUT.dtype.element_ty))
     tl.store(LSE + b * s_lb + qh * s_lh + qi, lse)
+
+
+CONFIG_ENV = "TCA_DECODE_CONFIG"
+_CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16}  # key: minimum
+
+
+@lru_cache(maxsize=8)
+def parse_config(text: str) -> dict[str, int]:
+    """'key=value,...' with keys block_n, num_warps, num_stages, items_per_sm, merge_block (integers;
+    block_n, num_warps and merge_block powers of two) -> ragged_decode_triton keywords."""
+    out: dict[str, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, val = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _CONFIG_KEYS or not val.strip().isdigit():
+            raise ValueError(f"{CONFIG_ENV}={text!r}: expected 'key=value,...' with integer values and keys "
+                             f"{sorted(_CONFIG_KEYS)}, e.g. 'items_per_sm=2,block_n=64,num_stages=3'")
+        n = int(val)
+        pow2 = key in ("block_n", "num_warps", "merge_block")
+        if n < _CONFIG_KEYS[key] or (pow2 and n & (n - 1)):
+            raise ValueError(f"{CONFIG_ENV}={text!r}: {key}={n} must be >= {_CONFIG_KEYS[key]}"
+                             + (" and a power of two" if pow2 else ""))
+        out[key] = n
+    return out
+
+
+def env_config() -> dict[str, int]:
+    """The launch settings TCA_DECODE_CONFIG sets for the engine's decode calls (dispatch.ragged_decode):
+    a sweep's winner (`tca bench kernels`' decode_config) tried in a whole model without editing
+    the defaults; {} when unset."""
+    text = os.environ.get(CONFIG_ENV)
+    return parse_config(text) if text else {}
 
 
 @lru_cache(maxsize=8)
