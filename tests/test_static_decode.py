@@ -289,7 +289,7 @@ def test_compile_tuning_hands_inductor_its_tuning_options(prefill, monkeypatch):
             assert sorted(c["dynamic"] for c in calls) == ([False, False, True, True] if prefill else [False, False])
         with pytest.raises(ValueError, match="compile_tuning=True needs compile_layers"):
             greedy_static(model, ids, mask, max_new_tokens=2, session=session, compile_tuning=True)
-        with pytest.raises(ValueError, match="needs cuda_graph=True"):
+        with pytest.raises(ValueError, match="compile_layers/compile_tuning=True needs cuda_graph=True"):
             session.generate(input_ids=ids, max_new_tokens=2, compile_layers=True, compile_tuning=True)
     assert compiled_layers.TUNED_OPTIONS == {"max_autotune_gemm": True, "coordinate_descent_tuning": True}
 

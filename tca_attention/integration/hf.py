@@ -265,8 +265,10 @@ class Session:
         on the first prompt, reused for any later length); compile_tuning (with compile_layers):
         inductor's GEMM autotuning and coordinate-descent tuning (longer compiles; on an H100 the
         8B shape's decode step 7.54 -> 6.75 ms)."""
-        if (compile_layers or compile_prefill or compile_tuning) and not cuda_graph:
-            raise ValueError("compile_layers=True needs cuda_graph=True: it compiles the static decode steps")
+        flags = [n for n, on in (("compile_layers", compile_layers), ("compile_prefill", compile_prefill),
+                                 ("compile_tuning", compile_tuning)) if on]
+        if flags and not cuda_graph:
+            raise ValueError(f"{'/'.join(flags)}=True needs cuda_graph=True: it compiles the static decode steps")
         if not cuda_graph:
             self.cache = self.new_cache()
             return self.model.generate(*args, **kwargs, **self.cache_kwargs(self.cache))
