@@ -113,8 +113,8 @@ def _decode_split_kernel(
         ld = idx < hi
         pos = tl.load(GPOS + idx, mask=ld, other=-1)  # rows past the item: invisible
         vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-        k = load_rows(GK, n, cols, d, ld, USE_TMA, True, True)
-        v = load_rows(GV, n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
+        k = load_rows(GK, n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots (room) are not read
+        v = load_rows(GV, n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # and read as 0
         acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, pos, BPOS, BVAL, rbase, row_ok,
                                             True, UPCAST, PREC, HAS_BIAS, NB)
 
@@ -127,7 +127,7 @@ def _decode_split_kernel(
             ld = (pg >= 0) & (slot < T)  # a partial last page ends at T
             pos = tl.load(TPOS + b * s_pos_b + slot, mask=ld, other=-1)
             vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-            k = load_rows(TK, t_row, slot, d, ld, False, True, True)
+            k = load_rows(TK, t_row, slot, d, ld & (pos >= 0), False, True, True)
             v = load_rows(TV, t_row, slot, d, ld & (pos >= 0), False, True, True)
             acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, pos, BPOS, BVAL, rbase, row_ok,
                                             True, UPCAST, PREC, HAS_BIAS, NB)
@@ -137,8 +137,8 @@ def _decode_split_kernel(
             ld = idx < t_hi
             pos = tl.load(TPOS + b * s_pos_b + idx, mask=ld, other=-1)
             vis = (pos[None, :] >= 0) & (pos[None, :] <= qpos[:, None])
-            k = load_rows(TK, t_row + n, cols, d, ld, USE_TMA, True, True)
-            v = load_rows(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots read as 0
+            k = load_rows(TK, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # empty slots are not read
+            v = load_rows(TV, t_row + n, cols, d, ld & (pos >= 0), USE_TMA, True, True)  # and read as 0
             acc, m_i, l_i = attend_block_kb(acc, m_i, l_i, q, k, v, vis, qk_scale, pos, BPOS, BVAL, rbase, row_ok,
                                             True, UPCAST, PREC, HAS_BIAS, NB)
 
