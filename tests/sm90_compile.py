@@ -1,7 +1,7 @@
 """The TCA prefill, block-sparse and ragged decode kernels compiled for sm_90 (H100/H200) by the installed triton,
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
-subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|decode_maxnreg|compaction|select|ring_append HAS_BIAS(0/1)
+subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select|ring_append HAS_BIAS(0/1)
 -> one line of JSON: shared memory bytes, counts of PTX instructions (wgmma, fma, ex2), and the
 registers and stack bytes per thread of the cubin (cuobjdump, bundled with triton; -1 without it):
 stack beyond a few bytes means register spills)."""
@@ -15,15 +15,14 @@ import sys
 import tempfile
 
 
-def _compile(fn, const: dict, types: dict[str, str], num_warps: int, num_stages: int, **options):
+def _compile(fn, const: dict, types: dict[str, str], num_warps: int, num_stages: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, **options))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def compile_prefill(bias: bool):
@@ -50,9 +49,8 @@ def compile_block(bias: bool):
     return _compile(TB._block_prefill_kernel, const, types, 8, 2)
 
 
-def compile_decode(bias: bool, **options):
-    """_decode_split_kernel with the default launch (block_n 32, 4 warps, 4 stages), 8B shape (g = 4);
-    options: more compile options (maxnreg)."""
+def compile_decode(bias: bool):
+    """_decode_split_kernel with the default launch (block_n 32, 4 warps, 4 stages), 8B shape (g = 4)."""
     from tca_attention.engine import triton_decode as TD
 
     const = dict(G=4, ROWS=16, BLOCK_N=32, HEAD_D=128, BKV_P=8, UPCAST=False, PREC="tf32", USE_TMA=False,
@@ -61,13 +59,7 @@ def compile_decode(bias: bool, **options):
              **dict.fromkeys(("QPOS", "GPOS", "GOFF", "TPOS"), "*i64"),
              **dict.fromkeys(("PAGES", "NSEL", "BPOS"), "*i32"),
              **dict.fromkeys(("PACC", "PML", "BVAL"), "*fp32"), "qk_scale": "fp32"}
-    return _compile(TD._decode_split_kernel, const, types, 4, 4, **options)
-
-
-def compile_decode_maxnreg(bias: bool):
-    """The decode kernel capped at 168 registers a thread (TCA_DECODE_CONFIG maxnreg=168: 3 programs of
-    4 warps per SM instead of 2)."""
-    return compile_decode(bias, maxnreg=168)
+    return _compile(TD._decode_split_kernel, const, types, 4, 4)
 
 
 def compile_compaction(bias: bool):
@@ -126,7 +118,6 @@ def resource_usage(kernel) -> tuple[int, int]:
 
 if __name__ == "__main__":
     kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode,
-              "decode_maxnreg": compile_decode_maxnreg,
               "compaction": compile_compaction, "select": compile_select,
               "ring_append": compile_ring_append}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]

@@ -294,7 +294,7 @@ def sweep_prefill(q, k, v, plan, scaling, configs, results: dict) -> object:
 
 
 # The decode kernel's launch settings swept (ragged_decode_triton keywords; {} = the defaults: block_n 32,
-# num_warps 4, num_stages 4, chunk for about 4 work items per SM: items_per_sm; maxnreg: the compiler's). Small caches (TCA at ~10% of 128K:
+# num_warps 4, num_stages 4, chunk for about 4 work items per SM: items_per_sm). Small caches (TCA at ~10% of 128K:
 # ~70 MB a layer, ~30 us) are where tile size, pipelining depth and items per SM matter most.
 DECODE_SETTINGS: list[dict] = [
     {}, {"block_n": 64, "num_stages": 3}, {"block_n": 64, "num_stages": 2}, {"block_n": 64, "num_stages": 4},
@@ -305,10 +305,6 @@ DECODE_SETTINGS: list[dict] = [
     {"block_n": 64, "num_stages": 3, "chunk": 512}, {"merge_block": 64},
     {"items_per_sm": 1}, {"items_per_sm": 2}, {"items_per_sm": 3}, {"items_per_sm": 8},
     {"items_per_sm": 2, "block_n": 64, "num_stages": 3}, {"items_per_sm": 1, "block_n": 64, "num_stages": 4},
-    # occupancy: the default launch takes 208 registers on sm_90 (triton 3.6), 2 programs per SM; 168 fits 3,
-    # 128 fits 4 (24 bytes of spill); items_per_sm 3 / 6 are whole waves of 3
-    {"items_per_sm": 6}, {"maxnreg": 168}, {"maxnreg": 168, "items_per_sm": 3}, {"maxnreg": 168, "items_per_sm": 6},
-    {"maxnreg": 128},
 ]
 
 

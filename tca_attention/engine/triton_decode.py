@@ -199,14 +199,13 @@ def _decode_combine_kernel(
 
 
 CONFIG_ENV = "TCA_DECODE_CONFIG"
-_CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16,
-                "maxnreg": 32}  # key: minimum
+_CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16}  # key: minimum
 
 
 @lru_cache(maxsize=8)
 def parse_config(text: str) -> dict[str, int]:
-    """'key=value,...' with keys block_n, num_warps, num_stages, items_per_sm, merge_block, maxnreg
-    (integers; block_n, num_warps and merge_block powers of two) -> ragged_decode_triton keywords."""
+    """'key=value,...' with keys block_n, num_warps, num_stages, items_per_sm, merge_block (integers;
+    block_n, num_warps and merge_block powers of two) -> ragged_decode_triton keywords."""
     out: dict[str, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         key, sep, val = part.partition("=")
@@ -216,9 +215,9 @@ def parse_config(text: str) -> dict[str, int]:
                              f"{sorted(_CONFIG_KEYS)}, e.g. 'items_per_sm=2,block_n=64,num_stages=3'")
         n = int(val)
         pow2 = key in ("block_n", "num_warps", "merge_block")
-        if n < _CONFIG_KEYS[key] or (pow2 and n & (n - 1)) or (key == "maxnreg" and n > 255):
+        if n < _CONFIG_KEYS[key] or (pow2 and n & (n - 1)):
             raise ValueError(f"{CONFIG_ENV}={text!r}: {key}={n} must be >= {_CONFIG_KEYS[key]}"
-                             + (" and a power of two" if pow2 else "") + (" and <= 255" if key == "maxnreg" else ""))
+                             + (" and a power of two" if pow2 else ""))
         out[key] = n
     return out
 
@@ -260,7 +259,6 @@ def ragged_decode_triton(
     selection: DecodeSelection | None = None,
     key_bias: KeyBias | None = None,
     items_per_sm: int = 4,
-    maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D) over the cache (RaggedCacheView: q_pos (B, Q); global (N, D) + g_pos (N,) +
     g_offsets (B*KV+1,); tail (B, KV, T, D) + t_pos (B, T)). -> out (B, Q, H, D) in q's dtype,
@@ -270,14 +268,8 @@ def ragged_decode_triton(
     chunk: keys per work item (default: about `items_per_sm` items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
     descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass;
-    out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias);
-    maxnreg: a cap on the split kernel's registers per thread (ptxas .maxnreg; None: the compiler's
-    choice). On sm_90 with triton 3.6 the default launch takes 208 registers, 2 programs of 4 warps
-    per SM; 168 fits 3 without spilling (tests/sm90_compile.py), for a loop whose K/V loads wait on
-    memory each tile.
+    out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias).
     """
-    if maxnreg is not None and not (isinstance(maxnreg, int) and 32 <= maxnreg <= 255):
-        raise ValueError(f"maxnreg must be an int in [32, 255] (registers per thread), got {maxnreg!r}")
     c = cache
     q_pos, g_keys, g_values, g_pos, g_offsets = c.q_pos, c.g_keys, c.g_values, c.g_pos, c.g_offsets
     t_keys, t_values, t_pos = c.t_keys, c.t_values, c.t_pos
@@ -341,7 +333,7 @@ def ragged_decode_triton(
         BKV, KV, T, pages.shape[-1], NQ, scaling * LOG2E, chunk, n_gw, n_tw,
         G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
         USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg is not None else {}),
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(BKV, g * NQ)](
         pacc, pml, g_offsets, out, lse,
