@@ -29,7 +29,9 @@ def window_importance_shared_bytes(D: int, b: int, rd: int, dtype: str) -> int:
             sig[name] = "*i64" if name in ints else f"*{dtype}" if name in tensors else "*fp32"
         else:
             sig[name] = "fp32" if name in ("scaling", "w_mass", "w_conc") else "i32"
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    # pointers 16-byte aligned, as a launch specialises them (pipelined loads then use shared memory)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()}, attrs=attrs)
     opts = dict(num_warps=4 if rd * b <= 4096 else 8, num_stages=TT.window_importance_stages(b, D, elt))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
 
