@@ -340,6 +340,18 @@ def test_decode_items_per_sm(items_per_sm):
         _pick_chunk(6000, 16, cpu, 0)
 
 
+def test_decode_merge_split_equals_the_reference():
+    """The merge cut over head-dim slices (more, smaller merge programs) gives the same output and
+    lse; a split that does not cut D into power-of-two slices of >= 16 is an error."""
+    gen = torch.Generator().manual_seed(53)
+    q, cache = random_cache(gen, 2, 8, 2, 1, 32, 30, 300, torch.float32)
+    out, lse = run_decode(q, cache, 0.2, block_n=16, chunk=32, merge_block=16, merge_split=2)
+    check_decode(q, cache, 0.2, out, lse)
+    for bad in (3, 4, 0):
+        with pytest.raises(ValueError, match="merge_split"):
+            run_decode(q, cache, 0.2, block_n=16, merge_split=bad)
+
+
 def test_decode_config_env_reaches_the_engine(monkeypatch):
     """TCA_DECODE_CONFIG sets the launch settings of the engine's decode calls (a sweep's winner in
     a whole model); the result still equals the reference; malformed settings are errors."""
@@ -347,7 +359,8 @@ def test_decode_config_env_reaches_the_engine(monkeypatch):
 
     assert triton_decode.parse_config("items_per_sm=2, block_n=64,num_stages=3") == {
         "items_per_sm": 2, "block_n": 64, "num_stages": 3}
-    for bad in ("block_n=48", "items_per_sm=0", "chunk=64", "block_n", "num_warps=x"):
+    assert triton_decode.parse_config("merge_split=4") == {"merge_split": 4}
+    for bad in ("block_n=48", "items_per_sm=0", "chunk=64", "block_n", "num_warps=x", "merge_split=3"):
         with pytest.raises(ValueError, match="TCA_DECODE_CONFIG"):
             triton_decode.parse_config(bad)
     monkeypatch.delenv(triton_decode.CONFIG_ENV, raising=False)

@@ -308,6 +308,9 @@ DECODE_SETTINGS: list[dict] = [
     # whole waves: the default launch compiles to 96 registers a thread on sm_90 (tests/sm90_compile.py), ~5
     # programs of 4 warps per SM, so 4 items per SM leave a fifth of the slots idle
     {"items_per_sm": 5}, {"items_per_sm": 10},
+    # the merge (5.4 us at 39% of 128K in Nsight Compute, kernels_ncu_decode.txt: 32 programs of one
+    # (head, row) each, a sixth of a small step) cut over head-dim slices: 64 / 128 / 256 programs
+    {"merge_split": 2}, {"merge_split": 4}, {"merge_split": 8},
 ]
 
 

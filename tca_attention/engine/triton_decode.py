@@ -154,14 +154,17 @@ def _decode_combine_kernel(
     s_ob, s_oq, s_oh,
     s_lb, s_lh,
     BKV, KV, NQ, chunk, n_gw, n_tw,
-    G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr, SPLIT_B: tl.constexpr, BKV_P: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_B: tl.constexpr,
+    BKV_P: tl.constexpr,
 ):
-    """One program per (b * KV, row): merge the head's global items and tail items."""
+    """One program per (b * KV, row, head-dim slice of BLOCK_D): merge the head's global items and tail
+    items (every slice folds the same (m, l); the lse is stored by the first)."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
+    ds = tl.program_id(2)
     b = bh // KV
     h = bh % KV
-    d = tl.arange(0, HEAD_D)
+    d = ds * BLOCK_D + tl.arange(0, BLOCK_D)
     # This head's global items: [first, first + n_items) (same mapping as the split kernel).
     hv = tl.arange(0, BKV_P)
     o0 = tl.load(GOFF + hv, mask=hv < BKV, other=0).to(tl.int32)
@@ -173,7 +176,7 @@ def _decode_combine_kernel(
     t0 = n_gw + bh * n_tw  # this head's tail items: [t0, t0 + n_tw)
     m = tl.full([], float("-inf"), dtype=tl.float32)
     l = tl.full([], 0.0, dtype=tl.float32)
-    acc = tl.zeros([HEAD_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j0 in range(0, n_items + n_tw, SPLIT_B):  # usually one pass: global and tail items together
         j = j0 + tl.arange(0, SPLIT_B)
         ok = j < n_items + n_tw
@@ -195,17 +198,19 @@ def _decode_combine_kernel(
     qi = r % NQ
     qh = h * G + hrow
     tl.store(OUT + b * s_ob + qi * s_oq + qh * s_oh + d, out.to(OUT.dtype.element_ty))
-    tl.store(LSE + b * s_lb + qh * s_lh + qi, lse)
+    if ds == 0:
+        tl.store(LSE + b * s_lb + qh * s_lh + qi, lse)
 
 
 CONFIG_ENV = "TCA_DECODE_CONFIG"
-_CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16}  # key: minimum
+_CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16,
+                "merge_split": 1}  # key: minimum
 
 
 @lru_cache(maxsize=8)
 def parse_config(text: str) -> dict[str, int]:
-    """'key=value,...' with keys block_n, num_warps, num_stages, items_per_sm, merge_block (integers;
-    block_n, num_warps and merge_block powers of two) -> ragged_decode_triton keywords."""
+    """'key=value,...' with keys block_n, num_warps, num_stages, items_per_sm, merge_block, merge_split
+    (integers; all but items_per_sm and num_stages powers of two) -> ragged_decode_triton keywords."""
     out: dict[str, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         key, sep, val = part.partition("=")
@@ -214,7 +219,7 @@ def parse_config(text: str) -> dict[str, int]:
             raise ValueError(f"{CONFIG_ENV}={text!r}: expected 'key=value,...' with integer values and keys "
                              f"{sorted(_CONFIG_KEYS)}, e.g. 'items_per_sm=2,block_n=64,num_stages=3'")
         n = int(val)
-        pow2 = key in ("block_n", "num_warps", "merge_block")
+        pow2 = key in ("block_n", "num_warps", "merge_block", "merge_split")
         if n < _CONFIG_KEYS[key] or (pow2 and n & (n - 1)):
             raise ValueError(f"{CONFIG_ENV}={text!r}: {key}={n} must be >= {_CONFIG_KEYS[key]}"
                              + (" and a power of two" if pow2 else ""))
@@ -254,6 +259,7 @@ def ragged_decode_triton(
     num_stages: int = 4,
     use_tma: bool = False,
     merge_block: int = 128,
+    merge_split: int = 1,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     selection: DecodeSelection | None = None,
@@ -267,7 +273,9 @@ def ragged_decode_triton(
 
     chunk: keys per work item (default: about `items_per_sm` items per SM, from the shapes only); block_n, num_warps,
     num_stages: tile and launch settings of the split kernel; use_tma: K/V tiles through TMA
-    descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass;
+    descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass; merge_split:
+    programs per merged row, each folding D / merge_split of the head dim (a power of two dividing
+    D: more, smaller programs for a merge whose time is latency, not bytes);
     out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias).
     """
     c = cache
@@ -335,11 +343,14 @@ def ragged_decode_triton(
         USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb,
         num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_combine_kernel[(BKV, g * NQ)](
+    if merge_split < 1 or merge_split & (merge_split - 1) or D % merge_split or D // merge_split < 16:
+        raise ValueError(f"merge_split must be a power of two dividing head dim {D} into slices of >= 16, "
+                         f"got {merge_split}")
+    _decode_combine_kernel[(BKV, g * NQ, merge_split)](
         pacc, pml, g_offsets, out, lse,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         BKV, KV, NQ, chunk, n_gw, n_tw,
-        G=g, ROWS=rows, HEAD_D=D, SPLIT_B=merge_block, BKV_P=bkv_p, num_warps=4,
+        G=g, ROWS=rows, HEAD_D=D, BLOCK_D=D // merge_split, SPLIT_B=merge_block, BKV_P=bkv_p, num_warps=4,
     )
     return out, lse
