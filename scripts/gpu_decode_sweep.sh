@@ -4,9 +4,11 @@
 #      (`tca bench kernels --decode-only`, DECODE_SETTINGS, graph-timed);
 #   2. pick the fastest setting the engine can take from TCA_DECODE_CONFIG (block_n, num_warps,
 #      num_stages, items_per_sm, merge_block) and, if it beats the defaults by more than MIN_GAIN,
-#   3. time the whole 8B decode step (scripts/gpu_decode_step.sh decode-tuned) with the defaults and
+#   3. profile the decode kernels at 10% with Nsight Compute when the machine has it (NCU_PROFILE=0: skip),
+#   4. time the whole 8B decode step (scripts/gpu_decode_step.sh decode-tuned) with the defaults and
 #      with the winner, side by side on this machine.
 # Usage: OUT=... bash scripts/gpu_decode_sweep.sh   (after scripts/gpu_run.sh env; ~300 s when a winner is timed)
+#   (the Nsight Compute step adds ~60 s where ncu exists)
 set -uo pipefail
 export OUT=${OUT:-/tmp/tca_gpu_out}
 MIN_GAIN=${MIN_GAIN:-0.05}
@@ -30,6 +32,22 @@ if best and best["us"] < base * (1 - gain):
 PY
 )
 echo "winner: ${winner:-none (defaults within $MIN_GAIN)}"
+if [[ ${NCU_PROFILE:-1} == 1 ]]; then
+  # where the split and merge kernels' time goes at 10% (stall reasons), defaults and the merge cut over 4
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -n $NCU ]]; then
+    for kw in '{}' '{"merge_split": 4}'; do
+      echo "== kwargs $kw" >> "$OUT/kern/ncu_decode_10pct.txt"
+      timeout 150 "$NCU" --kernel-name regex:_decode --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        bash scripts/gpu_run.sh py -m tca_attention.benchmarks.profile_decode --frac 0.10 --kwargs "$kw" \
+        >> "$OUT/kern/ncu_decode_10pct.txt" 2>&1
+    done
+    grep -E "^== kwargs|_decode_|Duration|Achieved Occupancy|Stall" "$OUT/kern/ncu_decode_10pct.txt" | head -40
+  else
+    echo "no ncu on this machine"
+  fi
+fi
 if [[ -n $winner ]]; then
   OUT=$OUT/default bash scripts/gpu_decode_step.sh decode-tuned
   TCA_DECODE_CONFIG=$winner OUT=$OUT/winner bash scripts/gpu_decode_step.sh decode-tuned
