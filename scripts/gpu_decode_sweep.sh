@@ -3,10 +3,10 @@
 #   1. sweep the decode kernel's launch settings on an 8B-shaped cache of 128K tokens at 10% kept
 #      (`tca bench kernels --decode-only`, DECODE_SETTINGS, graph-timed);
 #   2. pick the fastest setting the engine can take from TCA_DECODE_CONFIG (block_n, num_warps,
-#      num_stages, items_per_sm, merge_block) and, if it beats the defaults by more than MIN_GAIN,
-#   3. profile the decode kernels at 10% with Nsight Compute when the machine has it (NCU_PROFILE=0: skip),
-#   4. time the whole 8B decode step (scripts/gpu_decode_step.sh decode-tuned) with the defaults and
-#      with the winner, side by side on this machine.
+#      num_stages, items_per_sm, merge_block, merge_split);
+#   3. profile the decode kernels at 10% with Nsight Compute when the machine has it (NCU_PROFILE=0: skip);
+#   4. if the winner beats the defaults by more than MIN_GAIN, time the whole 8B decode step
+#      (scripts/gpu_decode_step.sh decode-tuned) with the defaults and with the winner, side by side.
 # Usage: OUT=... bash scripts/gpu_decode_sweep.sh   (after scripts/gpu_run.sh env; ~300 s when a winner is timed)
 #   (the Nsight Compute step adds ~60 s where ncu exists)
 set -uo pipefail
