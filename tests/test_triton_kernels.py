@@ -347,7 +347,7 @@ def test_decode_merge_split_equals_the_reference():
     q, cache = random_cache(gen, 2, 8, 2, 1, 32, 30, 300, torch.float32)
     out, lse = run_decode(q, cache, 0.2, block_n=16, chunk=32, merge_block=16, merge_split=2)
     check_decode(q, cache, 0.2, out, lse)
-    for bad in (3, 4, 0):
+    for bad in (3, 4, 0, 1.5):
         with pytest.raises(ValueError, match="merge_split"):
             run_decode(q, cache, 0.2, block_n=16, merge_split=bad)
 

@@ -284,6 +284,10 @@ def ragged_decode_triton(
     B, H, NQ, D = q.shape
     KV, T = t_keys.shape[1], t_keys.shape[2]
     check_heads(H, KV)
+    if not isinstance(merge_split, int) or merge_split < 1 or merge_split & (merge_split - 1) or D % merge_split \
+            or D // merge_split < 16:
+        raise ValueError(f"merge_split must be a power of two cutting head dim {D} into slices of >= 16, "
+                         f"got {merge_split!r}")
     g = H // KV
     rows = max(16, triton.next_power_of_2(g * NQ))
     if g * NQ > 128:
@@ -343,9 +347,6 @@ def ragged_decode_triton(
         USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if merge_split < 1 or merge_split & (merge_split - 1) or D % merge_split or D // merge_split < 16:
-        raise ValueError(f"merge_split must be a power of two dividing head dim {D} into slices of >= 16, "
-                         f"got {merge_split}")
     _decode_combine_kernel[(BKV, g * NQ, merge_split)](
         pacc, pml, g_offsets, out, lse,
         out.stride(0), out.stride(1), out.stride(2),
