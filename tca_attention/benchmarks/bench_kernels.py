@@ -305,8 +305,7 @@ DECODE_SETTINGS: list[dict] = [
     {"block_n": 64, "num_stages": 3, "chunk": 512}, {"merge_block": 64},
     {"items_per_sm": 1}, {"items_per_sm": 2}, {"items_per_sm": 3}, {"items_per_sm": 8},
     {"items_per_sm": 2, "block_n": 64, "num_stages": 3}, {"items_per_sm": 1, "block_n": 64, "num_stages": 4},
-    # whole waves: the default launch compiles to 96 registers a thread on sm_90 (tests/sm90_compile.py), ~5
-    # programs of 4 warps per SM, so 4 items per SM leave a fifth of the slots idle
+    # around one wave: 4 programs of the default launch fit an H100 SM (96 registers, 55 KB of shared memory)
     {"items_per_sm": 5}, {"items_per_sm": 10},
     # the merge (5.4 us at 39% of 128K in Nsight Compute, kernels_ncu_decode.txt: 32 programs of one
     # (head, row) each, a sixth of a small step) cut over head-dim slices: 64 / 128 / 256 programs
