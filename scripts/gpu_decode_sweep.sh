@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call for issue 15's decode kernel at TCA's real size (no model needed):
+#   0. the pdl=1 decode (programmatic dependent launch) against the reference on the GPU;
 #   1. sweep the decode kernel's launch settings on an 8B-shaped cache of 128K tokens at 10% kept
 #      (`tca bench kernels --decode-only`, DECODE_SETTINGS, graph-timed);
 #   2. pick the fastest setting the engine can take from TCA_DECODE_CONFIG (block_n, num_warps,
-#      num_stages, items_per_sm, merge_block, merge_split);
+#      num_stages, items_per_sm, merge_block, merge_split, pdl);
 #   3. profile the decode kernels at 10% with Nsight Compute when the machine has it (NCU_PROFILE=0: skip);
 #   4. if the winner beats the defaults by more than MIN_GAIN, time the whole 8B decode step
 #      (scripts/gpu_decode_step.sh decode-tuned) with the defaults and with the winner, side by side.
@@ -13,6 +14,11 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/tca_gpu_out}
 MIN_GAIN=${MIN_GAIN:-0.05}
 mkdir -p "$OUT/kern"
+echo "== $(date +%T) the programmatic-dependent-launch decode against the reference (eager and in a graph)"
+timeout 120 bash scripts/gpu_run.sh py -m pytest -q -p no:cacheprovider \
+  "tests/test_triton_kernels.py::test_decode_pdl_equals_the_reference_on_hopper_and_is_refused_elsewhere" \
+  > "$OUT/kern/pdl_test.log" 2>&1
+echo "pdl test rc=$?"; tail -1 "$OUT/kern/pdl_test.log"
 echo "== $(date +%T) decode sweep at 10% of 128K"
 timeout 240 bash scripts/gpu_run.sh py -m tca_attention.cli bench kernels --decode-only --contexts 131072 \
   --fractions 0.10 --decode-sweep-fraction 0.10 --out "$OUT/kern" > "$OUT/kern/sweep.log" 2>&1

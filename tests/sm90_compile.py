@@ -1,7 +1,7 @@
 """The TCA prefill, block-sparse and ragged decode kernels compiled for sm_90 (H100/H200) by the installed triton,
 on a machine without a GPU: a kernel change that does not lower for Hopper fails here, before a
 GPU session. Run as a script (the Triton interpreter must be off, so the tests call it in a
-subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|compaction|select|ring_append HAS_BIAS(0/1)
+subprocess). Usage: python tests/sm90_compile.py prefill|block|decode|decode_pdl|compaction|select|ring_append HAS_BIAS(0/1)
 -> one line of JSON: shared memory bytes, counts of PTX instructions (wgmma, fma, ex2), and the
 registers and stack bytes per thread of the cubin (cuobjdump, bundled with triton; -1 without it):
 stack beyond a few bytes means register spills)."""
@@ -52,17 +52,36 @@ def compile_block(bias: bool):
     return _compile(TB._block_prefill_kernel, const, types, 8, 2)
 
 
-def compile_decode(bias: bool):
+def compile_decode(bias: bool, pdl: bool = False):
     """_decode_split_kernel with the default launch (block_n 32, 4 warps, 4 stages), 8B shape (g = 4)."""
     from tca_attention.engine import triton_decode as TD
 
     const = dict(G=4, ROWS=16, BLOCK_N=32, HEAD_D=128, BKV_P=8, UPCAST=False, PREC="tf32", USE_TMA=False,
-                 SELECTED=False, PAGE=16, HAS_BIAS=bias, NB=2)
+                 SELECTED=False, PAGE=16, HAS_BIAS=bias, NB=2, PDL=pdl)
     types = {**dict.fromkeys(("Q", "GK", "GV", "TK", "TV"), "*bf16"),
              **dict.fromkeys(("QPOS", "GPOS", "GOFF", "TPOS"), "*i64"),
              **dict.fromkeys(("PAGES", "NSEL", "BPOS"), "*i32"),
              **dict.fromkeys(("PACC", "PML", "BVAL"), "*fp32"), "qk_scale": "fp32"}
     return _compile(TD._decode_split_kernel, const, types, 4, 4)
+
+
+def compile_decode_merge(pdl: bool):
+    """_decode_combine_kernel (8B shape, 128 items a pass, the whole head dim a program)."""
+    from tca_attention.engine import triton_decode as TD
+
+    const = dict(G=4, ROWS=16, HEAD_D=128, BLOCK_D=128, SPLIT_B=128, BKV_P=8, PDL=pdl)
+    types = {**dict.fromkeys(("PACC", "PML", "LSE"), "*fp32"), "GOFF": "*i64", "OUT": "*bf16"}
+    return _compile(TD._decode_combine_kernel, const, types, 4, 1)
+
+
+def compile_decode_pdl(bias: bool):
+    """Both decode kernels as programmatic dependent launches (pdl=1); -> the split kernel. The
+    merge's PTX must wait on the split grid; without PDL neither kernel carries griddepcontrol."""
+    merge = compile_decode_merge(True).asm["ptx"]
+    assert merge.count("griddepcontrol.wait") == 1, "the PDL merge does not wait for the split grid"
+    assert "griddepcontrol" not in compile_decode_merge(False).asm["ptx"]
+    assert "griddepcontrol" not in compile_decode(bias, False).asm["ptx"]
+    return compile_decode(bias, True)
 
 
 def compile_compaction(bias: bool):
@@ -121,9 +140,12 @@ def resource_usage(kernel) -> tuple[int, int]:
 
 if __name__ == "__main__":
     kernel = {"prefill": compile_prefill, "block": compile_block, "decode": compile_decode,
+              "decode_pdl": compile_decode_pdl,
               "compaction": compile_compaction, "select": compile_select,
               "ring_append": compile_ring_append}[sys.argv[1]](sys.argv[2] == "1")
     ptx = kernel.asm["ptx"]
     reg, stack = resource_usage(kernel)
     print(json.dumps({"shared": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-                      "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx"), "reg": reg, "stack": stack}))
+                      "fma": ptx.count("fma.rn.f32"), "ex2": ptx.count("ex2.approx"), "reg": reg, "stack": stack,
+                      "gdc_wait": ptx.count("griddepcontrol.wait"),
+                      "gdc_launch": ptx.count("griddepcontrol.launch_dependents")}))

@@ -352,6 +352,44 @@ def test_decode_merge_split_equals_the_reference():
             run_decode(q, cache, 0.2, block_n=16, merge_split=bad)
 
 
+def test_decode_pdl_equals_the_reference_on_hopper_and_is_refused_elsewhere():
+    """pdl=1 (both decode kernels as programmatic dependent launches): on an sm_90+ GPU the output
+    equals the reference, also replayed in a CUDA graph after other kernels wrote q and the cache;
+    elsewhere it is an error, not a silent ordinary launch (its sm_90 lowering is checked by
+    test_kernels_lower_for_hopper on any machine)."""
+    from tca_attention.engine import triton_decode
+
+    gen = torch.Generator().manual_seed(54)
+    q, cache = random_cache(gen, 2, 8, 2, 1, 32, 20, 300, torch.float32)
+    hopper = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9 and triton_decode.HAS_GDC
+    if not hopper:
+        with pytest.raises(ValueError, match="pdl"):
+            run_decode(q, cache, 0.2, block_n=16, pdl=True)
+        out, lse = run_decode(q, cache, 0.2, block_n=16, pdl=False)
+        check_decode(q, cache, 0.2, out, lse)
+        return
+    out, lse = run_decode(q, cache, 0.2, block_n=16, chunk=32, pdl=True)
+    check_decode(q, cache, 0.2, out, lse)
+    # in a graph: a kernel writes q just before the split grid, which must wait for it
+    q_src = q.clone()
+    q_buf = torch.zeros_like(q)
+    out2 = torch.empty_like(out)
+    lse2 = torch.empty_like(lse)
+    fn = lambda: triton_decode.ragged_decode_triton(  # noqa: E731
+        q_buf.copy_(q_src * 1.0), cache, 0.2, block_n=16, chunk=32, out=out2, lse=lse2, pdl=True)
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for scale in (2.0, -1.0):
+        q_src.copy_(q * scale)
+        out2.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_decode(q * scale, cache, 0.2, out2, lse2)
+
+
 def test_decode_config_env_reaches_the_engine(monkeypatch):
     """TCA_DECODE_CONFIG sets the launch settings of the engine's decode calls (a sweep's winner in
     a whole model); the result still equals the reference; malformed settings are errors."""
@@ -360,7 +398,8 @@ def test_decode_config_env_reaches_the_engine(monkeypatch):
     assert triton_decode.parse_config("items_per_sm=2, block_n=64,num_stages=3") == {
         "items_per_sm": 2, "block_n": 64, "num_stages": 3}
     assert triton_decode.parse_config("merge_split=4") == {"merge_split": 4}
-    for bad in ("block_n=48", "items_per_sm=0", "chunk=64", "block_n", "num_warps=x", "merge_split=3"):
+    assert triton_decode.parse_config("pdl=1,merge_split=2") == {"pdl": 1, "merge_split": 2}
+    for bad in ("block_n=48", "items_per_sm=0", "chunk=64", "block_n", "num_warps=x", "merge_split=3", "pdl=2"):
         with pytest.raises(ValueError, match="TCA_DECODE_CONFIG"):
             triton_decode.parse_config(bad)
     monkeypatch.delenv(triton_decode.CONFIG_ENV, raising=False)
@@ -546,8 +585,8 @@ def test_ring_append_equals_the_reference(B, KV, T, D, t_pos0, start, steps, tai
 
 
 @pytest.mark.parametrize("kernel, bias", [("prefill", 0), ("prefill", 1), ("block", 0), ("block", 1),
-                                          ("decode", 0), ("decode", 1), ("compaction", 0), ("select", 0),
-                                          ("ring_append", 0)])
+                                          ("decode", 0), ("decode", 1), ("decode_pdl", 0), ("compaction", 0),
+                                          ("select", 0), ("ring_append", 0)])
 def test_kernels_lower_for_hopper(kernel, bias):
     """The prefill, block and decode kernels (all three run triton_common's online-softmax step)
     and the prefill's compaction and the selection's ranking kernels compile for sm_90 with the installed triton (no GPU needed) and fit the H100's shared memory;
@@ -573,7 +612,12 @@ def test_kernels_lower_for_hopper(kernel, bias):
         if kernel == "select":  # the ranking at g = 4 does not spill (it did: 4x slower on an H100)
             assert info["reg"] > 0 and 0 <= info["stack"] <= 64, info  # (reg -1: triton ships no cuobjdump)
         return
+    if kernel == "decode_pdl":  # programmatic dependent launch: the split kernel waits before any load and
+        # releases the merge (the script checks the merge's wait and that pdl=0 carries neither)
+        assert info["gdc_wait"] == 1 and info["gdc_launch"] == 1, info
+    else:
+        assert info["gdc_wait"] == 0 and info["gdc_launch"] == 0, info
     assert 0 < info["shared"] <= 232448  # the H100's opt-in shared memory per block
-    assert info["ex2"] > 0 and (info["wgmma"] > 0 or kernel == "decode")
+    assert info["ex2"] > 0 and (info["wgmma"] > 0 or kernel.startswith("decode"))
     if kernel == "prefill" and not bias:
         assert info["fma"] >= info["ex2"] > 0

@@ -310,6 +310,9 @@ DECODE_SETTINGS: list[dict] = [
     # the merge (5.4 us at 39% of 128K in Nsight Compute, kernels_ncu_decode.txt: 32 programs of one
     # (head, row) each; a 10%-kept call takes 36 us in all) cut over head-dim slices: 64 / 128 / 256 programs
     {"merge_split": 2}, {"merge_split": 4}, {"merge_split": 8},
+    # programmatic dependent launch (sm_90+): each grid launches while the one before drains, so the
+    # merge's launch and item-range prologue overlap the split grid's tail (the settings fail off Hopper)
+    {"pdl": 1}, {"pdl": 1, "merge_split": 4},
 ]
 
 

@@ -28,6 +28,21 @@ import triton.language as tl
 from .plan import DecodeSelection, KeyBias, RaggedCacheView
 from .triton_common import LN2, LOG2E, attend_block_kb, bias_args, check_heads, kv_sources, load_rows, precision, upcast
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+): triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # older triton: pdl=1 is refused at launch; these are never traced
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 @triton.jit
 def _head_of_chunk(GOFF, pid, BKV, chunk, BKV_P: tl.constexpr):
@@ -65,7 +80,7 @@ def _decode_split_kernel(
     BKV, KV, T, P, NQ, qk_scale, chunk, n_gw, n_tw,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     BKV_P: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-    SELECTED: tl.constexpr, PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, NB: tl.constexpr,
+    SELECTED: tl.constexpr, PAGE: tl.constexpr, HAS_BIAS: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr,
 ):
     """One work item per program: `chunk` keys of one head's global segment (items [0, n_gw),
     balanced across heads whatever their lengths) or of its tail (item n_gw + bh * n_tw + c).
@@ -73,7 +88,12 @@ def _decode_split_kernel(
     when SELECTED). SELECTED: the tail items cover the listed slots of head bh, PAGES (B*KV, P)
     int32 page ids (PAGE slots each), NSEL (B*KV,) int32 its valid entries; unused otherwise.
     HAS_BIAS: BPOS/BVAL (B, KV*G, NB) the key logit bias.
+    PDL (launched as a programmatic dependent launch): wait for the kernels before (they wrote q, the
+    cache and its offsets) before any load, then let the merge launch at once (it waits for this grid).
     """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     is_g = pid < n_gw
     g_bh, g_lo, g_hi, _f, _n = _head_of_chunk(GOFF, pid, BKV, chunk, BKV_P)
@@ -155,10 +175,12 @@ def _decode_combine_kernel(
     s_lb, s_lh,
     BKV, KV, NQ, chunk, n_gw, n_tw,
     G: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_B: tl.constexpr,
-    BKV_P: tl.constexpr,
+    BKV_P: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (b * KV, row, head-dim slice of BLOCK_D): merge the head's global items and tail
-    items (every slice folds the same (m, l); the lse is stored by the first)."""
+    items (every slice folds the same (m, l); the lse is stored by the first). PDL: launched early,
+    while the split grid runs; the head's item range (GOFF, final before the split grid started, which
+    does not write it) is computed first, then it waits for the split grid's partials."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
     ds = tl.program_id(2)
@@ -174,6 +196,8 @@ def _decode_combine_kernel(
     first = tl.sum(tl.where(hv == bh, cum - cnt, 0), 0)
     n_items = tl.sum(tl.where(hv == bh, cnt, 0), 0)
     t0 = n_gw + bh * n_tw  # this head's tail items: [t0, t0 + n_tw)
+    if PDL:
+        gdc_wait()  # the split grid's partials
     m = tl.full([], float("-inf"), dtype=tl.float32)
     l = tl.full([], 0.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -204,13 +228,14 @@ def _decode_combine_kernel(
 
 CONFIG_ENV = "TCA_DECODE_CONFIG"
 _CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16,
-                "merge_split": 1}  # key: minimum
+                "merge_split": 1, "pdl": 0}  # key: minimum
 
 
 @lru_cache(maxsize=8)
 def parse_config(text: str) -> dict[str, int]:
     """'key=value,...' with keys block_n, num_warps, num_stages, items_per_sm, merge_block, merge_split
-    (integers; all but items_per_sm and num_stages powers of two) -> ragged_decode_triton keywords."""
+    (integers; all but items_per_sm and num_stages powers of two) and pdl (0/1)
+    -> ragged_decode_triton keywords."""
     out: dict[str, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         key, sep, val = part.partition("=")
@@ -219,6 +244,11 @@ def parse_config(text: str) -> dict[str, int]:
             raise ValueError(f"{CONFIG_ENV}={text!r}: expected 'key=value,...' with integer values and keys "
                              f"{sorted(_CONFIG_KEYS)}, e.g. 'items_per_sm=2,block_n=64,num_stages=3'")
         n = int(val)
+        if key == "pdl":
+            if n > 1:
+                raise ValueError(f"{CONFIG_ENV}={text!r}: pdl must be 0 or 1")
+            out[key] = n
+            continue
         pow2 = key in ("block_n", "num_warps", "merge_block", "merge_split")
         if n < _CONFIG_KEYS[key] or (pow2 and n & (n - 1)):
             raise ValueError(f"{CONFIG_ENV}={text!r}: {key}={n} must be >= {_CONFIG_KEYS[key]}"
@@ -265,6 +295,7 @@ def ragged_decode_triton(
     selection: DecodeSelection | None = None,
     key_bias: KeyBias | None = None,
     items_per_sm: int = 4,
+    pdl: int | bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Q, D) over the cache (RaggedCacheView: q_pos (B, Q); global (N, D) + g_pos (N,) +
     g_offsets (B*KV+1,); tail (B, KV, T, D) + t_pos (B, T)). -> out (B, Q, H, D) in q's dtype,
@@ -276,7 +307,10 @@ def ragged_decode_triton(
     descriptors (Hopper+, compiled only); merge_block: items the merge folds per pass; merge_split:
     programs per merged row, each folding D / merge_split of the head dim (a power of two dividing
     D: more, smaller programs for a merge whose time is latency, not bytes);
-    out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias).
+    out/lse: optional contiguous buffers to fill; key_bias: the key logit bias (plan.KeyBias);
+    pdl: launch both kernels as programmatic dependent launches (Hopper+, triton >= 3.4): each grid
+    starts while the one before drains (the split kernel waits for it before any load, the merge
+    after computing its item ranges), hiding launch latency; works inside CUDA graphs.
     """
     c = cache
     q_pos, g_keys, g_values, g_pos, g_offsets = c.q_pos, c.g_keys, c.g_values, c.g_pos, c.g_offsets
@@ -288,6 +322,10 @@ def ragged_decode_triton(
             or D // merge_split < 16:
         raise ValueError(f"merge_split must be a power of two cutting head dim {D} into slices of >= 16, "
                          f"got {merge_split!r}")
+    pdl = bool(pdl)
+    if pdl and (not HAS_GDC or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9):
+        raise ValueError("pdl (programmatic dependent launch) needs a CUDA device of compute capability 9.0+ "
+                         f"and triton >= 3.4 (triton {triton.__version__}, device {q.device})")
     g = H // KV
     rows = max(16, triton.next_power_of_2(g * NQ))
     if g * NQ > 128:
@@ -344,14 +382,15 @@ def ragged_decode_triton(
         t_pos.stride(0), q_pos.stride(0), q_pos.stride(1),
         BKV, KV, T, pages.shape[-1], NQ, scaling * LOG2E, chunk, n_gw, n_tw,
         G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
-        USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb,
-        num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     _decode_combine_kernel[(BKV, g * NQ, merge_split)](
         pacc, pml, g_offsets, out, lse,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         BKV, KV, NQ, chunk, n_gw, n_tw,
-        G=g, ROWS=rows, HEAD_D=D, BLOCK_D=D // merge_split, SPLIT_B=merge_block, BKV_P=bkv_p, num_warps=4,
+        G=g, ROWS=rows, HEAD_D=D, BLOCK_D=D // merge_split, SPLIT_B=merge_block, BKV_P=bkv_p, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out, lse
