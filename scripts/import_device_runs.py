@@ -3,7 +3,7 @@
 A device queue seeded from the committed folders (gpu_leaderboard.sh SEED_FROM) holds the committed
 rows in `results.jsonl.gz` and its new rows in `results.jsonl`; a fresh queue holds only new rows.
 Copying either file over the committed folder loses rows. This adds every result the committed
-folder lacks (key: method, length, task, sample id), takes the device's config.json when it extends
+folder lacks (`Result.key`, the runner's resume key), takes the device's config.json when it extends
 the committed one (same identity, the committed invocations first), and archives the folder
 (results.jsonl.gz). Re-importing the same tarball changes nothing.
 
@@ -23,10 +23,6 @@ from pathlib import Path
 from tca_attention.eval.runner import RESULTS_FILE, ResultLog
 
 CONFIG_FILE = "config.json"
-
-
-def _key(r) -> tuple:
-    return (r.method, r.length, r.task, r.sample_id)
 
 
 def _run_folders(root: Path) -> dict[str, Path]:
@@ -81,12 +77,12 @@ def import_runs(source: Path, dest: Path, only: list[str] | None = None, create:
                 continue
             cfg_text, cfg = _merged_config(src / CONFIG_FILE, dst / CONFIG_FILE)  # refuses before writing
             dst.mkdir(parents=True, exist_ok=True)
-            have = {_key(r) for r in ResultLog(dst / RESULTS_FILE).load()}
-            new = [r for r in ResultLog(src / RESULTS_FILE).load() if _key(r) not in have]
+            have = {r.key for r in ResultLog(dst / RESULTS_FILE).load()}
+            new = [r for r in ResultLog(src / RESULTS_FILE).load() if r.key not in have]
             log = ResultLog(dst / RESULTS_FILE)
             for r in new:
                 log.append(r)
-                have.add(_key(r))
+                have.add(r.key)
             log.archive()
             if cfg_text is not None:
                 (dst / CONFIG_FILE).write_text(cfg_text)

@@ -229,6 +229,7 @@ def _decode_combine_kernel(
 CONFIG_ENV = "TCA_DECODE_CONFIG"
 _CONFIG_KEYS = {"block_n": 16, "num_warps": 1, "num_stages": 1, "items_per_sm": 1, "merge_block": 16,
                 "merge_split": 1, "pdl": 0}  # key: minimum
+_CONFIG_MAX = {"pdl": 1}  # key: maximum (the rest are unbounded)
 
 
 @lru_cache(maxsize=8)
@@ -244,15 +245,11 @@ def parse_config(text: str) -> dict[str, int]:
             raise ValueError(f"{CONFIG_ENV}={text!r}: expected 'key=value,...' with integer values and keys "
                              f"{sorted(_CONFIG_KEYS)}, e.g. 'items_per_sm=2,block_n=64,num_stages=3'")
         n = int(val)
-        if key == "pdl":
-            if n > 1:
-                raise ValueError(f"{CONFIG_ENV}={text!r}: pdl must be 0 or 1")
-            out[key] = n
-            continue
         pow2 = key in ("block_n", "num_warps", "merge_block", "merge_split")
-        if n < _CONFIG_KEYS[key] or (pow2 and n & (n - 1)):
+        hi = _CONFIG_MAX.get(key)
+        if n < _CONFIG_KEYS[key] or (hi is not None and n > hi) or (pow2 and n & (n - 1)):
             raise ValueError(f"{CONFIG_ENV}={text!r}: {key}={n} must be >= {_CONFIG_KEYS[key]}"
-                             + (" and a power of two" if pow2 else ""))
+                             + (f" and <= {hi}" if hi is not None else "") + (" and a power of two" if pow2 else ""))
         out[key] = n
     return out
 
@@ -375,6 +372,7 @@ def ragged_decode_triton(
     if out.shape != (B, NQ, H, D) or not out.is_contiguous() or lse.shape != (B, H, NQ) or not lse.is_contiguous():
         raise ValueError("out must be contiguous (B, Q, H, D) and lse contiguous (B, H, Q)")
     bkv_p = triton.next_power_of_2(BKV)
+    launch = {"launch_pdl": True} if pdl else {}
     bpos, bval, nb, has_bias = bias_args(key_bias, B, H, dev, g_offsets)
     _decode_split_kernel[(n_items,)](
         q, q_pos, gk, gv, g_pos, g_offsets, tk, tv, t_pos, pages, nsel, pacc, pml, bpos, bval,
@@ -383,7 +381,7 @@ def ragged_decode_triton(
         BKV, KV, T, pages.shape[-1], NQ, scaling * LOG2E, chunk, n_gw, n_tw,
         G=g, ROWS=rows, BLOCK_N=block_n, HEAD_D=D, BKV_P=bkv_p, UPCAST=upcast(q), PREC=precision(q),
         USE_TMA=use_tma, SELECTED=selection is not None, PAGE=page, HAS_BIAS=has_bias, NB=nb, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     _decode_combine_kernel[(BKV, g * NQ, merge_split)](
         pacc, pml, g_offsets, out, lse,
@@ -391,6 +389,6 @@ def ragged_decode_triton(
         lse.stride(0), lse.stride(1),
         BKV, KV, NQ, chunk, n_gw, n_tw,
         G=g, ROWS=rows, HEAD_D=D, BLOCK_D=D // merge_split, SPLIT_B=merge_block, BKV_P=bkv_p, PDL=pdl, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}),
+        **launch,
     )
     return out, lse
