@@ -268,11 +268,40 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def test_tiny_model_alone_equals_batched():
+def boundary_gaps(monkeypatch) -> list[float]:
+    """Spy on Quest's page choice: the relative gap, each step, between the last page chosen and the
+    first left out (the smallest over rows and heads where both are real pages)."""
+    import tca_attention.methods.quest as quest_module
+
+    gaps: list[float] = []
+    real_top_pages = quest_module.top_pages
+
+    def spy(bound, k, fill, page_size, always=(0, 1)):
+        n = -(-fill // page_size)
+        score = bound[..., :n].float().clone()
+        score[..., :always[0]] = float("inf")
+        score[..., max(n - always[1], 0):] = float("inf")
+        if min(k, n) < n:
+            top = score.topk(min(k, n) + 1, dim=-1).values
+            inside, outside = top[..., -2], top[..., -1]
+            real = torch.isfinite(inside) & torch.isfinite(outside)
+            if real.any():
+                gaps.append(float(((inside - outside) / inside.abs().clamp_min(1e-30))[real].min()))
+        return real_top_pages(bound, k, fill, page_size, always)
+
+    monkeypatch.setattr(quest_module, "top_pages", spy)
+    return gaps
+
+
+def test_tiny_model_alone_equals_batched(monkeypatch):
     """A 3-row batch with paddings 0, 13 and 42 (page offsets 0, 1, 2): each row's greedy tokens,
-    decode logits and read tokens equal its own run's."""
+    decode logits and read tokens equal its own run's. Two pages whose bounds tie to within float32
+    rounding may swap between a padded and an unpadded run (seed 7 had two 7e-8 apart, and which
+    one won depended on the CPU), so the seed is one whose choices are clear of ties, and the test
+    checks that it is."""
+    gaps = boundary_gaps(monkeypatch)
     model = tiny("qwen2", num_hidden_layers=3)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (90, 77, 48)]
     ids, mask = left_padded(prompts)
     method = Recorder(budget=24, page_size=4, skip_layers=1)
@@ -296,6 +325,7 @@ def test_tiny_model_alone_equals_batched():
                 got = sel_b.tail_mask(fill_b)[r, :, s:]
                 assert torch.equal(got, sel_a.tail_mask(fill_a)[0]), (r, li)
     assert any(sel is not None for _, sel, _ in log_b) and log_b[0][1] is None  # layer 0 skipped
+    assert gaps and min(gaps) > 1e-5, min(gaps, default=None)  # no near tie: the comparison is exact
 
 
 # ---------------------------------------------------------------------------------------------
