@@ -7,7 +7,8 @@
 #                 in requirements/compat-versions.txt, each in a fresh venv
 #   make lock     re-resolve requirements/lock.txt in a fresh venv (then test and commit it)
 PY ?= python3
-# pytest-xdist workers of `make test` (CI has 2 cores; the suite takes ~8.5 min there with 2, ~14 with 1)
+# pytest-xdist workers of `make test` (CI has 2 cores; tests/conftest.py gives each worker cores/N torch
+# threads; 2026-12-08 on 2 cores: 534 s with 2 workers, 924 s before that when each took 2 threads)
 TEST_WORKERS ?= 2
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -33,7 +34,7 @@ demo: $(STAMP)
 	$(BIN)/tca demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

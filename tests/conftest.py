@@ -11,6 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers share the cores: N workers each running torch's default of one thread per
+# core oversubscribe them, and OpenMP's spinning threads then wait on each other (2026-12-08, 2 cores,
+# -n 2: a 4K-token real-model test took 140 s in the suite and 32 s with one thread per worker).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

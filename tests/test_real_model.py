@@ -13,6 +13,9 @@ from tca_attention.generation import run_prompt
 from tca_attention.methods.tca.method import TCA
 from tca_attention.models import load_model
 
+# one xdist worker runs the module (`--dist loadgroup`), so the real model is calibrated once, not per worker
+pytestmark = pytest.mark.xdist_group("real_smollm2")
+
 
 @pytest.fixture(scope="module")
 def smollm2():
