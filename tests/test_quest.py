@@ -269,25 +269,24 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def boundary_gaps(monkeypatch) -> list[float]:
-    """Spy on Quest's page choice: the relative gap, each step, between the last page chosen and the
-    first left out (the smallest over rows and heads where both are real pages)."""
+    """Spy on Quest's page choice: each step, the smallest relative gap over rows and heads between
+    the weakest page chosen on its bound (at or above every page left out; the always-kept pages
+    may be below) and the best page left out."""
     import tca_attention.methods.quest as quest_module
 
     gaps: list[float] = []
     real_top_pages = quest_module.top_pages
 
-    def spy(bound, k, fill, page_size, always=(0, 1)):
-        n = -(-fill // page_size)
-        score = bound[..., :n].float().clone()
-        score[..., :always[0]] = float("inf")
-        score[..., max(n - always[1], 0):] = float("inf")
-        if min(k, n) < n:
-            top = score.topk(min(k, n) + 1, dim=-1).values
-            inside, outside = top[..., -2], top[..., -1]
-            real = torch.isfinite(inside) & torch.isfinite(outside)
-            if real.any():
-                gaps.append(float(((inside - outside) / inside.abs().clamp_min(1e-30))[real].min()))
-        return real_top_pages(bound, k, fill, page_size, always)
+    def spy(bound, k, fill, page_size, *args, **kwargs):
+        pages = real_top_pages(bound, k, fill, page_size, *args, **kwargs)
+        score = bound[..., : -(-fill // page_size)].float()
+        chosen = (torch.arange(score.shape[-1])[:, None] == pages[..., None, :]).any(-1)
+        left_out = torch.where(~chosen, score, float("-inf")).amax(-1, keepdim=True)
+        weakest = torch.where(chosen & (score >= left_out), score, float("inf")).amin(-1, keepdim=True)
+        real = torch.isfinite(left_out) & torch.isfinite(weakest)
+        if real.any():
+            gaps.append(float(((weakest - left_out) / weakest.abs().clamp_min(1e-30))[real].min()))
+        return pages
 
     monkeypatch.setattr(quest_module, "top_pages", spy)
     return gaps
